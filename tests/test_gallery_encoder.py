@@ -1,0 +1,70 @@
+"""The location encoder reproduces GeoCLIP's, and its modules round-trip through safetensors."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from geo.gallery import ImageProjection, LocationEncoder
+from geo.gallery.encoder import equal_earth_torch, geoclip_gallery_csv, load_module, save_module
+from geo.geodesy import equal_earth
+
+
+def test_matches_geoclip_reference_on_gallery_points():
+    # Importing only the location-encoder module never touches the hub (GeoCLIP() would fetch CLIP).
+    from geoclip.model.location_encoder import LocationEncoder as RefEncoder
+
+    pts = pd.read_csv(geoclip_gallery_csv())[["LAT", "LON"]].to_numpy(np.float32)
+    pts = pts[np.random.default_rng(0).choice(len(pts), 1200, replace=False)]
+    ref = RefEncoder().eval()  # loads the shipped location_encoder_weights.pth
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(pts)).numpy()
+    ours = LocationEncoder.from_geoclip().encode(pts)
+    assert ours.shape == (1200, 512)
+    assert np.abs(ours - expected).max() <= 1e-4
+
+
+def test_equal_earth_twin_matches_geodesy():
+    rng = np.random.default_rng(1)
+    ll = np.stack([rng.uniform(-90, 90, 500), rng.uniform(-180, 180, 500)], 1)
+    got = equal_earth_torch(torch.from_numpy(ll)).numpy()
+    np.testing.assert_allclose(got, equal_earth(ll[:, 0], ll[:, 1]), atol=1e-9)
+
+
+def test_image_mlp_and_logit_scale_from_geoclip():
+    sd = torch.load(geoclip_gallery_csv().parents[1] / "weights" / "image_encoder_mlp_weights.pth", weights_only=True)
+    proj = ImageProjection.from_geoclip()
+    x = np.random.default_rng(2).standard_normal((4, 768)).astype(np.float32)
+    ref = torch.relu(torch.from_numpy(x) @ sd["0.weight"].T + sd["0.bias"]) @ sd["2.weight"].T + sd["2.bias"]
+    np.testing.assert_allclose(proj.encode(x), ref.numpy(), atol=1e-5)
+    assert abs(proj.logit_scale.exp().item() - 39.7) < 0.1
+
+
+def test_extra_sigma_starts_as_geoclip():
+    pts = np.array([[48.85, 2.35], [-33.9, 151.2]], np.float32)
+    base = LocationEncoder.from_geoclip().encode(pts)
+    fine = LocationEncoder.from_geoclip(extra_sigmas=[2.0**12])
+    assert fine.sigmas[-1] == 4096.0
+    np.testing.assert_allclose(fine.encode(pts), base, atol=1e-6)
+
+
+@pytest.mark.parametrize("module", [
+    LocationEncoder(sigmas=[1.0, 8.0], n_freq=8, hidden=16, depth=2, out_dim=8, seed=3),
+    ImageProjection(in_dim=8, out_dim=8, hidden=16, residual=True, logit_scale=2.0),
+])
+def test_safetensors_round_trip(tmp_path, module):
+    save_module(tmp_path / "m.safetensors", module)
+    back = load_module(tmp_path / "m.safetensors")
+    x = np.array([[10.0, 20.0], [-5.0, 100.0]], np.float32) if isinstance(module, LocationEncoder) else \
+        np.ones((2, 8), np.float32)
+    np.testing.assert_array_equal(back.encode(x), module.encode(x))
+    assert back.config() == module.config()
+
+
+def test_load_module_names_file_and_reason(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_module(tmp_path / "bad.safetensors")
