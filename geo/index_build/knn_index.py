@@ -1,0 +1,205 @@
+"""FAISS stage: choose an index from the gallery size and a RAM budget, build it from the shards, measure it.
+
+Autofaiss-style: the plan (index type and its memory) is computed and printed
+before any work, and a plan that cannot fit the budget fails at once with the
+numbers and the option to change. The index is trained on a sample and then
+filled shard by shard, so the whole gallery is never held in memory twice.
+``index/index_infos.json`` records what was built and how well it retrieves
+(recall@k against exact search on held-in queries, median latency).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from geo.bundle import Bundle, BundleError, atomic_write_faiss, atomic_write_json
+
+STAGE = "knn_index"
+INDEX_FILE = "index/knn.faiss"
+INFOS_FILE = "index/index_infos.json"
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    kind: str               # "flat" | "ivf_flat" | "ivf_pq"
+    factory: str            # faiss.index_factory string
+    n: int
+    dim: int
+    nlist: int
+    pq_m: int
+    est_bytes: int
+
+    def describe(self) -> str:
+        return f"{self.factory} for {self.n:,} x {self.dim} vectors, about {_human(self.est_bytes)} in memory"
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GB', '512MiB', '1e9' -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace("IB", "B")
+    for unit, mult in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(float(s))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> IndexPlan:
+    """Pick the most accurate index that fits ``ram_budget``.
+
+    Exact inner product up to ``exact_max`` vectors (it is fast enough there and
+    has perfect recall); above it IVF-Flat while the raw vectors fit, else IVF-PQ
+    with the largest code size that fits. nlist ~ 4 sqrt(n), FAISS's guidance.
+    """
+    raw = n * dim * 4
+    if n <= exact_max:
+        return IndexPlan("flat", "Flat", n, dim, 0, 0, raw)
+    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
+    centroids = nlist * dim * 4
+    ivf_flat = raw + n * 8 + centroids
+    if ivf_flat <= ram_budget:
+        return IndexPlan("ivf_flat", f"IVF{nlist},Flat", n, dim, nlist, 0, ivf_flat)
+    for m in (128, 96, 64, 48, 32, 16, 8):
+        if dim % m:
+            continue
+        est = n * (m + 8) + centroids + m * 256 * (dim // m) * 4
+        if est <= ram_budget:
+            return IndexPlan("ivf_pq", f"IVF{nlist},PQ{m}", n, dim, nlist, m, est)
+    smallest = n * (8 + 8) + centroids
+    raise BundleError(
+        f"no FAISS index for {n:,} x {dim} vectors fits the RAM budget of {_human(ram_budget)} "
+        f"(the smallest, IVF{nlist},PQ8, needs about {_human(smallest)}); raise --ram-budget"
+    )
+
+
+def _gpu_count() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _sample(bundle: Bundle, rows: int, seed: int = 0) -> np.ndarray:
+    """A uniform sample of the stored embeddings, read shard by shard."""
+    total = int(bundle.stage("embeddings")["ok"])
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(total, size=min(rows, total), replace=False))
+    out, start = [], 0
+    for _, emb in bundle.iter_embeddings(columns=["id"]):
+        sel = keep[(keep >= start) & (keep < start + len(emb))] - start
+        out.append(emb[sel])
+        start += len(emb)
+    return np.concatenate(out)
+
+
+def build_knn_index(bundle: Bundle, ram_budget: str | int = "8GB", exact_max: int = 100_000,
+                    recall_k: int = 10, recall_target: float = 0.95, log=print) -> dict[str, Any]:
+    """Build, tune nprobe for ``recall_target``, measure, write and register the kNN index."""
+    import faiss
+
+    n = int(bundle.stage("embeddings")["ok"])
+    dim = int(bundle.manifest["dim"])
+    if n == 0:
+        raise BundleError(f"{bundle.root}: no embeddings to index (every image failed; see errors.parquet)")
+    plan = plan_index(n, dim, parse_bytes(ram_budget), exact_max)
+    log(f"faiss: {plan.describe()}")
+    t0 = time.perf_counter()
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind != "flat":
+        train = _sample(bundle, max(plan.nlist * 64, 50_000))
+        log(f"faiss: training on {len(train):,} vectors")
+        index.train(train)
+    for _, emb in bundle.iter_embeddings(columns=["id"]):
+        index.add(emb)
+    build_s = time.perf_counter() - t0
+
+    queries = _sample(bundle, min(1000, n), seed=1)
+    nprobe = _tune_nprobe(index, queries, recall_k, recall_target, bundle) if plan.kind != "flat" else 0
+    recall = _recall(index, queries, recall_k, bundle) if plan.kind != "flat" else 1.0
+    lat = _median_latency_ms(index, queries[:200])
+    atomic_write_faiss(bundle.path(INDEX_FILE), index)
+    infos = {
+        **asdict(plan),
+        "ntotal": int(index.ntotal),
+        "nprobe": nprobe,
+        "bytes": bundle.path(INDEX_FILE).stat().st_size,
+        f"recall@{recall_k}": round(recall, 4),
+        "recall_queries": len(queries),
+        "median_query_ms": round(lat, 3),
+        "build_seconds": round(build_s, 2),
+        "faiss_version": faiss.__version__,
+        "gpus": _gpu_count(),
+    }
+    atomic_write_json(bundle.path(INFOS_FILE), infos)
+    bundle.register(STAGE, [INDEX_FILE, INFOS_FILE], infos, replace_prefix="index/")
+    log(f"faiss: {infos['ntotal']:,} vectors, recall@{recall_k} {infos[f'recall@{recall_k}']}, "
+        f"median query {infos['median_query_ms']} ms")
+    return infos
+
+
+def _exact_neighbours(queries: np.ndarray, k: int, bundle: Bundle) -> np.ndarray:
+    """Exact top-k ids by streaming the shards (the ground truth for recall)."""
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    start = 0
+    for _, emb in bundle.iter_embeddings(columns=["id"]):
+        s = queries @ emb.T
+        i = np.broadcast_to(np.arange(start, start + len(emb)), s.shape)
+        cat_s, cat_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
+        top = np.argpartition(-cat_s, k - 1, axis=1)[:, :k] if cat_s.shape[1] > k else np.argsort(-cat_s, 1)
+        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
+        start += len(emb)
+    return best_i
+
+
+def _recall(index, queries: np.ndarray, k: int, bundle: Bundle, truth: np.ndarray | None = None) -> float:
+    truth = _exact_neighbours(queries, k, bundle) if truth is None else truth
+    _, got = index.search(queries, k)
+    return float(np.mean([len(set(t) & set(g)) / k for t, g in zip(truth, got)]))
+
+
+def _tune_nprobe(index, queries: np.ndarray, k: int, target: float, bundle: Bundle) -> int:
+    """Smallest power-of-two nprobe reaching the recall target (autofaiss's tuning, simplified)."""
+    import faiss
+
+    truth = _exact_neighbours(queries, k, bundle)
+    ivf = faiss.extract_index_ivf(index)
+    nprobe = 1
+    while True:
+        ivf.nprobe = nprobe
+        if _recall(index, queries, k, bundle, truth) >= target or nprobe >= ivf.nlist:
+            return nprobe
+        nprobe *= 2
+
+
+def _median_latency_ms(index, queries: np.ndarray, k: int = 50) -> float:
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        index.search(q[None], min(k, index.ntotal))
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def load_knn_index(bundle: Bundle, use_gpu: bool | None = None):
+    """Read the index; move it to the GPU(s) when FAISS has any (and ``use_gpu`` is not False)."""
+    import faiss
+
+    index = faiss.read_index(str(bundle.path(INDEX_FILE)))
+    nprobe = bundle.stage(STAGE).get("nprobe", 0)
+    if nprobe:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    if (use_gpu is None or use_gpu) and _gpu_count() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index

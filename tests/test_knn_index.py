@@ -1,0 +1,70 @@
+"""FAISS stage: index choice under a RAM budget, recall against exact search, fail-fast planning."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from geo.bundle import Bundle, BundleError, read_json
+from geo.index_build.embed import write_shard
+from geo.index_build.knn_index import INFOS_FILE, build_knn_index, load_knn_index, parse_bytes, plan_index
+
+
+def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Vectors around 50 centres, like embeddings of photos of a few kinds of places."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(50, dim))
+    x = centres[rng.integers(0, 50, n)] + 0.6 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def bundle_with(tmp_path, emb: np.ndarray, shard_rows: int = 1000) -> Bundle:
+    b = Bundle.create_or_resume(tmp_path / "b", {"name": "test"}, emb.shape[1])
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"id": [f"p{i}" for i in range(len(emb))], "path": [f"/x/p{i}.jpg" for i in range(len(emb))],
+                       "lat": rng.uniform(-60, 60, len(emb)), "lon": rng.uniform(-180, 180, len(emb))})
+    for i, s in enumerate(range(0, len(emb), shard_rows)):
+        write_shard(b, i, df.iloc[s:s + shard_rows], emb[s:s + shard_rows], {"failed": 0, "seconds": 0.0, "errors": []})
+    b.register("embeddings", [p for s in b.embedding_shards() for p in (s, s.with_suffix(".json"))],
+               {"ok": len(emb), "failed": 0})
+    return b
+
+
+def test_small_gallery_gets_exact_index_that_finds_itself(tmp_path):
+    emb = clustered(500, 32)
+    b = bundle_with(tmp_path, emb, shard_rows=128)
+    infos = build_knn_index(b, log=lambda m: None)
+    assert infos["kind"] == "flat" and infos["ntotal"] == 500 and infos["recall@10"] == 1.0
+    index = load_knn_index(b)
+    _, rows = index.search(emb[[3, 333]], 1)
+    assert rows[:, 0].tolist() == [3, 333]
+
+
+def test_ivf_index_reaches_recall_target_on_thousands_of_vectors(tmp_path):
+    emb = clustered(4000, 64)
+    b = bundle_with(tmp_path, emb)
+    infos = build_knn_index(b, exact_max=1000, log=lambda m: None)
+    assert infos["kind"] == "ivf_flat"
+    assert infos["nprobe"] >= 1
+    # recall measured independently of the stage's own report
+    index = load_knn_index(b)
+    q = emb[np.random.default_rng(5).choice(len(emb), 300, replace=False)] + 0.01
+    exact = np.argsort(-(q @ emb.T), axis=1)[:, :10]
+    _, got = index.search(q.astype(np.float32), 10)
+    recall = np.mean([len(set(a) & set(g)) / 10 for a, g in zip(exact, got)])
+    assert recall >= 0.95
+    on_disk = read_json(b.path(INFOS_FILE))
+    assert on_disk["recall@10"] >= 0.95 and on_disk["bytes"] > 0 and on_disk["median_query_ms"] > 0
+
+
+def test_plan_moves_to_pq_then_fails_fast_when_budget_shrinks():
+    n, dim = 2_000_000, 512
+    assert plan_index(n, dim, parse_bytes("16GB")).kind == "ivf_flat"
+    pq = plan_index(n, dim, parse_bytes("1GB"))
+    assert pq.kind == "ivf_pq" and pq.est_bytes <= parse_bytes("1GB")
+    with pytest.raises(BundleError, match="raise --ram-budget"):
+        plan_index(n, dim, parse_bytes("10MB"))
+
+
+def test_parse_bytes_units():
+    assert parse_bytes("4GB") == 4 << 30
+    assert parse_bytes("512MiB") == 512 << 20
+    assert parse_bytes("1e6") == 1_000_000
