@@ -1,0 +1,72 @@
+"""Runs the build stages in order on one bundle; each stage can also run alone.
+
+manifest -> embeddings (Parquet shards) -> errors.parquet -> FAISS -> cells + heads
+-> location encoder + GPS gallery -> fusion. A stage whose outputs are
+registered in the manifest is skipped on a re-run unless ``force`` names it;
+the embedding stage resumes shard by shard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import pyarrow as pa
+
+from geo.bundle import Bundle, atomic_write_parquet
+from geo.index_build.embed import EmbedConfig, run_embedding_stage, shard_errors
+from geo.index_build.knn_index import build_knn_index
+from geo.index_build.manifest import read_manifest
+
+ERRORS_FILE = "errors.parquet"
+
+
+@dataclass
+class BuildConfig:
+    manifest: str
+    out: str
+    image_root: str | None = None
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    ram_budget: str = "8GB"
+    exact_max: int = 100_000
+    stages: tuple[str, ...] = ("embeddings", "knn_index", "cells", "gallery", "fusion")
+    force: tuple[str, ...] = ()
+    stage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def write_errors(bundle: Bundle, manifest_errors: list[dict]) -> int:
+    """All failures in one table (path, stage, reason): what a user fixes before a rebuild."""
+    rows = [{"path": str(e.get("path", "")), "stage": e.get("stage", ""), "reason": e.get("reason", "")}
+            for e in [*manifest_errors, *shard_errors(bundle)]]
+    table = pa.Table.from_pandas(pd.DataFrame(rows, columns=["path", "stage", "reason"]), preserve_index=False)
+    atomic_write_parquet(bundle.path(ERRORS_FILE), table)
+    bundle.register("errors", [ERRORS_FILE])
+    return len(rows)
+
+
+def build_index(cfg: BuildConfig, log: Callable[[str], None] = print, progress: bool = True) -> Bundle:
+    from geo.backbones import load_backbone
+
+    man = read_manifest(cfg.manifest, cfg.image_root)
+    log(f"manifest: {len(man.df):,} usable rows, {len(man.errors):,} rejected ({man.source})")
+    backbone = load_backbone(cfg.backbone, device=cfg.device, precision=cfg.precision, weights=cfg.weights)
+    log(f"backbone: {backbone.name} ({backbone.dim}-d) on {backbone.device}")
+    bundle = Bundle.create_or_resume(cfg.out, backbone.spec(), backbone.dim)
+
+    def wanted(stage: str) -> bool:
+        return stage in cfg.stages and (stage in cfg.force or not bundle.has_stage(stage))
+
+    if "embeddings" in cfg.stages:  # always run: it resumes shard by shard and is a no-op when complete
+        info = run_embedding_stage(bundle, man.df, backbone, cfg.embed, progress=progress)
+        failed = write_errors(bundle, man.errors)
+        bundle.manifest["counts"] = {"manifest_rows": len(man.df) + len(man.errors), "ok": info["ok"], "failed": failed}
+        bundle.save()
+        log(f"embeddings: {info['ok']:,} ok, {failed:,} failed (see {Path(cfg.out) / ERRORS_FILE})")
+    if wanted("knn_index"):
+        build_knn_index(bundle, cfg.ram_budget, cfg.exact_max, log=log)
+    return bundle
