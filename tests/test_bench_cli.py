@@ -1,0 +1,68 @@
+"""`geo bench score`, `geo sql` and `geo report` through the typer app that `register` builds."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from geo.bench.cli import register
+from geo.bench.suites import shared_data_dir
+
+RESULT = shared_data_dir() / "geoestimation" / "results" / "im2gps" / "ISNs_M-fstar-S3.csv"
+needs_results = pytest.mark.skipif(not RESULT.is_file(), reason="shared GeoEstimation results not available")
+
+
+def _invoke(*args: str):
+    app = typer.Typer()
+    register(app)
+    return CliRunner().invoke(app, list(args))
+
+
+@needs_results
+def test_score_json_reproduces_the_footer():
+    r = _invoke("bench", "score", str(RESULT), "--json", "--no-ci", "--suite", "im2gps")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["n"] == 237 and s["footer"]["reproduced"] is True
+    assert round(s["acc"]["25"], 6) == 0.43038 and round(s["mean_km"], 2) == 1732.86
+    assert {"n", "acc", "median_km", "mean_km"} <= set(s) and set(s["by_scene"]) == {"indoor", "natural", "urban"}
+    assert any(p["method"].startswith("GeoEstimation") for p in s["published"])
+
+
+def test_score_bad_rows_are_named(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("query_id,true_lat,true_lon,pred_lat,pred_lon\na,1,2,3,4\nb,1,2,north,4\n")
+    r = _invoke("bench", "score", str(f))
+    assert r.exit_code == 2
+    assert "p.csv" in r.output and "line 3 (b: pred_lat='north')" in r.output
+
+
+@needs_results
+def test_sql_and_report_on_converted_results(tmp_path):
+    preds = tmp_path / "isns.parquet"
+    r = _invoke("bench", "score", str(RESULT), "--suite", "im2gps", "--no-ci", "--out", str(preds), "--json")
+    assert r.exit_code == 0, r.output
+
+    r = _invoke("sql", "SELECT count(*) AS n, sum((error_km <= 25)::INT) AS city FROM predictions",
+                "--predictions", str(preds), "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == [{"n": 237, "city": 102}]  # 0.43038 * 237
+    r = _invoke("sql", "SELECT scene, count(*) n FROM predictions GROUP BY 1 ORDER BY 1", "-p", str(preds), "--csv")
+    assert r.stdout.splitlines()[0] == "scene,n" and len(r.stdout.splitlines()) == 4
+    r = _invoke("sql", "SELECT nope FROM predictions", "-p", str(preds))
+    assert r.exit_code == 2 and "query failed" in r.output
+
+    out = tmp_path / "report"
+    r = _invoke("report", str(preds), "--out", str(out), "--top", "3", "--no-ci")
+    assert r.exit_code == 0, r.output
+    for name in ("report.html", "errors_hist.png", "errors_map.png", "report.json"):
+        assert (out / name).stat().st_size > 1000, name
+    assert (out / "errors_map.png").read_bytes()[:4] == b"\x89PNG"
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and 'src="http' not in html  # self-contained
+    assert "best 3:" in r.stdout and "worst 3:" in r.stdout and "Europe" in r.stdout
+    a = json.loads((out / "report.json").read_text())
+    assert sum(g["n"] for g in a["by_continent"].values()) == 237
+    assert 0.5 < a["country_hit_rate"] <= 1.0
