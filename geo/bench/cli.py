@@ -48,6 +48,21 @@ def _human(summary: dict[str, Any], suite: str | None, label: str) -> str:
 
 
 # ---------------------------------------------------------------- geo bench score
+def _scenes(suite: str, meta: Path | None, ids) -> Any:
+    """Scene labels from the suite's metadata, so a bare result file still gets a per-scene breakdown.
+
+    Best effort when the metadata is not given and cannot be found (the
+    scores do not depend on it); an explicit ``--meta`` must be readable.
+    """
+    try:
+        rows, _ = get_suite(suite).load(Path.cwd(), meta)
+    except SuiteError:
+        if meta is not None:
+            raise
+        return None
+    return ids.map(dict(zip(rows["query_id"], rows["scene"])))
+
+
 def score(
     file: Path = typer.Argument(..., help="CSV or Parquet with truth and predicted coordinates"),
     true_lat: Optional[str] = typer.Option(None, "--true-lat", help="column of the true latitude (detected if omitted)"),
@@ -67,9 +82,8 @@ def score(
         df, footer = read_scored_file(file, {"true_lat": true_lat, "true_lon": true_lon,
                                              "pred_lat": pred_lat, "pred_lon": pred_lon})
         suite = suite or (df["suite"].dropna().iloc[0] if df["suite"].notna().any() else None)
-        if suite and df["scene"].isna().all() and get_suite(suite).meta_names:
-            rows, _ = get_suite(suite).load(Path.cwd(), meta)
-            df["scene"] = df["query_id"].map(dict(zip(rows["query_id"], rows["scene"])))
+        if suite and df["scene"].isna().all():
+            df["scene"] = _scenes(suite, meta, df["query_id"])
         failed = df["error"].notna()
         ok = df[~failed]
         d = distances_km(ok["true_lat"], ok["true_lon"], ok["pred_lat"], ok["pred_lon"], distance)
@@ -107,7 +121,7 @@ def _suite_command(name: str) -> Callable[..., None]:
         index: Path = typer.Option(..., "--index", help="index bundle directory (geo build-index --out)"),
         images: Path = typer.Option(..., "--images", help="folder with the suite's photos"),
         meta: Optional[Path] = typer.Option(None, "--meta", help="metadata CSV (default: beside --images, else the shared copy)"),
-        mode: str = typer.Option("fused", help="fused | knn | gallery | cells"),
+        mode: Optional[str] = typer.Option(None, help="fused | knn | gallery | cells (default: the index's best built mode)"),
         crops: int = typer.Option(1, help="test-time crops per photo"),
         limit: Optional[int] = typer.Option(None, help="score only the first N rows of the metadata"),
         out: Optional[Path] = typer.Option(None, "--out", help="predictions Parquet; an existing one is resumed"),
@@ -133,7 +147,8 @@ def _suite_command(name: str) -> Callable[..., None]:
         if as_json:
             _print_json(s)
             return
-        typer.echo(f"{suite_obj.title}\nmetadata {result.meta}; {distance} distances; mode {mode}")
+        typer.echo(f"{suite_obj.title}\nmetadata {result.meta}; {distance} distances; "
+                   f"mode {', '.join(sorted(result.predictions['mode'].dropna().unique())) or mode}")
         if result.resumed:
             typer.echo(f"resumed: {result.resumed} photos taken from {out}")
         typer.echo(_human(s, name, "this index"))

@@ -55,9 +55,9 @@ def published_json(suite: str) -> list[dict[str, Any]]:
 
 
 def comparison_table(suite: str, ours: Mapping[str, Any] | None = None, label: str = "this index") -> str:
-    """A plain-text table: our accuracies (if given) above the published rows for ``suite``."""
+    """A plain-text table: our accuracies (if given) above the published rows for ``suite`` ("" if none)."""
     rows = published_for(suite)
-    if not rows and ours is None:
+    if not rows:
         return ""
     head = f"{'method':<34}" + "".join(f"{str(t) + ' km':>9}" for t in THRESHOLDS_KM) + "  source"
     lines = [head, "-" * len(head)]

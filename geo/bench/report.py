@@ -218,8 +218,9 @@ def plot_world_map(df: pd.DataFrame, path: Path, max_lines: int = 300) -> Path:
     tl, tn, pl, pn = (worst[c].to_numpy(dtype=np.float64) for c in ("true_lat", "true_lon", "pred_lat", "pred_lon"))
     keep = np.abs(pn - tn) <= 180  # no line across the whole map for pairs that straddle the antimeridian
     segs = np.stack([np.stack([tn, tl], -1), np.stack([pn, pl], -1)], 1)[keep]
-    ax.add_collection(LineCollection(segs, colors="#b2182b", linewidths=0.35, alpha=0.25,
-                                     label=f"truth to prediction, {len(worst)} worst"))
+    ax.add_collection(LineCollection(segs, colors="#b2182b", linewidths=0.5 if len(segs) < 100 else 0.35,
+                                     alpha=0.6 if len(segs) < 100 else 0.25,
+                                     label=f"truth to prediction ({len(worst)} largest errors)"))
     ax.scatter(df["pred_lon"], df["pred_lat"], s=5, marker="x", c="#333333", linewidths=0.4, label="prediction")
     order = np.argsort(-d)  # small errors drawn last, so the green ones are not buried under the red
     sc = ax.scatter(df["true_lon"].to_numpy()[order], df["true_lat"].to_numpy()[order], s=12, c=d[order], cmap=cmap,

@@ -58,7 +58,7 @@ def run_suite(
     images: str | Path,
     *,
     meta: str | Path | None = None,
-    mode: str = "fused",
+    mode: str | None = None,
     crops: int = 1,
     limit: int | None = None,
     out: str | Path | None = None,
@@ -69,8 +69,9 @@ def run_suite(
 ) -> BenchResult:
     """Locate every photo of the suite and return the predictions.
 
-    ``limit`` keeps the first N rows of the metadata (deterministic, so two
-    runs with the same limit score the same photos). With ``out`` the run is
+    ``mode`` None lets the index pick its best built mode. ``limit`` keeps
+    the first N rows of the metadata (deterministic, so two runs with the
+    same limit score the same photos). With ``out`` the run is
     resumable: ids already in ``out`` or its shards are not located again.
     """
     images = Path(images)
@@ -88,7 +89,7 @@ def run_suite(
 
     collected: list[pd.DataFrame] = []
     pending: list[pd.DataFrame] = []
-    bar = _progress(len(todo) + resumed, resumed, f"{suite.name} ({mode})", progress)
+    bar = _progress(len(todo) + resumed, resumed, f"{suite.name} ({mode or 'default mode'})", progress)
     for start in range(0, len(todo), batch_size):
         batch = todo.iloc[start : start + batch_size]
         answers = index.locate(batch["image"].tolist(), mode=mode, crops=crops)
