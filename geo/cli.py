@@ -134,5 +134,13 @@ def backbones_cmd() -> None:
         typer.echo(line)
 
 
+def _register_subcommands() -> None:
+    from geo.bench.cli import register
+
+    register(app)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     app()
