@@ -1,0 +1,270 @@
+"""Classification heads over stored embeddings: one head per partition, one shared input.
+
+The images are never re-embedded: heads train on ``Bundle.read_embeddings()``.
+Loss = mean over partitions of the cross-entropy (Müller-Budack et al.'s
+multi-partition loss), optionally against haversine-smoothed targets (PIGEON:
+a photo near a cell border is not all wrong in the neighbouring cell).
+Validation photos are whole groups (photographers) held out, so early
+stopping measures places, not one trip's near-duplicates.
+
+When a scene column is given, the heads see the scene as extra one-hot
+inputs (true labels in training) and a scene head learns to predict it, so
+a query without a label is conditioned on the predicted scene probabilities.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from geo.bundle import BundleError, atomic_save_safetensors, atomic_write_json, read_json
+from geo.geodesy import EARTH_RADIUS_KM, latlon_to_xyz
+
+HEAD_KINDS = ("linear", "mlp")
+
+
+@dataclass
+class HeadConfig:
+    head: str = "linear"
+    hidden: int = 512
+    dropout: float = 0.2
+    max_epochs: int = 100
+    patience: int = 8
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    smoothing_km: float = 0.0
+    val_fraction: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class TrainResult:
+    model: "CellHeads"
+    val_index: np.ndarray
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+class CellHeads(nn.Module):
+    """Shared input (linear: the embedding itself; mlp: one hidden layer) -> one linear head per partition."""
+
+    def __init__(self, dim: int, n_classes: list[int], head: str = "linear", hidden: int = 512,
+                 dropout: float = 0.2, n_scenes: int = 0):
+        super().__init__()
+        if head not in HEAD_KINDS:
+            raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEAD_KINDS)}")
+        self.spec = {"dim": dim, "n_classes": list(n_classes), "head": head, "hidden": hidden,
+                     "dropout": dropout, "n_scenes": n_scenes}
+        width = dim + n_scenes
+        if head == "mlp":
+            self.trunk = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout))
+            width = hidden
+        else:
+            self.trunk = nn.Dropout(dropout)
+        self.heads = nn.ModuleList(nn.Linear(width, c) for c in n_classes)
+        self.scene_head = nn.Linear(dim, n_scenes) if n_scenes else None
+
+    def forward(self, x: torch.Tensor, scene: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Logits per partition, and scene logits; ``scene`` (probabilities [n, n_scenes]) defaults to the predicted ones."""
+        scene_logits = self.scene_head(x) if self.scene_head is not None else None
+        if scene_logits is not None:
+            x = torch.cat([x, scene if scene is not None else scene_logits.softmax(-1)], dim=1)
+        h = self.trunk(x)
+        return [head(h) for head in self.heads], scene_logits
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def group_split(n: int, groups: np.ndarray | None, val_fraction: float, seed: int) -> np.ndarray:
+    """Sorted validation row indices: whole groups in seeded random order until ``val_fraction`` of the photos.
+
+    Falls back to random photos when there is no group column or a single group.
+    """
+    rng = np.random.default_rng(seed)
+    target = max(1, int(round(val_fraction * n)))
+    if groups is None or len(np.unique(groups)) < 2:
+        return np.sort(rng.permutation(n)[:target])
+    uniq, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    sizes = np.bincount(inv)
+    chosen, total = [], 0
+    for g in rng.permutation(len(uniq)):
+        if total >= target:
+            break
+        if total + sizes[g] > 2 * target and chosen:
+            continue  # one huge group would swallow the training set
+        chosen.append(g)
+        total += sizes[g]
+    return np.sort(np.flatnonzero(np.isin(inv, chosen)))
+
+
+def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np.ndarray, np.ndarray]],
+                photo_latlon: tuple[np.ndarray, np.ndarray], config: HeadConfig, groups: np.ndarray | None = None,
+                scene: np.ndarray | None = None, n_scenes: int = 0) -> TrainResult:
+    """Train the heads; keep the weights of the epoch with the lowest validation loss.
+
+    ``targets``: int [n, partitions], -1 where a photo lies in no cell of that
+    partition (ignored there). ``scene``: int [n], -1 unknown.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    dev = pick_device(config.device)
+    n = len(emb)
+    val = group_split(n, groups, config.val_fraction, config.seed)
+    train = np.setdiff1d(np.arange(n), val)
+    model = CellHeads(emb.shape[1], [len(c[0]) for c in cell_latlon], config.head, config.hidden,
+                      config.dropout, n_scenes)
+    x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).to(dev)
+    y = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(dev)
+    s = torch.from_numpy(np.asarray(scene if scene is not None else np.full(n, -1), dtype=np.int64)).to(dev)
+    pxyz = torch.from_numpy(latlon_to_xyz(*photo_latlon)).float().to(dev)
+    cxyz = [torch.from_numpy(latlon_to_xyz(la, lo)).float().to(dev) for la, lo in cell_latlon]
+    if config.head == "linear":
+        _prototype_init(model, emb[train], np.asarray(targets)[train])
+    model = model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    best, best_state, history, stale = float("inf"), None, [], 0
+    train_t = torch.from_numpy(train)
+    val_t = torch.from_numpy(val).to(dev)
+    for epoch in range(config.max_epochs + 1):
+        model.train()
+        perm = train_t[torch.randperm(len(train_t), generator=gen)].to(dev)
+        total = 0.0
+        # Epoch 0 only scores the initial (prototype) heads: on a small gallery they can beat any trained epoch.
+        for b in range(0, len(perm) if epoch else 0, config.batch_size):
+            idx = perm[b:b + config.batch_size]
+            loss = _loss(model, x[idx], y[idx], s[idx], pxyz[idx], cxyz, config.smoothing_km, n_scenes)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        model.eval()
+        with torch.no_grad():
+            # Validation is always scored against hard labels: the number early stopping compares across runs.
+            vloss = float(_loss(model, x[val_t], y[val_t], s[val_t], pxyz[val_t], cxyz, 0.0, n_scenes))
+        history.append({"epoch": epoch, "train_loss": total / max(len(train), 1), "val_loss": vloss})
+        if vloss < best - 1e-4:
+            best, stale = vloss, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    best_epoch = min(range(len(history)), key=lambda e: history[e]["val_loss"])
+    return TrainResult(model.cpu(), val, history, best_epoch, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _prototype_init(model: CellHeads, emb: np.ndarray, targets: np.ndarray, scale: float = 10.0) -> None:
+    """Start each linear head as a nearest-centroid classifier on centred features.
+
+    With a few photos per cell, a randomly initialised head over-fits its
+    photographers before it learns places; the centroid of a cell's photos
+    (minus the gallery mean, which every ImageNet feature shares) is the
+    estimate that needs no fitting.
+    """
+    mu = emb.mean(0)
+    x = emb - mu
+    for p, head in enumerate(model.heads):
+        ok = targets[:, p] >= 0
+        n_cells = head.weight.shape[0]
+        sums = np.zeros((n_cells, emb.shape[1]))
+        np.add.at(sums, targets[ok, p], x[ok])
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        w = np.where(norms > 0, sums / np.maximum(norms, 1e-12), 0.0) * scale
+        head.weight.zero_()
+        head.weight[:, : emb.shape[1]] = torch.from_numpy(w).float()
+        head.bias.copy_(torch.from_numpy(-(w @ mu)).float())
+
+
+def _loss(model: CellHeads, x, y, s, pxyz, cxyz, smoothing_km: float, n_scenes: int) -> torch.Tensor:
+    scene_in = None
+    if n_scenes:
+        known = s >= 0
+        scene_in = torch.full((len(x), n_scenes), 1.0 / n_scenes, device=x.device)
+        scene_in[known] = nn.functional.one_hot(s[known], n_scenes).float()
+    logits, scene_logits = model(x, scene_in)
+    losses = []
+    for p, z in enumerate(logits):
+        ok = y[:, p] >= 0
+        if not ok.any():
+            continue
+        if smoothing_km > 0:
+            # PIGEON: target ∝ exp(-distance to the cell's photo mean / scale); 2R·asin(chord/2) is the haversine.
+            chord = torch.cdist(pxyz[ok], cxyz[p]).clamp(max=2.0)
+            q = (-(2 * EARTH_RADIUS_KM * torch.asin(chord / 2)) / smoothing_km).softmax(-1)
+            losses.append(-(q * z[ok].log_softmax(-1)).sum(-1).mean())
+        else:
+            losses.append(nn.functional.cross_entropy(z[ok], y[ok, p]))
+    loss = torch.stack(losses).mean()
+    if scene_logits is not None and (s >= 0).any():
+        loss = loss + nn.functional.cross_entropy(scene_logits[s >= 0], s[s >= 0])
+    return loss
+
+
+@torch.no_grad()
+def head_logits(model: CellHeads, emb: np.ndarray, scene: np.ndarray | None = None,
+                batch: int = 8192) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Logits per partition (float32 [n, cells]) and scene probabilities, in batches.
+
+    ``scene``: int [n], -1 where unknown (the scene head's prediction is used there).
+    """
+    dev = next(model.parameters()).device
+    n_scenes = model.spec["n_scenes"]
+    outs: list[list[np.ndarray]] = [[] for _ in model.heads]
+    scenes = []
+    for b in range(0, len(emb), batch):
+        x = torch.from_numpy(np.ascontiguousarray(emb[b:b + batch], dtype=np.float32)).to(dev)
+        scene_in = None
+        if n_scenes:
+            pred = model.scene_head(x).softmax(-1)
+            if scene is not None:
+                sb = torch.from_numpy(np.asarray(scene[b:b + batch], dtype=np.int64)).to(dev)
+                known = sb >= 0
+                pred[known] = nn.functional.one_hot(sb[known], n_scenes).float()
+            scene_in = pred
+            scenes.append(pred.cpu().numpy())
+        logits, _ = model(x, scene_in)
+        for p, z in enumerate(logits):
+            outs[p].append(z.float().cpu().numpy())
+    return [np.concatenate(o) for o in outs], (np.concatenate(scenes) if scenes else None)
+
+
+def save_heads(model: CellHeads, weights: Path, config_path: Path, extra: dict) -> None:
+    """Weights as safetensors, everything needed to rebuild and use them as JSON."""
+    atomic_save_safetensors(weights, dict(model.state_dict()), metadata={"format": "geo-cell-heads"})
+    atomic_write_json(config_path, {"model": model.spec, **extra})
+
+
+def load_heads(weights: Path, config_path: Path, device: str = "cpu") -> tuple[CellHeads, dict]:
+    from safetensors.torch import load_file
+
+    cfg = read_json(config_path)
+    try:
+        spec = cfg["model"]
+        model = CellHeads(spec["dim"], spec["n_classes"], spec["head"], spec["hidden"], spec["dropout"], spec["n_scenes"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{config_path}: not a cell-heads config ({e})") from None
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except (RuntimeError, OSError) as e:
+        raise BundleError(f"{weights}: weights do not match {config_path.name} ({e})") from None
+    return model.to(pick_device(device)).eval(), cfg
+
+
+def config_dict(config: HeadConfig) -> dict:
+    return json.loads(json.dumps(asdict(config)))

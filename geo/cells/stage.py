@@ -1,0 +1,154 @@
+"""The cells+heads stage of ``geo build-index``: partitions, cell tables, heads, calibration.
+
+:func:`fit_cells` does the work in memory (benchmarks call it on arrays);
+:func:`build_cells_stage` writes its result into the bundle and registers it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import pandas as pd
+
+from geo.bundle import Bundle, atomic_write_parquet
+from geo.cells import partition as P
+from geo.cells import s2
+from geo.cells.heads import HEAD_KINDS, HeadConfig, config_dict, head_logits, save_heads, train_heads
+from geo.cells.predict import CellPredictor, fit_calibration, log_priors
+from geo.geodesy import valid_latlon
+
+GROUP_COLUMNS = ("AUTHOR", "author", "owner", "OWNER")
+
+
+def _opt(default, help: str):
+    """A config field with its CLI help text; a callable default (``list``) is a factory."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class CellsConfig:
+    """Options of the cells stage; each field's ``metadata["help"]`` is its ``geo build-index`` help text."""
+
+    cells: list[str] = _opt(list, "--cells FILE (repeatable): published GeoEstimation cell CSVs to assign the gallery "
+                                  "to, instead of building partitions")
+    partitioner: str = _opt("adaptive", f"--partitioner: {' | '.join(P.PARTITIONERS)} (adaptive: PlaNet top-down "
+                                        "splitting; bottomup: seed 002 hot spots ranked by feature coherence)")
+    tau_min: int | None = _opt(None, "--tau-min: drop cells with fewer photos (default: 50 scaled by "
+                                     "sqrt(gallery / 4.7 M), at least 2)")
+    tau_max: list[int] = _opt(list, "--tau-max (repeatable, one per partition): split cells holding more photos "
+                                    "(default: 5000 2000 1000 scaled like --tau-min)")
+    head: str = _opt("linear", f"--head: {' | '.join(HEAD_KINDS)}")
+    scene_column: str | None = _opt(None, "--scene-column: manifest column with scene labels (e.g. S3_Label) to "
+                                          "condition the heads on; queries without a label use the predicted scene")
+    group_column: str | None = _opt(None, "--group-column: manifest column whose groups are held out together for "
+                                          f"validation (default: the first of {', '.join(GROUP_COLUMNS)} present)")
+    smoothing_km: float = _opt(0.0, "--smoothing-km: haversine label smoothing scale across neighbouring cells "
+                                    "(PIGEON uses 75; 0 = off)")
+    max_epochs: int = _opt(100, "--epochs: most training epochs of the heads (early stopping usually ends sooner)")
+    seed: int = _opt(0, "--seed: for the validation split and the heads' training")
+    device: str = _opt("auto", "--device: auto | cpu | cuda for training the heads")
+
+    def help(self) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(self)}
+
+
+@dataclass
+class FittedCells:
+    predictor: CellPredictor
+    info: dict
+
+
+def _partitions(lat, lon, emb, config: CellsConfig) -> tuple[list[P.Partition], dict]:
+    if config.cells:
+        parts = P.read_partitions(config.cells)
+        return parts, {"source": [str(c) for c in config.cells]}
+    default_min, default_max = P.default_taus(len(lat))
+    tau_min = config.tau_min if config.tau_min is not None else default_min
+    tau_max = list(config.tau_max) or [t for t in default_max if t >= tau_min]
+    parts = P.build_partitions(lat, lon, tau_min, tau_max, config.partitioner, emb)
+    return parts, {"source": config.partitioner, "tau_min": tau_min, "tau_max": sorted(tau_max, reverse=True)}
+
+
+def _group_column(meta: pd.DataFrame, config: CellsConfig) -> str | None:
+    if config.group_column:
+        if config.group_column not in meta.columns:
+            raise ValueError(f"--group-column {config.group_column!r}: not a manifest column ({', '.join(meta.columns)})")
+        return config.group_column
+    return next((c for c in GROUP_COLUMNS if c in meta.columns), None)
+
+
+def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig, log=print) -> FittedCells:
+    """Partitions + tables + trained, calibrated heads, all in memory."""
+    if len(meta) != len(emb):
+        raise ValueError(f"{len(meta)} metadata rows for {len(emb)} embeddings")
+    ok = valid_latlon(meta["lat"], meta["lon"])
+    meta, emb = meta.loc[ok].reset_index(drop=True), emb[ok]
+    lat, lon = meta["lat"].to_numpy(float), meta["lon"].to_numpy(float)
+    parts, source = _partitions(lat, lon, emb, config)
+    parents = P.link_parents(parts)
+    leaf = s2.leaf_ids(lat, lon)
+    rows = np.stack([P.assign(leaf, p.cell_ids) for p in parts], 1)
+    by_name = {p.name: p for p in parts}
+    tables = [P.cell_table(p, rows[:, k], lat, lon, parents[p.name], by_name) for k, p in enumerate(parts)]
+    log("cells: " + ", ".join(f"{p.name} {len(p.cell_ids)} cells ({(rows[:, k] >= 0).mean():.0%} of photos)"
+                              for k, p in enumerate(parts)) + f" from {source}")
+
+    scene, scene_values = None, []
+    if config.scene_column:
+        if config.scene_column not in meta.columns:
+            raise ValueError(f"--scene-column {config.scene_column!r}: not a manifest column ({', '.join(meta.columns)})")
+        col = meta[config.scene_column]
+        scene_values = sorted({v for v in col.dropna().tolist()}, key=str)
+        lookup = {v: i for i, v in enumerate(scene_values)}
+        scene = np.array([lookup.get(v, -1) for v in col.tolist()], dtype=np.int64)
+    group_col = _group_column(meta, config)
+    hc = HeadConfig(head=config.head, smoothing_km=config.smoothing_km, max_epochs=config.max_epochs, seed=config.seed,
+                    device=config.device)
+    result = train_heads(emb, rows, [(t["lat"].to_numpy(), t["lon"].to_numpy()) for t in tables], (lat, lon), hc,
+                         groups=meta[group_col].to_numpy() if group_col else None, scene=scene,
+                         n_scenes=len(scene_values))
+    val = result.val_index
+    logits, _ = head_logits(result.model, emb[val], scene[val] if scene is not None else None)
+    priors = log_priors([t["count"].to_numpy(float) for t in tables])
+    parent_rows = [parents[parts[-1].name][p.name] for p in parts[:-1]]
+    calibration = fit_calibration(logits, rows[val], priors, parent_rows)
+    log(f"cells: heads trained in {result.seconds:.1f}s ({result.best_epoch + 1} epochs kept), "
+        f"T={['%.2f' % t for t in calibration['temperature']]}, alpha={calibration['alpha']:.2f} "
+        f"on {len(val)} held-out photos" + (f" (by {group_col})" if group_col else ""))
+    info = {
+        "partitions": [p.name for p in parts],
+        "cells": {p.name: len(p.cell_ids) for p in parts},
+        **source,
+        "head": hc.head,
+        "scene_column": config.scene_column,
+        "group_column": group_col,
+        "photos": int(len(meta)),
+        "calibration": calibration,
+        "train": {"seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,
+                  "epochs_run": len(result.history), "val_photos": int(len(val)),
+                  "val_loss": result.history[result.best_epoch]["val_loss"], "config": config_dict(hc)},
+    }
+    predictor = CellPredictor(tables, info["partitions"], result.model, calibration, scene_values)
+    return FittedCells(predictor, info)
+
+
+def build_cells_stage(bundle: Bundle, meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig, log=print) -> dict:
+    """Write ``cells/<partition>.parquet``, ``heads/heads.safetensors`` and ``heads/heads.json``; register them."""
+    import pyarrow as pa
+
+    fitted = fit_cells(meta, emb, config, log)
+    pred, info = fitted.predictor, fitted.info
+    files = []
+    for name, table in zip(pred.names, pred.tables):
+        files.append(atomic_write_parquet(bundle.path(f"cells/{name}.parquet"), pa.Table.from_pandas(table, preserve_index=False)))
+    for stale in bundle.path("cells").glob("*.parquet"):
+        if stale not in files:
+            stale.unlink()  # a partition of an earlier build with other names
+    weights, cfg = bundle.path("heads/heads.safetensors"), bundle.path("heads/heads.json")
+    save_heads(pred.model, weights, cfg, {"partitions": pred.names, "calibration": pred.calibration,
+                                          "scene_values": pred.scene_values, "scene_column": config.scene_column})
+    bundle.register("cells", [], None, replace_prefix="heads/")
+    bundle.register("cells", [*files, weights, cfg], info, replace_prefix="cells/")
+    return info
