@@ -1,0 +1,117 @@
+"""Gallery stage: training on stored embeddings, bundle files, and search."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from geo.bundle import Bundle, BundleError, open_bundle
+from geo.gallery.stage import GalleryConfig, GpsGallery, build_gallery_stage, gallery_points, resolve_image_init
+from geo.gallery.train import group_split, jitter, log_density
+from geo.geodesy import haversine_km
+
+CITIES = np.array([[48.85, 2.35], [40.71, -74.0], [35.68, 139.69]])  # Paris, New York, Tokyo
+
+
+def city_data(n_per: int = 40, dim: int = 16, seed: int = 0):
+    """Embeddings that carry their city in one direction each, photographers nested in cities."""
+    rng = np.random.default_rng(seed)
+    city = np.repeat(np.arange(3), n_per)
+    emb = rng.standard_normal((len(city), dim)).astype(np.float32) * 0.3
+    emb[np.arange(len(city)), city] += 2.0
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    latlon = CITIES[city] + rng.normal(0, 0.05, (len(city), 2))
+    meta = pd.DataFrame({"id": [f"p{i}" for i in range(len(city))], "lat": latlon[:, 0], "lon": latlon[:, 1],
+                         "AUTHOR": [f"a{c}_{i % 8}" for i, c in enumerate(city)]})
+    return meta, emb, city
+
+
+SMALL = GalleryConfig(init="random", sigmas=(1.0, 16.0), epochs=8, batch_size=32, lr=3e-3, location_lr=0.0,
+                      hidden=64, dropout=0.0, jitter_km=5.0, patience=12, device="cpu")
+
+
+def test_group_split_keeps_groups_whole():
+    groups = np.array(list("aaabbbccddddeeffgh"))
+    tr, va = group_split(groups, 0.3, seed=0)
+    assert va.any() and tr.any() and not (tr & va).any()
+    assert set(groups[tr]).isdisjoint(groups[va])
+
+
+def test_jitter_stays_on_the_globe_and_near():
+    import torch
+
+    ll = torch.tensor([[89.99, 179.99], [0.0, 0.0]] * 50)
+    out = jitter(ll, 10.0, torch.Generator().manual_seed(0)).numpy()
+    assert (np.abs(out[:, 0]) <= 90).all() and (np.abs(out[:, 1]) <= 180).all()
+    assert haversine_km(ll[1::2, 0], ll[1::2, 1], out[1::2, 0], out[1::2, 1]).max() < 80
+
+
+def test_log_density_counts_nearby_photos():
+    d = log_density(np.array([[48.85, 2.35], [0.0, -30.0]]), CITIES[[0, 0, 0, 1]], radius_km=100)
+    assert d[0] == pytest.approx(np.log(4)) and d[1] == 0
+
+
+def test_build_and_search(tmp_path):
+    meta, emb, city = city_data()
+    csv = tmp_path / "extra.csv"
+    pd.DataFrame({"LAT": [-33.87, 48.85], "LON": [151.21, 2.35]}).to_csv(csv, index=False)
+    bundle = Bundle.create_or_resume(tmp_path / "b", {"name": "test"}, emb.shape[1])
+    info = build_gallery_stage(bundle, meta, emb, dataclasses.replace(SMALL, gps_gallery=str(csv)), log=lambda *_: None)
+
+    assert info["sources"] == {"photos": 120, "extra:extra.csv": 2}
+    assert info["config"]["group_column"] == "AUTHOR"
+    assert info["train"]["n_val"] > 0 and info["train"]["best_epoch"] > 0
+    b = open_bundle(tmp_path / "b")  # every file registered with its hash
+    assert {f for f in b.manifest["files"] if f.startswith("gallery/")} == {
+        "gallery/location_encoder.safetensors", "gallery/image_projection.safetensors", "gallery/gallery.json",
+        "gallery/points.parquet", "gallery/gallery.faiss"}
+
+    gal = GpsGallery.load(b, with_location_encoder=True)
+    latlon, scores = gal.search(emb, k=5)
+    assert latlon.shape == (120, 5, 2) and scores.shape == (120, 5)
+    assert (np.diff(scores, axis=1) <= 1e-5).all()
+    err = haversine_km(meta.lat, meta.lon, latlon[:, 0, 0], latlon[:, 0, 1])
+    assert (err <= 750).mean() > 0.9  # the embedding says which city; the gallery must hear it
+
+    # Scores are logits (+ the stored prior): recompute the best one from the modules.
+    q = gal.projection.encode(emb[:1], normalize=True)
+    p = gal.location_encoder.encode(latlon[0, :1], normalize=True)
+    prior = SMALL.prior_weight * log_density(latlon[0, :1], meta[["lat", "lon"]].to_numpy(), SMALL.prior_radius_km)
+    assert scores[0, 0] == pytest.approx(gal.logit_scale * float((q @ p.T)[0, 0]) + prior[0], abs=1e-3)
+
+
+def test_rebuild_replaces_gallery_files(tmp_path):
+    meta, emb, _ = city_data(n_per=10)
+    bundle = Bundle.create_or_resume(tmp_path, {"name": "test"}, emb.shape[1])
+    cfg = dataclasses.replace(SMALL, epochs=0)
+    build_gallery_stage(bundle, meta, emb, cfg, log=lambda *_: None)
+    build_gallery_stage(bundle, meta, emb, cfg, log=lambda *_: None)
+    open_bundle(tmp_path).verify()
+
+
+def test_missing_gallery_names_the_file(tmp_path):
+    meta, emb, _ = city_data(n_per=5)
+    bundle = Bundle.create_or_resume(tmp_path, {"name": "test"}, emb.shape[1])
+    with pytest.raises(BundleError, match="gallery"):
+        GpsGallery.load(bundle)
+    build_gallery_stage(bundle, meta, emb, dataclasses.replace(SMALL, epochs=0), log=lambda *_: None)
+    (tmp_path / "gallery" / "gallery.faiss").unlink()
+    with pytest.raises(BundleError, match="gallery.faiss"):
+        GpsGallery.load(bundle)
+
+
+def test_gallery_points_dedupe_and_bad_csv(tmp_path):
+    pts, src = gallery_points(np.array([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0]]), None)
+    assert len(pts) == 2 and set(src) == {"photos"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x,y\n1,2\n")
+    with pytest.raises(ValueError, match="bad.csv"):
+        gallery_points(pts, str(bad))
+
+
+def test_image_init_follows_backbone():
+    assert resolve_image_init("geoclip", 512) == "identity"
+    assert resolve_image_init("open_clip:ViT-L-14/openai", 768) == "geoclip"
+    assert resolve_image_init("efficientnet_lite0", 1280) == "random"
