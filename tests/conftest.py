@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 
-def textured(width: int, height: int, seed: int = 0) -> Image.Image:
+def _textured(width: int, height: int, seed: int = 0) -> Image.Image:
     """A photo-like RGB image (smooth gradients + blocks + noise) so resizes and crops are non-trivial."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -24,7 +24,13 @@ def make_image(tmp_path):
 
     def make(name: str, width: int = 320, height: int = 240, seed: int = 0, **save_kwargs) -> str:
         path = tmp_path / name
-        textured(width, height, seed).save(path, **save_kwargs)
+        _textured(width, height, seed).save(path, **save_kwargs)
         return str(path)
 
     return make
+
+
+@pytest.fixture
+def textured():
+    """textured(width, height, seed=0) -> a photo-like RGB PIL image."""
+    return _textured

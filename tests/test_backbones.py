@@ -11,7 +11,6 @@ from PIL import Image
 from geo.backbones import (Backbone, BackboneError, Preprocess, available_backbones, backbone_from_spec,
                            load_backbone, read_state_dict, register_backbone)
 from geo.images import load_tensor
-from tests.conftest import textured
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def test_efficientnet_lite0_refuses_wrong_weights(tmp_path):
         load_backbone("efficientnet_lite0", device="cpu", weights=str(bad))
 
 
-def test_efficientnet_lite0_embeddings_are_semantic(lite0, tmp_path):
+def test_efficientnet_lite0_embeddings_are_semantic(lite0, tmp_path, textured):
     a, b = textured(400, 300, seed=1), textured(400, 300, seed=2)
     a.save(tmp_path / "a.png")
     a.resize((360, 270), Image.Resampling.BICUBIC).save(tmp_path / "a_small.png")

@@ -12,7 +12,6 @@ from PIL import Image
 from geo.backbones import Preprocess
 from geo.images import (ImageDataset, ImageLoadError, _tensor_fast, _tensor_from_pil, _decode_pil, _upright_size,
                         collate_skip_errors, crop_offsets, load_tensor, open_rgb, resized_size)
-from tests.conftest import textured
 
 PRE = Preprocess(size=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -99,7 +98,7 @@ def _rgb_ok(path, size=None) -> Image.Image:
     return im
 
 
-def test_cmyk_jpeg(tmp_path):
+def test_cmyk_jpeg(tmp_path, textured):
     p = tmp_path / "cmyk.jpg"
     textured(120, 80).convert("CMYK").save(p)
     assert Image.open(p).mode == "CMYK"
@@ -138,7 +137,7 @@ def test_16bit_png_scaled_not_clipped(tmp_path):
     assert px[0, 0] == 0 and px[0, -1] == 255 and 120 < px[0, 25] < 136
 
 
-def test_greyscale_and_1bit(tmp_path):
+def test_greyscale_and_1bit(tmp_path, textured):
     textured(50, 40).convert("L").save(tmp_path / "g.jpg")
     px = np.asarray(_rgb_ok(tmp_path / "g.jpg"))
     assert (px[..., 0] == px[..., 1]).all()
@@ -146,7 +145,7 @@ def test_greyscale_and_1bit(tmp_path):
     assert tuple(np.asarray(_rgb_ok(tmp_path / "b.png"))[3, 3]) == (255, 255, 255)
 
 
-def test_exif_orientation_applied_on_both_paths(tmp_path):
+def test_exif_orientation_applied_on_both_paths(tmp_path, textured):
     p = tmp_path / "rot.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees: portrait
@@ -158,7 +157,7 @@ def test_exif_orientation_applied_on_both_paths(tmp_path):
     assert (fast - slow).abs().mean() < 0.02  # a wrong rotation would differ by ~0.5
 
 
-def test_huge_aspect_ratio(tmp_path):
+def test_huge_aspect_ratio(tmp_path, textured):
     p = tmp_path / "strip.png"
     textured(6000, 12).save(p)
     for crops in (1, 3, 5):

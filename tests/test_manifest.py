@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 
 from geo.index_build.manifest import ManifestError, exif_latlon, read_manifest
-from tests.conftest import textured
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared reference data not present")
@@ -90,7 +89,7 @@ def _dms(value: float) -> tuple[Fraction, ...]:
     return (Fraction(d), Fraction(m), s)
 
 
-def _gps_photo(path: Path, lat: float, lon: float) -> None:
+def _gps_photo(textured, path: Path, lat: float, lon: float) -> None:
     from PIL import Image
 
     exif = Image.Exif()
@@ -100,9 +99,9 @@ def _gps_photo(path: Path, lat: float, lon: float) -> None:
     textured(64, 48).save(path, exif=exif)
 
 
-def test_folder_of_exif_gps_photos(tmp_path):
-    _gps_photo(tmp_path / "trip" / "rio.jpg", -22.9519, -43.2105)
-    _gps_photo(tmp_path / "oslo.jpg", 59.9139, 10.7522)
+def test_folder_of_exif_gps_photos(tmp_path, textured):
+    _gps_photo(textured, tmp_path / "trip" / "rio.jpg", -22.9519, -43.2105)
+    _gps_photo(textured, tmp_path / "oslo.jpg", 59.9139, 10.7522)
     textured(32, 32).save(tmp_path / "nogps.jpg")
     (tmp_path / "notes.txt").write_text("ignored: not an image extension")
     (tmp_path / "broken.png").write_text("not a png")
