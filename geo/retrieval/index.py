@@ -46,10 +46,9 @@ class GeoIndex:
     # ------------------------------------------------------------ components
     @cached_property
     def backbone(self):
-        from geo.backbones import load_backbone
+        from geo.backbones import backbone_from_spec
 
-        spec = self.bundle.manifest["backbone"]
-        return load_backbone(spec["name"], device=self.device, weights=spec.get("weights_path"))
+        return backbone_from_spec(self.bundle.manifest["backbone"], device=self.device)
 
     @property
     def modes(self) -> list[str]:
