@@ -179,7 +179,7 @@ class GpsGallery:
         self.sources = sources
         self.info = info
         self.location_encoder = location_encoder
-        self.logit_scale = float(projection.logit_scale.exp())
+        self.logit_scale = projection.logit_scale.exp().item()
 
     @classmethod
     def load(cls, bundle: Bundle, with_location_encoder: bool = False) -> "GpsGallery":
