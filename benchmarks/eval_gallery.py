@@ -25,7 +25,7 @@ import pandas as pd
 from geo.bench.metrics import THRESHOLDS_KM
 from geo.bundle import Bundle
 from geo.gallery.stage import GalleryConfig, GpsGallery, build_gallery_stage
-from geo.gallery.train import group_split
+from geo.splits import validation_mask
 from geo.geodesy import haversine_km, pairwise_haversine_km
 
 PRIOR_RADIUS_KM = 750.0
@@ -47,8 +47,7 @@ def scores(err_km: np.ndarray) -> dict[str, float]:
 def photographer_split(meta: pd.DataFrame, query_fraction: float, seed: int, group: str = "AUTHOR") -> np.ndarray:
     """Boolean mask of about ``query_fraction`` of the rows as queries; whole groups go to one side."""
     groups = meta[group].astype(str).to_numpy() if group in meta.columns else np.arange(len(meta))
-    _, query = group_split(groups, query_fraction, seed)
-    return query
+    return validation_mask(len(meta), groups, query_fraction, seed)
 
 
 def evaluate(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig, seed: int = 0, query_fraction: float = 0.5,

@@ -120,8 +120,16 @@ def register_backbone(prefix: str, loader: Loader, help: str) -> None:
     _REGISTRY[prefix] = _Entry(loader, help)
 
 
+def _registry() -> dict[str, _Entry]:
+    """The registry with the presets that live in other packages (imported late: they import this module)."""
+    import geo.gallery.geoclip_backbone  # noqa: F401  registers "geoclip"
+
+    return _REGISTRY
+
+
 def available_backbones() -> list[str]:
     """One line per registered name or prefix, for --help."""
+    _registry()
     return [f"{p}: {e.help}" for p, e in _REGISTRY.items()]
 
 
@@ -133,7 +141,7 @@ def load_backbone(name: str = "efficientnet_lite0", device: str = "auto", precis
     CPU fall back to fp32 (slow and no gain there).
     """
     prefix, _, spec = name.strip().partition(":")
-    entry = _REGISTRY.get(prefix)
+    entry = _registry().get(prefix)
     if entry is None:
         raise BackboneError(f"unknown backbone {name!r}; available:\n  " + "\n  ".join(available_backbones()))
     dev = _resolve_device(device)

@@ -9,7 +9,7 @@ import pytest
 
 from geo.bundle import Bundle, BundleError, open_bundle
 from geo.gallery.stage import GalleryConfig, GpsGallery, build_gallery_stage, gallery_points, resolve_image_init
-from geo.gallery.train import group_split, jitter, log_density
+from geo.gallery.train import jitter, log_density
 from geo.geodesy import haversine_km
 
 CITIES = np.array([[48.85, 2.35], [40.71, -74.0], [35.68, 139.69]])  # Paris, New York, Tokyo
@@ -30,13 +30,6 @@ def city_data(n_per: int = 40, dim: int = 16, seed: int = 0):
 
 SMALL = GalleryConfig(init="random", sigmas=(1.0, 16.0), epochs=8, batch_size=32, lr=3e-3, location_lr=0.0,
                       hidden=64, dropout=0.0, jitter_km=5.0, patience=12, device="cpu")
-
-
-def test_group_split_keeps_groups_whole():
-    groups = np.array(list("aaabbbccddddeeffgh"))
-    tr, va = group_split(groups, 0.3, seed=0)
-    assert va.any() and tr.any() and not (tr & va).any()
-    assert set(groups[tr]).isdisjoint(groups[va])
 
 
 def test_jitter_stays_on_the_globe_and_near():

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+
+from geo.splits import validation_mask
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -65,25 +67,6 @@ class TrainResult:
     location_encoder: LocationEncoder
     image_projection: ImageProjection
     metrics: dict
-
-
-def group_split(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean train/val masks holding out about ``val_fraction`` of the rows in whole groups.
-
-    A photographer's near-duplicate shots on both sides would make early
-    stopping reward memorisation; groups are drawn in seeded random order until
-    the fraction of rows is reached (counting groups instead would let one
-    prolific photographer swing the split).
-    """
-    uniq, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
-    if len(uniq) < 2 or val_fraction <= 0:
-        return np.ones(len(groups), bool), np.zeros(len(groups), bool)
-    order = np.random.default_rng(seed).permutation(len(uniq))
-    taken = np.cumsum(counts[order]) <= val_fraction * len(groups)
-    taken[0] = True  # at least one group
-    taken[-1] = False  # and never all of them
-    val = np.isin(inv, order[taken])
-    return ~val, val
 
 
 def jitter(latlon: torch.Tensor, km: float, gen: torch.Generator) -> torch.Tensor:
@@ -181,8 +164,8 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
 
     dev = _device(config.device)
     loc.to(dev), proj.to(dev)
-    groups = np.arange(len(emb)) if groups is None else np.asarray(groups)
-    tr, va = group_split(groups, config.val_fraction, config.seed)
+    va = validation_mask(len(emb), groups, config.val_fraction, config.seed)
+    tr = ~va
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
 

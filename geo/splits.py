@@ -1,0 +1,52 @@
+"""The one validation split every trained stage (heads, gallery, fusion) holds out.
+
+All stages must hold out the same photos: fusion weights are tuned on
+photos that neither the heads nor the location encoder have seen, which is
+only true if they share this split. Whole groups (photographers) go to one
+side, so validation measures geolocation rather than memory of one trip.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+GROUP_COLUMNS = ("AUTHOR", "author", "owner", "OWNER", "user", "photographer")
+
+
+def group_column(columns, requested: str | None = None) -> str | None:
+    """The requested group column (must exist), else the first known one present, else None."""
+    columns = list(columns)
+    if requested:
+        if requested not in columns:
+            raise ValueError(f"group column {requested!r} is not a manifest column ({', '.join(map(str, columns))})")
+        return requested
+    return next((c for c in GROUP_COLUMNS if c in columns), None)
+
+
+def validation_mask(n: int, groups=None, val_fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Boolean [n], True for held-out rows: whole groups in seeded order until ``val_fraction`` of the rows.
+
+    A group that would more than double the target is skipped (one prolific
+    photographer must not swallow the validation set); without groups, or
+    with a single group, rows are drawn at random.
+    """
+    rng = np.random.default_rng(seed)
+    target = max(1, int(round(val_fraction * n))) if val_fraction > 0 else 0
+    mask = np.zeros(n, bool)
+    if target == 0 or n < 2:
+        return mask
+    if groups is None or len(np.unique(np.asarray(groups).astype(str))) < 2:
+        mask[rng.permutation(n)[:target]] = True
+        return mask
+    uniq, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    sizes = np.bincount(inv)
+    chosen, total = [], 0
+    for g in rng.permutation(len(uniq)):
+        if total >= target:
+            break
+        if total + sizes[g] > 2 * target and chosen:
+            continue
+        chosen.append(g)
+        total += sizes[g]
+    if len(chosen) == len(uniq):  # never hold out every group
+        chosen = chosen[:-1]
+    return np.isin(inv, chosen)

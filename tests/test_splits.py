@@ -1,0 +1,32 @@
+"""The shared validation split: whole photographers on one side, reproducible, near the asked fraction."""
+import numpy as np
+
+from geo.splits import group_column, validation_mask
+
+
+def test_groups_stay_whole_and_split_is_seeded():
+    rng = np.random.default_rng(0)
+    groups = rng.choice([f"a{i}" for i in range(40)], size=1000)
+    va = validation_mask(len(groups), groups, 0.2, seed=3)
+    assert set(groups[va]).isdisjoint(groups[~va])
+    assert 0.1 <= va.mean() <= 0.4
+    assert (validation_mask(len(groups), groups, 0.2, seed=3) == va).all()
+    assert (validation_mask(len(groups), groups, 0.2, seed=4) != va).any()
+
+
+def test_without_groups_rows_are_drawn_and_never_all_groups_held_out():
+    assert validation_mask(100, None, 0.25, seed=0).sum() == 25
+    two = np.array(["a"] * 5 + ["b"] * 5)
+    va = validation_mask(10, two, 0.9, seed=0)
+    assert va.any() and not va.all()
+
+
+def test_group_column_detection():
+    assert group_column(["IMG_ID", "AUTHOR", "LAT"]) == "AUTHOR"
+    assert group_column(["id", "lat"]) is None
+    try:
+        group_column(["id"], "owner")
+    except ValueError as e:
+        assert "owner" in str(e)
+    else:
+        raise AssertionError("unknown group column accepted")
