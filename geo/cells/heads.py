@@ -34,12 +34,15 @@ class HeadConfig:
     hidden: int = 512
     dropout: float = 0.2
     max_epochs: int = 100
-    patience: int = 8
+    patience: int = 5
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-2
     smoothing_km: float = 0.0
     val_fraction: float = 0.15
+    # Compute cap (multiply-adds x 6 for forward+backward): bounds CPU builds like a time limit would,
+    # but deterministically, so a seeded build gives the same weights on any machine.
+    flop_budget: float = 1.5e12
     seed: int = 0
     device: str = "auto"
 
@@ -138,13 +141,17 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
     best, best_state, history, stale = float("inf"), None, [], 0
     train_t = torch.from_numpy(train)
     val_t = torch.from_numpy(val).to(dev)
-    for epoch in range(config.max_epochs + 1):
+    # Big galleries take bigger batches (at most ~100 steps an epoch): the prototype start needs few epochs, not many steps.
+    batch_size = max(config.batch_size, -(-len(train) // 100))
+    width = sum(p.numel() for p in model.parameters())
+    max_epochs = min(config.max_epochs, max(1, int(config.flop_budget // (6 * width * max(len(train), 1)))))
+    for epoch in range(max_epochs + 1):
         model.train()
         perm = train_t[torch.randperm(len(train_t), generator=gen)].to(dev)
         total = 0.0
         # Epoch 0 only scores the initial (prototype) heads: on a small gallery they can beat any trained epoch.
-        for b in range(0, len(perm) if epoch else 0, config.batch_size):
-            idx = perm[b:b + config.batch_size]
+        for b in range(0, len(perm) if epoch else 0, batch_size):
+            idx = perm[b:b + batch_size]
             loss = _loss(model, x[idx], y[idx], s[idx], pxyz[idx], cxyz, config.smoothing_km, n_scenes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -183,7 +190,10 @@ def _prototype_init(model: CellHeads, emb: np.ndarray, targets: np.ndarray, scal
         ok = targets[:, p] >= 0
         n_cells = head.weight.shape[0]
         sums = np.zeros((n_cells, emb.shape[1]))
-        np.add.at(sums, targets[ok, p], x[ok])
+        order = np.argsort(targets[ok, p], kind="stable")
+        labels, start = np.unique(targets[ok, p][order], return_index=True)
+        if len(labels):
+            sums[labels] = np.add.reduceat(x[ok][order], start, axis=0)
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         w = np.where(norms > 0, sums / np.maximum(norms, 1e-12), 0.0) * scale
         head.weight.zero_()

@@ -74,28 +74,27 @@ def default_taus(n_photos: int) -> tuple[int, list[int]]:
 
 # ------------------------------------------------------------ assignment
 def assign(ids: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
-    """Row of the cell containing each id (leaf ids or cells), -1 where none; int64 [n].
+    """Row of the cell containing each id (leaf ids or whole cells), -1 where none; int64 [n].
 
-    One integer parent + binary search per distinct level of the partition;
-    a cell coarser than the id it would contain is never matched.
+    A cell is the interval of leaf ids [id - (lsb - 1), id + (lsb - 1)]; the
+    cells of a partition are disjoint intervals, so one binary search per
+    point finds the only candidate, whatever mix of levels the partition has.
     """
     ids = np.asarray(ids, dtype=np.uint64)
     cell_ids = np.asarray(cell_ids, dtype=np.uint64)
     out = np.full(len(ids), -1, dtype=np.int64)
     if not len(cell_ids) or not len(ids):
         return out
-    id_levels = s2.levels_of(ids)
-    cell_levels = s2.levels_of(cell_ids)
-    for level in np.unique(cell_levels):  # coarse -> fine, so nested cells resolve to the finest
-        rows = np.flatnonzero(cell_levels == level)
-        order = rows[np.argsort(cell_ids[rows])]
-        sorted_ids = cell_ids[order]
-        ok = id_levels >= level
-        parents = s2.parent_ids(ids[ok], int(level))
-        pos = np.clip(np.searchsorted(sorted_ids, parents), 0, len(sorted_ids) - 1)
-        hit = sorted_ids[pos] == parents
-        idx = np.flatnonzero(ok)[hit]
-        out[idx] = order[pos[hit]]
+    c_lo, c_hi = s2.leaf_range(cell_ids)
+    order = np.argsort(c_lo)
+    c_lo, c_hi = c_lo[order], c_hi[order]
+    if (c_lo[1:] <= c_hi[:-1]).any():
+        raise ValueError("cells of one partition overlap (one contains another); a partition must be disjoint")
+    lo, hi = s2.leaf_range(ids)
+    pos = np.searchsorted(c_lo, lo, side="right") - 1
+    cand = np.maximum(pos, 0)
+    hit = (pos >= 0) & (hi <= c_hi[cand])
+    out[hit] = order[cand[hit]]
     return out
 
 

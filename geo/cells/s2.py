@@ -102,6 +102,13 @@ def parent_ids(ids: np.ndarray, level: int) -> np.ndarray:
     return (np.asarray(ids, dtype=np.uint64) & ~(lsb - _U64(1))) | lsb  # (id & -lsb) | lsb
 
 
+def leaf_range(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last leaf id inside each cell: a cell is this contiguous range on the Hilbert curve."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    half = (ids & (~ids + _U64(1))) - _U64(1)  # lowest set bit - 1
+    return ids - half, ids + half
+
+
 def levels_of(ids: np.ndarray) -> np.ndarray:
     """Level of every id, int8 [n], from the position of its lowest set bit."""
     ids = np.asarray(ids, dtype=np.uint64)
