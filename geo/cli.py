@@ -40,6 +40,20 @@ def build_index_cmd(
     shard_size: int = typer.Option(50_000, help="Rows per embedding shard (the unit of resume)."),
     ram_budget: str = typer.Option("8GB", help="Memory the FAISS index may use; picks Flat / IVF-Flat / IVF-PQ."),
     exact_max: int = typer.Option(100_000, help="Largest gallery indexed exactly (IndexFlatIP)."),
+    cells: list[Path] = typer.Option([], "--cells", help="Published GeoEstimation cell CSV(s) to assign the gallery to "
+                                     "(repeatable, coarse to fine) instead of building adaptive partitions."),
+    partitioner: str = typer.Option("adaptive", help="adaptive (PlaNet/Müller-Budack S2 splitting) | bottomup (seed 002 hot spots)."),
+    tau_min: Optional[int] = typer.Option(None, help="Drop cells with fewer photos (default scales with gallery size)."),
+    tau_max: list[int] = typer.Option([], help="Split cells with more photos; one per partition (repeatable)."),
+    head: str = typer.Option("linear", help="Cell classification head: linear | mlp."),
+    scene_column: Optional[str] = typer.Option(None, help="Manifest column with scene labels (e.g. S3_Label) to condition heads on."),
+    group_column: Optional[str] = typer.Option(None, help="Column whose groups (photographers) are held out together for "
+                                               "validation; default AUTHOR/owner when present."),
+    gps_gallery: Optional[str] = typer.Option(None, help="Extra GPS gallery points: a CSV with lat/lon, or 'geoclip' for "
+                                              "GeoCLIP's 100K points."),
+    gallery_init: str = typer.Option("geoclip", help="Location encoder start: geoclip (published weights) | random."),
+    skip: list[str] = typer.Option([], help="Stages to leave out: cells, gallery, fusion (repeatable)."),
+    force: list[str] = typer.Option([], help="Stages to rebuild although built: knn_index, cells, gallery, fusion."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Build an index bundle from geotagged photos (resumable: re-run the same command after an interruption)."""
@@ -53,7 +67,18 @@ def build_index_cmd(
         backbone=backbone, weights=str(weights) if weights else None, device=device, precision=precision,
         embed=EmbedConfig(batch_size=batch_size, workers=workers, shard_rows=shard_size),
         ram_budget=ram_budget, exact_max=exact_max,
+        stages=tuple(st for st in BuildConfig.stages if st not in skip), force=tuple(force),
+        stage_options={
+            "cells": {"cells": [str(c) for c in cells], "partitioner": partitioner, "tau_min": tau_min,
+                      "tau_max": list(tau_max), "head": head, "scene_column": scene_column, "group_column": group_column,
+                      "device": device},
+            "gallery": {"gps_gallery": gps_gallery, "init": gallery_init, "group_column": group_column, "device": device},
+            "fusion": {"group": group_column},
+        },
     )
+    unknown = set(skip) - {"cells", "gallery", "fusion"}
+    if unknown:
+        _fail(f"--skip takes cells, gallery or fusion, not {', '.join(sorted(unknown))}")
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     try:
         bundle = build_index(cfg, log=log, progress=not quiet)
@@ -67,8 +92,13 @@ def _print_human(ans: dict, top: int = 3) -> None:
     if ans.get("error"):
         typer.echo(f"{ans['image']}: could not read ({ans['error']})")
         return
+    if ans.get("abstained"):
+        typer.echo(f"{ans['image']}: abstained (confidence {ans['confidence']:.2f} below --min-confidence)")
+        return
     typer.echo(f"{ans['image']}: {ans['lat']:.5f}, {ans['lon']:.5f}  [{ans['mode']}]  "
-               f"confidence {ans['confidence']:.2f} within {ans['confidence_radius_km']:g} km")
+               f"confidence {ans['confidence']:.2f} within {ans['confidence_radius_km'] or 0:g} km")
+    for alt in ans.get("alternatives", [])[:3]:
+        typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}")
     for n in ans.get("neighbors", [])[:top]:
         typer.echo(f"    neighbour {n['id']}  sim {n['similarity']:.3f}  at {n['lat']:.4f}, {n['lon']:.4f}"
                    f"  ({n['distance_km']:.1f} km from answer)")
@@ -83,6 +113,9 @@ def query_cmd(
     crops: int = typer.Option(1, help="Test-time crops: 1, 3 (along the long side) or 5 (five-crop)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
+    out: Optional[Path] = typer.Option(None, help="Also write the answers as predictions Parquet (see geo.predictions)."),
+    min_confidence: Optional[float] = typer.Option(None, help="Abstain (no coordinates, abstained=true) when the answer's "
+                                                   "confidence is below this."),
 ) -> None:
     """Locate photos: coordinates, confidence and the neighbour photos that support the answer."""
     from geo import open_index
@@ -96,6 +129,16 @@ def query_cmd(
     except (BundleError, ValueError) as e:
         _fail(str(e))
     answers = answers if isinstance(answers, list) else [answers]
+    if min_confidence is not None:
+        for a in answers:
+            a["abstained"] = bool(a.get("error") is None and (a.get("confidence") or 0.0) < min_confidence)
+            if a["abstained"]:
+                a["lat"] = a["lon"] = None
+    if out is not None:
+        from geo.predictions import answers_to_frame, write_predictions
+
+        write_predictions(out, answers_to_frame(answers, mode=mode or idx.default_mode, suite="query",
+                                                index_id=str(index)))
     for ans in answers:
         if as_json:
             sys.stdout.write(json.dumps(ans) + "\n")

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from geo.splits import validation_mask
 import torch
 from torch import nn
 
@@ -39,7 +41,7 @@ class HeadConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-2
     smoothing_km: float = 0.0
-    val_fraction: float = 0.15
+    val_fraction: float = 0.2  # geo.splits: the same held-out photographers as gallery and fusion
     # Compute cap (multiply-adds x 6 for forward+backward): bounds CPU builds like a time limit would,
     # but deterministically, so a seeded build gives the same weights on any machine.
     flop_budget: float = 1.5e12
@@ -90,28 +92,6 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def group_split(n: int, groups: np.ndarray | None, val_fraction: float, seed: int) -> np.ndarray:
-    """Sorted validation row indices: whole groups in seeded random order until ``val_fraction`` of the photos.
-
-    Falls back to random photos when there is no group column or a single group.
-    """
-    rng = np.random.default_rng(seed)
-    target = max(1, int(round(val_fraction * n)))
-    if groups is None or len(np.unique(groups)) < 2:
-        return np.sort(rng.permutation(n)[:target])
-    uniq, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    sizes = np.bincount(inv)
-    chosen, total = [], 0
-    for g in rng.permutation(len(uniq)):
-        if total >= target:
-            break
-        if total + sizes[g] > 2 * target and chosen:
-            continue  # one huge group would swallow the training set
-        chosen.append(g)
-        total += sizes[g]
-    return np.sort(np.flatnonzero(np.isin(inv, chosen)))
-
-
 def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np.ndarray, np.ndarray]],
                 photo_latlon: tuple[np.ndarray, np.ndarray], config: HeadConfig, groups: np.ndarray | None = None,
                 scene: np.ndarray | None = None, n_scenes: int = 0) -> TrainResult:
@@ -124,7 +104,7 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
     torch.manual_seed(config.seed)
     dev = pick_device(config.device)
     n = len(emb)
-    val = group_split(n, groups, config.val_fraction, config.seed)
+    val = np.flatnonzero(validation_mask(n, groups, config.val_fraction, config.seed))
     train = np.setdiff1d(np.arange(n), val)
     model = CellHeads(emb.shape[1], [len(c[0]) for c in cell_latlon], config.head, config.hidden,
                       config.dropout, n_scenes)

@@ -20,6 +20,9 @@ from geo.index_build.knn_index import build_knn_index
 from geo.index_build.manifest import read_manifest
 
 ERRORS_FILE = "errors.parquet"
+# Below this many photos, cell heads, a location encoder and fusion weights would be fitted to noise;
+# such bundles answer by kNN alone and say so.
+MIN_TRAINED_PHOTOS = 50
 
 
 @dataclass
@@ -69,4 +72,23 @@ def build_index(cfg: BuildConfig, log: Callable[[str], None] = print, progress: 
         log(f"embeddings: {info['ok']:,} ok, {failed:,} failed (see {Path(cfg.out) / ERRORS_FILE})")
     if wanted("knn_index"):
         build_knn_index(bundle, cfg.ram_budget, cfg.exact_max, log=log)
+    trained = [s for s in ("cells", "gallery") if wanted(s)]
+    n_photos = int(bundle.manifest.get("counts", {}).get("ok", 0))
+    if n_photos < MIN_TRAINED_PHOTOS and (trained or wanted("fusion")):
+        log(f"cells, gallery, fusion: skipped, {n_photos} photos is below {MIN_TRAINED_PHOTOS}; answers use kNN")
+        return bundle
+    if trained:
+        meta, emb = bundle.read_embeddings()
+        if "cells" in trained:
+            from geo.cells.stage import CellsConfig, build_cells_stage
+
+            build_cells_stage(bundle, meta, emb, CellsConfig(**cfg.stage_options.get("cells", {})), log=log)
+        if "gallery" in trained:
+            from geo.gallery.stage import GalleryConfig, build_gallery_stage
+
+            build_gallery_stage(bundle, meta, emb, GalleryConfig(**cfg.stage_options.get("gallery", {})), log=log)
+    if wanted("fusion") or (trained and "fusion" in cfg.stages):  # retune whenever a signal changed
+        from geo.retrieval.fusion import tune_fusion_stage
+
+        tune_fusion_stage(bundle, stage_options=cfg.stage_options, log=log, **cfg.stage_options.get("fusion", {}))
     return bundle

@@ -16,9 +16,15 @@ import torch
 
 from geo.bundle import Bundle, open_bundle
 from geo.retrieval.inputs import expand_images
-from geo.retrieval.knn import KnnParams, kde_vote
+from geo.geodesy import haversine_km
+from geo.retrieval.knn import KnnParams, kde_vote, neighbour_weights
 
 MODES = ("fused", "knn", "gallery", "cells")
+CELLS_DECISION_KM = 750.0
+
+
+def _softmax1(z: np.ndarray) -> np.ndarray:
+    return neighbour_weights(z[np.isfinite(z)], 1.0)
 
 
 class GeoIndex:
@@ -49,6 +55,24 @@ class GeoIndex:
         from geo.backbones import backbone_from_spec
 
         return backbone_from_spec(self.bundle.manifest["backbone"], device=self.device)
+
+    @cached_property
+    def cells(self):
+        from geo.cells.predict import CellPredictor
+
+        return CellPredictor.load(self.bundle) if self.bundle.has_stage("cells") else None
+
+    @cached_property
+    def gallery(self):
+        from geo.gallery.stage import GpsGallery
+
+        return GpsGallery.load(self.bundle) if self.bundle.has_stage("gallery") else None
+
+    @cached_property
+    def fusion(self):
+        from geo.retrieval.fusion import FusionParams
+
+        return FusionParams.from_dict(self.bundle.stage("fusion")["params"]) if self.bundle.has_stage("fusion") else None
 
     @property
     def modes(self) -> list[str]:
@@ -86,21 +110,100 @@ class GeoIndex:
         return out, errors
 
     # ------------------------------------------------------------ answering
-    def search(self, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, emb: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Neighbour similarities and row numbers [n, k] for query embeddings [n, dim] or [n, crops, dim].
 
         Crops are averaged in embedding space: the mean embedding's inner product
         is the mean of the crops' similarities, as the multi-crop papers average.
+        ``exclude`` (row numbers) hides gallery rows, e.g. held-out photographers while tuning.
         """
-        q = emb.mean(axis=1) if emb.ndim == 3 else emb
-        return self.knn_index.search(np.ascontiguousarray(q, np.float32), min(k, self.knn_index.ntotal))
+        import faiss
+
+        q = np.ascontiguousarray(emb.mean(axis=1) if emb.ndim == 3 else emb, np.float32)
+        k = min(k, self.knn_index.ntotal)
+        if exclude is None or len(exclude) == 0:
+            return self.knn_index.search(q, k)
+        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, np.int64)))
+        return self.knn_index.search(q, k, params=faiss.SearchParameters(sel=sel))
+
+    def cell_probs(self, emb: np.ndarray) -> np.ndarray:
+        """Hierarchical fine-cell probabilities [n, C], averaged over crops (Müller-Budack's multi-crop)."""
+        e = emb if emb.ndim == 3 else emb[:, None]
+        _, fine = self.cells.log_probs(e.reshape(-1, e.shape[-1]))
+        return np.exp(fine).reshape(e.shape[0], e.shape[1], -1).mean(axis=1)
+
+    def evidence(self, emb: np.ndarray, k: int = 50, exclude: np.ndarray | None = None, top: int = 32):
+        """Every built signal for a batch, as fusion consumes it (see :class:`geo.retrieval.fusion.Evidence`)."""
+        from geo.retrieval.fusion import Evidence
+
+        n = len(emb)
+        sims, rows = self.search(emb, k, exclude)
+        ok = rows >= 0
+        knn_latlon = np.stack([np.where(ok, self.lat[rows], 0.0), np.where(ok, self.lon[rows], 0.0)], -1)
+        knn_sim = np.where(ok, sims, -np.inf)
+        if self.gallery is not None:
+            g_latlon, g_score = self.gallery.search(emb.mean(axis=1) if emb.ndim == 3 else emb, top)
+        else:
+            g_latlon, g_score = np.zeros((n, 0, 2)), np.zeros((n, 0))
+        if self.cells is not None:
+            probs = self.cell_probs(emb)
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :top]
+            t = self.cells.tables[-1]
+            c_latlon = np.stack([t["lat"].to_numpy()[order], t["lon"].to_numpy()[order]], -1)
+            c_prob = np.take_along_axis(probs, order, axis=1)
+            counts = t["count"].to_numpy(np.float64)
+            dense = np.argsort(-counts, kind="stable")[:top]
+            p_latlon = np.broadcast_to(np.stack([t["lat"].to_numpy()[dense], t["lon"].to_numpy()[dense]], -1), (n, len(dense), 2))
+            p_prob = np.broadcast_to(counts[dense] / counts.sum(), (n, len(dense)))
+        else:
+            c_latlon, c_prob = np.zeros((n, 0, 2)), np.zeros((n, 0))
+            p_latlon, p_prob = np.zeros((n, 0, 2)), np.zeros((n, 0))
+        ev = Evidence(knn_latlon, knn_sim, g_latlon, g_score, c_latlon, c_prob, p_latlon, p_prob)
+        return ev, (sims, rows)
 
     def locate_embeddings(self, emb: np.ndarray, mode: str | None = None, k: int = 50) -> list[dict[str, Any]]:
         mode = mode or self.default_mode
         if mode not in self.modes:
             raise ValueError(f"mode {mode!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
-        sims, rows = self.search(emb, k)
-        return [self._answer_knn(s[r >= 0], r[r >= 0]) for s, r in zip(sims, rows)]
+        ev, (sims, rows) = self.evidence(emb, k)
+        if mode == "knn":
+            answers = [self._answer_knn(s[r >= 0], r[r >= 0]) for s, r in zip(sims, rows)]
+        elif mode == "gallery":
+            answers = [{"lat": float(ev.gallery_latlon[i, 0, 0]), "lon": float(ev.gallery_latlon[i, 0, 1]), "mode": "gallery",
+                        "confidence": round(float(_softmax1(ev.gallery_score[i])[0]), 4), "confidence_radius_km": 0.0}
+                       for i in range(len(emb))]
+        elif mode == "cells":  # the point with most f* mass within 750 km (beats the arg-max cell; see RESULTS.md)
+            lat, lon, mass = self.cells.decide(self.cell_probs(emb), CELLS_DECISION_KM)
+            answers = [{"lat": float(lat[i]), "lon": float(lon[i]), "mode": "cells", "confidence": round(float(mass[i]), 4),
+                        "confidence_radius_km": CELLS_DECISION_KM} for i in range(len(emb))]
+        else:
+            answers = self._answer_fused(ev)
+        top_cells = self._top_cells(emb) if self.cells is not None else [[] for _ in answers]
+        for i, a in enumerate(answers):
+            a["top_cells"] = top_cells[i]
+            a.setdefault("neighbors", self._neighbours(sims[i][rows[i] >= 0], rows[i][rows[i] >= 0],
+                                                       haversine_km(self.lat[rows[i][rows[i] >= 0]], self.lon[rows[i][rows[i] >= 0]], a["lat"], a["lon"])))
+            a["gallery"] = [{"lat": float(la), "lon": float(lo), "score": round(float(sc), 4)}
+                            for sc, (la, lo) in zip(ev.gallery_score[i, :5], ev.gallery_latlon[i, :5])]
+        return answers
+
+    def _top_cells(self, emb: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
+        probs = self.cell_probs(emb)
+        t = self.cells.tables[-1]
+        name = self.cells.names[-1]
+        return [[{"partition": name, "token": str(t["token"].iat[j]), "prob": round(float(p[j]), 5),
+                  "lat": float(t["lat"].iat[j]), "lon": float(t["lon"].iat[j])}
+                 for j in np.argsort(-p, kind="stable")[:k]] for p in probs]
+
+    def _answer_fused(self, ev) -> list[dict[str, Any]]:
+        from geo.retrieval.fusion import calibrated, decide
+
+        out = []
+        for d in decide(ev, self.fusion):
+            p = calibrated(d.mass, self.fusion.calibration)
+            out.append({"lat": d.lat, "lon": d.lon, "mode": "fused", "confidence": p["25"], "confidence_radius_km": 25.0,
+                        "p_within": p, "alternatives": d.alternatives})
+        return out
 
     def locate(self, images: str | Sequence[str], mode: str | None = None, k: int = 50, crops: int = 1) -> Any:
         """Answer for each image; a single path (not a list) gives a single dict."""
