@@ -23,20 +23,11 @@ from geo.bundle import Bundle, open_bundle
 from geo.geodesy import haversine_km, pairwise_haversine_km
 from geo.index_build.embed import write_shard
 from geo.index_build.knn_index import build_knn_index
+from geo.retrieval.fusion import CALIBRATED_KM, expected_calibration_error, reliability_table
 from geo.retrieval.index import GeoIndex
+from geo.splits import group_folds
 
 THRESHOLDS = (1, 25, 200, 750, 2500)
-
-
-def author_folds(authors: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold number per row; photographers shuffled and dealt so folds have similar photo counts."""
-    uniq, inv, counts = np.unique(authors, return_inverse=True, return_counts=True)
-    order = np.random.default_rng(seed).permutation(len(uniq))
-    load, fold_of = np.zeros(k), np.zeros(len(uniq), int)
-    for g in sorted(order, key=lambda g: -counts[g]):
-        f = int(np.argmin(load))
-        fold_of[g], load[f] = f, load[f] + counts[g]
-    return fold_of[inv]
 
 
 def main() -> None:
@@ -53,9 +44,10 @@ def main() -> None:
     src = open_bundle(args.bundle)
     meta, emb = src.read_embeddings()
     truth = meta[["lat", "lon"]].to_numpy(np.float64)
-    fold = author_folds(meta["AUTHOR"].astype(str).to_numpy(), args.folds, args.seed)
+    fold = group_folds(len(meta), meta["AUTHOR"].astype(str).to_numpy(), args.folds, args.seed)
     modes = ("knn", "gallery", "cells", "fused")
     pred = {m: np.zeros((len(meta), 2)) for m in (*modes, "prior")}
+    p_within = {t: np.zeros(len(meta)) for t in CALIBRATED_KM}
     quiet = lambda *_: None  # noqa: E731
     for f in range(args.folds):
         q, g = fold == f, fold != f
@@ -74,6 +66,9 @@ def main() -> None:
             for m in modes:
                 ans = index.locate_embeddings(emb[q], mode=m)
                 pred[m][q] = [[a["lat"], a["lon"]] for a in ans]
+                if m == "fused":
+                    for t in CALIBRATED_KM:
+                        p_within[t][q] = [a["p_within"][t] for a in ans]
             d = pairwise_haversine_km(truth[g, 0], truth[g, 1], truth[g, 0], truth[g, 1])
             best = int(np.argmax((d <= 750).sum(axis=1)))
             pred["prior"][q] = truth[g][best]
@@ -83,6 +78,13 @@ def main() -> None:
     for m, p in pred.items():
         e = haversine_km(p[:, 0], p[:, 1], truth[:, 0], truth[:, 1])
         print(f"| {m} | " + " | ".join(f"{100 * np.mean(e <= t):.1f}" for t in THRESHOLDS) + f" | {np.median(e):.0f} |")
+    e = haversine_km(pred["fused"][:, 0], pred["fused"][:, 1], truth[:, 0], truth[:, 1])
+    print("\nfused p_within reliability (predicted vs observed share within the radius):")
+    for t in CALIBRATED_KM:
+        hit = e <= float(t)
+        print(f"  {t} km: ECE {expected_calibration_error(p_within[t], hit):.3f}; "
+              + "; ".join(f"{r['bin']}: n={r['n']} pred {r['predicted']:.2f} obs {r['observed']:.2f}"
+                          for r in reliability_table(p_within[t], hit)))
 
 
 if __name__ == "__main__":

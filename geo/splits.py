@@ -50,3 +50,18 @@ def validation_mask(n: int, groups=None, val_fraction: float = 0.2, seed: int = 
     if len(chosen) == len(uniq):  # never hold out every group
         chosen = chosen[:-1]
     return np.isin(inv, chosen)
+
+
+def group_folds(n: int, groups=None, k: int = 3, seed: int = 0) -> np.ndarray:
+    """Fold number [n] in 0..k-1; whole groups dealt largest first to the lightest fold, so folds have
+    similar photo counts. Without groups, rows are dealt at random."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        return rng.permutation(n) % k
+    uniq, inv, counts = np.unique(np.asarray(groups).astype(str), return_inverse=True, return_counts=True)
+    order = rng.permutation(len(uniq))
+    load, fold_of = np.zeros(k), np.zeros(len(uniq), int)
+    for g in sorted(order, key=lambda g: -counts[g]):
+        f = int(np.argmin(load))
+        fold_of[g], load[f] = f, load[f] + counts[g]
+    return fold_of[inv]

@@ -69,6 +69,13 @@ class GeoIndex:
         return GpsGallery.load(self.bundle) if self.bundle.has_stage("gallery") else None
 
     @cached_property
+    def prior(self) -> tuple[np.ndarray, np.ndarray]:
+        """The gallery's photo distribution as a few weighted points (see fusion.prior_summary)."""
+        from geo.retrieval.fusion import prior_summary
+
+        return prior_summary(self.lat, self.lon)
+
+    @cached_property
     def fusion(self):
         from geo.retrieval.fusion import FusionParams
 
@@ -151,14 +158,11 @@ class GeoIndex:
             t = self.cells.tables[-1]
             c_latlon = np.stack([t["lat"].to_numpy()[order], t["lon"].to_numpy()[order]], -1)
             c_prob = np.take_along_axis(probs, order, axis=1)
-            counts = t["count"].to_numpy(np.float64)
-            dense = np.argsort(-counts, kind="stable")[:top]
-            p_latlon = np.broadcast_to(np.stack([t["lat"].to_numpy()[dense], t["lon"].to_numpy()[dense]], -1), (n, len(dense), 2))
-            p_prob = np.broadcast_to(counts[dense] / counts.sum(), (n, len(dense)))
         else:
             c_latlon, c_prob = np.zeros((n, 0, 2)), np.zeros((n, 0))
-            p_latlon, p_prob = np.zeros((n, 0, 2)), np.zeros((n, 0))
-        ev = Evidence(knn_latlon, knn_sim, g_latlon, g_score, c_latlon, c_prob, p_latlon, p_prob)
+        p_pts, p_w = self.prior
+        ev = Evidence(knn_latlon, knn_sim, g_latlon, g_score, c_latlon, c_prob,
+                      np.broadcast_to(p_pts, (n, *p_pts.shape)), np.broadcast_to(p_w, (n, len(p_w))))
         return ev, (sims, rows)
 
     def locate_embeddings(self, emb: np.ndarray, mode: str | None = None, k: int = 50) -> list[dict[str, Any]]:
