@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gallery-init", default="geoclip", help="geoclip | random: the location encoder's start")
     args = ap.parse_args()
 
     from geo.cells.stage import CellsConfig, build_cells_stage
@@ -60,8 +61,8 @@ def main() -> None:
             b.manifest["counts"] = {"ok": int(g.sum()), "failed": 0}
             build_knn_index(b, log=quiet)
             build_cells_stage(b, gm, emb[g], CellsConfig(), log=quiet)
-            build_gallery_stage(b, gm, emb[g], GalleryConfig(), log=quiet)
-            tune_fusion_stage(b, log=print)
+            build_gallery_stage(b, gm, emb[g], GalleryConfig(init=args.gallery_init), log=quiet)
+            tune_fusion_stage(b, stage_options={"gallery": {"init": args.gallery_init}}, log=print)
             index = GeoIndex(b)
             for m in modes:
                 ans = index.locate_embeddings(emb[q], mode=m)
