@@ -71,7 +71,7 @@ def test_build_and_search(tmp_path):
     # Scores are logits (+ the stored prior): recompute the best one from the modules.
     q = gal.projection.encode(emb[:1], normalize=True)
     p = gal.location_encoder.encode(latlon[0, :1], normalize=True)
-    prior = gal.info["prior_weight"] * log_density(latlon[0, :1], meta[["lat", "lon"]].to_numpy(), SMALL.prior_radius_km)
+    prior = SMALL.prior_weight * log_density(latlon[0, :1], meta[["lat", "lon"]].to_numpy(), SMALL.prior_radius_km)
     assert scores[0, 0] == pytest.approx(gal.logit_scale * float((q @ p.T)[0, 0]) + prior[0], abs=1e-3)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from geo.bundle import Bundle, BundleError, atomic_write_faiss, atomic_write_json, atomic_write_parquet, read_json
 from geo.gallery.encoder import ImageProjection, LocationEncoder, geoclip_gallery_csv, load_module, save_module
-from geo.gallery.train import TRAINING_PRIOR_WEIGHT, TrainConfig, log_density, train_gallery
+from geo.gallery.train import TrainConfig, log_density, train_gallery
 from geo.geodesy import valid_latlon
 
 GALLERY_DIR = "gallery"
@@ -132,8 +132,7 @@ def build_gallery_stage(bundle: Bundle, meta, emb: np.ndarray, config: GalleryCo
     feats = result.location_encoder.to(_encode_device(config.device)).encode(points, normalize=True)
     result.location_encoder.cpu()
     logit_scale = result.image_projection.logit_scale.exp().item()
-    prior_weight = result.metrics.get("prior_weight", TRAINING_PRIOR_WEIGHT if config.prior_weight is None else config.prior_weight)
-    log_prior = prior_weight * log_density(points, latlon[ok], config.prior_radius_km, seed=config.seed)
+    log_prior = config.prior_weight * log_density(points, latlon[ok], config.prior_radius_km, seed=config.seed)
     # One extra column carries the prior: [q, 1] . [p, b / s] = cos + b / s, so s * IP = logit + log prior.
     index = faiss.IndexFlatIP(feats.shape[1] + 1)
     index.add(np.ascontiguousarray(np.hstack([feats, (log_prior / logit_scale)[:, None]]), np.float32))
@@ -153,7 +152,6 @@ def build_gallery_stage(bundle: Bundle, meta, emb: np.ndarray, config: GalleryCo
         "index_dim": int(index.d),
         "embedding_dim": int(emb.shape[1]),
         "logit_scale": logit_scale,
-        "prior_weight": prior_weight,
         "train": result.metrics,
         "seconds": {"train": round(t_train, 2), "encode_gallery": round(t_encode, 2)},
     }

@@ -29,10 +29,6 @@ KM_PER_DEG = 111.195
 VAL_THRESHOLDS_KM = (25.0, 200.0, 750.0, 2500.0)
 
 
-PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-TRAINING_PRIOR_WEIGHT = 2.0  # used for early stopping when the weight is to be chosen afterwards
-
-
 @dataclass
 class TrainConfig:
     init: str = field(default="geoclip", metadata={"help": "location encoder start: 'geoclip' (GeoCLIP's published "
@@ -54,11 +50,10 @@ class TrainConfig:
     jitter_km: float = field(default=10.0, metadata={"help": "std of the Gaussian GPS jitter applied to training "
                                                              "coordinates, km"})
     symmetric: bool = field(default=False, metadata={"help": "add the GPS-to-image InfoNCE term"})
-    prior_weight: float | None = field(default=None, metadata={
+    prior_weight: float = field(default=2.0, metadata={
         "help": "weight of log photo density added to each gallery point's logit (0: pure cosine). InfoNCE "
                 "against photo-distributed negatives learns log p(point|image)/p(point), so adding log p(point) "
-                "turns the score into a posterior. Default: chosen on the held-out photographers among "
-                f"{PRIOR_WEIGHTS}, the largest within one standard error of the best"})
+                "turns the score into a posterior"})
     prior_radius_km: float = field(default=750.0, metadata={"help": "radius of the photo-count density behind the prior"})
     val_fraction: float = field(default=0.2, metadata={"help": "fraction of rows held out (in whole groups) for early stopping"})
     patience: int = field(default=6, metadata={"help": "epochs without validation improvement before stopping"})
@@ -150,29 +145,6 @@ def gallery_accuracy(proj: ImageProjection, cand_feat: torch.Tensor, cand_latlon
     return out
 
 
-@torch.no_grad()
-def choose_prior_weight(proj: ImageProjection, cand_feat: torch.Tensor, cand_latlon: np.ndarray, log_dens: np.ndarray,
-                        emb: torch.Tensor, latlon: np.ndarray) -> float:
-    """The largest prior weight whose held-out score is within one paired standard error of the best.
-
-    A few hundred held-out photos cannot separate weights closer than that, and
-    what the image side adds beyond the density prior does not reliably carry
-    over to new photographers (Im2GPS3k dev folds), so ties go to the prior.
-    """
-    proj.eval()
-    img = F.normalize(proj(emb), dim=1)
-    logits = (proj.logit_scale.exp() * img @ cand_feat.T).cpu().numpy()
-    scores = []
-    for w in PRIOR_WEIGHTS:
-        best = (logits + w * log_dens[None, :]).argmax(1)
-        err = haversine_km(latlon[:, 0], latlon[:, 1], cand_latlon[best, 0], cand_latlon[best, 1])
-        scores.append(np.mean([err <= t for t in VAL_THRESHOLDS_KM], axis=0))
-    means = np.array([s.mean() for s in scores])
-    top = int(np.argmax(means))
-    ok = [i for i, s in enumerate(scores) if means[i] >= means[top] - np.std(scores[top] - s) / np.sqrt(len(s))]
-    return float(PRIOR_WEIGHTS[max(ok)])
-
-
 def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None, config: TrainConfig,
                   extra_latlon: np.ndarray | None = None, log=print) -> TrainResult:
     """Train (or, with epochs=0, just build) the gallery modules; early-stops on held-out groups.
@@ -208,9 +180,7 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
         pick = rng.choice(len(extra_latlon), min(len(extra_latlon), config.val_gallery_max), replace=False)
         cand = np.concatenate([cand, np.asarray(extra_latlon, np.float64)[pick]])
     metrics.update(n_train=int(tr.sum()), n_val=int(va.sum()), n_val_candidates=int(len(cand)))
-    log_dens = log_density(cand, latlon[tr], config.prior_radius_km)
-    train_weight = TRAINING_PRIOR_WEIGHT if config.prior_weight is None else config.prior_weight
-    cand_bias = torch.from_numpy(train_weight * log_dens).to(dev)
+    cand_bias = torch.from_numpy(config.prior_weight * log_density(cand, latlon[tr], config.prior_radius_km)).to(dev)
 
     params = [{"params": list(proj.parameters()), "lr": config.lr}]
     if config.location_lr > 0:
@@ -274,13 +244,7 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
     if best is None:  # no held-out groups: keep the last epoch
         best_state, best_epoch = _snapshot(loc, proj), len(history)
     loc.load_state_dict(best_state[0]), proj.load_state_dict(best_state[1])
-    prior_weight = train_weight
-    if config.prior_weight is None and va.any():
-        with torch.no_grad():
-            loc.eval()
-            cf = F.normalize(torch.from_numpy(loc.encode(cand)).to(dev), dim=1)
-        prior_weight = choose_prior_weight(proj, cf, cand, log_dens, x_va, latlon[va])
-    metrics.update(epochs_run=len(history), best_epoch=best_epoch, val=best, history=history, prior_weight=prior_weight,
+    metrics.update(epochs_run=len(history), best_epoch=best_epoch, val=best, history=history,
                    seconds=round(time.perf_counter() - t0, 2), device=str(dev))
     return TrainResult(loc.cpu().eval(), proj.cpu().eval(), metrics)
 
