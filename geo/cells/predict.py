@@ -44,6 +44,19 @@ def partition_log_probs(logits: list[np.ndarray], priors: list[np.ndarray], temp
     return [log_softmax(alpha * log_softmax(z / t) + (1 - alpha) * lp) for z, lp, t in zip(logits, priors, temperature)]
 
 
+def fine_log_posterior(logits: list[np.ndarray], priors: list[np.ndarray], temperature: list[float], alpha: float,
+                       parents: list[np.ndarray], hierarchy: bool = True) -> np.ndarray:
+    """log p(fine cell | image): the heads' f* (or finest-only) evidence, tempered, then the prior once.
+
+    Mixing the gallery prior into every partition before f* would multiply it
+    in three times and pile the mass onto the single densest fine cell; mixing
+    it once after the hierarchy keeps alpha = 0 equal to the photo prior.
+    """
+    heads = [log_softmax(z / t) for z, t in zip(logits, temperature)]
+    evidence = hierarchical_log_probs(heads, parents) if hierarchy else heads[-1]
+    return log_softmax(alpha * evidence + (1 - alpha) * priors[-1])
+
+
 def hierarchical_log_probs(logp: list[np.ndarray], parents: list[np.ndarray]) -> np.ndarray:
     """f*: log p(fine) + sum over coarser partitions of log p(parent), renormalised.
 
@@ -78,8 +91,8 @@ def fit_calibration(logits: list[np.ndarray], targets: np.ndarray, priors: list[
         return {"temperature": temps, "alpha": 1.0, "val_nll_fine": None, "val_photos": 0}
     per_photo = []
     for a in ALPHAS:
-        lp = partition_log_probs([z[ok] for z in logits], priors, temps, a)
-        per_photo.append(-hierarchical_log_probs(lp, parents)[np.arange(ok.sum()), targets[ok, -1]])
+        fine = fine_log_posterior([z[ok] for z in logits], priors, temps, a, parents)
+        per_photo.append(-fine[np.arange(ok.sum()), targets[ok, -1]])
     best = most_prior_within_one_se(per_photo)
     return {"temperature": temps, "alpha": float(ALPHAS[best]), "val_nll_fine": float(per_photo[best].mean()),
             "val_photos": int(ok.sum())}
@@ -193,7 +206,7 @@ class CellPredictor:
         logits, _ = head_logits(self.model, np.asarray(emb, dtype=np.float32), self.scene_codes(scene))
         c = self.calibration
         lp = partition_log_probs(logits, self.priors, c["temperature"], c["alpha"])
-        return lp, (hierarchical_log_probs(lp, self.parents) if hierarchy else lp[-1])
+        return lp, fine_log_posterior(logits, self.priors, c["temperature"], c["alpha"], self.parents, hierarchy)
 
     def predict(self, emb: np.ndarray, scene=None) -> list[CellPosterior]:
         lp, fine = self.log_probs(emb, scene)

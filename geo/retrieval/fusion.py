@@ -310,18 +310,27 @@ def accuracy(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 
 def select_one_se(scored: list[tuple[np.ndarray, "FusionParams"]]) -> "FusionParams":
-    """The most prior-leaning setting whose score is within one standard error of the best.
+    """Back off to the prior unless the evidence clearly beats it; then the most prior-leaning close setting.
 
     ``scored`` pairs each setting with its per-photo score (share of thresholds
-    met). Tuning data are a few hundred photos of a few dozen photographers:
-    differences smaller than their noise do not transfer to new photographers
-    (measured: picking the arg-max lost 8 points at 2500 km on held-out folds),
-    and the prior is the setting that cannot overfit, so ties go to it.
+    met). Tuning data are a few hundred photos of a few dozen photographers,
+    and the best of hundreds of settings is optimistic (on the Im2GPS3k dev
+    folds, the arg-max lost 8 points at 2500 km on held-out photographers). So
+    the best setting must beat the prior alone (the best constant guess) by two
+    paired standard errors; if it does, the setting chosen is the most
+    prior-leaning one within one standard error of the best.
     """
     means = np.array([s.mean() for s, _ in scored])
     top = int(np.argmax(means))
-    diff_se = np.array([np.std(scored[top][0] - s) / np.sqrt(len(s)) for s, _ in scored])
-    ok = [i for i in range(len(scored)) if means[i] >= means[top] - diff_se[i]]
+
+    def se(i: int) -> float:
+        d = scored[top][0] - scored[i][0]
+        return float(np.std(d) / np.sqrt(len(d)))
+
+    prior_only = [i for i, (_, p) in enumerate(scored) if p.w_prior == 1.0 and p.decision == "region"]
+    if prior_only and means[top] - means[prior_only[0]] <= 2 * se(prior_only[0]):
+        return scored[prior_only[0]][1]
+    ok = [i for i in range(len(scored)) if means[i] >= means[top] - se(i)]
     return scored[max(ok, key=lambda i: (scored[i][1].w_prior, scored[i][1].w_cells, means[i]))][1]
 
 
@@ -447,7 +456,7 @@ def out_of_fold(meta, emb: np.ndarray, folds: np.ndarray, backbone: dict[str, An
 
                 build_gallery_stage(scratch, sub, emb[train], GalleryConfig(**opts.get("gallery", {})), log=quiet)
             index = GeoIndex(scratch)
-            ev, _ = index.evidence(emb[held], k=k)
+            ev = index.evidence(emb[held], k=k)
             finite = np.isfinite(ev.knn_sim)
             singles["knn"].append(np.array([[v.lat, v.lon] for v in (
                 kde_vote(ev.knn_latlon[i, finite[i], 0], ev.knn_latlon[i, finite[i], 1], ev.knn_sim[i, finite[i]],

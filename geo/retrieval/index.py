@@ -117,21 +117,14 @@ class GeoIndex:
         return out, errors
 
     # ------------------------------------------------------------ answering
-    def search(self, emb: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Neighbour similarities and row numbers [n, k] for query embeddings [n, dim] or [n, crops, dim].
 
         Crops are averaged in embedding space: the mean embedding's inner product
         is the mean of the crops' similarities, as the multi-crop papers average.
-        ``exclude`` (row numbers) hides gallery rows, e.g. held-out photographers while tuning.
         """
-        import faiss
-
         q = np.ascontiguousarray(emb.mean(axis=1) if emb.ndim == 3 else emb, np.float32)
-        k = min(k, self.knn_index.ntotal)
-        if exclude is None or len(exclude) == 0:
-            return self.knn_index.search(q, k)
-        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, np.int64)))
-        return self.knn_index.search(q, k, params=faiss.SearchParameters(sel=sel))
+        return self.knn_index.search(q, min(k, self.knn_index.ntotal))
 
     def cell_probs(self, emb: np.ndarray) -> np.ndarray:
         """Hierarchical fine-cell probabilities [n, C], averaged over crops (Müller-Budack's multi-crop)."""
@@ -139,21 +132,23 @@ class GeoIndex:
         _, fine = self.cells.log_probs(e.reshape(-1, e.shape[-1]))
         return np.exp(fine).reshape(e.shape[0], e.shape[1], -1).mean(axis=1)
 
-    def evidence(self, emb: np.ndarray, k: int = 50, exclude: np.ndarray | None = None, top: int = 32):
-        """Every built signal for a batch, as fusion consumes it (see :class:`geo.retrieval.fusion.Evidence`)."""
+    def evidence(self, emb: np.ndarray, k: int = 50, top: int = 32, knn=None, cell_probs=None, gallery=None):
+        """Every built signal for a batch, as fusion consumes it (see :class:`geo.retrieval.fusion.Evidence`).
+
+        Signals already computed for the same batch (``knn`` = (sims, rows),
+        ``cell_probs``, ``gallery`` = (latlon, scores)) are reused, not recomputed.
+        """
         from geo.retrieval.fusion import Evidence
 
         n = len(emb)
-        sims, rows = self.search(emb, k, exclude)
+        sims, rows = self.search(emb, k) if knn is None else knn
         ok = rows >= 0
         knn_latlon = np.stack([np.where(ok, self.lat[rows], 0.0), np.where(ok, self.lon[rows], 0.0)], -1)
         knn_sim = np.where(ok, sims, -np.inf)
-        if self.gallery is not None:
-            g_latlon, g_score = self.gallery.search(emb.mean(axis=1) if emb.ndim == 3 else emb, top)
-        else:
-            g_latlon, g_score = np.zeros((n, 0, 2)), np.zeros((n, 0))
+        if gallery is None:
+            gallery = self.gallery_search(emb, top)
         if self.cells is not None:
-            probs = self.cell_probs(emb)
+            probs = self.cell_probs(emb) if cell_probs is None else cell_probs
             order = np.argsort(-probs, axis=1, kind="stable")[:, :top]
             t = self.cells.tables[-1]
             c_latlon = np.stack([t["lat"].to_numpy()[order], t["lon"].to_numpy()[order]], -1)
@@ -161,43 +156,52 @@ class GeoIndex:
         else:
             c_latlon, c_prob = np.zeros((n, 0, 2)), np.zeros((n, 0))
         p_pts, p_w = self.prior
-        ev = Evidence(knn_latlon, knn_sim, g_latlon, g_score, c_latlon, c_prob,
-                      np.broadcast_to(p_pts, (n, *p_pts.shape)), np.broadcast_to(p_w, (n, len(p_w))))
-        return ev, (sims, rows)
+        return Evidence(knn_latlon, knn_sim, *gallery, c_latlon, c_prob,
+                        np.broadcast_to(p_pts, (n, *p_pts.shape)), np.broadcast_to(p_w, (n, len(p_w))))
+
+    def gallery_search(self, emb: np.ndarray, k: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Top gallery points (latlon [n, k, 2], scores [n, k]); empty when the gallery was not built."""
+        if self.gallery is None:
+            return np.zeros((len(emb), 0, 2)), np.zeros((len(emb), 0))
+        return self.gallery.search(emb.mean(axis=1) if emb.ndim == 3 else emb, k)
 
     def locate_embeddings(self, emb: np.ndarray, mode: str | None = None, k: int = 50) -> list[dict[str, Any]]:
+        """Answers for embeddings [n, dim] (or [n, crops, dim]); each mode computes only the signals it needs,
+        plus the top cells that every answer lists."""
         mode = mode or self.default_mode
         if mode not in self.modes:
             raise ValueError(f"mode {mode!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
-        ev, (sims, rows) = self.evidence(emb, k)
+        sims, rows = self.search(emb, k)
+        probs = self.cell_probs(emb) if self.cells is not None else None
+        gallery = self.gallery_search(emb) if mode in ("gallery", "fused") else None
         if mode == "knn":
             answers = [self._answer_knn(s[r >= 0], r[r >= 0]) for s, r in zip(sims, rows)]
         elif mode == "gallery":
-            answers = [{"lat": float(ev.gallery_latlon[i, 0, 0]), "lon": float(ev.gallery_latlon[i, 0, 1]), "mode": "gallery",
-                        "confidence": round(float(_softmax1(ev.gallery_score[i])[0]), 4), "confidence_radius_km": 0.0}
-                       for i in range(len(emb))]
+            answers = [{"lat": float(g[0, 0]), "lon": float(g[0, 1]), "mode": "gallery",
+                        "confidence": round(float(_softmax1(sc)[0]), 4), "confidence_radius_km": 0.0}
+                       for g, sc in zip(*gallery)]
         elif mode == "cells":  # the point with most f* mass within 750 km (beats the arg-max cell; see RESULTS.md)
-            lat, lon, mass = self.cells.decide(self.cell_probs(emb), CELLS_DECISION_KM)
+            lat, lon, mass = self.cells.decide(probs, CELLS_DECISION_KM)
             answers = [{"lat": float(lat[i]), "lon": float(lon[i]), "mode": "cells", "confidence": round(float(mass[i]), 4),
                         "confidence_radius_km": CELLS_DECISION_KM} for i in range(len(emb))]
         else:
-            answers = self._answer_fused(ev)
-        top_cells = self._top_cells(emb) if self.cells is not None else [[] for _ in answers]
+            answers = self._answer_fused(self.evidence(emb, k, knn=(sims, rows), cell_probs=probs, gallery=gallery))
         for i, a in enumerate(answers):
-            a["top_cells"] = top_cells[i]
-            a.setdefault("neighbors", self._neighbours(sims[i][rows[i] >= 0], rows[i][rows[i] >= 0],
-                                                       haversine_km(self.lat[rows[i][rows[i] >= 0]], self.lon[rows[i][rows[i] >= 0]], a["lat"], a["lon"])))
-            a["gallery"] = [{"lat": float(la), "lon": float(lo), "score": round(float(sc), 4)}
-                            for sc, (la, lo) in zip(ev.gallery_score[i, :5], ev.gallery_latlon[i, :5])]
+            r = rows[i][rows[i] >= 0]
+            a.setdefault("neighbors", self._neighbours(sims[i][rows[i] >= 0], r,
+                                                       haversine_km(self.lat[r], self.lon[r], a["lat"], a["lon"])))
+            a["top_cells"] = self._top_cells(probs[i]) if probs is not None else []
+            if gallery is not None:
+                a["gallery"] = [{"lat": float(la), "lon": float(lo), "score": round(float(sc), 4)}
+                                for sc, (la, lo) in zip(gallery[1][i, :5], gallery[0][i, :5])]
         return answers
 
-    def _top_cells(self, emb: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
-        probs = self.cell_probs(emb)
+    def _top_cells(self, probs: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
         t = self.cells.tables[-1]
         name = self.cells.names[-1]
-        return [[{"partition": name, "token": str(t["token"].iat[j]), "prob": round(float(p[j]), 5),
-                  "lat": float(t["lat"].iat[j]), "lon": float(t["lon"].iat[j])}
-                 for j in np.argsort(-p, kind="stable")[:k]] for p in probs]
+        return [{"partition": name, "token": str(t["token"].iat[j]), "prob": round(float(probs[j]), 5),
+                 "lat": float(t["lat"].iat[j]), "lon": float(t["lon"].iat[j])}
+                for j in np.argsort(-probs, kind="stable")[:k]]
 
     def _answer_fused(self, ev) -> list[dict[str, Any]]:
         from geo.retrieval.fusion import calibrated, decide
