@@ -108,3 +108,16 @@ def test_min_confidence_abstains(fused_index):
     assert a["abstained"] is True and a["lat"] is None
     r = CliRunner().invoke(app, ["query", photo, "--index", str(fused_index), "--json", "--min-confidence", "0"])
     assert json.loads(r.output)["abstained"] is False
+
+
+def test_closeness_agrees_with_haversine_at_every_threshold():
+    from geo.retrieval.fusion import THRESHOLDS_KM, _cos_km, closeness
+
+    rng = np.random.default_rng(0)
+    p = np.stack([rng.uniform(-80, 80, 200), rng.uniform(-180, 180, 200)], 1)
+    p[1], p[2] = p[0] + [0.005, 0.0], p[0] + [0.02, 0.0]  # 0.6 km and 2.2 km from p[0]: either side of 1 km
+    ev = evidence(np.zeros(200), p, np.zeros(0), np.zeros((0, 2)))
+    c = closeness(ev)[0]
+    d = haversine_km(p[:, None, 0], p[:, None, 1], p[None, :, 0], p[None, :, 1])
+    for t in THRESHOLDS_KM:
+        assert np.array_equal(c[:200, :200] >= _cos_km(t), d <= t), t

@@ -196,12 +196,17 @@ class GeoIndex:
                                 for sc, (la, lo) in zip(gallery[1][i, :5], gallery[0][i, :5])]
         return answers
 
-    def _top_cells(self, probs: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
+    @cached_property
+    def _fine_cells(self) -> tuple[str, list[str], np.ndarray, np.ndarray]:
         t = self.cells.tables[-1]
-        name = self.cells.names[-1]
-        return [{"partition": name, "token": str(t["token"].iat[j]), "prob": round(float(probs[j]), 5),
-                 "lat": float(t["lat"].iat[j]), "lon": float(t["lon"].iat[j])}
-                for j in np.argsort(-probs, kind="stable")[:k]]
+        return self.cells.names[-1], t["token"].astype(str).tolist(), t["lat"].to_numpy(), t["lon"].to_numpy()
+
+    def _top_cells(self, probs: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
+        name, tokens, lat, lon = self._fine_cells
+        top = np.argpartition(-probs, min(k, len(probs) - 1))[:k]
+        top = top[np.argsort(-probs[top], kind="stable")]
+        return [{"partition": name, "token": tokens[j], "prob": round(float(probs[j]), 5),
+                 "lat": float(lat[j]), "lon": float(lon[j])} for j in top]
 
     def _answer_fused(self, ev) -> list[dict[str, Any]]:
         from geo.retrieval.fusion import calibrated, decide
@@ -230,9 +235,10 @@ class GeoIndex:
 
     def _neighbours(self, sims: np.ndarray, rows: np.ndarray, dist_km: np.ndarray) -> list[dict[str, Any]]:
         return [
-            {"id": self.ids[r], "path": self.paths[r], "lat": float(self.lat[r]), "lon": float(self.lon[r]),
-             "similarity": round(float(s), 6), "distance_km": round(float(d), 3)}
-            for s, r, d in zip(sims, rows, dist_km)
+            {"id": i, "path": p, "lat": la, "lon": lo, "similarity": round(s, 6), "distance_km": round(d, 3)}
+            for i, p, la, lo, s, d in zip(self.ids[rows].tolist(), self.paths[rows].tolist(), self.lat[rows].tolist(),
+                                          self.lon[rows].tolist(), np.asarray(sims, float).tolist(),
+                                          np.asarray(dist_km, float).tolist())
         ]
 
     def _answer_knn(self, sims: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
