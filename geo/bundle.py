@@ -131,7 +131,7 @@ class Bundle:
     """
 
     def __init__(self, root: str | os.PathLike, manifest: dict[str, Any]):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # stage files are registered relative to it
         self.manifest = manifest
 
     # -- creation / opening

@@ -68,3 +68,11 @@ def test_failed_atomic_write_leaves_previous_file(tmp_path):
         atomic_write(b.path("index/data.bin"), boom)
     assert b.path("index/data.bin").read_bytes() == b"0123456789"
     assert not [p for p in b.path("index").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_relative_bundle_paths_register_inside_the_bundle(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    b = Bundle.create_or_resume("rel", {"name": "x"}, 4)
+    atomic_write_bytes(b.path("index/a.bin"), b"abc")
+    b.register("demo", [b.path("index/a.bin")])
+    assert list(open_bundle("rel").manifest["files"]) == ["index/a.bin"]
