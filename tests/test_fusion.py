@@ -36,6 +36,17 @@ def test_near_duplicate_wins_over_a_confident_prior():
     assert d.mass["1"] > 0.55
 
 
+def test_near_duplicate_is_answered_at_its_spot_whatever_the_tuned_weights():
+    # B is 600 km north of Lima and C 600 km north of B: B's 750 km region holds all three neighbours,
+    # Lima's only two, so a region-only decision would move the answer off the duplicate to B
+    b, c = (-6.65, -77.04), (-1.25, -77.04)
+    ev = evidence([0.999, 0.60, 0.59], [LIMA, b, c], [1.0], [PARIS])
+    for decision in ("region", "coarse", "all"):
+        p = FusionParams(w_cells=0.0, w_knn=0.0, w_gallery=0.0, w_prior=1.0, decision=decision, duplicate_similarity=0.95)
+        d = decide(ev, p)[0]
+        assert haversine_km(d.lat, d.lon, *LIMA) < 0.01, decision
+
+
 def test_weak_evidence_backs_off_to_the_dense_region():
     # neighbours all equally (dis)similar and scattered: their mass is flat, the prior's is not
     ev = evidence([0.30, 0.30, 0.30], [LIMA, TOKYO, (0.0, 20.0)], [0.6, 0.3, 0.1], [PARIS, BERLIN, TOKYO])

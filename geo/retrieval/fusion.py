@@ -183,6 +183,12 @@ def signal_masses(ev: Evidence, p: FusionParams) -> list[np.ndarray]:
             _normalise(cells), _normalise(ev.prior_prob.astype(np.float64))]
 
 
+def near_duplicate(ev: Evidence, p: FusionParams) -> np.ndarray:
+    """[n] True where the best neighbour is at least ``duplicate_similarity`` similar."""
+    top = np.max(np.where(np.isfinite(ev.knn_sim), ev.knn_sim, -np.inf), axis=1, initial=-np.inf)
+    return top >= p.duplicate_similarity
+
+
 def signal_weights(ev: Evidence, p: FusionParams) -> np.ndarray:
     """[n, 4] mixture weights (knn, gallery, cells, prior).
 
@@ -192,8 +198,7 @@ def signal_weights(ev: Evidence, p: FusionParams) -> np.ndarray:
     present = np.stack([np.isfinite(ev.knn_sim).any(axis=1), np.isfinite(ev.gallery_score).any(axis=1),
                         (ev.cell_prob > 0).any(axis=1), (ev.prior_prob > 0).any(axis=1)], axis=1)
     w = np.where(present, np.array([p.w_knn, p.w_gallery, p.w_cells, p.w_prior], np.float64), 0.0)
-    top = np.max(np.where(np.isfinite(ev.knn_sim), ev.knn_sim, -np.inf), axis=1, initial=-np.inf)
-    w[top >= p.duplicate_similarity] = [1.0, 0.0, 0.0, 0.0]
+    w[near_duplicate(ev, p)] = [1.0, 0.0, 0.0, 0.0]
     fallback = w.sum(axis=1) == 0
     w[fallback] = present[fallback].astype(np.float64)
     return w / w.sum(axis=1, keepdims=True).clip(min=1e-12)
@@ -240,8 +245,9 @@ def decide_batch(ev: Evidence, p: FusionParams, covered: list[np.ndarray] | None
         covered = [coverage(c, ev, b, m) for b, m in enumerate(signal_masses(ev, p))]
     w = signal_weights(ev, p)
     masses = sum(c * w[:, b, None, None].astype(np.float32) for b, c in enumerate(covered))
-    u = np.asarray(DECISIONS[p.decision], np.float32)
-    score = np.where(candidates(ev, p), np.einsum("ntm,t->nm", masses, u / u.sum()), -np.inf)
+    u = np.tile(np.asarray(DECISIONS[p.decision], np.float32), (len(ev), 1))
+    u[near_duplicate(ev, p)] = DECISIONS["all"]  # a near-duplicate is answered at its spot, not just its region
+    score = np.where(candidates(ev, p), np.einsum("ntm,nt->nm", masses, u / u.sum(axis=1, keepdims=True)), -np.inf)
     return score.argmax(axis=1), score, masses
 
 
