@@ -232,7 +232,7 @@ def plot_world_map(df: pd.DataFrame, path: Path, max_lines: int = 300) -> Path:
     ax.set_xlabel("longitude")
     ax.set_ylabel("latitude")
     ax.legend(loc="lower left", fontsize=8, markerscale=1.5)
-    ax.set_title(f"Where the errors are (n={len(df)}, median {np.median(d):.0f} km)")
+    ax.set_title(f"Where the errors are (n={len(df)}, median {np.median(df['error_km']):.0f} km)")  # d is clipped for colour
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
