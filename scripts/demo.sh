@@ -6,3 +6,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 geo build-index examples/osv5m/gallery.csv --image-root examples/osv5m --out demo-index
 geo query examples/osv5m/queries --index demo-index
+echo "(66 street photos from 66 places is a tiny gallery: for photos of places it has not seen, the"
+echo " answer falls back to where the gallery's photos concentrate. benchmarks/RESULTS.md has real numbers.)"
