@@ -16,8 +16,8 @@ from geo.cells import s2
 from geo.cells.heads import HEAD_KINDS, HeadConfig, config_dict, head_logits, save_heads, train_heads
 from geo.cells.predict import CellPredictor, fit_calibration, log_priors
 from geo.geodesy import valid_latlon
+from geo.splits import GROUP_COLUMNS, group_column
 
-GROUP_COLUMNS = ("AUTHOR", "author", "owner", "OWNER")
 
 
 def _opt(default, help: str):
@@ -71,14 +71,6 @@ def _partitions(lat, lon, emb, config: CellsConfig) -> tuple[list[P.Partition], 
     return parts, {"source": config.partitioner, "tau_min": tau_min, "tau_max": sorted(tau_max, reverse=True)}
 
 
-def _group_column(meta: pd.DataFrame, config: CellsConfig) -> str | None:
-    if config.group_column:
-        if config.group_column not in meta.columns:
-            raise ValueError(f"--group-column {config.group_column!r}: not a manifest column ({', '.join(meta.columns)})")
-        return config.group_column
-    return next((c for c in GROUP_COLUMNS if c in meta.columns), None)
-
-
 def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig, log=print) -> FittedCells:
     """Partitions + tables + trained, calibrated heads, all in memory."""
     if len(meta) != len(emb):
@@ -103,7 +95,7 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig, log=prin
         scene_values = sorted({v for v in col.dropna().tolist()}, key=str)
         lookup = {v: i for i, v in enumerate(scene_values)}
         scene = np.array([lookup.get(v, -1) for v in col.tolist()], dtype=np.int64)
-    group_col = _group_column(meta, config)
+    group_col = group_column(meta.columns, config.group_column)
     hc = HeadConfig(head=config.head, smoothing_km=config.smoothing_km, max_epochs=config.max_epochs, seed=config.seed,
                     device=config.device)
     result = train_heads(emb, rows, [(t["lat"].to_numpy(), t["lon"].to_numpy()) for t in tables], (lat, lon), hc,

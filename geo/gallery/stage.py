@@ -25,6 +25,7 @@ import numpy as np
 from geo.bundle import Bundle, BundleError, atomic_write_faiss, atomic_write_json, atomic_write_parquet, read_json
 from geo.gallery.encoder import ImageProjection, LocationEncoder, geoclip_gallery_csv, load_module, save_module
 from geo.gallery.train import TrainConfig, log_density, train_gallery
+from geo.splits import group_column
 from geo.geodesy import valid_latlon
 
 GALLERY_DIR = "gallery"
@@ -46,7 +47,7 @@ class GalleryConfig(TrainConfig):
                 "'geoclip' for GeoCLIP's 100K points (the default with --backbone geoclip)"})
     group_column: str | None = field(default=None, metadata={
         "help": "metadata column whose groups never straddle the train/validation split "
-                "(default: AUTHOR when present, else each photo is its own group)"})
+                "(default: the first of AUTHOR, author, owner, ... present, else each photo is its own group)"})
     image_init: str = field(default="auto", metadata={
         "help": "image projection start: 'auto' (identity for the geoclip backbone, GeoCLIP's MLP for CLIP "
                 "ViT-L/14, else random), 'random', 'geoclip' or 'identity'"})
@@ -117,9 +118,10 @@ def build_gallery_stage(bundle: Bundle, meta, emb: np.ndarray, config: GalleryCo
     ok = valid_latlon(latlon[:, 0], latlon[:, 1])
     if not ok.any():
         raise BundleError(f"{bundle.root}: no embedding has valid coordinates; the gallery needs some")
-    group_col = config.group_column or ("AUTHOR" if "AUTHOR" in meta.columns else None)
-    if group_col is not None and group_col not in meta.columns:
-        raise BundleError(f"{bundle.root}: group column {group_col!r} not in the embedding metadata")
+    try:
+        group_col = group_column(meta.columns, config.group_column)
+    except ValueError as e:
+        raise BundleError(f"{bundle.root}: {e}") from None
     groups = meta[group_col].astype(str).to_numpy()[ok] if group_col else None
     points, sources = gallery_points(latlon[ok], config.gps_gallery)
 
