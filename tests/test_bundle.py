@@ -1,7 +1,6 @@
 """Bundle format: atomic writes, hashes, refusal of tampered, truncated or newer bundles."""
 import json
 
-import numpy as np
 import pytest
 
 from geo.bundle import FORMAT_VERSION, MANIFEST, Bundle, BundleError, atomic_write_bytes, open_bundle
