@@ -322,7 +322,25 @@ def accuracy(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return out
 
 
-def select_one_se(scored: list[tuple[np.ndarray, "FusionParams"]]) -> "FusionParams":
+def paired_se(d: np.ndarray, groups: np.ndarray | None = None) -> float:
+    """Standard error of mean(d); with groups, cluster-robust (photos of one photographer move together).
+
+    A photographer's trip puts dozens of photos in one place, so their hits and
+    misses are not independent; treating them as such understates the noise
+    several-fold and lets chance gains through.
+    """
+    n = len(d)
+    if groups is None:
+        return float(np.std(d) / np.sqrt(n))
+    _, inv = np.unique(groups, return_inverse=True)
+    g = inv.max() + 1
+    if g < 2:
+        return float("inf")
+    sums = np.bincount(inv, weights=d - d.mean(), minlength=g)
+    return float(np.sqrt(g / (g - 1) * (sums ** 2).sum()) / n)
+
+
+def select_one_se(scored: list[tuple[np.ndarray, "FusionParams"]], groups: np.ndarray | None = None) -> "FusionParams":
     """Back off to the prior unless the evidence clearly beats it; then the most prior-leaning close setting.
 
     ``scored`` pairs each setting with its per-photo score (share of thresholds
@@ -330,15 +348,15 @@ def select_one_se(scored: list[tuple[np.ndarray, "FusionParams"]]) -> "FusionPar
     and the best of hundreds of settings is optimistic (on the Im2GPS3k dev
     folds, the arg-max lost 8 points at 2500 km on held-out photographers). So
     the best setting must beat the prior alone (the best constant guess) by two
-    paired standard errors; if it does, the setting chosen is the most
-    prior-leaning one within one standard error of the best.
+    paired standard errors (clustered by photographer when ``groups`` are
+    given); if it does, the setting chosen is the most prior-leaning one within
+    one standard error of the best.
     """
     means = np.array([s.mean() for s, _ in scored])
     top = int(np.argmax(means))
 
     def se(i: int) -> float:
-        d = scored[top][0] - scored[i][0]
-        return float(np.std(d) / np.sqrt(len(d)))
+        return paired_se(scored[top][0] - scored[i][0], groups)
 
     prior_only = [i for i, (_, p) in enumerate(scored) if p.w_prior == 1.0 and p.decision == "region"]
     if prior_only and means[top] - means[prior_only[0]] <= 2 * se(prior_only[0]):
@@ -374,7 +392,7 @@ def duplicate_threshold(knn_sim: np.ndarray, quantile: float = 1.0, margin: floa
     return float(min(0.99, np.quantile(top, quantile) + margin)) if len(top) else FusionParams.duplicate_similarity
 
 
-def tune(ev: Evidence, truth: np.ndarray, has_cells: bool, has_gallery: bool,
+def tune(ev: Evidence, truth: np.ndarray, has_cells: bool, has_gallery: bool, groups: np.ndarray | None = None,
          log=print) -> tuple[FusionParams, dict[str, Any]]:
     """Fit weights/temperatures maximising the mean of the five threshold accuracies, then calibrate."""
     pts = ev.points
@@ -399,7 +417,7 @@ def tune(ev: Evidence, truth: np.ndarray, has_cells: bool, has_gallery: bool,
         b, _, _ = decide_batch(ev, p, covered(p))
         err = haversine_km(pts[rows, b, 0], pts[rows, b, 1], truth[:, 0], truth[:, 1])
         scored.append((np.mean([err <= t for t in THRESHOLDS_KM], axis=0), p))
-    best = select_one_se(scored)
+    best = select_one_se(scored, groups)
     b, _, masses = decide_batch(ev, best, covered(best))
     best_acc = accuracy(pts[rows, b], truth)
     b, _, masses = decide_batch(ev, best, covered(best))
@@ -508,7 +526,7 @@ def tune_fusion_stage(bundle, group: str | None = None, folds: int = 3, seed: in
         rows, ev, singles = out_of_fold(meta, emb, fold, bundle.manifest["backbone"], has_cells, has_gallery,
                                         stage_options, k, max_queries, seed, log)
         truth = meta[["lat", "lon"]].to_numpy(np.float64)[rows]
-        params, report = tune(ev, truth, has_cells, has_gallery, log=log)
+        params, report = tune(ev, truth, has_cells, has_gallery, groups[rows] if groups is not None else None, log=log)
         report["single_modes"] = {m: accuracy(p, truth) for m, p in singles.items()}
         report["n_validation"] = int(len(rows))
         for m, a in {**report["single_modes"], "fused": report["validation"]}.items():
