@@ -102,9 +102,6 @@ class Evidence:
                                              constant_values=fill) for e in parts])
         return Evidence(**out)
 
-    def take(self, rows) -> "Evidence":
-        return Evidence(**{f: getattr(self, f)[rows] for f in self.__dataclass_fields__})
-
     @property
     def points(self) -> np.ndarray:
         """Support points [n, k + g + c, 2]: every signal's locations, which are also the candidates."""
