@@ -152,15 +152,7 @@ class LocationEncoder(nn.Module):
         latlon = np.asarray(latlon, dtype=np.float32)
         if latlon.ndim != 2 or latlon.shape[1] != 2:
             raise ValueError(f"encode expects latlon of shape [N, 2], got {latlon.shape}")
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        out = []
-        for i in range(0, len(latlon), batch):
-            f = self(torch.from_numpy(latlon[i:i + batch]).to(device))
-            out.append((nn.functional.normalize(f, dim=1) if normalize else f).float().cpu().numpy())
-        self.train(was_training)
-        return np.concatenate(out) if out else np.zeros((0, self.out_dim), np.float32)
+        return _batched_features(self, latlon, batch, normalize)
 
 
 class ImageProjection(nn.Module):
@@ -214,15 +206,7 @@ class ImageProjection(nn.Module):
         emb = np.asarray(emb, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.in_dim:
             raise ValueError(f"ImageProjection expects embeddings [N, {self.in_dim}], got {emb.shape}")
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        out = []
-        for i in range(0, len(emb), batch):
-            f = self(torch.from_numpy(emb[i:i + batch]).to(device))
-            out.append((nn.functional.normalize(f, dim=1) if normalize else f).float().cpu().numpy())
-        self.train(was_training)
-        return np.concatenate(out) if out else np.zeros((0, self.out_dim), np.float32)
+        return _batched_features(self, emb, batch, normalize)
 
 
 def save_module(path: str | Path, module: LocationEncoder | ImageProjection) -> None:
@@ -251,3 +235,16 @@ def load_module(path: str | Path) -> LocationEncoder | ImageProjection:
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the stored config ({e})") from None
     return module.eval()
+
+
+def _batched_features(module: nn.Module, x: np.ndarray, batch: int, normalize: bool) -> np.ndarray:
+    """Run ``module`` in eval mode over float32 rows of ``x`` in batches; float32 [N, out_dim] on the CPU."""
+    device = next(module.parameters()).device
+    was_training = module.training
+    module.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        f = module(torch.from_numpy(x[i:i + batch]).to(device))
+        out.append((nn.functional.normalize(f, dim=1) if normalize else f).float().cpu().numpy())
+    module.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, module.out_dim), np.float32)
