@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from geo.bundle import Bundle, open_bundle
-from geo.geodesy import haversine_km, pairwise_haversine_km
-from geo.index_build.embed import write_shard
-from geo.index_build.knn_index import build_knn_index
-from geo.retrieval.fusion import CALIBRATED_KM, expected_calibration_error, reliability_table
+from geo.bundle import open_bundle
+from geo.geodesy import haversine_km
+from geo.index_build.runner import build_from_embeddings
+from geo.retrieval.fusion import (CALIBRATED_KM, expected_calibration_error, population_prior, reliability_table,
+                                  tune_fusion_stage)
 from geo.retrieval.index import GeoIndex
 from geo.splits import group_folds
 
@@ -38,10 +37,6 @@ def main() -> None:
     ap.add_argument("--gallery-init", default="geoclip", help="geoclip | random: the location encoder's start")
     args = ap.parse_args()
 
-    from geo.cells.stage import CellsConfig, build_cells_stage
-    from geo.gallery.stage import GalleryConfig, build_gallery_stage
-    from geo.retrieval.fusion import tune_fusion_stage
-
     src = open_bundle(args.bundle)
     meta, emb = src.read_embeddings()
     truth = meta[["lat", "lon"]].to_numpy(np.float64)
@@ -49,20 +44,12 @@ def main() -> None:
     modes = ("knn", "gallery", "cells", "fused")
     pred = {m: np.zeros((len(meta), 2)) for m in (*modes, "prior")}
     p_within = {t: np.zeros(len(meta)) for t in CALIBRATED_KM}
-    quiet = lambda *_: None  # noqa: E731
+    options = {"gallery": {"init": args.gallery_init}}
     for f in range(args.folds):
         q, g = fold == f, fold != f
         with tempfile.TemporaryDirectory() as tmp:
-            b = Bundle.create_or_resume(Path(tmp) / "b", src.manifest["backbone"], emb.shape[1])
-            gm = meta[g].reset_index(drop=True)
-            write_shard(b, 0, gm, emb[g], {"failed": 0, "seconds": 0.0, "errors": []})
-            s = b.embedding_shards()[0]
-            b.register("embeddings", [s, s.with_suffix(".json")], {"ok": int(g.sum()), "failed": 0})
-            b.manifest["counts"] = {"ok": int(g.sum()), "failed": 0}
-            build_knn_index(b, log=quiet)
-            build_cells_stage(b, gm, emb[g], CellsConfig(), log=quiet)
-            build_gallery_stage(b, gm, emb[g], GalleryConfig(init=args.gallery_init), log=quiet)
-            tune_fusion_stage(b, stage_options={"gallery": {"init": args.gallery_init}}, log=print)
+            b = build_from_embeddings(tmp, src.manifest["backbone"], meta[g], emb[g], stage_options=options)
+            tune_fusion_stage(b, stage_options=options, log=print)
             index = GeoIndex(b)
             for m in modes:
                 ans = index.locate_embeddings(emb[q], mode=m)
@@ -70,9 +57,7 @@ def main() -> None:
                 if m == "fused":
                     for t in CALIBRATED_KM:
                         p_within[t][q] = [a["p_within"][t] for a in ans]
-            d = pairwise_haversine_km(truth[g, 0], truth[g, 1], truth[g, 0], truth[g, 1])
-            best = int(np.argmax((d <= 750).sum(axis=1)))
-            pred["prior"][q] = truth[g][best]
+            pred["prior"][q] = population_prior(truth[g, 0], truth[g, 1])
         print(f"fold {f}: {int(g.sum())} gallery photos, {int(q.sum())} queries")
     print(f"\n| answer | {' | '.join(f'{t} km' for t in THRESHOLDS)} | median km |")
     print("|---|" + "---|" * (len(THRESHOLDS) + 1))

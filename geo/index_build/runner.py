@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 
 from geo.bundle import Bundle, atomic_write_parquet
-from geo.index_build.embed import EmbedConfig, run_embedding_stage, shard_errors
+from geo.index_build.embed import EmbedConfig, run_embedding_stage, shard_errors, write_shard
 from geo.index_build.knn_index import build_knn_index
 from geo.index_build.manifest import read_manifest
 
@@ -79,16 +79,40 @@ def build_index(cfg: BuildConfig, log: Callable[[str], None] = print, progress: 
         return bundle
     if trained:
         meta, emb = bundle.read_embeddings()
-        if "cells" in trained:
-            from geo.cells.stage import CellsConfig, build_cells_stage
-
-            build_cells_stage(bundle, meta, emb, CellsConfig(**cfg.stage_options.get("cells", {})), log=log)
-        if "gallery" in trained:
-            from geo.gallery.stage import GalleryConfig, build_gallery_stage
-
-            build_gallery_stage(bundle, meta, emb, GalleryConfig(**cfg.stage_options.get("gallery", {})), log=log)
+        _fit_stages(bundle, meta, emb, "cells" in trained, "gallery" in trained, cfg.stage_options, log)
     if wanted("fusion") or (trained and "fusion" in cfg.stages):  # retune whenever a signal changed
         from geo.retrieval.fusion import tune_fusion_stage
 
         tune_fusion_stage(bundle, stage_options=cfg.stage_options, log=log, **cfg.stage_options.get("fusion", {}))
     return bundle
+
+
+def build_from_embeddings(root: str | Path, backbone: dict[str, Any], meta: pd.DataFrame, emb,
+                          cells: bool = True, gallery: bool = True, stage_options: dict[str, Any] | None = None,
+                          log: Callable[[str], None] = lambda *_: None) -> Bundle:
+    """A bundle from embeddings already in hand: one shard, the kNN index, and optionally cells and gallery.
+
+    Fusion tuning and the benchmarks fit stages on subsets of a gallery
+    (photographer folds) without re-embedding; this is the one way they do it.
+    """
+    meta = meta.reset_index(drop=True)
+    bundle = Bundle.create_or_resume(root, backbone, emb.shape[1])
+    shard = write_shard(bundle, 0, meta, emb, {"failed": 0, "seconds": 0.0, "errors": []})
+    bundle.register("embeddings", [shard, shard.with_suffix(".json")], {"ok": len(meta), "failed": 0})
+    bundle.manifest["counts"] = {"ok": len(meta), "failed": 0}
+    build_knn_index(bundle, log=log)
+    _fit_stages(bundle, meta, emb, cells, gallery, stage_options or {}, log)
+    return bundle
+
+
+def _fit_stages(bundle: Bundle, meta: pd.DataFrame, emb, cells: bool, gallery: bool, options: dict[str, Any],
+                log: Callable[[str], None]) -> None:
+    """The trained stages, on embeddings already read."""
+    if cells:
+        from geo.cells.stage import CellsConfig, build_cells_stage
+
+        build_cells_stage(bundle, meta, emb, CellsConfig(**options.get("cells", {})), log=log)
+    if gallery:
+        from geo.gallery.stage import GalleryConfig, build_gallery_stage
+
+        build_gallery_stage(bundle, meta, emb, GalleryConfig(**options.get("gallery", {})), log=log)

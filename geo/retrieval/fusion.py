@@ -453,14 +453,10 @@ def out_of_fold(meta, emb: np.ndarray, folds: np.ndarray, backbone: dict[str, An
     """
     import tempfile
 
-    from geo.bundle import Bundle
-    from geo.index_build.embed import write_shard
-    from geo.index_build.knn_index import build_knn_index
+    from geo.index_build.runner import build_from_embeddings
     from geo.retrieval.index import CELLS_DECISION_KM, GeoIndex
     from geo.retrieval.knn import kde_vote
 
-    quiet = lambda *_: None  # noqa: E731  the scratch builds' own logs would repeat the real build's
-    opts = stage_options or {}
     rng = np.random.default_rng(seed)
     all_rows, parts, singles = [], [], {"knn": [], "gallery": [], "cells": [], "prior": []}
     for f in np.unique(folds):
@@ -469,22 +465,10 @@ def out_of_fold(meta, emb: np.ndarray, folds: np.ndarray, backbone: dict[str, An
             held = np.sort(rng.choice(held, max_queries, replace=False))
         train = folds != f
         log(f"fusion: fold {f + 1}/{len(np.unique(folds))}, {int(train.sum())} photos fit, {len(held)} scored")
-        sub = meta[train].reset_index(drop=True)
         with tempfile.TemporaryDirectory(prefix="geo-fusion-") as tmp:
-            scratch = Bundle.create_or_resume(tmp, backbone, emb.shape[1])
-            write_shard(scratch, 0, sub, emb[train], {"failed": 0, "seconds": 0.0, "errors": []})
-            shard = scratch.embedding_shards()[0]
-            scratch.register("embeddings", [shard, shard.with_suffix(".json")], {"ok": int(train.sum()), "failed": 0})
-            build_knn_index(scratch, log=quiet)
-            if has_cells:
-                from geo.cells.stage import CellsConfig, build_cells_stage
-
-                build_cells_stage(scratch, sub, emb[train], CellsConfig(**opts.get("cells", {})), log=quiet)
-            if has_gallery:
-                from geo.gallery.stage import GalleryConfig, build_gallery_stage
-
-                build_gallery_stage(scratch, sub, emb[train], GalleryConfig(**opts.get("gallery", {})), log=quiet)
-            index = GeoIndex(scratch)
+            # the scratch build's own logs would repeat the real build's, so it runs quietly
+            index = GeoIndex(build_from_embeddings(tmp, backbone, meta[train], emb[train], has_cells, has_gallery,
+                                                   stage_options))
             ev = index.evidence(emb[held], k=k)
             finite = np.isfinite(ev.knn_sim)
             singles["knn"].append(np.array([[v.lat, v.lon] for v in (
