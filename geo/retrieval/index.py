@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from geo.bundle import Bundle, open_bundle
-from geo.retrieval.inputs import expand_images
 from geo.geodesy import haversine_km
+from geo.retrieval.inputs import expand_images
 from geo.retrieval.knn import KnnParams, kde_vote, neighbour_weights
 
 MODES = ("fused", "knn", "gallery", "cells")
@@ -43,7 +43,7 @@ class GeoIndex:
         self.paths = meta["path"].astype(str).to_numpy()
         self.lat = meta["lat"].to_numpy(np.float64)
         self.lon = meta["lon"].to_numpy(np.float64)
-        self.knn_params = KnnParams(**bundle.manifest.get("stages", {}).get("knn_vote", {}))
+        self.knn_params = KnnParams()
 
     @classmethod
     def open(cls, path: str | Path, device: str = "auto", verify: bool = True) -> "GeoIndex":
