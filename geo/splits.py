@@ -1,4 +1,4 @@
-"""The one validation split every trained stage (heads, gallery, fusion) holds out.
+"""The one validation split every trained stage (heads, gallery, fusion) holds out, and its standard errors.
 
 All stages must hold out the same photos: fusion weights are tuned on
 photos that neither the heads nor the location encoder have seen, which is
@@ -65,3 +65,21 @@ def group_folds(n: int, groups=None, k: int = 3, seed: int = 0) -> np.ndarray:
         f = int(np.argmin(load))
         fold_of[g], load[f] = f, load[f] + counts[g]
     return fold_of[inv]
+
+
+def clustered_se(d: np.ndarray, groups: np.ndarray | None = None) -> float:
+    """Standard error of mean(d); with groups, cluster-robust (photos of one photographer move together).
+
+    A photographer's trip puts dozens of photos in one place, so their hits and
+    misses are not independent; treating them as such understates the noise
+    several-fold and lets chance gains through.
+    """
+    n = len(d)
+    if groups is None:
+        return float(np.std(d) / np.sqrt(n))
+    _, inv = np.unique(groups, return_inverse=True)
+    g = inv.max() + 1
+    if g < 2:
+        return float("inf")
+    sums = np.bincount(inv, weights=d - d.mean(), minlength=g)
+    return float(np.sqrt(g / (g - 1) * (sums ** 2).sum()) / n)

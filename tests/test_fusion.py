@@ -132,14 +132,3 @@ def test_closeness_agrees_with_haversine_at_every_threshold():
     d = haversine_km(p[:, None, 0], p[:, None, 1], p[None, :, 0], p[None, :, 1])
     for t in THRESHOLDS_KM:
         assert np.array_equal(c[:200, :200] >= _cos_km(t), d <= t), t
-
-
-def test_clustered_standard_error_sees_photographers_move_together():
-    from geo.retrieval.fusion import paired_se
-
-    rng = np.random.default_rng(0)
-    groups = np.repeat(np.arange(8), 50)             # 8 photographers, 50 photos each
-    d = np.repeat(rng.choice([-1.0, 1.0], 8), 50)   # each photographer's photos all gain or all lose
-    assert paired_se(d, groups) > 5 * paired_se(d)   # independent-photo SE understates the noise
-    independent = rng.choice([-1.0, 1.0], 400)
-    assert paired_se(independent, np.arange(400)) == pytest.approx(paired_se(independent), rel=0.01)

@@ -1,7 +1,8 @@
-"""The shared validation split: whole photographers on one side, reproducible, near the asked fraction."""
+"""The shared validation split and the statistics over it: whole photographers on one side, reproducible."""
 import numpy as np
+import pytest
 
-from geo.splits import group_column, validation_mask
+from geo.splits import clustered_se, group_column, validation_mask
 
 
 def test_groups_stay_whole_and_split_is_seeded():
@@ -30,3 +31,12 @@ def test_group_column_detection():
         assert "owner" in str(e)
     else:
         raise AssertionError("unknown group column accepted")
+
+
+def test_clustered_standard_error_sees_photographers_move_together():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(8), 50)             # 8 photographers, 50 photos each
+    d = np.repeat(rng.choice([-1.0, 1.0], 8), 50)   # each photographer's photos all gain or all lose
+    assert clustered_se(d, groups) > 5 * clustered_se(d)   # independent-photo SE understates the noise
+    independent = rng.choice([-1.0, 1.0], 400)
+    assert clustered_se(independent, np.arange(400)) == pytest.approx(clustered_se(independent), rel=0.01)

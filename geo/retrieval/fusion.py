@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from geo.geodesy import EARTH_RADIUS_KM, haversine_km, pairwise_haversine_km
+from geo.splits import clustered_se
 
 THRESHOLDS_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)
 # Which thresholds' mass the decision maximises: all five (the field's mean accuracy), only the
@@ -319,24 +320,6 @@ def accuracy(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return out
 
 
-def paired_se(d: np.ndarray, groups: np.ndarray | None = None) -> float:
-    """Standard error of mean(d); with groups, cluster-robust (photos of one photographer move together).
-
-    A photographer's trip puts dozens of photos in one place, so their hits and
-    misses are not independent; treating them as such understates the noise
-    several-fold and lets chance gains through.
-    """
-    n = len(d)
-    if groups is None:
-        return float(np.std(d) / np.sqrt(n))
-    _, inv = np.unique(groups, return_inverse=True)
-    g = inv.max() + 1
-    if g < 2:
-        return float("inf")
-    sums = np.bincount(inv, weights=d - d.mean(), minlength=g)
-    return float(np.sqrt(g / (g - 1) * (sums ** 2).sum()) / n)
-
-
 def select_one_se(scored: list[tuple[np.ndarray, "FusionParams"]], groups: np.ndarray | None = None) -> "FusionParams":
     """Back off to the prior unless the evidence clearly beats it; then the most prior-leaning close setting.
 
@@ -353,7 +336,7 @@ def select_one_se(scored: list[tuple[np.ndarray, "FusionParams"]], groups: np.nd
     top = int(np.argmax(means))
 
     def se(i: int) -> float:
-        return paired_se(scored[top][0] - scored[i][0], groups)
+        return clustered_se(scored[top][0] - scored[i][0], groups)
 
     prior_only = [i for i, (_, p) in enumerate(scored) if p.w_prior == 1.0 and p.decision == "region"]
     if prior_only and means[top] - means[prior_only[0]] <= 2 * se(prior_only[0]):
