@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cells.py throughput [--points 2000000]
     python benchmarks/bench_cells.py train-time [--n 100000 --dim 512]
-    python benchmarks/bench_cells.py dev --npz /tmp/geo-dev/im2gps3k_effnet.npz [--folds 5]
+    python benchmarks/bench_cells.py dev --npz /tmp/geo-dev/im2gps3k_effnet.npz [--folds 5 --seed 0]
     python benchmarks/bench_cells.py dev --bundle INDEX_DIR   (after `geo build-index`: same protocol on its embeddings)
 
 ``evaluate(meta, emb, config)`` is the callable form: meta needs lat, lon and a group column.
@@ -23,6 +23,8 @@ from geo.cells import partition as P  # noqa: E402
 from geo.cells import s2  # noqa: E402
 from geo.cells.stage import CellsConfig, fit_cells  # noqa: E402
 from geo.geodesy import haversine_km, pairwise_haversine_km  # noqa: E402
+from geo.retrieval.fusion import population_prior  # noqa: E402
+from geo.splits import group_folds  # noqa: E402
 
 THRESHOLDS = (1, 25, 200, 750, 2500)
 
@@ -68,73 +70,76 @@ def train_time(n: int, dim: int, seed: int = 0) -> dict:
 
 
 # ------------------------------------------------------------ dev evaluation
-def population_prior(lat: np.ndarray, lon: np.ndarray, radius_km: float = 750.0) -> tuple[float, float]:
-    """The gallery photo location with the most gallery photos within radius_km: the best constant guess."""
-    d = pairwise_haversine_km(lat, lon, lat, lon)
-    i = int(np.argmax((d <= radius_km).sum(1)))
-    return float(lat[i]), float(lon[i])
-
-
 def accuracy(d_km: np.ndarray) -> dict[int, float]:
     return {t: float(np.mean(d_km <= t) * 100) for t in THRESHOLDS}
 
 
-def group_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold number per photo; whole groups (photographers) per fold, balanced by photo count."""
-    uniq, inv = np.unique(groups.astype(str), return_inverse=True)
-    sizes = np.bincount(inv)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(uniq))
-    order = order[np.argsort(-sizes[order], kind="stable")]
-    load, fold_of = np.zeros(folds), np.zeros(len(uniq), dtype=int)
-    for g in order:
-        f = int(np.argmin(load))
-        fold_of[g], load[f] = f, load[f] + sizes[g]
-    return fold_of[inv]
+def cell_mean_decision(pred, fine_p: np.ndarray, radius_km: float) -> tuple[np.ndarray, np.ndarray]:
+    """The earlier rule, for comparison: the fine-cell mean with most posterior mass within radius_km."""
+    t = pred.tables[-1]
+    clat, clon = t["lat"].to_numpy(), t["lon"].to_numpy()
+    near = pairwise_haversine_km(clat, clon, clat, clon) <= radius_km
+    best = (fine_p @ near.T).argmax(1)
+    return clat[best], clon[best]
+
+
+RULES = {
+    "population prior": "best constant guess: the gallery photo with most gallery photos within 750 km",
+    "arg-max, uncalibrated heads, finest only": "T=1, no prior",
+    "arg-max, calibrated heads, finest only": "fitted T, alpha 1 (heads only)",
+    "arg-max, calibrated heads, f*": "fitted T, alpha 1",
+    "spot decision, calibrated heads, finest only": "fitted T, alpha 1",
+    "spot decision, calibrated heads, f*": "fitted T, alpha 1",
+    "cell mean with most mass within 750 km, f*": "fitted T and alpha: the previous `--mode cells` rule",
+    "spot decision, f* (`--mode cells`)": "fitted T and alpha",
+    "spot decision, prior only": "alpha 0: the same decision on the gallery prior alone",
+}
 
 
 def evaluate(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig, group_column: str = "AUTHOR",
-             folds: int = 5, seed: int = 0, decide_km: float = 750.0) -> pd.DataFrame:
+             folds: int = 5, seed: int = 0) -> tuple[pd.DataFrame, list[dict]]:
     """Grouped k-fold: each fold's photographers are queries against a gallery of all the others.
 
-    Rows: answer rules; columns: accuracy (%) at THRESHOLDS over all photos.
+    Returns (accuracy (%) at THRESHOLDS per answer rule over all photos, each fold's calibration).
+    "Spot decision": the photo spot with most posterior mass within 750 km, then 200, then 25 km.
     """
     lat, lon = meta["lat"].to_numpy(float), meta["lon"].to_numpy(float)
-    fold = group_folds(meta[group_column].to_numpy(), folds, seed)
-    rules = ["population prior", "arg-max, uncalibrated, finest only", "arg-max, finest only", "arg-max, f*",
-             f"mass within {decide_km:g} km, f*", "mass within the threshold, finest only", "mass within the threshold, f*"]
-    dist = {r: np.zeros(len(meta)) for r in rules}
-    per_threshold = {r: {t: np.zeros(len(meta), dtype=bool) for t in THRESHOLDS} for r in rules[-2:]}
+    fold = group_folds(len(meta), meta[group_column].astype(str).to_numpy(), folds, seed)
+    dist = {r: np.zeros(len(meta)) for r in RULES}
+    calibrations = []
     for f in range(folds):
         g, q = fold != f, fold == f
         pl, po = population_prior(lat[g], lon[g])
         dist["population prior"][q] = haversine_km(lat[q], lon[q], pl, po)
         fitted = fit_cells(meta.loc[g].reset_index(drop=True), emb[g], config, log=lambda *_: None)
         pred = fitted.predictor
+        calib = pred.calibration
+        calibrations.append(calib)
         fine_tab = pred.tables[-1]
         clat, clon = fine_tab["lat"].to_numpy(), fine_tab["lon"].to_numpy()
         scene = meta.loc[q, config.scene_column].to_numpy() if config.scene_column else None
-        for rule, hier in (("arg-max, finest only", False), ("arg-max, f*", True)):
-            _, lp = pred.log_probs(emb[q], scene, hierarchy=hier)
-            b = lp.argmax(1)
-            dist[rule][q] = haversine_km(lat[q], lon[q], clat[b], clon[b])
-            fine_p = np.exp(lp)
-            tag = "f*" if hier else "finest only"
-            for t in THRESHOLDS:
-                dl, dn, _ = pred.decide(fine_p, t)
-                per_threshold[f"mass within the threshold, {tag}"][t][q] = haversine_km(lat[q], lon[q], dl, dn) <= t
-            if hier:
-                dl, dn, _ = pred.decide(fine_p, decide_km)
-                dist[f"mass within {decide_km:g} km, f*"][q] = haversine_km(lat[q], lon[q], dl, dn)
-        calib = pred.calibration
-        pred.calibration = {**calib, "temperature": [1.0] * len(pred.names), "alpha": 1.0}
-        _, lp = pred.log_probs(emb[q], scene, hierarchy=False)
-        pred.calibration = calib
-        b = lp.argmax(1)
-        dist["arg-max, uncalibrated, finest only"][q] = haversine_km(lat[q], lon[q], clat[b], clon[b])
-    out = {r: accuracy(dist[r]) for r in rules[:-2]}
-    out.update({r: {t: float(per_threshold[r][t].mean() * 100) for t in THRESHOLDS} for r in rules[-2:]})
-    return pd.DataFrame(out).T.rename(columns=lambda t: f"{t} km")
+
+        def put(rule, la, lo):
+            dist[rule][q] = haversine_km(lat[q], lon[q], la, lo)
+
+        def fine_probs(alpha, hierarchy=True, temperature=None):
+            pred.calibration = {**calib, "alpha": alpha, "temperature": temperature or calib["temperature"]}
+            _, lp = pred.log_probs(emb[q], scene, hierarchy=hierarchy)
+            pred.calibration = calib
+            return np.exp(lp)
+
+        p = fine_probs(1.0, False, [1.0] * len(pred.names))
+        put("arg-max, uncalibrated heads, finest only", clat[p.argmax(1)], clon[p.argmax(1)])
+        for hier, tag in ((False, "finest only"), (True, "f*")):
+            p = fine_probs(1.0, hier)
+            put(f"arg-max, calibrated heads, {tag}", clat[p.argmax(1)], clon[p.argmax(1)])
+            put(f"spot decision, calibrated heads, {tag}", *pred.decide(p)[:2])
+        p = fine_probs(calib["alpha"])
+        put("cell mean with most mass within 750 km, f*", *cell_mean_decision(pred, p, 750.0))
+        put("spot decision, f* (`--mode cells`)", *pred.decide(p)[:2])
+        put("spot decision, prior only", *pred.decide(fine_probs(0.0))[:2])
+    table = pd.DataFrame({r: {**accuracy(d), "median km": float(np.median(d))} for r, d in dist.items()}).T
+    return table.rename(columns=lambda t: f"{t} km" if isinstance(t, int) else t), calibrations
 
 
 def load_npz(path: str) -> tuple[pd.DataFrame, np.ndarray]:
@@ -179,8 +184,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = CellsConfig(partitioner=args.partitioner, tau_min=args.tau_min, tau_max=args.tau_max, head=args.head,
                           smoothing_km=args.smoothing_km, scene_column=args.scene_column, seed=args.seed)
         t0 = time.perf_counter()
-        table = evaluate(meta, emb, cfg, folds=args.folds, seed=args.seed)
-        print(f"{len(meta)} photos, {args.folds} photographer folds, {time.perf_counter() - t0:.0f}s")
+        table, calibrations = evaluate(meta, emb, cfg, folds=args.folds, seed=args.seed)
+        print(f"{len(meta)} photos, {args.folds} photographer folds (seed {args.seed}), {time.perf_counter() - t0:.0f}s")
+        for f, c in enumerate(calibrations):
+            print(f"  fold {f}: alpha {c['alpha']:.2f}, T {[round(t, 2) for t in c['temperature']]}, "
+                  f"{c['val_photos']} photos from {c['source']}")
         print(table.round(1).to_markdown() if _has_tabulate() else table.round(1).to_string())
 
 

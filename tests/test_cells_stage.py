@@ -33,7 +33,7 @@ def test_stage_writes_registers_and_predicts(tmp_path):
     info = build_cells_stage(bundle, meta, emb, CellsConfig(tau_min=3, tau_max=[200, 60, 20], max_epochs=15), log=lambda *_: None)
     assert info["group_column"] == "AUTHOR" and info["partitions"] == ["coarse", "middle", "fine"]
     files = open_bundle(tmp_path).manifest["files"]
-    assert {"heads/heads.safetensors", "heads/heads.json", "cells/fine.parquet"} <= set(files)
+    assert {"heads/heads.safetensors", "heads/heads.json", "cells/fine.parquet", "cells/support.parquet"} <= set(files)
     assert json.loads((tmp_path / "heads" / "heads.json").read_text())["calibration"]["alpha"] >= 0
 
     pred = CellPredictor.load(open_bundle(tmp_path))
@@ -44,7 +44,7 @@ def test_stage_writes_registers_and_predicts(tmp_path):
         top = post.top_cells(3)
         assert [c["prob"] for c in top] == sorted([c["prob"] for c in top], reverse=True)
         assert set(top[0]) == {"partition", "token", "prob", "lat", "lon"} and isinstance(top[0]["token"], str)
-        lat, lon, mass = post.decide(750)
+        lat, lon, mass = post.decide()
         assert top[0]["prob"] - 1e-9 <= mass <= 1 + 1e-9
     # The features know the city: the answer is in the right city for most gallery photos.
     hits = [min(abs(p.point[0] - CENTRES[c][0]), 99) < 2 for p, c in zip(posts, city[:50])]
@@ -62,6 +62,21 @@ def test_training_is_reproducible_and_scene_conditioned():
     with_label = a.predict(emb[:5], scene=meta["S3_Label"][:5])
     without = a.predict(emb[:5])
     assert all(abs(p.fine.sum() - 1) < 1e-6 for p in with_label + without)
+
+
+def test_small_gallery_calibrates_on_every_photo_out_of_fold(monkeypatch):
+    """A few held-out photographers are too few to fit T and alpha: below CALIBRATION_PHOTOS every photo is
+    scored by heads trained without its photographer's fold; above it, the held-out split is enough."""
+    import geo.cells.stage as stage
+
+    meta, emb, _ = _gallery(300)
+    cfg = CellsConfig(tau_min=3, tau_max=[100, 30], max_epochs=3)
+    fitted = fit_cells(meta, emb, cfg, log=lambda *_: None)
+    calib, fine_photos = fitted.predictor.calibration, int(fitted.predictor.tables[-1]["count"].sum())
+    assert "cross-fitted" in calib["source"] and calib["val_photos"] == fine_photos
+    monkeypatch.setattr(stage, "CALIBRATION_PHOTOS", 10)
+    calib = fit_cells(meta, emb, cfg, log=lambda *_: None).predictor.calibration
+    assert calib["source"] == "the held-out photographers" and calib["val_photos"] < 0.5 * fine_photos
 
 
 def test_missing_columns_are_named():

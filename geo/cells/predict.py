@@ -1,31 +1,32 @@
 """Cell posteriors from the heads: calibrated, backed off to the gallery prior, hierarchical.
 
 Per partition p: log q_p(c|x) = alpha * z_c / T_p + (1 - alpha) * log prior_p(c), renormalised.
-T_p (temperature) and alpha are fitted on the held-out photographers: with
-few gallery photos per cell an uncalibrated arg-max is overconfident, and
-the gallery's cell frequencies (what the constant "population" guess knows)
-are a better answer than a guess the head cannot back up.
-Fine cells then take the product with their ancestors (Müller-Budack's f*).
+T_p (temperature) and alpha are fitted on photographers the heads did not
+train on: with few gallery photos per cell an uncalibrated arg-max is
+overconfident, and the gallery's cell frequencies (what the constant
+"population" guess knows) are a better answer than a guess the head cannot
+back up. Fine cells then take the product with their ancestors (Müller-Budack's f*).
 
 The arg-max fine cell answers "which cell"; :meth:`CellPosterior.decide`
-answers "which point is most likely within r km": it sums the posterior of
-all fine cells whose photo mean lies within r of each candidate point, which
-for large r favours dense regions the way the population prior does.
+answers "which point is most likely within r km" over the cells' photo
+spots (:mod:`geo.cells.support`), which with a flat posterior is the
+population prior's answer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import pandas as pd
 
 from geo.bundle import Bundle, BundleError
-from geo.geodesy import EARTH_RADIUS_KM
+from geo.cells.support import DECISION_RADII_KM, SupportDecision, check_support
+from geo.splits import clustered_se
 
 TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(20.0), 31))
 CALIBRATION_PHOTOS = 5000  # plenty for two parameters; keeps the grid search seconds on big galleries
 ALPHAS = np.linspace(0.0, 1.0, 21)
+SUPPORT_FILE = "cells/support.parquet"
 
 
 # ------------------------------------------------------------ the posterior maths (numpy, batched)
@@ -69,15 +70,18 @@ def hierarchical_log_probs(logp: list[np.ndarray], parents: list[np.ndarray]) ->
 
 
 def fit_calibration(logits: list[np.ndarray], targets: np.ndarray, priors: list[np.ndarray],
-                    parents: list[np.ndarray]) -> dict:
-    """Temperatures (per partition) then alpha, by validation negative log-likelihood.
+                    parents: list[np.ndarray], groups: np.ndarray | None = None) -> dict:
+    """Temperatures (per partition) then alpha, by held-out negative log-likelihood.
 
+    ``logits`` must come from heads that did not see these photos; ``groups``
+    (photographers) make the one-SE rule's standard error cluster-robust.
     Grid searches: a handful of parameters on a few hundred photos needs no optimiser and never diverges.
-    Above CALIBRATION_PHOTOS validation photos, a seeded subsample is used.
+    Above CALIBRATION_PHOTOS photos, a seeded subsample is used.
     """
     if len(targets) > CALIBRATION_PHOTOS:
         keep = np.sort(np.random.default_rng(0).choice(len(targets), CALIBRATION_PHOTOS, replace=False))
         logits, targets = [z[keep] for z in logits], targets[keep]
+        groups = groups[keep] if groups is not None else None
     temps = []
     for p, z in enumerate(logits):
         ok = targets[:, p] >= 0
@@ -93,38 +97,25 @@ def fit_calibration(logits: list[np.ndarray], targets: np.ndarray, priors: list[
     for a in ALPHAS:
         fine = fine_log_posterior([z[ok] for z in logits], priors, temps, a, parents)
         per_photo.append(-fine[np.arange(ok.sum()), targets[ok, -1]])
-    best = most_prior_within_one_se(per_photo)
+    best = most_prior_within_one_se(per_photo, groups[ok] if groups is not None else None)
     return {"temperature": temps, "alpha": float(ALPHAS[best]), "val_nll_fine": float(per_photo[best].mean()),
             "val_photos": int(ok.sum())}
 
 
-def most_prior_within_one_se(per_photo: list[np.ndarray]) -> int:
-    """Index of the smallest alpha (most weight on the gallery prior) whose validation NLL is within one
-    paired standard error of the best.
+def most_prior_within_one_se(per_photo: list[np.ndarray], groups: np.ndarray | None = None) -> int:
+    """Index of the smallest alpha (most weight on the gallery prior) whose held-out NLL is within one
+    paired standard error (clustered by photographer when ``groups`` is given) of the best.
 
-    A few hundred validation photos from a few dozen photographers cannot tell
-    apart alphas closer than that, and the heads' extra confidence does not
+    A few hundred photos from a few dozen photographers cannot tell apart
+    alphas closer than that, and the heads' extra confidence does not
     transfer to new photographers (measured on Im2GPS3k dev folds), so ties go to the prior.
     """
     means = np.array([x.mean() for x in per_photo])
     top = int(np.argmin(means))
     for i, x in enumerate(per_photo):  # ALPHAS ascend: the first that qualifies leans most on the prior
-        if means[i] <= means[top] + np.std(x - per_photo[top]) / np.sqrt(len(x)):
+        if means[i] <= means[top] + clustered_se(x - per_photo[top], groups):
             return i
     return top
-
-
-def neighbours_within(lat: np.ndarray, lon: np.ndarray, radius_km: float):
-    """Sparse [C, C] 0/1 matrix: cell means within ``radius_km`` of each other (haversine, <=)."""
-    from scipy.sparse import csr_matrix
-    from sklearn.neighbors import BallTree
-
-    pts = np.radians(np.stack([lat, lon], 1))
-    tree = BallTree(pts, metric="haversine")
-    nbrs = tree.query_radius(pts, r=radius_km / EARTH_RADIUS_KM)
-    rows = np.repeat(np.arange(len(nbrs)), [len(x) for x in nbrs])
-    cols = np.concatenate(nbrs)
-    return csr_matrix((np.ones(len(cols), dtype=np.float64), (rows, cols)), shape=(len(nbrs), len(nbrs)))
 
 
 # ------------------------------------------------------------ query side
@@ -154,22 +145,24 @@ class CellPosterior:
         return [{"partition": self.partitions[-1], "token": t["token"].iat[i], "prob": float(self.fine[i]),
                  "lat": float(t["lat"].iat[i]), "lon": float(t["lon"].iat[i])} for i in order]
 
-    def decide(self, radius_km: float) -> tuple[float, float, float]:
-        """(lat, lon, mass): the fine-cell mean with the most posterior mass within ``radius_km``."""
-        lat, lon, mass = self.predictor.decide(self.fine[None, :], radius_km)
+    def decide(self, radii_km=DECISION_RADII_KM) -> tuple[float, float, float]:
+        """(lat, lon, mass within radii_km[0]): the photo spot with most posterior mass within the radii in turn."""
+        lat, lon, mass = self.predictor.decide(self.fine[None, :], radii_km)
         return float(lat[0]), float(lon[0]), float(mass[0])
 
 
 class CellPredictor:
     """Heads + cell tables of a bundle, ready to turn embeddings into cell posteriors."""
 
-    def __init__(self, tables: list[pd.DataFrame], names: list[str], model, calibration: dict, scene_values: list):
+    def __init__(self, tables: list[pd.DataFrame], names: list[str], model, calibration: dict, scene_values: list,
+                 support: pd.DataFrame):
         self.tables, self.names, self.model = tables, names, model
         self.calibration = calibration
         self.scene_values = scene_values
+        self.support = support
         self.priors = log_priors([t["count"].to_numpy(float) for t in tables])
         self.parents = [_parent_rows(tables[-1], t, n) for t, n in zip(tables[:-1], names[:-1])]
-        self._decide_cache = lru_cache(maxsize=8)(self._neighbours)
+        self._decision = SupportDecision(support, tables[-1]["lat"].to_numpy(float), tables[-1]["lon"].to_numpy(float))
 
     @classmethod
     def load(cls, bundle: Bundle, device: str = "cpu") -> "CellPredictor":
@@ -180,17 +173,18 @@ class CellPredictor:
             names = list(info["partitions"])
         except KeyError:
             raise BundleError(f"{bundle.root}/manifest.json: cells stage lists no partitions") from None
-        tables = []
-        for n in names:
-            path = bundle.path(f"cells/{n}.parquet")
-            try:
-                tables.append(pd.read_parquet(path))
-            except (FileNotFoundError, OSError) as e:
-                raise BundleError(f"{path}: cannot read cell table ({e})") from None
+        tables = [_read_table(bundle.path(f"cells/{n}.parquet"), "cell table") for n in names]
+        support_path = bundle.path(SUPPORT_FILE)
+        support = _read_table(support_path, "support spots (bundles from before they existed: rebuild with "
+                                            "`geo build-index ... --force cells`)")
+        try:
+            check_support(support, len(tables[-1]), str(support_path))
+        except ValueError as e:
+            raise BundleError(str(e)) from None
         model, cfg = load_heads(bundle.path("heads/heads.safetensors"), bundle.path("heads/heads.json"), device)
         if [len(t) for t in tables] != model.spec["n_classes"]:
             raise BundleError(f"{bundle.path('heads/heads.json')}: head sizes do not match the cell tables")
-        return cls(tables, names, model, cfg["calibration"], cfg.get("scene_values", []))
+        return cls(tables, names, model, cfg["calibration"], cfg.get("scene_values", []), support)
 
     def scene_codes(self, scene) -> np.ndarray | None:
         """Scene labels (as in the manifest column) -> head indices, -1 unknown."""
@@ -215,16 +209,16 @@ class CellPredictor:
         return [CellPosterior(self.names, {n: p[i] for n, p in zip(self.names, probs)}, fine[i], self)
                 for i in range(len(fine))]
 
-    def _neighbours(self, radius_km: float):
-        t = self.tables[-1]
-        return neighbours_within(t["lat"].to_numpy(), t["lon"].to_numpy(), radius_km)
-
-    def decide(self, fine_probs: np.ndarray, radius_km: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decide(self, fine_probs: np.ndarray, radii_km=DECISION_RADII_KM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Batched :meth:`CellPosterior.decide` over fine probabilities [n, C]."""
-        mass = np.asarray(self._decide_cache(float(radius_km)) @ np.asarray(fine_probs, dtype=np.float64).T).T
-        best = mass.argmax(axis=1)
-        t = self.tables[-1]
-        return t["lat"].to_numpy()[best], t["lon"].to_numpy()[best], mass[np.arange(len(best)), best]
+        return self._decision.decide(fine_probs, radii_km)
+
+
+def _read_table(path, what: str) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (FileNotFoundError, OSError) as e:
+        raise BundleError(f"{path}: cannot read {what} ({e})") from None
 
 
 def _parent_rows(fine: pd.DataFrame, coarse: pd.DataFrame, coarse_name: str) -> np.ndarray:

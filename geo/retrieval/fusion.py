@@ -437,7 +437,7 @@ def out_of_fold(meta, emb: np.ndarray, folds: np.ndarray, backbone: dict[str, An
     import tempfile
 
     from geo.index_build.runner import build_from_embeddings
-    from geo.retrieval.index import CELLS_DECISION_KM, GeoIndex
+    from geo.retrieval.index import GeoIndex
     from geo.retrieval.knn import kde_vote
 
     rng = np.random.default_rng(seed)
@@ -460,7 +460,7 @@ def out_of_fold(meta, emb: np.ndarray, folds: np.ndarray, backbone: dict[str, An
             if has_gallery:
                 singles["gallery"].append(ev.gallery_latlon[:, 0])
             if has_cells:
-                singles["cells"].append(np.stack(index.cells.decide(index.cell_probs(emb[held]), CELLS_DECISION_KM)[:2], -1))
+                singles["cells"].append(np.stack(index.cells.decide(index.cell_probs(emb[held]))[:2], -1))
                 singles["prior"].append(np.broadcast_to(population_prior(index.lat, index.lon), (len(held), 2)))
         all_rows.append(held)
         parts.append(ev)

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from geo.bundle import Bundle, open_bundle
+from geo.cells.support import DECISION_RADII_KM
 from geo.geodesy import haversine_km
 from geo.retrieval.inputs import expand_images
 from geo.retrieval.knn import KnnParams, kde_vote, neighbour_weights
 
 MODES = ("fused", "knn", "gallery", "cells")
-CELLS_DECISION_KM = 750.0
 
 
 def _softmax1(z: np.ndarray) -> np.ndarray:
@@ -180,10 +180,10 @@ class GeoIndex:
             answers = [{"lat": float(g[0, 0]), "lon": float(g[0, 1]), "mode": "gallery",
                         "confidence": round(float(_softmax1(sc)[0]), 4), "confidence_radius_km": 0.0}
                        for g, sc in zip(*gallery)]
-        elif mode == "cells":  # the point with most f* mass within 750 km (beats the arg-max cell; see RESULTS.md)
-            lat, lon, mass = self.cells.decide(probs, CELLS_DECISION_KM)
+        elif mode == "cells":  # the photo spot with most f* mass within 750, then 200, then 25 km (see RESULTS.md)
+            lat, lon, mass = self.cells.decide(probs)
             answers = [{"lat": float(lat[i]), "lon": float(lon[i]), "mode": "cells", "confidence": round(float(mass[i]), 4),
-                        "confidence_radius_km": CELLS_DECISION_KM} for i in range(len(emb))]
+                        "confidence_radius_km": DECISION_RADII_KM[0]} for i in range(len(emb))]
         else:
             answers = self._answer_fused(self.evidence(emb, k, knn=(sims, rows), cell_probs=probs, gallery=gallery))
         for i, a in enumerate(answers):
