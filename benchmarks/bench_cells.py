@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cells.py throughput [--points 2000000]
     python benchmarks/bench_cells.py train-time [--n 100000 --dim 512]
+    python benchmarks/bench_cells.py decide [--queries 200]   (the `--mode cells` decision on MP-16's partitions)
     python benchmarks/bench_cells.py dev --npz /tmp/geo-dev/im2gps3k_effnet.npz [--folds 5 --seed 0]
     python benchmarks/bench_cells.py dev --bundle INDEX_DIR   (after `geo build-index`: same protocol on its embeddings)
 
@@ -67,6 +68,41 @@ def train_time(n: int, dim: int, seed: int = 0) -> dict:
     fitted = fit_cells(meta, emb, CellsConfig(seed=seed))
     return {"n": n, "dim": dim, "seconds_total": time.perf_counter() - t0, "seconds_heads": fitted.info["train"]["seconds"],
             "epochs": fitted.info["train"]["epochs_run"], "cells": fitted.info["cells"]}
+
+
+def decide_latency(queries: int, dim: int = 512, seed: int = 0) -> dict:
+    """`--mode cells` cost on MP-16's published partitions, per query: heads + f* (the bare baseline) vs the
+    spot decision that follows. Photos: the YFCC26k coordinates; cells without any keep their published mean."""
+    from geo.cells.heads import CellHeads, head_logits
+    from geo.cells.predict import fine_log_posterior, log_priors
+    from geo.cells.support import SupportDecision, support_points
+
+    root = Path(__file__).resolve().parents[2] / "shared/data"
+    parts = P.read_partitions(sorted((root / "geoestimation/geo-cells").glob("cells_50_*.csv")))
+    yfcc = pd.read_csv(root / "yfcc/yfcc25600_places365.csv")
+    lat, lon = yfcc["LAT"].to_numpy(float), yfcc["LON"].to_numpy(float)
+    leaf = s2.leaf_ids(lat, lon)
+    parents = P.link_parents(parts)
+    rows = [P.assign(leaf, p.cell_ids) for p in parts]
+    fine_table = pd.DataFrame({"lat": parts[-1].fallback_lat, "lon": parts[-1].fallback_lon})
+    support = support_points(lat, lon, rows[-1], fine_table)
+    decision = SupportDecision(support, fine_table["lat"].to_numpy(), fine_table["lon"].to_numpy())
+    heads = CellHeads(dim, [len(p.cell_ids) for p in parts]).eval()
+    priors = log_priors([np.bincount(r[r >= 0], minlength=len(p.cell_ids)).astype(float) for r, p in zip(rows, parts)])
+    parent_rows = [parents[parts[-1].name][p.name] for p in parts[:-1]]
+    emb = np.random.default_rng(seed).normal(size=(queries, dim)).astype(np.float32)
+    decision.decide(np.full((1, len(fine_table)), 1 / len(fine_table)))  # builds the cell-neighbour matrix once
+    t_post = t_dec = 0.0
+    for e in emb:
+        t0 = time.perf_counter()
+        logits, _ = head_logits(heads, e[None])
+        fine = np.exp(fine_log_posterior(logits, priors, [1.0] * len(parts), 0.5, parent_rows))
+        t1 = time.perf_counter()
+        decision.decide(fine)
+        t_post, t_dec = t_post + t1 - t0, t_dec + time.perf_counter() - t1
+    return {"fine_cells": len(fine_table), "support_spots": len(support), "queries": queries,
+            "posterior_ms": 1e3 * t_post / queries, "decision_ms": 1e3 * t_dec / queries,
+            "decision_over_posterior": t_dec / t_post}
 
 
 # ------------------------------------------------------------ dev evaluation
@@ -156,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("train-time")
     a.add_argument("--n", type=int, default=100_000)
     a.add_argument("--dim", type=int, default=512)
+    a = sub.add_parser("decide")
+    a.add_argument("--queries", type=int, default=200)
     a = sub.add_parser("dev")
     a.add_argument("--npz")
     a.add_argument("--bundle")
@@ -172,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         print(throughput(args.points))
     elif args.cmd == "train-time":
         print(train_time(args.n, args.dim))
+    elif args.cmd == "decide":
+        print(decide_latency(args.queries))
     else:
         if args.bundle:
             from geo.bundle import open_bundle

@@ -74,7 +74,7 @@ def test_gallery_prior_posterior_answers_the_population_prior():
     rows, table = _fine(lat, lon)
     (a_lat, a_lon), mass, d_answer, d_spots = _prior_answer(lat, lon, rows, table)
     cover750 = (d_spots <= 750).sum(1)
-    assert len(d_spots) <= S.MAX_CANDIDATES  # every spot is a candidate: the answer is exact
+    assert len(d_spots) <= S.EXACT_SPOTS  # every spot is a candidate: the answer is exact
     assert (d_answer <= 750).sum() == cover750.max()
     assert mass == pytest.approx(cover750.max() / (rows >= 0).sum())
     assert (d_answer <= 200).sum() == (d_spots[cover750 == cover750.max()] <= 200).sum(1).max()
@@ -82,8 +82,9 @@ def test_gallery_prior_posterior_answers_the_population_prior():
 
 
 def test_few_candidates_stay_near_the_best(monkeypatch):
-    """Past MAX_CANDIDATES spots only those of the cells with most mass around their means are scored:
+    """Past EXACT_SPOTS spots, only those of the cells with most mass around their means are scored:
     near the exact answer while cells are small against the radius (they are huge here: 25 cells for 5 cities)."""
+    monkeypatch.setattr(S, "EXACT_SPOTS", 64)
     monkeypatch.setattr(S, "MAX_CANDIDATES", 64)
     lat, lon = _gallery()
     rows, table = _fine(lat, lon)

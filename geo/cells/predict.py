@@ -175,8 +175,10 @@ class CellPredictor:
             raise BundleError(f"{bundle.root}/manifest.json: cells stage lists no partitions") from None
         tables = [_read_table(bundle.path(f"cells/{n}.parquet"), "cell table") for n in names]
         support_path = bundle.path(SUPPORT_FILE)
-        support = _read_table(support_path, "support spots (bundles from before they existed: rebuild with "
-                                            "`geo build-index ... --force cells`)")
+        if not support_path.exists():
+            raise BundleError(f"{support_path}: missing; the bundle predates support spots, rebuild its cells with "
+                              "`geo build-index ... --force cells`")
+        support = _read_table(support_path, "support spots")
         try:
             check_support(support, len(tables[-1]), str(support_path))
         except ValueError as e:

@@ -23,7 +23,8 @@ from geo.geodesy import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 
 SPOT_LEVEL = 13  # S2 level-13 cells are ~1 km across: finer than every benchmark radius above 1 km
 SUPPORT_BUDGET = 16_384  # bounds a query's work on MP-16-sized partitions (12,893 fine cells -> 1 spot each)
-MAX_CANDIDATES = 1024  # spots scored per query (all of a small gallery), else those of the cells with most mass near their means
+EXACT_SPOTS = 1024  # up to this many spots, every spot is scored for every query: the decision is exact
+MAX_CANDIDATES = 256  # beyond: the spots of the cells with most mass near their means (cost: candidates x spots)
 DECISION_RADII_KM = (750.0, 200.0, 25.0)  # most mass within 750 km first; ties go to 200 km, then 25 km
 
 
@@ -85,8 +86,7 @@ class SupportDecision:
         self.xyz = latlon_to_xyz(self.lat, self.lon)
         count = support["count"].to_numpy(float)
         self.share = count / np.bincount(self.cell, weights=count, minlength=len(cell_lat))[self.cell]
-        self.by_cell = np.argsort(self.cell, kind="stable")
-        self.cell_start = np.searchsorted(self.cell[self.by_cell], np.arange(len(cell_lat) + 1))
+        self.spots_per_cell = np.bincount(self.cell, minlength=len(cell_lat))
         self.cell_xyz = latlon_to_xyz(cell_lat, cell_lon)
         self._near: dict[float, object] = {}
 
@@ -97,24 +97,21 @@ class SupportDecision:
         if cos_r not in self._near:
             blocks = [csr_matrix(self.cell_xyz[b:b + 1024] @ self.cell_xyz.T >= cos_r)
                       for b in range(0, len(self.cell_xyz), 1024)]
-            self._near[cos_r] = vstack(blocks).astype(np.float64).tocsr()
+            self._near[cos_r] = vstack(blocks).astype(np.float32).tocsr()  # ranks only; half the memory of float64
         return self._near[cos_r]
 
     def _candidates(self, fine: np.ndarray, cos_r: float) -> np.ndarray:
         """Spots of the cells with most mass within the first radius (cell means), plus the most probable cell."""
-        if len(self.cell) <= MAX_CANDIDATES:
+        if len(self.cell) <= EXACT_SPOTS:
             return np.arange(len(self.cell))
-        cell_mass = self._cells_within(cos_r) @ fine
-        picked, total = [self._spots_of(int(np.argmax(fine)))], 0
-        for c in np.argsort(-cell_mass, kind="stable"):
-            picked.append(self._spots_of(c))
-            total += len(picked[-1])
-            if total >= MAX_CANDIDATES:
-                break
-        return np.unique(np.concatenate(picked))
-
-    def _spots_of(self, cell: int) -> np.ndarray:
-        return self.by_cell[self.cell_start[cell]:self.cell_start[cell + 1]]
+        cell_mass = self._cells_within(cos_r) @ fine.astype(np.float32)
+        top = np.argpartition(-cell_mass, min(MAX_CANDIDATES, len(cell_mass)) - 1)[:MAX_CANDIDATES]
+        top = top[np.argsort(-cell_mass[top], kind="stable")]  # every cell has a spot: these cells suffice
+        enough = np.searchsorted(np.cumsum(self.spots_per_cell[top]), MAX_CANDIDATES) + 1
+        chosen = np.zeros(len(fine), bool)
+        chosen[top[:enough]] = True
+        chosen[int(np.argmax(fine))] = True
+        return np.flatnonzero(chosen[self.cell])
 
     def decide(self, fine_probs: np.ndarray, radii_km=DECISION_RADII_KM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lat, lon, mass within the first radius) per row of fine-cell probabilities [n, C].
