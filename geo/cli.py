@@ -52,6 +52,9 @@ def build_index_cmd(
     gps_gallery: Optional[str] = typer.Option(None, help="Extra GPS gallery points: a CSV with lat/lon, or 'geoclip' for "
                                               "GeoCLIP's 100K points."),
     gallery_init: str = typer.Option("geoclip", help="Location encoder start: geoclip (published weights) | random."),
+    gallery_epochs: Optional[int] = typer.Option(None, help="Most training epochs of the GPS gallery (default 40; early "
+                                                       "stopping usually ends sooner). On a 2-core CPU a 100K gallery "
+                                                       "takes ~5 min an epoch: see benchmarks/RESULTS.md."),
     skip: list[str] = typer.Option([], help="Stages to leave out: cells, gallery, fusion (repeatable)."),
     force: list[str] = typer.Option([], help="Stages to rebuild although built: knn_index, cells, gallery, fusion."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -72,7 +75,8 @@ def build_index_cmd(
             "cells": {"cells": [str(c) for c in cells], "partitioner": partitioner, "tau_min": tau_min,
                       "tau_max": list(tau_max), "head": head, "scene_column": scene_column, "group_column": group_column,
                       "device": device},
-            "gallery": {"gps_gallery": gps_gallery, "init": gallery_init, "group_column": group_column, "device": device},
+            "gallery": {"gps_gallery": gps_gallery, "init": gallery_init, "group_column": group_column, "device": device,
+                        **({"epochs": gallery_epochs} if gallery_epochs is not None else {})},
             "fusion": {"group": group_column},
         },
     )

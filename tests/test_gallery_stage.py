@@ -108,3 +108,17 @@ def test_image_init_follows_backbone():
     assert resolve_image_init("geoclip", 512) == "identity"
     assert resolve_image_init("open_clip:ViT-L-14/openai", 768) == "geoclip"
     assert resolve_image_init("efficientnet_lite0", 1280) == "random"
+
+
+def test_each_epoch_reports_its_time_and_what_is_left():
+    """A 100K gallery takes minutes an epoch on a CPU: the log says how long the rest may take."""
+    from geo.gallery.train import train_gallery
+
+    meta, emb, _ = city_data(n_per=10)
+    lines: list[str] = []
+    cfg = dataclasses.replace(SMALL, epochs=3, patience=10).train_config("test", emb.shape[1])
+    result = train_gallery(emb, meta[["lat", "lon"]].to_numpy(), meta["AUTHOR"].to_numpy(), cfg, log=lines.append)
+    history = result.metrics["history"]
+    assert len(history) == 3 and all(h["seconds"] > 0 for h in history)
+    assert sum(h["seconds"] for h in history) <= result.metrics["seconds"] + 1e-6
+    assert "at most 2 more" in lines[0] and "at most 1 more" in lines[1] and "more" not in lines[2]

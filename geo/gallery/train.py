@@ -229,7 +229,8 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
                 queue = torch.cat([locf.detach(), queue])[:config.queue_size]
                 queue_ids = torch.cat([ids, queue_ids])[:config.queue_size]
             total, steps = total + loss.item(), steps + 1
-        row = {"epoch": epoch, "loss": total / max(steps, 1), "logit_scale": proj.logit_scale.exp().item()}
+        row = {"epoch": epoch, "loss": total / max(steps, 1), "logit_scale": proj.logit_scale.exp().item(),
+               "seconds": time.perf_counter() - t0 - sum(h["seconds"] for h in history)}
         if best is not None:
             m = val_metrics()
             row.update(m)
@@ -238,7 +239,10 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
             else:
                 stale += 1
         history.append(row)
-        log(f"gallery epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        left = config.epochs - epoch
+        log(f"gallery epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch")
+            + (f"; at most {left} more, ~{left * row['seconds'] / 60:.0f} min (early stopping usually ends sooner)"
+               if left else ""))
         if best is not None and stale >= config.patience:
             break
     if best is None:  # no held-out groups: keep the last epoch
