@@ -51,8 +51,8 @@ def throughput(points: int, seed: int = 0) -> dict:
             "build_3_adaptive_per_s": points / (t4 - t3), "built_cells": [len(p.cell_ids) for p in built]}
 
 
-def train_time(n: int, dim: int, seed: int = 0) -> dict:
-    """fit_cells on n synthetic embeddings: locations from YFCC26k (jittered), features tied to location."""
+def synthetic_gallery(n: int, dim: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """n photos at YFCC26k locations (jittered ~50 km) with their authors; unit features tied to location."""
     rng = np.random.default_rng(seed)
     yfcc = pd.read_csv(Path(__file__).resolve().parents[2] / "shared/data/yfcc/yfcc25600_places365.csv")
     pick = rng.integers(0, len(yfcc), n)
@@ -63,7 +63,12 @@ def train_time(n: int, dim: int, seed: int = 0) -> dict:
 
     emb = (latlon_to_xyz(lat, lon).astype(np.float32) * 4) @ proj + rng.normal(size=(n, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    meta = pd.DataFrame({"lat": lat, "lon": lon, "AUTHOR": yfcc["AUTHOR"].to_numpy()[pick]})
+    return pd.DataFrame({"lat": lat, "lon": lon, "AUTHOR": yfcc["AUTHOR"].to_numpy()[pick]}), emb
+
+
+def train_time(n: int, dim: int, seed: int = 0) -> dict:
+    """fit_cells on n synthetic embeddings (:func:`synthetic_gallery`)."""
+    meta, emb = synthetic_gallery(n, dim, seed)
     t0 = time.perf_counter()
     fitted = fit_cells(meta, emb, CellsConfig(seed=seed))
     return {"n": n, "dim": dim, "seconds_total": time.perf_counter() - t0, "seconds_heads": fitted.info["train"]["seconds"],
