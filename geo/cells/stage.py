@@ -100,12 +100,10 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig, log=prin
     group_col = group_column(meta.columns, config.group_column)
     hc = HeadConfig(head=config.head, smoothing_km=config.smoothing_km, max_epochs=config.max_epochs, seed=config.seed,
                     device=config.device)
-    result = train_heads(emb, rows, [(t["lat"].to_numpy(), t["lon"].to_numpy()) for t in tables], (lat, lon), hc,
-                         groups=meta[group_col].to_numpy() if group_col else None, scene=scene,
-                         n_scenes=len(scene_values))
-    val = result.val_index
     groups = meta[group_col].astype(str).to_numpy() if group_col else None
     cell_latlon = [(t["lat"].to_numpy(), t["lon"].to_numpy()) for t in tables]
+    result = train_heads(emb, rows, cell_latlon, (lat, lon), hc, groups=groups, scene=scene, n_scenes=len(scene_values))
+    val = result.val_index
     if len(val) >= CALIBRATION_PHOTOS:
         calib_rows, how = val, "the held-out photographers"
         logits, _ = head_logits(result.model, emb[val], scene[val] if scene is not None else None)
