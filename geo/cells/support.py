@@ -89,6 +89,8 @@ class SupportDecision:
         self.spots_per_cell = np.bincount(self.cell, minlength=len(cell_lat))
         self.cell_xyz = latlon_to_xyz(cell_lat, cell_lon)
         self._near: dict[float, object] = {}
+        # every spot is a candidate for every query up to EXACT_SPOTS: their dot products never change
+        self._all_dots = self.xyz @ self.xyz.T if len(self.cell) <= EXACT_SPOTS else None
 
     def _cells_within(self, cos_r: float):
         """Sparse [C, C]: cell means within the radius of each other; built once per radius, in row blocks."""
@@ -100,10 +102,11 @@ class SupportDecision:
             self._near[cos_r] = vstack(blocks).astype(np.float32).tocsr()  # ranks only; half the memory of float64
         return self._near[cos_r]
 
-    def _candidates(self, fine: np.ndarray, cos_r: float) -> np.ndarray:
-        """Spots of the cells with most mass within the first radius (cell means), plus the most probable cell."""
-        if len(self.cell) <= EXACT_SPOTS:
-            return np.arange(len(self.cell))
+    def _candidates(self, fine: np.ndarray, cos_r: float) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate spots, their dot products with every spot): all spots up to EXACT_SPOTS, else the spots of
+        the cells with most mass within the first radius (cell means), plus the most probable cell."""
+        if self._all_dots is not None:
+            return np.arange(len(self.cell)), self._all_dots
         cell_mass = self._cells_within(cos_r) @ fine.astype(np.float32)
         top = np.argpartition(-cell_mass, min(MAX_CANDIDATES, len(cell_mass)) - 1)[:MAX_CANDIDATES]
         top = top[np.argsort(-cell_mass[top], kind="stable")]  # every cell has a spot: these cells suffice
@@ -111,7 +114,8 @@ class SupportDecision:
         chosen = np.zeros(len(fine), bool)
         chosen[top[:enough]] = True
         chosen[int(np.argmax(fine))] = True
-        return np.flatnonzero(chosen[self.cell])
+        cand = np.flatnonzero(chosen[self.cell])
+        return cand, self.xyz[cand] @ self.xyz.T
 
     def decide(self, fine_probs: np.ndarray, radii_km=DECISION_RADII_KM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lat, lon, mass within the first radius) per row of fine-cell probabilities [n, C].
@@ -124,8 +128,7 @@ class SupportDecision:
         lat, lon, mass = np.empty(len(fine_probs)), np.empty(len(fine_probs)), np.empty(len(fine_probs))
         for i, fine in enumerate(fine_probs):
             weight = fine[self.cell] * self.share
-            cand = self._candidates(fine, cos_r[0])
-            dots = self.xyz[cand] @ self.xyz.T
+            cand, dots = self._candidates(fine, cos_r[0])
             keep = np.arange(len(cand))
             first = None
             for c in cos_r:
