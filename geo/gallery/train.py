@@ -201,6 +201,7 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
     best_state, best_epoch, stale, history = _snapshot(loc, proj), 0, 0, []
     t0 = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
         loc.train(config.location_lr > 0)
         proj.train()
         order = torch.from_numpy(rng.permutation(len(x_tr))).to(dev)
@@ -229,8 +230,7 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
                 queue = torch.cat([locf.detach(), queue])[:config.queue_size]
                 queue_ids = torch.cat([ids, queue_ids])[:config.queue_size]
             total, steps = total + loss.item(), steps + 1
-        row = {"epoch": epoch, "loss": total / max(steps, 1), "logit_scale": proj.logit_scale.exp().item(),
-               "seconds": time.perf_counter() - t0 - sum(h["seconds"] for h in history)}
+        row = {"epoch": epoch, "loss": total / max(steps, 1), "logit_scale": proj.logit_scale.exp().item()}
         if best is not None:
             m = val_metrics()
             row.update(m)
@@ -238,6 +238,7 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
                 best, best_state, best_epoch, stale = m, _snapshot(loc, proj), epoch, 0
             else:
                 stale += 1
+        row["seconds"] = time.perf_counter() - started  # training and validation: what each further epoch costs
         history.append(row)
         left = config.epochs - epoch
         log(f"gallery epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch")
