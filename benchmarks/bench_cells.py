@@ -3,7 +3,6 @@
     python benchmarks/bench_cells.py throughput [--points 2000000]
     python benchmarks/bench_cells.py train-time [--n 100000 --dim 512]
     python benchmarks/bench_cells.py decide [--queries 200]   (the `--mode cells` decision on MP-16's partitions)
-    python benchmarks/bench_cells.py dev --npz /tmp/geo-dev/im2gps3k_effnet.npz [--folds 5 --seed 0]
     python benchmarks/bench_cells.py dev --bundle INDEX_DIR   (after `geo build-index`: same protocol on its embeddings)
 
 ``evaluate(meta, emb, config)`` is the callable form: meta needs lat, lon and a group column.
@@ -183,12 +182,6 @@ def evaluate(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig, group_col
     return table.rename(columns=lambda t: f"{t} km" if isinstance(t, int) else t), calibrations
 
 
-def load_npz(path: str) -> tuple[pd.DataFrame, np.ndarray]:
-    d = np.load(path, allow_pickle=True)
-    meta = pd.DataFrame({"id": d["ids"], "lat": d["lat"], "lon": d["lon"], "AUTHOR": d["author"], "S3_Label": d["s3"]})
-    return meta, d["emb"].astype(np.float32)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -200,8 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("decide")
     a.add_argument("--queries", type=int, default=200)
     a = sub.add_parser("dev")
-    a.add_argument("--npz")
-    a.add_argument("--bundle")
+    a.add_argument("--bundle", required=True, help="a `geo build-index` bundle: its embeddings and metadata")
     a.add_argument("--folds", type=int, default=5)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--partitioner", default="adaptive")
@@ -218,14 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "decide":
         print(decide_latency(args.queries))
     else:
-        if args.bundle:
-            from geo.bundle import open_bundle
+        from geo.bundle import open_bundle
 
-            meta, emb = open_bundle(args.bundle).read_embeddings()
-        elif args.npz:
-            meta, emb = load_npz(args.npz)
-        else:
-            ap.error("dev needs --npz or --bundle")
+        meta, emb = open_bundle(args.bundle).read_embeddings()
         cfg = CellsConfig(partitioner=args.partitioner, tau_min=args.tau_min, tau_max=args.tau_max, head=args.head,
                           smoothing_km=args.smoothing_km, scene_column=args.scene_column, seed=args.seed)
         t0 = time.perf_counter()

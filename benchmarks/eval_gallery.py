@@ -25,16 +25,8 @@ from geo.bench.metrics import THRESHOLDS_KM
 from geo.bundle import Bundle
 from geo.gallery.stage import GalleryConfig, GpsGallery, build_gallery_stage
 from geo.splits import validation_mask
-from geo.geodesy import haversine_km, pairwise_haversine_km
-
-PRIOR_RADIUS_KM = 750.0
-
-
-def population_prior(lat: np.ndarray, lon: np.ndarray, radius_km: float = PRIOR_RADIUS_KM) -> tuple[float, float]:
-    """The gallery photo location with the most gallery photos within ``radius_km`` — the best constant guess."""
-    counts = (pairwise_haversine_km(lat, lon, lat, lon) <= radius_km).sum(1)
-    i = int(np.argmax(counts))
-    return float(lat[i]), float(lon[i])
+from geo.geodesy import haversine_km
+from geo.retrieval.fusion import population_prior
 
 
 def scores(err_km: np.ndarray) -> dict[str, float]:
@@ -59,7 +51,7 @@ def evaluate(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig, seed: i
         info = build_gallery_stage(bundle, gal_meta, emb[~query], config, log=log)
         latlon, _ = GpsGallery.load(bundle).search(emb[query], k=1)
     err = haversine_km(q_meta.lat, q_meta.lon, latlon[:, 0, 0], latlon[:, 0, 1])
-    plat, plon = population_prior(gal_meta.lat.to_numpy(), gal_meta.lon.to_numpy())
+    plat, plon = map(float, population_prior(gal_meta.lat.to_numpy(), gal_meta.lon.to_numpy()))
     prior_err = haversine_km(q_meta.lat, q_meta.lon, plat, plon)
     return {
         "n_gallery": int((~query).sum()), "n_query": int(query.sum()), "n_points": info["n_points"],
