@@ -19,14 +19,18 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from geo.cells import partition as P  # noqa: E402
-from geo.cells import s2  # noqa: E402
-from geo.cells.stage import CellsConfig, fit_cells  # noqa: E402
-from geo.geodesy import haversine_km, pairwise_haversine_km  # noqa: E402
-from geo.retrieval.fusion import population_prior  # noqa: E402
-from geo.splits import group_folds  # noqa: E402
-
-THRESHOLDS = (1, 25, 200, 750, 2500)
+from geo.core import s2  # noqa: E402
+from geo.core.geodesy import THRESHOLDS_KM as THRESHOLDS  # noqa: E402
+from geo.core.geodesy import haversine_km, latlon_to_xyz, pairwise_haversine_km  # noqa: E402
+from geo.core.priors import population_prior  # noqa: E402
+from geo.core.splits import group_folds  # noqa: E402
+from geo.models.heads import CellHeads, head_logits  # noqa: E402
+from geo.stages.cells import partition as P  # noqa: E402
+from geo.stages.cells.calibration import fine_log_posterior, log_priors  # noqa: E402
+from geo.stages.cells.stage import CellsConfig, fit_cells  # noqa: E402
+from geo.stages.cells.support import SupportDecision, support_points  # noqa: E402
+from geo.store.bundle import open_bundle  # noqa: E402
+from geo.store.embeddings import EmbeddingReader  # noqa: E402
 
 
 def throughput(points: int, seed: int = 0) -> dict:
@@ -58,8 +62,6 @@ def synthetic_gallery(n: int, dim: int, seed: int = 0) -> tuple[pd.DataFrame, np
     lat = np.clip(yfcc["LAT"].to_numpy()[pick] + rng.normal(0, 0.5, n), -89.9, 89.9)
     lon = (yfcc["LON"].to_numpy()[pick] + rng.normal(0, 0.5, n) + 180) % 360 - 180
     proj = rng.normal(size=(3, dim)).astype(np.float32)
-    from geo.geodesy import latlon_to_xyz
-
     emb = (latlon_to_xyz(lat, lon).astype(np.float32) * 4) @ proj + rng.normal(size=(n, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     return pd.DataFrame({"lat": lat, "lon": lon, "AUTHOR": yfcc["AUTHOR"].to_numpy()[pick]}), emb
@@ -69,7 +71,7 @@ def train_time(n: int, dim: int, seed: int = 0) -> dict:
     """fit_cells on n synthetic embeddings (:func:`synthetic_gallery`)."""
     meta, emb = synthetic_gallery(n, dim, seed)
     t0 = time.perf_counter()
-    fitted = fit_cells(meta, emb, CellsConfig(seed=seed))
+    fitted = fit_cells(meta, emb, CellsConfig(seed=seed))  # the CellPredictor; .info is the stage's record
     return {"n": n, "dim": dim, "seconds_total": time.perf_counter() - t0, "seconds_heads": fitted.info["train"]["seconds"],
             "epochs": fitted.info["train"]["epochs_run"], "cells": fitted.info["cells"]}
 
@@ -77,10 +79,6 @@ def train_time(n: int, dim: int, seed: int = 0) -> dict:
 def decide_latency(queries: int, dim: int = 512, seed: int = 0) -> dict:
     """`--mode cells` cost on MP-16's published partitions, per query: heads + f* (the bare baseline) vs the
     spot decision that follows. Photos: the YFCC26k coordinates; cells without any keep their published mean."""
-    from geo.cells.heads import CellHeads, head_logits
-    from geo.cells.predict import fine_log_posterior, log_priors
-    from geo.cells.support import SupportDecision, support_points
-
     root = Path(__file__).resolve().parents[2] / "shared/data"
     parts = P.read_partitions(sorted((root / "geoestimation/geo-cells").glob("cells_50_*.csv")))
     yfcc = pd.read_csv(root / "yfcc/yfcc25600_places365.csv")
@@ -151,8 +149,7 @@ def evaluate(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig, group_col
         g, q = fold != f, fold == f
         pl, po = population_prior(lat[g], lon[g])
         dist["population prior"][q] = haversine_km(lat[q], lon[q], pl, po)
-        fitted = fit_cells(meta.loc[g].reset_index(drop=True), emb[g], config, log=lambda *_: None)
-        pred = fitted.predictor
+        pred = fit_cells(meta.loc[g].reset_index(drop=True), emb[g], config, log=lambda *_: None)
         calib = pred.calibration
         calibrations.append(calib)
         fine_tab = pred.tables[-1]
@@ -210,9 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "decide":
         print(decide_latency(args.queries))
     else:
-        from geo.bundle import open_bundle
-
-        meta, emb = open_bundle(args.bundle).read_embeddings()
+        meta, emb = EmbeddingReader(open_bundle(args.bundle)).read()
         cfg = CellsConfig(partitioner=args.partitioner, tau_min=args.tau_min, tau_max=args.tau_max, head=args.head,
                           smoothing_km=args.smoothing_km, scene_column=args.scene_column, seed=args.seed)
         t0 = time.perf_counter()

@@ -21,11 +21,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from geo.backbones import load_backbone
-from geo.bundle import Bundle
-from geo.index_build.embed import EmbedConfig, run_embedding_stage
-from geo.index_build.knn_index import build_knn_index
-from geo.retrieval.index import GeoIndex
+from geo.models.backbones import load_backbone
+from geo.query.index import GeoIndex
+from geo.stages.embed import EmbedConfig, run_embedding_stage
+from geo.stages.knn import KnnConfig, fit_knn
+from geo.store.bundle import Bundle
+from geo.store.embeddings import EmbeddingReader
 
 
 def bare_images_per_s(bb, batch: int, repeats: int) -> float:
@@ -69,10 +70,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Bundle.create_or_resume(Path(tmp) / "b", bb.spec(), bb.dim)
         t = time.perf_counter()
-        info = run_embedding_stage(bundle, df, bb, EmbedConfig(batch_size=args.batch, workers=args.workers), progress=False)
+        shards, info = run_embedding_stage(bundle, df, bb, EmbedConfig(batch_size=args.batch, workers=args.workers),
+                                           progress=False)
+        bundle.commit("embeddings", shards, info, replace=("embeddings/",))  # as `geo build-index` records it
         stage = len(files) / (time.perf_counter() - t)
         bare_after = bare_images_per_s(bb, args.batch, max(2, len(files) // args.batch))
-        build_knn_index(bundle, log=lambda m: None)
+        knn_files, knn_info = fit_knn(EmbeddingReader(bundle), KnnConfig(), log=lambda m: None).save(bundle)
+        bundle.commit("knn_index", knn_files, knn_info, replace=("index/",))
 
         index = GeoIndex(bundle, device=args.device)
         index.__dict__["backbone"] = bb  # share the loaded model: the measurement is of locate, not of loading

@@ -24,6 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from geo.models.location import ImageProjection, LocationEncoder, geoclip_gallery_csv
+from geo.stages.gallery.stage import GpsGallery
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,10 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
     from geoclip.model.location_encoder import LocationEncoder as RefEncoder
     from geoclip.model.misc import load_gps_data
-
-    from geo.gallery import ImageProjection, LocationEncoder
-    from geo.gallery.encoder import geoclip_gallery_csv
-    from geo.gallery.stage import GpsGallery
 
     gallery = load_gps_data(str(geoclip_gallery_csv()))
     proj = ImageProjection.from_geoclip()

@@ -22,9 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_cells import synthetic_gallery  # noqa: E402
-from geo.bundle import Bundle  # noqa: E402
-from geo.gallery.stage import GalleryConfig, build_gallery_stage  # noqa: E402
-from geo.gallery.train import build_modules  # noqa: E402
+
+from geo.stages.gallery.stage import GalleryConfig, fit_gallery  # noqa: E402
+from geo.stages.gallery.train import build_modules  # noqa: E402
+from geo.store.bundle import Bundle  # noqa: E402
 
 
 def bare_epoch_seconds(emb: np.ndarray, latlon: np.ndarray, config: GalleryConfig) -> float:
@@ -53,9 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     bare = bare_epoch_seconds(emb, meta[["lat", "lon"]].to_numpy(), config)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Bundle.create_or_resume(tmp, {"name": "synthetic"}, emb.shape[1])
-        t0 = time.perf_counter()
-        info = build_gallery_stage(bundle, meta, emb, config, log=lambda *_: None)
+        t0 = time.perf_counter()  # the whole stage as `geo build-index` runs it: fit, save, commit
+        gallery = fit_gallery(meta, emb, config, bundle.manifest["backbone"]["name"], log=lambda *_: None)
+        files, summary = gallery.save(bundle)
+        bundle.commit("gallery", files, summary, replace=("gallery/",))
         total = time.perf_counter() - t0
+    info = gallery.info
     epochs = info["train"]["epochs_run"]
     train = info["seconds"]["train"]
     print(json.dumps({"n": args.n, "dim": args.dim, "epochs_run": epochs, "best_epoch": info["train"].get("best_epoch"),

@@ -7,7 +7,7 @@
 Embeddings come from the real build (offline default backbone). For each fold the
 photographers are split (whole AUTHORs) into gallery and queries; a gallery bundle is
 built from the gallery rows with the real stages (FAISS, cells + heads, location encoder
-+ GPS gallery, fusion tuning on held-out gallery photographers), and the queries are
++ GPS gallery, fusion fitted out of fold on the gallery's own photographers), and the queries are
 answered by GeoIndex.locate_embeddings in every mode. Pooled over folds, every photo is a
 query exactly once.
 """
@@ -18,15 +18,20 @@ import tempfile
 
 import numpy as np
 
-from geo.bundle import open_bundle
-from geo.geodesy import haversine_km
-from geo.index_build.runner import build_from_embeddings
-from geo.retrieval.fusion import (CALIBRATED_KM, expected_calibration_error, population_prior, reliability_table,
-                                  tune_fusion_stage)
-from geo.retrieval.index import GeoIndex
-from geo.splits import group_folds
-
-THRESHOLDS = (1, 25, 200, 750, 2500)
+from geo.core.geodesy import THRESHOLDS_KM as THRESHOLDS
+from geo.core.geodesy import haversine_km
+from geo.core.priors import population_prior
+from geo.core.splits import group_folds
+from geo.pipeline import StageConfigs, build_from_embeddings
+from geo.query.index import GeoIndex
+from geo.stages.fusion.calibration import (
+    CALIBRATED_KM,
+    expected_calibration_error,
+    reliability_table,
+)
+from geo.stages.gallery.stage import GalleryConfig
+from geo.store.bundle import open_bundle
+from geo.store.embeddings import EmbeddingReader
 
 
 def main() -> None:
@@ -38,25 +43,24 @@ def main() -> None:
     args = ap.parse_args()
 
     src = open_bundle(args.bundle)
-    meta, emb = src.read_embeddings()
+    meta, emb = EmbeddingReader(src).read()
     truth = meta[["lat", "lon"]].to_numpy(np.float64)
     fold = group_folds(len(meta), meta["AUTHOR"].astype(str).to_numpy(), args.folds, args.seed)
     modes = ("knn", "gallery", "cells", "fused")
     pred = {m: np.zeros((len(meta), 2)) for m in (*modes, "prior")}
     p_within = {t: np.zeros(len(meta)) for t in CALIBRATED_KM}
-    options = {"gallery": {"init": args.gallery_init}}
+    configs = StageConfigs(gallery=GalleryConfig(init=args.gallery_init))
     for f in range(args.folds):
         q, g = fold == f, fold != f
         with tempfile.TemporaryDirectory() as tmp:
-            b = build_from_embeddings(tmp, src.manifest["backbone"], meta[g], emb[g], stage_options=options)
-            tune_fusion_stage(b, stage_options=options, log=print)
+            b = build_from_embeddings(tmp, src.manifest["backbone"], meta[g], emb[g], configs, log=print)
             index = GeoIndex(b)
             for m in modes:
                 ans = index.locate_embeddings(emb[q], mode=m)
-                pred[m][q] = [[a["lat"], a["lon"]] for a in ans]
+                pred[m][q] = [[a.lat, a.lon] for a in ans]
                 if m == "fused":
                     for t in CALIBRATED_KM:
-                        p_within[t][q] = [a["p_within"][t] for a in ans]
+                        p_within[t][q] = [a.p_within[t] for a in ans]
             pred["prior"][q] = population_prior(truth[g, 0], truth[g, 1])
         print(f"fold {f}: {int(g.sum())} gallery photos, {int(q.sum())} queries")
     print(f"\n| answer | {' | '.join(f'{t} km' for t in THRESHOLDS)} | median km |")

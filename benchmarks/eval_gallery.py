@@ -21,12 +21,12 @@ import tempfile
 import numpy as np
 import pandas as pd
 
-from geo.bench.metrics import THRESHOLDS_KM
-from geo.bundle import Bundle
-from geo.gallery.stage import GalleryConfig, GpsGallery, build_gallery_stage
-from geo.splits import validation_mask
-from geo.geodesy import haversine_km
-from geo.retrieval.fusion import population_prior
+from geo.core.geodesy import haversine_km
+from geo.core.priors import population_prior
+from geo.core.splits import validation_mask
+from geo.eval.metrics import THRESHOLDS_KM
+from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
+from geo.store.bundle import Bundle
 
 
 def scores(err_km: np.ndarray) -> dict[str, float]:
@@ -48,7 +48,10 @@ def evaluate(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig, seed: i
     gal_meta, q_meta = meta[~query].reset_index(drop=True), meta[query].reset_index(drop=True)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Bundle.create_or_resume(tmp, {"name": backbone}, emb.shape[1])
-        info = build_gallery_stage(bundle, gal_meta, emb[~query], config, log=log)
+        fitted = fit_gallery(gal_meta, emb[~query], config, backbone, log=log)
+        files, summary = fitted.save(bundle)
+        bundle.commit("gallery", files, summary, replace=("gallery/",))
+        info = fitted.info
         latlon, _ = GpsGallery.load(bundle).search(emb[query], k=1)
     err = haversine_km(q_meta.lat, q_meta.lon, latlon[:, 0, 0], latlon[:, 0, 1])
     plat, plon = map(float, population_prior(gal_meta.lat.to_numpy(), gal_meta.lon.to_numpy()))

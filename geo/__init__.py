@@ -1,14 +1,23 @@
-"""geo: tell where a photo was taken, from a feature index of geotagged photos."""
+"""geo: tell where a photo was taken, from a feature index of geotagged photos.
+
+``geo.open_index(dir).locate("photo.jpg")`` is the Python API; the package
+layout follows the pipeline (docs/ARCHITECTURE.md). ``open_index`` is resolved
+on first use (PEP 562), so importing a light module such as ``geo.core.geodesy``
+does not load torch.
+"""
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+_LAZY = {"open_index": "geo.query.index", "GeoIndex": "geo.query.index", "Answer": "geo.core.answer"}
 
 
-def open_index(path, device: str = "auto", verify: bool = True):
-    """Open an index bundle built by ``geo build-index``; returns a :class:`geo.retrieval.GeoIndex`."""
-    from geo.retrieval.index import GeoIndex
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'geo' has no attribute {name!r}")
 
-    return GeoIndex.open(path, device=device, verify=verify)
 
-
-__all__ = ["open_index", "__version__"]
+__all__ = ["Answer", "GeoIndex", "open_index", "__version__"]

@@ -1,9 +1,15 @@
 """Shared fixtures. Keep small: images are generated, never downloaded or vendored."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
+
+from geo.cli import app
 
 
 def _textured(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -34,3 +40,26 @@ def make_image(tmp_path):
 def textured():
     """textured(width, height, seed=0) -> a photo-like RGB PIL image."""
     return _textured
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "osv5m"
+
+
+@pytest.fixture(scope="session")
+def cli_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """(manifest, bundle) of the 66 vendored gallery photos built with `geo build-index`: every stage runs.
+
+    Nine "photographers" (an ``owner`` column) let fusion hold out whole groups. Built once per session:
+    it is the slowest fixture, and the CLI, fusion and query tests all read it.
+    """
+    df = pd.read_csv(EXAMPLES / "gallery.csv", dtype={"id": str})
+    df["path"] = [str(EXAMPLES / p) for p in df["path"]]
+    df["owner"] = [f"o{i % 9}" for i in range(len(df))]
+    manifest = tmp_path_factory.mktemp("m") / "gallery.csv"
+    df.to_csv(manifest, index=False)
+    out = tmp_path_factory.mktemp("idx") / "bundle"
+    r = CliRunner().invoke(app, ["build-index", str(manifest), "--out", str(out), "--workers", "0", "--batch-size", "8",
+                                 "--shard-size", "5", "--gallery-epochs", "2", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "66 photos indexed, 0 failed" in r.output
+    return manifest, out

@@ -8,9 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from geo.backbones import (Backbone, BackboneError, Preprocess, available_backbones, backbone_from_spec,
-                           load_backbone, read_state_dict, register_backbone)
-from geo.images import load_tensor
+from geo.data.images import load_tensor
+from geo.models.backbones import (
+    Backbone,
+    BackboneError,
+    Preprocess,
+    available_backbones,
+    backbone_from_spec,
+    load_backbone,
+    register_backbone,
+)
+from geo.models.weights import read_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from geo.bench.cli import register
-from geo.bench.suites import shared_data_dir
+from geo.cli.bench import register
+from geo.eval.suites import shared_data_dir
 
 RESULT = shared_data_dir() / "geoestimation" / "results" / "im2gps" / "ISNs_M-fstar-S3.csv"
 needs_results = pytest.mark.skipif(not RESULT.is_file(), reason="shared GeoEstimation results not available")

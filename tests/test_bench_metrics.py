@@ -6,10 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geo.bench.metrics import (bootstrap_ci, breakdown, distances_km, geoestimation_footer, geoscore,
-                               summarize)
-from geo.bench.suites import shared_data_dir
-from geo.predictions import read_scored_file
+from geo.eval.metrics import (
+    bootstrap_ci,
+    breakdown,
+    distances_km,
+    geoestimation_footer,
+    geoscore,
+    summarize,
+)
+from geo.eval.suites import shared_data_dir
+from geo.store.predictions import read_scored_file
 
 RESULTS = shared_data_dir() / "geoestimation" / "results"
 FILES = sorted(RESULTS.glob("*/*.csv")) if RESULTS.is_dir() else []

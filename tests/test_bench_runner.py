@@ -9,11 +9,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import geo
-from geo.bench.cli import register
-from geo.bench.runner import run_suite
-from geo.bench.suites import SuiteError, get_suite, shared_data_dir
-from geo.predictions import read_predictions
+import geo.cli.bench
+from geo.cli.bench import register
+from geo.eval.runner import run_suite
+from geo.eval.suites import SuiteError, get_suite, shared_data_dir
+from geo.store.predictions import read_predictions
 
 DATA = shared_data_dir()
 
@@ -98,7 +98,7 @@ def _app() -> typer.Typer:
 
 def test_cli_custom_suite_json(tmp_path, monkeypatch):
     images, meta, truth = _manifest(tmp_path)
-    monkeypatch.setattr(geo, "open_index", lambda path, **kw: FakeIndex(truth))
+    monkeypatch.setattr(geo.cli.bench, "open_index", lambda path, **kw: FakeIndex(truth))
     out = tmp_path / "p.parquet"
     r = CliRunner().invoke(_app(), ["bench", "custom", "--index", str(tmp_path), "--images", str(images), "--meta",
                                     str(meta), "--mode", "knn", "--out", str(out), "--json", "--no-ci"])
@@ -114,7 +114,7 @@ def test_cli_custom_suite_json(tmp_path, monkeypatch):
 def test_cli_im2gps3k_dev_sample_end_to_end(tmp_path, monkeypatch):
     meta = pd.read_csv(DATA / "im2gps3k-dev" / "im2gps3k_places365.csv")
     truth = dict(zip(meta["IMG_ID"], zip(meta["LAT"], meta["LON"])))
-    monkeypatch.setattr(geo, "open_index", lambda path, **kw: FakeIndex(truth, shift_deg=3.0))
+    monkeypatch.setattr(geo.cli.bench, "open_index", lambda path, **kw: FakeIndex(truth, shift_deg=3.0))
     r = CliRunner().invoke(_app(), ["bench", "im2gps3k", "--index", str(tmp_path), "--images",
                                     str(DATA / "im2gps3k-dev" / "images"), "--limit", "40", "--no-ci",
                                     "--no-progress", "--out", str(tmp_path / "p.parquet")])

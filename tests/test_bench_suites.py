@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from geo.bench.suites import SUITES, SuiteError, get_suite, read_custom, shared_data_dir
+from geo.eval.suites import SUITES, SuiteError, get_suite, read_custom, shared_data_dir
 
 DATA = shared_data_dir()
 REAL = [
@@ -44,7 +44,7 @@ def test_custom_manifest_detects_columns_and_rejects_bad_rows(tmp_path):
     bad.write_text("IMG_ID,LAT,LON\na.jpg,1,2\nb.jpg,,2\nc.jpg,1,east\n")
     with pytest.raises(SuiteError, match=r"bad.csv: .*line 3 \(b.jpg\), line 4 \(c.jpg\)"):
         read_custom(bad)
-    with pytest.raises(SuiteError, match="cannot find an image id"):
+    with pytest.raises(SuiteError, match="cannot find an image and coordinates"):
         (tmp_path / "n.csv").write_text("foo,bar\n1,2\n")
         read_custom(tmp_path / "n.csv")
 

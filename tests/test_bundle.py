@@ -1,15 +1,16 @@
-"""Bundle format: atomic writes, hashes, refusal of tampered, truncated or newer bundles."""
+"""Bundle format: atomic writes, sizes and hashes, refusal of tampered, truncated or newer bundles."""
 import json
 
 import pytest
 
-from geo.bundle import FORMAT_VERSION, MANIFEST, Bundle, BundleError, atomic_write_bytes, open_bundle
+from geo.store.atomic import atomic_write_bytes
+from geo.store.bundle import FORMAT_VERSION, MANIFEST, Bundle, BundleError, open_bundle
 
 
 def make(tmp_path) -> Bundle:
     b = Bundle.create_or_resume(tmp_path / "b", {"name": "efficientnet_lite0"}, 8)
     atomic_write_bytes(b.path("index/data.bin"), b"0123456789")
-    b.register("demo", ["index/data.bin"], {"ok": 1})
+    b.commit("demo", ["index/data.bin"], {"ok": 1})
     return b
 
 
@@ -20,11 +21,21 @@ def test_roundtrip_and_verify(tmp_path):
     assert again.manifest["files"]["index/data.bin"]["bytes"] == 10
 
 
-def test_tampered_file_is_refused_with_its_name(tmp_path):
+def test_tampered_file_is_refused_with_its_name_when_hashes_are_checked(tmp_path):
     b = make(tmp_path)
-    b.path("index/data.bin").write_bytes(b"0123456780")
+    b.path("index/data.bin").write_bytes(b"0123456780")  # same size, other bytes
+    open_bundle(b.root)  # opening checks sizes only: fast on a bundle of gigabytes
     with pytest.raises(BundleError, match=r"data\.bin.*sha256"):
-        open_bundle(b.root)
+        open_bundle(b.root, hashes=True)
+    assert open_bundle(b.root, verify=False).verify(hashes=False) == 1
+
+
+def test_commit_replaces_a_rerun_stage_files(tmp_path):
+    b = make(tmp_path)
+    atomic_write_bytes(b.path("index/other.bin"), b"xyz")
+    b.commit("demo", ["index/other.bin"], {"ok": 2}, replace=("index/",))
+    m = open_bundle(b.root, hashes=True).manifest
+    assert set(m["files"]) == {"index/other.bin"} and m["stages"]["demo"] == {"ok": 2}
 
 
 def test_truncated_and_missing_files_are_refused(tmp_path):
@@ -57,7 +68,7 @@ def test_resume_with_other_backbone_is_refused(tmp_path):
 
 def test_failed_atomic_write_leaves_previous_file(tmp_path):
     b = make(tmp_path)
-    from geo.bundle import atomic_write
+    from geo.store.atomic import atomic_write
 
     def boom(tmp):
         open(tmp, "wb").write(b"partial")
@@ -73,5 +84,5 @@ def test_relative_bundle_paths_register_inside_the_bundle(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     b = Bundle.create_or_resume("rel", {"name": "x"}, 4)
     atomic_write_bytes(b.path("index/a.bin"), b"abc")
-    b.register("demo", [b.path("index/a.bin")])
+    b.commit("demo", [b.path("index/a.bin")])
     assert list(open_bundle("rel").manifest["files"]) == ["index/a.bin"]

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geo.cells import partition as P
-from geo.cells import s2
+from geo.core import s2
+from geo.stages.cells import partition as P
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 YFCC = DATA / "yfcc" / "yfcc25600_places365.csv"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import s2sphere
 
-from geo.cells import s2
+from geo.core import s2
 
 
 def _points(n=3000, seed=0):

@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geo.bundle import Bundle, open_bundle
-from geo.cells.predict import CellPredictor
-from geo.cells.stage import CellsConfig, build_cells_stage, fit_cells
-from geo.geodesy import latlon_to_xyz
+from geo.core.geodesy import latlon_to_xyz
+from geo.stages.cells.predictor import CellPredictor
+from geo.stages.cells.stage import CellsConfig, fit_cells
+from geo.store.bundle import Bundle, open_bundle
 
 CENTRES = [(48.8, 2.3), (40.7, -74.0), (35.7, 139.7), (-33.9, 151.2), (-22.9, -43.2), (30.0, 31.2)]
 
@@ -30,53 +30,80 @@ def _gallery(n=600, dim=16, seed=0):
 def test_stage_writes_registers_and_predicts(tmp_path):
     meta, emb, city = _gallery()
     bundle = Bundle.create_or_resume(tmp_path, {"name": "test"}, emb.shape[1])
-    info = build_cells_stage(bundle, meta, emb, CellsConfig(tau_min=3, tau_max=[200, 60, 20], max_epochs=15), log=lambda *_: None)
+    fitted = fit_cells(meta, emb, CellsConfig(tau_min=3, tau_max=[200, 60, 20], max_epochs=15), log=lambda *_: None)
+    files, info = fitted.save(bundle)
+    bundle.commit("cells", files, info, replace=("cells/", "heads/"))
     assert info["group_column"] == "AUTHOR" and info["partitions"] == ["coarse", "middle", "fine"]
     files = open_bundle(tmp_path).manifest["files"]
     assert {"heads/heads.safetensors", "heads/heads.json", "cells/fine.parquet", "cells/support.parquet"} <= set(files)
     assert json.loads((tmp_path / "heads" / "heads.json").read_text())["calibration"]["alpha"] >= 0
 
     pred = CellPredictor.load(open_bundle(tmp_path))
-    posts = pred.predict(emb[:50])
-    for post in posts:
-        assert abs(post.fine.sum() - 1) < 1e-6
-        assert all(abs(p.sum() - 1) < 1e-6 for p in post.probs.values())
-        top = post.top_cells(3)
+    partitions, _ = pred.log_probs(emb[:50])
+    assert all(np.allclose(np.exp(lp).sum(axis=1), 1) for lp in partitions)
+    fine = pred.fine_probs(emb[:50])
+    np.testing.assert_allclose(fine.sum(axis=1), 1, atol=1e-6)
+    lat, lon, mass = pred.decide(fine)
+    for i in range(50):
+        top = pred.top_cells(fine[i], 3)
         assert [c["prob"] for c in top] == sorted([c["prob"] for c in top], reverse=True)
         assert set(top[0]) == {"partition", "token", "prob", "lat", "lon"} and isinstance(top[0]["token"], str)
-        lat, lon, mass = post.decide()
-        assert top[0]["prob"] - 1e-9 <= mass <= 1 + 1e-9
+        assert top[0]["prob"] - 1e-4 <= mass[i] <= 1 + 1e-9
     # The features know the city: the answer is in the right city for most gallery photos.
-    hits = [min(abs(p.point[0] - CENTRES[c][0]), 99) < 2 for p, c in zip(posts, city[:50])]
+    hits = [abs(la - CENTRES[c][0]) < 2 and abs(lo - CENTRES[c][1]) < 2 for la, lo, c in zip(lat, lon, city[:50])]
     assert np.mean(hits) > 0.8
 
 
-def test_training_is_reproducible_and_scene_conditioned():
+def test_training_is_reproducible():
     meta, emb, _ = _gallery(300)
     cfg = CellsConfig(tau_min=3, tau_max=[100, 30], scene_column="S3_Label", seed=1, max_epochs=5)
-    a = fit_cells(meta, emb, cfg, log=lambda *_: None).predictor
-    b = fit_cells(meta, emb, cfg, log=lambda *_: None).predictor
+    a = fit_cells(meta, emb, cfg, log=lambda *_: None)
+    b = fit_cells(meta, emb, cfg, log=lambda *_: None)
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert np.array_equal(va.numpy(), vb.numpy()), k
     assert a.scene_values == [0, 1, 2]
-    with_label = a.predict(emb[:5], scene=meta["S3_Label"][:5])
-    without = a.predict(emb[:5])
-    assert all(abs(p.fine.sum() - 1) < 1e-6 for p in with_label + without)
+
+
+def test_scene_conditioned_heads_use_the_scene():
+    """Paris and New York photos look alike here, but Paris ones are labelled indoor and New York ones urban:
+    only heads that read the scene can tell them apart, so the true label must beat the swapped one."""
+    meta, emb, city = _gallery(600)
+    rng = np.random.default_rng(1)
+    twins = city <= 1
+    emb[twins] = emb[city == 0][rng.integers(0, (city == 0).sum(), twins.sum())]  # New York gets Paris's features
+    meta["S3_Label"] = np.where(city == 0, 0, np.where(city == 1, 2, 1))
+    pred = fit_cells(meta, emb, CellsConfig(tau_min=3, tau_max=[200, 60], scene_column="S3_Label", max_epochs=30),
+                     log=lambda *_: None)
+    assert pred.calibration["alpha"] > 0
+    rows = np.flatnonzero(twins)
+    label = meta["S3_Label"].to_numpy()[rows]
+
+    def hits(scene):
+        lat, lon, _ = pred.decide(pred.fine_probs(emb[rows], scene=scene))
+        return np.mean([abs(la - CENTRES[c][0]) < 2 and abs(lo - CENTRES[c][1]) < 2 for la, lo, c in zip(lat, lon, city[rows])])
+
+    assert hits(label) > 0.65  # ignoring the scene, half of these twins would go to the wrong city
+    assert hits(2 - label) < 0.35  # indoor <-> urban swapped: the heads send each photo to the other city
+    np.testing.assert_allclose(pred.fine_probs(emb[:5]).sum(axis=1), 1, atol=1e-6)  # no label: the predicted scene
 
 
 def test_small_gallery_calibrates_on_every_photo_out_of_fold(monkeypatch):
     """A few held-out photographers are too few to fit T and alpha: below CALIBRATION_PHOTOS every photo is
     scored by heads trained without its photographer's fold; above it, the held-out split is enough."""
-    import geo.cells.stage as stage
+    import geo.stages.cells.stage as stage
 
     meta, emb, _ = _gallery(300)
     cfg = CellsConfig(tau_min=3, tau_max=[100, 30], max_epochs=3)
     fitted = fit_cells(meta, emb, cfg, log=lambda *_: None)
-    calib, fine_photos = fitted.predictor.calibration, int(fitted.predictor.tables[-1]["count"].sum())
+    calib, fine_photos = fitted.calibration, int(fitted.tables[-1]["count"].sum())
     assert "cross-fitted" in calib["source"] and calib["val_photos"] == fine_photos
     monkeypatch.setattr(stage, "CALIBRATION_PHOTOS", 10)
-    calib = fit_cells(meta, emb, cfg, log=lambda *_: None).predictor.calibration
+    calib = fit_cells(meta, emb, cfg, log=lambda *_: None).calibration
     assert calib["source"] == "the held-out photographers" and calib["val_photos"] < 0.5 * fine_photos
+    monkeypatch.undo()
+    calib = fit_cells(meta, emb, CellsConfig(tau_min=3, tau_max=[100, 30], max_epochs=3, crossfit=False),
+                      log=lambda *_: None).calibration  # fusion's folds: no cross-fitting inside them
+    assert calib["source"] == "the held-out photographers"
 
 
 def test_missing_columns_are_named():

@@ -1,12 +1,11 @@
 """Support spots and the cells decision: mass kept per cell, the prior's answer under a flat posterior."""
 import numpy as np
-import pandas as pd
 import pytest
 
-from geo.cells import partition as P
-from geo.cells import s2
-from geo.cells import support as S
-from geo.geodesy import pairwise_haversine_km
+from geo.core import s2
+from geo.core.geodesy import pairwise_haversine_km
+from geo.stages.cells import partition as P
+from geo.stages.cells import support as S
 
 CITIES = [(51.5, -0.1, 120), (48.9, 2.3, 90), (52.5, 13.4, 60), (40.7, -74.0, 100), (35.7, 139.7, 40)]
 

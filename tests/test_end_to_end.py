@@ -1,7 +1,8 @@
-"""`geo build-index` and `geo query` end to end on real photos (the vendored OSV-5M sample).
+"""`geo build-index`, `geo query`, `geo info` and `geo backbones` end to end on real photos (the vendored OSV-5M sample).
 
-One small index is built per module (12 photos) with the offline default backbone, so these
-tests check real embeddings, FAISS and the vote, not mocks.
+One index of the 66 gallery photos is built through the command line with the offline default backbone
+(conftest's ``cli_bundle``), enough for every stage: embeddings, FAISS, cells, GPS gallery and fusion. These
+tests check real embeddings and real stages, not mocks.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 import geo
 from geo.cli import app
+from geo.core.geodesy import haversine_km
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "osv5m"
 runner = CliRunner()
@@ -29,30 +31,29 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def gallery_csv(tmp_path_factory) -> Path:
-    df = pd.read_csv(EXAMPLES / "gallery.csv", dtype={"id": str}).head(12)
-    df["path"] = [str(EXAMPLES / p) for p in df["path"]]
-    out = tmp_path_factory.mktemp("m") / "gallery.csv"
-    df.to_csv(out, index=False)
-    return out
+def gallery_csv(cli_bundle) -> Path:
+    return cli_bundle[0]
 
 
 @pytest.fixture(scope="module")
-def index_dir(gallery_csv, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("idx") / "bundle"
-    r = invoke("build-index", gallery_csv, "--out", out, "--workers", 0, "--batch-size", 8, "--shard-size", 5, "-q")
-    assert r.exit_code == 0, r.output
-    assert "12 photos indexed, 0 failed" in r.output
-    return out
+def index_dir(cli_bundle) -> Path:
+    return cli_bundle[1]
+
+
+def test_every_stage_ran_through_the_command_line(index_dir):
+    stages = geo.open_index(index_dir).bundle.manifest["stages"]
+    assert {"embeddings", "knn_index", "cells", "gallery", "fusion"} <= set(stages)
+    assert stages["embeddings"]["ok"] == 66 and stages["fusion"]["validation"] is not None
+    assert geo.open_index(index_dir).modes == ["fused", "knn", "gallery", "cells"]
 
 
 def test_gallery_photo_finds_itself(index_dir, gallery_csv):
     row = pd.read_csv(gallery_csv, dtype={"id": str}).iloc[7]
-    ans = geo.open_index(index_dir).locate(row["path"])
-    assert ans["neighbors"][0]["id"] == row["id"]
-    assert ans["neighbors"][0]["similarity"] == pytest.approx(1.0, abs=1e-3)
-    d = geo.geodesy.haversine_km(ans["lat"], ans["lon"], row["latitude"], row["longitude"])
-    assert d <= 0.01
+    for mode in ("fused", "knn"):
+        ans = geo.open_index(index_dir).locate(row["path"], mode=mode)
+        assert ans.neighbors[0]["id"] == row["id"]
+        assert ans.neighbors[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+        assert haversine_km(ans.lat, ans.lon, row["latitude"], row["longitude"]) <= 0.01, mode
 
 
 def test_query_json_lines_for_many_images_and_a_missing_one(index_dir, gallery_csv):
@@ -73,6 +74,7 @@ def test_query_a_directory_of_held_out_photos(index_dir):
     r = invoke("query", EXAMPLES / "queries", "--index", index_dir)
     assert r.exit_code == 0, r.output
     assert r.output.count("neighbour") == 5 * 3  # five photos, three neighbours shown each
+    assert r.output.count("[fused]") == 5
 
 
 def test_tampered_bundle_is_refused(index_dir, tmp_path):
@@ -82,9 +84,37 @@ def test_tampered_bundle_is_refused(index_dir, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    r = invoke("query", EXAMPLES / "queries", "--index", copy)
+    r = invoke("info", copy, "--verify")  # sha256 of every file: the altered byte is found
     assert r.exit_code == 2
     assert "part-00001.parquet" in r.output and "sha256" in r.output
+    shard.write_bytes(bytes(data[:-100]))  # a truncated file is refused at open, by its size
+    r = invoke("query", EXAMPLES / "queries", "--index", copy)
+    assert r.exit_code == 2
+    assert "part-00001.parquet" in r.output and "truncated" in r.output
+
+
+def test_info_says_what_the_bundle_holds_and_what_was_verified(index_dir):
+    r = invoke("info", index_dir)
+    assert r.exit_code == 0, r.output
+    for stage in ("embeddings", "knn_index", "cells", "gallery", "fusion"):
+        assert f"  {stage}: " in r.output
+    assert "66 indexed" in r.output and "sizes checked" in r.output
+    r = invoke("info", index_dir, "--verify", "--json")
+    info = json.loads(r.output)
+    assert info["verified"] == {"files": len(info_files(index_dir)), "sha256": True}
+    assert info["counts"]["ok"] == 66 and info["backbone"]["name"] == "efficientnet_lite0"
+    assert invoke("info", index_dir.parent / "no-such-bundle").exit_code == 2
+
+
+def info_files(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())["files"]
+
+
+def test_backbones_lists_every_registered_model():
+    r = invoke("backbones")
+    assert r.exit_code == 0
+    names = [line.split(":")[0] for line in r.output.strip().splitlines()]
+    assert {"efficientnet_lite0", "timm", "torchvision", "open_clip", "geoclip"} <= set(names)
 
 
 def test_interrupted_build_resumes_with_the_same_rows(index_dir, gallery_csv, tmp_path):
@@ -99,9 +129,10 @@ def test_interrupted_build_resumes_with_the_same_rows(index_dir, gallery_csv, tm
     before = pd.concat([pq.read_table(p).to_pandas() for p in sorted((index_dir / "embeddings").glob("part-*.parquet"))])
     after = pd.concat([pq.read_table(p).to_pandas() for p in sorted((out / "embeddings").glob("part-*.parquet"))])
     assert after["id"].tolist() == before["id"].tolist()
-    assert after["id"].is_unique and len(after) == 12
+    assert after["id"].is_unique and len(after) == 66
     np.testing.assert_allclose(np.stack(after["embedding"]), np.stack(before["embedding"]), atol=1e-5)
-    geo.open_index(out)  # manifest hashes match the re-written shard
+    geo.open_index(out)
+    assert invoke("info", out, "--verify").exit_code == 0  # manifest hashes match the re-written shard
 
 
 def test_resume_with_another_manifest_is_refused(index_dir, gallery_csv, tmp_path):

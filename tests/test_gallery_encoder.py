@@ -6,9 +6,15 @@ import pandas as pd
 import pytest
 import torch
 
-from geo.gallery import ImageProjection, LocationEncoder
-from geo.gallery.encoder import equal_earth_torch, geoclip_gallery_csv, load_module, save_module
-from geo.geodesy import equal_earth
+from geo.core.geodesy import equal_earth
+from geo.models.location import (
+    ImageProjection,
+    LocationEncoder,
+    equal_earth_torch,
+    geoclip_gallery_csv,
+    load_module,
+    save_module,
+)
 
 
 def test_matches_geoclip_reference_on_gallery_points():

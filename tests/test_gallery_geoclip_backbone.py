@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from geo.backbones import BackboneError, load_backbone
-from geo.gallery import ImageProjection
-from geo.gallery.geoclip_backbone import clip_name  # importing registers "geoclip"
+from geo.models.backbones.geoclip_image import (
+    clip_name,  # importing registers "geoclip"
+)
+from geo.models.location import ImageProjection
+from geo.models.registry import BackboneError, load_backbone
 
 TINY_CLIP = {  # a 768-d CLIP small enough for CI; the preset loads it exactly as it would ViT-L/14
     "embed_dim": 768,

@@ -7,10 +7,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geo.bundle import Bundle, BundleError, open_bundle
-from geo.gallery.stage import GalleryConfig, GpsGallery, build_gallery_stage, gallery_points, resolve_image_init
-from geo.gallery.train import jitter, log_density
-from geo.geodesy import haversine_km
+from geo.core.geodesy import haversine_km
+from geo.core.priors import photos_within
+from geo.stages.gallery.stage import (
+    FILES,
+    GalleryConfig,
+    GpsGallery,
+    fit_gallery,
+    gallery_points,
+    resolve_image_init,
+)
+from geo.stages.gallery.train import jitter, log_density
+from geo.store.bundle import Bundle, BundleError, open_bundle
 
 CITIES = np.array([[48.85, 2.35], [40.71, -74.0], [35.68, 139.69]])  # Paris, New York, Tokyo
 
@@ -26,6 +34,16 @@ def city_data(n_per: int = 40, dim: int = 16, seed: int = 0):
     meta = pd.DataFrame({"id": [f"p{i}" for i in range(len(city))], "lat": latlon[:, 0], "lon": latlon[:, 1],
                          "AUTHOR": [f"a{c}_{i % 8}" for i, c in enumerate(city)]})
     return meta, emb, city
+
+
+def build_gallery(bundle: Bundle, meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig) -> dict:
+    """Fit the gallery, save it and commit the stage, as the pipeline does; returns the full info it recorded."""
+    gal = fit_gallery(meta, emb, config, str(bundle.manifest["backbone"]["name"]), log=lambda *_: None)
+    files, summary = gal.save(bundle)
+    assert sorted(files) == sorted(FILES.values())
+    assert summary["best_epoch"] == gal.info["train"].get("best_epoch") and "train" not in summary
+    bundle.commit("gallery", files, summary, replace=("gallery/",))
+    return gal.info
 
 
 SMALL = GalleryConfig(init="random", sigmas=(1.0, 16.0), epochs=8, batch_size=32, lr=3e-3, location_lr=0.0,
@@ -46,16 +64,30 @@ def test_log_density_counts_nearby_photos():
     assert d[0] == pytest.approx(np.log(4)) and d[1] == 0
 
 
+def test_photos_within_scales_subsampled_counts_to_all_photos():
+    rng = np.random.default_rng(0)
+    photos = np.vstack([np.repeat(CITIES[[0]], 1000, axis=0), CITIES[[1]] + rng.normal(0, 0.01, (1000, 2))])
+    points = np.array([CITIES[0], CITIES[1], [0.0, -30.0]])
+    exact = photos_within(points, photos, radius_km=100, max_photos=len(photos))
+    assert exact.tolist() == [1000, 1000, 0]
+    sub = photos_within(points, photos, radius_km=100, max_photos=200)  # a 10% sample, counted and scaled back up
+    assert sub[0] == pytest.approx(1000, rel=0.25) and sub[1] == pytest.approx(1000, rel=0.25) and sub[2] == 0
+    assert sub.sum() == pytest.approx(2000)  # every sampled photo is near one of the points: scale is exact
+    same = photos_within(CITIES[[0]], np.repeat(CITIES[[0]], 1000, axis=0), radius_km=1, max_photos=100)
+    assert same[0] == pytest.approx(1000)
+
+
 def test_build_and_search(tmp_path):
-    meta, emb, city = city_data()
+    meta, emb, _ = city_data()
     csv = tmp_path / "extra.csv"
     pd.DataFrame({"LAT": [-33.87, 48.85], "LON": [151.21, 2.35]}).to_csv(csv, index=False)
     bundle = Bundle.create_or_resume(tmp_path / "b", {"name": "test"}, emb.shape[1])
-    info = build_gallery_stage(bundle, meta, emb, dataclasses.replace(SMALL, gps_gallery=str(csv)), log=lambda *_: None)
+    info = build_gallery(bundle, meta, emb, dataclasses.replace(SMALL, gps_gallery=str(csv)))
 
     assert info["sources"] == {"photos": 120, "extra:extra.csv": 2}
     assert info["config"]["group_column"] == "AUTHOR"
     assert info["train"]["n_val"] > 0 and info["train"]["best_epoch"] > 0
+    assert bundle.stage("gallery")["sources"] == info["sources"]
     b = open_bundle(tmp_path / "b")  # every file registered with its hash
     assert {f for f in b.manifest["files"] if f.startswith("gallery/")} == {
         "gallery/location_encoder.safetensors", "gallery/image_projection.safetensors", "gallery/gallery.json",
@@ -79,8 +111,8 @@ def test_rebuild_replaces_gallery_files(tmp_path):
     meta, emb, _ = city_data(n_per=10)
     bundle = Bundle.create_or_resume(tmp_path, {"name": "test"}, emb.shape[1])
     cfg = dataclasses.replace(SMALL, epochs=0)
-    build_gallery_stage(bundle, meta, emb, cfg, log=lambda *_: None)
-    build_gallery_stage(bundle, meta, emb, cfg, log=lambda *_: None)
+    build_gallery(bundle, meta, emb, cfg)
+    build_gallery(bundle, meta, emb, cfg)
     open_bundle(tmp_path).verify()
 
 
@@ -89,7 +121,7 @@ def test_missing_gallery_names_the_file(tmp_path):
     bundle = Bundle.create_or_resume(tmp_path, {"name": "test"}, emb.shape[1])
     with pytest.raises(BundleError, match="gallery"):
         GpsGallery.load(bundle)
-    build_gallery_stage(bundle, meta, emb, dataclasses.replace(SMALL, epochs=0), log=lambda *_: None)
+    build_gallery(bundle, meta, emb, dataclasses.replace(SMALL, epochs=0))
     (tmp_path / "gallery" / "gallery.faiss").unlink()
     with pytest.raises(BundleError, match="gallery.faiss"):
         GpsGallery.load(bundle)
@@ -112,7 +144,7 @@ def test_image_init_follows_backbone():
 
 def test_each_epoch_reports_its_time_and_what_is_left():
     """A 100K gallery takes minutes an epoch on a CPU: the log says how long the rest may take."""
-    from geo.gallery.train import train_gallery
+    from geo.stages.gallery.train import train_gallery
 
     meta, emb, _ = city_data(n_per=10)
     lines: list[str] = []

@@ -8,9 +8,20 @@ import pytest
 import torch
 from PIL import Image
 
-from geo.backbones import Preprocess
-from geo.images import (ImageDataset, ImageLoadError, _tensor_fast, _tensor_from_pil, _decode_pil, _upright_size,
-                        collate_skip_errors, crop_offsets, load_tensor, open_rgb, resized_size)
+from geo.data.images import (
+    ImageDataset,
+    ImageLoadError,
+    _decode_pil,
+    _tensor_fast,
+    _tensor_from_pil,
+    _upright_size,
+    collate_skip_errors,
+    crop_offsets,
+    load_tensor,
+    open_rgb,
+    resized_size,
+)
+from geo.models.registry import Preprocess
 
 PRE = Preprocess(size=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

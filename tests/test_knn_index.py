@@ -3,9 +3,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geo.bundle import Bundle, BundleError, read_json
-from geo.index_build.embed import write_shard
-from geo.index_build.knn_index import INFOS_FILE, build_knn_index, load_knn_index, parse_bytes, plan_index
+from geo.stages.knn import (
+    INFOS_FILE,
+    STAGE,
+    KnnConfig,
+    KnnIndex,
+    fit_knn,
+    parse_bytes,
+    plan_index,
+)
+from geo.store.bundle import Bundle, BundleError, read_json
+from geo.store.embeddings import (
+    EmbeddingReader,
+    finished_shards,
+    marker_path,
+    write_shard,
+)
 
 
 def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -23,17 +36,25 @@ def bundle_with(tmp_path, emb: np.ndarray, shard_rows: int = 1000) -> Bundle:
                        "lat": rng.uniform(-60, 60, len(emb)), "lon": rng.uniform(-180, 180, len(emb))})
     for i, s in enumerate(range(0, len(emb), shard_rows)):
         write_shard(b, i, df.iloc[s:s + shard_rows], emb[s:s + shard_rows], {"failed": 0, "seconds": 0.0, "errors": []})
-    b.register("embeddings", [p for s in b.embedding_shards() for p in (s, s.with_suffix(".json"))],
-               {"ok": len(emb), "failed": 0})
+    b.commit("embeddings", [p for s in finished_shards(b) for p in (s, marker_path(s))],
+             {"ok": len(emb), "failed": 0}, replace=("embeddings/",))
     return b
+
+
+def build_knn(b: Bundle, config: KnnConfig | None = None) -> dict:
+    """Fit the index from the committed shards, save it and commit the stage, as the pipeline does."""
+    files, infos = fit_knn(EmbeddingReader(b), config or KnnConfig(), log=lambda m: None).save(b)
+    b.commit(STAGE, files, infos, replace=("index/",))
+    return infos
 
 
 def test_small_gallery_gets_exact_index_that_finds_itself(tmp_path):
     emb = clustered(500, 32)
     b = bundle_with(tmp_path, emb, shard_rows=128)
-    infos = build_knn_index(b, log=lambda m: None)
+    infos = build_knn(b)
     assert infos["kind"] == "flat" and infos["ntotal"] == 500 and infos["recall@10"] == 1.0
-    index = load_knn_index(b)
+    index = KnnIndex.load(b)
+    assert index.ntotal == 500 and index.infos["kind"] == "flat"
     _, rows = index.search(emb[[3, 333]], 1)
     assert rows[:, 0].tolist() == [3, 333]
 
@@ -41,11 +62,12 @@ def test_small_gallery_gets_exact_index_that_finds_itself(tmp_path):
 def test_ivf_index_reaches_recall_target_on_thousands_of_vectors(tmp_path):
     emb = clustered(4000, 64)
     b = bundle_with(tmp_path, emb)
-    infos = build_knn_index(b, exact_max=1000, log=lambda m: None)
+    infos = build_knn(b, KnnConfig(exact_max=1000))
     assert infos["kind"] == "ivf_flat"
     assert infos["nprobe"] >= 1
     # recall measured independently of the stage's own report
-    index = load_knn_index(b)
+    index = KnnIndex.load(b)
+    assert index.ntotal == 4000 and index.infos["nprobe"] == infos["nprobe"]
     q = emb[np.random.default_rng(5).choice(len(emb), 300, replace=False)] + 0.01
     exact = np.argsort(-(q @ emb.T), axis=1)[:, :10]
     _, got = index.search(q.astype(np.float32), 10)

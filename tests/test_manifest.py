@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from geo.index_build.manifest import ManifestError, exif_latlon, read_manifest
+from geo.data.manifest import ManifestError, exif_latlon, read_manifest
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared reference data not present")
@@ -66,8 +66,8 @@ def test_bad_rows_become_error_rows(tmp_path):
 
 
 def test_unusable_manifests_raise(tmp_path):
-    src = _write(tmp_path, "m.csv", pd.DataFrame({"file": ["a"], "LAT": [1.0], "x": [2.0]}))
-    with pytest.raises(ManifestError, match=r"m\.csv: no image .*, longitude .*; it has \['file', 'LAT', 'x'\]"):
+    src = _write(tmp_path, "m.csv", pd.DataFrame({"thing": ["a"], "LAT": [1.0], "x": [2.0]}))
+    with pytest.raises(ManifestError, match=r"m\.csv: no image .*, longitude .*; it has \['thing', 'LAT', 'x'\]"):
         read_manifest(src)
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ManifestError, match="empty.csv: empty manifest"):

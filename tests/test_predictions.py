@@ -7,8 +7,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from geo.predictions import (COLUMNS, SCHEMA, PredictionsError, ShardedWriter, answers_to_frame,
-                             read_predictions, read_scored_file, write_predictions)
+from geo.store.predictions import (
+    COLUMNS,
+    SCHEMA,
+    PredictionsError,
+    ShardedWriter,
+    answers_to_frame,
+    read_predictions,
+    read_scored_file,
+    write_predictions,
+)
 
 
 def _answers():

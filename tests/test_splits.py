@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from geo.splits import clustered_se, group_column, validation_mask
+from geo.core.splits import clustered_se, group_column, validation_mask
 
 
 def test_groups_stay_whole_and_split_is_seeded():

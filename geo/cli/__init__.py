@@ -1,0 +1,22 @@
+"""The ``geo`` command: a thin layer over the pipeline, the query side and evaluation; one module per command group."""
+from __future__ import annotations
+
+import typer
+
+from geo.cli import bench, build, info, query
+
+app = typer.Typer(
+    help=(
+        "Tell where a photo was taken, from a feature index of geotagged photos.\n\n"
+        "  geo build-index photos.csv --out my-index      # embeddings, FAISS, cells, GPS gallery, fusion\n\n"
+        "  geo query holiday.jpg --index my-index          # coordinates, confidence, evidence\n\n"
+        "  geo info my-index --verify                      # what a bundle holds, every file's sha256 checked\n\n"
+        "Nothing is fetched or uploaded: models and photos stay on this machine."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+for group in (build, query, info, bench):
+    group.register(app)
+
+__all__ = ["app"]

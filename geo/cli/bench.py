@@ -1,0 +1,213 @@
+"""Command line for benchmarks: ``geo bench SUITE``, ``geo bench score FILE``, ``geo sql``, ``geo report``.
+
+``register(app)`` is the only entry point; ``geo/cli/__init__.py`` calls it. One
+command is generated per suite in the registry (rather than a free SUITE
+argument) so that ``geo bench score FILE`` and ``geo bench im2gps3k ...``
+coexist and ``--help`` lists the suites.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import pandas as pd
+import typer
+
+from geo.cli.common import fail, print_json
+from geo.eval.metrics import (
+    DISTANCES,
+    breakdown,
+    distances_km,
+    geoestimation_footer,
+    summarize,
+)
+from geo.eval.published import comparison_table, published_json
+from geo.eval.report import build_report, groups_text, report_text, summary_text
+from geo.eval.runner import index_id_of, run_suite
+from geo.eval.sql import SqlError, run_sql
+from geo.eval.suites import SUITES, SuiteError, get_suite
+from geo.query.index import open_index
+from geo.store.predictions import PredictionsError, read_scored_file, write_predictions
+
+_USER_ERRORS: tuple[type[Exception], ...] = (SuiteError, PredictionsError, ValueError, FileNotFoundError)
+
+
+def _check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise ValueError(f"--distance must be one of {', '.join(DISTANCES)}, not {distance!r}")
+
+
+def _human(summary: dict[str, Any], suite: str | None, label: str) -> str:
+    parts = [summary_text(summary)]
+    if summary.get("by_scene"):
+        parts.append(groups_text("scene", summary["by_scene"]))
+    table = comparison_table(suite, summary, label) if suite else ""
+    if table:
+        parts.append(f"published results on {suite} (percent):\n{table}")
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- geo bench score
+def _scenes(suite: str, meta: Path | None, ids) -> Any:
+    """Scene labels from the suite's metadata, so a bare result file still gets a per-scene breakdown.
+
+    Best effort when the metadata is not given and cannot be found (the
+    scores do not depend on it); an explicit ``--meta`` must be readable.
+    """
+    try:
+        rows, _ = get_suite(suite).load(Path.cwd(), meta)
+    except SuiteError:
+        if meta is not None:
+            raise
+        return None
+    return ids.map(dict(zip(rows["query_id"], rows["scene"])))
+
+
+def score(
+    file: Path = typer.Argument(..., help="CSV or Parquet with truth and predicted coordinates"),
+    true_lat: Optional[str] = typer.Option(None, "--true-lat", help="column of the true latitude (detected if omitted)"),
+    true_lon: Optional[str] = typer.Option(None, "--true-lon"),
+    pred_lat: Optional[str] = typer.Option(None, "--pred-lat"),
+    pred_lon: Optional[str] = typer.Option(None, "--pred-lon"),
+    suite: Optional[str] = typer.Option(None, help="suite the file is from: adds published results and scene labels"),
+    meta: Optional[Path] = typer.Option(None, help="suite metadata CSV for scene labels (default: the suite's)"),
+    distance: str = typer.Option("haversine", help="haversine (R=6371.0 km, as GeoEstimation) or geodesic (WGS84)"),
+    ci: bool = typer.Option(True, "--ci/--no-ci", help="bootstrap 95% intervals (1000 seeded draws)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the rows as a geo predictions Parquet"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Score any predictions file; GeoEstimation result files have their footer checked."""
+    try:
+        _check_distance(distance)
+        df, footer = read_scored_file(file, {"true_lat": true_lat, "true_lon": true_lon,
+                                             "pred_lat": pred_lat, "pred_lon": pred_lon})
+        suite = suite or (df["suite"].dropna().iloc[0] if df["suite"].notna().any() else None)
+        if suite and df["scene"].isna().all():
+            df["scene"] = _scenes(suite, meta, df["query_id"])
+        failed = df["error"].notna()
+        ok = df[~failed]
+        d = distances_km(ok["true_lat"], ok["true_lon"], ok["pred_lat"], ok["pred_lon"], distance)
+        s = summarize(d, n_failed=int(failed.sum()), ci=ci)
+        s.update(file=str(file), distance=distance, suite=suite)
+        if ok["scene"].notna().any():
+            s["by_scene"] = breakdown(d, ok["scene"].tolist(), ci=False)
+        if footer is not None:
+            ours = geoestimation_footer(s)
+            s["footer"] = {"file": footer, "ours": ours, "reproduced": ours == footer}
+        if suite:
+            s["published"] = published_json(suite)
+            df["suite"] = df["suite"].fillna(suite)
+        if out:
+            write_predictions(out, df)
+            s["out"] = str(out)
+    except _USER_ERRORS as e:
+        fail(e)
+    if as_json:
+        print_json(s)
+        return
+    typer.echo(f"{file}: {distance} distances")
+    typer.echo(_human(s, suite, "this file"))
+    if "footer" in s:
+        f = s["footer"]
+        typer.echo("\nGeoEstimation footer " + ("reproduced exactly:\n" + f["ours"] if f["reproduced"]
+                                              else f"differs:\n  file: {f['file']}\n  ours: {f['ours']}"))
+
+
+# ---------------------------------------------------------------- geo bench SUITE
+def _suite_command(name: str) -> Callable[..., None]:
+    suite_obj = SUITES[name]
+
+    def run(
+        index: Path = typer.Option(..., "--index", help="index bundle directory (geo build-index --out)"),
+        images: Path = typer.Option(..., "--images", help="folder with the suite's photos"),
+        meta: Optional[Path] = typer.Option(None, "--meta", help="metadata CSV (default: beside --images, else the shared copy)"),
+        mode: Optional[str] = typer.Option(None, help="fused | knn | gallery | cells (default: the index's best built mode)"),
+        crops: int = typer.Option(1, help="test-time crops per photo"),
+        limit: Optional[int] = typer.Option(None, help="score only the first N rows of the metadata"),
+        out: Optional[Path] = typer.Option(None, "--out", help="predictions Parquet; an existing one is resumed"),
+        distance: str = typer.Option("haversine", help="haversine (R=6371.0 km) or geodesic (WGS84)"),
+        batch_size: int = typer.Option(32, help="photos per locate() call"),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+        ci: bool = typer.Option(True, "--ci/--no-ci", help="bootstrap 95% intervals"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    ) -> None:
+        try:
+            _check_distance(distance)
+            idx = open_index(index)
+            result = run_suite(idx, suite_obj, images, meta=meta, mode=mode, crops=crops, limit=limit, out=out,
+                               batch_size=batch_size, progress=progress and not as_json,
+                               index_id=index_id_of(idx, index))
+            s = result.summary(distance=distance, ci=ci)
+        except _USER_ERRORS as e:
+            fail(e)
+        s.update(mode=mode, crops=crops, out=str(out) if out else None, published=published_json(name))
+        if as_json:
+            print_json(s)
+            return
+        typer.echo(f"{suite_obj.title}\nmetadata {result.meta}; {distance} distances; "
+                   f"mode {', '.join(sorted(result.predictions['mode'].dropna().unique())) or mode}")
+        if result.resumed:
+            typer.echo(f"resumed: {result.resumed} photos taken from {out}")
+        typer.echo(_human(s, name, "this index"))
+        if result.missing:
+            typer.echo(f"\n{len(result.missing)} photos of the metadata are not in {images} "
+                       f"(e.g. {', '.join(result.missing[:3])}); they are excluded from n and counted as misses "
+                       "in the 'over all photos' line", err=True)
+        if out:
+            typer.echo(f"\npredictions: {out}")
+
+    run.__doc__ = f"Benchmark an index on {suite_obj.title}."
+    return run
+
+
+# ---------------------------------------------------------------- geo sql / geo report
+def sql(
+    query: str = typer.Argument(..., help="SQL over the view `predictions`"),
+    predictions: List[Path] = typer.Option([Path("predictions.parquet")], "--predictions", "-p",
+                                           help="predictions Parquet file(s) or folders (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="rows as a JSON list"),
+    as_csv: bool = typer.Option(False, "--csv", help="rows as CSV"),
+) -> None:
+    """Run DuckDB SQL over predictions files, e.g. geo sql "SELECT scene, median(error_km) FROM predictions GROUP BY 1"."""
+    try:
+        df = run_sql(query, predictions)
+    except SqlError as e:
+        fail(e)
+    if as_json:
+        typer.echo(df.to_json(orient="records", date_format="iso", indent=2))
+    elif as_csv:
+        df.to_csv(sys.stdout, index=False)
+    else:
+        with pd.option_context("display.max_rows", 200, "display.max_columns", 30, "display.width", 200):
+            typer.echo(df.to_string(index=False))
+
+
+def report(
+    predictions: List[Path] = typer.Argument(..., help="predictions Parquet file(s)"),
+    out: Path = typer.Option(Path("report"), "--out", help="folder for report.html, PNGs and report.json"),
+    top: int = typer.Option(10, help="best/worst N photos"),
+    ci: bool = typer.Option(True, "--ci/--no-ci"),
+    as_json: bool = typer.Option(False, "--json", help="print the analysis as JSON"),
+) -> None:
+    """Threshold table, scene/country/continent breakdowns, best/worst photos, PNGs and an HTML report."""
+    try:
+        a, paths = build_report(predictions, out, top_n=top, ci=ci)
+    except _USER_ERRORS as e:
+        fail(e)
+    if as_json:
+        print_json(dict(a, files={k: str(v) for k, v in paths.items()}))
+        return
+    typer.echo(report_text(a, top_n=top))
+    typer.echo("\nwrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bench`` (``score`` + one command per suite), ``sql`` and ``report`` to ``app``."""
+    bench = typer.Typer(help="Benchmark an index on a suite, or score a predictions file.", no_args_is_help=True)
+    bench.command("score")(score)
+    for name in SUITES:
+        bench.command(name)(_suite_command(name))
+    app.add_typer(bench, name="bench")
+    app.command("sql")(sql)
+    app.command("report")(report)

@@ -1,0 +1,68 @@
+"""``geo info`` (what a bundle holds, verified) and ``geo backbones`` (the image models a bundle can use)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from geo.cli.common import fail, print_json
+from geo.models.backbones import available_backbones
+from geo.store.bundle import BundleError, open_bundle
+
+SHOWN = ("format_version", "created", "backbone", "dim", "counts", "stages", "software")
+
+
+def _stage_line(stage: str, info: dict) -> str:
+    """The few numbers a person reads first; the whole record is in --json."""
+    keys = {"embeddings": ("ok", "failed", "shards", "images_per_s"),
+            "knn_index": ("factory", "ntotal", "nprobe", "recall@10", "median_query_ms"),
+            "cells": ("partitions", "cells", "photos", "support_spots"),
+            "gallery": ("n_points", "dim", "best_epoch"),
+            "fusion": ("validation",)}.get(stage, ())
+    parts = []
+    for k in keys:
+        v = info.get(k)
+        if v is None:
+            continue
+        if k == "validation":
+            v = " ".join(f"{t}km {100 * v[t]:.1f}%" for t in ("1", "25", "200", "750", "2500") if t in v)
+            k = "out-of-fold accuracy"
+        parts.append(f"{k} {v}")
+    if "seconds" in info:
+        parts.append(f"built in {info['seconds']:g} s")
+    return f"  {stage}: " + ", ".join(map(str, parts))
+
+
+def info_command(index: Path = typer.Argument(..., help="Bundle directory."),
+                 verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256 against the "
+                                             "manifest (reads the whole bundle; sizes are always checked)."),
+                 as_json: bool = typer.Option(False, "--json", help="The manifest's summary as one JSON object.")) -> None:
+    """Show what a bundle holds (backbone, counts, stages) after checking its files."""
+    try:
+        b = open_bundle(index, hashes=verify)
+    except BundleError as e:
+        fail(e)
+    m = {k: b.manifest[k] for k in SHOWN if k in b.manifest}
+    checked = f"{len(b.manifest.get('files', {}))} files, " + ("sizes and sha256 verified" if verify else
+                                                                "sizes checked (--verify also checks sha256)")
+    if as_json:
+        print_json({**m, "verified": {"files": len(b.manifest.get("files", {})), "sha256": verify}})
+        return
+    typer.echo(f"{index}: geo bundle format {m['format_version']}, backbone {m['backbone']['name']} ({m['dim']}-d)")
+    counts = m.get("counts", {})
+    typer.echo(f"  photos: {counts.get('ok', 0):,} indexed, {counts.get('failed', 0):,} failed")
+    for stage, info in m.get("stages", {}).items():
+        if stage != "errors":
+            typer.echo(_stage_line(stage, info or {}))
+    typer.echo(f"  {checked}")
+
+
+def backbones_command() -> None:
+    """List the image models a bundle can be built with (`geo build-index --backbone NAME`)."""
+    for line in available_backbones():
+        typer.echo(line)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info_command)
+    app.command("backbones")(backbones_command)

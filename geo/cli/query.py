@@ -1,0 +1,68 @@
+"""``geo query``: locate photos against a bundle; human lines, JSON lines or a predictions Parquet."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from geo.cli.common import fail, print_json
+from geo.core.answer import Answer
+from geo.query.index import open_index
+from geo.store.bundle import BundleError
+from geo.store.predictions import answers_to_frame, write_predictions
+
+
+def print_human(ans: Answer, top: int = 3) -> None:
+    if ans.error:
+        typer.echo(f"{ans.image}: could not read ({ans.error})")
+        return
+    if ans.abstained:
+        typer.echo(f"{ans.image}: abstained (confidence {ans.confidence:.2f} below --min-confidence)")
+        return
+    typer.echo(f"{ans.image}: {ans.lat:.5f}, {ans.lon:.5f}  [{ans.mode}]  "
+               f"confidence {ans.confidence:.2f} within {ans.confidence_radius_km or 0:g} km")
+    for alt in ans.alternatives[:3]:
+        typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}")
+    for n in ans.neighbors[:top]:
+        typer.echo(f"    neighbour {n['id']}  sim {n['similarity']:.3f}  at {n['lat']:.4f}, {n['lon']:.4f}"
+                   f"  ({n['distance_km']:.1f} km from answer)")
+
+
+def query_command(
+    images: list[str] = typer.Argument(..., help="Image files, globs or directories."),
+    index: Path = typer.Option(..., "--index", "-i", help="Bundle directory built by `geo build-index`."),
+    mode: Optional[str] = typer.Option(None, help="fused (default when built) | knn | gallery | cells"),
+    k: int = typer.Option(50, help="Neighbours retrieved from the image index."),
+    crops: int = typer.Option(1, help="Test-time crops: 1, 3 (along the long side) or 5 (five-crop)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
+    out: Optional[Path] = typer.Option(None, help="Also write the answers as a predictions Parquet "
+                                       "(the schema of `geo bench --out`)."),
+    min_confidence: Optional[float] = typer.Option(None, help="Abstain (no coordinates, abstained=true) when the "
+                                                   "answer's confidence is below this."),
+) -> None:
+    """Locate photos: coordinates, confidence and the neighbour photos that support the answer."""
+    if crops not in (1, 3, 5):
+        fail("--crops must be 1, 3 or 5")
+    try:
+        idx = open_index(index, device=device)
+        answers = idx.locate(list(images), mode=mode, k=k, crops=crops, min_confidence=min_confidence)
+    except (BundleError, ValueError) as e:
+        fail(e)
+    if out is not None:
+        write_predictions(out, answers_to_frame(answers, mode=mode or idx.default_mode, suite="query",
+                                                index_id=str(index)))
+    for ans in answers:
+        if as_json:
+            print_json(ans.to_dict(), indent=None)
+        else:
+            print_human(ans)
+    sys.stdout.flush()
+    if all(a.error for a in answers):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("query")(query_command)

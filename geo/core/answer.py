@@ -1,0 +1,51 @@
+"""The answer to "where was this photo taken?": one typed record, whatever the mode, the caller or the output.
+
+The query layer (:mod:`geo.query.index`) is the only place that builds one;
+the CLI, the benchmarks and any server print or store :meth:`Answer.to_dict`,
+so they cannot drift apart. Every field is present in every mode: evidence a
+mode does not use is an empty list or dict, never a missing key.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Answer:
+    """One photo's (or one embedding's) answer.
+
+    ``confidence`` is the probability the answer holds within
+    ``confidence_radius_km``; ``p_within`` gives it for several radii where the
+    mode is calibrated. ``abstained`` answers keep their confidence but carry no
+    coordinates: the caller asked for at least ``min_confidence``.
+    """
+
+    image: str | None
+    lat: float | None = None
+    lon: float | None = None
+    mode: str | None = None
+    confidence: float | None = None
+    confidence_radius_km: float | None = None
+    p_within: dict[str, float] = field(default_factory=dict)
+    alternatives: list[dict[str, float]] = field(default_factory=list)
+    neighbors: list[dict[str, Any]] = field(default_factory=list)
+    top_cells: list[dict[str, Any]] = field(default_factory=list)
+    gallery: list[dict[str, float]] = field(default_factory=list)
+    error: str | None = None
+    abstained: bool = False
+
+    @classmethod
+    def failed(cls, image: str | None, reason: str) -> "Answer":
+        """An input that could not be located (unreadable image, bad embedding): the reason, no coordinates."""
+        return cls(image=image, error=reason)
+
+    def abstain_below(self, min_confidence: float | None) -> "Answer":
+        """Withhold the coordinates when the confidence is below ``min_confidence`` (None: never)."""
+        if min_confidence is not None and self.error is None and (self.confidence or 0.0) < min_confidence:
+            self.abstained, self.lat, self.lon = True, None, None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON fields of ``geo query --json``."""
+        return asdict(self)

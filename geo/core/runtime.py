@@ -1,0 +1,35 @@
+"""Where and in what precision models run: one rule for the backbone, the heads and the gallery.
+
+"auto" means CUDA when torch sees a GPU, else the CPU; half precision is a
+GPU matter (fp16/bf16 asked for on a CPU fall back to fp32 with a warning:
+slow there and no gain).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_NAMES = {v: k for k, v in PRECISIONS.items()}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' | 'cpu' | 'cuda[:N]' -> a torch device; asking for CUDA without one is a ValueError."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available")
+    return dev
+
+
+def resolve_precision(precision: str, dev: torch.device) -> torch.dtype:
+    """'auto' is fp16 on CUDA and fp32 elsewhere."""
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, fp32, fp16 or bf16, not {precision!r}")
+    if dev.type != "cuda":
+        if precision in ("fp16", "bf16"):
+            warnings.warn(f"precision {precision} ignored on {dev.type}: using fp32", stacklevel=3)
+        return torch.float32
+    return torch.float16 if precision == "auto" else PRECISIONS[precision]

@@ -1,0 +1,151 @@
+"""S2 cell ids for whole arrays of coordinates at once.
+
+s2sphere converts one point per Python call (~30 µs), which is hours for an
+MP-16-sized gallery built at several levels. Here the lat/lng -> leaf id
+conversion (quadratic projection, Hilbert curve through s2sphere's own 4-bit
+lookup table) runs over numpy arrays, and every coarser cell is derived from
+the leaf id with integer arithmetic, so a photo's cell id is computed once.
+Ids are uint64 (face 5 uses the top bit); tokens match ``CellId.to_token()``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from s2sphere.sphere import LOOKUP_POS
+
+from geo.core.geodesy import latlon_to_xyz
+
+MAX_LEVEL = 30
+_MAX_SIZE = 1 << MAX_LEVEL
+_U64 = np.uint64
+_U_AXIS, _U_SIGN = np.array([1, 0, 0, 2, 2, 1]), np.array([1.0, -1, -1, 1, 1, -1])
+_V_AXIS, _V_SIGN = np.array([2, 2, 1, 1, 0, 0]), np.array([1.0, 1, -1, 1, -1, -1])
+
+
+_CHUNK = 1 << 16  # keeps the temporaries in cache: ~1.5x faster than whole-array passes
+
+
+def leaf_ids(lat, lon) -> np.ndarray:
+    """Leaf (level-30) cell ids, uint64 [n], for arrays of degrees."""
+    lat = np.asarray(lat, dtype=np.float64).ravel()
+    lon = np.asarray(lon, dtype=np.float64).ravel()
+    if len(lat) != len(lon):
+        raise ValueError(f"lat and lon differ in length ({len(lat)} vs {len(lon)})")
+    out = np.empty(len(lat), dtype=np.uint64)
+    for s in range(0, len(lat), _CHUNK):
+        out[s:s + _CHUNK] = _leaf_ids(lat[s:s + _CHUNK], lon[s:s + _CHUNK])
+    return out
+
+
+def _leaf_ids(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    p = latlon_to_xyz(lat, lon)
+    a = np.abs(p)
+    # Same tie-breaking as s2sphere's Point.largest_abs_component.
+    axis = np.where(a[:, 0] > a[:, 1], np.where(a[:, 0] > a[:, 2], 0, 2), np.where(a[:, 1] > a[:, 2], 1, 2))
+    rows = np.arange(len(p))
+    major = p[rows, axis]
+    face = axis + 3 * (major < 0)
+    # Per face, u and v are (sign * component) / major component, as in s2sphere's valid_face_xyz_to_uv.
+    u = _U_SIGN[face] * p[rows, _U_AXIS[face]] / major
+    v = _V_SIGN[face] * p[rows, _V_AXIS[face]] / major
+    i = _st_to_ij(_uv_to_st(u))
+    j = _st_to_ij(_uv_to_st(v))
+    return _from_face_ij(face.astype(np.int64), i, j)
+
+
+def _uv_to_st(u: np.ndarray) -> np.ndarray:
+    return np.where(u >= 0, 0.5 * np.sqrt(1 + 3 * np.maximum(u, 0)), 1 - 0.5 * np.sqrt(1 - 3 * np.minimum(u, 0)))
+
+
+def _st_to_ij(s: np.ndarray) -> np.ndarray:
+    return np.clip(np.floor(_MAX_SIZE * s), 0, _MAX_SIZE - 1).astype(np.int64)
+
+
+def _byte_table() -> np.ndarray:
+    """s2sphere's 4-bit Hilbert table applied twice: one lookup per 8 bits of i and j, 4 lookups per id."""
+    four = np.asarray(LOOKUP_POS, dtype=np.int64)
+    key = np.arange(1 << 18, dtype=np.int64)  # (i8 << 10) | (j8 << 2) | orientation
+    i8, j8, orient = key >> 10, (key >> 2) & 0xFF, key & 3
+    hi = four[(((i8 >> 4) << 6) | ((j8 >> 4) << 2)) | orient]
+    lo = four[(((i8 & 0xF) << 6) | ((j8 & 0xF) << 2)) | (hi & 3)]
+    return (((hi >> 2) << 8 | (lo >> 2)) << 2) | (lo & 3)
+
+
+_LOOKUP8 = _byte_table()
+
+
+def _from_face_ij(face: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The Hilbert-curve position of leaf (i, j) on ``face``, 8 bits of i and j per table lookup.
+
+    The position (60 bits) is built in int64, which numpy indexes and shifts
+    faster than uint64; only the final id with the face on top needs uint64.
+    """
+    pos = np.zeros(len(face), dtype=np.int64)
+    bits = face & 1  # initial orientation: swapped on odd faces
+    for k in range(3, -1, -1):
+        shift = 8 * k
+        bits += (((i >> shift) & 0xFF) << 10) | (((j >> shift) & 0xFF) << 2)
+        bits = _LOOKUP8[bits]
+        pos |= (bits >> 2) << (2 * shift)
+        bits &= 3
+    return (face.astype(np.uint64) << _U64(2 * MAX_LEVEL + 1)) | (pos.astype(np.uint64) << _U64(1)) | _U64(1)
+
+
+def lsb_for_level(level: int) -> np.uint64:
+    return _U64(1 << (2 * (MAX_LEVEL - level)))
+
+
+def parent_ids(ids: np.ndarray, level: int) -> np.ndarray:
+    """Ancestor at ``level`` of every id (ids must be at ``level`` or finer)."""
+    if not 0 <= level <= MAX_LEVEL:
+        raise ValueError(f"S2 level must be in 0..30, got {level}")
+    lsb = lsb_for_level(level)
+    return (np.asarray(ids, dtype=np.uint64) & ~(lsb - _U64(1))) | lsb  # (id & -lsb) | lsb
+
+
+def leaf_range(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last leaf id inside each cell: a cell is this contiguous range on the Hilbert curve."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    half = (ids & (~ids + _U64(1))) - _U64(1)  # lowest set bit - 1
+    return ids - half, ids + half
+
+
+def levels_of(ids: np.ndarray) -> np.ndarray:
+    """Level of every id, int8 [n], from the position of its lowest set bit."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    low = ids & (~ids + _U64(1))  # isolate lowest set bit
+    tz = np.log2(low.astype(np.float64)).round().astype(np.int64)  # exact: powers of two
+    return (MAX_LEVEL - tz // 2).astype(np.int8)
+
+
+def to_tokens(ids: np.ndarray) -> list[str]:
+    """Tokens (hex without trailing zeros), identical to ``s2sphere.CellId.to_token()``."""
+    return [format(int(c), "016x").rstrip("0") or "X" for c in np.asarray(ids, dtype=np.uint64)]
+
+
+def from_tokens(tokens) -> np.ndarray:
+    """uint64 ids from tokens; a token that is not an S2 token raises ValueError naming it."""
+    out = np.empty(len(tokens), dtype=np.uint64)
+    for k, t in enumerate(tokens):
+        t = str(t).strip().lower()
+        if not 0 < len(t) <= 16 or any(ch not in "0123456789abcdef" for ch in t) or int(t, 16) == 0:
+            raise ValueError(f"not an S2 cell token: {t!r}")
+        out[k] = int(t.ljust(16, "0"), 16)
+    return out
+
+
+def cell_vertices(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The four corner (lat, lon) of each cell, float64 [n, 4] each: the polygon a map draws.
+
+    Per cell through s2sphere: called for cell tables (thousands), never per photo.
+    """
+    import s2sphere
+
+    ids = np.asarray(ids, dtype=np.uint64)
+    lat = np.empty((len(ids), 4))
+    lon = np.empty((len(ids), 4))
+    for r, c in enumerate(ids):
+        cell = s2sphere.Cell(s2sphere.CellId(int(c)))
+        for k in range(4):
+            ll = s2sphere.LatLng.from_point(cell.get_vertex(k))
+            lat[r, k], lon[r, k] = ll.lat().degrees, ll.lng().degrees
+    return lat, lon

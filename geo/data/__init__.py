@@ -1,0 +1,1 @@
+"""Data in: manifests, images, the column names geo recognises."""

@@ -1,0 +1,212 @@
+"""Manifests: which photos to index and where they were taken.
+
+Accepted forms (see :func:`read_manifest`):
+
+* CSV or Parquet with an image column and coordinates. Headers are matched
+  case-insensitively, so the published formats load as they are: Im2GPS3k /
+  YFCC (``IMG_ID, LAT, LON``), OSV-5M (``id, latitude, longitude``, image file
+  ``<id>.jpg``, an unnamed pandas index column that is dropped).
+* A folder of photos whose EXIF carries GPS.
+
+Bad rows never stop a build: they come back as error rows (one per row, with
+the row number and reason) for ``errors.parquet``. Only a manifest that
+cannot be used at all raises :class:`ManifestError`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from geo.core.geodesy import valid_latlon
+from geo.data.columns import (
+    ID_COLUMNS,
+    LAT_COLUMNS,
+    LON_COLUMNS,
+    PATH_COLUMNS,
+    find_column,
+)
+from geo.data.images import IMAGE_EXTENSIONS
+
+_UNNAMED = re.compile(r"^Unnamed: \d+$")  # pandas' name for a CSV's header-less index column
+_GPS_IFD = 0x8825
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used at all; the message names the file and the reason."""
+
+
+@dataclass
+class ManifestResult:
+    df: pd.DataFrame  # id (str, unique), path (str), lat, lon (float64), then the input's extra columns
+    errors: list[dict] = field(default_factory=list)  # {"path", "stage": "manifest", "reason"}
+    source: str = ""
+
+
+def read_manifest(source: str | os.PathLike, image_root: str | os.PathLike | None = None) -> ManifestResult:
+    """Read a CSV/Parquet manifest or a folder of GPS-tagged photos.
+
+    Relative image paths are joined to ``image_root``, or to the manifest's
+    own folder when it is not given. An image value without an extension
+    (OSV-5M ids) resolves to ``<value>.jpg`` when only that file exists.
+    Row numbers in error reasons count data rows from 1.
+    """
+    src = Path(source)
+    if src.is_dir():
+        return _read_exif_folder(src)
+    table = _read_table(src)
+    return _normalise_table(table, src, Path(image_root) if image_root is not None else src.parent)
+
+
+# ---------------------------------------------------------------- tables
+def _read_table(src: Path) -> pd.DataFrame:
+    if not src.exists():
+        raise ManifestError(f"{src}: manifest not found")
+    try:
+        if src.suffix.lower() in (".parquet", ".pq"):
+            df = pd.read_parquet(src)
+        else:
+            header = pd.read_csv(src, nrows=0).columns
+            text_cols = {c: str for c in header if str(c).lower() in ID_COLUMNS + PATH_COLUMNS}
+            df = pd.read_csv(src, dtype=text_cols, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{src}: empty manifest") from None
+    except Exception as e:
+        raise ManifestError(f"{src}: cannot read as {'Parquet' if src.suffix.lower() in ('.parquet', '.pq') else 'CSV'}"
+                            f" ({type(e).__name__}: {e})") from None
+    if df.empty:
+        raise ManifestError(f"{src}: manifest has no rows")
+    return df.loc[:, [c for c in df.columns if not _UNNAMED.match(str(c))]]
+
+
+def _normalise_table(df: pd.DataFrame, src: Path, root: Path) -> ManifestResult:
+    cols = list(df.columns)
+    id_col, path_col = find_column(cols, ID_COLUMNS), find_column(cols, PATH_COLUMNS)
+    lat_col, lon_col = find_column(cols, LAT_COLUMNS), find_column(cols, LON_COLUMNS)
+    missing = [what for what, c in (("image (path/image/IMG_ID/id)", path_col or id_col),
+                                    ("latitude (lat/LAT/latitude)", lat_col),
+                                    ("longitude (lon/LON/lng/longitude)", lon_col)) if c is None]
+    if missing:
+        raise ManifestError(f"{src}: no {', '.join(missing)} column; it has {[str(c) for c in cols]}")
+    ids = _as_text(df[id_col or path_col])
+    images = _as_text(df[path_col or id_col])
+    lat = pd.to_numeric(df[lat_col], errors="coerce").to_numpy(np.float64)
+    lon = pd.to_numeric(df[lon_col], errors="coerce").to_numpy(np.float64)
+    ok = valid_latlon(lat, lon)
+    errors: list[dict] = []
+    keep = np.zeros(len(df), dtype=bool)
+    paths: list[str] = [""] * len(df)
+    root_abs = os.path.abspath(root)
+    first_row: dict[str, int] = {}
+    for i in range(len(df)):
+        img, ident = images[i], ids[i]
+        if img is None or ident is None:
+            errors.append(_error(img or "", f"row {i + 1}: no image {'id' if ident is None else 'path'}"))
+            continue
+        paths[i] = _resolve(img, root_abs)
+        if not ok[i]:
+            errors.append(_error(paths[i], f"row {i + 1}: {_coord_problem(df[lat_col].iloc[i], df[lon_col].iloc[i])}"))
+        elif ident in first_row:
+            errors.append(_error(paths[i], f"row {i + 1}: duplicate id {ident!r} (first at row {first_row[ident] + 1})"))
+        else:
+            first_row[ident] = i
+            keep[i] = True
+    extras = [c for c in cols if c not in (id_col, path_col, lat_col, lon_col)]
+    out = pd.DataFrame({
+        "id": pd.Series([ids[i] for i in np.flatnonzero(keep)], dtype=object),
+        "path": pd.Series([paths[i] for i in np.flatnonzero(keep)], dtype=object),
+        "lat": lat[keep], "lon": lon[keep],
+    })
+    for c in extras:
+        out[str(c)] = df[c].to_numpy()[keep]
+    return ManifestResult(out, errors, str(src))
+
+
+def _as_text(col: pd.Series) -> list[str | None]:
+    """Column values as stripped strings; NaN/empty -> None; 12.0-style floats from Parquet -> '12'."""
+    out: list[str | None] = []
+    for v in col.tolist():
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            out.append(None)
+            continue
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        s = str(v).strip()
+        out.append(s or None)
+    return out
+
+
+def _resolve(value: str, root: str) -> str:
+    """Absolute path without touching the disk, except to try ``.jpg`` on extension-less values."""
+    p = os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+    if not os.path.splitext(p)[1] and not os.path.exists(p) and os.path.exists(p + ".jpg"):
+        p += ".jpg"
+    return p
+
+
+def _coord_problem(lat: Any, lon: Any) -> str:
+    for name, v, lim in (("latitude", lat, 90), ("longitude", lon, 180)):
+        f = pd.to_numeric(pd.Series([v]), errors="coerce").iloc[0]
+        if not np.isfinite(f):
+            return f"{name} {v!r} is not a finite number"
+        if abs(f) > lim:
+            return f"{name} {f} out of range [-{lim}, {lim}]"
+    return "invalid coordinates"
+
+
+def _error(path: str, reason: str) -> dict:
+    return {"path": path, "stage": "manifest", "reason": reason}
+
+
+# ---------------------------------------------------------------- EXIF folders
+def _read_exif_folder(folder: Path) -> ManifestResult:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ManifestError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below")
+    rows, errors = [], []
+    for p in files:
+        try:
+            lat, lon = exif_latlon(p)
+        except (ValueError, OSError) as e:
+            errors.append(_error(str(p.resolve()), str(e)))
+            continue
+        if not valid_latlon(lat, lon):
+            errors.append(_error(str(p.resolve()), f"EXIF GPS {lat}, {lon} out of range"))
+            continue
+        rows.append({"id": p.relative_to(folder).as_posix(), "path": str(p.resolve()), "lat": lat, "lon": lon})
+    df = pd.DataFrame(rows, columns=["id", "path", "lat", "lon"]).astype({"lat": np.float64, "lon": np.float64})
+    return ManifestResult(df, errors, str(folder))
+
+
+def exif_latlon(path: str | os.PathLike) -> tuple[float, float]:
+    """Decimal degrees from a photo's EXIF GPS block; ValueError 'no GPS in EXIF' when absent."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            gps = im.getexif().get_ifd(_GPS_IFD)
+    except UnidentifiedImageError:
+        raise ValueError("not an image (unrecognised format)") from None
+    except Exception as e:
+        raise ValueError(f"unreadable EXIF ({type(e).__name__}: {e})") from None
+    if not gps or 2 not in gps or 4 not in gps:
+        raise ValueError("no GPS in EXIF")
+    try:
+        lat = _dms(gps[2]) * (-1 if str(gps.get(1, "N")).strip().upper().startswith("S") else 1)
+        lon = _dms(gps[4]) * (-1 if str(gps.get(3, "E")).strip().upper().startswith("W") else 1)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"malformed EXIF GPS ({e})") from None
+    return lat, lon
+
+
+def _dms(value: Any) -> float:
+    """(degrees, minutes, seconds) rationals -> degrees; a bare number is taken as degrees."""
+    parts = [float(v) for v in (value if isinstance(value, (tuple, list)) else (value,))]
+    if any(not np.isfinite(v) for v in parts):
+        raise ValueError(f"non-finite DMS {value!r}")
+    return sum(v / 60.0**k for k, v in enumerate(parts[:3]))

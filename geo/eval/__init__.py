@@ -1,0 +1,1 @@
+"""Evaluation: suites, metrics, published results, SQL and reports over predictions."""

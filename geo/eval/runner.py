@@ -1,0 +1,136 @@
+"""Run a benchmark suite against an index and score it.
+
+The index is anything with ``locate(paths, mode=..., crops=...) -> list[Answer]``
+(``geo.open_index`` returns one), which keeps the runner testable with a fake.
+Missing photos and photos the index could not read are counted and reported,
+never silently taken out of the denominator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import pandas as pd
+
+from geo.core.answer import Answer
+from geo.eval.metrics import breakdown, distances_km, summarize
+from geo.eval.suites import Suite, SuiteError, resolve_images
+from geo.store.predictions import ShardedWriter, answers_to_frame, conform
+
+
+class Locator(Protocol):
+    def locate(self, images: Sequence[str], mode: str = ..., crops: int = ...) -> list[Answer]: ...
+
+
+@dataclass
+class BenchResult:
+    suite: str
+    meta: Path
+    predictions: pd.DataFrame  # every located or failed row, in the predictions schema
+    missing: list[str] = field(default_factory=list)  # query ids whose image is not on disk
+    resumed: int = 0  # rows taken from an earlier run of the same --out
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.predictions[self.predictions["error"].notna()]
+
+    def summary(self, distance: str = "haversine", ci: bool = True, n_boot: int = 1000) -> dict[str, Any]:
+        ok = self.predictions[self.predictions["error"].isna()]
+        d = distances_km(ok["true_lat"], ok["true_lon"], ok["pred_lat"], ok["pred_lon"], distance)
+        out = summarize(d, n_missing=len(self.missing), n_failed=len(self.failed), ci=ci, n_boot=n_boot)
+        out.update(suite=self.suite, meta=str(self.meta), distance=distance, resumed=self.resumed,
+                   missing_ids=self.missing[:20], failed=self.failed[["query_id", "error"]].head(20).to_dict("records"))
+        if ok["scene"].notna().any():
+            out["by_scene"] = breakdown(d, ok["scene"].tolist(), ci=False)
+        return out
+
+
+def index_id_of(index: Any, index_dir: str | Path | None) -> str | None:
+    """A stable label for the index: its directory plus the bundle's creation time when known."""
+    created = getattr(getattr(index, "bundle", None), "manifest", {}).get("created") if index is not None else None
+    parts = [str(Path(index_dir).resolve()) if index_dir else None, created]
+    return "@".join(p for p in parts if p) or None
+
+
+def run_suite(
+    index: Locator,
+    suite: Suite,
+    images: str | Path,
+    *,
+    meta: str | Path | None = None,
+    mode: str | None = None,
+    crops: int = 1,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 32,
+    shard_rows: int = 512,
+    index_id: str | None = None,
+    progress: bool = True,
+) -> BenchResult:
+    """Locate every photo of the suite and return the predictions.
+
+    ``mode`` None lets the index pick its best built mode. ``limit`` keeps
+    the first N rows of the metadata (deterministic, so two runs with the
+    same limit score the same photos). With ``out`` the run is
+    resumable: ids already in ``out`` or its shards are not located again.
+    """
+    images = Path(images)
+    rows, meta_path = suite.load(images, Path(meta) if meta else None)
+    if limit is not None:
+        rows = rows.head(limit)
+    rows = rows.assign(image=resolve_images(rows, images).to_numpy())
+    missing = rows.loc[rows["image"].isna(), "query_id"].tolist()
+    todo = rows[rows["image"].notna()]
+
+    writer = ShardedWriter(out) if out else None
+    done = writer.done_ids() if writer else set()
+    resumed = int(todo["query_id"].isin(done).sum())
+    todo = todo[~todo["query_id"].isin(done)]
+
+    collected: list[pd.DataFrame] = []
+    pending: list[pd.DataFrame] = []
+    bar = _progress(len(todo) + resumed, resumed, f"{suite.name} ({mode or 'default mode'})", progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo.iloc[start : start + batch_size]
+        answers = index.locate(batch["image"].tolist(), mode=mode, crops=crops)
+        if len(answers) != len(batch):
+            raise RuntimeError(f"index returned {len(answers)} answers for {len(batch)} images")
+        frame = answers_to_frame(
+            answers, batch["query_id"].tolist(), list(zip(batch["true_lat"], batch["true_lon"])),
+            mode=mode, suite=suite.name, index_id=index_id,
+            extra={"scene": batch["scene"].tolist(), "country": batch["country"].tolist()},
+        )
+        collected.append(frame)
+        pending.append(frame)
+        if writer and sum(map(len, pending)) >= shard_rows:
+            writer.append(pd.concat(pending, ignore_index=True))
+            pending = []
+        bar.update(len(batch))
+    bar.close()
+
+    if writer:
+        if pending:
+            writer.append(pd.concat(pending, ignore_index=True))
+        allrows = writer.finish()
+        wanted = set(rows["query_id"])
+        preds = allrows[allrows["query_id"].isin(wanted)].reset_index(drop=True)
+    else:
+        preds = conform(pd.concat(collected, ignore_index=True)) if collected else conform(pd.DataFrame())
+    if preds.empty and not missing:
+        raise SuiteError(f"{meta_path}: nothing to score")
+    return BenchResult(suite.name, meta_path, preds, missing, resumed)
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="img")

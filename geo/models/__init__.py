@@ -1,0 +1,1 @@
+"""Models: the backbone registry and backbones, weights, the location encoder, the cell heads."""

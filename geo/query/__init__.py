@@ -1,0 +1,1 @@
+"""The query side: a loaded bundle answering photos or embeddings."""

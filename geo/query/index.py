@@ -1,0 +1,196 @@
+"""GeoIndex: a loaded bundle that answers "where was this photo taken?".
+
+The CLI (and any server) is a thin layer over this class, so scripts get the
+same answers as ``geo query``. It loads each stage's artifact once (the
+backbone only on the first call that needs pixels, so scoring stored
+embeddings never pays for it), computes the signals a mode needs for a batch
+(:mod:`geo.stages.fusion.signals`) and builds every :class:`~geo.core.answer.Answer`
+in one place, abstention included.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from geo.core.answer import Answer
+from geo.core.geodesy import haversine_km
+from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
+from geo.data.images import ImageDataset, expand_images
+from geo.models.backbones import Backbone, backbone_from_spec
+from geo.stages.cells.predictor import CellPredictor
+from geo.stages.cells.support import DECISION_RADII_KM
+from geo.stages.fusion.calibration import calibrated
+from geo.stages.fusion.posterior import decide
+from geo.stages.fusion.signals import (
+    Batch,
+    Evidence,
+    SignalSource,
+    cell_probs,
+    collect,
+    gallery_search,
+    knn_search,
+    sources_for,
+)
+from geo.stages.fusion.stage import FusionModel
+from geo.stages.gallery.stage import GpsGallery
+from geo.stages.knn import KnnIndex
+from geo.store.bundle import Bundle, open_bundle
+
+MODES = ("fused", "knn", "gallery", "cells")
+GALLERY_SHOWN = 5
+TOP_CELLS_SHOWN = 5
+
+
+@dataclass
+class _Decision:
+    """What a mode decides for one query; the rest of the answer is the evidence, the same for every mode."""
+
+    lat: float
+    lon: float
+    confidence: float
+    radius_km: float
+    p_within: dict[str, float] = field(default_factory=dict)
+    alternatives: list[dict[str, float]] = field(default_factory=list)
+
+
+def open_index(path: str | Path, device: str = "auto", verify: bool = True) -> "GeoIndex":
+    """Open an index bundle built by ``geo build-index``; file sizes are checked (``geo info --verify`` hashes them)."""
+    return GeoIndex(open_bundle(path, verify=verify), device=device)
+
+
+class GeoIndex:
+    def __init__(self, bundle: Bundle, device: str = "auto"):
+        self.bundle = bundle
+        self.device = device
+        self.knn = KnnIndex.load(bundle)
+        self.knn_params = KnnParams()
+
+    # ------------------------------------------------------------ the bundle's artifacts
+    @cached_property
+    def backbone(self) -> Backbone:
+        return backbone_from_spec(self.bundle.manifest["backbone"], device=self.device)
+
+    @cached_property
+    def cells(self) -> CellPredictor | None:
+        return CellPredictor.load(self.bundle) if self.bundle.has_stage("cells") else None
+
+    @cached_property
+    def gallery(self) -> GpsGallery | None:
+        return GpsGallery.load(self.bundle) if self.bundle.has_stage("gallery") else None
+
+    @cached_property
+    def fusion(self) -> FusionModel | None:
+        return FusionModel.load(self.bundle) if self.bundle.has_stage("fusion") else None
+
+    @cached_property
+    def sources(self) -> list[SignalSource]:
+        """The signals fusion mixes, from the stages this bundle has."""
+        return sources_for(self.knn, self.cells, self.gallery, self.knn.lat, self.knn.lon)
+
+    @property
+    def modes(self) -> list[str]:
+        """Modes this bundle can answer in (stages that were built)."""
+        have = {"knn", *(m for m, s in (("cells", "cells"), ("gallery", "gallery"), ("fused", "fusion"))
+                         if self.bundle.has_stage(s))}
+        return [m for m in MODES if m in have]
+
+    @property
+    def default_mode(self) -> str:
+        return "fused" if "fused" in self.modes else "knn"
+
+    # ------------------------------------------------------------ embedding
+    def embed(self, images: Sequence[str], crops: int = 1, batch_size: int = 32) -> tuple[np.ndarray, dict[int, str]]:
+        """Embeddings [n, crops, dim] (rows of failed images are zero) and {position: reason} for failures."""
+        bb = self.backbone
+        ds = ImageDataset(list(images), bb.preprocess, crops=crops)
+        out = np.zeros((len(images), crops, bb.dim), np.float32)
+        errors: dict[int, str] = {}
+        for start in range(0, len(images), batch_size):
+            items = [ds[i] for i in range(start, min(start + batch_size, len(images)))]
+            ok = [(i, t) for i, t, err in items if err is None]
+            errors.update({i: err for i, _, err in items if err is not None})
+            if ok:
+                x = torch.stack([t.reshape(crops, *t.shape[-3:]) for _, t in ok]).reshape(-1, *ok[0][1].shape[-3:])
+                out[[i for i, _ in ok]] = bb.embed(x.to(bb.device)).reshape(len(ok), crops, bb.dim)
+        return out, errors
+
+    # ------------------------------------------------------------ answering
+    def evidence(self, emb: np.ndarray, k: int = 50) -> Evidence:
+        """Every built signal for a batch of embeddings, as fusion consumes it."""
+        return collect(self.sources, Batch(emb, k))
+
+    def locate_embeddings(self, emb: np.ndarray, mode: str | None = None, k: int = 50,
+                          min_confidence: float | None = None, names: Sequence[str | None] | None = None) -> list[Answer]:
+        """Answers for embeddings [n, dim] (or [n, crops, dim]); each mode computes only the signals it needs,
+        plus the neighbours and top cells that every answer lists."""
+        mode = mode or self.default_mode
+        if mode not in self.modes:
+            raise ValueError(f"mode {mode!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, not {k}")
+        batch = Batch(emb, k)
+        sims, rows = knn_search(self.knn, batch)
+        decisions = self._decide(mode, batch, sims, rows)
+        probs = cell_probs(self.cells, batch) if self.cells is not None else None
+        gallery = gallery_search(self.gallery, batch) if mode in ("gallery", "fused") else None
+        out = []
+        for i, d in enumerate(decisions):
+            r = rows[i][rows[i] >= 0]
+            out.append(Answer(
+                image=names[i] if names is not None else None, lat=d.lat, lon=d.lon, mode=mode,
+                confidence=round(d.confidence, 4), confidence_radius_km=d.radius_km, p_within=d.p_within,
+                alternatives=d.alternatives,
+                neighbors=self._neighbours(sims[i][rows[i] >= 0], r, d.lat, d.lon),
+                top_cells=self.cells.top_cells(probs[i], TOP_CELLS_SHOWN) if probs is not None else [],
+                gallery=[] if gallery is None else [
+                    {"lat": float(la), "lon": float(lo), "score": round(float(sc), 4)}
+                    for sc, (la, lo) in zip(gallery[1][i, :GALLERY_SHOWN], gallery[0][i, :GALLERY_SHOWN])],
+            ).abstain_below(min_confidence))
+        return out
+
+    def _decide(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray) -> list[_Decision]:
+        if mode == "knn":
+            out = []
+            for s, r in zip(sims, rows):
+                v = kde_vote(self.knn.lat[r[r >= 0]], self.knn.lon[r[r >= 0]], s[r >= 0], self.knn_params)
+                out.append(_Decision(v.lat, v.lon, v.confidence, self.knn_params.radius_km))
+            return out
+        if mode == "gallery":
+            latlon, scores = gallery_search(self.gallery, batch)
+            return [_Decision(float(g[0, 0]), float(g[0, 1]), float(neighbour_weights(sc[np.isfinite(sc)], 1.0)[0]), 0.0)
+                    for g, sc in zip(latlon, scores)]
+        if mode == "cells":  # the photo spot with most f* mass within 750, then 200, then 25 km (see RESULTS.md)
+            lat, lon, mass = self.cells.decide(cell_probs(self.cells, batch))
+            return [_Decision(float(a), float(b), float(m), DECISION_RADII_KM[0]) for a, b, m in zip(lat, lon, mass)]
+        params = self.fusion.params
+        out = []
+        for d in decide(collect(self.sources, batch), params):
+            p = calibrated(d.mass, params.calibration)
+            out.append(_Decision(d.lat, d.lon, p["25"], 25.0, p, d.alternatives))
+        return out
+
+    def _neighbours(self, sims: np.ndarray, rows: np.ndarray, lat: float, lon: float) -> list[dict[str, Any]]:
+        dist = haversine_km(self.knn.lat[rows], self.knn.lon[rows], lat, lon)
+        return [{"id": i, "path": p, "lat": la, "lon": lo, "similarity": round(s, 6), "distance_km": round(d, 3)}
+                for i, p, la, lo, s, d in zip(self.knn.ids[rows].tolist(), self.knn.paths[rows].tolist(),
+                                              self.knn.lat[rows].tolist(), self.knn.lon[rows].tolist(),
+                                              np.asarray(sims, float).tolist(), np.asarray(dist, float).tolist())]
+
+    def locate(self, images: str | Sequence[str], mode: str | None = None, k: int = 50, crops: int = 1,
+               min_confidence: float | None = None) -> Answer | list[Answer]:
+        """Answer for each image (paths, globs or folders); a single path (not a list) gives a single Answer."""
+        single = isinstance(images, (str, Path))
+        paths = expand_images([str(images)] if single else [str(i) for i in images])
+        emb, errors = self.embed(paths, crops=crops)
+        good = [i for i in range(len(paths)) if i not in errors]
+        answers = [Answer.failed(p, errors[i]) if i in errors else None for i, p in enumerate(paths)]
+        if good:
+            for i, a in zip(good, self.locate_embeddings(emb[good], mode=mode, k=k, min_confidence=min_confidence,
+                                                         names=[paths[i] for i in good])):
+                answers[i] = a
+        return answers[0] if single and len(answers) == 1 else answers

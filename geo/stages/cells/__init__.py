@@ -1,0 +1,1 @@
+"""The cells stage: adaptive S2 partitions, heads, calibration, support spots."""

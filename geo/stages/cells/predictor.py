@@ -1,0 +1,138 @@
+"""The cells stage's artifact: cell tables, heads, calibration and support spots, ready to score embeddings.
+
+Files (written by :meth:`CellPredictor.save`, read by :meth:`CellPredictor.load`)::
+
+    cells/<partition>.parquet    class_label, token, level, count, lat, lon (Class2GPS mean), parent_<coarser>
+    cells/support.parquet        photo spots (~1 km) per fine cell: cell, lat, lon, count
+    heads/heads.safetensors      the heads' weights
+    heads/heads.json             model spec, partitions, calibration, scene values
+
+The fine-cell posterior (:meth:`CellPredictor.fine_probs`) answers "which
+cell"; :meth:`CellPredictor.decide` answers "which point is most likely within
+r km" over the cells' photo spots (:mod:`geo.stages.cells.support`), which
+with a flat posterior is the population prior's answer.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from geo.models.heads import CellHeads, head_logits, load_heads, save_heads
+from geo.stages.cells.calibration import (
+    fine_log_posterior,
+    log_priors,
+    partition_log_probs,
+)
+from geo.stages.cells.support import DECISION_RADII_KM, SupportDecision, check_support
+from geo.store.atomic import atomic_write_parquet
+from geo.store.bundle import Bundle, BundleError
+
+STAGE = "cells"
+SUPPORT_FILE = "cells/support.parquet"
+HEADS_WEIGHTS = "heads/heads.safetensors"
+HEADS_CONFIG = "heads/heads.json"
+
+
+class CellPredictor:
+    """Heads + cell tables, ready to turn embeddings into cell posteriors; ``info`` is the stage's manifest record."""
+
+    def __init__(self, tables: list[pd.DataFrame], names: list[str], model: CellHeads, calibration: dict,
+                 scene_values: list, support: pd.DataFrame, info: dict[str, Any] | None = None,
+                 scene_column: str | None = None):
+        self.tables, self.names, self.model = tables, names, model
+        self.calibration = calibration
+        self.scene_values = scene_values
+        self.support = support
+        self.info = info or {}
+        self.scene_column = scene_column
+        self.priors = log_priors([t["count"].to_numpy(float) for t in tables])
+        self.parents = [_parent_rows(tables[-1], t, n) for t, n in zip(tables[:-1], names[:-1])]
+        self._decision = SupportDecision(support, tables[-1]["lat"].to_numpy(float), tables[-1]["lon"].to_numpy(float))
+
+    def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
+        """Write the tables, support spots and heads; returns (files, info) for the pipeline to commit."""
+        files = [SUPPORT_FILE, *(f"cells/{n}.parquet" for n in self.names), HEADS_WEIGHTS, HEADS_CONFIG]
+        atomic_write_parquet(bundle.path(SUPPORT_FILE), pa.Table.from_pandas(self.support, preserve_index=False))
+        for name, table in zip(self.names, self.tables):
+            atomic_write_parquet(bundle.path(f"cells/{name}.parquet"), pa.Table.from_pandas(table, preserve_index=False))
+        for stale in bundle.path("cells").glob("*.parquet"):
+            if stale.relative_to(bundle.root).as_posix() not in files:
+                stale.unlink()  # a partition of an earlier build with other names
+        save_heads(self.model, bundle.path(HEADS_WEIGHTS), bundle.path(HEADS_CONFIG),
+                   {"partitions": self.names, "calibration": self.calibration, "scene_values": self.scene_values,
+                    "scene_column": self.scene_column})
+        return files, self.info
+
+    @classmethod
+    def load(cls, bundle: Bundle, device: str = "cpu") -> "CellPredictor":
+        info = bundle.stage(STAGE)
+        try:
+            names = list(info["partitions"])
+        except KeyError:
+            raise BundleError(f"{bundle.root}/manifest.json: cells stage lists no partitions") from None
+        tables = [_read_table(bundle.path(f"cells/{n}.parquet"), "cell table") for n in names]
+        support_path = bundle.path(SUPPORT_FILE)
+        if not support_path.exists():
+            raise BundleError(f"{support_path}: missing; the bundle predates support spots, rebuild its cells with "
+                              "`geo build-index ... --force cells`")
+        support = _read_table(support_path, "support spots")
+        try:
+            check_support(support, len(tables[-1]), str(support_path))
+        except ValueError as e:
+            raise BundleError(str(e)) from None
+        model, cfg = load_heads(bundle.path(HEADS_WEIGHTS), bundle.path(HEADS_CONFIG), device)
+        if [len(t) for t in tables] != model.spec["n_classes"]:
+            raise BundleError(f"{bundle.path(HEADS_CONFIG)}: head sizes do not match the cell tables")
+        return cls(tables, names, model, cfg["calibration"], cfg.get("scene_values", []), support, info,
+                   cfg.get("scene_column"))
+
+    def scene_codes(self, scene) -> np.ndarray | None:
+        """Scene labels (as in the manifest column) -> head indices, -1 unknown."""
+        if scene is None or not self.scene_values:
+            return None
+        lookup = {str(v): i for i, v in enumerate(self.scene_values)}
+        return np.array([lookup.get(str(v), -1) for v in np.asarray(scene).ravel()], dtype=np.int64)
+
+    def log_probs(self, emb: np.ndarray, scene=None, hierarchy: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
+        """(per-partition log probs, fine log probs) for a batch; ``hierarchy=False`` gives finest-only."""
+        logits, _ = head_logits(self.model, np.asarray(emb, dtype=np.float32), self.scene_codes(scene))
+        c = self.calibration
+        lp = partition_log_probs(logits, self.priors, c["temperature"], c["alpha"])
+        return lp, fine_log_posterior(logits, self.priors, c["temperature"], c["alpha"], self.parents, hierarchy)
+
+    def fine_probs(self, emb: np.ndarray, scene=None) -> np.ndarray:
+        """The hierarchical (f*) posterior over the finest partition, [n, C]."""
+        return np.exp(self.log_probs(emb, scene)[1])
+
+    def top_cells(self, fine: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
+        """The k most probable fine cells of one posterior row, best first, as answers list them."""
+        t = self.tables[-1]
+        top = np.argpartition(-fine, min(k, len(fine) - 1))[:k]
+        top = top[np.argsort(-fine[top], kind="stable")]
+        return [{"partition": self.names[-1], "token": str(t["token"].iat[j]), "prob": round(float(fine[j]), 5),
+                 "lat": float(t["lat"].iat[j]), "lon": float(t["lon"].iat[j])} for j in top]
+
+    def decide(self, fine_probs: np.ndarray, radii_km=DECISION_RADII_KM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lat, lon, mass within radii_km[0]) per row of fine probabilities [n, C]: the photo spot with most
+        posterior mass within the radii in turn."""
+        return self._decision.decide(fine_probs, radii_km)
+
+
+def _read_table(path, what: str) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (FileNotFoundError, OSError) as e:
+        raise BundleError(f"{path}: cannot read {what} ({e})") from None
+
+
+def _parent_rows(fine: pd.DataFrame, coarse: pd.DataFrame, coarse_name: str) -> np.ndarray:
+    col = f"parent_{coarse_name}"
+    if col not in fine.columns:
+        raise BundleError(f"fine cell table has no {col} column (cells stage built without hierarchy)")
+    pos = pd.Index(coarse["token"]).get_indexer(fine[col])
+    if (pos < 0).any():
+        raise BundleError(f"fine cell table names parents missing from partition {coarse_name!r}")
+    return pos

@@ -1,0 +1,146 @@
+"""The cells stage: partitions, cell tables, heads, calibration, support spots.
+
+:func:`fit_cells` does the work in memory and returns the artifact
+(:class:`geo.stages.cells.predictor.CellPredictor`), whose ``save`` writes its files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from geo.core import s2
+from geo.core.geodesy import valid_latlon
+from geo.core.splits import group_column, group_folds
+from geo.models.heads import head_logits
+from geo.stages.cells import partition as P
+from geo.stages.cells.calibration import CALIBRATION_PHOTOS, fit_calibration, log_priors
+from geo.stages.cells.predictor import CellPredictor
+from geo.stages.cells.support import support_points
+from geo.stages.cells.train import HeadConfig, config_dict, train_heads
+
+CROSSFIT_FOLDS = 3
+
+
+@dataclass
+class CellsConfig:
+    """Options of the cells stage (``geo build-index`` flags of the same names)."""
+
+    cells: list[str] = field(default_factory=list)  # published GeoEstimation cell CSVs, coarse to fine, instead of building
+    partitioner: str = "adaptive"  # adaptive (PlaNet top-down) | bottomup (seed 002 hot spots)
+    tau_min: int | None = None  # default: 50 scaled by sqrt(gallery / 4.7 M), at least 2
+    tau_max: list[int] = field(default_factory=list)  # one per partition; default 5000 2000 1000 scaled like tau_min
+    head: str = "linear"  # linear | mlp
+    scene_column: str | None = None  # manifest column with scene labels (e.g. S3_Label) to condition the heads on
+    group_column: str | None = None  # photographers held out together (default: AUTHOR, owner, ... when present)
+    smoothing_km: float = 0.0  # haversine label smoothing scale (PIGEON uses 75; 0 = off)
+    max_epochs: int = 100
+    seed: int = 0
+    device: str = "auto"
+    # Calibrate small galleries on every photo, scored by heads trained without its photographer's fold.
+    # Fusion's out-of-fold fits turn it off: its folds are already photographer-disjoint.
+    crossfit: bool = True
+
+
+def _partitions(lat, lon, emb, config: CellsConfig) -> tuple[list[P.Partition], dict]:
+    if config.cells:
+        parts = P.read_partitions(config.cells)
+        return parts, {"source": [str(c) for c in config.cells]}
+    default_min, default_max = P.default_taus(len(lat))
+    tau_min = config.tau_min if config.tau_min is not None else default_min
+    tau_max = list(config.tau_max) or [t for t in default_max if t >= tau_min]
+    parts = P.build_partitions(lat, lon, tau_min, tau_max, config.partitioner, emb)
+    return parts, {"source": config.partitioner, "tau_min": tau_min, "tau_max": sorted(tau_max, reverse=True)}
+
+
+def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsConfig(),
+              log: Callable[[str], None] = print) -> CellPredictor:
+    """Partitions + tables + trained, calibrated heads + support spots: the stage's artifact, in memory."""
+    if len(meta) != len(emb):
+        raise ValueError(f"{len(meta)} metadata rows for {len(emb)} embeddings")
+    ok = valid_latlon(meta["lat"], meta["lon"])
+    meta, emb = meta.loc[ok].reset_index(drop=True), emb[ok]
+    lat, lon = meta["lat"].to_numpy(float), meta["lon"].to_numpy(float)
+    parts, source = _partitions(lat, lon, emb, config)
+    parents = P.link_parents(parts)
+    leaf = s2.leaf_ids(lat, lon)
+    rows = np.stack([P.assign(leaf, p.cell_ids) for p in parts], 1)
+    by_name = {p.name: p for p in parts}
+    tables = [P.cell_table(p, rows[:, k], lat, lon, parents[p.name], by_name) for k, p in enumerate(parts)]
+    log("cells: " + ", ".join(f"{p.name} {len(p.cell_ids)} cells ({(rows[:, k] >= 0).mean():.0%} of photos)"
+                              for k, p in enumerate(parts)) + f" from {source}")
+
+    scene, scene_values = None, []
+    if config.scene_column:
+        if config.scene_column not in meta.columns:
+            raise ValueError(f"--scene-column {config.scene_column!r}: not a manifest column ({', '.join(meta.columns)})")
+        col = meta[config.scene_column]
+        scene_values = sorted({v for v in col.dropna().tolist()}, key=str)
+        lookup = {v: i for i, v in enumerate(scene_values)}
+        scene = np.array([lookup.get(v, -1) for v in col.tolist()], dtype=np.int64)
+    group_col = group_column(meta.columns, config.group_column)
+    hc = HeadConfig(head=config.head, smoothing_km=config.smoothing_km, max_epochs=config.max_epochs, seed=config.seed,
+                    device=config.device)
+    groups = meta[group_col].astype(str).to_numpy() if group_col else None
+    cell_latlon = [(t["lat"].to_numpy(), t["lon"].to_numpy()) for t in tables]
+    result = train_heads(emb, rows, cell_latlon, (lat, lon), hc, groups=groups, scene=scene, n_scenes=len(scene_values))
+    val = result.val_index
+    if len(val) >= CALIBRATION_PHOTOS or not config.crossfit:
+        calib_rows, how = val, "the held-out photographers"
+        logits, _ = head_logits(result.model, emb[val], scene[val] if scene is not None else None)
+    else:
+        calib_rows, how = np.arange(len(emb)), f"{CROSSFIT_FOLDS}-fold cross-fitted heads"
+        logits = _crossfit_logits(emb, rows, cell_latlon, (lat, lon), hc, groups, scene, len(scene_values))
+    priors = log_priors([t["count"].to_numpy(float) for t in tables])
+    parent_rows = [parents[parts[-1].name][p.name] for p in parts[:-1]]
+    calibration = fit_calibration(logits, rows[calib_rows], priors, parent_rows,
+                                  groups[calib_rows] if groups is not None else None)
+    calibration["source"] = how
+    log(f"cells: heads trained in {result.seconds:.1f}s ({result.best_epoch + 1} epochs kept), "
+        f"T={['%.2f' % t for t in calibration['temperature']]}, alpha={calibration['alpha']:.2f} "
+        f"on {calibration['val_photos']} photos from {how}" + (f" (by {group_col})" if group_col else ""))
+    info = {
+        "partitions": [p.name for p in parts],
+        "cells": {p.name: len(p.cell_ids) for p in parts},
+        **source,
+        "head": hc.head,
+        "scene_column": config.scene_column,
+        "group_column": group_col,
+        "photos": int(len(meta)),
+        "calibration": calibration,
+        "train": {"seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,
+                  "epochs_run": len(result.history), "val_photos": int(len(val)),
+                  "val_loss": result.history[result.best_epoch]["val_loss"], "config": config_dict(hc)},
+    }
+    support = support_points(lat, lon, rows[:, -1], tables[-1])
+    info["support_spots"] = int(len(support))
+    return CellPredictor(tables, info["partitions"], result.model, calibration, scene_values, support, info,
+                         config.scene_column)
+
+
+def _crossfit_logits(emb, rows, cell_latlon, photo_latlon, hc: HeadConfig, groups, scene, n_scenes) -> list[np.ndarray]:
+    """Head logits for every photo from heads trained without its photographer's fold.
+
+    The one held-out split of a small gallery is a few photographers, too few
+    to fit a temperature and a prior weight: on Im2GPS3k dev folds it let the
+    heads' confidence through where it did not transfer to new photographers,
+    and cost 6 points at 2500 km. Scoring every photo out of fold uses the whole
+    gallery; it costs CROSSFIT_FOLDS more trainings, on galleries small enough for that to be seconds.
+    """
+    if groups is not None and len(np.unique(groups)) < CROSSFIT_FOLDS:
+        groups = None
+    fold = group_folds(len(emb), groups, CROSSFIT_FOLDS, hc.seed)
+    out = [np.zeros((len(emb), len(c[0])), dtype=np.float32) for c in cell_latlon]
+    for f in range(CROSSFIT_FOLDS):
+        held, fit = fold == f, fold != f
+        if not held.any():
+            continue
+        part = train_heads(emb[fit], rows[fit], cell_latlon, (photo_latlon[0][fit], photo_latlon[1][fit]), hc,
+                           groups=groups[fit] if groups is not None else None,
+                           scene=scene[fit] if scene is not None else None, n_scenes=n_scenes)
+        logits, _ = head_logits(part.model, emb[held], scene[held] if scene is not None else None)
+        for o, z in zip(out, logits):
+            o[held] = z
+    return out

@@ -1,0 +1,169 @@
+"""Training the cell heads on stored embeddings: one head per partition, one shared input.
+
+The images are never re-embedded: heads train on the embedding shards.
+Loss = mean over partitions of the cross-entropy (Müller-Budack et al.'s
+multi-partition loss), optionally against haversine-smoothed targets (PIGEON:
+a photo near a cell border is not all wrong in the neighbouring cell).
+Validation photos are whole groups (photographers) held out, so early
+stopping measures places, not one trip's near-duplicates.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from geo.core.geodesy import EARTH_RADIUS_KM, latlon_to_xyz
+from geo.core.runtime import resolve_device
+from geo.core.splits import validation_mask
+from geo.models.heads import CellHeads
+
+
+@dataclass
+class HeadConfig:
+    head: str = "linear"
+    hidden: int = 512
+    dropout: float = 0.2
+    max_epochs: int = 100
+    patience: int = 5
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    smoothing_km: float = 0.0
+    val_fraction: float = 0.2  # geo.core.splits: the same held-out photographers as gallery and fusion
+    # Compute cap (multiply-adds x 6 for forward+backward): bounds CPU builds like a time limit would,
+    # but deterministically, so a seeded build gives the same weights on any machine.
+    flop_budget: float = 1.5e12
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class TrainResult:
+    model: "CellHeads"
+    val_index: np.ndarray
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np.ndarray, np.ndarray]],
+                photo_latlon: tuple[np.ndarray, np.ndarray], config: HeadConfig, groups: np.ndarray | None = None,
+                scene: np.ndarray | None = None, n_scenes: int = 0) -> TrainResult:
+    """Train the heads; keep the weights of the epoch with the lowest validation loss.
+
+    ``targets``: int [n, partitions], -1 where a photo lies in no cell of that
+    partition (ignored there). ``scene``: int [n], -1 unknown.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    dev = resolve_device(config.device)
+    n = len(emb)
+    val = np.flatnonzero(validation_mask(n, groups, config.val_fraction, config.seed))
+    train = np.setdiff1d(np.arange(n), val)
+    model = CellHeads(emb.shape[1], [len(c[0]) for c in cell_latlon], config.head, config.hidden,
+                      config.dropout, n_scenes)
+    x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).to(dev)
+    y = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(dev)
+    s = torch.from_numpy(np.asarray(scene if scene is not None else np.full(n, -1), dtype=np.int64)).to(dev)
+    pxyz = torch.from_numpy(latlon_to_xyz(*photo_latlon)).float().to(dev)
+    cxyz = [torch.from_numpy(latlon_to_xyz(la, lo)).float().to(dev) for la, lo in cell_latlon]
+    if config.head == "linear":
+        _prototype_init(model, emb[train], np.asarray(targets)[train])
+    model = model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    best, best_state, history, stale = float("inf"), None, [], 0
+    train_t = torch.from_numpy(train)
+    val_t = torch.from_numpy(val).to(dev)
+    # Big galleries take bigger batches (at most ~100 steps an epoch): the prototype start needs few epochs, not many steps.
+    batch_size = max(config.batch_size, -(-len(train) // 100))
+    width = sum(p.numel() for p in model.parameters())
+    max_epochs = min(config.max_epochs, max(1, int(config.flop_budget // (6 * width * max(len(train), 1)))))
+    for epoch in range(max_epochs + 1):
+        model.train()
+        perm = train_t[torch.randperm(len(train_t), generator=gen)].to(dev)
+        total = 0.0
+        # Epoch 0 only scores the initial (prototype) heads: on a small gallery they can beat any trained epoch.
+        for b in range(0, len(perm) if epoch else 0, batch_size):
+            idx = perm[b:b + batch_size]
+            loss = _loss(model, x[idx], y[idx], s[idx], pxyz[idx], cxyz, config.smoothing_km, n_scenes)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        model.eval()
+        with torch.no_grad():
+            # Validation is always scored against hard labels: the number early stopping compares across runs.
+            vloss = float(_loss(model, x[val_t], y[val_t], s[val_t], pxyz[val_t], cxyz, 0.0, n_scenes))
+        history.append({"epoch": epoch, "train_loss": total / max(len(train), 1), "val_loss": vloss})
+        if vloss < best - 1e-4:
+            best, stale = vloss, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    best_epoch = min(range(len(history)), key=lambda e: history[e]["val_loss"])
+    return TrainResult(model.cpu(), val, history, best_epoch, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _prototype_init(model: CellHeads, emb: np.ndarray, targets: np.ndarray, scale: float = 10.0) -> None:
+    """Start each linear head as a nearest-centroid classifier on centred features.
+
+    With a few photos per cell, a randomly initialised head over-fits its
+    photographers before it learns places; the centroid of a cell's photos
+    (minus the gallery mean, which every ImageNet feature shares) is the
+    estimate that needs no fitting.
+    """
+    mu = emb.mean(0)
+    x = emb - mu
+    for p, head in enumerate(model.heads):
+        ok = targets[:, p] >= 0
+        n_cells = head.weight.shape[0]
+        sums = np.zeros((n_cells, emb.shape[1]))
+        order = np.argsort(targets[ok, p], kind="stable")
+        labels, start = np.unique(targets[ok, p][order], return_index=True)
+        if len(labels):
+            sums[labels] = np.add.reduceat(x[ok][order], start, axis=0)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        w = np.where(norms > 0, sums / np.maximum(norms, 1e-12), 0.0) * scale
+        head.weight.zero_()
+        head.weight[:, : emb.shape[1]] = torch.from_numpy(w).float()
+        head.bias.copy_(torch.from_numpy(-(w @ mu)).float())
+
+
+def _loss(model: CellHeads, x, y, s, pxyz, cxyz, smoothing_km: float, n_scenes: int) -> torch.Tensor:
+    scene_in = None
+    if n_scenes:
+        known = s >= 0
+        scene_in = torch.full((len(x), n_scenes), 1.0 / n_scenes, device=x.device)
+        scene_in[known] = nn.functional.one_hot(s[known], n_scenes).float()
+    logits, scene_logits = model(x, scene_in)
+    losses = []
+    for p, z in enumerate(logits):
+        ok = y[:, p] >= 0
+        if not ok.any():
+            continue
+        if smoothing_km > 0:
+            # PIGEON: target ∝ exp(-distance to the cell's photo mean / scale); 2R·asin(chord/2) is the haversine.
+            chord = torch.cdist(pxyz[ok], cxyz[p]).clamp(max=2.0)
+            q = (-(2 * EARTH_RADIUS_KM * torch.asin(chord / 2)) / smoothing_km).softmax(-1)
+            losses.append(-(q * z[ok].log_softmax(-1)).sum(-1).mean())
+        else:
+            losses.append(nn.functional.cross_entropy(z[ok], y[ok, p]))
+    loss = torch.stack(losses).mean()
+    if scene_logits is not None and (s >= 0).any():
+        loss = loss + nn.functional.cross_entropy(scene_logits[s >= 0], s[s >= 0])
+    return loss
+
+
+def config_dict(config: HeadConfig) -> dict:
+    return json.loads(json.dumps(asdict(config)))

@@ -1,0 +1,118 @@
+"""Embedding stage: manifest rows -> numbered Parquet shards of L2-normalised embeddings (:mod:`geo.store.embeddings`).
+
+Resumable in the clip-retrieval way: the manifest is cut into fixed row
+ranges (shards); a shard counts as done only once its marker
+``part-NNNNN.json`` exists, and the marker is written (atomically) after the
+Parquet file. A re-run skips done shards and redoes the others from scratch,
+so no row is ever written twice. The plan (shard size and a fingerprint of
+the manifest) is stored in the bundle so that resuming with another manifest
+is refused instead of silently mixing galleries.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from geo.data.images import ImageDataset, collate_skip_errors
+from geo.models.registry import Backbone
+from geo.store.bundle import Bundle, BundleError, read_json
+from geo.store.embeddings import finished_shards, marker_path, shard_path, write_shard
+
+STAGE = "embeddings"
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    batch_size: int = 64
+    workers: int = -1  # -1: one per core, capped at 8; 0 decodes in the main process
+    shard_rows: int = 50_000
+
+    def resolved_workers(self) -> int:
+        return min(8, os.cpu_count() or 1) if self.workers < 0 else self.workers
+
+
+def manifest_fingerprint(df: pd.DataFrame) -> str:
+    """Identity of the rows to embed; resuming against a different manifest is refused."""
+    h = hashlib.sha256()
+    for col in ("id", "path", "lat", "lon"):
+        h.update(pd.util.hash_pandas_object(df[col], index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def _embed_rows(rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, bar: tqdm) -> tuple[np.ndarray, list[int], list[dict]]:
+    """Embed ``rows``; returns (embeddings of the rows that loaded, their positions, error rows)."""
+    dataset = ImageDataset(rows["path"].tolist(), backbone.preprocess)
+    workers = cfg.resolved_workers()
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=workers,
+        collate_fn=collate_skip_errors,
+        pin_memory=backbone.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    embs, ok, errors = [], [], []
+    for idx, batch, errs in loader:
+        for i, reason in errs:
+            errors.append({"path": str(rows["path"].iloc[i]), "id": str(rows["id"].iloc[i]), "stage": "image", "reason": reason})
+        if batch is not None and len(idx):
+            embs.append(backbone.embed(batch.to(backbone.device, non_blocking=True)))
+            ok.extend(idx)
+        bar.update(len(idx) + len(errs))
+    emb = np.concatenate(embs) if embs else np.zeros((0, backbone.dim), np.float32)
+    return emb, ok, errors
+
+
+def run_embedding_stage(bundle: Bundle, df: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig = EmbedConfig(),
+                        progress: bool = True) -> tuple[list[Path], dict[str, Any]]:
+    """Embed every manifest row not yet in a finished shard; returns (every finished shard's files, stage info)."""
+    fingerprint = manifest_fingerprint(df)
+    plan = bundle.manifest.get("plan", {}).get(STAGE)
+    if plan and (plan["fingerprint"] != fingerprint or plan["shard_rows"] != cfg.shard_rows):
+        raise BundleError(
+            f"{bundle.root}: an unfinished or finished build of a different manifest (or shard size) is here; "
+            "resume with the same manifest and --shard-size, or choose another --out"
+        )
+    plan = {"fingerprint": fingerprint, "shard_rows": cfg.shard_rows, "rows": len(df)}
+    bundle.manifest.setdefault("plan", {})[STAGE] = plan
+    bundle.save()
+
+    n_shards = max(1, -(-len(df) // cfg.shard_rows))
+    todo = [i for i in range(n_shards) if not marker_path(shard_path(bundle, i)).exists()]
+    done_rows = sum(min(cfg.shard_rows, len(df) - i * cfg.shard_rows) for i in range(n_shards) if i not in todo)
+    bar = tqdm(total=len(df), initial=done_rows, unit="img", desc="embed", disable=not progress, smoothing=0.1)
+    for i in todo:
+        rows = df.iloc[i * cfg.shard_rows:(i + 1) * cfg.shard_rows]
+        t0 = time.perf_counter()
+        emb, ok, errors = _embed_rows(rows, backbone, cfg, bar)
+        seconds = time.perf_counter() - t0
+        write_shard(bundle, i, rows.iloc[ok], emb, {
+            "first_row": i * cfg.shard_rows, "rows": len(rows), "failed": len(errors), "seconds": round(seconds, 3),
+            "images_per_s": round(len(rows) / seconds, 2) if seconds else None, "errors": errors,
+        })
+    bar.close()
+
+    shards = finished_shards(bundle)
+    markers = [read_json(marker_path(p)) for p in shards]
+    info = {
+        "shards": len(shards),
+        "ok": sum(m["ok"] for m in markers),
+        "failed": sum(m["failed"] for m in markers),
+        "images_per_s": _overall_rate(markers),
+    }
+    return [p for s in shards for p in (s, marker_path(s))], info
+
+
+def _overall_rate(markers: list[dict]) -> float | None:
+    secs = sum(m["seconds"] for m in markers)
+    return round(sum(m["rows"] for m in markers) / secs, 2) if secs else None

@@ -1,0 +1,1 @@
+"""The fusion stage: signals, the posterior over them, tuning and calibration."""

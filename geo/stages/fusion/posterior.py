@@ -1,0 +1,221 @@
+"""Fusion's posterior and decision: one mixture over any number of named signals.
+
+Each signal (:mod:`geo.stages.fusion.signals`) becomes probability mass on its
+support points; the posterior is ``sum_s w_s * mass_s``. The answer is the
+candidate point with the most posterior mass within the field's thresholds
+(1/25/200/750/2500 km, averaged, or only the coarse ones): at the coarse
+thresholds the cells and the prior decide the region (PIGEON's "refine within
+the top cells"), at the fine ones kNN and gallery support pick the spot inside
+it. With weak image evidence the prior's weight makes the answer the best
+constant guess; a near-duplicate neighbour (similarity above anything seen
+between different photographers) takes all the weight, so it wins outright.
+
+Weights, temperatures and top-K are fitted at build time on out-of-fold
+evidence (:mod:`geo.stages.fusion.tuning`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from geo.core.geodesy import THRESHOLDS_KM, cos_km, latlon_to_xyz
+from geo.stages.fusion.signals import (
+    BACKOFF_SIGNAL,
+    DUPLICATE_SIGNAL,
+    Evidence,
+    SignalSpec,
+)
+
+# Which thresholds' mass the decision maximises: all five (the field's mean accuracy), only the
+# coarse ones, where weak evidence still carries information, or the region (750 km) alone, which
+# with the prior alone is exactly the best constant guess.
+DECISIONS = {"all": (1.0, 1.0, 1.0, 1.0, 1.0), "coarse": (0.0, 0.0, 0.0, 1.0, 1.0), "region": (0.0, 0.0, 0.0, 1.0, 0.0)}
+
+
+@dataclass
+class SignalParams:
+    weight: float
+    temperature: float = 1.0
+    top_k: int = 0  # 0: every support point of the signal counts
+
+
+@dataclass
+class FusionParams:
+    """Per-signal weights, temperatures and top-K, the decision rule and the calibration of ``p_within``."""
+
+    signals: dict[str, SignalParams]
+    # A neighbour at least this similar is a near-duplicate: the answer snaps to the kNN evidence.
+    # Set at build above any similarity seen between different photographers' photos.
+    duplicate_similarity: float = 0.95
+    decision: str = "all"
+    calibration: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @classmethod
+    def default(cls, specs: list[SignalSpec]) -> "FusionParams":
+        """The untuned setting: each signal's default weight, temperature and top-K."""
+        return cls({s.name: SignalParams(s.default_weight, s.default_temperature, s.default_top_k) for s in specs})
+
+    def weight(self, name: str) -> float:
+        p = self.signals.get(name)
+        return p.weight if p is not None else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FusionParams":
+        """Read stored params; bundles from before named signals (``w_knn``, ...) are read as the same setting."""
+        if "signals" not in d:
+            d = {"signals": {
+                "knn": {"weight": d["w_knn"], "temperature": d["knn_temperature"]},
+                "gallery": {"weight": d["w_gallery"], "temperature": d["gallery_temperature"], "top_k": d["gallery_k"]},
+                "cells": {"weight": d["w_cells"], "top_k": d["top_cells"]},
+                "prior": {"weight": d["w_prior"]}},
+                **{k: d[k] for k in ("duplicate_similarity", "decision", "calibration") if k in d}}
+        return cls({n: SignalParams(**p) for n, p in d["signals"].items()},
+                   **{k: d[k] for k in ("duplicate_similarity", "decision", "calibration") if k in d})
+
+
+@dataclass
+class Decision:
+    lat: float
+    lon: float
+    mass: dict[str, float]          # posterior mass within each threshold of the answer
+    score: float                    # the decision's objective at the answer
+    alternatives: list[dict[str, float]]
+
+
+def _softmax_rows(z: np.ndarray, t: float) -> np.ndarray:
+    if z.shape[1] == 0:
+        return np.zeros_like(z, dtype=np.float64)
+    z = z.astype(np.float64) / t
+    m = np.max(np.where(np.isfinite(z), z, -np.inf), axis=1, keepdims=True)
+    e = np.where(np.isfinite(z), np.exp(z - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    s = e.sum(axis=1, keepdims=True)
+    return np.divide(e, s, out=np.zeros_like(e), where=s > 0)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    s = x.sum(axis=1, keepdims=True)
+    return np.divide(x, s, out=np.zeros_like(x), where=s > 0)
+
+
+def _ranked(width: int, top_k: int) -> np.ndarray:
+    """[width] True for the first ``top_k`` positions (all when top_k is 0)."""
+    return np.arange(width) < (top_k if top_k > 0 else width)
+
+
+def signal_mass(spec: SignalSpec, score: np.ndarray, p: SignalParams) -> np.ndarray:
+    """One signal's distribution over its support points (rows sum to 1, or 0 when absent)."""
+    keep = _ranked(score.shape[1], p.top_k)
+    if spec.kind == "logits":
+        return _softmax_rows(np.where(keep, score, -np.inf), p.temperature)
+    return _normalise(np.where(keep, score, 0.0).astype(np.float64))
+
+
+def present(spec: SignalSpec, score: np.ndarray) -> np.ndarray:
+    """[n] True where the signal has any evidence for the query."""
+    return (np.isfinite(score) if spec.kind == "logits" else score > 0).any(axis=1)
+
+
+def near_duplicate(ev: Evidence, p: FusionParams) -> np.ndarray:
+    """[n] True where the best neighbour is at least ``duplicate_similarity`` similar."""
+    if DUPLICATE_SIGNAL not in ev.signals:
+        return np.zeros(len(ev), bool)
+    s = ev.signals[DUPLICATE_SIGNAL].score
+    return np.max(np.where(np.isfinite(s), s, -np.inf), axis=1, initial=-np.inf) >= p.duplicate_similarity
+
+
+def signal_weights(ev: Evidence, p: FusionParams) -> np.ndarray:
+    """[n, signals] mixture weights in ``ev``'s order.
+
+    Absent signals' weight goes to the present ones, and a near-duplicate
+    neighbour takes all of it.
+    """
+    have = np.stack([present(s, ev.signals[s.name].score) for s in ev.specs], axis=1)
+    w = np.where(have, np.array([p.weight(n) for n in ev.names], np.float64), 0.0)
+    if DUPLICATE_SIGNAL in ev.names:
+        dup = np.eye(len(ev.names))[ev.names.index(DUPLICATE_SIGNAL)]
+        w[near_duplicate(ev, p)] = dup
+    fallback = w.sum(axis=1) == 0
+    w[fallback] = have[fallback].astype(np.float64)
+    return w / w.sum(axis=1, keepdims=True).clip(min=1e-12)
+
+
+def closeness(ev: Evidence) -> np.ndarray:
+    """[n, m, m] cosine of the angle between every pair of support points (which are also the candidates).
+
+    Only comparisons with the thresholds are needed, and ``d <= t`` is
+    ``cos(d / R) >= cos(t / R)``: a batched 3-vector product instead of a
+    haversine per pair keeps fusion inside its latency budget.
+    """
+    pts = ev.points
+    xyz = latlon_to_xyz(pts[..., 0], pts[..., 1])  # float64: cos(1 km / R) is 1 - 1.2e-8
+    return np.nan_to_num(np.einsum("nid,njd->nij", xyz, xyz), nan=-2.0)  # NaN padding is never within reach
+
+
+def coverage(c: np.ndarray, block: slice, mass: np.ndarray) -> np.ndarray:
+    """[n, thresholds, m]: one signal's mass within each threshold of every candidate (``c`` from :func:`closeness`)."""
+    cb = c[:, :, block]
+    m = mass[:, :, None].astype(np.float32)
+    return np.stack([(cb >= cos_km(t)).astype(np.float32) @ m for t in THRESHOLDS_KM], axis=1)[..., 0]
+
+
+def signal_coverages(ev: Evidence, p: FusionParams, c: np.ndarray) -> list[np.ndarray]:
+    return [coverage(c, block, signal_mass(s, ev.signals[s.name].score, p.signals.get(s.name, SignalParams(0.0))))
+            for s, block in zip(ev.specs, ev.blocks())]
+
+
+def candidates(ev: Evidence, p: FusionParams) -> np.ndarray:
+    """[n, m] True for real candidates: padding and points beyond a signal's top-K are dropped."""
+    out = []
+    for s in ev.specs:
+        e = ev.signals[s.name]
+        top_k = p.signals[s.name].top_k if s.name in p.signals else 0
+        out.append(np.isfinite(e.latlon[..., 0]) & _ranked(e.width, top_k))
+    return np.concatenate(out, axis=1)
+
+
+def decide_batch(ev: Evidence, p: FusionParams, covered: list[np.ndarray] | None = None,
+                 c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(best candidate [n], candidate scores [n, m], posterior mass within each threshold [n, T, m]).
+
+    ``covered`` (each signal's :func:`coverage`) may be passed in when many
+    settings share the signals' masses, as in tuning.
+    """
+    if covered is None:
+        covered = signal_coverages(ev, p, closeness(ev) if c is None else c)
+    w = signal_weights(ev, p)
+    masses = sum(cov * w[:, b, None, None].astype(np.float32) for b, cov in enumerate(covered))
+    u = np.tile(np.asarray(DECISIONS[p.decision], np.float32), (len(ev), 1))
+    u[near_duplicate(ev, p)] = DECISIONS["all"]  # a near-duplicate is answered at its spot, not just its region
+    score = np.where(candidates(ev, p), np.einsum("ntm,nt->nm", masses, u / u.sum(axis=1, keepdims=True)), -np.inf)
+    return score.argmax(axis=1), score, masses
+
+
+def decide(ev: Evidence, p: FusionParams, alternatives: int = 5) -> list[Decision]:
+    c = closeness(ev)
+    best, score, masses = decide_batch(ev, p, c=c)
+    pts = ev.points
+    near = cos_km(25.0)
+    out = []
+    for i, b in enumerate(best):
+        order = np.argsort(-score[i], kind="stable")
+        alts, taken = [], [int(b)]
+        for j in order[1:]:
+            if len(alts) >= alternatives or not np.isfinite(score[i, j]):
+                break
+            if (c[i, j, taken] < near).all():  # alternatives are other places, not the same spot again
+                alts.append({"lat": float(pts[i, j, 0]), "lon": float(pts[i, j, 1]), "score": round(float(score[i, j]), 5)})
+                taken.append(int(j))
+        out.append(Decision(float(pts[i, b, 0]), float(pts[i, b, 1]),
+                            {str(t): float(masses[i, k, b]) for k, t in enumerate(THRESHOLDS_KM)},
+                            float(score[i, b]), alts))
+    return out
+
+
+def backoff_only(p: FusionParams) -> bool:
+    """True for the setting that answers the best constant guess: all weight on the prior, decided at 750 km."""
+    return p.weight(BACKOFF_SIGNAL) == 1.0 and p.decision == "region"

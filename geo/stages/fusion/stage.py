@@ -1,0 +1,158 @@
+"""The fusion stage: fit fusion's parameters on out-of-fold evidence, in memory.
+
+Every signal of a finished bundle contains the gallery photos themselves
+(the kNN index finds a photo's own row, the cells' priors and means and the
+gallery's points and density prior include it), so scoring a gallery photo
+against it would find its own answer. Instead the gallery's photographers are
+split into folds and, for each fold, the signal stages are fitted in memory
+on the other folds' rows (an exact kNN index, the cells, the GPS gallery, the
+prior) and the fold's photos are scored against them: no query ever sees its
+own photographer. Nothing is written to disk, and the cells' calibration is
+not cross-fitted again inside a fold (the fold is already photographer-disjoint).
+
+File: ``fusion/fusion.json`` (params, validation scores, calibration).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from geo.core.knn_vote import kde_vote
+from geo.core.priors import population_prior
+from geo.core.splits import group_column, group_folds
+from geo.stages.cells.predictor import CellPredictor
+from geo.stages.cells.stage import CellsConfig, fit_cells
+from geo.stages.fusion.posterior import FusionParams
+from geo.stages.fusion.signals import (
+    Batch,
+    Evidence,
+    cell_probs,
+    collect,
+    knn_search,
+    sources_for,
+    specs_for,
+)
+from geo.stages.fusion.tuning import accuracy, tune
+from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
+from geo.stages.knn import KnnIndex
+from geo.store.atomic import atomic_write_json
+from geo.store.bundle import Bundle, read_json
+
+STAGE = "fusion"
+FUSION_FILE = "fusion/fusion.json"
+THRESHOLD_NAMES = ("1", "25", "200", "750", "2500")
+
+
+@dataclass
+class FusionConfig:
+    group_column: str | None = None  # photographers; default AUTHOR, owner, ... when present
+    folds: int = 3
+    seed: int = 0
+    k: int = 50  # neighbours per query, as `geo query` retrieves by default
+    max_queries: int = 2000  # scored photos per fold (a seeded sample beyond)
+
+
+@dataclass
+class FusionModel:
+    """The stage's artifact: the fitted parameters and what the out-of-fold evidence said about every mode."""
+
+    params: FusionParams
+    report: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
+        atomic_write_json(bundle.path(FUSION_FILE), {"params": self.params.to_dict(), **self.config, **self.report})
+        return [FUSION_FILE], {"params": self.params.to_dict(), "validation": self.report.get("validation"),
+                               "single_modes": self.report.get("single_modes"), "ece": self.report.get("ece")}
+
+    @classmethod
+    def load(cls, bundle: Bundle) -> "FusionModel":
+        info = bundle.stage(STAGE)
+        stored = read_json(bundle.path(FUSION_FILE)) if bundle.path(FUSION_FILE).exists() else {}
+        return cls(FusionParams.from_dict(info["params"]), {k: v for k, v in stored.items() if k != "params"})
+
+
+@dataclass
+class SignalStages:
+    """What fusion mixes: which signal stages to fit for the out-of-fold evidence, with their configs."""
+
+    cells: CellsConfig | None
+    gallery: GalleryConfig | None
+    backbone: str = ""
+
+
+def fit_fusion(meta: pd.DataFrame, emb: np.ndarray, stages: SignalStages, config: FusionConfig = FusionConfig(),
+               log: Callable[[str], None] = print) -> FusionModel:
+    """Fit fusion on out-of-fold evidence for the gallery's own photos.
+
+    Folds hold out whole photographers (the group column), so the weights are
+    fitted to how the signals do on people the index has not seen.
+    """
+    col = group_column(meta.columns, config.group_column)
+    groups = meta[col].astype(str).to_numpy() if col else None
+    n_groups = len(np.unique(groups)) if groups is not None else len(meta)
+    saved = {"group_column": col, "folds": config.folds, "seed": config.seed}
+    if len(meta) < 20 or n_groups < config.folds:
+        log(f"fusion: {len(meta)} photos in {n_groups} groups are too few to tune; default weights, no calibration")
+        specs = specs_for(stages.cells is not None, stages.gallery is not None)
+        return FusionModel(FusionParams.default(specs), {"validation": None}, saved)
+    fold = group_folds(len(meta), groups, config.folds, config.seed)
+    t0 = time.perf_counter()
+    rows, ev, singles = out_of_fold(meta, emb, fold, stages, config, log)
+    t1 = time.perf_counter()
+    truth = meta[["lat", "lon"]].to_numpy(np.float64)[rows]
+    params, report = tune(ev, truth, groups[rows] if groups is not None else None, log=log)
+    report["seconds"] = {"out_of_fold_signals": round(t1 - t0, 2), "tuning": round(time.perf_counter() - t1, 2)}
+    report["single_modes"] = {m: accuracy(p, truth) for m, p in singles.items()}
+    report["n_validation"] = int(len(rows))
+    for m, a in {**report["single_modes"], "fused": report["validation"]}.items():
+        log(f"fusion out-of-fold {m:>8}: " + " ".join(f"{t}km {100 * a[t]:.1f}%" for t in THRESHOLD_NAMES)
+            + f"  median {a['median_km']:.0f} km")
+    return FusionModel(params, report, saved)
+
+
+def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: np.ndarray, stages: SignalStages, config: FusionConfig,
+                log: Callable[[str], None] = print) -> tuple[np.ndarray, Evidence, dict[str, np.ndarray]]:
+    """Every signal for photos it has not seen; returns (queried rows, their evidence, single-mode answers [n, 2])."""
+    rng = np.random.default_rng(config.seed)
+    meta = meta.reset_index(drop=True)
+    all_rows, parts, singles = [], [], {"knn": [], "gallery": [], "cells": [], "prior": []}
+    quiet = lambda *_: None  # noqa: E731  the folds' own logs would repeat the real stages'
+    n_folds = len(np.unique(folds))
+    for f in np.unique(folds):
+        held = np.flatnonzero(folds == f)
+        if len(held) > config.max_queries:
+            held = np.sort(rng.choice(held, config.max_queries, replace=False))
+        train = np.flatnonzero(folds != f)
+        log(f"fusion: fold {f + 1}/{n_folds}, {len(train)} photos fit, {len(held)} scored")
+        tmeta, temb = meta.iloc[train].reset_index(drop=True), emb[train]
+        knn = KnnIndex.from_arrays(temb, tmeta)
+        cells: CellPredictor | None = None
+        if stages.cells is not None:
+            cells = fit_cells(tmeta, temb, _no_crossfit(stages.cells), log=quiet)
+        gallery: GpsGallery | None = None
+        if stages.gallery is not None:
+            gallery = fit_gallery(tmeta, temb, stages.gallery, stages.backbone, log=quiet)
+        lat, lon = tmeta["lat"].to_numpy(np.float64), tmeta["lon"].to_numpy(np.float64)
+        batch = Batch(emb[held], config.k)
+        ev = collect(sources_for(knn, cells, gallery, lat, lon), batch)
+        sims, nbr = knn_search(knn, batch)
+        singles["knn"].append(np.array([[v.lat, v.lon] for v in (
+            kde_vote(knn.lat[r[r >= 0]], knn.lon[r[r >= 0]], s[r >= 0]) for s, r in zip(sims, nbr))]))
+        if gallery is not None:
+            singles["gallery"].append(ev.signals["gallery"].latlon[:, 0])
+        if cells is not None:
+            singles["cells"].append(np.stack(cells.decide(cell_probs(cells, batch))[:2], -1))
+            singles["prior"].append(np.broadcast_to(population_prior(lat, lon), (len(held), 2)))
+        all_rows.append(held)
+        parts.append(ev)
+    return np.concatenate(all_rows), Evidence.concat(parts), {m: np.concatenate(v) for m, v in singles.items() if v}
+
+
+def _no_crossfit(config: CellsConfig) -> CellsConfig:
+    return CellsConfig(**{**config.__dict__, "crossfit": False})
+

@@ -1,0 +1,189 @@
+"""Fitting fusion: a grid over the signals present, scored on out-of-fold evidence, chosen by the one-SE rule.
+
+The grid comes from the signals' specs: weights on a simplex (steps of 1/8)
+over every signal present, each "logits" signal's temperatures, each signal's
+top-K choices, and the decision rules. A setting's score per photo is the
+share of the field's thresholds its answer meets. Tuning data are a few
+hundred photos of a few dozen photographers and the best of thousands of
+settings is optimistic, so the choice backs off to the prior unless the best
+clearly beats it (:func:`select_one_se`).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import numpy as np
+
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km
+from geo.core.splits import clustered_se, within_one_se
+from geo.stages.fusion.calibration import (
+    CALIBRATED_KM,
+    expected_calibration_error,
+    fit_isotonic,
+    reliability_table,
+)
+from geo.stages.fusion.posterior import (DECISIONS, FusionParams, SignalParams, backoff_only, candidates, closeness,
+                                         coverage, decide_batch, near_duplicate, present, signal_mass)
+from geo.stages.fusion.signals import DUPLICATE_SIGNAL, Evidence, SignalSpec
+
+WEIGHT_STEPS = 8  # weights move in steps of 1/8
+
+
+def accuracy(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    e = haversine_km(pred[:, 0], pred[:, 1], truth[:, 0], truth[:, 1])
+    out = {str(t): float(np.mean(e <= t)) for t in THRESHOLDS_KM}
+    out["median_km"] = float(np.median(e))
+    return out
+
+
+def grid(specs: list[SignalSpec]) -> list[FusionParams]:
+    """Every candidate setting for these signals (weights sum to 1)."""
+    names = [s.name for s in specs]
+    settings = []
+    for steps in itertools.product(range(WEIGHT_STEPS + 1), repeat=len(specs) - 1):
+        rest = WEIGHT_STEPS - sum(steps)
+        if rest < 0:
+            continue
+        weights = [*steps, rest]
+        per_signal = [[(t, k) for t in (s.temperatures if s.kind == "logits" else (s.default_temperature,))
+                       for k in s.top_ks] for s in specs]
+        for choice in itertools.product(*per_signal, DECISIONS):
+            *tk, decision = choice
+            settings.append(FusionParams({n: SignalParams(w / WEIGHT_STEPS, t, k) for n, w, (t, k)
+                                          in zip(names, weights, tk)}, decision=decision))
+    return settings
+
+
+def select_one_se(scored: list[tuple[np.ndarray, FusionParams]], specs: list[SignalSpec],
+                  groups: np.ndarray | None = None) -> FusionParams:
+    """Back off to the prior unless the evidence clearly beats it; then the most prudent setting close to the best.
+
+    ``scored`` pairs each setting with its per-photo score. The best setting
+    must beat the prior alone (the best constant guess) by two paired standard
+    errors (clustered by photographer when ``groups`` are given; on the
+    Im2GPS3k dev folds the arg-max lost 8 points at 2500 km on new
+    photographers); if it does, the choice is the setting within one standard
+    error of the best that leans most on the most prudent signals.
+    """
+    per_photo = [s for s, _ in scored]
+    means = np.array([s.mean() for s in per_photo])
+    top = int(np.argmax(means))
+    backoff = [i for i, (_, p) in enumerate(scored) if backoff_only(p)]
+    if backoff and means[top] - means[backoff[0]] <= 2 * clustered_se(per_photo[top] - per_photo[backoff[0]], groups):
+        return scored[backoff[0]][1]
+    prudent = [s.name for s in sorted(specs, key=lambda s: -s.prudence) if s.prudence > 0]
+    ok = within_one_se(per_photo, groups)
+    return scored[max(ok, key=lambda i: (*(scored[i][1].weight(n) for n in prudent), means[i]))][1]
+
+
+def duplicate_threshold(ev: Evidence, quantile: float = 1.0, margin: float = 0.02, default: float = 0.95) -> float:
+    """A similarity above what photos of *other* photographers reach (out-of-fold top-1 similarities).
+
+    Tuning data is photographer-disjoint, so it never shows what a near-duplicate
+    is worth; this threshold marks where such matches begin instead.
+    """
+    if DUPLICATE_SIGNAL not in ev.signals:
+        return default
+    s = ev.signals[DUPLICATE_SIGNAL].score
+    top = np.max(np.where(np.isfinite(s), s, -np.inf), axis=1)
+    top = top[np.isfinite(top)]
+    return float(min(0.99, np.quantile(top, quantile) + margin)) if len(top) else default
+
+
+def _share_met(points: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """[n, m]: the share of the thresholds an answer at each candidate would meet (NaN padding meets none)."""
+    d = haversine_km(points[..., 0], points[..., 1], truth[:, None, 0], truth[:, None, 1])
+    return np.mean([d <= t for t in THRESHOLDS_KM], axis=0)
+
+
+def score_grid(ev: Evidence, truth: np.ndarray, settings: list[FusionParams], chunk: int = 64) -> list[np.ndarray]:
+    """Per-photo score (share of thresholds met) of every setting: :func:`decide_batch`'s answers, all at once.
+
+    Settings that share their signals' temperatures and top-K share the signals'
+    coverages; within such a group a setting differs only by its weights and
+    decision rule, so the group is scored in a few array operations over all its
+    settings instead of one pass each, with decide_batch's float32 arithmetic in
+    the same order (so ties break the same way). Weights are renormalised per
+    photo over the signals present (absent ones give theirs to the rest, as in
+    :func:`signal_weights`); near-duplicate photos are answered from the kNN
+    signal alone with every threshold counted, whatever the setting.
+    """
+    c = closeness(ev)
+    share = _share_met(ev.points, truth)
+    names = ev.names
+    blocks = dict(zip(names, ev.blocks()))
+    have = np.stack([present(s, ev.signals[s.name].score) for s in ev.specs], axis=1).astype(np.float32)  # [n, S]
+    decisions = {d: (v := np.asarray(u, np.float32)) / v.sum() for d, u in DECISIONS.items()}
+    cache: dict[tuple, np.ndarray] = {}
+    out: list[np.ndarray | None] = [None] * len(settings)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(settings):
+        groups.setdefault(tuple((n, p.signals[n].temperature, p.signals[n].top_k) for n in names), []).append(i)
+    for key, members in groups.items():
+        p0 = settings[members[0]]
+        cov = []
+        for s, (name, t, k) in zip(ev.specs, key):
+            if (name, t, k) not in cache:
+                cache[(name, t, k)] = coverage(c, blocks[name], signal_mass(s, ev.signals[name].score, SignalParams(0.0, t, k)))
+            cov.append(cache[(name, t, k)])
+        cov = np.stack(cov, axis=-1)  # [n, T, m, S]
+        allowed = candidates(ev, p0)
+        dup = near_duplicate(ev, p0)
+        dup_best = None
+        if dup.any():  # all weight on kNN, every threshold: the same answer under every setting of the group
+            knn = names.index(DUPLICATE_SIGNAL)
+            z = np.einsum("ntm,t->nm", cov[dup, :, :, knn], decisions["all"])
+            dup_best = np.where(allowed[dup], z, -np.inf).argmax(axis=1)
+        by_decision: dict[str, list[int]] = {}
+        for i in members:
+            by_decision.setdefault(settings[i].decision, []).append(i)
+        for decision, idx in by_decision.items():
+            u = np.tile(decisions[decision], (len(ev), 1))
+            w = np.array([[settings[i].weight(n) for n in names] for i in idx])  # [K, S]
+            best = np.empty((len(idx), len(ev)), np.int64)
+            for r0 in range(0, len(ev), chunk):
+                rows = slice(r0, r0 + chunk)
+                wr = w[:, None, :] * have[None, rows]  # [K, r, S]: absent signals carry no weight
+                none = wr.sum(axis=2) == 0
+                wr = np.where(none[..., None], have[None, rows], wr)  # no weight on any present signal: all of them
+                wr = (wr / wr.sum(axis=2, keepdims=True).clip(min=1e-12)).astype(np.float32)
+                masses = sum(cov[None, rows, ..., s] * wr[:, :, s, None, None] for s in range(len(names)))
+                z = np.einsum("kntm,nt->knm", masses, u[rows])
+                best[:, rows] = np.where(allowed[None, rows], z, -np.inf).argmax(axis=2)
+            if dup_best is not None:
+                best[:, dup] = dup_best
+            for j, i in enumerate(idx):
+                out[i] = share[np.arange(len(ev)), best[j]]
+    return out
+
+
+def tune(ev: Evidence, truth: np.ndarray, groups: np.ndarray | None = None,
+         log: Callable[[str], None] = print) -> tuple[FusionParams, dict[str, Any]]:
+    """The setting maximising the mean of the threshold accuracies (one-SE rule), then its calibration."""
+    pts = ev.points
+    rows = np.arange(len(ev))
+    settings = grid(ev.specs)
+    dup = duplicate_threshold(ev)
+    for p in settings:
+        p.duplicate_similarity = dup
+    scored = list(zip(score_grid(ev, truth, settings), settings))
+    best = select_one_se(scored, ev.specs, groups)
+    b, _, masses = decide_batch(ev, best)
+    pred = pts[rows, b]
+    err = haversine_km(pred[:, 0], pred[:, 1], truth[:, 0], truth[:, 1])
+    calib, ece, reliability = {}, {}, {}
+    for t in CALIBRATED_KM:
+        x = masses[rows, THRESHOLDS_KM.index(int(t)), b].astype(np.float64)
+        hit = err <= float(t)
+        calib[t] = fit_isotonic(x, hit)
+        prob = np.interp(x, calib[t]["x"], calib[t]["y"])
+        ece[t] = {"raw": round(expected_calibration_error(x, hit), 4),
+                  "calibrated": round(expected_calibration_error(prob, hit), 4)}
+        reliability[t] = reliability_table(prob, hit)
+    best.calibration = calib
+    log("fusion: " + ", ".join(f"{n} w {sp.weight:g}" + (f" T {sp.temperature:g}" if s.kind == "logits" else "")
+                               + (f" top {sp.top_k}" if sp.top_k else "")
+                               for s in ev.specs for n, sp in [(s.name, best.signals[s.name])])
+        + f"; decision {best.decision}; near-duplicate at similarity >= {best.duplicate_similarity:.3f}")
+    return best, {"validation": accuracy(pred, truth), "ece": ece, "reliability": reliability}

@@ -1,0 +1,239 @@
+"""Build and search the GPS gallery stored in a bundle.
+
+The gallery points are encoded once here and stored as a FAISS inner-product
+index over L2-normalised location features, so a query costs one projection
+and one search — GeoCLIP's ``predict()`` re-encodes its 100K points per query.
+
+Bundle files (all under ``gallery/``)::
+
+    location_encoder.safetensors   LocationEncoder weights + config metadata
+    image_projection.safetensors   ImageProjection weights (incl. logit_scale) + config metadata
+    gallery.json                   config, sources, counts, training metrics
+    points.parquet                 lat, lon, source (row i = FAISS id i)
+    gallery.faiss                  IndexFlatIP over [L2-normalised location feature, log prior / logit_scale]
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from geo.core.geodesy import valid_latlon
+from geo.core.priors import photos_within
+from geo.core.runtime import resolve_device
+from geo.core.splits import group_column
+from geo.data.columns import LAT_COLUMNS, LON_COLUMNS, find_column
+from geo.models.location import (
+    ImageProjection,
+    LocationEncoder,
+    geoclip_gallery_csv,
+    load_module,
+    save_module,
+)
+from geo.stages.gallery.train import TrainConfig, train_gallery
+from geo.store.atomic import atomic_write_faiss, atomic_write_json, atomic_write_parquet
+from geo.store.bundle import Bundle, BundleError, read_json
+
+GALLERY_DIR = "gallery"
+FILES = {
+    "location_encoder": "gallery/location_encoder.safetensors",
+    "image_projection": "gallery/image_projection.safetensors",
+    "json": "gallery/gallery.json",
+    "points": "gallery/points.parquet",
+    "faiss": "gallery/gallery.faiss",
+}
+GEOCLIP_GALLERY = "geoclip"
+DEDUP_DECIMALS = 5  # ~1 m: photos shot at one spot become one gallery point
+
+
+@dataclass
+class GalleryConfig(TrainConfig):
+    gps_gallery: str | None = field(default=None, metadata={
+        "help": "extra gallery points beyond the gallery photos' own: a CSV with lat/lon (or LAT/LON) columns, or "
+                "'geoclip' for GeoCLIP's 100K points (the default with --backbone geoclip)"})
+    group_column: str | None = field(default=None, metadata={
+        "help": "metadata column whose groups never straddle the train/validation split "
+                "(default: the first of AUTHOR, author, owner, ... present, else each photo is its own group)"})
+    image_init: str = field(default="auto", metadata={
+        "help": "image projection start: 'auto' (identity for the geoclip backbone, GeoCLIP's MLP for CLIP "
+                "ViT-L/14, else random), 'random', 'geoclip' or 'identity'"})
+
+    def train_config(self, backbone_name: str, dim: int) -> TrainConfig:
+        """The training config with 'auto' resolved for this bundle's backbone."""
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        if cfg.image_init == "auto":
+            cfg.image_init = resolve_image_init(backbone_name, dim)
+        return cfg
+
+
+def resolve_image_init(backbone_name: str, dim: int) -> str:
+    name = backbone_name.lower()
+    if name.startswith("geoclip"):
+        return "identity"  # the geoclip backbone already applies GeoCLIP's image MLP
+    if dim == 768 and ("vit-l-14" in name or "vit-l/14" in name):
+        return "geoclip"
+    return "random"
+
+
+def read_gps_csv(path: str | Path) -> np.ndarray:
+    """float64 [n, 2] valid (lat, lon) rows of a CSV; columns lat/lon in any case, or latitude/longitude."""
+    path = geoclip_gallery_csv() if str(path) == GEOCLIP_GALLERY else Path(path)
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: --gps-gallery file not found") from None
+    lat_c, lon_c = find_column(df.columns, LAT_COLUMNS), find_column(df.columns, LON_COLUMNS)
+    if lat_c is None or lon_c is None:
+        raise ValueError(f"{path}: needs lat and lon columns (found {list(df.columns)[:8]})")
+    ll = df[[lat_c, lon_c]].to_numpy(np.float64)
+    ok = valid_latlon(ll[:, 0], ll[:, 1])
+    if not ok.any():
+        raise ValueError(f"{path}: no valid coordinates")
+    return ll[ok]
+
+
+def gallery_points(photo_latlon: np.ndarray, extra: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Deduplicated (latlon [m, 2], source [m]) — photo locations first, then extra points not already present."""
+    photo = np.unique(np.round(np.asarray(photo_latlon, np.float64), DEDUP_DECIMALS), axis=0)
+    if not extra:
+        return photo, np.full(len(photo), "photos", dtype=object)
+    ext = np.unique(np.round(read_gps_csv(extra), DEDUP_DECIMALS), axis=0)
+    seen = {tuple(p) for p in photo.tolist()}
+    ext = ext[[tuple(p) not in seen for p in ext.tolist()]]
+    label = GEOCLIP_GALLERY if extra == GEOCLIP_GALLERY else f"extra:{Path(extra).name}"
+    src = np.concatenate([np.full(len(photo), "photos", dtype=object), np.full(len(ext), label, dtype=object)])
+    return np.concatenate([photo, ext]), src
+
+
+def fit_gallery(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig = GalleryConfig(), backbone: str = "",
+                log: Callable[[str], None] = print) -> "GpsGallery":
+    """Train the gallery modules on the embeddings, encode the gallery points once: the stage's artifact, in memory.
+
+    ``backbone`` is the name of the model that made the embeddings (GeoCLIP's own gets GeoCLIP's 100K points
+    and an identity start for the image projection).
+    """
+    if config.gps_gallery is None and backbone.lower().startswith("geoclip"):
+        config = dataclasses.replace(config, gps_gallery=GEOCLIP_GALLERY)
+    latlon = meta[["lat", "lon"]].to_numpy(np.float64)
+    ok = valid_latlon(latlon[:, 0], latlon[:, 1])
+    if not ok.any():
+        raise ValueError("no embedding has valid coordinates; the gallery needs some")
+    group_col = group_column(meta.columns, config.group_column)
+    groups = meta[group_col].astype(str).to_numpy()[ok] if group_col else None
+    points, sources = gallery_points(latlon[ok], config.gps_gallery)
+
+    t0 = time.perf_counter()
+    tcfg = config.train_config(backbone, emb.shape[1])
+    result = train_gallery(emb[ok], latlon[ok], groups, tcfg, extra_latlon=points[sources != "photos"], log=log)
+    t_train = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    feats = result.location_encoder.to(resolve_device(config.device)).encode(points, normalize=True)
+    result.location_encoder.cpu()
+    logit_scale = result.image_projection.logit_scale.exp().item()
+    log_prior = config.prior_weight * np.log1p(
+        photos_within(points, latlon[ok], config.prior_radius_km, seed=config.seed)).astype(np.float32)
+    # One extra column carries the prior: [q, 1] . [p, b / s] = cos + b / s, so s * IP = logit + log prior.
+    index = faiss.IndexFlatIP(feats.shape[1] + 1)
+    index.add(np.ascontiguousarray(np.hstack([feats, (log_prior / logit_scale)[:, None]]), np.float32))
+    t_encode = time.perf_counter() - t0
+    info = {
+        "config": {**dataclasses.asdict(config), "image_init": tcfg.image_init, "group_column": group_col},
+        "n_points": int(len(points)),
+        "sources": {str(s): int(n) for s, n in zip(*np.unique(sources.astype(str), return_counts=True))},
+        "dim": int(feats.shape[1]),
+        "index_dim": int(index.d),
+        "embedding_dim": int(emb.shape[1]),
+        "logit_scale": logit_scale,
+        "train": result.metrics,
+        "seconds": {"train": round(t_train, 2), "encode_gallery": round(t_encode, 2)},
+    }
+    return GpsGallery(result.image_projection, index, points, sources, info, result.location_encoder)
+
+
+class GpsGallery:
+    """The stored gallery, ready to search with backbone embeddings."""
+
+    def __init__(self, projection: ImageProjection, index, points: np.ndarray, sources: np.ndarray,
+                 info: dict[str, Any], location_encoder: LocationEncoder | None = None):
+        self.projection = projection.eval()
+        self.index = index
+        self.points = points
+        self.sources = sources
+        self.info = info
+        self.location_encoder = location_encoder
+        self.logit_scale = projection.logit_scale.exp().item()
+
+    def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
+        """Write the gallery files; returns (files, manifest summary) for the pipeline to commit."""
+        if self.location_encoder is None:
+            raise ValueError("a gallery loaded without its location encoder cannot be saved")
+        root = bundle.root
+        save_module(root / FILES["location_encoder"], self.location_encoder)
+        save_module(root / FILES["image_projection"], self.projection)
+        atomic_write_parquet(root / FILES["points"], pa.table({
+            "lat": self.points[:, 0], "lon": self.points[:, 1], "source": pa.array(self.sources.astype(str))}))
+        atomic_write_faiss(root / FILES["faiss"], self.index)
+        atomic_write_json(root / FILES["json"], self.info)
+        summary = {k: v for k, v in self.info.items() if k not in ("train", "config")}
+        summary["best_epoch"] = self.info.get("train", {}).get("best_epoch")
+        return list(FILES.values()), summary
+
+    @classmethod
+    def load(cls, bundle: Bundle, with_location_encoder: bool = False) -> "GpsGallery":
+        """Open the gallery files of ``bundle``; errors name the file and the reason."""
+        bundle.stage("gallery")
+        root = bundle.root
+        info = read_json(root / FILES["json"])
+        proj = _load(root / FILES["image_projection"], ImageProjection)
+        loc = _load(root / FILES["location_encoder"], LocationEncoder) if with_location_encoder else None
+        fpath = root / FILES["faiss"]
+        if not fpath.exists():
+            raise BundleError(f"{fpath}: missing")
+        index = faiss.read_index(str(fpath))
+        ppath = root / FILES["points"]
+        if not ppath.exists():
+            raise BundleError(f"{ppath}: missing")
+        tab = pq.read_table(ppath).to_pandas()
+        if index.ntotal != len(tab) or index.d != proj.out_dim + 1:
+            raise BundleError(f"{fpath}: {index.ntotal} points of dim {index.d}, but {ppath.name} has {len(tab)} rows "
+                              f"and the projection gives {proj.out_dim}-d features (+1 prior column)")
+        points = tab[["lat", "lon"]].to_numpy(np.float64)
+        return cls(proj, index, points, tab["source"].to_numpy(), info, loc)
+
+    def search(self, emb: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(latlon [n, k, 2], scores [n, k]) of the k best gallery points per embedding.
+
+        Scores are ``logit_scale * cosine + prior_weight * log p(point)``: the
+        model's logits plus the photo-density prior, so a softmax over them is
+        its posterior over the gallery (with prior_weight 0, plain logits).
+        """
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.ndim == 1:
+            emb = emb[None]
+        if emb.shape[1] != self.projection.in_dim:
+            raise ValueError(f"gallery expects {self.projection.in_dim}-d backbone embeddings, got {emb.shape[1]}-d")
+        k = max(1, min(int(k), self.index.ntotal))
+        q = self.projection.encode(emb, normalize=True)
+        q = np.hstack([q, np.ones((len(q), 1), np.float32)])
+        sims, ids = self.index.search(np.ascontiguousarray(q), k)
+        return self.points[ids], (self.logit_scale * sims).astype(np.float32)
+
+
+def _load(path: Path, kind: type):
+    try:
+        module = load_module(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise BundleError(str(e)) from None
+    if not isinstance(module, kind):
+        raise BundleError(f"{path}: holds a {type(module).__name__}, expected {kind.__name__}")
+    return module

@@ -1,0 +1,234 @@
+"""kNN stage: choose a FAISS index from the gallery size and a RAM budget, build it from the shards, measure it.
+
+Autofaiss-style: the plan (index type and its memory) is computed and printed
+before any work, and a plan that cannot fit the budget fails at once with the
+numbers and the option to change. The index is trained on a sample and then
+filled shard by shard, so the whole gallery is never held in memory twice.
+``index/index_infos.json`` records what was built and how well it retrieves
+(recall@k against exact search on held-in queries, median latency).
+
+Artifact: :class:`KnnIndex`, the FAISS index plus each row's id, path and
+coordinates in FAISS id order. Files: ``index/knn.faiss``, ``index/index_infos.json``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from geo.store.atomic import atomic_write_faiss, atomic_write_json
+from geo.store.bundle import Bundle, BundleError
+from geo.store.embeddings import EmbeddingReader
+
+STAGE = "knn_index"
+INDEX_FILE = "index/knn.faiss"
+INFOS_FILE = "index/index_infos.json"
+META_COLUMNS = ["id", "path", "lat", "lon"]
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    ram_budget: str = "8GB"      # memory the index may use: picks Flat / IVF-Flat / IVF-PQ
+    exact_max: int = 100_000     # largest gallery indexed exactly
+    recall_k: int = 10
+    recall_target: float = 0.95  # nprobe is the smallest power of two reaching it
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    kind: str               # "flat" | "ivf_flat" | "ivf_pq"
+    factory: str            # faiss.index_factory string
+    n: int
+    dim: int
+    nlist: int
+    pq_m: int
+    est_bytes: int
+
+    def describe(self) -> str:
+        return f"{self.factory} for {self.n:,} x {self.dim} vectors, about {_human(self.est_bytes)} in memory"
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GB', '512MiB', '1e9' -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace("IB", "B")
+    for unit, mult in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(float(s))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> IndexPlan:
+    """Pick the most accurate index that fits ``ram_budget``.
+
+    Exact inner product up to ``exact_max`` vectors (it is fast enough there and
+    has perfect recall); above it IVF-Flat while the raw vectors fit, else IVF-PQ
+    with the largest code size that fits. nlist ~ 4 sqrt(n), FAISS's guidance.
+    """
+    raw = n * dim * 4
+    if n <= exact_max:
+        return IndexPlan("flat", "Flat", n, dim, 0, 0, raw)
+    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
+    centroids = nlist * dim * 4
+    ivf_flat = raw + n * 8 + centroids
+    if ivf_flat <= ram_budget:
+        return IndexPlan("ivf_flat", f"IVF{nlist},Flat", n, dim, nlist, 0, ivf_flat)
+    for m in (128, 96, 64, 48, 32, 16, 8):
+        if dim % m:
+            continue
+        est = n * (m + 8) + centroids + m * 256 * (dim // m) * 4
+        if est <= ram_budget:
+            return IndexPlan("ivf_pq", f"IVF{nlist},PQ{m}", n, dim, nlist, m, est)
+    smallest = n * (8 + 8) + centroids
+    raise BundleError(
+        f"no FAISS index for {n:,} x {dim} vectors fits the RAM budget of {_human(ram_budget)} "
+        f"(the smallest, IVF{nlist},PQ8, needs about {_human(smallest)}); raise --ram-budget"
+    )
+
+
+def gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+class KnnIndex:
+    """A FAISS inner-product index over L2-normalised embeddings and its rows' metadata, in FAISS id order."""
+
+    def __init__(self, index, meta: pd.DataFrame, infos: dict[str, Any] | None = None):
+        if index.ntotal != len(meta):
+            raise BundleError(f"kNN index holds {index.ntotal} vectors for {len(meta)} embedding rows "
+                              "(index and shards are out of step; rebuild with --force knn_index)")
+        self.index = index
+        self.ids = meta["id"].astype(str).to_numpy()
+        self.paths = meta["path"].astype(str).to_numpy()
+        self.lat = meta["lat"].to_numpy(np.float64)
+        self.lon = meta["lon"].to_numpy(np.float64)
+        self.infos = infos or {}
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @classmethod
+    def from_arrays(cls, emb: np.ndarray, meta: pd.DataFrame) -> "KnnIndex":
+        """An exact index in memory (fusion's out-of-fold folds, small galleries)."""
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(np.ascontiguousarray(emb, np.float32))
+        return cls(index, meta.reset_index(drop=True))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, rows) [n, min(k, ntotal)]; rows are -1 where FAISS found fewer."""
+        return self.index.search(np.ascontiguousarray(queries, np.float32), max(1, min(int(k), self.ntotal)))
+
+    def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
+        atomic_write_faiss(bundle.path(INDEX_FILE), self.index)
+        infos = {**self.infos, "bytes": bundle.path(INDEX_FILE).stat().st_size}
+        atomic_write_json(bundle.path(INFOS_FILE), infos)
+        return [INDEX_FILE, INFOS_FILE], infos
+
+    @classmethod
+    def load(cls, bundle: Bundle, use_gpu: bool | None = None) -> "KnnIndex":
+        """Read the index (onto the GPU(s) when FAISS has any and ``use_gpu`` is not False) and the rows' metadata."""
+        path = bundle.path(INDEX_FILE)
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise BundleError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0]})") from None
+        infos = bundle.stage(STAGE)
+        if infos.get("nprobe"):
+            faiss.extract_index_ivf(index).nprobe = infos["nprobe"]
+        if (use_gpu is None or use_gpu) and gpu_count() > 0:
+            index = faiss.index_cpu_to_all_gpus(index)
+        return cls(index, EmbeddingReader(bundle).read_meta(META_COLUMNS), infos)
+
+
+def fit_knn(reader: EmbeddingReader, config: KnnConfig = KnnConfig(), log: Callable[[str], None] = print) -> KnnIndex:
+    """Plan, train on a sample, fill shard by shard, tune nprobe for the recall target, measure."""
+    n = reader.count
+    first = next(reader.iter(columns=[], batch_rows=1))[1]
+    dim = first.shape[1]
+    plan = plan_index(n, dim, parse_bytes(config.ram_budget), config.exact_max)
+    log(f"faiss: {plan.describe()}")
+    t0 = time.perf_counter()
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind != "flat":
+        train = reader.sample(max(plan.nlist * 64, 50_000))
+        log(f"faiss: training on {len(train):,} vectors")
+        index.train(train)
+    for _, emb in reader.iter(columns=[]):
+        index.add(emb)
+    build_s = time.perf_counter() - t0
+
+    queries = reader.sample(min(1000, n), seed=1)
+    k = config.recall_k
+    nprobe = _tune_nprobe(index, queries, k, config.recall_target, reader) if plan.kind != "flat" else 0
+    recall = _recall(index, queries, k, reader) if plan.kind != "flat" else 1.0
+    infos = {
+        **asdict(plan),
+        "ntotal": int(index.ntotal),
+        "nprobe": nprobe,
+        f"recall@{k}": round(recall, 4),
+        "recall_queries": len(queries),
+        "median_query_ms": round(_median_latency_ms(index, queries[:200]), 3),
+        "build_seconds": round(build_s, 2),
+        "faiss_version": faiss.__version__,
+        "gpus": gpu_count(),
+    }
+    log(f"faiss: {infos['ntotal']:,} vectors, recall@{k} {infos[f'recall@{k}']}, "
+        f"median query {infos['median_query_ms']} ms")
+    return KnnIndex(index, reader.read_meta(META_COLUMNS), infos)
+
+
+def _exact_neighbours(queries: np.ndarray, k: int, reader: EmbeddingReader) -> np.ndarray:
+    """Exact top-k ids by streaming the shards (the ground truth for recall)."""
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    start = 0
+    for _, emb in reader.iter(columns=[]):
+        s = queries @ emb.T
+        i = np.broadcast_to(np.arange(start, start + len(emb)), s.shape)
+        cat_s, cat_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
+        top = np.argpartition(-cat_s, k - 1, axis=1)[:, :k] if cat_s.shape[1] > k else np.argsort(-cat_s, 1)
+        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
+        start += len(emb)
+    return best_i
+
+
+def _recall(index, queries: np.ndarray, k: int, reader: EmbeddingReader, truth: np.ndarray | None = None) -> float:
+    truth = _exact_neighbours(queries, k, reader) if truth is None else truth
+    _, got = index.search(queries, k)
+    return float(np.mean([len(set(t) & set(g)) / k for t, g in zip(truth, got)]))
+
+
+def _tune_nprobe(index, queries: np.ndarray, k: int, target: float, reader: EmbeddingReader) -> int:
+    """Smallest power-of-two nprobe reaching the recall target (autofaiss's tuning, simplified)."""
+    truth = _exact_neighbours(queries, k, reader)
+    ivf = faiss.extract_index_ivf(index)
+    nprobe = 1
+    while True:
+        ivf.nprobe = nprobe
+        if _recall(index, queries, k, reader, truth) >= target or nprobe >= ivf.nlist:
+            return nprobe
+        nprobe *= 2
+
+
+def _median_latency_ms(index, queries: np.ndarray, k: int = 50) -> float:
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        index.search(q[None], min(k, index.ntotal))
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))

@@ -1,0 +1,1 @@
+"""Storage: the bundle, atomic writes, embedding shards, predictions files."""

@@ -1,0 +1,176 @@
+"""The index bundle: one directory, one ``manifest.json``, every file's size and sha256.
+
+Layout (each stage owns a sub-directory and can be run, resumed and tested alone;
+docs/ARCHITECTURE.md describes every file)::
+
+    manifest.json                 format, backbone, dim, counts, stages, sha256 of every file
+    errors.parquet                one row per input that failed: path, stage, reason
+    embeddings/part-00000.parquet id, path, lat, lon, <manifest extras>, embedding (fixed_size_list<float32>)
+    embeddings/part-00000.json    shard completion marker + stats (rows, failed, seconds)
+    index/knn.faiss, index/index_infos.json
+    cells/..., heads/...          cell partitions and classification heads
+    gallery/...                   location encoder and encoded GPS gallery
+    fusion/fusion.json            tuned fusion weights and calibration
+
+Stages write only their own files (atomically: :mod:`geo.store.atomic`) and
+never the manifest; the pipeline records a finished stage's files and info in
+one step (:meth:`Bundle.commit`), so the manifest never names a file it holds
+no size and hash for, and future parallel workers need write only their own
+files. Opening a bundle checks the format and every listed file's size (fast);
+the full sha256 check runs at build and in ``geo info --verify``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+from geo.store.atomic import atomic_write_json, sha256_file
+
+FORMAT_NAME = "geo-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be used as it is; the message says which file and why."""
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+
+
+def software_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("geo", "torch", "torchvision", "timm", "open_clip_torch", "faiss-cpu", "faiss-gpu", "numpy", "pyarrow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------- the bundle
+class Bundle:
+    """A bundle directory and its manifest.
+
+    The pipeline calls :meth:`commit` once a stage's files are in place.
+    """
+
+    def __init__(self, root: str | os.PathLike, manifest: dict[str, Any]):
+        self.root = Path(root).absolute()  # stage files are registered relative to it
+        self.manifest = manifest
+
+    # -- creation / opening
+    @classmethod
+    def create_or_resume(cls, root: str | os.PathLike, backbone: dict[str, Any], dim: int) -> "Bundle":
+        """Start a new bundle, or resume one built with the same backbone."""
+        root = Path(root)
+        mpath = root / MANIFEST
+        if mpath.exists():
+            b = cls(root, _check_format(read_json(mpath), mpath))
+            if b.manifest.get("backbone", {}).get("name") != backbone.get("name"):
+                raise BundleError(
+                    f"{mpath}: built with backbone {b.manifest.get('backbone', {}).get('name')!r}, "
+                    f"not {backbone.get('name')!r}; choose another --out or delete the directory"
+                )
+            return b
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "software": software_versions(),
+            "backbone": backbone,
+            "dim": int(dim),
+            "counts": {},
+            "stages": {},
+            "files": {},
+        }
+        b = cls(root, manifest)
+        b.save()
+        return b
+
+    def save(self) -> None:
+        self.manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def commit(self, stage: str, files: Iterable[str | os.PathLike], info: dict[str, Any] | None = None,
+               replace: Iterable[str] = ()) -> None:
+        """Record a finished stage: ``files`` (relative to the root, or absolute inside it) with their size and
+        sha256, and its ``info``, in one atomic rewrite of the manifest.
+
+        ``replace`` (folder prefixes such as "cells/") first drops files recorded
+        earlier under them, so a re-run stage leaves no stale entries behind.
+        """
+        prefixes = tuple(replace)
+        if prefixes:
+            self.manifest["files"] = {k: v for k, v in self.manifest["files"].items() if not k.startswith(prefixes)}
+        for f in files:
+            p = Path(f)
+            rel = p.relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix()
+            full = self.root / rel
+            self.manifest["files"][rel] = {"sha256": sha256_file(full), "bytes": full.stat().st_size}
+        if info is not None:
+            self.manifest["stages"][stage] = info
+        self.save()
+
+    def has_stage(self, stage: str) -> bool:
+        return stage in self.manifest.get("stages", {})
+
+    def stage(self, stage: str) -> dict[str, Any]:
+        try:
+            return self.manifest["stages"][stage]
+        except KeyError:
+            raise BundleError(f"{self.root}: stage {stage!r} was not built (run `geo build-index` with it)") from None
+
+    def verify(self, hashes: bool = True) -> int:
+        """Refuse a bundle whose files are missing, truncated or (with ``hashes``) altered; returns the files checked."""
+        for rel, meta in self.manifest.get("files", {}).items():
+            p = self.root / rel
+            if not p.exists():
+                raise BundleError(f"{p}: listed in {MANIFEST} but missing")
+            size = p.stat().st_size
+            if size != meta["bytes"]:
+                raise BundleError(f"{p}: {size} bytes, {MANIFEST} says {meta['bytes']} (truncated or altered)")
+            if hashes and sha256_file(p) != meta["sha256"]:
+                raise BundleError(f"{p}: sha256 does not match {MANIFEST} (file altered since the build)")
+        return len(self.manifest.get("files", {}))
+
+
+def _check_format(manifest: Any, mpath: Path) -> dict[str, Any]:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise BundleError(f"{mpath}: not a geo index bundle")
+    v = manifest.get("format_version")
+    if not isinstance(v, int):
+        raise BundleError(f"{mpath}: format_version missing or not an integer")
+    if v > FORMAT_VERSION:
+        raise BundleError(
+            f"{mpath}: bundle format {v} is newer than this geo understands ({FORMAT_VERSION}); upgrade geo"
+        )
+    return manifest
+
+
+def open_bundle(root: str | os.PathLike, verify: bool = True, hashes: bool = False) -> Bundle:
+    """Open a bundle and check its files' sizes (and, with ``hashes``, their sha256);
+    raises :class:`BundleError` with the file and reason."""
+    root = Path(root)
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such index directory")
+    b = Bundle(root, _check_format(read_json(mpath), mpath))
+    if verify:
+        b.verify(hashes=hashes)
+    return b

@@ -1,0 +1,123 @@
+"""Embedding shards: how they are written, and the one reader every stage and the query side use.
+
+On disk (clip-retrieval's numbered shards)::
+
+    embeddings/part-00000.parquet   id, path, lat, lon, <manifest extras>, embedding (fixed_size_list<float32>)
+    embeddings/part-00000.json      completion marker and per-shard stats (rows, failed, seconds, errors)
+
+A shard counts once its marker exists: the Parquet file is written first, the
+marker second, each atomically, so a crash between the two leaves a shard that
+is redone, never half-counted. Once the embedding stage is committed, readers
+open exactly the shards ``manifest.json`` lists (a stray file in the folder is
+never read) and stream them in pieces (embedding-reader style), so no stage
+needs the whole gallery in memory unless it asks for it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from geo.store.atomic import atomic_write_json, atomic_write_parquet
+from geo.store.bundle import Bundle, BundleError, read_json
+
+SHARD_DIR = "embeddings"
+
+
+def shard_path(bundle: Bundle, i: int) -> Path:
+    return bundle.path(f"{SHARD_DIR}/part-{i:05d}.parquet")
+
+
+def marker_path(shard: Path) -> Path:
+    return shard.with_suffix(".json")
+
+
+def finished_shards(bundle: Bundle) -> list[Path]:
+    """Shards with a completion marker, in order: what a resumed or committing build has."""
+    return sorted(p for p in bundle.path(SHARD_DIR).glob("part-*.parquet") if marker_path(p).exists())
+
+
+def to_table(rows: pd.DataFrame, emb: np.ndarray) -> pa.Table:
+    table = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
+    flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1))
+    return table.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]))
+
+
+def write_shard(bundle: Bundle, i: int, rows: pd.DataFrame, emb: np.ndarray, stats: dict[str, Any]) -> Path:
+    """Parquet first, then the marker: a crash between the two leaves a shard that is redone, never half-counted."""
+    part = shard_path(bundle, i)
+    atomic_write_parquet(part, to_table(rows, emb))
+    atomic_write_json(marker_path(part), {"shard": i, "ok": len(rows), **stats})
+    return part
+
+
+def embedding_matrix(column) -> np.ndarray:
+    """float32 [n, dim] from an Arrow fixed_size_list<float32> column without a Python loop."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.list_size
+    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+
+
+class EmbeddingReader:
+    """The committed shards of a bundle, read in pieces.
+
+    Rows come in shard order, which is also the order of the kNN index's ids.
+    """
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        listed = sorted(rel for rel in bundle.manifest.get("files", {})
+                        if rel.startswith(f"{SHARD_DIR}/part-") and rel.endswith(".parquet"))
+        if not listed:
+            raise BundleError(f"{bundle.root}: no embeddings committed (did every image fail? see errors.parquet)")
+        self.shards = [bundle.path(rel) for rel in listed]
+
+    @property
+    def count(self) -> int:
+        return sum(pq.ParquetFile(s).metadata.num_rows for s in self.shards)
+
+    def iter(self, columns: list[str] | None = None, batch_rows: int = 65536,
+             embeddings: bool = True) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None]]:
+        """(metadata batch, float32 [n, dim] or None) pieces of at most ``batch_rows`` rows."""
+        cols = None if columns is None else list(dict.fromkeys([*columns, *(["embedding"] if embeddings else [])]))
+        for shard in self.shards:
+            try:
+                pf = pq.ParquetFile(shard)
+                for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+                    emb = embedding_matrix(batch.column("embedding")) if embeddings else None
+                    meta = batch.drop_columns(["embedding"]) if "embedding" in batch.schema.names else batch
+                    yield meta, emb
+            except (pa.ArrowInvalid, OSError) as e:
+                raise BundleError(f"{shard}: cannot read embeddings ({e})") from None
+
+    def read(self, columns: list[str] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+        """All metadata as a DataFrame and all embeddings as float32 [n, dim]: for galleries that fit in memory."""
+        metas, embs = [], []
+        for meta, emb in self.iter(columns):
+            metas.append(pa.Table.from_batches([meta]))
+            embs.append(emb)
+        return pa.concat_tables(metas).to_pandas(), np.concatenate(embs).astype(np.float32, copy=False)
+
+    def read_meta(self, columns: list[str]) -> pd.DataFrame:
+        """Metadata columns of every row, without the embeddings (what the query side keeps in memory)."""
+        return pa.concat_tables([pq.read_table(s, columns=columns) for s in self.shards]).to_pandas()
+
+    def sample(self, rows: int, seed: int = 0) -> np.ndarray:
+        """A seeded uniform sample of the embeddings, read shard by shard."""
+        total = self.count
+        keep = np.sort(np.random.default_rng(seed).choice(total, size=min(rows, total), replace=False))
+        out, start = [], 0
+        for _, emb in self.iter(columns=[]):
+            out.append(emb[keep[(keep >= start) & (keep < start + len(emb))] - start])
+            start += len(emb)
+        return np.concatenate(out)
+
+
+def shard_errors(bundle: Bundle) -> list[dict]:
+    """Every image that failed, from the finished shards' markers."""
+    return [e for p in finished_shards(bundle) for e in read_json(marker_path(p))["errors"]]
