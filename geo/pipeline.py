@@ -98,7 +98,7 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
     if "embeddings" in cfg.stages:  # always run: it resumes shard by shard and is a no-op when complete
         t0 = time.perf_counter()
         files, info = run_embedding_stage(bundle, man.df, backbone, cfg.embed, progress=progress)
-        bundle.commit("embeddings", files, {**info, "seconds": round(time.perf_counter() - t0, 2)},
+        bundle.commit("embeddings", files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
                       replace=STAGE_FOLDERS["embeddings"])
         failed = write_errors(bundle, man.errors)
         bundle.manifest["counts"] = {"manifest_rows": len(man.df) + len(man.errors), "ok": info["ok"], "failed": failed}
@@ -137,7 +137,7 @@ def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = 
 
     def commit(stage: str, artifact: Any, t0: float) -> None:
         files, info = artifact.save(bundle)
-        bundle.commit(stage, files, {**info, "seconds": round(time.perf_counter() - t0, 2)},
+        bundle.commit(stage, files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
                       replace=STAGE_FOLDERS[stage])
 
     reader = EmbeddingReader(bundle)

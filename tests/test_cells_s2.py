@@ -44,10 +44,3 @@ def test_parent_of_a_cell_is_its_ancestor():
 def test_bad_tokens_are_refused_by_name(bad):
     with pytest.raises(ValueError, match="not an S2 cell token"):
         s2.from_tokens([bad])
-
-
-def test_vertices_surround_the_cell():
-    cid = s2.parent_ids(s2.leaf_ids([51.5], [-0.12]), 6)
-    vlat, vlon = s2.cell_vertices(cid)
-    assert vlat.shape == (1, 4)
-    assert vlat.min() < 51.5 < vlat.max() and vlon.min() < -0.12 < vlon.max()

@@ -28,8 +28,8 @@ def _stage_line(stage: str, info: dict) -> str:
             v = " ".join(f"{t}km {100 * v[t]:.1f}%" for t in ("1", "25", "200", "750", "2500") if t in v)
             k = "out-of-fold accuracy"
         parts.append(f"{k} {v}")
-    if "seconds" in info:
-        parts.append(f"built in {info['seconds']:g} s")
+    if "stage_seconds" in info:
+        parts.append(f"built in {info['stage_seconds']:g} s")
     return f"  {stage}: " + ", ".join(map(str, parts))
 
 

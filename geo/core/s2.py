@@ -131,21 +131,3 @@ def from_tokens(tokens) -> np.ndarray:
             raise ValueError(f"not an S2 cell token: {t!r}")
         out[k] = int(t.ljust(16, "0"), 16)
     return out
-
-
-def cell_vertices(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The four corner (lat, lon) of each cell, float64 [n, 4] each: the polygon a map draws.
-
-    Per cell through s2sphere: called for cell tables (thousands), never per photo.
-    """
-    import s2sphere
-
-    ids = np.asarray(ids, dtype=np.uint64)
-    lat = np.empty((len(ids), 4))
-    lon = np.empty((len(ids), 4))
-    for r, c in enumerate(ids):
-        cell = s2sphere.Cell(s2sphere.CellId(int(c)))
-        for k in range(4):
-            ll = s2sphere.LatLng.from_point(cell.get_vertex(k))
-            lat[r, k], lon[r, k] = ll.lat().degrees, ll.lng().degrees
-    return lat, lon

@@ -13,9 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from geo.core.geodesy import haversine_km
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km
 
-THRESHOLDS_KM: tuple[int, ...] = (1, 25, 200, 750, 2500)
 THRESHOLD_NAMES = {1: "street", 25: "city", 200: "region", 750: "country", 2500: "continent"}
 DISTANCES = ("haversine", "geodesic")
 GEOSCORE_SCALE_KM = 1492.7  # OSV-5M: 5000 * exp(-d / 1492.7)

@@ -17,6 +17,7 @@ TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(20.0), 31))
 CALIBRATION_PHOTOS = 5000  # plenty for two parameters; keeps the grid search seconds on big galleries
 ALPHAS = np.linspace(0.0, 1.0, 21)
 
+
 def log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

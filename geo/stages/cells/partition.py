@@ -247,7 +247,6 @@ def cell_table(part: Partition, rows: np.ndarray, lat: np.ndarray, lon: np.ndarr
         if part.fallback_lat is None:
             raise ValueError(f"partition {part.name!r}: {empty.sum()} cells hold no photo and have no published mean")
         mean_lat[empty], mean_lon[empty] = part.fallback_lat[empty], part.fallback_lon[empty]
-    v_lat, v_lon = s2.cell_vertices(part.cell_ids)
     table = pd.DataFrame({
         "class_label": np.arange(n_cells, dtype=np.int32),
         "token": s2.to_tokens(part.cell_ids),
@@ -255,8 +254,6 @@ def cell_table(part: Partition, rows: np.ndarray, lat: np.ndarray, lon: np.ndarr
         "count": counts.astype(np.int64),
         "lat": mean_lat,
         "lon": mean_lon,
-        "vertex_lat": list(v_lat),
-        "vertex_lon": list(v_lon),
     })
     for name, prow in parents.items():
         table[f"parent_{name}"] = np.asarray(s2.to_tokens(coarser[name].cell_ids), dtype=object)[prow]
