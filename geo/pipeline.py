@@ -12,23 +12,31 @@ it; the embedding stage resumes shard by shard.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from geo.data.embedding_table import EmbeddingTable
 from geo.data.manifest import read_manifest
-from geo.models.backbones import load_backbone
+from geo.models.backbones import BackboneError, backbone_from_spec, load_backbone
+from geo.plan import StagePlan, check, default_memory, plan_build
+from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.stage import CellsConfig, fit_cells
-from geo.stages.embed import EmbedConfig, run_embedding_stage
+from geo.stages.cells.stage import with_photos as cells_with_photos
+from geo.stages.embed import EmbedConfig, ingest_embeddings, manifest_fingerprint, run_embedding_stage
 from geo.stages.fusion.stage import FusionConfig, SignalStages, fit_fusion
-from geo.stages.gallery.stage import GalleryConfig, fit_gallery
-from geo.stages.knn import KnnConfig, fit_knn
+from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
+from geo.stages.gallery.stage import with_photos as gallery_with_photos
+from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, human_bytes, read_index
 from geo.store.atomic import atomic_write_parquet
-from geo.store.bundle import Bundle
+from geo.store.bundle import Bundle, BundleError, open_bundle
 from geo.store.embeddings import EmbeddingReader, marker_path, shard_errors, write_shard
 
 ERRORS_FILE = "errors.parquet"
@@ -65,8 +73,13 @@ class StageConfigs:
 
 @dataclass
 class BuildConfig:
-    manifest: str
+    """One build. Photos come from ``manifest`` (CSV/Parquet or a folder of EXIF-tagged photos) or, already
+    embedded by ``backbone``, from ``embeddings`` (Parquet or clip-retrieval output; see geo.data.embedding_table)."""
+
+    manifest: str | None
     out: str
+    embeddings: str | None = None
+    embedding_column: str = "embedding"
     image_root: str | None = None
     backbone: str = "efficientnet_lite0"
     weights: str | None = None
@@ -76,12 +89,21 @@ class BuildConfig:
     stage_configs: StageConfigs = field(default_factory=StageConfigs)
     stages: tuple[str, ...] = STAGES
     force: tuple[str, ...] = ()
+    memory: int = field(default_factory=default_memory)  # bytes the build may hold at its peak
 
 
-def write_errors(bundle: Bundle, manifest_errors: list[dict]) -> int:
-    """All failures in one table (path, stage, reason): what a user fixes before a rebuild."""
+def write_errors(bundle: Bundle, manifest_errors: list[dict], keep_earlier: bool = False) -> int:
+    """All failures in one table (path, stage, reason): what a user fixes before a rebuild.
+
+    Image and embedding failures come from the shards' markers; rejected manifest rows from the caller,
+    and with ``keep_earlier`` (``geo add``) also those an earlier build or addition recorded.
+    """
+    earlier: list[dict] = []
+    if keep_earlier and bundle.path(ERRORS_FILE).exists():
+        old = pq.read_table(bundle.path(ERRORS_FILE)).to_pandas()
+        earlier = old[old["stage"] == "manifest"].to_dict("records")
     rows = [{"path": str(e.get("path", "")), "stage": e.get("stage", ""), "reason": e.get("reason", "")}
-            for e in [*manifest_errors, *shard_errors(bundle)]]
+            for e in [*earlier, *manifest_errors, *shard_errors(bundle)]]
     table = pa.Table.from_pandas(pd.DataFrame(rows, columns=["path", "stage", "reason"]), preserve_index=False)
     atomic_write_parquet(bundle.path(ERRORS_FILE), table)
     bundle.commit("errors", [ERRORS_FILE])
@@ -89,23 +111,175 @@ def write_errors(bundle: Bundle, manifest_errors: list[dict]) -> int:
 
 
 def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bundle:
-    """Embed the manifest's photos (resumably), then fit and commit every wanted stage."""
-    man = read_manifest(cfg.manifest, cfg.image_root)
-    log(f"manifest: {len(man.df):,} usable rows, {len(man.errors):,} rejected ({man.source})")
-    backbone = load_backbone(cfg.backbone, device=cfg.device, precision=cfg.precision, weights=cfg.weights)
-    log(f"backbone: {backbone.name} ({backbone.dim}-d) on {backbone.device}")
-    bundle = Bundle.create_or_resume(cfg.out, backbone.spec(), backbone.dim)
+    """Embed the manifest's photos, or read precomputed embeddings (resumably), then fit and commit every stage."""
+    if (cfg.manifest is None) == (cfg.embeddings is None):
+        raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
+    if cfg.embeddings is not None:
+        spec = backbone_spec(cfg.backbone, cfg.weights, log)
+        table = EmbeddingTable(cfg.embeddings, cfg.embedding_column, dim=spec.get("dim"))
+        spec.setdefault("dim", table.dim)
+        log(f"embeddings: {table.rows:,} rows of {table.dim}-d from {len(table.parts)} file(s) ({cfg.embeddings})")
+        check(plan_stages(cfg, table.rows, table.dim), cfg.memory)
+        bundle = Bundle.create_or_resume(cfg.out, spec, table.dim)
+        embed = lambda: ingest_embeddings(bundle, table, cfg.embed, progress=progress)  # noqa: E731
+        rejected: list[dict] = []
+        total = table.rows
+    else:
+        man = read_manifest(cfg.manifest, cfg.image_root)
+        log(f"manifest: {len(man.df):,} usable rows, {len(man.errors):,} rejected ({man.source})")
+        backbone = load_backbone(cfg.backbone, device=cfg.device, precision=cfg.precision, weights=cfg.weights)
+        log(f"backbone: {backbone.name} ({backbone.dim}-d) on {backbone.device}")
+        check(plan_stages(cfg, len(man.df), backbone.dim), cfg.memory)
+        bundle = Bundle.create_or_resume(cfg.out, backbone.spec(), backbone.dim)
+        embed = lambda: run_embedding_stage(bundle, man.df, backbone, cfg.embed, progress=progress)  # noqa: E731
+        rejected, total = man.errors, len(man.df) + len(man.errors)
     if "embeddings" in cfg.stages:  # always run: it resumes shard by shard and is a no-op when complete
         t0 = time.perf_counter()
-        files, info = run_embedding_stage(bundle, man.df, backbone, cfg.embed, progress=progress)
+        files, info = embed()
         bundle.commit("embeddings", files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
                       replace=STAGE_FOLDERS["embeddings"])
-        failed = write_errors(bundle, man.errors)
-        bundle.manifest["counts"] = {"manifest_rows": len(man.df) + len(man.errors), "ok": info["ok"], "failed": failed}
+        failed = write_errors(bundle, rejected)
+        bundle.manifest["counts"] = {"manifest_rows": total, "ok": info["ok"], "failed": failed}
         bundle.save()
         log(f"embeddings: {info['ok']:,} ok, {failed:,} failed (see {Path(cfg.out) / ERRORS_FILE})")
     run_stages(bundle, cfg.stage_configs, cfg.stages, cfg.force, log)
     return bundle
+
+
+def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | None = None,
+               image_root: str | None = None, embedding_column: str = "embedding", refit: bool = False,
+               embed: EmbedConfig = EmbedConfig(), configs: StageConfigs = StageConfigs(), log: Log = print,
+               progress: bool = True) -> Bundle:
+    """Append photos (or precomputed embeddings) to a built bundle without rebuilding it.
+
+    New shards are numbered after the bundle's; the kNN index takes the new
+    vectors; the cells' counts, means and support spots and the gallery's points
+    and prior are recomputed over all photos with the fitted partitions, heads
+    and location encoder. Those fitted parts (and fusion) are refitted only with
+    ``refit``; until then the manifest records them as stale and ``geo info`` says so.
+    Ids already in the bundle are error rows. Adding the same input twice is refused;
+    an interrupted addition resumes.
+    """
+    if (manifest is None) == (embeddings is None):
+        raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
+    bundle = open_bundle(root)
+    bundle.stage("knn_index")
+    reader = EmbeddingReader(bundle)
+    existing = set(reader.read_meta(["id"])["id"].astype(str))
+    additions = bundle.manifest.setdefault("additions", [])
+    if embeddings is not None:
+        table = EmbeddingTable(embeddings, embedding_column, dim=int(bundle.manifest["dim"]))
+        fingerprint, rejected, rows_in = table.fingerprint, [], table.rows
+    else:
+        man = read_manifest(manifest, image_root)
+        dup = man.df["id"].astype(str).isin(existing).to_numpy()
+        rejected = [*man.errors, *({"path": p, "stage": "manifest", "reason": f"id {i!r} is already in the bundle"}
+                                   for i, p in zip(man.df["id"][dup], man.df["path"][dup]))]
+        new_rows = man.df[~dup].reset_index(drop=True)
+        fingerprint, rows_in = manifest_fingerprint(new_rows), len(man.df) + len(man.errors)
+    record = next((a for a in additions if a["fingerprint"] == fingerprint), None)
+    if record is not None and record.get("done"):
+        raise BundleError(f"{bundle.root}: this input was already added on {record['started']}; nothing to do")
+    if record is None:
+        record = {"fingerprint": fingerprint, "first_shard": len(reader.shards), "rows": rows_in,
+                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "done": False}
+        additions.append(record)
+        bundle.save()
+    log(f"add: {rows_in:,} rows into {bundle.root} after its {len(existing):,} photos")
+    t0 = time.perf_counter()
+    if embeddings is not None:
+        files, info = ingest_embeddings(bundle, table, embed, progress, record["first_shard"], existing)
+    else:
+        backbone = backbone_from_spec(bundle.manifest["backbone"])
+        files, info = run_embedding_stage(bundle, new_rows, backbone, embed, progress, record["first_shard"])
+    bundle.commit("embeddings", files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
+                  replace=STAGE_FOLDERS["embeddings"])
+    failed = write_errors(bundle, rejected, keep_earlier=True)
+    added = info["ok"] - len(existing)
+    bundle.manifest["counts"] = {"manifest_rows": bundle.manifest.get("counts", {}).get("manifest_rows", 0) + rows_in,
+                                 "ok": info["ok"], "failed": failed}
+    log(f"add: {added:,} photos added, {failed:,} failures in all (see {bundle.path(ERRORS_FILE)})")
+
+    reader = EmbeddingReader(bundle)
+    t0 = time.perf_counter()
+    index = read_index(bundle, use_gpu=False)  # a resumed addition may find some new rows already in it
+    for _, emb in _rows_after(reader, index.ntotal):
+        index.add(emb)
+    meta = reader.read_meta(["id", "path", "lat", "lon"])
+    knn = KnnIndex(index, meta, {**bundle.stage("knn_index"), "ntotal": int(index.ntotal)})
+    files, infos = knn.save(bundle)
+    bundle.commit("knn_index", files, {**infos, "stage_seconds": round(time.perf_counter() - t0, 2)},
+                  replace=STAGE_FOLDERS["knn_index"])
+    lat, lon = meta["lat"].to_numpy(np.float64), meta["lon"].to_numpy(np.float64)
+    if refit:
+        run_stages(bundle, configs, STAGES, ("cells", "gallery", "fusion"), log)
+        bundle.manifest.pop("stale", None)
+    else:
+        if bundle.has_stage("cells"):
+            files, cinfo = cells_with_photos(CellPredictor.load(bundle), lat, lon).save(bundle)
+            bundle.commit("cells", files, cinfo, replace=STAGE_FOLDERS["cells"])
+        if bundle.has_stage("gallery"):
+            files, ginfo = gallery_with_photos(GpsGallery.load(bundle, with_location_encoder=True),
+                                               np.stack([lat, lon], -1)).save(bundle)
+            bundle.commit("gallery", files, ginfo, replace=STAGE_FOLDERS["gallery"])
+        stale = bundle.manifest.setdefault("stale", {"photos_added": 0, "what": []})
+        stale["photos_added"] += added
+        stale["what"] = [s for s in ("cells", "gallery", "fusion") if bundle.has_stage(s)]
+    record["done"] = True
+    bundle.save()
+    return bundle
+
+
+def _rows_after(reader: EmbeddingReader, skip: int):
+    """The embeddings after the first ``skip`` rows, in pieces."""
+    seen = 0
+    for meta, emb in reader.iter(columns=[]):
+        if seen + len(emb) > skip:
+            yield meta, emb[max(0, skip - seen):]
+        seen += len(emb)
+
+
+def plan_stages(cfg: BuildConfig, n: int, dim: int) -> list[StagePlan]:
+    """Each stage's plan and estimate for ``n`` photos of ``dim``-d embeddings under this config."""
+    c = cfg.stage_configs
+    return plan_build(n, dim, c.knn.ram_budget, c.knn.exact_max, c.gallery.max_points, c.gallery.epochs,
+                      c.gallery.round_photos, c.fusion.folds, c.fusion.single_split_above, c.fusion.max_queries,
+                      cfg.stages)
+
+
+def dry_run(cfg: BuildConfig, log: Log = print) -> list[StagePlan]:
+    """Read the input's size (not its content) and say what each stage would do and need; builds nothing."""
+    if cfg.embeddings is not None:
+        table = EmbeddingTable(cfg.embeddings, cfg.embedding_column)
+        n, dim = table.rows, table.dim
+        log(f"input: {n:,} precomputed {dim}-d embeddings in {len(table.parts)} file(s)")
+    else:
+        man = read_manifest(cfg.manifest, cfg.image_root)
+        n, dim = len(man.df), load_backbone(cfg.backbone, device="cpu", weights=cfg.weights).dim
+        log(f"input: {n:,} photos ({len(man.errors):,} rows rejected), {cfg.backbone} gives {dim}-d embeddings")
+    plans = plan_stages(cfg, n, dim)
+    for p in plans:
+        log(p.line())
+    log(f"memory budget {human_bytes(cfg.memory)} (--memory)")
+    check(plans, cfg.memory)
+    return plans
+
+
+def backbone_spec(name: str, weights: str | None, log: Log) -> dict[str, Any]:
+    """What a bundle of precomputed embeddings records about the model that made them.
+
+    The model is built once (on the CPU) to record its preprocessing and
+    dimension, so that ``geo query photo.jpg`` embeds with the same one. When it
+    cannot be built here (weights that live on another machine), the name alone
+    is recorded: queries by precomputed embedding work, queries by image say
+    what is missing.
+    """
+    try:
+        return load_backbone(name, device="cpu", weights=weights).spec()
+    except (BackboneError, OSError, RuntimeError) as e:
+        log(f"backbone: {name} cannot be loaded here ({e}); recording its name only: "
+            "`geo query --embeddings` works, `geo query photo.jpg` needs the model")
+        return {"name": name, "weights": {"kind": "unavailable", "reason": str(e)}}
 
 
 def build_from_embeddings(root: str | Path, backbone: dict[str, Any], meta: pd.DataFrame, emb,
@@ -165,4 +339,10 @@ def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = 
         signal_stages = SignalStages(configs.cells if bundle.has_stage("cells") else None,
                                      configs.gallery if bundle.has_stage("gallery") else None, backbone)
         commit("fusion", fit_fusion(meta, emb, signal_stages, configs.fusion, log=log), t0)
+    stale = bundle.manifest.get("stale")
+    if stale:  # refitted stages are current again (geo add left them stale)
+        stale["what"] = [w for w in stale["what"] if w not in {*trained, *(["fusion"] if retune else [])}]
+        if not stale["what"]:
+            bundle.manifest.pop("stale")
+        bundle.save()
 

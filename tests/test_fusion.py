@@ -174,8 +174,9 @@ def test_closeness_agrees_with_haversine_at_every_threshold():
 
 
 def test_the_grid_is_scored_as_decide_batch_answers_each_setting():
-    """The grouped, vectorised scoring of the tuning grid gives every setting the answers decide_batch gives it:
-    absent signals, near-duplicates and top-K included."""
+    """The grouped, vectorised scoring of the tuning grid picks, for every setting and photo, a candidate that
+    decide_batch scores best too (ties within float precision may go either way), absent signals,
+    near-duplicates and top-K included; and the per-photo scores are decide_batch's wherever it has no such tie."""
     from geo.stages.fusion.posterior import decide_batch
     from geo.stages.fusion.signals import GALLERY
     from geo.stages.fusion.tuning import score_grid
@@ -198,8 +199,17 @@ def test_the_grid_is_scored_as_decide_batch_answers_each_setting():
         p.duplicate_similarity = 0.99
     picked = [settings[i] for i in rng.choice(len(settings), 150, replace=False)]
     fast = score_grid(ev, truth, picked)
+    d = haversine_km(ev.points[..., 0], ev.points[..., 1], truth[:, None, 0], truth[:, None, 1])
+    share = np.mean([d <= t for t in THRESHOLDS_KM], axis=0)  # [n, m]: what answering each candidate scores
+    exact = 0
     for p, got in zip(picked, fast):
-        b, _, _ = decide_batch(ev, p)
-        pts = ev.points[np.arange(n), b]
-        err = haversine_km(pts[:, 0], pts[:, 1], truth[:, 0], truth[:, 1])
-        np.testing.assert_allclose(got, np.mean([err <= t for t in THRESHOLDS_KM], axis=0), err_msg=str(p))
+        _, score, _ = decide_batch(ev, p)
+        top = score.max(axis=1, keepdims=True)
+        ties = np.isclose(score, top, rtol=1e-5, atol=1e-7)  # the decision's best candidates
+        # the fast pick must score like one of decide_batch's best candidates
+        assert all(np.isclose(share[i][ties[i]], got[i]).any() for i in range(n)), str(p)
+        unique = ties.sum(axis=1) == 1
+        b = score.argmax(axis=1)
+        np.testing.assert_array_equal(got[unique], share[np.arange(n), b][unique])
+        exact += int(unique.sum())
+    assert exact > 0.4 * n * len(picked)  # many decisions are not ties: the exact check is not vacuous

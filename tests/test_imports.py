@@ -28,7 +28,9 @@ LAZY_ALLOWED: dict[str, set[str]] = {}
 # without 50-odd torch imports.
 _EACH_ALONE = """
 import importlib, os, sys, traceback
-import numpy, pandas, pyarrow, pyarrow.parquet, torch, torchvision, faiss, sklearn, typer, PIL, timm, open_clip
+import numpy, pandas, pyarrow, pyarrow.parquet, pyarrow.compute, torch, torchvision, faiss, typer, PIL, timm
+import open_clip, sklearn.neighbors, sklearn.isotonic, scipy.sparse, safetensors.torch, s2sphere, tqdm.auto
+import duckdb, matplotlib, geographiclib.geodesic
 assert not any(m == "geo" or m.startswith("geo.") for m in sys.modules)
 bad = []
 for module in sys.argv[1:]:

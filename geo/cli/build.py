@@ -7,12 +7,14 @@ from typing import Optional
 import typer
 
 from geo.cli.common import fail
+from geo.data.embedding_table import EmbeddingTableError
 from geo.data.manifest import ManifestError
-from geo.pipeline import STAGES, BuildConfig, StageConfigs, build_index
+from geo.pipeline import STAGES, BuildConfig, StageConfigs, add_photos, build_index
+from geo.pipeline import dry_run as dry_run_build
 from geo.stages.cells.stage import CellsConfig
 from geo.stages.embed import EmbedConfig
 from geo.stages.gallery.stage import GalleryConfig
-from geo.stages.knn import KnnConfig
+from geo.stages.knn import KnnConfig, parse_bytes
 from geo.store.bundle import BundleError
 
 SKIPPABLE = ("cells", "gallery", "fusion")
@@ -20,9 +22,14 @@ FORCEABLE = ("knn_index", "cells", "gallery", "fusion")
 
 
 def build_index_command(
-    manifest: Path = typer.Argument(..., help="CSV/Parquet with an image column (path, image, IMG_ID, id) and lat/lon "
-                                    "columns, or a folder of photos whose EXIF carries GPS."),
+    manifest: Optional[Path] = typer.Argument(None, help="CSV/Parquet with an image column (path, image, IMG_ID, id) and "
+                                              "lat/lon columns, or a folder of photos whose EXIF carries GPS."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to create, or to resume if it exists."),
+    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="Precomputed embeddings instead of photos: a "
+                                              "Parquet file or folder (an embedding column, lat/lon, optional id and "
+                                              "group columns, extras kept) or clip-retrieval output (img_emb/*.npy + "
+                                              "metadata/*.parquet). Name the model that made them with --backbone."),
+    embedding_column: str = typer.Option("embedding", help="Column of --embeddings Parquet holding the vectors."),
     image_root: Optional[Path] = typer.Option(None, help="Directory that relative image paths in the manifest start from."),
     backbone: str = typer.Option("efficientnet_lite0", help="Image model; see `geo backbones`."),
     weights: Optional[Path] = typer.Option(None, help="Local weights file for timm:/torchvision: backbones (safetensors or .pth)."),
@@ -40,29 +47,46 @@ def build_index_command(
     tau_max: list[int] = typer.Option([], help="Split cells with more photos; one per partition (repeatable)."),
     head: str = typer.Option("linear", help="Cell classification head: linear | mlp."),
     scene_column: Optional[str] = typer.Option(None, help="Manifest column with scene labels (e.g. S3_Label) to condition heads on."),
-    group_column: Optional[str] = typer.Option(None, help="Column whose groups (photographers) are held out together for "
+    group_column: Optional[str] = typer.Option(None, "--group", "--group-column",
+                                               help="Column whose groups (photographers) are held out together for "
                                                "validation; default AUTHOR/owner when present."),
     gps_gallery: Optional[str] = typer.Option(None, help="Extra GPS gallery points: a CSV with lat/lon, or 'geoclip' for "
                                               "GeoCLIP's 100K points."),
     gallery_init: str = typer.Option("geoclip", help="Location encoder start: geoclip (published weights) | random."),
-    gallery_epochs: Optional[int] = typer.Option(None, help="Most training epochs of the GPS gallery (default 40; early "
-                                                       "stopping usually ends sooner). On a 2-core CPU a 100K gallery "
-                                                       "takes ~5 min an epoch: see benchmarks/RESULTS.md."),
+    gallery_points: int = typer.Option(100_000, help="Most GPS gallery points from the photos' distinct places (a "
+                                       "uniform sample above; GeoCLIP's gallery is 100K)."),
+    gallery_epochs: Optional[int] = typer.Option(None, help="Most training rounds of the GPS gallery (default 40; early "
+                                                       "stopping usually ends sooner). A round is a pass over the "
+                                                       "photos, or 20,000 of them in bigger galleries."),
     skip: list[str] = typer.Option([], help="Stages to leave out: cells, gallery, fusion (repeatable)."),
     force: list[str] = typer.Option([], help="Stages to rebuild although built: knn_index, cells, gallery, fusion."),
+    memory: Optional[str] = typer.Option(None, help="Memory the build may use at its peak, e.g. 16GB (default: 70% of "
+                                         "this machine); a build that cannot fit is refused before it starts."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what each stage would build and need (memory, disk) "
+                                 "from the input's size, and stop."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Build an index bundle from geotagged photos (resumable: re-run the same command after an interruption)."""
+    """Build an index bundle from geotagged photos or their precomputed embeddings (resumable: re-run the same
+    command after an interruption).
+
+    \b
+      geo build-index photos.csv --image-root photos/ --out my-index
+      geo build-index ~/Pictures/trips --out my-index                      # EXIF GPS
+      geo build-index --embeddings emb.parquet --backbone open_clip:ViT-B-32/openai --group AUTHOR --out my-index
+    """
+    if (manifest is None) == (embeddings is None):
+        fail("give a manifest (or a folder of photos), or --embeddings PATH: one of the two")
     unknown = set(skip) - set(SKIPPABLE)
     if unknown:
         fail(f"--skip takes {', '.join(SKIPPABLE)}, not {', '.join(sorted(unknown))}")
     unknown = set(force) - set(FORCEABLE)
     if unknown:
         fail(f"--force takes {', '.join(FORCEABLE)}, not {', '.join(sorted(unknown))}")
-    gallery = GalleryConfig(gps_gallery=gps_gallery, init=gallery_init, device=device,
+    gallery = GalleryConfig(gps_gallery=gps_gallery, init=gallery_init, device=device, max_points=gallery_points,
                             **({"epochs": gallery_epochs} if gallery_epochs is not None else {}))
     cfg = BuildConfig(
-        manifest=str(manifest), out=str(out), image_root=str(image_root) if image_root else None,
+        manifest=str(manifest) if manifest else None, out=str(out), image_root=str(image_root) if image_root else None,
+        embeddings=str(embeddings) if embeddings else None, embedding_column=embedding_column,
         backbone=backbone, weights=str(weights) if weights else None, device=device, precision=precision,
         embed=EmbedConfig(batch_size=batch_size, workers=workers, shard_rows=shard_size),
         stage_configs=StageConfigs(
@@ -71,15 +95,53 @@ def build_index_command(
                               tau_max=list(tau_max), head=head, scene_column=scene_column, device=device),
             gallery=gallery, group_column=group_column),
         stages=tuple(st for st in STAGES if st not in skip), force=tuple(force),
+        **({"memory": parse_bytes(memory)} if memory else {}),
     )
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     try:
+        if dry_run:
+            dry_run_build(cfg, log=typer.echo)
+            return
         bundle = build_index(cfg, log=log, progress=not quiet)
-    except (BundleError, ManifestError, FileNotFoundError, ValueError) as e:
+    except (BundleError, ManifestError, EmbeddingTableError, FileNotFoundError, ValueError) as e:
         fail(e)
     counts = bundle.manifest.get("counts", {})
     typer.echo(f"built {out}: {counts.get('ok', 0):,} photos indexed, {counts.get('failed', 0):,} failed")
 
 
+def add_command(
+    index: Path = typer.Argument(..., help="Bundle directory built by `geo build-index`."),
+    manifest: Optional[Path] = typer.Argument(None, help="Photos to add: a manifest or a folder of EXIF-tagged photos."),
+    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="Precomputed embeddings to add (Parquet or "
+                                              "clip-retrieval output), made by the bundle's backbone."),
+    embedding_column: str = typer.Option("embedding", help="Column of --embeddings Parquet holding the vectors."),
+    image_root: Optional[Path] = typer.Option(None, help="Directory that relative image paths start from."),
+    refit: bool = typer.Option(False, "--refit", help="Also refit the cell partitions and heads, the GPS gallery's "
+                               "model and fusion on all photos (a full build's cost for those stages)."),
+    workers: int = typer.Option(-1, help="Decoding processes; -1 = one per core (max 8), 0 = in-process."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Append photos to a bundle: new shards, FAISS add, cell counts and support spots, gallery points.
+
+    Heads, the gallery's model and fusion stay as fitted (`geo info` says they are stale) unless --refit.
+
+    \b
+      geo add my-index new-photos.csv --image-root new/
+      geo add my-index --embeddings more.parquet --refit
+    """
+    if (manifest is None) == (embeddings is None):
+        fail("give a manifest (or a folder of photos), or --embeddings PATH: one of the two")
+    log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
+    try:
+        bundle = add_photos(index, str(manifest) if manifest else None, str(embeddings) if embeddings else None,
+                            str(image_root) if image_root else None, embedding_column, refit,
+                            EmbedConfig(workers=workers), log=log, progress=not quiet)
+    except (BundleError, ManifestError, EmbeddingTableError, FileNotFoundError, ValueError) as e:
+        fail(e)
+    counts = bundle.manifest.get("counts", {})
+    typer.echo(f"added to {index}: {counts.get('ok', 0):,} photos indexed in all, {counts.get('failed', 0):,} failed")
+
+
 def register(app: typer.Typer) -> None:
     app.command("build-index")(build_index_command)
+    app.command("add")(add_command)

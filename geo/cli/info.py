@@ -9,7 +9,7 @@ from geo.cli.common import fail, print_json
 from geo.models.backbones import available_backbones
 from geo.store.bundle import BundleError, open_bundle
 
-SHOWN = ("format_version", "created", "backbone", "dim", "counts", "stages", "software")
+SHOWN = ("format_version", "created", "backbone", "dim", "counts", "stages", "software", "stale", "additions")
 
 
 def _stage_line(stage: str, info: dict) -> str:
@@ -54,6 +54,11 @@ def info_command(index: Path = typer.Argument(..., help="Bundle directory."),
     for stage, info in m.get("stages", {}).items():
         if stage != "errors":
             typer.echo(_stage_line(stage, info or {}))
+    stale = b.manifest.get("stale")
+    if stale:
+        typer.echo(f"  stale: {', '.join(stale['what'])} were fitted before {stale['photos_added']:,} photos were "
+                   "added; their kNN, cell counts and gallery points are current (geo add --refit, or geo "
+                   "build-index --force cells --force gallery --force fusion, refits them)")
     typer.echo(f"  {checked}")
 
 

@@ -9,19 +9,21 @@ import typer
 
 from geo.cli.common import fail, print_json
 from geo.core.answer import Answer
+from geo.data.embedding_table import EmbeddingTable
 from geo.query.index import open_index
 from geo.store.bundle import BundleError
 from geo.store.predictions import answers_to_frame, write_predictions
 
 
 def print_human(ans: Answer, top: int = 3) -> None:
+    name = ans.image if ans.id is None else ans.id
     if ans.error:
-        typer.echo(f"{ans.image}: could not read ({ans.error})")
+        typer.echo(f"{name}: could not read ({ans.error})")
         return
     if ans.abstained:
-        typer.echo(f"{ans.image}: abstained (confidence {ans.confidence:.2f} below --min-confidence)")
+        typer.echo(f"{name}: abstained (confidence {ans.confidence:.2f} below --min-confidence)")
         return
-    typer.echo(f"{ans.image}: {ans.lat:.5f}, {ans.lon:.5f}  [{ans.mode}]  "
+    typer.echo(f"{name}: {ans.lat:.5f}, {ans.lon:.5f}  [{ans.mode}]  "
                f"confidence {ans.confidence:.2f} within {ans.confidence_radius_km or 0:g} km")
     for alt in ans.alternatives[:3]:
         typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}")
@@ -31,8 +33,12 @@ def print_human(ans: Answer, top: int = 3) -> None:
 
 
 def query_command(
-    images: list[str] = typer.Argument(..., help="Image files, globs or directories."),
+    images: Optional[list[str]] = typer.Argument(None, help="Image files, globs or directories."),
     index: Path = typer.Option(..., "--index", "-i", help="Bundle directory built by `geo build-index`."),
+    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="Precomputed query embeddings instead of "
+                                              "images (Parquet or clip-retrieval output, made by the bundle's "
+                                              "backbone); answers carry each row's id, in input order."),
+    embedding_column: str = typer.Option("embedding", help="Column of --embeddings Parquet holding the vectors."),
     mode: Optional[str] = typer.Option(None, help="fused (default when built) | knn | gallery | cells"),
     k: int = typer.Option(50, help="Neighbours retrieved from the image index."),
     crops: int = typer.Option(1, help="Test-time crops: 1, 3 (along the long side) or 5 (five-crop)."),
@@ -43,17 +49,32 @@ def query_command(
     min_confidence: Optional[float] = typer.Option(None, help="Abstain (no coordinates, abstained=true) when the "
                                                    "answer's confidence is below this."),
 ) -> None:
-    """Locate photos: coordinates, confidence and the neighbour photos that support the answer."""
+    """Locate photos (or precomputed embeddings): coordinates, confidence and the neighbour photos behind the answer.
+
+    \b
+      geo query holiday.jpg --index my-index
+      geo query photos/ --index my-index --json --mode knn
+      geo query --embeddings queries.parquet --index my-index --out predictions.parquet
+    """
     if crops not in (1, 3, 5):
         fail("--crops must be 1, 3 or 5")
+    if bool(images) == (embeddings is not None):
+        fail("give image paths or --embeddings PATH: one of the two")
+    truth = None
     try:
         idx = open_index(index, device=device)
-        answers = idx.locate(list(images), mode=mode, k=k, crops=crops, min_confidence=min_confidence)
+        if embeddings is not None:
+            table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
+                                   require_coordinates=False)
+            answers, truth = idx.locate_table(table, mode=mode, k=k, min_confidence=min_confidence)
+        else:
+            answers = idx.locate(list(images), mode=mode, k=k, crops=crops, min_confidence=min_confidence)
     except (BundleError, ValueError) as e:
         fail(e)
     if out is not None:
-        write_predictions(out, answers_to_frame(answers, mode=mode or idx.default_mode, suite="query",
-                                                index_id=str(index)))
+        ids = [a.id for a in answers] if embeddings is not None else None
+        write_predictions(out, answers_to_frame(answers, ids, None if truth is None else [tuple(t) for t in truth],
+                                                mode=mode or idx.default_mode, suite="query", index_id=str(index)))
     for ans in answers:
         if as_json:
             print_json(ans.to_dict(), indent=None)

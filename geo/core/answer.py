@@ -34,11 +34,12 @@ class Answer:
     gallery: list[dict[str, float]] = field(default_factory=list)
     error: str | None = None
     abstained: bool = False
+    id: str | None = None  # the row's id when the query was a precomputed embedding (then ``image`` is None)
 
     @classmethod
-    def failed(cls, image: str | None, reason: str) -> "Answer":
+    def failed(cls, image: str | None, reason: str, id: str | None = None) -> "Answer":
         """An input that could not be located (unreadable image, bad embedding): the reason, no coordinates."""
-        return cls(image=image, error=reason)
+        return cls(image=image, error=reason, id=id)
 
     def abstain_below(self, min_confidence: float | None) -> "Answer":
         """Withhold the coordinates when the confidence is below ``min_confidence`` (None: never)."""
@@ -47,5 +48,7 @@ class Answer:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON fields of ``geo query --json``."""
-        return asdict(self)
+        """The JSON fields of ``geo query --json``: ``image`` for a photo, ``id`` for a precomputed embedding."""
+        d = asdict(self)
+        d.pop("image" if self.id is not None else "id")
+        return d

@@ -8,18 +8,22 @@ gallery's photo distribution answers for the 750 km threshold.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.neighbors import BallTree
 
 from geo.core import s2
-from geo.core.geodesy import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+from geo.core.geodesy import EARTH_RADIUS_KM, cos_km, latlon_to_xyz, xyz_to_latlon
+
+# Up to this many point-photo pairs, counts are exact dot products of unit vectors in blocks (no index to build,
+# and scikit-learn stays unimported on the query side); beyond, a ball tree.
+DENSE_PAIRS = 50_000_000
 
 
 def photos_within(points: np.ndarray, photos: np.ndarray, radius_km: float, max_photos: int = 50_000,
                   seed: int = 0) -> np.ndarray:
     """float64 [m]: how many of ``photos`` ([n, 2] degrees) lie within ``radius_km`` of each of ``points`` ([m, 2]).
 
-    A ball tree over haversine distances: O((n + m) log n), where a distance
-    matrix would be O(n m) time and memory. Above ``max_photos`` photos a seeded
+    Small problems compare unit vectors (``d <= r`` is ``cos(d / R) >= cos(r / R)``)
+    in blocks; large ones use a ball tree over haversine distances, O((n + m) log n)
+    where a distance matrix would be O(n m). Above ``max_photos`` photos a seeded
     sample is counted and the counts are scaled back up.
     """
     photos = np.asarray(photos, np.float64).reshape(-1, 2)
@@ -30,6 +34,13 @@ def photos_within(points: np.ndarray, photos: np.ndarray, radius_km: float, max_
         photos = photos[np.random.default_rng(seed).choice(len(photos), max_photos, replace=False)]
     if len(photos) == 0 or len(points) == 0:
         return np.zeros(len(points))
+    if len(points) * len(photos) <= DENSE_PAIRS:
+        a, b, c = latlon_to_xyz(points[:, 0], points[:, 1]), latlon_to_xyz(photos[:, 0], photos[:, 1]), cos_km(radius_km)
+        step = max(1, DENSE_PAIRS // (20 * len(photos)))
+        counts = np.concatenate([(a[i:i + step] @ b.T >= c).sum(axis=1) for i in range(0, len(a), step)])
+        return counts.astype(np.float64) * scale
+    from sklearn.neighbors import BallTree  # heavy to import; only big galleries' builds get here
+
     tree = BallTree(np.radians(photos), metric="haversine")
     counts = tree.query_radius(np.radians(points), r=radius_km / EARTH_RADIUS_KM, count_only=True)
     return counts.astype(np.float64) * scale

@@ -74,18 +74,26 @@ def clustered_se(d: np.ndarray, groups: np.ndarray | None = None) -> float:
     misses are not independent; treating them as such understates the noise
     several-fold and lets chance gains through.
     """
-    n = len(d)
+    return float(clustered_se_rows(np.asarray(d, np.float64)[None, :], groups)[0])
+
+
+def clustered_se_rows(d: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """:func:`clustered_se` of every row of ``d`` [settings, photos] at once."""
+    n = d.shape[1]
     if groups is None:
-        return float(np.std(d) / np.sqrt(n))
+        return d.std(axis=1) / np.sqrt(n)
     _, inv = np.unique(groups, return_inverse=True)
-    g = inv.max() + 1
+    g = int(inv.max()) + 1
     if g < 2:
-        return float("inf")
-    sums = np.bincount(inv, weights=d - d.mean(), minlength=g)
-    return float(np.sqrt(g / (g - 1) * (sums ** 2).sum()) / n)
+        return np.full(len(d), np.inf)
+    onehot = np.zeros((n, g))
+    onehot[np.arange(n), inv] = 1.0
+    sums = (d - d.mean(axis=1, keepdims=True)) @ onehot  # each setting's summed deviation per photographer
+    return np.sqrt(g / (g - 1) * (sums ** 2).sum(axis=1)) / n
 
 
-def within_one_se(per_item: list[np.ndarray], groups: np.ndarray | None = None, higher_is_better: bool = True) -> list[int]:
+def within_one_se(per_item: list[np.ndarray], groups: np.ndarray | None = None, higher_is_better: bool = True,
+                  chunk: int = 1024) -> list[int]:
     """Indices of the settings whose mean per-photo score is within one paired standard error of the best one's.
 
     The standard error is of the per-photo difference to the best setting,
@@ -95,8 +103,12 @@ def within_one_se(per_item: list[np.ndarray], groups: np.ndarray | None = None, 
     the extra confidence of the others does not transfer to new photographers
     (measured on Im2GPS3k dev folds).
     """
-    means = np.array([x.mean() for x in per_item])
+    x = np.stack([np.asarray(v, np.float64) for v in per_item])
+    means = x.mean(axis=1)
     sign = 1.0 if higher_is_better else -1.0
     top = int(np.argmax(sign * means))
-    return [i for i, x in enumerate(per_item)
-            if sign * (means[top] - means[i]) <= clustered_se(x - per_item[top], groups)]
+    out: list[int] = []
+    for c in range(0, len(x), chunk):
+        se = clustered_se_rows(x[c:c + chunk] - x[top], groups)
+        out.extend((c + np.flatnonzero(sign * (means[top] - means[c:c + chunk]) <= se)).tolist())
+    return out

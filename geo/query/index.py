@@ -20,6 +20,7 @@ import torch
 from geo.core.answer import Answer
 from geo.core.geodesy import haversine_km
 from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
+from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, expand_images
 from geo.models.backbones import Backbone, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
@@ -125,7 +126,8 @@ class GeoIndex:
         return collect(self.sources, Batch(emb, k))
 
     def locate_embeddings(self, emb: np.ndarray, mode: str | None = None, k: int = 50,
-                          min_confidence: float | None = None, names: Sequence[str | None] | None = None) -> list[Answer]:
+                          min_confidence: float | None = None, names: Sequence[str | None] | None = None,
+                          ids: Sequence[str] | None = None) -> list[Answer]:
         """Answers for embeddings [n, dim] (or [n, crops, dim]); each mode computes only the signals it needs,
         plus the neighbours and top cells that every answer lists."""
         mode = mode or self.default_mode
@@ -142,7 +144,8 @@ class GeoIndex:
         for i, d in enumerate(decisions):
             r = rows[i][rows[i] >= 0]
             out.append(Answer(
-                image=names[i] if names is not None else None, lat=d.lat, lon=d.lon, mode=mode,
+                image=names[i] if names is not None else None, id=ids[i] if ids is not None else None,
+                lat=d.lat, lon=d.lon, mode=mode,
                 confidence=round(d.confidence, 4), confidence_radius_km=d.radius_km, p_within=d.p_within,
                 alternatives=d.alternatives,
                 neighbors=self._neighbours(sims[i][rows[i] >= 0], r, d.lat, d.lon),
@@ -152,6 +155,26 @@ class GeoIndex:
                     for sc, (la, lo) in zip(gallery[1][i, :GALLERY_SHOWN], gallery[0][i, :GALLERY_SHOWN])],
             ).abstain_below(min_confidence))
         return out
+
+    def locate_table(self, table: EmbeddingTable, mode: str | None = None, k: int = 50,
+                     min_confidence: float | None = None, batch_rows: int = 4096) -> tuple[list[Answer], np.ndarray]:
+        """Answers for every row of precomputed query embeddings, in input order (a bad row gets its error),
+        and the rows' coordinates [n, 2] where the table has them (NaN elsewhere): the truth for scoring."""
+        answers: list[Answer] = []
+        truth = []
+        for piece in table.pieces(batch_rows):
+            part: list[Answer | None] = [None] * piece.rows
+            coords = np.full((piece.rows, 2), np.nan)
+            if len(piece.meta):
+                got = self.locate_embeddings(piece.emb, mode, k, min_confidence, ids=piece.meta["id"].tolist())
+                for pos, a in zip(piece.ok_rows, got):
+                    part[pos] = a
+                coords[piece.ok_rows] = piece.meta[["lat", "lon"]].to_numpy(np.float64)
+            for e in piece.errors:
+                part[e["row"] - piece.first] = Answer.failed(None, e["reason"], id=e["id"])
+            answers.extend(part)
+            truth.append(coords)
+        return answers, np.concatenate(truth) if truth else np.zeros((0, 2))
 
     def _decide(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray) -> list[_Decision]:
         if mode == "knn":

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, collate_skip_errors
 from geo.models.registry import Backbone
 from geo.store.bundle import Bundle, BundleError, read_json
@@ -73,35 +74,20 @@ def _embed_rows(rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, bar: t
     return emb, ok, errors
 
 
-def run_embedding_stage(bundle: Bundle, df: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig = EmbedConfig(),
-                        progress: bool = True) -> tuple[list[Path], dict[str, Any]]:
-    """Embed every manifest row not yet in a finished shard; returns (every finished shard's files, stage info)."""
-    fingerprint = manifest_fingerprint(df)
+def _claim_plan(bundle: Bundle, fingerprint: str, shard_rows: int, rows: int) -> None:
+    """Record what this bundle embeds; a resume against another input (or shard size) is refused."""
     plan = bundle.manifest.get("plan", {}).get(STAGE)
-    if plan and (plan["fingerprint"] != fingerprint or plan["shard_rows"] != cfg.shard_rows):
+    if plan and (plan["fingerprint"] != fingerprint or plan["shard_rows"] != shard_rows):
         raise BundleError(
             f"{bundle.root}: an unfinished or finished build of a different manifest (or shard size) is here; "
-            "resume with the same manifest and --shard-size, or choose another --out"
+            "resume with the same input and --shard-size, or choose another --out"
         )
-    plan = {"fingerprint": fingerprint, "shard_rows": cfg.shard_rows, "rows": len(df)}
-    bundle.manifest.setdefault("plan", {})[STAGE] = plan
+    bundle.manifest.setdefault("plan", {})[STAGE] = {"fingerprint": fingerprint, "shard_rows": shard_rows, "rows": rows}
     bundle.save()
 
-    n_shards = max(1, -(-len(df) // cfg.shard_rows))
-    todo = [i for i in range(n_shards) if not marker_path(shard_path(bundle, i)).exists()]
-    done_rows = sum(min(cfg.shard_rows, len(df) - i * cfg.shard_rows) for i in range(n_shards) if i not in todo)
-    bar = tqdm(total=len(df), initial=done_rows, unit="img", desc="embed", disable=not progress, smoothing=0.1)
-    for i in todo:
-        rows = df.iloc[i * cfg.shard_rows:(i + 1) * cfg.shard_rows]
-        t0 = time.perf_counter()
-        emb, ok, errors = _embed_rows(rows, backbone, cfg, bar)
-        seconds = time.perf_counter() - t0
-        write_shard(bundle, i, rows.iloc[ok], emb, {
-            "first_row": i * cfg.shard_rows, "rows": len(rows), "failed": len(errors), "seconds": round(seconds, 3),
-            "images_per_s": round(len(rows) / seconds, 2) if seconds else None, "errors": errors,
-        })
-    bar.close()
 
+def _finished(bundle: Bundle) -> tuple[list[Path], dict[str, Any]]:
+    """Every finished shard's files, and the stage's info from their markers."""
     shards = finished_shards(bundle)
     markers = [read_json(marker_path(p)) for p in shards]
     info = {
@@ -111,6 +97,59 @@ def run_embedding_stage(bundle: Bundle, df: pd.DataFrame, backbone: Backbone, cf
         "images_per_s": _overall_rate(markers),
     }
     return [p for s in shards for p in (s, marker_path(s))], info
+
+
+def ingest_embeddings(bundle: Bundle, table: EmbeddingTable, cfg: EmbedConfig = EmbedConfig(),
+                      progress: bool = True, first_shard: int = 0,
+                      seen: set[str] | None = None) -> tuple[list[Path], dict[str, Any]]:
+    """Precomputed embeddings into shards, piece by piece, with an error row per bad input row; resumable.
+
+    Shard i holds piece i of the source (at most ``shard_rows`` input rows).
+    Finished shards are not written again, but every piece is still read and
+    checked, so a duplicate id is caught against all earlier rows.
+    """
+    if first_shard == 0:
+        _claim_plan(bundle, table.fingerprint, cfg.shard_rows, table.rows)
+    bar = tqdm(total=table.rows, unit="row", desc="embeddings in", disable=not progress, smoothing=0.1)
+    first = 0
+    t0 = time.perf_counter()
+    for i, piece in enumerate(table.pieces(cfg.shard_rows, seen), start=first_shard):
+        if not marker_path(shard_path(bundle, i)).exists():
+            write_shard(bundle, i, piece.meta, piece.emb, {
+                "first_row": first, "rows": piece.rows, "failed": len(piece.errors),
+                "seconds": round(time.perf_counter() - t0, 3), "errors": piece.errors})
+        first += piece.rows
+        bar.update(piece.rows)
+        t0 = time.perf_counter()
+    bar.close()
+    return _finished(bundle)
+
+
+def run_embedding_stage(bundle: Bundle, df: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig = EmbedConfig(),
+                        progress: bool = True, first_shard: int = 0) -> tuple[list[Path], dict[str, Any]]:
+    """Embed every manifest row not yet in a finished shard; returns (every finished shard's files, stage info).
+
+    ``first_shard`` > 0 numbers the shards after a bundle's own (``geo add``).
+    """
+    if first_shard == 0:
+        _claim_plan(bundle, manifest_fingerprint(df), cfg.shard_rows, len(df))
+
+    n_shards = max(1, -(-len(df) // cfg.shard_rows))
+    todo = [i for i in range(n_shards) if not marker_path(shard_path(bundle, first_shard + i)).exists()]
+    done_rows = sum(min(cfg.shard_rows, len(df) - i * cfg.shard_rows) for i in range(n_shards) if i not in todo)
+    bar = tqdm(total=len(df), initial=done_rows, unit="img", desc="embed", disable=not progress, smoothing=0.1)
+    for i in todo:
+        rows = df.iloc[i * cfg.shard_rows:(i + 1) * cfg.shard_rows]
+        t0 = time.perf_counter()
+        emb, ok, errors = _embed_rows(rows, backbone, cfg, bar)
+        seconds = time.perf_counter() - t0
+        write_shard(bundle, first_shard + i, rows.iloc[ok], emb, {
+            "first_row": i * cfg.shard_rows, "rows": len(rows), "failed": len(errors), "seconds": round(seconds, 3),
+            "images_per_s": round(len(rows) / seconds, 2) if seconds else None, "errors": errors,
+        })
+    bar.close()
+
+    return _finished(bundle)
 
 
 def _overall_rate(markers: list[dict]) -> float | None:

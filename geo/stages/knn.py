@@ -50,7 +50,7 @@ class IndexPlan:
     est_bytes: int
 
     def describe(self) -> str:
-        return f"{self.factory} for {self.n:,} x {self.dim} vectors, about {_human(self.est_bytes)} in memory"
+        return f"{self.factory} for {self.n:,} x {self.dim} vectors, about {human_bytes(self.est_bytes)} in memory"
 
 
 def parse_bytes(text: str | int) -> int:
@@ -64,7 +64,7 @@ def parse_bytes(text: str | int) -> int:
     return int(float(s))
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
@@ -95,8 +95,8 @@ def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> I
             return IndexPlan("ivf_pq", f"IVF{nlist},PQ{m}", n, dim, nlist, m, est)
     smallest = n * (8 + 8) + centroids
     raise BundleError(
-        f"no FAISS index for {n:,} x {dim} vectors fits the RAM budget of {_human(ram_budget)} "
-        f"(the smallest, IVF{nlist},PQ8, needs about {_human(smallest)}); raise --ram-budget"
+        f"no FAISS index for {n:,} x {dim} vectors fits the RAM budget of {human_bytes(ram_budget)} "
+        f"(the smallest, IVF{nlist},PQ8, needs about {human_bytes(smallest)}); raise --ram-budget"
     )
 
 
@@ -142,24 +142,30 @@ class KnnIndex:
     @classmethod
     def load(cls, bundle: Bundle, use_gpu: bool | None = None) -> "KnnIndex":
         """Read the index (onto the GPU(s) when FAISS has any and ``use_gpu`` is not False) and the rows' metadata."""
-        path = bundle.path(INDEX_FILE)
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as e:
-            raise BundleError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0]})") from None
-        infos = bundle.stage(STAGE)
-        if infos.get("nprobe"):
-            faiss.extract_index_ivf(index).nprobe = infos["nprobe"]
-        if (use_gpu is None or use_gpu) and gpu_count() > 0:
-            index = faiss.index_cpu_to_all_gpus(index)
-        return cls(index, EmbeddingReader(bundle).read_meta(META_COLUMNS), infos)
+        return cls(read_index(bundle, use_gpu), EmbeddingReader(bundle).read_meta(META_COLUMNS), bundle.stage(STAGE))
+
+
+def read_index(bundle: Bundle, use_gpu: bool | None = None):
+    """The stored FAISS index with its tuned nprobe, on the GPU(s) when FAISS has any and ``use_gpu`` allows."""
+    path = bundle.path(INDEX_FILE)
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise BundleError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0]})") from None
+    nprobe = bundle.stage(STAGE).get("nprobe")
+    if nprobe:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    if (use_gpu is None or use_gpu) and gpu_count() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
 
 
 def fit_knn(reader: EmbeddingReader, config: KnnConfig = KnnConfig(), log: Callable[[str], None] = print) -> KnnIndex:
     """Plan, train on a sample, fill shard by shard, tune nprobe for the recall target, measure."""
     n = reader.count
-    first = next(reader.iter(columns=[], batch_rows=1))[1]
-    dim = first.shape[1]
+    if n == 0:
+        raise BundleError(f"{reader.bundle.root}: no embeddings to index (every input failed; see errors.parquet)")
+    dim = next(reader.iter(columns=[], batch_rows=1))[1].shape[1]
     plan = plan_index(n, dim, parse_bytes(config.ram_budget), config.exact_max)
     log(f"faiss: {plan.describe()}")
     t0 = time.perf_counter()

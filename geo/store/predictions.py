@@ -113,7 +113,8 @@ def answers_to_frame(
     """
     answers = [a.to_dict() if isinstance(a, Answer) else a for a in answers]
     n = len(answers)
-    ids = list(query_ids) if query_ids is not None else [str(a.get("image")) for a in answers]
+    ids = list(query_ids) if query_ids is not None else [
+        str(a.get("image") if a.get("image") is not None else a.get("id")) for a in answers]
     if len(ids) != n or (truth is not None and len(truth) != n):
         raise ValueError(f"{n} answers but {len(ids)} query ids / {len(truth or [])} truths")
     failed = [bool(a.get("error")) for a in answers]

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from geo.core import s2
-from geo.core.geodesy import valid_latlon
+from geo.core.geodesy import latlon_to_xyz, valid_latlon, xyz_to_latlon
 from geo.core.splits import group_column, group_folds
 from geo.models.heads import head_logits
 from geo.stages.cells import partition as P
@@ -118,6 +118,32 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
     info["support_spots"] = int(len(support))
     return CellPredictor(tables, info["partitions"], result.model, calibration, scene_values, support, info,
                          config.scene_column)
+
+
+def with_photos(pred: CellPredictor, lat: np.ndarray, lon: np.ndarray) -> CellPredictor:
+    """The same partitions and heads, with every table's counts and Class2GPS means and the support spots
+    recomputed from these photos (all of the gallery's, old and new). What ``geo add`` does to the cells:
+    the partitions and the heads are refitted only with ``--refit``."""
+    ok = valid_latlon(lat, lon)
+    lat, lon = np.asarray(lat, float)[ok], np.asarray(lon, float)[ok]
+    leaf = s2.leaf_ids(lat, lon)
+    tables, rows = [], None
+    for t in pred.tables:
+        rows = P.assign(leaf, s2.from_tokens(t["token"].tolist()))
+        inside = rows >= 0
+        counts = np.bincount(rows[inside], minlength=len(t))
+        xyz = latlon_to_xyz(lat[inside], lon[inside])
+        mean_lat, mean_lon = xyz_to_latlon(np.stack([np.bincount(rows[inside], weights=xyz[:, a], minlength=len(t))
+                                                     for a in range(3)], 1))
+        new = t.copy()
+        new["count"] = counts.astype(np.int64)
+        filled = counts > 0  # a cell still without photos keeps its published (or earlier) mean
+        new.loc[filled, "lat"], new.loc[filled, "lon"] = mean_lat[filled], mean_lon[filled]
+        tables.append(new)
+    support = support_points(lat, lon, rows, tables[-1])
+    info = {**pred.info, "photos": int(len(lat)), "support_spots": int(len(support))}
+    return CellPredictor(tables, pred.names, pred.model, pred.calibration, pred.scene_values, support, info,
+                         pred.scene_column)
 
 
 def _crossfit_logits(emb, rows, cell_latlon, photo_latlon, hc: HeadConfig, groups, scene, n_scenes) -> list[np.ndarray]:

@@ -8,13 +8,14 @@ right, and the expected calibration error says how far the raw mass was off.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
 
 CALIBRATED_KM = ("25", "200", "750")
 
 
 def fit_isotonic(x: np.ndarray, hit: np.ndarray) -> dict[str, list[float]]:
     """Monotone map posterior mass -> observed frequency, stored as breakpoints for np.interp."""
+    from sklearn.isotonic import IsotonicRegression  # build time only; the query side needs np.interp alone
+
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(x, hit.astype(float))
     return {"x": [float(v) for v in iso.X_thresholds_], "y": [float(v) for v in iso.y_thresholds_]}
 

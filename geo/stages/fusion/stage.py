@@ -23,7 +23,7 @@ import pandas as pd
 
 from geo.core.knn_vote import kde_vote
 from geo.core.priors import population_prior
-from geo.core.splits import group_column, group_folds
+from geo.core.splits import group_column, group_folds, validation_mask
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.stage import CellsConfig, fit_cells
 from geo.stages.fusion.posterior import FusionParams
@@ -54,6 +54,10 @@ class FusionConfig:
     seed: int = 0
     k: int = 50  # neighbours per query, as `geo query` retrieves by default
     max_queries: int = 2000  # scored photos per fold (a seeded sample beyond)
+    # Above this many photos a single photographer-disjoint hold-out of about max_queries photos replaces the
+    # folds: the signal stages are fitted once more, not once per fold, so tuning costs no more than the
+    # stages themselves however large the gallery (and a few thousand queries fit ten parameters well).
+    single_split_above: int = 20_000
 
 
 @dataclass
@@ -95,14 +99,14 @@ def fit_fusion(meta: pd.DataFrame, emb: np.ndarray, stages: SignalStages, config
     col = group_column(meta.columns, config.group_column)
     groups = meta[col].astype(str).to_numpy() if col else None
     n_groups = len(np.unique(groups)) if groups is not None else len(meta)
-    saved = {"group_column": col, "folds": config.folds, "seed": config.seed}
+    saved = {"group_column": col, "folds": config.folds if len(meta) <= config.single_split_above else 1,
+             "seed": config.seed}
     if len(meta) < 20 or n_groups < config.folds:
         log(f"fusion: {len(meta)} photos in {n_groups} groups are too few to tune; default weights, no calibration")
         specs = specs_for(stages.cells is not None, stages.gallery is not None)
         return FusionModel(FusionParams.default(specs), {"validation": None}, saved)
-    fold = group_folds(len(meta), groups, config.folds, config.seed)
     t0 = time.perf_counter()
-    rows, ev, singles = out_of_fold(meta, emb, fold, stages, config, log)
+    rows, ev, singles = out_of_fold(meta, emb, splits(len(meta), groups, config), stages, config, log)
     t1 = time.perf_counter()
     truth = meta[["lat", "lon"]].to_numpy(np.float64)[rows]
     params, report = tune(ev, truth, groups[rows] if groups is not None else None, log=log)
@@ -115,20 +119,36 @@ def fit_fusion(meta: pd.DataFrame, emb: np.ndarray, stages: SignalStages, config
     return FusionModel(params, report, saved)
 
 
-def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: np.ndarray, stages: SignalStages, config: FusionConfig,
+def splits(n: int, groups: np.ndarray | None, config: FusionConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(scored rows, fitting rows) per fold, whole photographers on one side.
+
+    Up to ``single_split_above`` photos: ``folds`` folds, each scored against the
+    others (at most ``max_queries`` of its photos, a seeded sample). Above: one
+    hold-out of about ``max_queries`` photos, scored against all the rest.
+    """
+    rng = np.random.default_rng(config.seed)
+    if n > config.single_split_above:
+        held = validation_mask(n, groups, config.max_queries / n, config.seed)
+        return [(np.flatnonzero(held), np.flatnonzero(~held))]
+    fold = group_folds(n, groups, config.folds, config.seed)
+    out = []
+    for f in np.unique(fold):
+        held = np.flatnonzero(fold == f)
+        if len(held) > config.max_queries:
+            held = np.sort(rng.choice(held, config.max_queries, replace=False))
+        out.append((held, np.flatnonzero(fold != f)))
+    return out
+
+
+def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
+                stages: SignalStages, config: FusionConfig,
                 log: Callable[[str], None] = print) -> tuple[np.ndarray, Evidence, dict[str, np.ndarray]]:
     """Every signal for photos it has not seen; returns (queried rows, their evidence, single-mode answers [n, 2])."""
-    rng = np.random.default_rng(config.seed)
     meta = meta.reset_index(drop=True)
     all_rows, parts, singles = [], [], {"knn": [], "gallery": [], "cells": [], "prior": []}
     quiet = lambda *_: None  # noqa: E731  the folds' own logs would repeat the real stages'
-    n_folds = len(np.unique(folds))
-    for f in np.unique(folds):
-        held = np.flatnonzero(folds == f)
-        if len(held) > config.max_queries:
-            held = np.sort(rng.choice(held, config.max_queries, replace=False))
-        train = np.flatnonzero(folds != f)
-        log(f"fusion: fold {f + 1}/{n_folds}, {len(train)} photos fit, {len(held)} scored")
+    for f, (held, train) in enumerate(folds):
+        log(f"fusion: fold {f + 1}/{len(folds)}, {len(train)} photos fit, {len(held)} scored")
         tmeta, temb = meta.iloc[train].reset_index(drop=True), emb[train]
         knn = KnnIndex.from_arrays(temb, tmeta)
         cells: CellPredictor | None = None

@@ -97,17 +97,20 @@ def _share_met(points: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.mean([d <= t for t in THRESHOLDS_KM], axis=0)
 
 
-def score_grid(ev: Evidence, truth: np.ndarray, settings: list[FusionParams], chunk: int = 64) -> list[np.ndarray]:
-    """Per-photo score (share of thresholds met) of every setting: :func:`decide_batch`'s answers, all at once.
+def score_grid(ev: Evidence, truth: np.ndarray, settings: list[FusionParams], chunk: int = 256) -> list[np.ndarray]:
+    """Per-photo score (share of thresholds met) of every setting: the answers :func:`decide_batch` gives, at once.
 
     Settings that share their signals' temperatures and top-K share the signals'
     coverages; within such a group a setting differs only by its weights and
-    decision rule, so the group is scored in a few array operations over all its
-    settings instead of one pass each, with decide_batch's float32 arithmetic in
-    the same order (so ties break the same way). Weights are renormalised per
-    photo over the signals present (absent ones give theirs to the rest, as in
-    :func:`signal_weights`); near-duplicate photos are answered from the kNN
-    signal alone with every threshold counted, whatever the setting.
+    decision rule, and a candidate's score is linear in both, so the group is
+    scored with one batched product over all its settings instead of a mixture
+    per setting (the grid's cost falls from its size times the mixture to a
+    matrix product). Weights are renormalised per photo over the signals present
+    (absent ones give theirs to the rest, as in :func:`signal_weights`);
+    near-duplicate photos are answered from the kNN signal alone with every
+    threshold counted, whatever the setting. The sum runs in another order than
+    decide_batch's, so where two candidates' scores agree to float precision
+    either may be picked: both are the decision's best answer.
     """
     c = closeness(ev)
     share = _share_met(ev.points, truth)
@@ -139,18 +142,19 @@ def score_grid(ev: Evidence, truth: np.ndarray, settings: list[FusionParams], ch
         for i in members:
             by_decision.setdefault(settings[i].decision, []).append(i)
         for decision, idx in by_decision.items():
-            u = np.tile(decisions[decision], (len(ev), 1))
-            w = np.array([[settings[i].weight(n) for n in names] for i in idx])  # [K, S]
+            # Linearity: sum_t u_t sum_s w_s cov_s,t = sum_s w_s (sum_t u_t cov_s,t): one [n, m, S] per decision,
+            # then a batched product with every setting's weights instead of a mixture per setting.
+            per_signal = np.einsum("ntms,t->nms", cov, decisions[decision])
+            w = np.array([[settings[i].weight(n) for n in names] for i in idx], np.float32)  # [K, S]
             best = np.empty((len(idx), len(ev)), np.int64)
             for r0 in range(0, len(ev), chunk):
                 rows = slice(r0, r0 + chunk)
-                wr = w[:, None, :] * have[None, rows]  # [K, r, S]: absent signals carry no weight
+                wr = w[None, :, :] * have[rows, None, :]  # [r, K, S]: absent signals carry no weight
                 none = wr.sum(axis=2) == 0
-                wr = np.where(none[..., None], have[None, rows], wr)  # no weight on any present signal: all of them
-                wr = (wr / wr.sum(axis=2, keepdims=True).clip(min=1e-12)).astype(np.float32)
-                masses = sum(cov[None, rows, ..., s] * wr[:, :, s, None, None] for s in range(len(names)))
-                z = np.einsum("kntm,nt->knm", masses, u[rows])
-                best[:, rows] = np.where(allowed[None, rows], z, -np.inf).argmax(axis=2)
+                wr = np.where(none[..., None], have[rows, None, :], wr)  # no weight on a present signal: all of them
+                wr /= wr.sum(axis=2, keepdims=True).clip(min=1e-12)
+                z = np.matmul(per_signal[rows], wr.transpose(0, 2, 1))  # [r, m, K]
+                best[:, rows] = np.where(allowed[rows, :, None], z, -np.inf).argmax(axis=1).T
             if dup_best is not None:
                 best[:, dup] = dup_best
             for j, i in enumerate(idx):

@@ -62,6 +62,8 @@ class GalleryConfig(TrainConfig):
     group_column: str | None = field(default=None, metadata={
         "help": "metadata column whose groups never straddle the train/validation split "
                 "(default: the first of AUTHOR, author, owner, ... present, else each photo is its own group)"})
+    max_points: int = field(default=100_000, metadata={
+        "help": "most gallery points taken from the photos' distinct places (a uniform sample above; GeoCLIP uses 100K)"})
     image_init: str = field(default="auto", metadata={
         "help": "image projection start: 'auto' (identity for the geoclip backbone, GeoCLIP's MLP for CLIP "
                 "ViT-L/14, else random), 'random', 'geoclip' or 'identity'"})
@@ -101,9 +103,17 @@ def read_gps_csv(path: str | Path) -> np.ndarray:
     return ll[ok]
 
 
-def gallery_points(photo_latlon: np.ndarray, extra: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Deduplicated (latlon [m, 2], source [m]) — photo locations first, then extra points not already present."""
+def gallery_points(photo_latlon: np.ndarray, extra: str | None, max_points: int = 0,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deduplicated (latlon [m, 2], source [m]): the photos' distinct places first, then extra points not present.
+
+    A gallery point per distinct place (photos within about a metre pooled), not per photo. Above
+    ``max_points`` places (0: no cap) a seeded uniform sample of them is kept: each place is as likely
+    as any other, so the sample keeps the places' density, where the photos are.
+    """
     photo = np.unique(np.round(np.asarray(photo_latlon, np.float64), DEDUP_DECIMALS), axis=0)
+    if 0 < max_points < len(photo):
+        photo = photo[np.sort(np.random.default_rng(seed).choice(len(photo), max_points, replace=False))]
     if not extra:
         return photo, np.full(len(photo), "photos", dtype=object)
     ext = np.unique(np.round(read_gps_csv(extra), DEDUP_DECIMALS), axis=0)
@@ -129,7 +139,7 @@ def fit_gallery(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig = Gal
         raise ValueError("no embedding has valid coordinates; the gallery needs some")
     group_col = group_column(meta.columns, config.group_column)
     groups = meta[group_col].astype(str).to_numpy()[ok] if group_col else None
-    points, sources = gallery_points(latlon[ok], config.gps_gallery)
+    points, sources = gallery_points(latlon[ok], config.gps_gallery, config.max_points, config.seed)
 
     t0 = time.perf_counter()
     tcfg = config.train_config(backbone, emb.shape[1])
@@ -137,20 +147,14 @@ def fit_gallery(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig = Gal
     t_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    feats = result.location_encoder.to(resolve_device(config.device)).encode(points, normalize=True)
-    result.location_encoder.cpu()
-    logit_scale = result.image_projection.logit_scale.exp().item()
-    log_prior = config.prior_weight * np.log1p(
-        photos_within(points, latlon[ok], config.prior_radius_km, seed=config.seed)).astype(np.float32)
-    # One extra column carries the prior: [q, 1] . [p, b / s] = cos + b / s, so s * IP = logit + log prior.
-    index = faiss.IndexFlatIP(feats.shape[1] + 1)
-    index.add(np.ascontiguousarray(np.hstack([feats, (log_prior / logit_scale)[:, None]]), np.float32))
+    index = encode_points(result.location_encoder, result.image_projection, points, latlon[ok], config)
     t_encode = time.perf_counter() - t0
+    logit_scale = result.image_projection.logit_scale.exp().item()
     info = {
         "config": {**dataclasses.asdict(config), "image_init": tcfg.image_init, "group_column": group_col},
         "n_points": int(len(points)),
         "sources": {str(s): int(n) for s, n in zip(*np.unique(sources.astype(str), return_counts=True))},
-        "dim": int(feats.shape[1]),
+        "dim": int(index.d - 1),
         "index_dim": int(index.d),
         "embedding_dim": int(emb.shape[1]),
         "logit_scale": logit_scale,
@@ -158,6 +162,39 @@ def fit_gallery(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig = Gal
         "seconds": {"train": round(t_train, 2), "encode_gallery": round(t_encode, 2)},
     }
     return GpsGallery(result.image_projection, index, points, sources, info, result.location_encoder)
+
+
+def encode_points(location_encoder: LocationEncoder, projection: ImageProjection, points: np.ndarray,
+                  photo_latlon: np.ndarray, config: GalleryConfig) -> faiss.Index:
+    """The searchable gallery: each point's location feature and, in one extra column, its log photo prior.
+
+    [q, 1] . [p, b / s] = cos + b / s, so s * IP = logit + log prior: one inner-product
+    search gives the model's logits plus the photo-density prior.
+    """
+    feats = location_encoder.to(resolve_device(config.device)).encode(points, normalize=True)
+    location_encoder.cpu()
+    logit_scale = projection.logit_scale.exp().item()
+    log_prior = config.prior_weight * np.log1p(
+        photos_within(points, photo_latlon, config.prior_radius_km, seed=config.seed)).astype(np.float32)
+    index = faiss.IndexFlatIP(feats.shape[1] + 1)
+    index.add(np.ascontiguousarray(np.hstack([feats, (log_prior / logit_scale)[:, None]]), np.float32))
+    return index
+
+
+def with_photos(gallery: "GpsGallery", photo_latlon: np.ndarray) -> "GpsGallery":
+    """The same trained modules over the places of these photos (all of the gallery's, old and new):
+    points and their density prior recomputed, nothing trained. What ``geo add`` does to the gallery."""
+    if gallery.location_encoder is None:
+        raise ValueError("load the gallery with its location encoder to add photos")
+    stored = gallery.info.get("config", {})
+    config = GalleryConfig(**{k: v for k, v in stored.items() if k in {f.name for f in dataclasses.fields(GalleryConfig)}})
+    latlon = np.asarray(photo_latlon, np.float64)
+    latlon = latlon[valid_latlon(latlon[:, 0], latlon[:, 1])]
+    points, sources = gallery_points(latlon, config.gps_gallery, config.max_points, config.seed)
+    index = encode_points(gallery.location_encoder, gallery.projection, points, latlon, config)
+    info = {**gallery.info, "n_points": int(len(points)),
+            "sources": {str(s): int(n) for s, n in zip(*np.unique(sources.astype(str), return_counts=True))}}
+    return GpsGallery(gallery.projection, index, points, sources, info, gallery.location_encoder)
 
 
 class GpsGallery:

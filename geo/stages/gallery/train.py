@@ -40,7 +40,15 @@ class TrainConfig:
     image_init: str = field(default="random", metadata={
         "help": "image projection start: 'random'; 'geoclip' (GeoCLIP's MLP, only for CLIP ViT-L/14 768-d "
                 "features); 'identity' (residual, for embeddings already in GeoCLIP's space)"})
-    epochs: int = field(default=40, metadata={"help": "maximum training epochs (0: keep the initial weights)"})
+    epochs: int = field(default=40, metadata={"help": "maximum training rounds (0: keep the initial weights); a round "
+                                                      "is one pass over the training photos, or round_photos of them "
+                                                      "when there are more"})
+    round_photos: int = field(default=20_000, metadata={
+        "help": "photos per training round: training cost is bounded by epochs x round_photos whatever the gallery "
+                "size; successive rounds go on through one shuffled order of all photos"})
+    val_photos_max: int = field(default=5000, metadata={"help": "held-out photos scored after each round (a sample above)"})
+    val_candidates_max: int = field(default=20_000, metadata={
+        "help": "distinct photo places offered as answers when validating (a uniform sample above)"})
     batch_size: int = field(default=256, metadata={"help": "photos per contrastive batch"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the image projection"})
     location_lr: float = field(default=1e-5, metadata={"help": "learning rate of the location encoder (0 freezes it)"})
@@ -154,8 +162,13 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
     # Photos shot at one spot share a location id; they must not be each other's negatives.
     _, loc_id = np.unique(np.round(latlon[tr], 3), axis=0, return_inverse=True)
     id_tr = torch.from_numpy(loc_id.reshape(-1)).to(dev)
-    x_va = torch.from_numpy(emb[va]).to(dev)
+    va_rows = np.flatnonzero(va)
+    if len(va_rows) > config.val_photos_max:  # validation is a bounded cost per round, not a pass over 20 % of N
+        va_rows = np.sort(rng.choice(va_rows, config.val_photos_max, replace=False))
+    x_va = torch.from_numpy(emb[va_rows]).to(dev)
     cand = np.unique(np.round(latlon[tr], 5), axis=0)
+    if len(cand) > config.val_candidates_max:
+        cand = cand[np.sort(rng.choice(len(cand), config.val_candidates_max, replace=False))]
     if extra_latlon is not None and len(extra_latlon):
         pick = rng.choice(len(extra_latlon), min(len(extra_latlon), config.val_gallery_max), replace=False)
         cand = np.concatenate([cand, np.asarray(extra_latlon, np.float64)[pick]])
@@ -175,8 +188,9 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
         with torch.no_grad():
             loc.eval()
             cf = F.normalize(torch.from_numpy(loc.encode(cand)).to(dev), dim=1)
-        return gallery_accuracy(proj, cf, cand, cand_bias, x_va, latlon[va])
+        return gallery_accuracy(proj, cf, cand, cand_bias, x_va, latlon[va_rows])
 
+    rounds = _rounds(len(x_tr), config.round_photos, rng)
     best = val_metrics() if va.any() else None
     best_state, best_epoch, stale, history = _snapshot(loc, proj), 0, 0, []
     t0 = time.perf_counter()
@@ -184,7 +198,7 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
         started = time.perf_counter()
         loc.train(config.location_lr > 0)
         proj.train()
-        order = torch.from_numpy(rng.permutation(len(x_tr))).to(dev)
+        order = torch.from_numpy(next(rounds)).to(dev)
         total, steps = 0.0, 0
         for i in range(0, len(order), config.batch_size):
             idx = order[i:i + config.batch_size]
@@ -232,6 +246,20 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
     metrics.update(epochs_run=len(history), best_epoch=best_epoch, val=best, history=history,
                    seconds=round(time.perf_counter() - t0, 2), device=str(dev))
     return TrainResult(loc.cpu().eval(), proj.cpu().eval(), metrics)
+
+
+def _rounds(n: int, size: int, rng: np.random.Generator):
+    """Row orders of successive training rounds: a fresh permutation per round while n <= size (epochs),
+    else consecutive slices of size rows through one permutation after another."""
+    if n <= size:
+        while True:
+            yield rng.permutation(n)
+    pending = np.zeros(0, np.int64)
+    while True:
+        while len(pending) < size:
+            pending = np.concatenate([pending, rng.permutation(n)])
+        yield pending[:size]
+        pending = pending[size:]
 
 
 def _snapshot(*modules: nn.Module) -> list[dict]:

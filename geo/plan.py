@@ -1,0 +1,81 @@
+"""What a build will do and need, before it does anything (``geo build-index --dry-run``).
+
+autofaiss's rule: estimate memory first and fail fast with an actionable
+message, rather than fail after an hour. Each stage's plan names what it will
+build and the memory and disk it needs, from the gallery's size and dimension
+alone; :func:`check` refuses a build whose peak exceeds the memory budget
+(``--memory``, default a safe share of this machine), saying which option to change.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from geo.stages.cells.partition import default_taus
+from geo.stages.knn import human_bytes, parse_bytes, plan_index
+from geo.store.bundle import BundleError
+
+SAFE_SHARE = 0.7  # of the machine's memory: the rest is the OS, the page cache and the model
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    does: str
+    memory: int  # peak bytes the stage holds
+    disk: int = 0  # bytes it writes
+
+    def line(self) -> str:
+        disk = f", writes ~{human_bytes(self.disk)}" if self.disk else ""
+        return f"{self.stage:>10}: {self.does}; peak ~{human_bytes(self.memory)}{disk}"
+
+
+def default_memory() -> int:
+    """A safe share of this machine's physical memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return int(total * SAFE_SHARE)
+
+
+def plan_build(n: int, dim: int, ram_budget: str | int, exact_max: int, gallery_points: int, gallery_rounds: int,
+               round_photos: int, fusion_folds: int, single_split_above: int, max_queries: int,
+               stages: tuple[str, ...]) -> list[StagePlan]:
+    """The plan of every stage for ``n`` embeddings of ``dim`` floats."""
+    emb = n * dim * 4
+    out = [StagePlan("embeddings", f"{n:,} x {dim} float32 in Parquet shards", 64 << 20, emb)]
+    if "knn_index" in stages:
+        p = plan_index(n, dim, parse_bytes(ram_budget), exact_max)
+        out.append(StagePlan("knn_index", p.describe(), p.est_bytes + (1000 * dim * 4), p.est_bytes))
+    trained = [s for s in ("cells", "gallery", "fusion") if s in stages]
+    if trained and n >= 50:
+        tau_min, tau_max = default_taus(n)
+        # the trained stages hold every embedding once (float32) plus the heads' copy on the training device
+        held = 2 * emb
+        if "cells" in stages:
+            out.append(StagePlan("cells", f"adaptive S2 partitions (tau_min {tau_min}, tau_max {tau_max}), linear "
+                                 "heads on all photos", held, n * 64))
+        if "gallery" in stages:
+            points = min(n, gallery_points)
+            steps = gallery_rounds * min(n, round_photos) // 256
+            out.append(StagePlan("gallery", f"up to {points:,} GPS points, at most {steps:,} training steps",
+                                 held + points * 513 * 4, points * 513 * 4))
+        if "fusion" in stages:
+            how = (f"{fusion_folds} photographer folds" if n <= single_split_above
+                   else f"one photographer-disjoint hold-out of ~{max_queries:,} photos")
+            refits = fusion_folds if n <= single_split_above else 1
+            out.append(StagePlan("fusion", f"{how}: the signal stages fitted {refits} more time(s) in memory, "
+                                 "then a grid over the signals", held + emb, 1 << 20))
+    return out
+
+
+def check(plans: list[StagePlan], memory: int) -> None:
+    """Refuse a build whose peak stage needs more than ``memory`` bytes, naming the stage and the options."""
+    worst = max(plans, key=lambda p: p.memory)
+    if worst.memory > memory:
+        raise BundleError(
+            f"the {worst.stage} stage needs about {human_bytes(worst.memory)}, more than the memory budget of "
+            f"{human_bytes(memory)}: raise --memory (this machine: {human_bytes(default_memory() / SAFE_SHARE)}), "
+            "lower --ram-budget for FAISS, or --skip the trained stages"
+        )
