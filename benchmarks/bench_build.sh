@@ -10,6 +10,7 @@
 # a re-run with nothing to do (start-up, model load, manifest) and a re-run with `--force fusion`;
 # share = (fusion re-run - idle re-run) / full build.
 set -u
+command -v geo >/dev/null || { echo "bench_build.sh: no geo command: activate the virtualenv first (. .venv/bin/activate)" >&2; exit 2; }
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 TREE=${TREE:-$HERE}
 TAG=${TAG:-build}

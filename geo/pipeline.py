@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from geo.core.sizes import human_bytes
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.manifest import read_manifest
 from geo.models.backbones import BackboneError, backbone_from_spec, load_backbone
@@ -30,11 +31,16 @@ from geo.plan import StagePlan, check, default_memory, plan_build
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.stage import CellsConfig, fit_cells
 from geo.stages.cells.stage import with_photos as cells_with_photos
-from geo.stages.embed import EmbedConfig, ingest_embeddings, manifest_fingerprint, run_embedding_stage
+from geo.stages.embed import (
+    EmbedConfig,
+    ingest_embeddings,
+    manifest_fingerprint,
+    run_embedding_stage,
+)
 from geo.stages.fusion.stage import FusionConfig, SignalStages, fit_fusion
 from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
-from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, human_bytes, read_index
+from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, read_index
 from geo.store.atomic import atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError, open_bundle
 from geo.store.embeddings import EmbeddingReader, marker_path, shard_errors, write_shard
@@ -202,7 +208,7 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
 
     reader = EmbeddingReader(bundle)
     t0 = time.perf_counter()
-    index = read_index(bundle, use_gpu=False)  # a resumed addition may find some new rows already in it
+    index = read_index(bundle, use_gpu=False, mmap=False)  # a resumed addition may find some new rows already in it
     for _, emb in _rows_after(reader, index.ntotal):
         index.add(emb)
     meta = reader.read_meta(["id", "path", "lat", "lon"])

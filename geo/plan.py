@@ -8,14 +8,13 @@ alone; :func:`check` refuses a build whose peak exceeds the memory budget
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from geo.stages.cells.partition import default_taus
-from geo.stages.knn import human_bytes, parse_bytes, plan_index
+from geo.core.sizes import SAFE_SHARE, default_memory, human_bytes, parse_bytes
+from geo.stages.knn import plan_index
 from geo.store.bundle import BundleError
 
-SAFE_SHARE = 0.7  # of the machine's memory: the rest is the OS, the page cache and the model
 
 
 @dataclass
@@ -28,15 +27,6 @@ class StagePlan:
     def line(self) -> str:
         disk = f", writes ~{human_bytes(self.disk)}" if self.disk else ""
         return f"{self.stage:>10}: {self.does}; peak ~{human_bytes(self.memory)}{disk}"
-
-
-def default_memory() -> int:
-    """A safe share of this machine's physical memory."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
-    return int(total * SAFE_SHARE)
 
 
 def plan_build(n: int, dim: int, ram_budget: str | int, exact_max: int, gallery_points: int, gallery_rounds: int,

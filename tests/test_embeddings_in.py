@@ -167,3 +167,34 @@ def test_a_source_where_every_row_fails_is_refused_clearly(tmp_path):
     assert r.exit_code == 2 and "no embeddings to index" in r.output
     errors = pq.read_table(tmp_path / "b" / "errors.parquet").to_pandas()
     assert len(errors) == 10 and errors["reason"].str.contains(f"{DIM + 1} values, expected {DIM}").all()
+
+
+def test_bench_custom_scores_precomputed_queries(built, tmp_path):
+    out, df = built
+    q = df.iloc[::10].copy()
+    q.loc[q.index[0], "embedding"] = np.zeros(DIM, np.float32)  # unusable: a failure, not a dropped row
+    src = write_embeddings(q, tmp_path / "q.parquet")
+    preds = tmp_path / "p.parquet"
+    r = invoke("bench", "custom", "--embeddings", src, "--index", out, "--mode", "knn", "--json", "--no-ci",
+               "--out", preds)
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    assert s["n"] == len(q) - 1 and s["n_failed"] == 1
+    assert s["acc"]["25"] > 0.9  # gallery photos asked again: their own spot
+    assert read_predictions(preds)["query_id"].tolist() == q["id"].tolist()
+    r = invoke("bench", "im2gps3k", "--embeddings", src, "--index", out)
+    assert r.exit_code == 2 and "geo bench custom" in r.output
+
+
+def test_dry_run_plans_every_stage_and_the_memory_budget_is_enforced(built, tmp_path):
+    out, df = built
+    src = out.parent / "gallery.parquet"
+    target = tmp_path / "never"
+    r = invoke("build-index", "--embeddings", src, "--backbone", "toy24", "--out", target, "--dry-run")
+    assert r.exit_code == 0, r.output
+    for stage in ("embeddings", "knn_index", "cells", "gallery", "fusion"):
+        assert f"{stage}:" in r.output, stage
+    assert "Flat for 120 x 24 vectors" in r.output and "memory budget" in r.output
+    assert not target.exists()  # a dry run builds nothing
+    r = invoke("build-index", "--embeddings", src, "--backbone", "toy24", "--out", target, "--memory", "64KB")
+    assert r.exit_code == 2 and "raise --memory" in r.output and not (target / "manifest.json").exists()

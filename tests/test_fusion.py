@@ -202,7 +202,7 @@ def test_the_grid_is_scored_as_decide_batch_answers_each_setting():
     d = haversine_km(ev.points[..., 0], ev.points[..., 1], truth[:, None, 0], truth[:, None, 1])
     share = np.mean([d <= t for t in THRESHOLDS_KM], axis=0)  # [n, m]: what answering each candidate scores
     exact = 0
-    for p, got in zip(picked, fast):
+    for p, got in zip(picked, np.asarray(fast, np.float64)):
         _, score, _ = decide_batch(ev, p)
         top = score.max(axis=1, keepdims=True)
         ties = np.isclose(score, top, rtol=1e-5, atol=1e-7)  # the decision's best candidates

@@ -75,6 +75,9 @@ def test_ivf_index_reaches_recall_target_on_thousands_of_vectors(tmp_path):
     assert recall >= 0.95
     on_disk = read_json(b.path(INFOS_FILE))
     assert on_disk["recall@10"] >= 0.95 and on_disk["bytes"] > 0 and on_disk["median_query_ms"] > 0
+    mapped = KnnIndex.load(b, mmap=True)  # an index bigger than memory is opened memory-mapped, read-only
+    _, via_mmap = mapped.search(q.astype(np.float32), 10)
+    np.testing.assert_array_equal(via_mmap, got)
 
 
 def test_plan_moves_to_pq_then_fails_fast_when_budget_shrinks():

@@ -24,7 +24,8 @@ from geo.eval.metrics import (
 )
 from geo.eval.published import comparison_table, published_json
 from geo.eval.report import build_report, groups_text, report_text, summary_text
-from geo.eval.runner import index_id_of, run_suite
+from geo.data.embedding_table import EmbeddingTable
+from geo.eval.runner import index_id_of, run_embeddings, run_suite
 from geo.eval.sql import SqlError, run_sql
 from geo.eval.suites import SUITES, SuiteError, get_suite
 from geo.query.index import open_index
@@ -120,7 +121,11 @@ def _suite_command(name: str) -> Callable[..., None]:
 
     def run(
         index: Path = typer.Option(..., "--index", help="index bundle directory (geo build-index --out)"),
-        images: Path = typer.Option(..., "--images", help="folder with the suite's photos"),
+        images: Optional[Path] = typer.Option(None, "--images", help="folder with the suite's photos"),
+        embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="custom suite only: precomputed query "
+                                                  "embeddings (Parquet or clip-retrieval output) with their true "
+                                                  "lat/lon, scored instead of photos"),
+        embedding_column: str = typer.Option("embedding", help="column of --embeddings holding the vectors"),
         meta: Optional[Path] = typer.Option(None, "--meta", help="metadata CSV (default: beside --images, else the shared copy)"),
         mode: Optional[str] = typer.Option(None, help="fused | knn | gallery | cells (default: the index's best built mode)"),
         crops: int = typer.Option(1, help="test-time crops per photo"),
@@ -132,12 +137,20 @@ def _suite_command(name: str) -> Callable[..., None]:
         ci: bool = typer.Option(True, "--ci/--no-ci", help="bootstrap 95% intervals"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     ) -> None:
+        if embeddings is not None and name != "custom":
+            fail("--embeddings scores precomputed query embeddings with their own lat/lon: use `geo bench custom`")
+        if (images is None) == (embeddings is None):
+            fail("give --images (a folder of the suite's photos) or, for custom, --embeddings: one of the two")
         try:
             _check_distance(distance)
             idx = open_index(index)
-            result = run_suite(idx, suite_obj, images, meta=meta, mode=mode, crops=crops, limit=limit, out=out,
-                               batch_size=batch_size, progress=progress and not as_json,
-                               index_id=index_id_of(idx, index))
+            if embeddings is not None:
+                table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]))
+                result = run_embeddings(idx, table, mode=mode, out=out, index_id=index_id_of(idx, index))
+            else:
+                result = run_suite(idx, suite_obj, images, meta=meta, mode=mode, crops=crops, limit=limit, out=out,
+                                   batch_size=batch_size, progress=progress and not as_json,
+                                   index_id=index_id_of(idx, index))
             s = result.summary(distance=distance, ci=ci)
         except _USER_ERRORS as e:
             fail(e)

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from geo.cli.common import fail
+from geo.core.sizes import parse_bytes
 from geo.data.embedding_table import EmbeddingTableError
 from geo.data.manifest import ManifestError
 from geo.pipeline import STAGES, BuildConfig, StageConfigs, add_photos, build_index
@@ -14,7 +15,7 @@ from geo.pipeline import dry_run as dry_run_build
 from geo.stages.cells.stage import CellsConfig
 from geo.stages.embed import EmbedConfig
 from geo.stages.gallery.stage import GalleryConfig
-from geo.stages.knn import KnnConfig, parse_bytes
+from geo.stages.knn import KnnConfig
 from geo.store.bundle import BundleError
 
 SKIPPABLE = ("cells", "gallery", "fusion")

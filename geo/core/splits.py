@@ -92,8 +92,8 @@ def clustered_se_rows(d: np.ndarray, groups: np.ndarray | None = None) -> np.nda
     return np.sqrt(g / (g - 1) * (sums ** 2).sum(axis=1)) / n
 
 
-def within_one_se(per_item: list[np.ndarray], groups: np.ndarray | None = None, higher_is_better: bool = True,
-                  chunk: int = 1024) -> list[int]:
+def within_one_se(per_item: np.ndarray | list[np.ndarray], groups: np.ndarray | None = None,
+                  higher_is_better: bool = True, chunk: int = 1024) -> list[int]:
     """Indices of the settings whose mean per-photo score is within one paired standard error of the best one's.
 
     The standard error is of the per-photo difference to the best setting,
@@ -103,7 +103,7 @@ def within_one_se(per_item: list[np.ndarray], groups: np.ndarray | None = None, 
     the extra confidence of the others does not transfer to new photographers
     (measured on Im2GPS3k dev folds).
     """
-    x = np.stack([np.asarray(v, np.float64) for v in per_item])
+    x = np.asarray(per_item, np.float64)  # [settings, photos]
     means = x.mean(axis=1)
     sign = 1.0 if higher_is_better else -1.0
     top = int(np.argmax(sign * means))

@@ -16,7 +16,8 @@ import pandas as pd
 from geo.core.answer import Answer
 from geo.eval.metrics import breakdown, distances_km, summarize
 from geo.eval.suites import Suite, SuiteError, resolve_images
-from geo.store.predictions import ShardedWriter, answers_to_frame, conform
+from geo.data.embedding_table import EmbeddingTable
+from geo.store.predictions import ShardedWriter, answers_to_frame, conform, write_predictions
 
 
 class Locator(Protocol):
@@ -44,6 +45,23 @@ class BenchResult:
         if ok["scene"].notna().any():
             out["by_scene"] = breakdown(d, ok["scene"].tolist(), ci=False)
         return out
+
+
+def run_embeddings(index: Any, table: EmbeddingTable, *, mode: str | None = None, out: str | Path | None = None,
+                   index_id: str | None = None) -> BenchResult:
+    """Score precomputed query embeddings against their own coordinates (``geo bench custom --embeddings``).
+
+    A row whose embedding or coordinates are unusable is a failed query with its
+    reason (counted, never dropped from the denominator silently).
+    """
+    answers, truth = index.locate_table(table, mode=mode)
+    preds = answers_to_frame(answers, [a.id for a in answers], [tuple(t) for t in truth], mode=mode,
+                             suite="custom", index_id=index_id)
+    if preds.empty:
+        raise SuiteError(f"{table.path}: nothing to score")
+    if out:
+        write_predictions(out, preds)
+    return BenchResult("custom", table.path, conform(preds))
 
 
 def index_id_of(index: Any, index_dir: str | Path | None) -> str | None:

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from geo.core.sizes import default_memory, human_bytes, parse_bytes
 from geo.store.atomic import atomic_write_faiss, atomic_write_json
 from geo.store.bundle import Bundle, BundleError
 from geo.store.embeddings import EmbeddingReader
@@ -51,25 +52,6 @@ class IndexPlan:
 
     def describe(self) -> str:
         return f"{self.factory} for {self.n:,} x {self.dim} vectors, about {human_bytes(self.est_bytes)} in memory"
-
-
-def parse_bytes(text: str | int) -> int:
-    """'4GB', '512MiB', '1e9' -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace("IB", "B")
-    for unit, mult in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(float(s))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> IndexPlan:
@@ -140,16 +122,24 @@ class KnnIndex:
         return [INDEX_FILE, INFOS_FILE], infos
 
     @classmethod
-    def load(cls, bundle: Bundle, use_gpu: bool | None = None) -> "KnnIndex":
-        """Read the index (onto the GPU(s) when FAISS has any and ``use_gpu`` is not False) and the rows' metadata."""
-        return cls(read_index(bundle, use_gpu), EmbeddingReader(bundle).read_meta(META_COLUMNS), bundle.stage(STAGE))
+    def load(cls, bundle: Bundle, use_gpu: bool | None = None, mmap: bool | None = None) -> "KnnIndex":
+        """Read the index (onto the GPU(s) when FAISS has any and ``use_gpu`` is not False; memory-mapped when
+        ``mmap``, or by default when it is bigger than half the memory budget) and the rows' metadata."""
+        return cls(read_index(bundle, use_gpu, mmap), EmbeddingReader(bundle).read_meta(META_COLUMNS),
+                   bundle.stage(STAGE))
 
 
-def read_index(bundle: Bundle, use_gpu: bool | None = None):
-    """The stored FAISS index with its tuned nprobe, on the GPU(s) when FAISS has any and ``use_gpu`` allows."""
+def read_index(bundle: Bundle, use_gpu: bool | None = None, mmap: bool | None = False):
+    """The stored FAISS index with its tuned nprobe, on the GPU(s) when FAISS has any and ``use_gpu`` allows.
+
+    ``mmap`` opens it memory-mapped and read-only, so an index bigger than memory is paged in as searches
+    touch it (None: when the file is bigger than half of :func:`geo.plan.default_memory`).
+    """
     path = bundle.path(INDEX_FILE)
+    if mmap is None:
+        mmap = path.exists() and path.stat().st_size > default_memory() // 2
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     except RuntimeError as e:
         raise BundleError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0]})") from None
     nprobe = bundle.stage(STAGE).get("nprobe")

@@ -55,26 +55,26 @@ def grid(specs: list[SignalSpec]) -> list[FusionParams]:
     return settings
 
 
-def select_one_se(scored: list[tuple[np.ndarray, FusionParams]], specs: list[SignalSpec],
+def select_one_se(per_photo: np.ndarray, settings: list[FusionParams], specs: list[SignalSpec],
                   groups: np.ndarray | None = None) -> FusionParams:
     """Back off to the prior unless the evidence clearly beats it; then the most prudent setting close to the best.
 
-    ``scored`` pairs each setting with its per-photo score. The best setting
+    ``per_photo`` is each setting's per-photo score [settings, photos]. The best setting
     must beat the prior alone (the best constant guess) by two paired standard
     errors (clustered by photographer when ``groups`` are given; on the
     Im2GPS3k dev folds the arg-max lost 8 points at 2500 km on new
     photographers); if it does, the choice is the setting within one standard
     error of the best that leans most on the most prudent signals.
     """
-    per_photo = [s for s, _ in scored]
-    means = np.array([s.mean() for s in per_photo])
+    per_photo = np.asarray(per_photo, np.float64)
+    means = per_photo.mean(axis=1)
     top = int(np.argmax(means))
-    backoff = [i for i, (_, p) in enumerate(scored) if backoff_only(p)]
+    backoff = [i for i, p in enumerate(settings) if backoff_only(p)]
     if backoff and means[top] - means[backoff[0]] <= 2 * clustered_se(per_photo[top] - per_photo[backoff[0]], groups):
-        return scored[backoff[0]][1]
+        return settings[backoff[0]]
     prudent = [s.name for s in sorted(specs, key=lambda s: -s.prudence) if s.prudence > 0]
     ok = within_one_se(per_photo, groups)
-    return scored[max(ok, key=lambda i: (*(scored[i][1].weight(n) for n in prudent), means[i]))][1]
+    return settings[max(ok, key=lambda i: (*(settings[i].weight(n) for n in prudent), means[i]))]
 
 
 def duplicate_threshold(ev: Evidence, quantile: float = 1.0, margin: float = 0.02, default: float = 0.95) -> float:
@@ -97,8 +97,9 @@ def _share_met(points: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.mean([d <= t for t in THRESHOLDS_KM], axis=0)
 
 
-def score_grid(ev: Evidence, truth: np.ndarray, settings: list[FusionParams], chunk: int = 256) -> list[np.ndarray]:
-    """Per-photo score (share of thresholds met) of every setting: the answers :func:`decide_batch` gives, at once.
+def score_grid(ev: Evidence, truth: np.ndarray, settings: list[FusionParams], chunk: int = 256) -> np.ndarray:
+    """Per-photo score (share of thresholds met) of every setting, [settings, photos]: the answers
+    :func:`decide_batch` gives, at once.
 
     Settings that share their signals' temperatures and top-K share the signals'
     coverages; within such a group a setting differs only by its weights and
@@ -119,10 +120,23 @@ def score_grid(ev: Evidence, truth: np.ndarray, settings: list[FusionParams], ch
     have = np.stack([present(s, ev.signals[s.name].score) for s in ev.specs], axis=1).astype(np.float32)  # [n, S]
     decisions = {d: (v := np.asarray(u, np.float32)) / v.sum() for d, u in DECISIONS.items()}
     cache: dict[tuple, np.ndarray] = {}
-    out: list[np.ndarray | None] = [None] * len(settings)
+    out = np.empty((len(settings), len(ev)))
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(settings):
         groups.setdefault(tuple((n, p.signals[n].temperature, p.signals[n].top_k) for n in names), []).append(i)
+    weight_cache: dict[tuple, np.ndarray] = {}
+
+    def weights_for(idx: tuple[int, ...]) -> np.ndarray:
+        """[n, K, S] each photo's weights under each setting: renormalised over the signals present."""
+        key = tuple(tuple(settings[i].weight(n) for n in names) for i in idx)
+        if key not in weight_cache:
+            w = np.array(key, np.float32)
+            wr = w[None, :, :] * have[:, None, :]  # absent signals carry no weight
+            none = wr.sum(axis=2) == 0
+            wr = np.where(none[..., None], have[:, None, :], wr)  # no weight on a present signal: all of them
+            weight_cache[key] = wr / wr.sum(axis=2, keepdims=True).clip(min=1e-12)
+        return weight_cache[key]
+
     for key, members in groups.items():
         p0 = settings[members[0]]
         cov = []
@@ -130,35 +144,32 @@ def score_grid(ev: Evidence, truth: np.ndarray, settings: list[FusionParams], ch
             if (name, t, k) not in cache:
                 cache[(name, t, k)] = coverage(c, blocks[name], signal_mass(s, ev.signals[name].score, SignalParams(0.0, t, k)))
             cov.append(cache[(name, t, k)])
-        cov = np.stack(cov, axis=-1)  # [n, T, m, S]
+        cov = np.ascontiguousarray(np.stack(cov, axis=1).transpose(0, 1, 3, 2))  # [n, S, m, T]
         allowed = candidates(ev, p0)
+        penalty = np.where(allowed, 0.0, -np.inf).astype(np.float32)
         dup = near_duplicate(ev, p0)
         dup_best = None
         if dup.any():  # all weight on kNN, every threshold: the same answer under every setting of the group
             knn = names.index(DUPLICATE_SIGNAL)
-            z = np.einsum("ntm,t->nm", cov[dup, :, :, knn], decisions["all"])
+            z = cov[dup, knn] @ decisions["all"]
             dup_best = np.where(allowed[dup], z, -np.inf).argmax(axis=1)
         by_decision: dict[str, list[int]] = {}
         for i in members:
             by_decision.setdefault(settings[i].decision, []).append(i)
         for decision, idx in by_decision.items():
-            # Linearity: sum_t u_t sum_s w_s cov_s,t = sum_s w_s (sum_t u_t cov_s,t): one [n, m, S] per decision,
+            # Linearity: sum_t u_t sum_s w_s cov_s,t = sum_s w_s (sum_t u_t cov_s,t): one [n, S, m] per decision,
             # then a batched product with every setting's weights instead of a mixture per setting.
-            per_signal = np.einsum("ntms,t->nms", cov, decisions[decision])
-            w = np.array([[settings[i].weight(n) for n in names] for i in idx], np.float32)  # [K, S]
-            best = np.empty((len(idx), len(ev)), np.int64)
+            per_signal = cov @ decisions[decision]  # [n, S, m]
+            wr = weights_for(tuple(idx))  # [n, K, S], the same for every group
+            best = np.empty((len(ev), len(idx)), np.int64)
             for r0 in range(0, len(ev), chunk):
                 rows = slice(r0, r0 + chunk)
-                wr = w[None, :, :] * have[rows, None, :]  # [r, K, S]: absent signals carry no weight
-                none = wr.sum(axis=2) == 0
-                wr = np.where(none[..., None], have[rows, None, :], wr)  # no weight on a present signal: all of them
-                wr /= wr.sum(axis=2, keepdims=True).clip(min=1e-12)
-                z = np.matmul(per_signal[rows], wr.transpose(0, 2, 1))  # [r, m, K]
-                best[:, rows] = np.where(allowed[rows, :, None], z, -np.inf).argmax(axis=1).T
+                z = np.matmul(wr[rows], per_signal[rows])  # [r, K, m]
+                z += penalty[rows, None, :]
+                best[rows] = z.argmax(axis=2)
             if dup_best is not None:
-                best[:, dup] = dup_best
-            for j, i in enumerate(idx):
-                out[i] = share[np.arange(len(ev)), best[j]]
+                best[dup] = dup_best[:, None]
+            out[idx] = np.take_along_axis(share, best, axis=1).T
     return out
 
 
@@ -171,8 +182,7 @@ def tune(ev: Evidence, truth: np.ndarray, groups: np.ndarray | None = None,
     dup = duplicate_threshold(ev)
     for p in settings:
         p.duplicate_similarity = dup
-    scored = list(zip(score_grid(ev, truth, settings), settings))
-    best = select_one_se(scored, ev.specs, groups)
+    best = select_one_se(score_grid(ev, truth, settings), settings, ev.specs, groups)
     b, _, masses = decide_batch(ev, best)
     pred = pts[rows, b]
     err = haversine_km(pred[:, 0], pred[:, 1], truth[:, 0], truth[:, 1])
