@@ -227,7 +227,7 @@ def load_module(path: str | Path) -> LocationEncoder | ImageProjection:
         meta = f.metadata() or {}
     classes = {"LocationEncoder": LocationEncoder, "ImageProjection": ImageProjection}
     if meta.get("class") not in classes or "config" not in meta:
-        raise ValueError(f"{path}: no geo.gallery module metadata (class/config)")
+        raise ValueError(f"{path}: no location-encoder or image-projection metadata (class/config)")
     module = classes[meta["class"]](**json.loads(meta["config"]))
     try:
         module.load_state_dict(load_file(str(path)))
