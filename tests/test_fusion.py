@@ -213,3 +213,19 @@ def test_the_grid_is_scored_as_decide_batch_answers_each_setting():
         np.testing.assert_array_equal(got[unique], share[np.arange(n), b][unique])
         exact += int(unique.sum())
     assert exact > 0.4 * n * len(picked)  # many decisions are not ties: the exact check is not vacuous
+
+
+def test_fusion_folds_hold_out_whole_photographers_and_one_split_above_the_threshold():
+    from geo.stages.fusion.stage import FusionConfig, splits
+
+    rng = np.random.default_rng(0)
+    groups = np.array([f"a{i}" for i in rng.integers(0, 300, 3000)])
+    cfg = FusionConfig(max_queries=400, single_split_above=1000)
+    for n, expected in ((900, 3), (3000, 1)):
+        parts = splits(n, groups[:n], cfg)
+        assert len(parts) == expected
+        for held, fit in parts:
+            assert not set(groups[held]) & set(groups[fit])  # no query sees its own photographer
+            assert len(held) <= max(cfg.max_queries * 2, 1) and len(fit) > 0
+    held, fit = splits(3000, groups, cfg)[0]
+    assert 300 <= len(held) <= 800 and len(held) + len(fit) == 3000  # about max_queries photos, whole groups

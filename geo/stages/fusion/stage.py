@@ -57,7 +57,7 @@ class FusionConfig:
     # Above this many photos a single photographer-disjoint hold-out of about max_queries photos replaces the
     # folds: the signal stages are fitted once more, not once per fold, so tuning costs no more than the
     # stages themselves however large the gallery (and a few thousand queries fit ten parameters well).
-    single_split_above: int = 20_000
+    single_split_above: int = 10_000
 
 
 @dataclass
