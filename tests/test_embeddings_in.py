@@ -198,3 +198,16 @@ def test_dry_run_plans_every_stage_and_the_memory_budget_is_enforced(built, tmp_
     assert not target.exists()  # a dry run builds nothing
     r = invoke("build-index", "--embeddings", src, "--backbone", "toy24", "--out", target, "--memory", "64KB")
     assert r.exit_code == 2 and "raise --memory" in r.output and not (target / "manifest.json").exists()
+
+
+def test_a_model_that_cannot_be_loaded_is_recorded_by_name_and_images_are_refused_clearly(tmp_path):
+    src = write_embeddings(synthetic_gallery(20), tmp_path / "g.parquet")
+    out = tmp_path / "b"
+    r = invoke("build-index", "--embeddings", src, "--backbone", "somebody-elses-model", "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert open_index(out).bundle.manifest["backbone"]["name"] == "somebody-elses-model"
+    photo = Path(__file__).resolve().parents[1] / "examples" / "osv5m" / "queries" / "1373307973052511.jpg"
+    r = invoke("query", photo, "--index", out)
+    assert r.exit_code == 2 and "geo query --embeddings" in r.output and "somebody-elses-model" in r.output
+    r = invoke("query", "--embeddings", src, "--index", out, "--mode", "knn", "--json")
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 20

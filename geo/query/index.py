@@ -22,7 +22,7 @@ from geo.core.geodesy import haversine_km
 from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, expand_images
-from geo.models.backbones import Backbone, backbone_from_spec
+from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.support import DECISION_RADII_KM
 from geo.stages.fusion.calibration import calibrated
@@ -74,7 +74,12 @@ class GeoIndex:
     # ------------------------------------------------------------ the bundle's artifacts
     @cached_property
     def backbone(self) -> Backbone:
-        return backbone_from_spec(self.bundle.manifest["backbone"], device=self.device)
+        spec = self.bundle.manifest["backbone"]
+        if spec.get("weights", {}).get("kind") == "unavailable":
+            raise BackboneError(f"{self.bundle.root}: built from precomputed embeddings of {spec['name']!r}, a model "
+                                f"that could not be loaded ({spec['weights'].get('reason')}); query it with "
+                                "`geo query --embeddings`, or rebuild with a --backbone this machine can load")
+        return backbone_from_spec(spec, device=self.device)
 
     @cached_property
     def cells(self) -> CellPredictor | None:
