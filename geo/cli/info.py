@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 
 from geo.cli.common import fail, print_json
+from geo.core.geodesy import THRESHOLDS_KM
 from geo.models.backbones import available_backbones
 from geo.store.bundle import BundleError, open_bundle
 
@@ -25,7 +26,7 @@ def _stage_line(stage: str, info: dict) -> str:
         if v is None:
             continue
         if k == "validation":
-            v = " ".join(f"{t}km {100 * v[t]:.1f}%" for t in ("1", "25", "200", "750", "2500") if t in v)
+            v = " ".join(f"{t}km {100 * v[t]:.1f}%" for t in map(str, THRESHOLDS_KM) if t in v)
             k = "out-of-fold accuracy"
         parts.append(f"{k} {v}")
     if "stage_seconds" in info:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS, find_column
+from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS, as_text, find_column
 
 DEFAULT_COLUMN = "embedding"
 _CLIP_EMB = re.compile(r"^img_emb_(\d+)\.npy$")
@@ -131,7 +131,7 @@ class EmbeddingTable:
 
     def _first_dim(self) -> int:
         """The dimension of the first usable embedding: what every row must then have."""
-        for piece_meta, mat, lengths in self._raw(4096):
+        for _, _, lengths in self._raw(4096):
             ok = lengths > 0
             if ok.any():
                 return int(lengths[ok][0])
@@ -247,9 +247,7 @@ def _ids(df: pd.DataFrame, id_col: str | None, path_col: str | None, first: int)
     col = id_col or path_col
     if col is None:
         return [f"row-{first + i + 1}" for i in range(len(df))]
-    return [f"row-{first + i + 1}" if v is None or (isinstance(v, float) and not np.isfinite(v)) or str(v).strip() == ""
-            else str(int(v) if isinstance(v, float) and v.is_integer() else v).strip()
-            for i, v in enumerate(df[col].tolist())]
+    return [v if v is not None else f"row-{first + i + 1}" for i, v in enumerate(as_text(df[col].tolist()))]
 
 
 def _coordinate(df: pd.DataFrame, col: str | None, n: int) -> tuple[list, np.ndarray]:

@@ -29,6 +29,7 @@ from geo.data.columns import (
     LAT_COLUMNS,
     LON_COLUMNS,
     PATH_COLUMNS,
+    as_text,
     find_column,
 )
 from geo.data.images import IMAGE_EXTENSIONS
@@ -93,8 +94,8 @@ def _normalise_table(df: pd.DataFrame, src: Path, root: Path) -> ManifestResult:
                                     ("longitude (lon/LON/lng/longitude)", lon_col)) if c is None]
     if missing:
         raise ManifestError(f"{src}: no {', '.join(missing)} column; it has {[str(c) for c in cols]}")
-    ids = _as_text(df[id_col or path_col])
-    images = _as_text(df[path_col or id_col])
+    ids = as_text(df[id_col or path_col].tolist())
+    images = as_text(df[path_col or id_col].tolist())
     lat = pd.to_numeric(df[lat_col], errors="coerce").to_numpy(np.float64)
     lon = pd.to_numeric(df[lon_col], errors="coerce").to_numpy(np.float64)
     ok = valid_latlon(lat, lon)
@@ -125,20 +126,6 @@ def _normalise_table(df: pd.DataFrame, src: Path, root: Path) -> ManifestResult:
     for c in extras:
         out[str(c)] = df[c].to_numpy()[keep]
     return ManifestResult(out, errors, str(src))
-
-
-def _as_text(col: pd.Series) -> list[str | None]:
-    """Column values as stripped strings; NaN/empty -> None; 12.0-style floats from Parquet -> '12'."""
-    out: list[str | None] = []
-    for v in col.tolist():
-        if v is None or (isinstance(v, float) and not np.isfinite(v)):
-            out.append(None)
-            continue
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        s = str(v).strip()
-        out.append(s or None)
-    return out
 
 
 def _resolve(value: str, root: str) -> str:

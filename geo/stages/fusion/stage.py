@@ -14,6 +14,7 @@ File: ``fusion/fusion.json`` (params, validation scores, calibration).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from geo.core.geodesy import THRESHOLDS_KM
 from geo.core.knn_vote import kde_vote
 from geo.core.priors import population_prior
 from geo.core.splits import group_column, group_folds, validation_mask
@@ -44,7 +46,6 @@ from geo.store.bundle import Bundle, read_json
 
 STAGE = "fusion"
 FUSION_FILE = "fusion/fusion.json"
-THRESHOLD_NAMES = ("1", "25", "200", "750", "2500")
 
 
 @dataclass
@@ -114,7 +115,7 @@ def fit_fusion(meta: pd.DataFrame, emb: np.ndarray, stages: SignalStages, config
     report["single_modes"] = {m: accuracy(p, truth) for m, p in singles.items()}
     report["n_validation"] = int(len(rows))
     for m, a in {**report["single_modes"], "fused": report["validation"]}.items():
-        log(f"fusion out-of-fold {m:>8}: " + " ".join(f"{t}km {100 * a[t]:.1f}%" for t in THRESHOLD_NAMES)
+        log(f"fusion out-of-fold {m:>8}: " + " ".join(f"{t}km {100 * a[t]:.1f}%" for t in map(str, THRESHOLDS_KM))
             + f"  median {a['median_km']:.0f} km")
     return FusionModel(params, report, saved)
 
@@ -153,7 +154,7 @@ def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarra
         knn = KnnIndex.from_arrays(temb, tmeta)
         cells: CellPredictor | None = None
         if stages.cells is not None:
-            cells = fit_cells(tmeta, temb, _no_crossfit(stages.cells), log=quiet)
+            cells = fit_cells(tmeta, temb, dataclasses.replace(stages.cells, crossfit=False), log=quiet)
         gallery: GpsGallery | None = None
         if stages.gallery is not None:
             gallery = fit_gallery(tmeta, temb, stages.gallery, stages.backbone, log=quiet)
@@ -171,8 +172,3 @@ def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarra
         all_rows.append(held)
         parts.append(ev)
     return np.concatenate(all_rows), Evidence.concat(parts), {m: np.concatenate(v) for m, v in singles.items() if v}
-
-
-def _no_crossfit(config: CellsConfig) -> CellsConfig:
-    return CellsConfig(**{**config.__dict__, "crossfit": False})
-
