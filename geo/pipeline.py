@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geo.core.sizes import human_bytes
+from geo.core.splits import group_column, training_rows, validation_mask
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.manifest import read_manifest
 from geo.models.backbones import BackboneError, backbone_from_spec, load_backbone
@@ -37,7 +38,7 @@ from geo.stages.embed import (
     manifest_fingerprint,
     run_embedding_stage,
 )
-from geo.stages.fusion.stage import FusionConfig, SignalStages, fit_fusion
+from geo.stages.fusion.stage import FusionConfig, SignalStages, fit_fusion, fit_fusion_on_built
 from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, read_index
@@ -49,6 +50,8 @@ ERRORS_FILE = "errors.parquet"
 # Below this many photos, cell heads, a location encoder and fusion weights would be fitted to noise;
 # such bundles answer by kNN alone and say so.
 MIN_TRAINED_PHOTOS = 50
+# The held-out photographers every trained stage shares (heads, location encoder, large galleries' fusion).
+VAL_FRACTION, SPLIT_SEED = 0.2, 0
 STAGES = ("embeddings", "knn_index", "cells", "gallery", "fusion")
 # The folders each stage owns: a re-run stage replaces every file it had recorded there.
 STAGE_FOLDERS = {"embeddings": ("embeddings/",), "knn_index": ("index/",), "cells": ("cells/", "heads/"),
@@ -66,6 +69,10 @@ class StageConfigs:
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     group_column: str | None = None
+    # The most photos whose embeddings the trained stages hold: above, a seeded uniform sample of the gallery
+    # is what the heads and the location encoder train and validate on (their compute caps see fewer photos
+    # than this anyway), while partitions, cell counts, gallery points and the kNN index use every photo.
+    train_photos: int = 200_000
 
     def resolved(self) -> "StageConfigs":
         """The configs with the shared group column (when given) set in each stage that splits by it."""
@@ -250,7 +257,7 @@ def plan_stages(cfg: BuildConfig, n: int, dim: int) -> list[StagePlan]:
     c = cfg.stage_configs
     return plan_build(n, dim, c.knn.ram_budget, c.knn.exact_max, c.gallery.max_points, c.gallery.epochs,
                       c.gallery.round_photos, c.fusion.folds, c.fusion.single_split_above, c.fusion.max_queries,
-                      cfg.stages)
+                      cfg.stages, c.train_photos)
 
 
 def dry_run(cfg: BuildConfig, log: Log = print) -> list[StagePlan]:
@@ -332,19 +339,35 @@ def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = 
     if n_photos < MIN_TRAINED_PHOTOS:
         log(f"cells, gallery, fusion: skipped, {n_photos} photos is below {MIN_TRAINED_PHOTOS}; answers use kNN")
         return
-    meta, emb = reader.read()
+    meta_all = reader.read_meta()
+    col = group_column(meta_all.columns, configs.group_column)
+    groups = meta_all[col].astype(str).to_numpy() if col else None
+    held = validation_mask(n_photos, groups, VAL_FRACTION, SPLIT_SEED)  # the photographers no stage trains on
+    rows = training_rows(n_photos, configs.train_photos, SPLIT_SEED)
+    meta, emb = reader.take(rows)
+    val = held if rows is None else held[rows]
+    latlon = meta_all[["lat", "lon"]].to_numpy(np.float64)
     backbone = str(bundle.manifest.get("backbone", {}).get("name", ""))
     if "cells" in trained:
         t0 = time.perf_counter()
-        commit("cells", fit_cells(meta, emb, configs.cells, log=log), t0)
+        commit("cells", fit_cells(meta, emb, configs.cells, log=log, val=val, photos=(latlon[:, 0], latlon[:, 1])), t0)
     if "gallery" in trained:
         t0 = time.perf_counter()
-        commit("gallery", fit_gallery(meta, emb, configs.gallery, backbone, log=log), t0)
+        commit("gallery", fit_gallery(meta, emb, configs.gallery, backbone, log=log, val=val, photos=latlon), t0)
     if retune:
         t0 = time.perf_counter()
-        signal_stages = SignalStages(configs.cells if bundle.has_stage("cells") else None,
-                                     configs.gallery if bundle.has_stage("gallery") else None, backbone)
-        commit("fusion", fit_fusion(meta, emb, signal_stages, configs.fusion, log=log), t0)
+        has_cells, has_gallery = bundle.has_stage("cells"), bundle.has_stage("gallery")
+        if n_photos > configs.fusion.single_split_above:
+            del emb  # the held-out queries are read again below: a few thousand rows
+            model = fit_fusion_on_built(
+                meta_all, held, lambda r: reader.take(r, columns=[])[1], KnnIndex.load(bundle, use_gpu=False),
+                CellPredictor.load(bundle) if has_cells else None,
+                GpsGallery.load(bundle, with_location_encoder=True) if has_gallery else None, configs.fusion, log=log)
+        else:
+            signal_stages = SignalStages(configs.cells if has_cells else None,
+                                         configs.gallery if has_gallery else None, backbone)
+            model = fit_fusion(meta, emb, signal_stages, configs.fusion, log=log)
+        commit("fusion", model, t0)
     stale = bundle.manifest.get("stale")
     if stale:  # refitted stages are current again (geo add left them stale)
         stale["what"] = [w for w in stale["what"] if w not in {*trained, *(["fusion"] if retune else [])}]

@@ -31,7 +31,7 @@ class StagePlan:
 
 def plan_build(n: int, dim: int, ram_budget: str | int, exact_max: int, gallery_points: int, gallery_rounds: int,
                round_photos: int, fusion_folds: int, single_split_above: int, max_queries: int,
-               stages: tuple[str, ...]) -> list[StagePlan]:
+               stages: tuple[str, ...], train_photos: int) -> list[StagePlan]:
     """The plan of every stage for ``n`` embeddings of ``dim`` floats."""
     emb = n * dim * 4
     out = [StagePlan("embeddings", f"{n:,} x {dim} float32 in Parquet shards", 64 << 20, emb)]
@@ -41,22 +41,29 @@ def plan_build(n: int, dim: int, ram_budget: str | int, exact_max: int, gallery_
     trained = [s for s in ("cells", "gallery", "fusion") if s in stages]
     if trained and n >= 50:
         tau_min, tau_max = default_taus(n)
-        # the trained stages hold every embedding once (float32) plus the heads' copy on the training device
-        held = 2 * emb
+        # The trained stages hold the training sample's embeddings once (float32) plus the heads' copy on the
+        # training device, and every photo's metadata (~100 bytes a row with ids and photographers).
+        sample = min(n, train_photos)
+        held = 2 * sample * dim * 4 + n * 100
+        on = f"all {n:,} photos" if sample == n else f"a sample of {sample:,} photos"
         if "cells" in stages:
-            out.append(StagePlan("cells", f"adaptive S2 partitions (tau_min {tau_min}, tau_max {tau_max}), linear "
-                                 "heads on all photos", held, n * 64))
+            out.append(StagePlan("cells", f"adaptive S2 partitions (tau_min {tau_min}, tau_max {tau_max}) of every "
+                                 f"photo, linear heads trained on {on}", held, n * 64))
         if "gallery" in stages:
             points = min(n, gallery_points)
             steps = gallery_rounds * min(n, round_photos) // 256
-            out.append(StagePlan("gallery", f"up to {points:,} GPS points, at most {steps:,} training steps",
+            out.append(StagePlan("gallery", f"up to {points:,} GPS points, at most {steps:,} training steps on {on}",
                                  held + points * 513 * 4, points * 513 * 4))
         if "fusion" in stages:
-            how = (f"{fusion_folds} photographer folds" if n <= single_split_above
-                   else f"one photographer-disjoint hold-out of ~{max_queries:,} photos")
-            refits = fusion_folds if n <= single_split_above else 1
-            out.append(StagePlan("fusion", f"{how}: the signal stages fitted {refits} more time(s) in memory, "
-                                 "then a grid over the signals", held + emb, 1 << 20))
+            if n <= single_split_above:
+                how = (f"{fusion_folds} photographer folds, the signal stages refitted in memory per fold, "
+                       "then a grid over the signals")
+                memory = held + emb
+            else:
+                how = (f"~{max_queries:,} photos of held-out photographers scored against the built stages "
+                       "without them (no refit), then a grid over the signals")
+                memory = emb + n * 100 + min(n, gallery_points) * 513 * 4 * 2 + max_queries * dim * 4
+            out.append(StagePlan("fusion", how, memory, 1 << 20))
     return out
 
 

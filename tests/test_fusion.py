@@ -215,17 +215,20 @@ def test_the_grid_is_scored_as_decide_batch_answers_each_setting():
     assert exact > 0.4 * n * len(picked)  # many decisions are not ties: the exact check is not vacuous
 
 
-def test_fusion_folds_hold_out_whole_photographers_and_one_split_above_the_threshold():
-    from geo.stages.fusion.stage import FusionConfig, splits
+def test_fusion_folds_and_the_large_gallery_holdout_keep_photographers_apart():
+    from geo.core.splits import validation_mask
+    from geo.stages.fusion.stage import FusionConfig, holdout_rows, splits
 
     rng = np.random.default_rng(0)
     groups = np.array([f"a{i}" for i in rng.integers(0, 300, 3000)])
-    cfg = FusionConfig(max_queries=400, single_split_above=1000)
-    for n, expected in ((900, 3), (3000, 1)):
-        parts = splits(n, groups[:n], cfg)
-        assert len(parts) == expected
-        for held, fit in parts:
-            assert not set(groups[held]) & set(groups[fit])  # no query sees its own photographer
-            assert len(held) <= max(cfg.max_queries * 2, 1) and len(fit) > 0
-    held, fit = splits(3000, groups, cfg)[0]
-    assert 300 <= len(held) <= 800 and len(held) + len(fit) == 3000  # about max_queries photos, whole groups
+    cfg = FusionConfig(max_queries=400)
+    parts = splits(900, groups[:900], cfg)
+    assert len(parts) == 3
+    for held, fit in parts:
+        assert not set(groups[held]) & set(groups[fit])  # no query sees its own photographer
+        assert len(held) <= cfg.max_queries and len(fit) > 0
+    # a large gallery: queries are whole photographers from the trained stages' held-out ones
+    val = validation_mask(3000, groups, 0.2, 0)
+    rows = holdout_rows(val, groups, cfg.max_queries, 0)
+    assert 200 <= len(rows) <= 800 and val[rows].all()
+    assert not set(groups[rows]) & set(groups[np.setdiff1d(np.arange(3000), rows)])

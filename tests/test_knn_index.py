@@ -1,4 +1,5 @@
 """FAISS stage: index choice under a RAM budget, recall against exact search, fail-fast planning."""
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -93,3 +94,28 @@ def test_parse_bytes_units():
     assert parse_bytes("4GB") == 4 << 30
     assert parse_bytes("512MiB") == 512 << 20
     assert parse_bytes("1e6") == 1_000_000
+
+
+def test_plan_takes_an_hnsw_quantizer_when_lists_are_many():
+    small, huge = plan_index(1_000_000, 512, parse_bytes("64GB")), plan_index(50_000_000, 64, parse_bytes("64GB"))
+    assert small.factory == "IVF1024,Flat"  # nlist ~ sqrt(n): k-means cost grows linearly with n
+    assert huge.nlist >= 4096 and huge.factory.startswith(f"IVF{huge.nlist}_HNSW32,")
+    index = faiss.index_factory(64, huge.factory.replace(str(huge.nlist), "64"), faiss.METRIC_INNER_PRODUCT)
+    assert faiss.extract_index_ivf(index).nlist == 64  # the factory string is one FAISS builds
+
+
+@pytest.mark.parametrize("exact_max", [100_000, 1000])
+def test_excluding_rows_searches_as_if_they_were_not_indexed(tmp_path, exact_max):
+    emb = clustered(4000, 64)
+    b = bundle_with(tmp_path, emb)
+    build_knn(b, KnnConfig(exact_max=exact_max, recall_target=1.0))
+    index = KnnIndex.load(b)
+    gone = np.arange(0, 4000, 3)
+    q = emb[gone[:50]]
+    sims, rows = index.excluding(gone).search(q, 10)
+    assert not np.isin(rows, gone).any()
+    kept = np.setdiff1d(np.arange(4000), gone)
+    exact = kept[np.argsort(-(q @ emb[kept].T), axis=1)[:, :10]]
+    assert np.mean([len(set(a) & set(g)) / 10 for a, g in zip(exact, rows)]) >= 0.95
+    _, plain = index.search(q, 1)
+    np.testing.assert_array_equal(plain[:, 0], gone[:50])  # the index itself is unchanged

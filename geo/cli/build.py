@@ -58,7 +58,10 @@ def build_index_command(
                                        "uniform sample above; GeoCLIP's gallery is 100K)."),
     gallery_epochs: Optional[int] = typer.Option(None, help="Most training rounds of the GPS gallery (default 40; early "
                                                        "stopping usually ends sooner). A round is a pass over the "
-                                                       "photos, or 20,000 of them in bigger galleries."),
+                                                       "photos, or 10,000 of them in bigger galleries."),
+    train_photos: int = typer.Option(200_000, help="Most photos the trained stages (cell heads, location encoder) "
+                                     "hold in memory: above, a seeded sample of the gallery; partitions, cell "
+                                     "counts, gallery points and the kNN index still use every photo."),
     skip: list[str] = typer.Option([], help="Stages to leave out: cells, gallery, fusion (repeatable)."),
     force: list[str] = typer.Option([], help="Stages to rebuild although built: knn_index, cells, gallery, fusion."),
     memory: Optional[str] = typer.Option(None, help="Memory the build may use at its peak, e.g. 16GB (default: 70% of "
@@ -94,7 +97,7 @@ def build_index_command(
             knn=KnnConfig(ram_budget=ram_budget, exact_max=exact_max),
             cells=CellsConfig(cells=[str(c) for c in cells], partitioner=partitioner, tau_min=tau_min,
                               tau_max=list(tau_max), head=head, scene_column=scene_column, device=device),
-            gallery=gallery, group_column=group_column),
+            gallery=gallery, group_column=group_column, train_photos=train_photos),
         stages=tuple(st for st in STAGES if st not in skip), force=tuple(force),
         **({"memory": parse_bytes(memory)} if memory else {}),
     )

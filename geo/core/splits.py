@@ -52,6 +52,14 @@ def validation_mask(n: int, groups=None, val_fraction: float = 0.2, seed: int = 
     return np.isin(inv, chosen)
 
 
+def training_rows(n: int, cap: int, seed: int = 0) -> np.ndarray | None:
+    """The rows whose embeddings the trained stages hold: None (every row) up to ``cap``, else a seeded uniform
+    sample of ``cap`` rows, sorted (so it is read in one pass over the shards)."""
+    if n <= cap:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+
+
 def group_folds(n: int, groups=None, k: int = 3, seed: int = 0) -> np.ndarray:
     """Fold number [n] in 0..k-1; whole groups dealt largest first to the lightest fold, so folds have
     similar photo counts. Without groups, rows are dealt at random."""

@@ -49,7 +49,7 @@ def manifest_fingerprint(df: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
-def _embed_rows(rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, bar: tqdm) -> tuple[np.ndarray, list[int], list[dict]]:
+def _embed_rows(rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, bar: tqdm | None) -> tuple[np.ndarray, list[int], list[dict]]:
     """Embed ``rows``; returns (embeddings of the rows that loaded, their positions, error rows)."""
     dataset = ImageDataset(rows["path"].tolist(), backbone.preprocess)
     workers = cfg.resolved_workers()
@@ -69,7 +69,8 @@ def _embed_rows(rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, bar: t
         if batch is not None and len(idx):
             embs.append(backbone.embed(batch.to(backbone.device, non_blocking=True)))
             ok.extend(idx)
-        bar.update(len(idx) + len(errs))
+        if bar is not None:
+            bar.update(len(idx) + len(errs))
     emb = np.concatenate(embs) if embs else np.zeros((0, backbone.dim), np.float32)
     return emb, ok, errors
 
@@ -134,22 +135,35 @@ def run_embedding_stage(bundle: Bundle, df: pd.DataFrame, backbone: Backbone, cf
     if first_shard == 0:
         _claim_plan(bundle, manifest_fingerprint(df), cfg.shard_rows, len(df))
 
-    n_shards = max(1, -(-len(df) // cfg.shard_rows))
-    todo = [i for i in range(n_shards) if not marker_path(shard_path(bundle, first_shard + i)).exists()]
-    done_rows = sum(min(cfg.shard_rows, len(df) - i * cfg.shard_rows) for i in range(n_shards) if i not in todo)
+    todo, done_rows = pending_shards(bundle, len(df), cfg.shard_rows, first_shard)
     bar = tqdm(total=len(df), initial=done_rows, unit="img", desc="embed", disable=not progress, smoothing=0.1)
     for i in todo:
-        rows = df.iloc[i * cfg.shard_rows:(i + 1) * cfg.shard_rows]
-        t0 = time.perf_counter()
-        emb, ok, errors = _embed_rows(rows, backbone, cfg, bar)
-        seconds = time.perf_counter() - t0
-        write_shard(bundle, first_shard + i, rows.iloc[ok], emb, {
-            "first_row": i * cfg.shard_rows, "rows": len(rows), "failed": len(errors), "seconds": round(seconds, 3),
-            "images_per_s": round(len(rows) / seconds, 2) if seconds else None, "errors": errors,
-        })
+        embed_shard(bundle, df, i, first_shard, backbone, cfg, bar)
     bar.close()
-
     return _finished(bundle)
+
+
+def pending_shards(bundle: Bundle, rows: int, shard_rows: int, first_shard: int = 0) -> tuple[list[int], int]:
+    """(shard numbers, counted from the manifest's first row, that have no marker yet; rows already done)."""
+    n_shards = max(1, -(-rows // shard_rows))
+    todo = [i for i in range(n_shards) if not marker_path(shard_path(bundle, first_shard + i)).exists()]
+    done = sum(min(shard_rows, rows - i * shard_rows) for i in range(n_shards) if i not in todo)
+    return todo, done
+
+
+def embed_shard(bundle: Bundle, df: pd.DataFrame, i: int, first_shard: int, backbone: Backbone, cfg: EmbedConfig,
+                bar: tqdm | None = None) -> int:
+    """Embed rows [i * shard_rows, (i + 1) * shard_rows) of the manifest into shard ``first_shard + i`` and its
+    marker; returns the rows done. The one way a shard is made, in one process or on a cluster's actor."""
+    rows = df.iloc[i * cfg.shard_rows:(i + 1) * cfg.shard_rows]
+    t0 = time.perf_counter()
+    emb, ok, errors = _embed_rows(rows, backbone, cfg, bar)
+    seconds = time.perf_counter() - t0
+    write_shard(bundle, first_shard + i, rows.iloc[ok], emb, {
+        "first_row": i * cfg.shard_rows, "rows": len(rows), "failed": len(errors), "seconds": round(seconds, 3),
+        "images_per_s": round(len(rows) / seconds, 2) if seconds else None, "errors": errors,
+    })
+    return len(rows)
 
 
 def _overall_rate(markers: list[dict]) -> float | None:

@@ -12,6 +12,7 @@ coordinates in FAISS id order. Files: ``index/knn.faiss``, ``index/index_infos.j
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +31,8 @@ STAGE = "knn_index"
 INDEX_FILE = "index/knn.faiss"
 INFOS_FILE = "index/index_infos.json"
 META_COLUMNS = ["id", "path", "lat", "lon"]
+HNSW_NLIST = 4096  # from this many inverted lists the coarse quantizer is an HNSW graph
+TRAIN_PER_LIST = 64  # k-means sample per inverted list (FAISS warns below 39)
 
 
 @dataclass(frozen=True)
@@ -59,26 +62,33 @@ def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> I
 
     Exact inner product up to ``exact_max`` vectors (it is fast enough there and
     has perfect recall); above it IVF-Flat while the raw vectors fit, else IVF-PQ
-    with the largest code size that fits. nlist ~ 4 sqrt(n), FAISS's guidance.
+    with the largest code size that fits.
+
+    nlist ~ sqrt(n) (a power of two): k-means costs nlist x its training sample
+    (64 per list), so the build grows linearly with n, where FAISS's 4-16 sqrt(n)
+    buys query speed with a quadratic training cost that a CPU build cannot pay at
+    a million photos. From ``HNSW_NLIST`` lists the coarse quantizer is an HNSW
+    graph (IVF-HNSW), so assigning a vector no longer scans every centroid.
     """
     raw = n * dim * 4
     if n <= exact_max:
         return IndexPlan("flat", "Flat", n, dim, 0, 0, raw)
-    nlist = int(2 ** round(math.log2(4 * math.sqrt(n))))
-    centroids = nlist * dim * 4
+    nlist = int(2 ** round(math.log2(math.sqrt(n))))
+    quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_NLIST else f"IVF{nlist}"
+    centroids = nlist * dim * 4 + (nlist * 32 * 2 * 4 if nlist >= HNSW_NLIST else 0)
     ivf_flat = raw + n * 8 + centroids
     if ivf_flat <= ram_budget:
-        return IndexPlan("ivf_flat", f"IVF{nlist},Flat", n, dim, nlist, 0, ivf_flat)
+        return IndexPlan("ivf_flat", f"{quantizer},Flat", n, dim, nlist, 0, ivf_flat)
     for m in (128, 96, 64, 48, 32, 16, 8):
         if dim % m:
             continue
         est = n * (m + 8) + centroids + m * 256 * (dim // m) * 4
         if est <= ram_budget:
-            return IndexPlan("ivf_pq", f"IVF{nlist},PQ{m}", n, dim, nlist, m, est)
+            return IndexPlan("ivf_pq", f"{quantizer},PQ{m}", n, dim, nlist, m, est)
     smallest = n * (8 + 8) + centroids
     raise BundleError(
         f"no FAISS index for {n:,} x {dim} vectors fits the RAM budget of {human_bytes(ram_budget)} "
-        f"(the smallest, IVF{nlist},PQ8, needs about {human_bytes(smallest)}); raise --ram-budget"
+        f"(the smallest, {quantizer},PQ8, needs about {human_bytes(smallest)}); raise --ram-budget"
     )
 
 
@@ -99,6 +109,7 @@ class KnnIndex:
         self.lat = meta["lat"].to_numpy(np.float64)
         self.lon = meta["lon"].to_numpy(np.float64)
         self.infos = infos or {}
+        self._params = None  # FAISS search parameters (an ID selector: see excluding)
 
     @property
     def ntotal(self) -> int:
@@ -113,7 +124,25 @@ class KnnIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, rows) [n, min(k, ntotal)]; rows are -1 where FAISS found fewer."""
-        return self.index.search(np.ascontiguousarray(queries, np.float32), max(1, min(int(k), self.ntotal)))
+        q, k = np.ascontiguousarray(queries, np.float32), max(1, min(int(k), self.ntotal))
+        if self._params is None:
+            return self.index.search(q, k)
+        return self.index.search(q, k, params=self._params[0])
+
+    def excluding(self, rows: np.ndarray) -> "KnnIndex":
+        """The same index, searched as if ``rows`` were not in it (a FAISS ID selector; nothing is copied).
+
+        Fusion scores a large gallery's held-out photographers against the built
+        index: their own photos must not be found.
+        """
+        out = copy.copy(self)
+        batch = faiss.IDSelectorBatch(np.asarray(rows, np.int64))
+        sel = faiss.IDSelectorNot(batch)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        params = (faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe) if ivf is not None
+                  else faiss.SearchParameters(sel=sel))
+        out._params = (params, sel, batch)  # the selectors must outlive the parameters that point at them
+        return out
 
     def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
         atomic_write_faiss(bundle.path(INDEX_FILE), self.index)
@@ -161,7 +190,7 @@ def fit_knn(reader: EmbeddingReader, config: KnnConfig = KnnConfig(), log: Calla
     t0 = time.perf_counter()
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if plan.kind != "flat":
-        train = reader.sample(max(plan.nlist * 64, 50_000))
+        train = reader.sample(plan.nlist * TRAIN_PER_LIST)
         log(f"faiss: training on {len(train):,} vectors")
         index.train(train)
     for _, emb in reader.iter(columns=[]):

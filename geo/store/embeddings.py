@@ -96,26 +96,40 @@ class EmbeddingReader:
                 raise BundleError(f"{shard}: cannot read embeddings ({e})") from None
 
     def read(self, columns: list[str] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
-        """All metadata as a DataFrame and all embeddings as float32 [n, dim]: for galleries that fit in memory."""
-        metas, embs = [], []
-        for meta, emb in self.iter(columns):
-            metas.append(pa.Table.from_batches([meta]))
-            embs.append(emb)
-        return pa.concat_tables(metas).to_pandas(), np.concatenate(embs).astype(np.float32, copy=False)
+        """All metadata as a DataFrame and all embeddings as float32 [n, dim]: for galleries that fit in memory.
 
-    def read_meta(self, columns: list[str]) -> pd.DataFrame:
-        """Metadata columns of every row, without the embeddings (what the query side keeps in memory)."""
+        The matrix is allocated once and filled piece by piece, so the peak is the embeddings' bytes, not twice that.
+        """
+        return self.take(None, columns)
+
+    def take(self, rows: np.ndarray | None, columns: list[str] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+        """Metadata and float32 embeddings of the given row numbers (sorted, unique; None: every row), streamed."""
+        total = self.count
+        keep = np.arange(total) if rows is None else np.asarray(rows, np.int64)
+        if len(keep) and (keep.min() < 0 or keep.max() >= total or np.any(np.diff(keep) <= 0)):
+            raise ValueError(f"take: rows must be sorted, unique and within 0..{total - 1}")
+        metas, out, start, filled = [], None, 0, 0
+        for meta, emb in self.iter(columns):
+            pick = keep[(keep >= start) & (keep < start + len(emb))] - start
+            start += len(emb)
+            if out is None:
+                out = np.empty((len(keep), emb.shape[1]), np.float32)
+            out[filled:filled + len(pick)] = emb[pick]
+            filled += len(pick)
+            metas.append(pa.Table.from_batches([meta]).take(pa.array(pick)))
+        return pa.concat_tables(metas).to_pandas(), out
+
+    def read_meta(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """Metadata columns of every row (None: all of them), without the embeddings (what the query side keeps)."""
+        if columns is None:
+            columns = [c for c in pq.ParquetFile(self.shards[0]).schema_arrow.names if c != "embedding"]
         return pa.concat_tables([pq.read_table(s, columns=columns) for s in self.shards]).to_pandas()
 
     def sample(self, rows: int, seed: int = 0) -> np.ndarray:
         """A seeded uniform sample of the embeddings, read shard by shard."""
         total = self.count
         keep = np.sort(np.random.default_rng(seed).choice(total, size=min(rows, total), replace=False))
-        out, start = [], 0
-        for _, emb in self.iter(columns=[]):
-            out.append(emb[keep[(keep >= start) & (keep < start + len(emb))] - start])
-            start += len(emb)
-        return np.concatenate(out)
+        return self.take(keep, columns=[])[1]
 
 
 def shard_errors(bundle: Bundle) -> list[dict]:

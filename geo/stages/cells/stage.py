@@ -44,33 +44,54 @@ class CellsConfig:
     crossfit: bool = True
 
 
-def _partitions(lat, lon, emb, config: CellsConfig) -> tuple[list[P.Partition], dict]:
+def _partitions(lat, lon, sample, config: CellsConfig) -> tuple[list[P.Partition], dict]:
+    """The partitions from every photo's coordinates (the bottom-up partitioner, which ranks cells by image
+    features, from the training sample's: ``sample`` is its (lat, lon, emb))."""
     if config.cells:
         parts = P.read_partitions(config.cells)
         return parts, {"source": [str(c) for c in config.cells]}
     default_min, default_max = P.default_taus(len(lat))
     tau_min = config.tau_min if config.tau_min is not None else default_min
     tau_max = list(config.tau_max) or [t for t in default_max if t >= tau_min]
-    parts = P.build_partitions(lat, lon, tau_min, tau_max, config.partitioner, emb)
+    if config.partitioner == "bottomup":
+        lat, lon, emb = sample
+        parts = P.build_partitions(lat, lon, tau_min, tau_max, config.partitioner, emb)
+    else:
+        parts = P.build_partitions(lat, lon, tau_min, tau_max, config.partitioner)
     return parts, {"source": config.partitioner, "tau_min": tau_min, "tau_max": sorted(tau_max, reverse=True)}
 
 
 def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsConfig(),
-              log: Callable[[str], None] = print) -> CellPredictor:
-    """Partitions + tables + trained, calibrated heads + support spots: the stage's artifact, in memory."""
+              log: Callable[[str], None] = print, val: np.ndarray | None = None,
+              photos: tuple[np.ndarray, np.ndarray] | None = None) -> CellPredictor:
+    """Partitions + tables + trained, calibrated heads + support spots: the stage's artifact, in memory.
+
+    ``meta``/``emb`` are the photos the heads train on: the whole gallery, or on a large one the pipeline's
+    bounded training sample, with ``val`` marking its held-out photographers (default: the shared
+    :func:`geo.core.splits.validation_mask`). ``photos`` are every gallery photo's (lat, lon), from which the
+    partitions, the cells' counts and means and the support spots are made (default: ``meta``'s).
+    """
     if len(meta) != len(emb):
         raise ValueError(f"{len(meta)} metadata rows for {len(emb)} embeddings")
     ok = valid_latlon(meta["lat"], meta["lon"])
-    meta, emb = meta.loc[ok].reset_index(drop=True), emb[ok]
+    if not ok.all():
+        meta, emb = meta.loc[ok].reset_index(drop=True), emb[ok]
+        val = val[ok] if val is not None else None
     lat, lon = meta["lat"].to_numpy(float), meta["lon"].to_numpy(float)
-    parts, source = _partitions(lat, lon, emb, config)
+    if photos is None:
+        all_lat, all_lon = lat, lon
+    else:
+        keep = valid_latlon(*photos)
+        all_lat, all_lon = np.asarray(photos[0], float)[keep], np.asarray(photos[1], float)[keep]
+    parts, source = _partitions(all_lat, all_lon, (lat, lon, emb), config)
     parents = P.link_parents(parts)
-    leaf = s2.leaf_ids(lat, lon)
-    rows = np.stack([P.assign(leaf, p.cell_ids) for p in parts], 1)
+    all_rows = np.stack([P.assign(s2.leaf_ids(all_lat, all_lon), p.cell_ids) for p in parts], 1)
+    rows = all_rows if photos is None else np.stack([P.assign(s2.leaf_ids(lat, lon), p.cell_ids) for p in parts], 1)
     by_name = {p.name: p for p in parts}
-    tables = [P.cell_table(p, rows[:, k], lat, lon, parents[p.name], by_name) for k, p in enumerate(parts)]
-    log("cells: " + ", ".join(f"{p.name} {len(p.cell_ids)} cells ({(rows[:, k] >= 0).mean():.0%} of photos)"
-                              for k, p in enumerate(parts)) + f" from {source}")
+    tables = [P.cell_table(p, all_rows[:, k], all_lat, all_lon, parents[p.name], by_name) for k, p in enumerate(parts)]
+    log("cells: " + ", ".join(f"{p.name} {len(p.cell_ids)} cells ({(all_rows[:, k] >= 0).mean():.0%} of photos)"
+                              for k, p in enumerate(parts)) + f" from {source}"
+        + (f"; heads train on a sample of {len(lat):,} of {len(all_lat):,} photos" if len(lat) < len(all_lat) else ""))
 
     scene, scene_values = None, []
     if config.scene_column:
@@ -85,7 +106,8 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
                     device=config.device)
     groups = meta[group_col].astype(str).to_numpy() if group_col else None
     cell_latlon = [(t["lat"].to_numpy(), t["lon"].to_numpy()) for t in tables]
-    result = train_heads(emb, rows, cell_latlon, (lat, lon), hc, groups=groups, scene=scene, n_scenes=len(scene_values))
+    result = train_heads(emb, rows, cell_latlon, (lat, lon), hc, groups=groups, scene=scene, n_scenes=len(scene_values),
+                         val=val)
     val = result.val_index
     if len(val) >= CALIBRATION_PHOTOS or not config.crossfit:
         calib_rows, how = val, "the held-out photographers"
@@ -108,13 +130,14 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
         "head": hc.head,
         "scene_column": config.scene_column,
         "group_column": group_col,
-        "photos": int(len(meta)),
+        "photos": int(len(all_lat)),
+        "trained_on": int(len(lat)),
         "calibration": calibration,
         "train": {"seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,
                   "epochs_run": len(result.history), "val_photos": int(len(val)),
                   "val_loss": result.history[result.best_epoch]["val_loss"], "config": config_dict(hc)},
     }
-    support = support_points(lat, lon, rows[:, -1], tables[-1])
+    support = support_points(all_lat, all_lon, all_rows[:, -1], tables[-1])
     info["support_spots"] = int(len(support))
     return CellPredictor(tables, info["partitions"], result.model, calibration, scene_values, support, info,
                          config.scene_column)

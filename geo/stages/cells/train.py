@@ -23,6 +23,9 @@ from geo.core.splits import validation_mask
 from geo.models.heads import CellHeads
 
 
+VAL_LOSS_PHOTOS = 10_000
+
+
 @dataclass
 class HeadConfig:
     head: str = "linear"
@@ -53,18 +56,23 @@ class TrainResult:
 
 def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np.ndarray, np.ndarray]],
                 photo_latlon: tuple[np.ndarray, np.ndarray], config: HeadConfig, groups: np.ndarray | None = None,
-                scene: np.ndarray | None = None, n_scenes: int = 0) -> TrainResult:
+                scene: np.ndarray | None = None, n_scenes: int = 0, val: np.ndarray | None = None) -> TrainResult:
     """Train the heads; keep the weights of the epoch with the lowest validation loss.
 
     ``targets``: int [n, partitions], -1 where a photo lies in no cell of that
-    partition (ignored there). ``scene``: int [n], -1 unknown.
+    partition (ignored there). ``scene``: int [n], -1 unknown. ``val``: bool [n], the
+    held-out photographers (default: :func:`geo.core.splits.validation_mask` over ``groups``).
+    Early stopping scores at most ``VAL_LOSS_PHOTOS`` of them (a seeded sample), so an
+    epoch's validation costs the same at any gallery size.
     """
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     dev = resolve_device(config.device)
     n = len(emb)
-    val = np.flatnonzero(validation_mask(n, groups, config.val_fraction, config.seed))
-    train = np.setdiff1d(np.arange(n), val)
+    held = validation_mask(n, groups, config.val_fraction, config.seed) if val is None else np.asarray(val, bool)
+    val, train = np.flatnonzero(held), np.flatnonzero(~held)
+    scored = val if len(val) <= VAL_LOSS_PHOTOS else np.sort(
+        np.random.default_rng(config.seed).choice(val, VAL_LOSS_PHOTOS, replace=False))
     model = CellHeads(emb.shape[1], [len(c[0]) for c in cell_latlon], config.head, config.hidden,
                       config.dropout, n_scenes)
     x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).to(dev)
@@ -79,14 +87,18 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
     gen = torch.Generator().manual_seed(config.seed)
     best, best_state, history, stale = float("inf"), None, [], 0
     train_t = torch.from_numpy(train)
-    val_t = torch.from_numpy(val).to(dev)
-    # Big galleries take bigger batches (at most ~100 steps an epoch): the prototype start needs few epochs, not many steps.
-    batch_size = max(config.batch_size, -(-len(train) // 100))
+    val_t = torch.from_numpy(scored).to(dev)
+    # The compute cap in photos seen; when it is less than one pass (a large gallery's many cells), the one
+    # epoch is that many photos of a shuffled pass, so the heads cost the same at any gallery size.
     width = sum(p.numel() for p in model.parameters())
-    max_epochs = min(config.max_epochs, max(1, int(config.flop_budget // (6 * width * max(len(train), 1)))))
+    budget = int(config.flop_budget // (6 * width))
+    epoch_photos = min(len(train), max(budget, config.batch_size))
+    max_epochs = min(config.max_epochs, max(1, budget // max(len(train), 1)))
+    # Big galleries take bigger batches (at most ~100 steps an epoch): the prototype start needs few epochs, not many steps.
+    batch_size = max(config.batch_size, -(-epoch_photos // 100))
     for epoch in range(max_epochs + 1):
         model.train()
-        perm = train_t[torch.randperm(len(train_t), generator=gen)].to(dev)
+        perm = train_t[torch.randperm(len(train_t), generator=gen)[:epoch_photos]].to(dev)
         total = 0.0
         # Epoch 0 only scores the initial (prototype) heads: on a small gallery they can beat any trained epoch.
         for b in range(0, len(perm) if epoch else 0, batch_size):
@@ -100,7 +112,7 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
         with torch.no_grad():
             # Validation is always scored against hard labels: the number early stopping compares across runs.
             vloss = float(_loss(model, x[val_t], y[val_t], s[val_t], pxyz[val_t], cxyz, 0.0, n_scenes))
-        history.append({"epoch": epoch, "train_loss": total / max(len(train), 1), "val_loss": vloss})
+        history.append({"epoch": epoch, "train_loss": total / max(len(perm), 1), "val_loss": vloss})
         if vloss < best - 1e-4:
             best, stale = vloss, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -28,6 +28,7 @@ from geo.core.priors import population_prior
 from geo.core.splits import group_column, group_folds, validation_mask
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.stage import CellsConfig, fit_cells
+from geo.stages.cells.stage import with_photos as cells_with_photos
 from geo.stages.fusion.posterior import FusionParams
 from geo.stages.fusion.signals import (
     Batch,
@@ -40,6 +41,7 @@ from geo.stages.fusion.signals import (
 )
 from geo.stages.fusion.tuning import accuracy, tune
 from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
+from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnIndex
 from geo.store.atomic import atomic_write_json
 from geo.store.bundle import Bundle, read_json
@@ -55,9 +57,10 @@ class FusionConfig:
     seed: int = 0
     k: int = 50  # neighbours per query, as `geo query` retrieves by default
     max_queries: int = 2000  # scored photos per fold (a seeded sample beyond)
-    # Above this many photos a single photographer-disjoint hold-out of about max_queries photos replaces the
-    # folds: the signal stages are fitted once more, not once per fold, so tuning costs no more than the
-    # stages themselves however large the gallery (and a few thousand queries fit ten parameters well).
+    # Up to this many photos, fusion refits the signal stages in memory on photographer folds (fit_fusion);
+    # above, it scores about max_queries photos of the held-out photographers against the built stages
+    # without them (fit_fusion_on_built), so tuning costs no stage fit at all however large the gallery
+    # (and a few thousand queries fit ten parameters well).
     single_split_above: int = 10_000
 
 
@@ -100,37 +103,22 @@ def fit_fusion(meta: pd.DataFrame, emb: np.ndarray, stages: SignalStages, config
     col = group_column(meta.columns, config.group_column)
     groups = meta[col].astype(str).to_numpy() if col else None
     n_groups = len(np.unique(groups)) if groups is not None else len(meta)
-    saved = {"group_column": col, "folds": config.folds if len(meta) <= config.single_split_above else 1,
-             "seed": config.seed}
+    saved = {"group_column": col, "folds": config.folds, "seed": config.seed, "how": "photographer folds, refitted"}
     if len(meta) < 20 or n_groups < config.folds:
         log(f"fusion: {len(meta)} photos in {n_groups} groups are too few to tune; default weights, no calibration")
         specs = specs_for(stages.cells is not None, stages.gallery is not None)
         return FusionModel(FusionParams.default(specs), {"validation": None}, saved)
     t0 = time.perf_counter()
     rows, ev, singles = out_of_fold(meta, emb, splits(len(meta), groups, config), stages, config, log)
-    t1 = time.perf_counter()
     truth = meta[["lat", "lon"]].to_numpy(np.float64)[rows]
-    params, report = tune(ev, truth, groups[rows] if groups is not None else None, log=log)
-    report["seconds"] = {"out_of_fold_signals": round(t1 - t0, 2), "tuning": round(time.perf_counter() - t1, 2)}
-    report["single_modes"] = {m: accuracy(p, truth) for m, p in singles.items()}
-    report["n_validation"] = int(len(rows))
-    for m, a in {**report["single_modes"], "fused": report["validation"]}.items():
-        log(f"fusion out-of-fold {m:>8}: " + " ".join(f"{t}km {100 * a[t]:.1f}%" for t in map(str, THRESHOLDS_KM))
-            + f"  median {a['median_km']:.0f} km")
-    return FusionModel(params, report, saved)
+    return _tuned(ev, singles, truth, groups[rows] if groups is not None else None, saved,
+                  time.perf_counter() - t0, log)
 
 
 def splits(n: int, groups: np.ndarray | None, config: FusionConfig) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(scored rows, fitting rows) per fold, whole photographers on one side.
-
-    Up to ``single_split_above`` photos: ``folds`` folds, each scored against the
-    others (at most ``max_queries`` of its photos, a seeded sample). Above: one
-    hold-out of about ``max_queries`` photos, scored against all the rest.
-    """
+    """(scored rows, fitting rows) per fold, whole photographers on one side: ``folds`` folds, each scored
+    against the others (at most ``max_queries`` of its photos, a seeded sample)."""
     rng = np.random.default_rng(config.seed)
-    if n > config.single_split_above:
-        held = validation_mask(n, groups, config.max_queries / n, config.seed)
-        return [(np.flatnonzero(held), np.flatnonzero(~held))]
     fold = group_folds(n, groups, config.folds, config.seed)
     out = []
     for f in np.unique(fold):
@@ -159,16 +147,86 @@ def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarra
         if stages.gallery is not None:
             gallery = fit_gallery(tmeta, temb, stages.gallery, stages.backbone, log=quiet)
         lat, lon = tmeta["lat"].to_numpy(np.float64), tmeta["lon"].to_numpy(np.float64)
-        batch = Batch(emb[held], config.k)
-        ev = collect(sources_for(knn, cells, gallery, lat, lon), batch)
-        sims, nbr = knn_search(knn, batch)
-        singles["knn"].append(np.array([[v.lat, v.lon] for v in (
-            kde_vote(knn.lat[r[r >= 0]], knn.lon[r[r >= 0]], s[r >= 0]) for s, r in zip(sims, nbr))]))
-        if gallery is not None:
-            singles["gallery"].append(ev.signals["gallery"].latlon[:, 0])
-        if cells is not None:
-            singles["cells"].append(np.stack(cells.decide(cell_probs(cells, batch))[:2], -1))
-            singles["prior"].append(np.broadcast_to(population_prior(lat, lon), (len(held), 2)))
+        ev, fold_singles = score(emb[held], knn, cells, gallery, lat, lon, config.k)
+        for m, v in fold_singles.items():
+            singles[m].append(v)
         all_rows.append(held)
         parts.append(ev)
     return np.concatenate(all_rows), Evidence.concat(parts), {m: np.concatenate(v) for m, v in singles.items() if v}
+
+
+def score(emb: np.ndarray, knn: KnnIndex, cells: CellPredictor | None, gallery: GpsGallery | None,
+          lat: np.ndarray, lon: np.ndarray, k: int) -> tuple[Evidence, dict[str, np.ndarray]]:
+    """Every signal's evidence for these photos, and each single mode's answer [n, 2] (what fusion must beat)."""
+    batch = Batch(emb, k)
+    ev = collect(sources_for(knn, cells, gallery, lat, lon), batch)
+    sims, nbr = knn_search(knn, batch)
+    singles = {"knn": np.array([[v.lat, v.lon] for v in (
+        kde_vote(knn.lat[r[r >= 0]], knn.lon[r[r >= 0]], s[r >= 0]) for s, r in zip(sims, nbr))])}
+    if gallery is not None:
+        singles["gallery"] = ev.signals["gallery"].latlon[:, 0]
+    if cells is not None:
+        singles["cells"] = np.stack(cells.decide(cell_probs(cells, batch))[:2], -1)
+        singles["prior"] = np.broadcast_to(population_prior(lat, lon), (len(emb), 2))
+    return ev, singles
+
+
+def holdout_rows(held: np.ndarray, groups: np.ndarray | None, max_queries: int, seed: int) -> np.ndarray:
+    """Fusion's queries in a large gallery: whole photographers, about ``max_queries`` photos, all drawn from
+    ``held`` (the photographers every trained stage held out), so no trained part has seen them."""
+    rows = np.flatnonzero(held)
+    if len(rows) <= max_queries:
+        return rows
+    sub = validation_mask(len(rows), groups[rows] if groups is not None else None, max_queries / len(rows), seed + 1)
+    return rows[sub]
+
+
+def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callable[[np.ndarray], np.ndarray],
+                        knn: KnnIndex, cells: CellPredictor | None, gallery: GpsGallery | None,
+                        config: FusionConfig = FusionConfig(), log: Callable[[str], None] = print) -> FusionModel:
+    """Fusion for a large gallery, from its built stages: no stage is fitted again.
+
+    ``meta`` holds every gallery photo's metadata (no embeddings); ``held`` marks
+    the photographers the heads and the location encoder held out. A few
+    thousand of their photos (whole photographers) are scored against the built
+    kNN index searched without those photographers' rows, the cells' tables and
+    the GPS gallery's points and prior recomputed without them, and the prior of
+    the rest: exactly what a gallery without them would answer, since no trained
+    part learnt from them (they only chose when to stop training and the heads'
+    temperature). ``query_emb(rows)`` reads those photos' embeddings. The cost is
+    one gallery re-encode and a few thousand queries, whatever the gallery's size.
+    """
+    col = group_column(meta.columns, config.group_column)
+    groups = meta[col].astype(str).to_numpy() if col else None
+    rows = holdout_rows(held, groups, config.max_queries, config.seed)
+    saved = {"group_column": col, "folds": 1, "seed": config.seed, "how": "built stages, held-out photographers"}
+    if len(rows) < 20:
+        log(f"fusion: {len(rows)} held-out photos are too few to tune; default weights, no calibration")
+        return FusionModel(FusionParams.default(specs_for(cells is not None, gallery is not None)),
+                           {"validation": None}, saved)
+    t0 = time.perf_counter()
+    rest = np.ones(len(meta), bool)
+    rest[rows] = False
+    lat, lon = meta["lat"].to_numpy(np.float64), meta["lon"].to_numpy(np.float64)
+    log(f"fusion: scoring {len(rows):,} photos of held-out photographers against the built stages without them")
+    if cells is not None:
+        cells = cells_with_photos(cells, lat[rest], lon[rest])
+    if gallery is not None:
+        gallery = gallery_with_photos(gallery, np.stack([lat[rest], lon[rest]], -1))
+    ev, singles = score(query_emb(rows), knn.excluding(rows), cells, gallery, lat[rest], lon[rest], config.k)
+    t1 = time.perf_counter()
+    return _tuned(ev, singles, meta[["lat", "lon"]].to_numpy(np.float64)[rows],
+                  groups[rows] if groups is not None else None, saved, t1 - t0, log)
+
+
+def _tuned(ev: Evidence, singles: dict[str, np.ndarray], truth: np.ndarray, groups: np.ndarray | None,
+           saved: dict[str, Any], signal_seconds: float, log: Callable[[str], None]) -> FusionModel:
+    t1 = time.perf_counter()
+    params, report = tune(ev, truth, groups, log=log)
+    report["seconds"] = {"out_of_fold_signals": round(signal_seconds, 2), "tuning": round(time.perf_counter() - t1, 2)}
+    report["single_modes"] = {m: accuracy(p, truth) for m, p in singles.items()}
+    report["n_validation"] = int(len(truth))
+    for m, a in {**report["single_modes"], "fused": report["validation"]}.items():
+        log(f"fusion out-of-fold {m:>8}: " + " ".join(f"{t}km {100 * a[t]:.1f}%" for t in map(str, THRESHOLDS_KM))
+            + f"  median {a['median_km']:.0f} km")
+    return FusionModel(params, report, saved)

@@ -125,11 +125,14 @@ def gallery_points(photo_latlon: np.ndarray, extra: str | None, max_points: int 
 
 
 def fit_gallery(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig = GalleryConfig(), backbone: str = "",
-                log: Callable[[str], None] = print) -> "GpsGallery":
+                log: Callable[[str], None] = print, val: np.ndarray | None = None,
+                photos: np.ndarray | None = None) -> "GpsGallery":
     """Train the gallery modules on the embeddings, encode the gallery points once: the stage's artifact, in memory.
 
     ``backbone`` is the name of the model that made the embeddings (GeoCLIP's own gets GeoCLIP's 100K points
-    and an identity start for the image projection).
+    and an identity start for the image projection). ``meta``/``emb`` are the photos training sees (the whole
+    gallery, or the pipeline's bounded sample of a large one, with ``val`` marking its held-out photographers);
+    ``photos`` are every gallery photo's (lat, lon) [n, 2], whose places become the points (default: ``meta``'s).
     """
     if config.gps_gallery is None and backbone.lower().startswith("geoclip"):
         config = dataclasses.replace(config, gps_gallery=GEOCLIP_GALLERY)
@@ -139,15 +142,18 @@ def fit_gallery(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig = Gal
         raise ValueError("no embedding has valid coordinates; the gallery needs some")
     group_col = group_column(meta.columns, config.group_column)
     groups = meta[group_col].astype(str).to_numpy()[ok] if group_col else None
-    points, sources = gallery_points(latlon[ok], config.gps_gallery, config.max_points, config.seed)
+    every = latlon[ok] if photos is None else np.asarray(photos, np.float64)
+    every = every[valid_latlon(every[:, 0], every[:, 1])]
+    points, sources = gallery_points(every, config.gps_gallery, config.max_points, config.seed)
 
     t0 = time.perf_counter()
     tcfg = config.train_config(backbone, emb.shape[1])
-    result = train_gallery(emb[ok], latlon[ok], groups, tcfg, extra_latlon=points[sources != "photos"], log=log)
+    result = train_gallery(emb[ok] if not ok.all() else emb, latlon[ok], groups, tcfg,
+                           extra_latlon=points[sources != "photos"], log=log, val=val[ok] if val is not None else None)
     t_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    index = encode_points(result.location_encoder, result.image_projection, points, latlon[ok], config)
+    index = encode_points(result.location_encoder, result.image_projection, points, every, config)
     t_encode = time.perf_counter() - t0
     logit_scale = result.image_projection.logit_scale.exp().item()
     info = {

@@ -43,7 +43,7 @@ class TrainConfig:
     epochs: int = field(default=40, metadata={"help": "maximum training rounds (0: keep the initial weights); a round "
                                                       "is one pass over the training photos, or round_photos of them "
                                                       "when there are more"})
-    round_photos: int = field(default=20_000, metadata={
+    round_photos: int = field(default=10_000, metadata={
         "help": "photos per training round: training cost is bounded by epochs x round_photos whatever the gallery "
                 "size; successive rounds go on through one shuffled order of all photos"})
     val_photos_max: int = field(default=5000, metadata={"help": "held-out photos scored after each round (a sample above)"})
@@ -134,11 +134,12 @@ def gallery_accuracy(proj: ImageProjection, cand_feat: torch.Tensor, cand_latlon
 
 
 def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None, config: TrainConfig,
-                  extra_latlon: np.ndarray | None = None, log=print) -> TrainResult:
+                  extra_latlon: np.ndarray | None = None, log=print, val: np.ndarray | None = None) -> TrainResult:
     """Train (or, with epochs=0, just build) the gallery modules; early-stops on held-out groups.
 
     ``extra_latlon`` are gallery points without photos; a sample of them joins
     the validation candidates so early stopping sees the same choice queries will.
+    ``val``: bool [n], the held-out photographers (default: the shared validation mask over ``groups``).
     """
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     latlon = np.asarray(latlon, dtype=np.float64)
@@ -152,7 +153,7 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
 
     dev = resolve_device(config.device)
     loc.to(dev), proj.to(dev)
-    va = validation_mask(len(emb), groups, config.val_fraction, config.seed)
+    va = validation_mask(len(emb), groups, config.val_fraction, config.seed) if val is None else np.asarray(val, bool)
     tr = ~va
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
