@@ -140,8 +140,11 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     load = open("/proc/loadavg").read().split()[:3]
-    results = [bench(n, args.dim, args.out, args.queries) for n in args.sizes]
-    (args.out / "results.json").write_text(json.dumps({"load_start": load, "results": results}, indent=2))
+    results = []
+    for n in args.sizes:  # written after each size, so a long run's finished sizes survive an interruption
+        results.append(bench(n, args.dim, args.out, args.queries))
+        results[-1]["load_after"] = open("/proc/loadavg").read().split()[:3]
+        (args.out / "results.json").write_text(json.dumps({"load_start": load, "results": results}, indent=2))
     gib = 1 << 30
     print(f"load at start {' '.join(load)}; {os.cpu_count()} cores\n")
     print("| photos | total s | " + " | ".join(f"{s} s / GiB" for s, _ in STAGE_RUNS)

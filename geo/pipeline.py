@@ -16,13 +16,14 @@ import datetime as _dt
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from geo.cluster import connect, embed_on_ray, ray_map
 from geo.core.sizes import human_bytes
 from geo.core.splits import group_column, training_rows, validation_mask
 from geo.data.embedding_table import EmbeddingTable
@@ -103,6 +104,9 @@ class BuildConfig:
     stages: tuple[str, ...] = STAGES
     force: tuple[str, ...] = ()
     memory: int = field(default_factory=default_memory)  # bytes the build may hold at its peak
+    # A Ray cluster's address ("local": start one here, or RAY_ADDRESS) for the embedding stage and FAISS
+    # population; None: this process only (geo.cluster).
+    ray: str | None = None
 
 
 def write_errors(bundle: Bundle, manifest_errors: list[dict], keep_earlier: bool = False) -> int:
@@ -127,6 +131,9 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
     """Embed the manifest's photos, or read precomputed embeddings (resumably), then fit and commit every stage."""
     if (cfg.manifest is None) == (cfg.embeddings is None):
         raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
+    if cfg.ray is not None:
+        connect(cfg.ray)
+        log(f"ray: connected ({cfg.ray}); embedding shards and FAISS population run on the cluster")
     if cfg.embeddings is not None:
         spec = backbone_spec(cfg.backbone, cfg.weights, log)
         table = EmbeddingTable(cfg.embeddings, cfg.embedding_column, dim=spec.get("dim"))
@@ -144,7 +151,11 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
         log(f"backbone: {backbone.name} ({backbone.dim}-d) on {backbone.device}")
         check(plan_stages(cfg, len(man.df), backbone.dim), cfg.memory)
         bundle = Bundle.create_or_resume(cfg.out, backbone.spec(), backbone.dim)
-        embed = lambda: run_embedding_stage(bundle, man.df, backbone, cfg.embed, progress=progress)  # noqa: E731
+        if cfg.ray is not None:
+            embed = lambda: embed_on_ray(bundle, man.df, cfg.embed, cfg.device, cfg.precision,  # noqa: E731
+                                         progress=progress)
+        else:
+            embed = lambda: run_embedding_stage(bundle, man.df, backbone, cfg.embed, progress=progress)  # noqa: E731
         rejected, total = man.errors, len(man.df) + len(man.errors)
     if "embeddings" in cfg.stages:  # always run: it resumes shard by shard and is a no-op when complete
         t0 = time.perf_counter()
@@ -155,7 +166,7 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
         bundle.manifest["counts"] = {"manifest_rows": total, "ok": info["ok"], "failed": failed}
         bundle.save()
         log(f"embeddings: {info['ok']:,} ok, {failed:,} failed (see {Path(cfg.out) / ERRORS_FILE})")
-    run_stages(bundle, cfg.stage_configs, cfg.stages, cfg.force, log)
+    run_stages(bundle, cfg.stage_configs, cfg.stages, cfg.force, log, mapper=ray_map if cfg.ray is not None else map)
     return bundle
 
 
@@ -315,8 +326,10 @@ def build_from_embeddings(root: str | Path, backbone: dict[str, Any], meta: pd.D
 
 
 def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = (),
-               log: Log = print) -> None:
-    """Fit, save and commit the stages after the embeddings that ``stages`` names and the bundle lacks (or ``force``)."""
+               log: Log = print, mapper: Callable[[Callable, list], Iterable] = map) -> None:
+    """Fit, save and commit the stages after the embeddings that ``stages`` names and the bundle lacks (or ``force``).
+
+    ``mapper`` runs the kNN index's per-shard population (``map``, or :func:`geo.cluster.ray_map`)."""
     configs = configs.resolved()
 
     def wanted(stage: str) -> bool:
@@ -330,7 +343,7 @@ def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = 
     reader = EmbeddingReader(bundle)
     if wanted("knn_index"):
         t0 = time.perf_counter()
-        commit("knn_index", fit_knn(reader, configs.knn, log=log), t0)
+        commit("knn_index", fit_knn(reader, configs.knn, log=log, mapper=mapper), t0)
     trained = [s for s in ("cells", "gallery") if wanted(s)]
     retune = wanted("fusion") or (bool(trained) and "fusion" in stages)  # retune whenever a signal changed
     if not trained and not retune:

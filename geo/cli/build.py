@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from geo.cli.common import fail
+from geo.cluster import ClusterError
 from geo.core.sizes import parse_bytes
 from geo.data.embedding_table import EmbeddingTableError
 from geo.data.manifest import ManifestError
@@ -68,6 +69,10 @@ def build_index_command(
                                          "this machine); a build that cannot fit is refused before it starts."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what each stage would build and need (memory, disk) "
                                  "from the input's size, and stop."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run the embedding shards (an actor pool, one model load "
+                                      "each, a GPU each when the cluster has them) and FAISS population on a Ray "
+                                      "cluster: 'local' starts one here (or joins RAY_ADDRESS), else the cluster's "
+                                      "address. --out must be on storage every node mounts. pip install \"geo[ray]\"."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Build an index bundle from geotagged photos or their precomputed embeddings (resumable: re-run the same
@@ -77,6 +82,7 @@ def build_index_command(
       geo build-index photos.csv --image-root photos/ --out my-index
       geo build-index ~/Pictures/trips --out my-index                      # EXIF GPS
       geo build-index --embeddings emb.parquet --backbone open_clip:ViT-B-32/openai --group AUTHOR --out my-index
+      geo build-index photos.csv --image-root /shared/photos --out /shared/my-index --ray local
     """
     if (manifest is None) == (embeddings is None):
         fail("give a manifest (or a folder of photos), or --embeddings PATH: one of the two")
@@ -99,7 +105,7 @@ def build_index_command(
                               tau_max=list(tau_max), head=head, scene_column=scene_column, device=device),
             gallery=gallery, group_column=group_column, train_photos=train_photos),
         stages=tuple(st for st in STAGES if st not in skip), force=tuple(force),
-        **({"memory": parse_bytes(memory)} if memory else {}),
+        **({"memory": parse_bytes(memory)} if memory else {}), ray=ray,
     )
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     try:
@@ -107,7 +113,7 @@ def build_index_command(
             dry_run_build(cfg, log=typer.echo)
             return
         bundle = build_index(cfg, log=log, progress=not quiet)
-    except (BundleError, ManifestError, EmbeddingTableError, FileNotFoundError, ValueError) as e:
+    except (BundleError, ManifestError, EmbeddingTableError, FileNotFoundError, ValueError, ClusterError) as e:
         fail(e)
     counts = bundle.manifest.get("counts", {})
     typer.echo(f"built {out}: {counts.get('ok', 0):,} photos indexed, {counts.get('failed', 0):,} failed")

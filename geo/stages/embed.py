@@ -75,7 +75,7 @@ def _embed_rows(rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, bar: t
     return emb, ok, errors
 
 
-def _claim_plan(bundle: Bundle, fingerprint: str, shard_rows: int, rows: int) -> None:
+def claim_plan(bundle: Bundle, fingerprint: str, shard_rows: int, rows: int) -> None:
     """Record what this bundle embeds; a resume against another input (or shard size) is refused."""
     plan = bundle.manifest.get("plan", {}).get(STAGE)
     if plan and (plan["fingerprint"] != fingerprint or plan["shard_rows"] != shard_rows):
@@ -87,7 +87,7 @@ def _claim_plan(bundle: Bundle, fingerprint: str, shard_rows: int, rows: int) ->
     bundle.save()
 
 
-def _finished(bundle: Bundle) -> tuple[list[Path], dict[str, Any]]:
+def finished(bundle: Bundle) -> tuple[list[Path], dict[str, Any]]:
     """Every finished shard's files, and the stage's info from their markers."""
     shards = finished_shards(bundle)
     markers = [read_json(marker_path(p)) for p in shards]
@@ -110,7 +110,7 @@ def ingest_embeddings(bundle: Bundle, table: EmbeddingTable, cfg: EmbedConfig = 
     checked, so a duplicate id is caught against all earlier rows.
     """
     if first_shard == 0:
-        _claim_plan(bundle, table.fingerprint, cfg.shard_rows, table.rows)
+        claim_plan(bundle, table.fingerprint, cfg.shard_rows, table.rows)
     bar = tqdm(total=table.rows, unit="row", desc="embeddings in", disable=not progress, smoothing=0.1)
     first = 0
     t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def ingest_embeddings(bundle: Bundle, table: EmbeddingTable, cfg: EmbedConfig = 
         bar.update(piece.rows)
         t0 = time.perf_counter()
     bar.close()
-    return _finished(bundle)
+    return finished(bundle)
 
 
 def run_embedding_stage(bundle: Bundle, df: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig = EmbedConfig(),
@@ -133,14 +133,14 @@ def run_embedding_stage(bundle: Bundle, df: pd.DataFrame, backbone: Backbone, cf
     ``first_shard`` > 0 numbers the shards after a bundle's own (``geo add``).
     """
     if first_shard == 0:
-        _claim_plan(bundle, manifest_fingerprint(df), cfg.shard_rows, len(df))
+        claim_plan(bundle, manifest_fingerprint(df), cfg.shard_rows, len(df))
 
     todo, done_rows = pending_shards(bundle, len(df), cfg.shard_rows, first_shard)
     bar = tqdm(total=len(df), initial=done_rows, unit="img", desc="embed", disable=not progress, smoothing=0.1)
     for i in todo:
         embed_shard(bundle, df, i, first_shard, backbone, cfg, bar)
     bar.close()
-    return _finished(bundle)
+    return finished(bundle)
 
 
 def pending_shards(bundle: Bundle, rows: int, shard_rows: int, first_shard: int = 0) -> tuple[list[int], int]:

@@ -13,10 +13,12 @@ coordinates in FAISS id order. Files: ``index/knn.faiss``, ``index/index_infos.j
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import faiss
 import numpy as np
@@ -25,7 +27,7 @@ import pandas as pd
 from geo.core.sizes import default_memory, human_bytes, parse_bytes
 from geo.store.atomic import atomic_write_faiss, atomic_write_json
 from geo.store.bundle import Bundle, BundleError
-from geo.store.embeddings import EmbeddingReader
+from geo.store.embeddings import EmbeddingReader, shard_pieces
 
 STAGE = "knn_index"
 INDEX_FILE = "index/knn.faiss"
@@ -179,8 +181,22 @@ def read_index(bundle: Bundle, use_gpu: bool | None = None, mmap: bool | None = 
     return index
 
 
-def fit_knn(reader: EmbeddingReader, config: KnnConfig = KnnConfig(), log: Callable[[str], None] = print) -> KnnIndex:
-    """Plan, train on a sample, fill shard by shard, tune nprobe for the recall target, measure."""
+def fill_shard(empty: np.ndarray, shard: str) -> np.ndarray:
+    """The trained, empty index (serialised) filled with one embedding shard's vectors, serialised: one unit of
+    population, run in this process or as a cluster task (:func:`geo.cluster.ray_map`)."""
+    index = faiss.deserialize_index(empty)
+    for _, emb in shard_pieces(Path(shard), columns=[]):
+        index.add(emb)
+    return faiss.serialize_index(index)
+
+
+def fit_knn(reader: EmbeddingReader, config: KnnConfig = KnnConfig(), log: Callable[[str], None] = print,
+            mapper: Callable[[Callable, list], Iterable] = map) -> KnnIndex:
+    """Plan, train on a sample, fill shard by shard, tune nprobe for the recall target, measure.
+
+    Each embedding shard fills a copy of the trained index (``mapper``: ``map`` here, Ray tasks with
+    ``--ray``), merged in shard order: the same index as adding the shards one after another.
+    """
     n = reader.count
     if n == 0:
         raise BundleError(f"{reader.bundle.root}: no embeddings to index (every input failed; see errors.parquet)")
@@ -193,8 +209,11 @@ def fit_knn(reader: EmbeddingReader, config: KnnConfig = KnnConfig(), log: Calla
         train = reader.sample(plan.nlist * TRAIN_PER_LIST)
         log(f"faiss: training on {len(train):,} vectors")
         index.train(train)
-    for _, emb in reader.iter(columns=[]):
-        index.add(emb)
+    empty = faiss.serialize_index(index)
+    index = faiss.deserialize_index(empty)  # the same class as the parts (the factory's may differ), as merging needs
+    for part in mapper(functools.partial(fill_shard, empty), [str(s) for s in reader.shards]):
+        part = faiss.deserialize_index(part)
+        index.merge_from(part, 0 if plan.kind == "flat" else index.ntotal)  # flat indices number rows themselves
     build_s = time.perf_counter() - t0
 
     queries = reader.sample(min(1000, n), seed=1)

@@ -63,6 +63,20 @@ def embedding_matrix(column) -> np.ndarray:
     return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
 
 
+def shard_pieces(shard: Path, columns: list[str] | None = None, batch_rows: int = 65536,
+                 embeddings: bool = True) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None]]:
+    """One shard's (metadata batch, float32 [n, dim] or None) pieces: what a cluster task reads of its shard."""
+    cols = None if columns is None else list(dict.fromkeys([*columns, *(["embedding"] if embeddings else [])]))
+    try:
+        pf = pq.ParquetFile(shard)
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+            emb = embedding_matrix(batch.column("embedding")) if embeddings else None
+            meta = batch.drop_columns(["embedding"]) if "embedding" in batch.schema.names else batch
+            yield meta, emb
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BundleError(f"{shard}: cannot read embeddings ({e})") from None
+
+
 class EmbeddingReader:
     """The committed shards of a bundle, read in pieces.
 
@@ -84,16 +98,8 @@ class EmbeddingReader:
     def iter(self, columns: list[str] | None = None, batch_rows: int = 65536,
              embeddings: bool = True) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None]]:
         """(metadata batch, float32 [n, dim] or None) pieces of at most ``batch_rows`` rows."""
-        cols = None if columns is None else list(dict.fromkeys([*columns, *(["embedding"] if embeddings else [])]))
         for shard in self.shards:
-            try:
-                pf = pq.ParquetFile(shard)
-                for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
-                    emb = embedding_matrix(batch.column("embedding")) if embeddings else None
-                    meta = batch.drop_columns(["embedding"]) if "embedding" in batch.schema.names else batch
-                    yield meta, emb
-            except (pa.ArrowInvalid, OSError) as e:
-                raise BundleError(f"{shard}: cannot read embeddings ({e})") from None
+            yield from shard_pieces(shard, columns, batch_rows, embeddings)
 
     def read(self, columns: list[str] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
         """All metadata as a DataFrame and all embeddings as float32 [n, dim]: for galleries that fit in memory.
