@@ -84,15 +84,20 @@ def write(df: pd.DataFrame, folder: Path) -> None:
 
 
 def run(cmd: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes, exit code) of one process."""
+    """(wall seconds, peak RSS bytes, exit code) of one process.
+
+    The peak comes from GNU time, which forks the command from its own small
+    process: the rusage of a child forked straight from this (large) process
+    would start at this process's RSS, which the fork shares.
+    """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-    code = os.waitstatus_to_exitcode(status)
-    if code:
-        print(f"failed ({code}): {' '.join(cmd)}\n{err}", file=sys.stderr)
-    return time.perf_counter() - t0, usage.ru_maxrss * 1024, code
+    proc = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", *cmd], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    peak = [int(line.split("=")[1]) for line in proc.stderr.splitlines() if line.startswith("maxrss_kb=")]
+    if proc.returncode:
+        print(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return wall, (peak[-1] * 1024 if peak else 0), proc.returncode
 
 
 def bench(n: int, dim: int, out: Path, queries: int) -> dict:

@@ -352,15 +352,18 @@ def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = 
     if n_photos < MIN_TRAINED_PHOTOS:
         log(f"cells, gallery, fusion: skipped, {n_photos} photos is below {MIN_TRAINED_PHOTOS}; answers use kNN")
         return
-    meta_all = reader.read_meta()
-    col = group_column(meta_all.columns, configs.group_column)
+    schema = reader.columns
+    col = group_column(schema, configs.group_column)
+    meta_all = reader.read_meta(["lat", "lon", *([col] if col else [])])  # every photo; no embeddings
     groups = meta_all[col].astype(str).to_numpy() if col else None
     held = validation_mask(n_photos, groups, VAL_FRACTION, SPLIT_SEED)  # the photographers no stage trains on
-    rows = training_rows(n_photos, configs.train_photos, SPLIT_SEED)
-    meta, emb = reader.take(rows)
-    val = held if rows is None else held[rows]
     latlon = meta_all[["lat", "lon"]].to_numpy(np.float64)
     backbone = str(bundle.manifest.get("backbone", {}).get("name", ""))
+    large = n_photos > configs.fusion.single_split_above
+    if trained or not large:  # the training sample (every photo up to train_photos), with the held-out marks
+        rows = training_rows(n_photos, configs.train_photos, SPLIT_SEED)
+        meta, emb = reader.take(rows)
+        val = held if rows is None else held[rows]
     if "cells" in trained:
         t0 = time.perf_counter()
         commit("cells", fit_cells(meta, emb, configs.cells, log=log, val=val, photos=(latlon[:, 0], latlon[:, 1])), t0)
@@ -370,12 +373,14 @@ def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = 
     if retune:
         t0 = time.perf_counter()
         has_cells, has_gallery = bundle.has_stage("cells"), bundle.has_stage("gallery")
-        if n_photos > configs.fusion.single_split_above:
-            del emb  # the held-out queries are read again below: a few thousand rows
+        if large:
+            if trained:
+                del meta, emb  # fusion reads its held-out queries again: a few thousand rows
             model = fit_fusion_on_built(
-                meta_all, held, lambda r: reader.take(r, columns=[])[1], KnnIndex.load(bundle, use_gpu=False),
-                CellPredictor.load(bundle) if has_cells else None,
-                GpsGallery.load(bundle, with_location_encoder=True) if has_gallery else None, configs.fusion, log=log)
+                meta_all, held, lambda r: reader.take(r, columns=[])[1], lambda: KnnIndex.load(bundle, use_gpu=False),
+                (lambda: CellPredictor.load(bundle)) if has_cells else None,
+                (lambda: GpsGallery.load(bundle, with_location_encoder=True)) if has_gallery else None,
+                configs.fusion, log=log)
         else:
             signal_stages = SignalStages(configs.cells if has_cells else None,
                                          configs.gallery if has_gallery else None, backbone)

@@ -92,6 +92,11 @@ class EmbeddingReader:
         self.shards = [bundle.path(rel) for rel in listed]
 
     @property
+    def columns(self) -> list[str]:
+        """The metadata columns (every shard has the first one's schema)."""
+        return [c for c in pq.ParquetFile(self.shards[0]).schema_arrow.names if c != "embedding"]
+
+    @property
     def count(self) -> int:
         return sum(pq.ParquetFile(s).metadata.num_rows for s in self.shards)
 
@@ -128,7 +133,7 @@ class EmbeddingReader:
     def read_meta(self, columns: list[str] | None = None) -> pd.DataFrame:
         """Metadata columns of every row (None: all of them), without the embeddings (what the query side keeps)."""
         if columns is None:
-            columns = [c for c in pq.ParquetFile(self.shards[0]).schema_arrow.names if c != "embedding"]
+            columns = self.columns
         return pa.concat_tables([pq.read_table(s, columns=columns) for s in self.shards]).to_pandas()
 
     def sample(self, rows: int, seed: int = 0) -> np.ndarray:

@@ -147,7 +147,7 @@ def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarra
         if stages.gallery is not None:
             gallery = fit_gallery(tmeta, temb, stages.gallery, stages.backbone, log=quiet)
         lat, lon = tmeta["lat"].to_numpy(np.float64), tmeta["lon"].to_numpy(np.float64)
-        ev, fold_singles = score(emb[held], knn, cells, gallery, lat, lon, config.k)
+        ev, fold_singles = score(Batch(emb[held], config.k), knn, cells, gallery, lat, lon)
         for m, v in fold_singles.items():
             singles[m].append(v)
         all_rows.append(held)
@@ -155,10 +155,9 @@ def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarra
     return np.concatenate(all_rows), Evidence.concat(parts), {m: np.concatenate(v) for m, v in singles.items() if v}
 
 
-def score(emb: np.ndarray, knn: KnnIndex, cells: CellPredictor | None, gallery: GpsGallery | None,
-          lat: np.ndarray, lon: np.ndarray, k: int) -> tuple[Evidence, dict[str, np.ndarray]]:
+def score(batch: Batch, knn: KnnIndex, cells: CellPredictor | None, gallery: GpsGallery | None,
+          lat: np.ndarray, lon: np.ndarray) -> tuple[Evidence, dict[str, np.ndarray]]:
     """Every signal's evidence for these photos, and each single mode's answer [n, 2] (what fusion must beat)."""
-    batch = Batch(emb, k)
     ev = collect(sources_for(knn, cells, gallery, lat, lon), batch)
     sims, nbr = knn_search(knn, batch)
     singles = {"knn": np.array([[v.lat, v.lon] for v in (
@@ -167,7 +166,7 @@ def score(emb: np.ndarray, knn: KnnIndex, cells: CellPredictor | None, gallery: 
         singles["gallery"] = ev.signals["gallery"].latlon[:, 0]
     if cells is not None:
         singles["cells"] = np.stack(cells.decide(cell_probs(cells, batch))[:2], -1)
-        singles["prior"] = np.broadcast_to(population_prior(lat, lon), (len(emb), 2))
+        singles["prior"] = np.broadcast_to(population_prior(lat, lon), (len(batch), 2))
     return ev, singles
 
 
@@ -182,8 +181,9 @@ def holdout_rows(held: np.ndarray, groups: np.ndarray | None, max_queries: int, 
 
 
 def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callable[[np.ndarray], np.ndarray],
-                        knn: KnnIndex, cells: CellPredictor | None, gallery: GpsGallery | None,
-                        config: FusionConfig = FusionConfig(), log: Callable[[str], None] = print) -> FusionModel:
+                        knn: Callable[[], KnnIndex], cells: Callable[[], CellPredictor] | None,
+                        gallery: Callable[[], GpsGallery] | None, config: FusionConfig = FusionConfig(),
+                        log: Callable[[str], None] = print) -> FusionModel:
     """Fusion for a large gallery, from its built stages: no stage is fitted again.
 
     ``meta`` holds every gallery photo's metadata (no embeddings); ``held`` marks
@@ -193,8 +193,10 @@ def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callabl
     the GPS gallery's points and prior recomputed without them, and the prior of
     the rest: exactly what a gallery without them would answer, since no trained
     part learnt from them (they only chose when to stop training and the heads'
-    temperature). ``query_emb(rows)`` reads those photos' embeddings. The cost is
-    one gallery re-encode and a few thousand queries, whatever the gallery's size.
+    temperature). ``query_emb(rows)`` reads those photos' embeddings; ``knn``, ``cells``
+    and ``gallery`` load the built stages, one after another: the kNN index (about
+    the embeddings' size) is searched and released before the gallery is re-encoded.
+    The cost is one gallery re-encode and a few thousand queries, whatever the gallery's size.
     """
     col = group_column(meta.columns, config.group_column)
     groups = meta[col].astype(str).to_numpy() if col else None
@@ -209,11 +211,14 @@ def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callabl
     rest[rows] = False
     lat, lon = meta["lat"].to_numpy(np.float64), meta["lon"].to_numpy(np.float64)
     log(f"fusion: scoring {len(rows):,} photos of held-out photographers against the built stages without them")
-    if cells is not None:
-        cells = cells_with_photos(cells, lat[rest], lon[rest])
-    if gallery is not None:
-        gallery = gallery_with_photos(gallery, np.stack([lat[rest], lon[rest]], -1))
-    ev, singles = score(query_emb(rows), knn.excluding(rows), cells, gallery, lat[rest], lon[rest], config.k)
+    batch = Batch(query_emb(rows), config.k)
+    index = knn().excluding(rows)
+    knn_search(index, batch)  # the one search, memoised in the batch
+    index.release()
+    built_cells = cells_with_photos(cells(), lat[rest], lon[rest]) if cells is not None else None
+    built_gallery = (gallery_with_photos(gallery(), np.stack([lat[rest], lon[rest]], -1))
+                     if gallery is not None else None)
+    ev, singles = score(batch, index, built_cells, built_gallery, lat[rest], lon[rest])
     t1 = time.perf_counter()
     return _tuned(ev, singles, meta[["lat", "lon"]].to_numpy(np.float64)[rows],
                   groups[rows] if groups is not None else None, saved, t1 - t0, log)
