@@ -8,11 +8,12 @@ alone; :func:`check` refuses a build whose peak exceeds the memory budget
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from geo.stages.cells.partition import default_taus
 from geo.core.sizes import SAFE_SHARE, default_memory, human_bytes, parse_bytes
-from geo.stages.knn import plan_index
+from geo.core.runtime import matmul_flops
+from geo.stages.knn import index_candidates, plan_index
 from geo.store.bundle import BundleError
 
 
@@ -23,10 +24,12 @@ class StagePlan:
     does: str
     memory: int  # peak bytes the stage holds
     disk: int = 0  # bytes it writes
+    details: list[str] = field(default_factory=list)  # printed under the line (the index candidates)
 
     def line(self) -> str:
         disk = f", writes ~{human_bytes(self.disk)}" if self.disk else ""
-        return f"{self.stage:>10}: {self.does}; peak ~{human_bytes(self.memory)}{disk}"
+        return "\n".join([f"{self.stage:>10}: {self.does}; peak ~{human_bytes(self.memory)}{disk}",
+                          *(f"{'':>12}{d}" for d in self.details)])
 
 
 def plan_build(n: int, dim: int, ram_budget: str | int, exact_max: int, gallery_points: int, gallery_rounds: int,
@@ -36,8 +39,15 @@ def plan_build(n: int, dim: int, ram_budget: str | int, exact_max: int, gallery_
     emb = n * dim * 4
     out = [StagePlan("embeddings", f"{n:,} x {dim} float32 in Parquet shards", 64 << 20, emb)]
     if "knn_index" in stages:
-        p = plan_index(n, dim, parse_bytes(ram_budget), exact_max)
-        out.append(StagePlan("knn_index", p.describe(), p.est_bytes + (1000 * dim * 4), p.est_bytes))
+        budget = parse_bytes(ram_budget)
+        p = plan_index(n, dim, budget, exact_max)
+        flops = matmul_flops()
+        details = [f"candidates (times at this machine's {flops / 1e9:.0f} GFLOP/s; query assumes nprobe 16):"]
+        for c in index_candidates(n, dim, budget, flops):
+            mark = "chosen" if c.factory == p.factory else ("fits" if c.fits else "over --ram-budget")
+            details.append(f"{c.factory:<22} {human_bytes(c.est_bytes):>9}  build ~{_duration(c.build_s):>7}  "
+                           f"query ~{c.query_ms:.2f} ms  {mark}")
+        out.append(StagePlan("knn_index", p.describe(), p.est_bytes + (1000 * dim * 4), p.est_bytes, details))
     trained = [s for s in ("cells", "gallery", "fusion") if s in stages]
     if trained and n >= 50:
         tau_min, tau_max = default_taus(n)
@@ -65,6 +75,10 @@ def plan_build(n: int, dim: int, ram_budget: str | int, exact_max: int, gallery_
                 memory = emb + n * 100 + min(n, gallery_points) * 513 * 4 * 2 + max_queries * dim * 4
             out.append(StagePlan("fusion", how, memory, 1 << 20))
     return out
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def check(plans: list[StagePlan], memory: int) -> None:

@@ -195,6 +195,8 @@ def test_dry_run_plans_every_stage_and_the_memory_budget_is_enforced(built, tmp_
     for stage in ("embeddings", "knn_index", "cells", "gallery", "fusion"):
         assert f"{stage}:" in r.output, stage
     assert "Flat for 120 x 24 vectors" in r.output and "memory budget" in r.output
+    chosen = [line for line in r.output.splitlines() if line.strip().endswith("chosen")]
+    assert len(chosen) == 1 and chosen[0].split()[0] == "Flat" and "build ~" in chosen[0]  # autofaiss-style table
     assert not target.exists()  # a dry run builds nothing
     r = invoke("build-index", "--embeddings", src, "--backbone", "toy24", "--out", target, "--memory", "64KB")
     assert r.exit_code == 2 and "raise --memory" in r.output and not (target / "manifest.json").exists()

@@ -119,3 +119,16 @@ def test_excluding_rows_searches_as_if_they_were_not_indexed(tmp_path, exact_max
     assert np.mean([len(set(a) & set(g)) / 10 for a, g in zip(exact, rows)]) >= 0.95
     _, plain = index.search(q, 1)
     np.testing.assert_array_equal(plain[:, 0], gone[:50])  # the index itself is unchanged
+
+
+def test_index_candidates_price_every_kind_the_plan_chooses_among():
+    from geo.stages.knn import index_candidates
+
+    for n, budget in ((50_000, "8GB"), (2_000_000, "16GB"), (2_000_000, "1GB")):
+        plan = plan_index(n, 512, parse_bytes(budget))
+        cands = {c.factory: c for c in index_candidates(n, 512, parse_bytes(budget), flops=1e10)}
+        assert plan.factory in cands and cands[plan.factory].fits  # the chosen one is priced and fits
+        assert cands["Flat"].est_bytes == n * 512 * 4
+    small, big = (index_candidates(n, 512, parse_bytes("64GB"), 1e10)[1] for n in (1_000_000, 4_000_000))
+    assert 4 < big.build_s / small.build_s < 8  # nlist ~ sqrt(n): 4x the photos, ~6x the time (n^1.25, not n^2)
+    assert big.query_ms < index_candidates(4_000_000, 512, parse_bytes("64GB"), 1e10)[0].query_ms / 10

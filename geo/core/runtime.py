@@ -1,4 +1,5 @@
-"""Where and in what precision models run: one rule for the backbone, the heads and the gallery.
+"""Where and in what precision models run (one rule for the backbone, the heads and the gallery), and how
+fast this machine multiplies matrices (what build-time estimates divide by).
 
 "auto" means CUDA when torch sees a GPU, else the CPU; half precision is a
 GPU matter (fp16/bf16 asked for on a CPU fall back to fp32 with a warning:
@@ -6,8 +7,10 @@ slow there and no gain).
 """
 from __future__ import annotations
 
+import time
 import warnings
 
+import numpy as np
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -33,3 +36,14 @@ def resolve_precision(precision: str, dev: torch.device) -> torch.dtype:
             warnings.warn(f"precision {precision} ignored on {dev.type}: using fp32", stacklevel=3)
         return torch.float32
     return torch.float16 if precision == "auto" else PRECISIONS[precision]
+
+
+def matmul_flops(size: int = 768, repeat: int = 10) -> float:
+    """This machine's float32 matrix-multiply speed (flop/s, best of ``repeat``): what time estimates divide by."""
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / max(best, 1e-9)

@@ -35,6 +35,7 @@ INFOS_FILE = "index/index_infos.json"
 META_COLUMNS = ["id", "path", "lat", "lon"]
 HNSW_NLIST = 4096  # from this many inverted lists the coarse quantizer is an HNSW graph
 TRAIN_PER_LIST = 64  # k-means sample per inverted list (FAISS warns below 39)
+PQ_BYTES = (128, 96, 64, 48, 32, 16, 8)  # IVF-PQ code sizes, most accurate first
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> I
     ivf_flat = raw + n * 8 + centroids
     if ivf_flat <= ram_budget:
         return IndexPlan("ivf_flat", f"{quantizer},Flat", n, dim, nlist, 0, ivf_flat)
-    for m in (128, 96, 64, 48, 32, 16, 8):
+    for m in PQ_BYTES:
         if dim % m:
             continue
         est = n * (m + 8) + centroids + m * 256 * (dim // m) * 4
@@ -92,6 +93,47 @@ def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> I
         f"no FAISS index for {n:,} x {dim} vectors fits the RAM budget of {human_bytes(ram_budget)} "
         f"(the smallest, {quantizer},PQ8, needs about {human_bytes(smallest)}); raise --ram-budget"
     )
+
+
+KMEANS_ITERATIONS = 25  # FAISS's default for an IVF quantizer
+ESTIMATE_NPROBE = 16  # real photos need more probes than the synthetic benchmark's 2; estimates assume 16
+
+
+@dataclass(frozen=True)
+class IndexCandidate:
+    factory: str
+    est_bytes: int
+    build_s: float  # training, filling and the recall check, at this machine's measured flop rate
+    query_ms: float  # one query, at that rate
+    fits: bool
+
+
+def index_candidates(n: int, dim: int, ram_budget: int, flops: float) -> list[IndexCandidate]:
+    """Every index kind the plan chooses among, with its memory and time (autofaiss's estimate-first rule).
+
+    Times are flop counts over ``flops`` (multiply-adds x 2 per second, measured on this machine by
+    :func:`geo.core.runtime.matmul_flops`): k-means over 64 vectors a list, two assignment passes (list sizes,
+    then filling), the exact search behind recall@10 on 1,000 queries, and a query's probed lists.
+    """
+    exact = 2 * 1000 * n * dim
+    out = [IndexCandidate("Flat", n * dim * 4, (exact + n * dim) / flops, 2 * n * dim / flops * 1e3,
+                          n * dim * 4 <= ram_budget)]
+    nlist = int(2 ** round(math.log2(math.sqrt(max(n, 1)))))
+    quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_NLIST else f"IVF{nlist}"
+    train = 2 * KMEANS_ITERATIONS * nlist * TRAIN_PER_LIST * nlist * dim
+    assign = 2 * 2 * n * nlist * dim
+    probe_ms = 2 * (nlist + ESTIMATE_NPROBE * n / nlist) * dim / flops * 1e3
+    centroids = nlist * dim * 4
+    raw = n * dim * 4 + n * 8 + centroids
+    out.append(IndexCandidate(f"{quantizer},Flat", raw, (train + assign + exact) / flops, probe_ms, raw <= ram_budget))
+    for m in PQ_BYTES:
+        if dim % m:
+            continue
+        est = n * (m + 8) + centroids + m * 256 * (dim // m) * 4
+        pq_train = 2 * KMEANS_ITERATIONS * 256 * nlist * TRAIN_PER_LIST * dim
+        out.append(IndexCandidate(f"{quantizer},PQ{m}", est, (train + pq_train + assign + exact) / flops,
+                                  2 * (nlist * dim + ESTIMATE_NPROBE * n / nlist * m) / flops * 1e3, est <= ram_budget))
+    return out
 
 
 def gpu_count() -> int:

@@ -111,7 +111,9 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
     val = result.val_index
     if len(val) >= CALIBRATION_PHOTOS or not config.crossfit:
         calib_rows, how = val, "the held-out photographers"
-        logits, _ = head_logits(result.model, emb[val], scene[val] if scene is not None else None)
+        if len(val) > CALIBRATION_PHOTOS:  # the sample calibration would take: logits of only those photos
+            calib_rows = val[np.sort(np.random.default_rng(0).choice(len(val), CALIBRATION_PHOTOS, replace=False))]
+        logits, _ = head_logits(result.model, emb[calib_rows], scene[calib_rows] if scene is not None else None)
     else:
         calib_rows, how = np.arange(len(emb)), f"{CROSSFIT_FOLDS}-fold cross-fitted heads"
         logits = _crossfit_logits(emb, rows, cell_latlon, (lat, lon), hc, groups, scene, len(scene_values))

@@ -81,7 +81,7 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
     pxyz = torch.from_numpy(latlon_to_xyz(*photo_latlon)).float().to(dev)
     cxyz = [torch.from_numpy(latlon_to_xyz(la, lo)).float().to(dev) for la, lo in cell_latlon]
     if config.head == "linear":
-        _prototype_init(model, emb[train], np.asarray(targets)[train])
+        _prototype_init(model, emb, train, np.asarray(targets))
     model = model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
@@ -127,24 +127,27 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
 
 
 @torch.no_grad()
-def _prototype_init(model: CellHeads, emb: np.ndarray, targets: np.ndarray, scale: float = 10.0) -> None:
+def _prototype_init(model: CellHeads, emb: np.ndarray, rows: np.ndarray, targets: np.ndarray,
+                    scale: float = 10.0) -> None:
     """Start each linear head as a nearest-centroid classifier on centred features.
 
     With a few photos per cell, a randomly initialised head over-fits its
     photographers before it learns places; the centroid of a cell's photos
     (minus the gallery mean, which every ImageNet feature shares) is the
-    estimate that needs no fitting.
+    estimate that needs no fitting. ``rows`` are the training photos of
+    ``emb``: each cell's sum is one sparse product over them, so no copy of
+    the embeddings is made (sum of x - mu over a cell = sum of x - count * mu).
     """
-    mu = emb.mean(0)
-    x = emb - mu
+    from scipy import sparse  # scikit-learn's dependency; only the build trains heads
+
+    mu = emb[rows].mean(0) if len(rows) < len(emb) else emb.mean(0)
     for p, head in enumerate(model.heads):
-        ok = targets[:, p] >= 0
+        label = targets[rows, p]
+        ok = label >= 0
         n_cells = head.weight.shape[0]
-        sums = np.zeros((n_cells, emb.shape[1]))
-        order = np.argsort(targets[ok, p], kind="stable")
-        labels, start = np.unique(targets[ok, p][order], return_index=True)
-        if len(labels):
-            sums[labels] = np.add.reduceat(x[ok][order], start, axis=0)
+        onehot = sparse.csr_matrix((np.ones(int(ok.sum())), (label[ok], rows[ok])), shape=(n_cells, len(emb)))
+        counts = np.asarray(onehot.sum(axis=1)).ravel()
+        sums = np.asarray(onehot @ emb, np.float64) - counts[:, None] * mu[None, :]
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         w = np.where(norms > 0, sums / np.maximum(norms, 1e-12), 0.0) * scale
         head.weight.zero_()
