@@ -37,7 +37,7 @@ class ClusterError(RuntimeError):
     """Ray is missing or the cluster cannot be reached: the message says which and what to do."""
 
 
-def connect(address: str = LOCAL, num_cpus: int | None = None) -> None:
+def connect(address: str = LOCAL) -> None:
     """Join the Ray cluster at ``address`` (``local``: start one on this machine, or use ``RAY_ADDRESS`` when set)."""
     try:
         import ray
@@ -47,11 +47,8 @@ def connect(address: str = LOCAL, num_cpus: int | None = None) -> None:
         return
     if address == LOCAL:
         address = os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if address is None and num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
     try:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
     except ConnectionError as e:
         raise ClusterError(f"--ray {address}: cannot reach a Ray cluster there ({e}); start one with "
                            "`ray start --head` or give its address") from None
@@ -82,13 +79,13 @@ class _ShardEmbedder:
 
 
 def embed_on_ray(bundle: Bundle, df: pd.DataFrame, cfg: EmbedConfig, device: str = "auto",
-                 precision: str | None = None, actors: int | None = None, progress: bool = True,
+                 precision: str | None = None, progress: bool = True,
                  first_shard: int = 0) -> tuple[list, dict[str, Any]]:
     """:func:`geo.stages.embed.run_embedding_stage` with the pending shards spread over Ray actors.
 
-    One actor per GPU when the cluster has GPUs (``num_gpus=1`` each), else
-    ``actors`` (default: the cluster's CPUs, at most the shards to do), each
-    decoding with ``cfg.workers`` processes of its own.
+    One actor per GPU when the cluster has GPUs (``num_gpus=1`` each), else one
+    per CPU of the cluster, at most one per shard to do; each decodes with
+    ``cfg.workers`` processes of its own.
     """
     import ray
 
@@ -97,7 +94,7 @@ def embed_on_ray(bundle: Bundle, df: pd.DataFrame, cfg: EmbedConfig, device: str
     todo, done_rows = pending_shards(bundle, len(df), cfg.shard_rows, first_shard)
     if todo:
         gpus = cluster_gpus()
-        size = gpus or actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        size = gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
         size = max(1, min(size, len(todo)))
         ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
         out = ds.map_batches(

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geo.cluster import connect, embed_on_ray, ray_map
+from geo.core.runtime import matmul_flops
 from geo.core.sizes import human_bytes
 from geo.core.splits import group_column, training_rows, validation_mask
 from geo.data.embedding_table import EmbeddingTable
@@ -263,12 +264,13 @@ def _rows_after(reader: EmbeddingReader, skip: int):
         seen += len(emb)
 
 
-def plan_stages(cfg: BuildConfig, n: int, dim: int) -> list[StagePlan]:
-    """Each stage's plan and estimate for ``n`` photos of ``dim``-d embeddings under this config."""
+def plan_stages(cfg: BuildConfig, n: int, dim: int, flops: float | None = None) -> list[StagePlan]:
+    """Each stage's plan and estimate for ``n`` photos of ``dim``-d embeddings under this config (with ``flops``,
+    the FAISS candidates priced too: what ``--dry-run`` prints)."""
     c = cfg.stage_configs
     return plan_build(n, dim, c.knn.ram_budget, c.knn.exact_max, c.gallery.max_points, c.gallery.epochs,
                       c.gallery.round_photos, c.fusion.folds, c.fusion.single_split_above, c.fusion.max_queries,
-                      cfg.stages, c.train_photos)
+                      cfg.stages, c.train_photos, flops)
 
 
 def dry_run(cfg: BuildConfig, log: Log = print) -> list[StagePlan]:
@@ -281,7 +283,7 @@ def dry_run(cfg: BuildConfig, log: Log = print) -> list[StagePlan]:
         man = read_manifest(cfg.manifest, cfg.image_root)
         n, dim = len(man.df), load_backbone(cfg.backbone, device="cpu", weights=cfg.weights).dim
         log(f"input: {n:,} photos ({len(man.errors):,} rows rejected), {cfg.backbone} gives {dim}-d embeddings")
-    plans = plan_stages(cfg, n, dim)
+    plans = plan_stages(cfg, n, dim, matmul_flops())
     for p in plans:
         log(p.line())
     log(f"memory budget {human_bytes(cfg.memory)} (--memory)")

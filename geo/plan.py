@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from geo.stages.cells.partition import default_taus
 from geo.core.sizes import SAFE_SHARE, default_memory, human_bytes, parse_bytes
-from geo.core.runtime import matmul_flops
+from geo.stages.cells.partition import default_taus
 from geo.stages.knn import index_candidates, plan_index
 from geo.store.bundle import BundleError
-
 
 
 @dataclass
@@ -34,19 +32,21 @@ class StagePlan:
 
 def plan_build(n: int, dim: int, ram_budget: str | int, exact_max: int, gallery_points: int, gallery_rounds: int,
                round_photos: int, fusion_folds: int, single_split_above: int, max_queries: int,
-               stages: tuple[str, ...], train_photos: int) -> list[StagePlan]:
-    """The plan of every stage for ``n`` embeddings of ``dim`` floats."""
+               stages: tuple[str, ...], train_photos: int, flops: float | None = None) -> list[StagePlan]:
+    """The plan of every stage for ``n`` embeddings of ``dim`` floats; with ``flops`` (this machine's speed, for
+    ``--dry-run``), the kNN plan also prices every candidate index."""
     emb = n * dim * 4
     out = [StagePlan("embeddings", f"{n:,} x {dim} float32 in Parquet shards", 64 << 20, emb)]
     if "knn_index" in stages:
         budget = parse_bytes(ram_budget)
         p = plan_index(n, dim, budget, exact_max)
-        flops = matmul_flops()
-        details = [f"candidates (times at this machine's {flops / 1e9:.0f} GFLOP/s; query assumes nprobe 16):"]
-        for c in index_candidates(n, dim, budget, flops):
-            mark = "chosen" if c.factory == p.factory else ("fits" if c.fits else "over --ram-budget")
-            details.append(f"{c.factory:<22} {human_bytes(c.est_bytes):>9}  build ~{_duration(c.build_s):>7}  "
-                           f"query ~{c.query_ms:.2f} ms  {mark}")
+        details = []
+        if flops is not None:
+            details.append(f"candidates (times at this machine's {flops / 1e9:.0f} GFLOP/s; query assumes nprobe 16):")
+            for c in index_candidates(n, dim, budget, flops):
+                mark = "chosen" if c.factory == p.factory else ("fits" if c.fits else "over --ram-budget")
+                details.append(f"{c.factory:<22} {human_bytes(c.est_bytes):>9}  build ~{_duration(c.build_s):>7}  "
+                               f"query ~{c.query_ms:.2f} ms  {mark}")
         out.append(StagePlan("knn_index", p.describe(), p.est_bytes + (1000 * dim * 4), p.est_bytes, details))
     trained = [s for s in ("cells", "gallery", "fusion") if s in stages]
     if trained and n >= 50:

@@ -73,19 +73,14 @@ def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> I
     a million photos. From ``HNSW_NLIST`` lists the coarse quantizer is an HNSW
     graph (IVF-HNSW), so assigning a vector no longer scans every centroid.
     """
-    raw = n * dim * 4
     if n <= exact_max:
-        return IndexPlan("flat", "Flat", n, dim, 0, 0, raw)
-    nlist = int(2 ** round(math.log2(math.sqrt(n))))
-    quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_NLIST else f"IVF{nlist}"
-    centroids = nlist * dim * 4 + (nlist * 32 * 2 * 4 if nlist >= HNSW_NLIST else 0)
-    ivf_flat = raw + n * 8 + centroids
+        return IndexPlan("flat", "Flat", n, dim, 0, 0, n * dim * 4)
+    nlist, quantizer, centroids = _ivf_layout(n, dim)
+    ivf_flat = _ivf_flat_bytes(n, dim, centroids)
     if ivf_flat <= ram_budget:
         return IndexPlan("ivf_flat", f"{quantizer},Flat", n, dim, nlist, 0, ivf_flat)
-    for m in PQ_BYTES:
-        if dim % m:
-            continue
-        est = n * (m + 8) + centroids + m * 256 * (dim // m) * 4
+    for m in _pq_sizes(dim):
+        est = _ivf_pq_bytes(n, dim, m, centroids)
         if est <= ram_budget:
             return IndexPlan("ivf_pq", f"{quantizer},PQ{m}", n, dim, nlist, m, est)
     smallest = n * (8 + 8) + centroids
@@ -93,6 +88,26 @@ def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> I
         f"no FAISS index for {n:,} x {dim} vectors fits the RAM budget of {human_bytes(ram_budget)} "
         f"(the smallest, {quantizer},PQ8, needs about {human_bytes(smallest)}); raise --ram-budget"
     )
+
+
+def _ivf_layout(n: int, dim: int) -> tuple[int, str, int]:
+    """(nlist ~ sqrt(n) as a power of two, the factory's quantizer part, the quantizer's bytes)."""
+    nlist = int(2 ** round(math.log2(math.sqrt(max(n, 1)))))
+    hnsw = nlist >= HNSW_NLIST
+    return nlist, f"IVF{nlist}_HNSW32" if hnsw else f"IVF{nlist}", nlist * dim * 4 + (nlist * 32 * 2 * 4 if hnsw else 0)
+
+
+def _ivf_flat_bytes(n: int, dim: int, centroids: int) -> int:
+    return n * dim * 4 + n * 8 + centroids
+
+
+def _ivf_pq_bytes(n: int, dim: int, m: int, centroids: int) -> int:
+    return n * (m + 8) + centroids + m * 256 * (dim // m) * 4
+
+
+def _pq_sizes(dim: int) -> list[int]:
+    """The IVF-PQ code sizes that divide ``dim``, most accurate first."""
+    return [m for m in PQ_BYTES if dim % m == 0]
 
 
 KMEANS_ITERATIONS = 25  # FAISS's default for an IVF quantizer
@@ -118,18 +133,14 @@ def index_candidates(n: int, dim: int, ram_budget: int, flops: float) -> list[In
     exact = 2 * 1000 * n * dim
     out = [IndexCandidate("Flat", n * dim * 4, (exact + n * dim) / flops, 2 * n * dim / flops * 1e3,
                           n * dim * 4 <= ram_budget)]
-    nlist = int(2 ** round(math.log2(math.sqrt(max(n, 1)))))
-    quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_NLIST else f"IVF{nlist}"
+    nlist, quantizer, centroids = _ivf_layout(n, dim)
     train = 2 * KMEANS_ITERATIONS * nlist * TRAIN_PER_LIST * nlist * dim
     assign = 2 * 2 * n * nlist * dim
     probe_ms = 2 * (nlist + ESTIMATE_NPROBE * n / nlist) * dim / flops * 1e3
-    centroids = nlist * dim * 4
-    raw = n * dim * 4 + n * 8 + centroids
+    raw = _ivf_flat_bytes(n, dim, centroids)
     out.append(IndexCandidate(f"{quantizer},Flat", raw, (train + assign + exact) / flops, probe_ms, raw <= ram_budget))
-    for m in PQ_BYTES:
-        if dim % m:
-            continue
-        est = n * (m + 8) + centroids + m * 256 * (dim // m) * 4
+    for m in _pq_sizes(dim):
+        est = _ivf_pq_bytes(n, dim, m, centroids)
         pq_train = 2 * KMEANS_ITERATIONS * 256 * nlist * TRAIN_PER_LIST * dim
         out.append(IndexCandidate(f"{quantizer},PQ{m}", est, (train + pq_train + assign + exact) / flops,
                                   2 * (nlist * dim + ESTIMATE_NPROBE * n / nlist * m) / flops * 1e3, est <= ram_budget))

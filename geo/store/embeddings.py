@@ -121,7 +121,7 @@ class EmbeddingReader:
             raise ValueError(f"take: rows must be sorted, unique and within 0..{total - 1}")
         metas, out, start, filled = [], None, 0, 0
         for meta, emb in self.iter(columns):
-            pick = keep[(keep >= start) & (keep < start + len(emb))] - start
+            pick = keep[np.searchsorted(keep, start):np.searchsorted(keep, start + len(emb))] - start
             start += len(emb)
             if out is None:
                 out = np.empty((len(keep), emb.shape[1]), np.float32)

@@ -220,7 +220,7 @@ def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callabl
                      if gallery is not None else None)
     ev, singles = score(batch, index, built_cells, built_gallery, lat[rest], lon[rest])
     t1 = time.perf_counter()
-    return _tuned(ev, singles, meta[["lat", "lon"]].to_numpy(np.float64)[rows],
+    return _tuned(ev, singles, np.stack([lat[rows], lon[rows]], -1),
                   groups[rows] if groups is not None else None, saved, t1 - t0, log)
 
 
