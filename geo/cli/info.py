@@ -10,8 +10,6 @@ from geo.core.geodesy import THRESHOLDS_KM
 from geo.models.backbones import available_backbones
 from geo.store.bundle import BundleError, open_bundle
 
-SHOWN = ("format_version", "created", "backbone", "dim", "counts", "stages", "software", "stale", "additions")
-
 
 def _stage_line(stage: str, info: dict) -> str:
     """The few numbers a person reads first; the whole record is in --json."""
@@ -43,11 +41,11 @@ def info_command(index: Path = typer.Argument(..., help="Bundle directory."),
         b = open_bundle(index, hashes=verify)
     except BundleError as e:
         fail(e)
-    m = {k: b.manifest[k] for k in SHOWN if k in b.manifest}
+    m = b.summary(sha256_checked=verify)
     checked = f"{len(b.manifest.get('files', {}))} files, " + ("sizes and sha256 verified" if verify else
                                                                 "sizes checked (--verify also checks sha256)")
     if as_json:
-        print_json({**m, "verified": {"files": len(b.manifest.get("files", {})), "sha256": verify}})
+        print_json(m)
         return
     typer.echo(f"{index}: geo bundle format {m['format_version']}, backbone {m['backbone']['name']} ({m['dim']}-d)")
     counts = m.get("counts", {})

@@ -131,3 +131,19 @@ def from_tokens(tokens) -> np.ndarray:
             raise ValueError(f"not an S2 cell token: {t!r}")
         out[k] = int(t.ljust(16, "0"), 16)
     return out
+
+
+def cell_ring(token: str) -> list[list[float]]:
+    """A cell's boundary as a closed GeoJSON ring of [lon, lat] (counter-clockwise, RFC 7946), for maps.
+
+    S2 edges are great-circle arcs, so the four corners describe the cell exactly
+    for a spherical renderer (d3-geo); planar GIS tools draw straight edges.
+    """
+    import s2sphere  # one cell at a time, for the few cells an answer lists
+
+    cell = s2sphere.Cell(s2sphere.CellId.from_token(token))
+    ring = []
+    for k in range(4):
+        ll = s2sphere.LatLng.from_point(cell.get_vertex(k))
+        ring.append([round(ll.lng().degrees, 6), round(ll.lat().degrees, 6)])
+    return ring + [ring[0]]

@@ -60,7 +60,7 @@ class ImageLoadError(Exception):
 
 
 # ---------------------------------------------------------------- opening
-def _read_bytes(path: str | os.PathLike) -> bytes:
+def read_image_file(path: str | os.PathLike) -> bytes:
     """Read the file once; every I/O failure becomes an ImageLoadError with a plain reason."""
     try:
         data = Path(path).read_bytes()
@@ -136,9 +136,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode any supported image to an upright 8-bit RGB PIL image, or raise ImageLoadError."""
-    data = _read_bytes(path)
-    im = _open_header(path, data)
-    return _decode_pil(path, im)
+    return decode_rgb(read_image_file(path), path)
+
+
+def decode_rgb(data: bytes, path: str | os.PathLike) -> Image.Image:
+    """:func:`open_rgb` for bytes already in memory; ``path`` only names it in errors."""
+    if not data:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    return _decode_pil(path, _open_header(path, data))
 
 
 def _decode_pil(path: str | os.PathLike, im: Image.Image, draft_to: tuple[int, int] | None = None) -> Image.Image:
@@ -233,9 +238,22 @@ def _upright_size(im: Image.Image) -> tuple[int, int]:
 
 def load_tensor(path: str | os.PathLike, pre: "Preprocess", crops: int = 1) -> torch.Tensor:
     """float32 normalised [crops, 3, size, size] for one image file, or ImageLoadError."""
+    return decode_tensor(read_image_file(path), path, pre, crops)
+
+
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) from the header alone, with the bomb guard: what a server checks before decoding."""
+    if not data:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    return _open_header(name, data).size
+
+
+def decode_tensor(data: bytes, path: str | os.PathLike, pre: "Preprocess", crops: int = 1) -> torch.Tensor:
+    """:func:`load_tensor` for bytes already in memory (an upload); ``path`` only names it in errors."""
     if crops not in (1, 3, 5):
         raise ValueError(f"crops must be 1, 3 or 5, not {crops!r}")
-    data = _read_bytes(path)
+    if not data:
+        raise ImageLoadError(path, "empty file (0 bytes)")
     im = _open_header(path, data)
     w, h = im.size
     short, long_ = min(w, h), max(w, h)

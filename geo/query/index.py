@@ -121,9 +121,15 @@ class GeoIndex:
             ok = [(i, t) for i, t, err in items if err is None]
             errors.update({i: err for i, _, err in items if err is not None})
             if ok:
-                x = torch.stack([t.reshape(crops, *t.shape[-3:]) for _, t in ok]).reshape(-1, *ok[0][1].shape[-3:])
-                out[[i for i, _ in ok]] = bb.embed(x.to(bb.device)).reshape(len(ok), crops, bb.dim)
+                out[[i for i, _ in ok]] = np.stack(self.embed_tensors([t for _, t in ok]))
         return out, errors
+
+    def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """One forward pass over decoded images, each [crops, 3, s, s] (crop counts may differ) -> one
+        [crops, dim] array per image. The server gathers concurrent requests into one such call."""
+        bb = self.backbone
+        flat = bb.embed(torch.cat([t.reshape(-1, *t.shape[-3:]) for t in tensors]).to(bb.device))
+        return np.split(flat, np.cumsum([t.reshape(-1, *t.shape[-3:]).shape[0] for t in tensors])[:-1])
 
     # ------------------------------------------------------------ answering
     def evidence(self, emb: np.ndarray, k: int = 50) -> Evidence:

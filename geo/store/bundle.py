@@ -60,6 +60,9 @@ def software_versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- the bundle
+SUMMARY_KEYS = ("format_version", "created", "backbone", "dim", "counts", "stages", "software", "stale", "additions")
+
+
 class Bundle:
     """A bundle directory and its manifest.
 
@@ -135,6 +138,11 @@ class Bundle:
             return self.manifest["stages"][stage]
         except KeyError:
             raise BundleError(f"{self.root}: stage {stage!r} was not built (run `geo build-index` with it)") from None
+
+    def summary(self, sha256_checked: bool) -> dict[str, Any]:
+        """What ``geo info --json`` and the server's ``/info`` print: the manifest without its file list."""
+        m = {k: self.manifest[k] for k in SUMMARY_KEYS if k in self.manifest}
+        return {**m, "verified": {"files": len(self.manifest.get("files", {})), "sha256": sha256_checked}}
 
     def verify(self, hashes: bool = True) -> int:
         """Refuse a bundle whose files are missing, truncated or (with ``hashes``) altered; returns the files checked."""

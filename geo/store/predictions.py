@@ -14,7 +14,7 @@ Schema (one row per query image; nullable unless noted)::
     mode        string     fused | knn | gallery | cells
     confidence  float64    0..1, as the index reported it
     error_km    float64    haversine (R = 6371.0 km) from truth to prediction; null without both
-    top_cells   string     JSON list of {partition, token, prob, lat, lon}
+    top_cells   string     JSON list of {partition, token, prob, lat, lon, polygon}
     topk        string     JSON list of {id, path, lat, lon, similarity, distance_km} (the neighbours)
     suite       string     im2gps3k, osv5m, custom, ... or null
     index_id    string     which index answered (bundle directory and its creation time)
@@ -22,6 +22,11 @@ Schema (one row per query image; nullable unless noted)::
     scene       string     indoor | natural | urban (GeoEstimation S3 label) where the suite has it
     country     string     ISO 3166 alpha-2 of the truth where the suite has it
     error       string     null, or why the image could not be located (then pred_* are null)
+    confidence_radius_km float64  the radius ``confidence`` is stated for
+    p_within    string     JSON {radius_km: probability} where the mode is calibrated
+    alternatives string    JSON list of {lat, lon, score}: the other places the answer weighed
+
+Files written before the last three columns existed read with them null.
 
 ``top_cells`` and ``topk`` are JSON text rather than nested Arrow types so
 that DuckDB, pandas and CSV export all read them without a schema dance
@@ -76,11 +81,14 @@ SCHEMA = pa.schema(
         pa.field("scene", pa.string()),
         pa.field("country", pa.string()),
         pa.field("error", pa.string()),
+        pa.field("confidence_radius_km", pa.float64()),
+        pa.field("p_within", pa.string()),
+        pa.field("alternatives", pa.string()),
     ],
     metadata={"geo.store.predictions.version": "1"},
 )
 COLUMNS = SCHEMA.names
-_FLOATS = ("true_lat", "true_lon", "pred_lat", "pred_lon", "confidence", "error_km")
+_FLOATS = ("true_lat", "true_lon", "pred_lat", "pred_lon", "confidence", "error_km", "confidence_radius_km")
 
 
 class PredictionsError(ValueError):
@@ -129,6 +137,9 @@ def answers_to_frame(
             "mode": [a.get("mode") or mode for a in answers],
             "confidence": [a.get("confidence", np.nan) for a in answers],
             "top_cells": [_json_or_none(a.get("top_cells")) for a in answers],
+            "confidence_radius_km": [a.get("confidence_radius_km", np.nan) for a in answers],
+            "p_within": [_json_or_none(a.get("p_within")) for a in answers],
+            "alternatives": [_json_or_none(a.get("alternatives")) for a in answers],
             "topk": [_json_or_none(a.get("neighbors")) for a in answers],
             "suite": suite,
             "index_id": index_id,

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from geo.core.s2 import cell_ring
 from geo.models.heads import CellHeads, head_logits, load_heads, save_heads
 from geo.stages.cells.calibration import (
     fine_log_posterior,
@@ -113,7 +114,8 @@ class CellPredictor:
         top = np.argpartition(-fine, min(k, len(fine) - 1))[:k]
         top = top[np.argsort(-fine[top], kind="stable")]
         return [{"partition": self.names[-1], "token": str(t["token"].iat[j]), "prob": round(float(fine[j]), 5),
-                 "lat": float(t["lat"].iat[j]), "lon": float(t["lon"].iat[j])} for j in top]
+                 "lat": float(t["lat"].iat[j]), "lon": float(t["lon"].iat[j]),
+                 "polygon": cell_ring(str(t["token"].iat[j]))} for j in top]
 
     def decide(self, fine_probs: np.ndarray, radii_km=DECISION_RADII_KM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lat, lon, mass within radii_km[0]) per row of fine probabilities [n, C]: the photo spot with most
