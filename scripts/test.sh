@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    echo "no browser: the map-page test (tests/test_serve_browser.py) is skipped; apt-get install chromium chromium-driver runs it"
+fi
 python -m pytest "$@"

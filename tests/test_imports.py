@@ -20,8 +20,9 @@ MODULES = sorted(
     ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
     for p in PACKAGE.rglob("*.py")
 )
-# Optional extras may be imported lazily (ray, fastapi, GPU-only code); none is needed yet.
-LAZY_ALLOWED: dict[str, set[str]] = {}
+# Optional extras may be imported lazily (ray, fastapi, GPU-only code): `geo serve` loads the server modules
+# (FastAPI, uvicorn: the geo[server] extra) only when it runs, so `geo --help` works without them.
+LAZY_ALLOWED: dict[str, set[str]] = {"geo.cli.serve": {"geo.serve.app"}}
 
 # Runs in a separate interpreter: the heavy third-party libraries are loaded once, then each geo module is
 # imported in a forked child where no geo module is loaded: a fresh interpreter as far as geo is concerned,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from geo.cli import bench, build, info, query
+from geo.cli import bench, build, info, query, serve
 
 app = typer.Typer(
     help=(
@@ -11,12 +11,13 @@ app = typer.Typer(
         "  geo build-index photos.csv --out my-index      # embeddings, FAISS, cells, GPS gallery, fusion\n\n"
         "  geo query holiday.jpg --index my-index          # coordinates, confidence, evidence\n\n"
         "  geo info my-index --verify                      # what a bundle holds, every file's sha256 checked\n\n"
+        "  geo serve --index my-index                      # HTTP API and a map page on http://127.0.0.1:8000/\n\n"
         "Nothing is fetched or uploaded: models and photos stay on this machine."
     ),
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-for group in (build, query, info, bench):
+for group in (build, query, info, bench, serve):
     group.register(app)
 
 __all__ = ["app"]

@@ -1,0 +1,173 @@
+"""Micro-batching: concurrent requests share one forward pass and one FAISS search.
+
+A request puts one job per image on a bounded queue and awaits the jobs'
+futures. One worker task takes the first waiting job, gathers more for at most
+``max_wait_ms`` (or until ``max_batch``), and runs the whole batch on a single
+model thread: every decoded image through one ``embed_tensors`` call, then one
+``locate_embeddings`` call per distinct (mode, k, crops). While that runs, new
+jobs queue up, so a loaded server forms full batches without waiting at all.
+
+The model thread is the only one that touches torch and FAISS, so requests
+never contend for them; decoding happens before a job is queued, on other
+threads. A full queue refuses a request at once (the server answers 503 with
+``Retry-After``) instead of letting latency grow without bound.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from geo.core.answer import Answer
+
+log = logging.getLogger("geo.serve")
+
+
+class QueueFull(Exception):
+    """The queue has no room for a request's images."""
+
+
+@dataclass
+class Job:
+    """One image (a decoded tensor [crops, 3, s, s]) or one precomputed embedding ([dim] or [crops, dim])."""
+
+    name: str | None
+    mode: str
+    k: int
+    min_confidence: float | None
+    tensor: torch.Tensor | None = None
+    embedding: np.ndarray | None = None
+    id: str | None = None
+    future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
+    waiting: bool = False  # counted in the queue's depth: queued, not yet taken into a batch nor given up
+
+
+class MicroBatcher:
+    """The queue and the worker that drains it; ``run_batch`` is the model work (swappable in tests)."""
+
+    def __init__(self, index: Any, max_batch: int = 16, max_wait_ms: float = 5.0, queue_size: int = 64,
+                 on_batch: Callable[[int], None] | None = None):
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and queue_size must be at least 1 and max_wait_ms at least 0")
+        self.index = index
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[Job] | None = None
+        self._waiting = 0  # jobs still wanted and not yet in a batch; a timed-out request's jobs leave at once
+        self._task: asyncio.Task | None = None
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="geo-model")
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()  # bounded by the count of jobs still wanted (``_waiting``), not by slots
+        self._task = asyncio.create_task(self._worker(), name="geo-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._model_thread.shutdown(wait=True, cancel_futures=True)
+
+    def depth(self) -> int:
+        """Images waiting for the model (what ``/metrics`` reports and the queue's limit counts)."""
+        return self._waiting
+
+    # ------------------------------------------------------------ requests
+    def submit(self, jobs: list[Job]) -> list[asyncio.Future]:
+        """Queue all of a request's jobs or none of them (QueueFull): a request is never half-accepted."""
+        assert self._queue is not None, "start() the batcher first"
+        if self._waiting + len(jobs) > self.queue_size:
+            raise QueueFull(f"{self._waiting} images are waiting; the queue holds {self.queue_size}")
+        loop = asyncio.get_running_loop()
+        for job in jobs:
+            job.future = loop.create_future()
+            job.future.add_done_callback(lambda _f, j=job: self._leave(j))  # cancelled on timeout: room at once
+            job.waiting = True
+            self._waiting += 1
+            self._queue.put_nowait(job)
+        return [j.future for j in jobs]
+
+    def _leave(self, job: Job) -> None:
+        if job.waiting:
+            job.waiting = False
+            self._waiting -= 1
+            if job.future.cancelled():  # given up while queued: keep no pixels until the worker drops it
+                job.tensor = job.embedding = None
+
+    # ------------------------------------------------------------ the worker
+    async def _next(self, timeout: float | None) -> Job | None:
+        """The next job still wanted (a timed-out request's jobs are dropped here), or None after ``timeout``."""
+        assert self._queue is not None
+        while True:
+            if self._queue.empty() and timeout is not None and timeout <= 0:
+                return None
+            try:
+                job = self._queue.get_nowait() if not self._queue.empty() else \
+                    await asyncio.wait_for(self._queue.get(), timeout)
+            except asyncio.TimeoutError:
+                return None
+            if job.waiting:
+                self._leave(job)
+                return job
+
+    async def _gather(self) -> list[Job]:
+        batch = [await self._next(None)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            job = await self._next(deadline - loop.time())
+            if job is None:
+                break
+            batch.append(job)
+        return batch
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            live = [j for j in batch if not j.future.done()]
+            if not live:
+                continue
+            try:
+                answers = await loop.run_in_executor(self._model_thread, self.run_batch, live)
+            except Exception as e:  # a model failure fails this batch's requests, never the server
+                log.exception("batch of %d failed", len(live))
+                for j in live:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(live))
+            for j, a in zip(live, answers):
+                if not j.future.done():
+                    j.future.set_result(a)
+
+    def run_batch(self, jobs: list[Job]) -> list[Answer]:
+        """Embed every image job in one forward pass, then answer per (mode, k, crops) group in one search each."""
+        with_pixels = [j for j in jobs if j.tensor is not None]
+        emb: dict[int, np.ndarray] = {id(j): np.asarray(j.embedding, np.float32).reshape(-1, j.embedding.shape[-1])
+                                      for j in jobs if j.tensor is None}
+        if with_pixels:
+            for j, e in zip(with_pixels, self.index.embed_tensors([j.tensor for j in with_pixels])):
+                emb[id(j)] = e
+        groups: dict[tuple[str, int, int], list[Job]] = {}
+        for j in jobs:
+            groups.setdefault((j.mode, j.k, emb[id(j)].shape[0]), []).append(j)
+        out: dict[int, Answer] = {}
+        for (mode, k, _), members in groups.items():
+            answers = self.index.locate_embeddings(
+                np.stack([emb[id(j)] for j in members]), mode=mode, k=k,
+                names=[j.name for j in members], ids=[j.id for j in members])
+            for j, a in zip(members, answers):
+                out[id(j)] = a.abstain_below(j.min_confidence)
+        return [out[id(j)] for j in jobs]
