@@ -110,6 +110,24 @@ def test_cli_custom_suite_json(tmp_path, monkeypatch):
     assert set(p["mode"]) == {"knn"} and set(p["suite"]) == {"custom"} and p["index_id"].notna().all()
 
 
+def test_cli_bench_out_geojson(tmp_path, monkeypatch):
+    images, meta, truth = _manifest(tmp_path)
+    monkeypatch.setattr(geo.cli.bench, "open_index", lambda path, **kw: FakeIndex(truth, fail={"img1.jpg"}))
+    out = tmp_path / "p.geojson"
+    r = CliRunner().invoke(_app(), ["bench", "custom", "--index", str(tmp_path), "--images", str(images), "--meta",
+                                    str(meta), "--out", str(out), "--json", "--no-ci"])
+    assert r.exit_code == 0, r.output
+    features = json.loads(out.read_text())["features"]
+    answers = {f["properties"]["query_id"]: f for f in features if f["properties"]["role"] == "answer"}
+    assert sorted(answers) == [f"img{i}.jpg" for i in range(5)]  # img5 has no file: missing, not answered
+    assert answers["img1.jpg"]["geometry"] is None and answers["img1.jpg"]["properties"]["error"]
+    lon, lat = answers["img2.jpg"]["geometry"]["coordinates"]
+    assert (lat, lon) == pytest.approx((12.1, 22.0))
+    assert answers["img2.jpg"]["properties"]["error_km"] == pytest.approx(11.12, abs=0.01)
+    assert sum(f["properties"]["role"] == "truth" for f in features) == 5
+    assert not list(tmp_path.glob("p.geojson.parts"))  # GeoJSON is written once, at the end
+
+
 @pytest.mark.skipif(not (DATA / "im2gps3k-dev").is_dir(), reason="shared im2gps3k dev sample not available")
 def test_cli_im2gps3k_dev_sample_end_to_end(tmp_path, monkeypatch):
     meta = pd.read_csv(DATA / "im2gps3k-dev" / "im2gps3k_places365.csv")

@@ -29,6 +29,7 @@ from geo.eval.runner import index_id_of, run_embeddings, run_suite
 from geo.eval.sql import SqlError, run_sql
 from geo.eval.suites import SUITES, SuiteError, get_suite
 from geo.query.index import open_index
+from geo.store.geojson import write_geojson
 from geo.store.predictions import PredictionsError, read_scored_file, write_predictions
 
 _USER_ERRORS: tuple[type[Exception], ...] = (SuiteError, PredictionsError, ValueError, FileNotFoundError)
@@ -130,7 +131,8 @@ def _suite_command(name: str) -> Callable[..., None]:
         mode: Optional[str] = typer.Option(None, help="fused | knn | gallery | cells (default: the index's best built mode)"),
         crops: int = typer.Option(1, help="test-time crops per photo"),
         limit: Optional[int] = typer.Option(None, help="score only the first N rows of the metadata"),
-        out: Optional[Path] = typer.Option(None, "--out", help="predictions Parquet; an existing one is resumed"),
+        out: Optional[Path] = typer.Option(None, "--out", help="predictions Parquet (an existing one is resumed), "
+                                           "or a GeoJSON FeatureCollection when the name ends in .geojson"),
         distance: str = typer.Option("haversine", help="haversine (R=6371.0 km) or geodesic (WGS84)"),
         batch_size: int = typer.Option(32, help="photos per locate() call"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -141,17 +143,21 @@ def _suite_command(name: str) -> Callable[..., None]:
             fail("--embeddings scores precomputed query embeddings with their own lat/lon: use `geo bench custom`")
         if (images is None) == (embeddings is None):
             fail("give --images (a folder of the suite's photos) or, for custom, --embeddings: one of the two")
+        geojson = out is not None and out.suffix.lower() == ".geojson"
+        parquet = None if geojson else out
         try:
             _check_distance(distance)
             idx = open_index(index)
             if embeddings is not None:
                 table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]))
-                result = run_embeddings(idx, table, mode=mode, out=out, index_id=index_id_of(idx, index))
+                result = run_embeddings(idx, table, mode=mode, out=parquet, index_id=index_id_of(idx, index))
             else:
-                result = run_suite(idx, suite_obj, images, meta=meta, mode=mode, crops=crops, limit=limit, out=out,
-                                   batch_size=batch_size, progress=progress and not as_json,
+                result = run_suite(idx, suite_obj, images, meta=meta, mode=mode, crops=crops, limit=limit,
+                                   out=parquet, batch_size=batch_size, progress=progress and not as_json,
                                    index_id=index_id_of(idx, index))
             s = result.summary(distance=distance, ci=ci)
+            if geojson:
+                write_geojson(out, result.predictions)
         except _USER_ERRORS as e:
             fail(e)
         s.update(mode=mode, crops=crops, out=str(out) if out else None, published=published_json(name))

@@ -1,4 +1,4 @@
-"""``geo query``: locate photos against a bundle; human lines, JSON lines or a predictions Parquet."""
+"""``geo query``: locate photos against a bundle or a running server; human lines, JSON lines, GeoJSON, Parquet."""
 from __future__ import annotations
 
 import sys
@@ -10,8 +10,11 @@ import typer
 from geo.cli.common import fail, print_json
 from geo.core.answer import Answer
 from geo.data.embedding_table import EmbeddingTable
+from geo.data.images import expand_images
+from geo.query.client import ServerError, locate_remote
 from geo.query.index import open_index
 from geo.store.bundle import BundleError
+from geo.store.geojson import feature_collection, write_geojson
 from geo.store.predictions import answers_to_frame, write_predictions
 
 
@@ -34,7 +37,7 @@ def print_human(ans: Answer, top: int = 3) -> None:
 
 def query_command(
     images: Optional[list[str]] = typer.Argument(None, help="Image files, globs or directories."),
-    index: Path = typer.Option(..., "--index", "-i", help="Bundle directory built by `geo build-index`."),
+    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Bundle directory built by `geo build-index`."),
     embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="Precomputed query embeddings instead of "
                                               "images (Parquet or clip-retrieval output, made by the bundle's "
                                               "backbone); answers carry each row's id, in input order."),
@@ -43,40 +46,64 @@ def query_command(
     k: int = typer.Option(50, help="Neighbours retrieved from the image index."),
     crops: int = typer.Option(1, help="Test-time crops: 1, 3 (along the long side) or 5 (five-crop)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
-    out: Optional[Path] = typer.Option(None, help="Also write the answers as a predictions Parquet "
-                                       "(the schema of `geo bench --out`)."),
+    output: str = typer.Option("text", "--format", help="text (lines for people) | json (one `geo query --json` "
+                               "object per image) | geojson (one FeatureCollection: answers, alternatives, truth)."),
+    as_json: bool = typer.Option(False, "--json", help="Short for --format json."),
+    out: Optional[Path] = typer.Option(None, help="Also write the answers to a file: a predictions Parquet (the "
+                                       "schema of `geo bench --out`), or GeoJSON when the name ends in .geojson."),
     min_confidence: Optional[float] = typer.Option(None, help="Abstain (no coordinates, abstained=true) when the "
                                                    "answer's confidence is below this."),
+    server: Optional[str] = typer.Option(None, "--server", help="Ask a running `geo serve` at this URL instead of "
+                                         "loading --index here (no model load: fast for a few photos)."),
+    token: Optional[str] = typer.Option(None, envvar="GEO_TOKEN", help="The server's token, with --server."),
 ) -> None:
     """Locate photos (or precomputed embeddings): coordinates, confidence and the neighbour photos behind the answer.
 
     \b
       geo query holiday.jpg --index my-index
       geo query photos/ --index my-index --json --mode knn
+      geo query photos/ --index my-index --format geojson > answers.geojson
       geo query --embeddings queries.parquet --index my-index --out predictions.parquet
+      geo query holiday.jpg --server http://127.0.0.1:8000
     """
+    output = "json" if as_json else output
+    if output not in ("text", "json", "geojson"):
+        fail(f"--format must be text, json or geojson, not {output!r}")
     if crops not in (1, 3, 5):
         fail("--crops must be 1, 3 or 5")
     if bool(images) == (embeddings is not None):
         fail("give image paths or --embeddings PATH: one of the two")
-    truth = None
+    if (index is None) == (server is None):
+        fail("give --index DIR (answer here) or --server URL (ask a running `geo serve`): one of the two")
+    if server is not None and embeddings is not None:
+        fail("--server takes image paths; send precomputed embeddings to the server's /locate as JSON")
+    truth, answer_mode = None, mode
     try:
-        idx = open_index(index, device=device)
-        if embeddings is not None:
-            table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
-                                   require_coordinates=False)
-            answers, truth = idx.locate_table(table, mode=mode, k=k, min_confidence=min_confidence)
+        if server is not None:
+            answers = locate_remote(server, expand_images(list(images)), token=token, mode=mode, k=k,
+                                    min_confidence=min_confidence, crops=crops)
         else:
-            answers = idx.locate(list(images), mode=mode, k=k, crops=crops, min_confidence=min_confidence)
-    except (BundleError, ValueError) as e:
+            idx = open_index(index, device=device)
+            answer_mode = mode or idx.default_mode
+            if embeddings is not None:
+                table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
+                                       require_coordinates=False)
+                answers, truth = idx.locate_table(table, mode=mode, k=k, min_confidence=min_confidence)
+            else:
+                answers = idx.locate(list(images), mode=mode, k=k, crops=crops, min_confidence=min_confidence)
+    except (BundleError, ValueError, ServerError) as e:
         fail(e)
-    if out is not None:
+    frame = None
+    if out is not None or output == "geojson":
         ids = [a.id for a in answers] if embeddings is not None else None
-        write_predictions(out, answers_to_frame(answers, ids, None if truth is None else [tuple(t) for t in truth],
-                                                mode=mode or idx.default_mode, suite="query", index_id=str(index)))
-    for ans in answers:
-        if as_json:
+        frame = answers_to_frame(answers, ids, None if truth is None else [tuple(t) for t in truth],
+                                 mode=answer_mode, suite="query", index_id=str(server or index))
+    if out is not None:
+        (write_geojson if out.suffix.lower() == ".geojson" else write_predictions)(out, frame)
+    if output == "geojson":
+        print_json(feature_collection(frame), indent=None)
+    for ans in answers if output != "geojson" else ():
+        if output == "json":
             print_json(ans.to_dict(), indent=None)
         else:
             print_human(ans)

@@ -41,6 +41,12 @@ class Answer:
         """An input that could not be located (unreadable image, bad embedding): the reason, no coordinates."""
         return cls(image=image, error=reason, id=id)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Answer":
+        """The inverse of :meth:`to_dict` (an answer that came back from ``geo serve``)."""
+        known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
+        return cls(**{"image": None, **known})
+
     def abstain_below(self, min_confidence: float | None) -> "Answer":
         """Withhold the coordinates when the confidence is below ``min_confidence`` (None: never)."""
         if min_confidence is not None and self.error is None and (self.confidence or 0.0) < min_confidence:
