@@ -42,7 +42,8 @@ def serve_command(
     max_pixels: int = typer.Option(64_000_000, help="Largest accepted image in pixels, read from its header "
                                    "before decoding (422 above it: decompression bombs)."),
     timeout_s: float = typer.Option(60.0, help="A request still waiting after this many seconds gets 504."),
-    decode_threads: int = typer.Option(2, help="Threads decoding uploads, off the event loop and the model thread."),
+    io_threads: int = typer.Option(2, help="Threads reading gallery photos for thumbnails (uploads are decoded on "
+                                   "the model thread: one thread owns torch, see geo/serve/batcher.py)."),
 ) -> None:
     """Serve a bundle over HTTP: POST /locate, a map page at /, /info, /metrics, /healthz, docs at /docs.
 
@@ -65,7 +66,7 @@ def serve_command(
     try:
         settings = ServeSettings(token=token or None, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                  queue_size=queue_size, max_images=max_images, max_upload_mb=max_upload_mb,
-                                 max_pixels=max_pixels, timeout_s=timeout_s, decode_threads=decode_threads)
+                                 max_pixels=max_pixels, timeout_s=timeout_s, io_threads=io_threads)
         idx = open_index(index, device=device)
         app = create_app(idx, settings)
     except (BundleError, ValueError) as e:

@@ -40,7 +40,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from geo.core.answer import Answer
-from geo.data.images import ImageLoadError, decode_tensor, image_size
+from geo.data.images import ImageLoadError, image_size
 from geo.eval.report import json_safe
 from geo.serve.batcher import Job, MicroBatcher, QueueFull
 from geo.serve.metrics import CONTENT_TYPE, Metrics
@@ -63,13 +63,13 @@ class ServeSettings:
     max_upload_mb: float = 20.0
     max_pixels: int = 64_000_000
     timeout_s: float = 60.0
-    decode_threads: int = 2
+    io_threads: int = 2
 
     def __post_init__(self) -> None:
         if self.max_images > self.queue_size:
             raise ValueError(f"--max-images ({self.max_images}) cannot exceed --queue-size ({self.queue_size}): "
                              "such a request could never be queued")
-        if min(self.max_images, self.queue_size, self.max_batch, self.decode_threads) < 1 \
+        if min(self.max_images, self.queue_size, self.max_batch, self.io_threads) < 1 \
                 or self.max_upload_mb <= 0 or self.max_pixels < 1 or self.timeout_s <= 0:
             raise ValueError("serve limits must be positive")
 
@@ -166,10 +166,10 @@ class Guard:
 
 # ---------------------------------------------------------------- the app
 def create_app(index: Any, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The FastAPI app over a loaded :class:`~geo.query.index.GeoIndex` (its backbone is loaded here, once)."""
-    preprocess = index.backbone.preprocess
+    """The FastAPI app over a :class:`~geo.query.index.GeoIndex` (its backbone is loaded here, once, on the
+    model thread: see :mod:`geo.serve.batcher` for why one thread does all torch work)."""
     dim = int(index.bundle.manifest["dim"])
-    decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="geo-decode")
+    io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="geo-io")  # thumbnails: PIL, no torch
     batcher = MicroBatcher(index, settings.max_batch, settings.max_wait_ms, settings.queue_size)
     metrics = Metrics(batcher.depth)
     batcher.on_batch = metrics.batch_size.observe
@@ -182,7 +182,7 @@ def create_app(index: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
             yield
         finally:
             await batcher.stop()
-            decode_pool.shutdown(wait=False, cancel_futures=True)
+            io_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="geo", version="1", lifespan=lifespan,
                   description="Where was this photo taken? Answers from a geo index bundle "
@@ -196,6 +196,7 @@ def create_app(index: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
 
     async def _image_jobs(request: Request, mode: str, k: int, min_confidence: float | None,
                           crops: int) -> list[Job | Answer]:
+        """One job per readable upload, after the type, size and pixel-count limits; header failures answered."""
         try:
             form = await request.form(max_files=settings.max_images, max_fields=16)
         except StarletteHTTPException as e:  # the multipart parser's own limits
@@ -217,7 +218,7 @@ def create_app(index: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
                                          "upload limit (--max-upload-mb)")
             blobs.append((name, await f.read()))
         out: list[Job | Answer] = []
-        for name, data in blobs:  # header only: the pixel limit is checked before anything is decoded
+        for name, data in blobs:  # header only (PIL, microseconds): pixels are decoded on the model thread
             try:
                 w, h = image_size(data, name)
             except ImageLoadError as e:
@@ -228,16 +229,7 @@ def create_app(index: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
             if w * h > settings.max_pixels:
                 raise HTTPException(422, f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of "
                                          f"{settings.max_pixels:,} (--max-pixels)")
-            out.append(Job(name, mode, k, min_confidence))
-        loop = asyncio.get_running_loop()
-        todo = [(i, blobs[i]) for i, j in enumerate(out) if isinstance(j, Job)]
-        decoded = await asyncio.gather(*(loop.run_in_executor(decode_pool, _decode, data, name, preprocess, crops)
-                                         for _, (name, data) in todo))
-        for (i, (name, _)), result in zip(todo, decoded):
-            if isinstance(result, str):
-                out[i] = Answer.failed(name, result)
-            else:
-                out[i].tensor = result
+            out.append(Job(name, mode, k, min_confidence, data=data, crops=crops))
         return out
 
     async def _embedding_jobs(request: Request, mode: str, k: int, min_confidence: float | None) -> list[Job | Answer]:
@@ -329,7 +321,7 @@ def create_app(index: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
     async def thumbnail(photo_id: str) -> Response:
         if photo_id not in thumbs:
             raise HTTPException(404, f"no photo {photo_id!r} in this index")
-        data = await asyncio.get_running_loop().run_in_executor(decode_pool, thumbs.get, photo_id)
+        data = await asyncio.get_running_loop().run_in_executor(io_pool, thumbs.get, photo_id)
         if data is None:
             raise HTTPException(404, f"photo {photo_id!r}: its file is no longer readable where the bundle recorded it")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
@@ -343,11 +335,3 @@ def create_app(index: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
     return app
 
 
-def _decode(data: bytes, name: str, preprocess, crops: int):
-    """Pixels for one upload, or the reason they cannot be had (runs on a decode thread)."""
-    try:
-        return decode_tensor(data, name, preprocess, crops)
-    except ImageLoadError as e:
-        return e.reason
-    except Exception as e:  # a decoder bug costs one image, not the request
-        return f"unexpected {type(e).__name__}: {e}"

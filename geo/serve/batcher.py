@@ -7,10 +7,15 @@ model thread: every decoded image through one ``embed_tensors`` call, then one
 ``locate_embeddings`` call per distinct (mode, k, crops). While that runs, new
 jobs queue up, so a loaded server forms full batches without waiting at all.
 
-The model thread is the only one that touches torch and FAISS, so requests
-never contend for them; decoding happens before a job is queued, on other
-threads. A full queue refuses a request at once (the server answers 503 with
-``Retry-After``) instead of letting latency grow without bound.
+The model thread is the only thread that runs torch or FAISS work: it loads
+the backbone, decodes the uploads, embeds and searches. That is measured, not
+taste: with libgomp every thread that runs a parallel ATen op gets its own
+OpenMP team, and once a second thread (a decode pool, say) has one, the
+forward pass of EfficientNet-Lite0 on this 2-core machine goes from 38 to
+63-69 ms and stays there (benchmarks/RESULTS.md, "Serving"). Decoding costs
+2.7 ms a photo here against 38 ms of forward pass. A full queue refuses a
+request at once (the server answers 503 with ``Retry-After``) instead of
+letting latency grow without bound.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from geo.core.answer import Answer
+from geo.data.images import ImageLoadError, decode_tensor
 
 log = logging.getLogger("geo.serve")
 
@@ -34,13 +40,15 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One image (a decoded tensor [crops, 3, s, s]) or one precomputed embedding ([dim] or [crops, dim])."""
+    """One uploaded image (its bytes, decoded on the model thread) or one precomputed embedding
+    ([dim] or [crops, dim])."""
 
     name: str | None
     mode: str
     k: int
     min_confidence: float | None
-    tensor: torch.Tensor | None = None
+    data: bytes | None = None
+    crops: int = 1
     embedding: np.ndarray | None = None
     id: str | None = None
     future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
@@ -52,6 +60,8 @@ class MicroBatcher:
 
     def __init__(self, index: Any, max_batch: int = 16, max_wait_ms: float = 5.0, queue_size: int = 64,
                  on_batch: Callable[[int], None] | None = None):
+        """``index`` is a GeoIndex (or anything with its ``backbone``, ``embed_tensors`` and
+        ``locate_embeddings``); its backbone is loaded on the model thread here, once."""
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and queue_size must be at least 1 and max_wait_ms at least 0")
         self.index = index
@@ -63,6 +73,11 @@ class MicroBatcher:
         self._waiting = 0  # jobs still wanted and not yet in a batch; a timed-out request's jobs leave at once
         self._task: asyncio.Task | None = None
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="geo-model")
+        self.preprocess = self.on_model_thread(lambda: index.backbone.preprocess)
+
+    def on_model_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the model thread and wait for it (startup work that touches torch)."""
+        return self._model_thread.submit(fn).result()
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -101,8 +116,8 @@ class MicroBatcher:
         if job.waiting:
             job.waiting = False
             self._waiting -= 1
-            if job.future.cancelled():  # given up while queued: keep no pixels until the worker drops it
-                job.tensor = job.embedding = None
+            if job.future.cancelled():  # given up while queued: keep no bytes until the worker drops it
+                job.data = job.embedding = None
 
     # ------------------------------------------------------------ the worker
     async def _next(self, timeout: float | None) -> Job | None:
@@ -153,17 +168,27 @@ class MicroBatcher:
                     j.future.set_result(a)
 
     def run_batch(self, jobs: list[Job]) -> list[Answer]:
-        """Embed every image job in one forward pass, then answer per (mode, k, crops) group in one search each."""
-        with_pixels = [j for j in jobs if j.tensor is not None]
+        """Decode the image jobs, embed them in one forward pass, then answer each (mode, k, crops) group with
+        one search; an image that cannot be decoded gets its error."""
+        out: dict[int, Answer] = {}
         emb: dict[int, np.ndarray] = {id(j): np.asarray(j.embedding, np.float32).reshape(-1, j.embedding.shape[-1])
-                                      for j in jobs if j.tensor is None}
-        if with_pixels:
-            for j, e in zip(with_pixels, self.index.embed_tensors([j.tensor for j in with_pixels])):
+                                      for j in jobs if j.data is None}
+        decoded: list[tuple[Job, torch.Tensor]] = []
+        for j in jobs:
+            if j.data is not None:
+                try:
+                    decoded.append((j, decode_tensor(j.data, j.name or "upload", self.preprocess, j.crops)))
+                except ImageLoadError as e:
+                    out[id(j)] = Answer.failed(j.name, e.reason)
+                except Exception as e:  # a decoder bug costs one image, not the batch
+                    out[id(j)] = Answer.failed(j.name, f"unexpected {type(e).__name__}: {e}")
+        if decoded:
+            for (j, _), e in zip(decoded, self.index.embed_tensors([t for _, t in decoded])):
                 emb[id(j)] = e
         groups: dict[tuple[str, int, int], list[Job]] = {}
         for j in jobs:
-            groups.setdefault((j.mode, j.k, emb[id(j)].shape[0]), []).append(j)
-        out: dict[int, Answer] = {}
+            if id(j) in emb:
+                groups.setdefault((j.mode, j.k, emb[id(j)].shape[0]), []).append(j)
         for (mode, k, _), members in groups.items():
             answers = self.index.locate_embeddings(
                 np.stack([emb[id(j)] for j in members]), mode=mode, k=k,
