@@ -278,19 +278,20 @@ def create_app(index: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
         if crops not in (1, 3, 5):
             raise HTTPException(422, f"crops must be 1, 3 or 5, not {crops}")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            items = await _image_jobs(request, mode, k, min_confidence, crops)
-        elif ctype == "application/json":
-            items = await _embedding_jobs(request, mode, k, min_confidence)
-        else:
-            raise HTTPException(415, f"send images as multipart/form-data (field 'images') or embeddings as "
-                                     f"application/json, not {ctype or 'no content type'!r}")
-        jobs = [j for j in items if isinstance(j, Job)]
-        if jobs:
+        with batcher.arriving():
+            if ctype == "multipart/form-data":
+                items = await _image_jobs(request, mode, k, min_confidence, crops)
+            elif ctype == "application/json":
+                items = await _embedding_jobs(request, mode, k, min_confidence)
+            else:
+                raise HTTPException(415, f"send images as multipart/form-data (field 'images') or embeddings as "
+                                         f"application/json, not {ctype or 'no content type'!r}")
+            jobs = [j for j in items if isinstance(j, Job)]
             try:
-                futures = batcher.submit(jobs)
+                futures = batcher.submit(jobs) if jobs else []
             except QueueFull as e:
                 raise HTTPException(503, f"busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+        if jobs:
             try:
                 answers = await asyncio.wait_for(asyncio.gather(*futures), settings.timeout_s)
             except asyncio.TimeoutError:

@@ -2,8 +2,8 @@
 
 A request puts one job per image on a bounded queue and awaits the jobs'
 futures. One worker task takes the first waiting job, gathers more for at most
-``max_wait_ms`` (or until ``max_batch``), and runs the whole batch on a single
-model thread: every decoded image through one ``embed_tensors`` call, then one
+``max_wait_ms`` (or until ``max_batch``) while other requests are still being
+read, and runs the whole batch on a single model thread: every decoded image through one ``embed_tensors`` call, then one
 ``locate_embeddings`` call per distinct (mode, k, crops). While that runs, new
 jobs queue up, so a loaded server forms full batches without waiting at all.
 
@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -71,6 +72,7 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._queue: asyncio.Queue[Job] | None = None
         self._waiting = 0  # jobs still wanted and not yet in a batch; a timed-out request's jobs leave at once
+        self._arriving = 0  # requests being read that will submit jobs: only they are worth waiting for
         self._task: asyncio.Task | None = None
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="geo-model")
         self.preprocess = self.on_model_thread(lambda: index.backbone.preprocess)
@@ -98,6 +100,16 @@ class MicroBatcher:
         return self._waiting
 
     # ------------------------------------------------------------ requests
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around reading a request that will submit jobs: while any is being read, a batch waits for it (up to
+        ``max_wait_ms``); with none, a lone request is answered without waiting for company that will not come."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+
     def submit(self, jobs: list[Job]) -> list[asyncio.Future]:
         """Queue all of a request's jobs or none of them (QueueFull): a request is never half-accepted."""
         assert self._queue is not None, "start() the batcher first"
@@ -140,7 +152,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
         while len(batch) < self.max_batch:
-            job = await self._next(deadline - loop.time())
+            job = await self._next(deadline - loop.time() if self._arriving else 0)
             if job is None:
                 break
             batch.append(job)
