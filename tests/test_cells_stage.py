@@ -47,7 +47,10 @@ def test_stage_writes_registers_and_predicts(tmp_path):
     for i in range(50):
         top = pred.top_cells(fine[i], 3)
         assert [c["prob"] for c in top] == sorted([c["prob"] for c in top], reverse=True)
-        assert set(top[0]) == {"partition", "token", "prob", "lat", "lon"} and isinstance(top[0]["token"], str)
+        assert set(top[0]) == {"partition", "token", "prob", "lat", "lon", "polygon"} and isinstance(top[0]["token"], str)
+        ring = np.array(top[0]["polygon"])  # the cell's outline: a closed [lon, lat] ring around its photos' mean
+        assert ring.shape == (5, 2) and (ring[0] == ring[-1]).all()
+        assert ring[:, 0].min() <= top[0]["lon"] <= ring[:, 0].max() and ring[:, 1].min() <= top[0]["lat"] <= ring[:, 1].max()
         assert top[0]["prob"] - 1e-4 <= mass[i] <= 1 + 1e-9
     # The features know the city: the answer is in the right city for most gallery photos.
     hits = [abs(la - CENTRES[c][0]) < 2 and abs(lo - CENTRES[c][1]) < 2 for la, lo, c in zip(lat, lon, city[:50])]
