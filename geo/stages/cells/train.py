@@ -174,7 +174,9 @@ def _loss(model: CellHeads, x, y, s, pxyz, cxyz, smoothing_km: float, n_scenes: 
             losses.append(-(q * z[ok].log_softmax(-1)).sum(-1).mean())
         else:
             losses.append(nn.functional.cross_entropy(z[ok], y[ok, p]))
-    loss = torch.stack(losses).mean()
+    # a batch whose photos all lie outside every kept cell (small galleries drop most cells under tau_min)
+    # teaches the cell heads nothing: a zero that keeps the graph, not an error
+    loss = torch.stack(losses).mean() if losses else logits[0].sum() * 0.0
     if scene_logits is not None and (s >= 0).any():
         loss = loss + nn.functional.cross_entropy(scene_logits[s >= 0], s[s >= 0])
     return loss
