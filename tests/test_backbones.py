@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,69 @@ def test_cuda_auto_precision_is_half(lite0):
     x = torch.randn(4, 3, 224, 224)
     assert bb.dtype == torch.float16 and bb.spec()["precision"] == "fp16"
     assert np.abs(bb.embed(x) - lite0.embed(x)).max() < 2e-2
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """An empty hub cache and a socket layer that records (and refuses) every connection attempt."""
+    import socket
+
+    import huggingface_hub.constants
+
+    attempts: list = []
+
+    def refuse(self, *address):
+        attempts.append(address)
+        raise OSError("the test refuses network connections")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("GEO_ALLOW_DOWNLOAD", raising=False)
+    return attempts
+
+
+@pytest.mark.parametrize("name", ["open_clip:ViT-B-32/openai", "open_clip:hf-hub:someone/some-clip", "geoclip"])
+def test_hub_weights_not_on_this_machine_fail_at_once_with_the_way_to_get_them(name, no_network, monkeypatch):
+    import time
+
+    import open_clip
+
+    from geo.models.hub import WeightsNotLocal
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms",
+                        lambda *a, **k: pytest.fail("the model was built before its weights were found"))
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsNotLocal) as e:
+        load_backbone(name, device="cpu")
+    assert time.perf_counter() - t0 < 5  # the hub's retry loop took about a minute
+    assert no_network == []  # not one connection attempt
+    assert "--allow-download" in str(e.value) and "local-dir" in str(e.value) and "Stronger models" in str(e.value)
+
+
+def test_cached_hub_weights_load_offline(no_network, tmp_path):
+    import huggingface_hub.constants
+    import open_clip
+    from safetensors.torch import save_file
+
+    snapshot = Path(huggingface_hub.constants.HF_HUB_CACHE, "models--someone--tiny-clip", "snapshots", "abc123")
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 32, "head_width": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 1, "layers": 1}}
+    (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file(open_clip.CLIP(**cfg).state_dict(), str(snapshot / "open_clip_model.safetensors"))
+    bb = load_backbone("open_clip:hf-hub:someone/tiny-clip", device="cpu")
+    assert bb.dim == 16 and no_network == []
+
+
+def test_build_index_names_the_way_to_get_missing_weights(no_network, tmp_path, make_image):
+    from typer.testing import CliRunner
+
+    from geo.cli import app
+
+    (tmp_path / "g.csv").write_text(f"path,lat,lon\n{make_image('a.jpg')},48.85,2.35\n")
+    r = CliRunner().invoke(app, ["build-index", str(tmp_path / "g.csv"), "--out", str(tmp_path / "b"),
+                                 "--backbone", "open_clip:ViT-B-32/openai", "--workers", "0"])
+    assert r.exit_code == 2 and "--allow-download" in r.output and no_network == []

@@ -11,6 +11,7 @@ from geo.cluster import ClusterError
 from geo.core.sizes import parse_bytes
 from geo.data.embedding_table import EmbeddingTableError
 from geo.data.manifest import ManifestError
+from geo.models.hub import allow_downloads
 from geo.pipeline import STAGES, BuildConfig, StageConfigs, add_photos, build_index
 from geo.pipeline import dry_run as dry_run_build
 from geo.stages.cells.stage import CellsConfig
@@ -35,6 +36,9 @@ def build_index_command(
     image_root: Optional[Path] = typer.Option(None, help="Directory that relative image paths in the manifest start from."),
     backbone: str = typer.Option("efficientnet_lite0", help="Image model; see `geo backbones`."),
     weights: Optional[Path] = typer.Option(None, help="Local weights file for timm:/torchvision: backbones (safetensors or .pth)."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Let open_clip/GeoCLIP backbones fetch their "
+                                        "weights from the Hugging Face hub. Without it nothing is downloaded: weights "
+                                        "must be in the hub cache or a local-dir, or the build stops at once saying how."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     precision: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
@@ -92,6 +96,8 @@ def build_index_command(
     unknown = set(skip) - set(SKIPPABLE)
     if unknown:
         fail(f"--skip takes {', '.join(SKIPPABLE)}, not {', '.join(sorted(unknown))}")
+    if allow_download:
+        allow_downloads()
     unknown = set(force) - set(FORCEABLE)
     if unknown:
         fail(f"--force takes {', '.join(FORCEABLE)}, not {', '.join(sorted(unknown))}")
