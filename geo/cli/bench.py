@@ -15,8 +15,10 @@ import pandas as pd
 import typer
 
 from geo.cli.common import fail, print_json
+from geo.eval.leaks import NEAR_DUPLICATE
 from geo.eval.metrics import (
     DISTANCES,
+    THRESHOLDS_KM,
     breakdown,
     distances_km,
     geoestimation_footer,
@@ -25,12 +27,12 @@ from geo.eval.metrics import (
 from geo.eval.published import comparison_table, published_json
 from geo.eval.report import build_report, groups_text, report_text, summary_text
 from geo.data.embedding_table import EmbeddingTable
-from geo.eval.runner import index_id_of, run_embeddings, run_suite
+from geo.eval.runner import index_id_of, mark_leaks, run_embeddings, run_suite
 from geo.eval.sql import SqlError, run_sql
 from geo.eval.suites import SUITES, SuiteError, get_suite
 from geo.query.index import open_index
 from geo.store.geojson import write_geojson
-from geo.store.predictions import PredictionsError, read_scored_file, write_predictions
+from geo.store.predictions import PredictionsError, read_predictions, read_scored_file, write_predictions
 
 _USER_ERRORS: tuple[type[Exception], ...] = (SuiteError, PredictionsError, ValueError, FileNotFoundError)
 
@@ -40,10 +42,30 @@ def _check_distance(distance: str) -> None:
         raise ValueError(f"--distance must be one of {', '.join(DISTANCES)}, not {distance!r}")
 
 
+def _leak_text(leaks: dict[str, Any]) -> str:
+    """The plain warning when some queries are not new to the gallery, with the scores without them."""
+    reasons = ", ".join(f"{r} {n}" for r, n in leaks["by_reason"].items())
+    if leaks["excluded"]:
+        return (f"leakage: {leaks['n']} queries are not new to this gallery ({reasons}); "
+                "they were left out of the scores above (--exclude-leaks)")
+    w = leaks["without"]
+    if not w["n"]:
+        return (f"warning: leakage: every query is in or near this gallery ({reasons}): the scores above are "
+                "memory, not geolocation; there is nothing new to score.")
+    without = " ".join(f"{t}km {100 * w['acc'][str(t)]:.2f}%" for t in THRESHOLDS_KM)
+    return (f"warning: leakage: {leaks['n']} queries are not new to this gallery ({reasons}); they are answered "
+            f"partly from memory and inflate the scores above.\nwithout them (n={w['n']}): {without}, median "
+            f"{w['median_km']:.1f} km. --exclude-leaks scores only the new ones.")
+
+
 def _human(summary: dict[str, Any], suite: str | None, label: str) -> str:
     parts = [summary_text(summary)]
     if summary.get("by_scene"):
         parts.append(groups_text("scene", summary["by_scene"]))
+    leaks = summary.get("leaks") or {}
+    if leaks.get("n"):
+        parts.append(_leak_text(leaks))
+        label = f"{label} (leaks excluded)" if leaks["excluded"] else f"{label} ({leaks['n']} leaked)"
     table = comparison_table(suite, summary, label) if suite else ""
     if table:
         parts.append(f"published results on {suite} (percent):\n{table}")
@@ -134,6 +156,11 @@ def _suite_command(name: str) -> Callable[..., None]:
         out: Optional[Path] = typer.Option(None, "--out", help="predictions Parquet (an existing one is resumed), "
                                            "or a GeoJSON FeatureCollection when the name ends in .geojson"),
         distance: str = typer.Option("haversine", help="haversine (R=6371.0 km) or geodesic (WGS84)"),
+        exclude_leaks: bool = typer.Option(False, "--exclude-leaks", help="score only queries new to the gallery: "
+                                           "leaks (same id, same file, a near-duplicate, or the same photographer "
+                                           "where both sides name one) are always reported, and left out with this"),
+        leak_similarity: float = typer.Option(NEAR_DUPLICATE, help="a query whose nearest gallery photo is at least "
+                                              "this similar counts as a near-duplicate (a leak)"),
         batch_size: int = typer.Option(32, help="photos per locate() call"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         ci: bool = typer.Option(True, "--ci/--no-ci", help="bootstrap 95% intervals"),
@@ -155,9 +182,15 @@ def _suite_command(name: str) -> Callable[..., None]:
                 result = run_suite(idx, suite_obj, images, meta=meta, mode=mode, crops=crops, limit=limit,
                                    out=parquet, batch_size=batch_size, progress=progress and not as_json,
                                    index_id=index_id_of(idx, index))
-            s = result.summary(distance=distance, ci=ci)
+            mark_leaks(idx, result, leak_similarity)
+            s = result.summary(distance=distance, ci=ci, exclude_leaks=exclude_leaks)
             if geojson:
                 write_geojson(out, result.predictions)
+            elif out is not None and s["leaks"]["n"]:  # the file gains the leak column (for geo sql), no row lost
+                stored = read_predictions(out)
+                stored["leak"] = stored["query_id"].map(dict(zip(result.predictions["query_id"],
+                                                                 result.predictions["leak"])))
+                write_predictions(out, stored)
         except _USER_ERRORS as e:
             fail(e)
         s.update(mode=mode, crops=crops, out=str(out) if out else None, published=published_json(name))

@@ -14,9 +14,11 @@ from typing import Any, Protocol, Sequence
 import pandas as pd
 
 from geo.core.answer import Answer
+from geo.eval.leaks import NEAR_DUPLICATE, find_leaks, leak_counts
 from geo.eval.metrics import breakdown, distances_km, summarize
 from geo.eval.suites import Suite, SuiteError, resolve_images
 from geo.data.embedding_table import EmbeddingTable
+from geo.store.embeddings import EmbeddingReader
 from geo.store.predictions import ShardedWriter, answers_to_frame, conform, write_predictions
 
 
@@ -36,12 +38,26 @@ class BenchResult:
     def failed(self) -> pd.DataFrame:
         return self.predictions[self.predictions["error"].notna()]
 
-    def summary(self, distance: str = "haversine", ci: bool = True, n_boot: int = 1000) -> dict[str, Any]:
-        ok = self.predictions[self.predictions["error"].isna()]
-        d = distances_km(ok["true_lat"], ok["true_lon"], ok["pred_lat"], ok["pred_lon"], distance)
-        out = summarize(d, n_missing=len(self.missing), n_failed=len(self.failed), ci=ci, n_boot=n_boot)
+    def summary(self, distance: str = "haversine", ci: bool = True, n_boot: int = 1000,
+                exclude_leaks: bool = False) -> dict[str, Any]:
+        """The field's metrics. Leaked queries (the ``leak`` column, see :mod:`geo.eval.leaks`) are scored
+        with the rest and also left out in ``leaks.without``; ``exclude_leaks`` scores only the new ones."""
+        preds = self.predictions
+        leaked = preds["leak"].notna() if "leak" in preds.columns else pd.Series(False, index=preds.index)
+        out = self._score(preds[~leaked] if exclude_leaks else preds, distance, ci, n_boot)
         out.update(suite=self.suite, meta=str(self.meta), distance=distance, resumed=self.resumed,
                    missing_ids=self.missing[:20], failed=self.failed[["query_id", "error"]].head(20).to_dict("records"))
+        out["leaks"] = {"n": int(leaked.sum()), "by_reason": leak_counts(preds["leak"]) if leaked.any() else {},
+                        "excluded": exclude_leaks}
+        if leaked.any() and not exclude_leaks:
+            out["leaks"]["without"] = self._score(preds[~leaked], distance, False, n_boot)
+        return out
+
+    def _score(self, preds: pd.DataFrame, distance: str, ci: bool, n_boot: int) -> dict[str, Any]:
+        ok = preds[preds["error"].isna()]
+        d = distances_km(ok["true_lat"], ok["true_lon"], ok["pred_lat"], ok["pred_lon"], distance)
+        out = summarize(d, n_missing=len(self.missing), n_failed=int(preds["error"].notna().sum()), ci=ci,
+                        n_boot=n_boot)
         if ok["scene"].notna().any():
             out["by_scene"] = breakdown(d, ok["scene"].tolist(), ci=False)
         return out
@@ -62,6 +78,24 @@ def run_embeddings(index: Any, table: EmbeddingTable, *, mode: str | None = None
     if out:
         write_predictions(out, preds)
     return BenchResult("custom", table.path, conform(preds))
+
+
+def mark_leaks(index: Any, result: BenchResult, near_duplicate: float = NEAR_DUPLICATE) -> None:
+    """Fill ``result.predictions["leak"]`` against the index's gallery (ids, recorded paths, near-duplicates,
+    photographers where both sides name them). An index without a gallery (a test's fake) marks nothing."""
+    knn = getattr(index, "knn", None)
+    preds = result.predictions
+    if knn is None or preds.empty:
+        return
+    groups = None
+    bundle = index.bundle
+    column = next((bundle.manifest["stages"][s].get("group_column") for s in ("cells", "gallery", "fusion")
+                   if bundle.has_stage(s) and bundle.manifest["stages"][s].get("group_column")), None)
+    if column is not None and preds["photographer"].notna().any():
+        reader = EmbeddingReader(bundle)
+        if column in reader.columns:
+            groups = reader.read_meta([column])[column].to_numpy(dtype=object)
+    preds["leak"] = find_leaks(preds, knn.ids, knn.paths, preds["photographer"], groups, near_duplicate)
 
 
 def index_id_of(index: Any, index_dir: str | Path | None) -> str | None:
@@ -117,7 +151,8 @@ def run_suite(
         frame = answers_to_frame(
             answers, batch["query_id"].tolist(), list(zip(batch["true_lat"], batch["true_lon"])),
             mode=mode, suite=suite.name, index_id=index_id,
-            extra={"scene": batch["scene"].tolist(), "country": batch["country"].tolist()},
+            extra={"scene": batch["scene"].tolist(), "country": batch["country"].tolist(),
+                   "photographer": batch["photographer"].tolist()},
         )
         collected.append(frame)
         pending.append(frame)

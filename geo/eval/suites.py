@@ -22,6 +22,7 @@ import pandas as pd
 
 from geo.core.geodesy import valid_latlon
 from geo.data.columns import (
+    GROUP_COLUMNS,
     ID_COLUMNS,
     LAT_COLUMNS,
     LON_COLUMNS,
@@ -58,7 +59,7 @@ def _need(df: pd.DataFrame, cols: list[str], path: Path, fmt: str) -> None:
         raise SuiteError(f"{path}: not in the {fmt} format (missing columns {', '.join(missing)}; has {', '.join(map(str, df.columns[:12]))})")
 
 
-def _frame(path: Path, ids, rel, lat, lon, scene=None, country=None) -> pd.DataFrame:
+def _frame(path: Path, ids, rel, lat, lon, scene=None, country=None, photographer=None) -> pd.DataFrame:
     n = len(ids)
     df = pd.DataFrame(
         {
@@ -68,6 +69,8 @@ def _frame(path: Path, ids, rel, lat, lon, scene=None, country=None) -> pd.DataF
             "true_lon": pd.to_numeric(pd.Series(lon), errors="coerce").to_numpy(np.float64),
             "scene": [None] * n if scene is None else list(scene),
             "country": [None] * n if country is None else [None if pd.isna(c) else str(c) for c in country],
+            "photographer": [None] * n if photographer is None else [None if pd.isna(a) else str(a)
+                                                                     for a in photographer],
         }
     )
     bad = np.flatnonzero(~valid_latlon(df["true_lat"], df["true_lon"]))
@@ -88,7 +91,7 @@ def read_geoestimation(path: Path) -> pd.DataFrame:
     if "S3_Label" in df.columns:
         s3 = pd.to_numeric(df["S3_Label"], errors="coerce")
         scene = [S3_SCENES.get(int(x)) if pd.notna(x) else None for x in s3]
-    return _frame(path, df["IMG_ID"], df["IMG_ID"], df["LAT"], df["LON"], scene=scene)
+    return _frame(path, df["IMG_ID"], df["IMG_ID"], df["LAT"], df["LON"], scene=scene, photographer=df.get("AUTHOR"))
 
 
 def read_yfcc4k(path: Path) -> pd.DataFrame:
@@ -124,7 +127,9 @@ def read_custom(path: Path) -> pd.DataFrame:
     if "S3_Label" in df.columns:
         scene = [S3_SCENES.get(int(x)) if pd.notna(x) else None for x in pd.to_numeric(df["S3_Label"], errors="coerce")]
     country = df["country"] if "country" in df.columns else None
-    return _frame(path, df[cid], df[cimg], df[clat], df[clon], scene=scene, country=country)
+    cgroup = find_column(df.columns, GROUP_COLUMNS)
+    return _frame(path, df[cid], df[cimg], df[clat], df[clon], scene=scene, country=country,
+                  photographer=df[cgroup] if cgroup else None)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,11 @@ Schema (one row per query image; nullable unless noted)::
     confidence_radius_km float64  the radius ``confidence`` is stated for
     p_within    string     JSON {radius_km: probability} where the mode is calibrated
     alternatives string    JSON list of {lat, lon, score}: the other places the answer weighed
+    photographer string    the query's photographer (AUTHOR / owner column) where the suite has it
+    leak        string     why `geo bench` found the query not new to the gallery: same id | same file |
+                           near-duplicate | same photographer; null when new (or not checked)
 
-Files written before the last three columns existed read with them null.
+Files written before the last five columns existed read with them null.
 
 ``top_cells`` and ``topk`` are JSON text rather than nested Arrow types so
 that DuckDB, pandas and CSV export all read them without a schema dance
@@ -84,6 +87,8 @@ SCHEMA = pa.schema(
         pa.field("confidence_radius_km", pa.float64()),
         pa.field("p_within", pa.string()),
         pa.field("alternatives", pa.string()),
+        pa.field("photographer", pa.string()),
+        pa.field("leak", pa.string()),
     ],
     metadata={"geo.store.predictions.version": "1"},
 )
