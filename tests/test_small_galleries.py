@@ -36,6 +36,7 @@ def test_gallery_of_n_photos_builds_and_answers(n, tmp_path):
         assert "cells, gallery, fusion: skipped" in r.output and not stages & {"cells", "gallery", "fusion"}
     else:
         assert {"cells", "gallery", "fusion"} <= stages
+        assert "fusion learned: knn" in r.output  # what fusion learned, in words, ends the build
     q = CliRunner().invoke(app, ["query", str(QUERY), "--index", str(out), "--json"])
     assert q.exit_code == 0 and '"lat": ' in q.stdout
 

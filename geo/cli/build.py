@@ -11,11 +11,13 @@ from geo.cluster import ClusterError
 from geo.core.sizes import parse_bytes
 from geo.data.embedding_table import EmbeddingTableError
 from geo.data.manifest import ManifestError
+from geo.core.answer import PRIOR_ONLY
 from geo.models.hub import allow_downloads
 from geo.pipeline import STAGES, BuildConfig, StageConfigs, add_photos, build_index
 from geo.pipeline import dry_run as dry_run_build
 from geo.stages.cells.stage import CellsConfig
 from geo.stages.embed import EmbedConfig
+from geo.stages.fusion.posterior import FusionParams, learned_summary
 from geo.stages.gallery.stage import GalleryConfig
 from geo.stages.knn import KnnConfig
 from geo.store.bundle import BundleError
@@ -127,6 +129,8 @@ def build_index_command(
         fail(e)
     counts = bundle.manifest.get("counts", {})
     typer.echo(f"built {out}: {counts.get('ok', 0):,} photos indexed, {counts.get('failed', 0):,} failed")
+    if bundle.has_stage("fusion") and not quiet:
+        typer.echo(learned_summary(FusionParams.from_dict(bundle.stage("fusion")["params"]), PRIOR_ONLY))
 
 
 def add_command(

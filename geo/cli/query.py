@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from geo.cli.common import fail, print_json
-from geo.core.answer import Answer
+from geo.core.answer import LOW_EVIDENCE, Answer
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import expand_images
 from geo.query.client import ServerError, locate_remote
@@ -28,6 +28,12 @@ def print_human(ans: Answer, top: int = 3) -> None:
         return
     typer.echo(f"{name}: {ans.lat:.5f}, {ans.lon:.5f}  [{ans.mode}]  "
                f"confidence {ans.confidence:.2f} within {ans.confidence_radius_km or 0:g} km")
+    basis = ans.evidence.get("basis")
+    if basis == "prior":
+        typer.echo(f"    {LOW_EVIDENCE}")
+    elif basis == "near-duplicate" and ans.neighbors:
+        typer.echo(f"    a near-duplicate of gallery photo {ans.neighbors[0]['id']} "
+                   f"(similarity {ans.neighbors[0]['similarity']:.3f}): answered at its spot")
     for alt in ans.alternatives[:3]:
         typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}")
     for n in ans.neighbors[:top]:

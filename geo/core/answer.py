@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+PRIOR_ONLY = 0.75  # the prior's share of the mass around an answer above which the photo said little
+LOW_EVIDENCE = "little evidence in this photo: the answer is where the gallery's photos concentrate"
+
+
 @dataclass
 class Answer:
     """One photo's (or one embedding's) answer.
@@ -19,6 +23,13 @@ class Answer:
     ``confidence_radius_km``; ``p_within`` gives it for several radii where the
     mode is calibrated. ``abstained`` answers keep their confidence but carry no
     coordinates: the caller asked for at least ``min_confidence``.
+
+    ``evidence`` says what carried the answer: ``basis`` is ``near-duplicate``
+    (a gallery photo at least as similar as fusion's duplicate threshold),
+    ``prior`` (at least :data:`PRIOR_ONLY` of the mass around the answer is
+    the gallery's population prior: the photo itself said little) or ``image``;
+    ``signals`` is each signal's share of that mass; ``top_similarity`` is the
+    nearest gallery photo's cosine similarity.
     """
 
     image: str | None
@@ -32,6 +43,7 @@ class Answer:
     neighbors: list[dict[str, Any]] = field(default_factory=list)
     top_cells: list[dict[str, Any]] = field(default_factory=list)
     gallery: list[dict[str, float]] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)  # basis, each signal's share, best neighbour similarity
     error: str | None = None
     abstained: bool = False
     id: str | None = None  # the row's id when the query was a precomputed embedding (then ``image`` is None)

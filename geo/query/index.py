@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from geo.core.answer import Answer
+from geo.core.answer import PRIOR_ONLY, Answer
 from geo.core.geodesy import haversine_km
 from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
 from geo.data.embedding_table import EmbeddingTable
@@ -25,9 +25,10 @@ from geo.data.images import ImageDataset, expand_images
 from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.support import DECISION_RADII_KM
-from geo.stages.fusion.calibration import calibrated
+from geo.stages.fusion.calibration import CALIBRATED_KM, calibrated
 from geo.stages.fusion.posterior import decide
 from geo.stages.fusion.signals import (
+    BACKOFF_SIGNAL,
     Batch,
     Evidence,
     SignalSource,
@@ -57,6 +58,8 @@ class _Decision:
     radius_km: float
     p_within: dict[str, float] = field(default_factory=dict)
     alternatives: list[dict[str, float]] = field(default_factory=list)
+    shares: dict[str, float] = field(default_factory=dict)  # what carried the answer (the mode's own signal: 1.0)
+    basis: str = "image"
 
 
 def open_index(path: str | Path, device: str = "auto", verify: bool = True) -> "GeoIndex":
@@ -164,6 +167,8 @@ class GeoIndex:
                 gallery=[] if gallery is None else [
                     {"lat": float(la), "lon": float(lo), "score": round(float(sc), 4)}
                     for sc, (la, lo) in zip(gallery[1][i, :GALLERY_SHOWN], gallery[0][i, :GALLERY_SHOWN])],
+                evidence={"basis": d.basis, "signals": d.shares,
+                          "top_similarity": round(float(sims[i][rows[i] >= 0][0]), 6) if (rows[i] >= 0).any() else None},
             ).abstain_below(min_confidence))
         return out
 
@@ -188,24 +193,31 @@ class GeoIndex:
         return answers, np.concatenate(truth) if truth else np.zeros((0, 2))
 
     def _decide(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray) -> list[_Decision]:
+        own = {mode: 1.0}
         if mode == "knn":
             out = []
             for s, r in zip(sims, rows):
                 v = kde_vote(self.knn.lat[r[r >= 0]], self.knn.lon[r[r >= 0]], s[r >= 0], self.knn_params)
-                out.append(_Decision(v.lat, v.lon, v.confidence, self.knn_params.radius_km))
+                out.append(_Decision(v.lat, v.lon, v.confidence, self.knn_params.radius_km, shares=own))
             return out
         if mode == "gallery":
             latlon, scores = gallery_search(self.gallery, batch)
-            return [_Decision(float(g[0, 0]), float(g[0, 1]), float(neighbour_weights(sc[np.isfinite(sc)], 1.0)[0]), 0.0)
-                    for g, sc in zip(latlon, scores)]
+            return [_Decision(float(g[0, 0]), float(g[0, 1]), float(neighbour_weights(sc[np.isfinite(sc)], 1.0)[0]), 0.0,
+                              shares=own) for g, sc in zip(latlon, scores)]
         if mode == "cells":  # the photo spot with most f* mass within 750, then 200, then 25 km (see RESULTS.md)
             lat, lon, mass = self.cells.decide(cell_probs(self.cells, batch))
-            return [_Decision(float(a), float(b), float(m), DECISION_RADII_KM[0]) for a, b, m in zip(lat, lon, mass)]
+            return [_Decision(float(a), float(b), float(m), DECISION_RADII_KM[0], shares=own)
+                    for a, b, m in zip(lat, lon, mass)]
         params = self.fusion.params
         out = []
         for d in decide(collect(self.sources, batch), params):
-            p = calibrated(d.mass, params.calibration)
-            out.append(_Decision(d.lat, d.lon, p["25"], 25.0, p, d.alternatives))
+            # A near-duplicate is answered at its twin's spot. Build-time calibration never saw one (it scores
+            # other photographers' photos), so its p_within is the posterior mass itself: all of it, nearby.
+            p = ({t: round(d.mass[t], 4) for t in CALIBRATED_KM} if d.duplicate
+                 else calibrated(d.mass, params.calibration))
+            basis = "near-duplicate" if d.duplicate else (
+                "prior" if d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
+            out.append(_Decision(d.lat, d.lon, p["25"], 25.0, p, d.alternatives, d.shares, basis))
         return out
 
     def _neighbours(self, sims: np.ndarray, rows: np.ndarray, lat: float, lon: float) -> list[dict[str, Any]]:

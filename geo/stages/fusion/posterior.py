@@ -85,6 +85,11 @@ class Decision:
     mass: dict[str, float]          # posterior mass within each threshold of the answer
     score: float                    # the decision's objective at the answer
     alternatives: list[dict[str, float]]
+    shares: dict[str, float] = field(default_factory=dict)  # each signal's part of the mass within SHARE_KM
+    duplicate: bool = False         # a near-duplicate neighbour took all the weight
+
+
+SHARE_KM = 750  # the region: where even a weak image signal and the prior both put mass
 
 
 def _softmax_rows(z: np.ndarray, t: float) -> np.ndarray:
@@ -196,8 +201,16 @@ def decide_batch(ev: Evidence, p: FusionParams, covered: list[np.ndarray] | None
 
 
 def decide(ev: Evidence, p: FusionParams, alternatives: int = 5) -> list[Decision]:
+    """The answer per query, its alternatives (other places, not the same spot again) and what carried it:
+    each signal's share of the posterior mass within :data:`SHARE_KM` of the answer."""
     c = closeness(ev)
-    best, score, masses = decide_batch(ev, p, c=c)
+    covered = signal_coverages(ev, p, c)
+    best, score, masses = decide_batch(ev, p, covered=covered)
+    w = signal_weights(ev, p)
+    k_share = THRESHOLDS_KM.index(SHARE_KM)
+    parts = np.stack([cov[np.arange(len(best)), k_share, best] for cov in covered], axis=1) * w  # [n, signals]
+    parts /= parts.sum(axis=1, keepdims=True).clip(min=1e-12)
+    dup = near_duplicate(ev, p)
     pts = ev.points
     near = cos_km(25.0)
     out = []
@@ -212,10 +225,28 @@ def decide(ev: Evidence, p: FusionParams, alternatives: int = 5) -> list[Decisio
                 taken.append(int(j))
         out.append(Decision(float(pts[i, b, 0]), float(pts[i, b, 1]),
                             {str(t): float(masses[i, k, b]) for k, t in enumerate(THRESHOLDS_KM)},
-                            float(score[i, b]), alts))
+                            float(score[i, b]), alts,
+                            {n: round(float(parts[i, j]), 4) for j, n in enumerate(ev.names)}, bool(dup[i])))
     return out
 
 
 def backoff_only(p: FusionParams) -> bool:
     """True for the setting that answers the best constant guess: all weight on the prior, decided at 750 km."""
     return p.weight(BACKOFF_SIGNAL) == 1.0 and p.decision == "region"
+
+
+def learned_summary(p: FusionParams, prior_only: float) -> str:
+    """What fusion learned, in words, for the end of a build: which signals carry weight and what follows."""
+    weights = "  ".join(f"{n} {100 * sp.weight:.0f}%" for n, sp in p.signals.items())
+    prior = p.weight(BACKOFF_SIGNAL)
+    if prior >= prior_only:
+        meaning = ("on photographers it had not seen, this backbone's features did not beat the constant guess, "
+                   "so most answers will be where the gallery's photos concentrate (each says 'little evidence'). "
+                   "A stronger backbone (README, 'Stronger models') or more photos per place changes that.")
+    else:
+        carried = ", ".join(n for n, sp in p.signals.items() if n != BACKOFF_SIGNAL and sp.weight > 0)
+        meaning = (f"the photo's own evidence ({carried}) carries the answers; the prior fills in where it is "
+                   "weak, and an answer that rests on it says so.")
+    return (f"fusion learned: {weights}\n  {meaning}\n  a gallery photo at least {p.duplicate_similarity:.2f} "
+            "similar is a near-duplicate: the answer snaps to its spot.")
+

@@ -1,0 +1,58 @@
+"""What carried an answer: every answer says so, a prior-only answer is flagged, a duplicate is confident."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from geo.cli import app
+from geo.core.answer import LOW_EVIDENCE
+from geo.query.index import open_index
+
+QUERY = sorted((Path(__file__).resolve().parents[1] / "examples" / "osv5m" / "queries").glob("*.jpg"))[0]
+
+
+@pytest.fixture(scope="module")
+def index(cli_bundle):
+    return open_index(cli_bundle[1])
+
+
+def _with_weights(index, **weights):
+    params = index.fusion.params
+    signals = {n: dataclasses.replace(sp, weight=weights.get(n, 0.0)) for n, sp in params.signals.items()}
+    return dataclasses.replace(params, signals=signals)
+
+
+def test_an_exact_duplicate_is_confident_within_25_km(index, cli_bundle):
+    gallery = pd.read_csv(cli_bundle[0], dtype={"id": str})
+    a = index.locate(gallery["path"][4])
+    assert a.evidence["basis"] == "near-duplicate" and a.evidence["top_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert a.confidence >= 0.9 and a.confidence_radius_km == 25.0
+    assert (a.lat, a.lon) == pytest.approx((gallery["latitude"][4], gallery["longitude"][4]), abs=1e-6)
+
+
+def test_a_prior_only_answer_is_flagged_and_an_image_answer_is_not(index, monkeypatch):
+    monkeypatch.setattr(index.fusion, "params", _with_weights(index, prior=1.0))
+    a = index.locate(str(QUERY))
+    assert a.evidence["basis"] == "prior" and a.evidence["signals"]["prior"] == pytest.approx(1.0)
+    monkeypatch.setattr(index.fusion, "params", _with_weights(index, knn=0.9, prior=0.1))
+    b = index.locate(str(QUERY))
+    assert b.evidence["basis"] == "image" and b.evidence["signals"]["knn"] > 0.5
+
+
+def test_the_human_line_says_when_the_answer_is_the_prior(cli_bundle, index):
+    r = CliRunner().invoke(app, ["query", str(QUERY), "--index", str(cli_bundle[1])])
+    a = index.locate(str(QUERY))
+    assert r.exit_code == 0
+    assert (LOW_EVIDENCE in r.output) == (a.evidence["basis"] == "prior")
+
+
+def test_every_mode_answers_with_the_same_fields(index):
+    keys = {m: set(index.locate(str(QUERY), mode=m).to_dict()) for m in index.modes}
+    assert len({frozenset(k) for k in keys.values()}) == 1 and "evidence" in keys["fused"]
+    for m in index.modes:
+        ev = index.locate(str(QUERY), mode=m).evidence
+        assert set(ev) == {"basis", "signals", "top_similarity"} and sum(ev["signals"].values()) == pytest.approx(1.0)
