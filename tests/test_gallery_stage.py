@@ -142,15 +142,21 @@ def test_image_init_follows_backbone():
     assert resolve_image_init("efficientnet_lite0", 1280) == "random"
 
 
-def test_each_epoch_reports_its_time_and_what_is_left():
-    """A 100K gallery takes minutes an epoch on a CPU: the log says how long the rest may take."""
+def test_each_epoch_reports_its_time_and_what_is_left(capsys):
+    """A 100K gallery takes minutes an epoch on a CPU: a bar says how long the rest may take (its ETA), and
+    --verbose adds each epoch's metrics as a line."""
+    from geo.core.progress import showing
     from geo.stages.gallery.train import train_gallery
 
     meta, emb, _ = city_data(n_per=10)
     lines: list[str] = []
     cfg = dataclasses.replace(SMALL, epochs=3, patience=10).train_config("test", emb.shape[1])
-    result = train_gallery(emb, meta[["lat", "lon"]].to_numpy(), meta["AUTHOR"].to_numpy(), cfg, log=lines.append)
+    with showing(bars=True, verbose=True):
+        result = train_gallery(emb, meta[["lat", "lon"]].to_numpy(), meta["AUTHOR"].to_numpy(), cfg,
+                               log=lines.append)
     history = result.metrics["history"]
     assert len(history) == 3 and all(h["seconds"] > 0 for h in history)
     assert sum(h["seconds"] for h in history) <= result.metrics["seconds"] + 0.005  # the total is rounded to 0.01 s
-    assert "at most 2 more" in lines[0] and "at most 1 more" in lines[1] and "more" not in lines[2]
+    bar = capsys.readouterr().err
+    assert "1/3 [" in bar and "<00:0" in bar and "3/3 [" in bar and "round/s" in bar  # done, ETA, rate
+    assert [line.split(":")[0] for line in lines] == ["gallery epoch 1", "gallery epoch 2", "gallery epoch 3"]

@@ -12,6 +12,7 @@ from geo.core.sizes import parse_bytes
 from geo.data.embedding_table import EmbeddingTableError
 from geo.data.manifest import ManifestError
 from geo.core.answer import PRIOR_ONLY
+from geo.core.progress import showing
 from geo.models.hub import allow_downloads
 from geo.pipeline import STAGES, BuildConfig, StageConfigs, add_photos, build_index
 from geo.pipeline import dry_run as dry_run_build
@@ -82,7 +83,9 @@ def build_index_command(
                                       "each, a GPU each when the cluster has them) and FAISS population on a Ray "
                                       "cluster: 'local' starts one here (or joins RAY_ADDRESS), else the cluster's "
                                       "address. --out must be on storage every node mounts. pip install \"geo[ray]\"."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no stage lines: only the result."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also each training epoch's metrics (cell heads, "
+                                 "GPS gallery), as lines."),
 ) -> None:
     """Build an index bundle from geotagged photos or their precomputed embeddings (resumable: re-run the same
     command after an interruption).
@@ -124,7 +127,8 @@ def build_index_command(
         if dry_run:
             dry_run_build(cfg, log=typer.echo)
             return
-        bundle = build_index(cfg, log=log, progress=not quiet)
+        with showing(bars=not quiet, verbose=verbose and not quiet):
+            bundle = build_index(cfg, log=log, progress=not quiet)
     except (BundleError, ManifestError, EmbeddingTableError, FileNotFoundError, ValueError, ClusterError) as e:
         fail(e)
     counts = bundle.manifest.get("counts", {})
@@ -143,7 +147,9 @@ def add_command(
     refit: bool = typer.Option(False, "--refit", help="Also refit the cell partitions and heads, the GPS gallery's "
                                "model and fusion on all photos (a full build's cost for those stages)."),
     workers: int = typer.Option(-1, help="Decoding processes; -1 = one per core (max 8), 0 = in-process."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no stage lines: only the result."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also each training epoch's metrics (cell heads, "
+                                 "GPS gallery), as lines."),
 ) -> None:
     """Append photos to a bundle: new shards, FAISS add, cell counts and support spots, gallery points.
 
@@ -157,9 +163,10 @@ def add_command(
         fail("give a manifest (or a folder of photos), or --embeddings PATH: one of the two")
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     try:
-        bundle = add_photos(index, str(manifest) if manifest else None, str(embeddings) if embeddings else None,
-                            str(image_root) if image_root else None, embedding_column, refit,
-                            EmbedConfig(workers=workers), log=log, progress=not quiet)
+        with showing(bars=not quiet, verbose=verbose and not quiet):
+            bundle = add_photos(index, str(manifest) if manifest else None, str(embeddings) if embeddings else None,
+                                str(image_root) if image_root else None, embedding_column, refit,
+                                EmbedConfig(workers=workers), log=log, progress=not quiet)
     except (BundleError, ManifestError, EmbeddingTableError, FileNotFoundError, ValueError) as e:
         fail(e)
     counts = bundle.manifest.get("counts", {})

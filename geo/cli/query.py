@@ -9,6 +9,7 @@ import typer
 
 from geo.cli.common import fail, print_json
 from geo.core.answer import LOW_EVIDENCE, Answer
+from geo.core.progress import showing
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import expand_images
 from geo.query.client import ServerError, locate_remote
@@ -96,7 +97,8 @@ def query_command(
                                        require_coordinates=False)
                 answers, truth = idx.locate_table(table, mode=mode, k=k, min_confidence=min_confidence)
             else:
-                answers = idx.locate(list(images), mode=mode, k=k, crops=crops, min_confidence=min_confidence)
+                with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
+                    answers = idx.locate(list(images), mode=mode, k=k, crops=crops, min_confidence=min_confidence)
     except (BundleError, ValueError, ServerError) as e:
         fail(e)
     frame = None

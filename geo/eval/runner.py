@@ -14,6 +14,8 @@ from typing import Any, Protocol, Sequence
 import pandas as pd
 
 from geo.core.answer import Answer
+from geo.core.progress import bar as progress_bar
+from geo.core.progress import showing
 from geo.eval.leaks import NEAR_DUPLICATE, find_leaks, leak_counts
 from geo.eval.metrics import breakdown, distances_km, summarize
 from geo.eval.suites import Suite, SuiteError, resolve_images
@@ -142,7 +144,8 @@ def run_suite(
 
     collected: list[pd.DataFrame] = []
     pending: list[pd.DataFrame] = []
-    bar = _progress(len(todo) + resumed, resumed, f"{suite.name} ({mode or 'default mode'})", progress)
+    with showing(progress):
+        bar = progress_bar(len(todo) + resumed, f"{suite.name} ({mode or 'default mode'})", "img", resumed)
     for start in range(0, len(todo), batch_size):
         batch = todo.iloc[start : start + batch_size]
         answers = index.locate(batch["image"].tolist(), mode=mode, crops=crops)
@@ -173,17 +176,3 @@ def run_suite(
     if preds.empty and not missing:
         raise SuiteError(f"{meta_path}: nothing to score")
     return BenchResult(suite.name, meta_path, preds, missing, resumed)
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit="img")

@@ -20,6 +20,7 @@ import torch
 from geo.core.answer import PRIOR_ONLY, Answer
 from geo.core.geodesy import haversine_km
 from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
+from geo.core.progress import bar, bars_on, showing
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, expand_images
 from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
@@ -119,12 +120,16 @@ class GeoIndex:
         ds = ImageDataset(list(images), bb.preprocess, crops=crops)
         out = np.zeros((len(images), crops, bb.dim), np.float32)
         errors: dict[int, str] = {}
+        with showing(bars_on() and len(images) > batch_size):  # a bar only when there is more than one batch
+            progress = bar(len(images), "locate", unit="img")
         for start in range(0, len(images), batch_size):
             items = [ds[i] for i in range(start, min(start + batch_size, len(images)))]
             ok = [(i, t) for i, t, err in items if err is None]
             errors.update({i: err for i, _, err in items if err is not None})
             if ok:
                 out[[i for i, _ in ok]] = np.stack(self.embed_tensors([t for _, t in ok]))
+            progress.update(len(items))
+        progress.close()
         return out, errors
 
     def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:

@@ -95,7 +95,10 @@
     const radius = a.confidence_radius_km || 0;
     $("words").textContent = words(a.confidence) + ": " + pct(a.confidence) + " that the photo was taken within " +
       radius + " km of this point";
-    $("words").className = a.confidence < 0.15 ? "warn" : "";
+    const basis = (a.evidence || {}).basis;
+    if (basis === "prior") $("words").textContent += ". Little evidence in this photo: the answer is where the gallery's photos concentrate";
+    if (basis === "near-duplicate") $("words").textContent += ". A near-duplicate of a gallery photo: answered at its spot";
+    $("words").className = a.confidence < 0.15 || basis === "prior" ? "warn" : "";
     const tbody = $("pwithin").querySelector("tbody");
     tbody.replaceChildren();
     for (const [km, p] of Object.entries(a.p_within || {})) {

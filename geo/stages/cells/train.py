@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from geo.core.geodesy import EARTH_RADIUS_KM, latlon_to_xyz
+from geo.core.progress import bar
 from geo.core.runtime import resolve_device
 from geo.core.splits import validation_mask
 from geo.models.heads import CellHeads
@@ -96,6 +97,7 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
     max_epochs = min(config.max_epochs, max(1, budget // max(len(train), 1)))
     # Big galleries take bigger batches (at most ~100 steps an epoch): the prototype start needs few epochs, not many steps.
     batch_size = max(config.batch_size, -(-epoch_photos // 100))
+    progress = bar(max_epochs + 1, "cell heads (early stopping ends sooner)", unit="epoch")
     for epoch in range(max_epochs + 1):
         model.train()
         perm = train_t[torch.randperm(len(train_t), generator=gen)[:epoch_photos]].to(dev)
@@ -113,6 +115,8 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
             # Validation is always scored against hard labels: the number early stopping compares across runs.
             vloss = float(_loss(model, x[val_t], y[val_t], s[val_t], pxyz[val_t], cxyz, 0.0, n_scenes))
         history.append({"epoch": epoch, "train_loss": total / max(len(perm), 1), "val_loss": vloss})
+        progress.update()
+        progress.set_postfix_str(f"val loss {vloss:.4g}")
         if vloss < best - 1e-4:
             best, stale = vloss, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -120,6 +124,7 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
             stale += 1
             if stale >= config.patience:
                 break
+    progress.close()
     model.load_state_dict(best_state)
     model.eval()
     best_epoch = min(range(len(history)), key=lambda e: history[e]["val_loss"])

@@ -25,6 +25,7 @@ import pandas as pd
 from geo.core.geodesy import THRESHOLDS_KM
 from geo.core.knn_vote import kde_vote
 from geo.core.priors import population_prior
+from geo.core.progress import bar, showing
 from geo.core.splits import group_column, group_folds, validation_mask
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.stage import CellsConfig, fit_cells
@@ -136,22 +137,37 @@ def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarra
     meta = meta.reset_index(drop=True)
     all_rows, parts, singles = [], [], {"knn": [], "gallery": [], "cells": [], "prior": []}
     quiet = lambda *_: None  # noqa: E731  the folds' own logs would repeat the real stages'
+    steps = 2 + (stages.cells is not None) + (stages.gallery is not None)  # knn, [cells], [gallery], scoring
+    log(f"fusion: {len(folds)} photographer folds, each fitting every signal again on the others' photos")
+    progress = bar(len(folds) * steps, "fusion folds", unit="step")
     for f, (held, train) in enumerate(folds):
-        log(f"fusion: fold {f + 1}/{len(folds)}, {len(train)} photos fit, {len(held)} scored")
+        def step(what: str) -> None:
+            progress.set_postfix_str(f"fold {f + 1}/{len(folds)}: {what} ({len(train)} fit, {len(held)} scored)")
+
+        step("kNN")
         tmeta, temb = meta.iloc[train].reset_index(drop=True), emb[train]
         knn = KnnIndex.from_arrays(temb, tmeta)
+        progress.update()
         cells: CellPredictor | None = None
-        if stages.cells is not None:
-            cells = fit_cells(tmeta, temb, dataclasses.replace(stages.cells, crossfit=False), log=quiet)
-        gallery: GpsGallery | None = None
-        if stages.gallery is not None:
-            gallery = fit_gallery(tmeta, temb, stages.gallery, stages.backbone, log=quiet)
+        with showing(False, False):  # the folds' own epochs would bury the fold bar
+            if stages.cells is not None:
+                step("cell heads")
+                cells = fit_cells(tmeta, temb, dataclasses.replace(stages.cells, crossfit=False), log=quiet)
+                progress.update()
+            gallery: GpsGallery | None = None
+            if stages.gallery is not None:
+                step("GPS gallery")
+                gallery = fit_gallery(tmeta, temb, stages.gallery, stages.backbone, log=quiet)
+                progress.update()
+        step("scoring")
         lat, lon = tmeta["lat"].to_numpy(np.float64), tmeta["lon"].to_numpy(np.float64)
         ev, fold_singles = score(Batch(emb[held], config.k), knn, cells, gallery, lat, lon)
+        progress.update()
         for m, v in fold_singles.items():
             singles[m].append(v)
         all_rows.append(held)
         parts.append(ev)
+    progress.close()
     return np.concatenate(all_rows), Evidence.concat(parts), {m: np.concatenate(v) for m, v in singles.items() if v}
 
 

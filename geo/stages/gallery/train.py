@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
 from geo.core.priors import photos_within
+from geo.core.progress import bar, detail
 from geo.core.runtime import resolve_device
 from geo.core.splits import validation_mask
 from geo.models.location import GEOCLIP_SIGMAS, ImageProjection, LocationEncoder
@@ -201,6 +202,7 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
     best = val_metrics() if va.any() else None
     best_state, best_epoch, stale, history = _snapshot(loc, proj), 0, 0, []
     t0 = time.perf_counter()
+    progress = bar(config.epochs, "gallery rounds (early stopping ends sooner)", unit="round")
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         loc.train(config.location_lr > 0)
@@ -241,12 +243,12 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
                 stale += 1
         row["seconds"] = time.perf_counter() - started  # training and validation: what each further epoch costs
         history.append(row)
-        left = config.epochs - epoch
-        log(f"gallery epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch")
-            + (f"; at most {left} more, ~{left * row['seconds'] / 60:.0f} min (early stopping usually ends sooner)"
-               if left else ""))
+        progress.update()
+        progress.set_postfix_str(", ".join(f"{k} {row[k]:.3g}" for k in ("score", "loss") if k in row))
+        detail(log, f"gallery epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         if best is not None and stale >= config.patience:
             break
+    progress.close()
     if best is None:  # no held-out groups: keep the last epoch
         best_state, best_epoch = _snapshot(loc, proj), len(history)
     loc.load_state_dict(best_state[0]), proj.load_state_dict(best_state[1])
