@@ -28,7 +28,7 @@ from geo.core.runtime import matmul_flops
 from geo.core.sizes import human_bytes
 from geo.core.splits import group_column, training_rows, validation_mask
 from geo.data.embedding_table import EmbeddingTable
-from geo.data.manifest import read_manifest
+from geo.data.manifest import ManifestError, read_manifest
 from geo.models.backbones import BackboneError, backbone_from_spec, load_backbone
 from geo.plan import StagePlan, check, default_memory, plan_build
 from geo.stages.cells.predictor import CellPredictor
@@ -148,6 +148,11 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
     else:
         man = read_manifest(cfg.manifest, cfg.image_root)
         log(f"manifest: {len(man.df):,} usable rows, {len(man.errors):,} rejected ({man.source})")
+        if man.df.empty and not Path(cfg.out, "manifest.json").exists():  # before a model load or a bundle
+            reasons = "; ".join(f"{Path(e['path']).name}: {e['reason']}" for e in man.errors[:3])
+            raise ManifestError(f"{man.source}: nothing to index, {len(man.errors)} inputs rejected"
+                                + (f" ({reasons}{', ...' if len(man.errors) > 3 else ''})" if reasons else "")
+                                + "; no bundle was written")
         backbone = load_backbone(cfg.backbone, device=cfg.device, precision=cfg.precision, weights=cfg.weights)
         log(f"backbone: {backbone.name} ({backbone.dim}-d) on {backbone.device}")
         check(plan_stages(cfg, len(man.df), backbone.dim), cfg.memory)

@@ -48,3 +48,16 @@ def test_a_batch_with_no_photo_in_any_cell_is_a_zero_loss_not_a_crash():
                  torch.randn(5, 3)], 0.0, 0)
     assert float(loss) == 0.0 and loss.requires_grad
     loss.backward()  # a training step over it changes nothing
+
+
+def test_a_folder_without_gps_is_refused_before_any_model_load_and_leaves_no_bundle(tmp_path, monkeypatch):
+    import geo.pipeline
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for q in sorted((EXAMPLES / "queries").glob("*.jpg"))[:3]:  # street photos whose EXIF has no GPS
+        (folder / q.name).write_bytes(q.read_bytes())
+    monkeypatch.setattr(geo.pipeline, "load_backbone", lambda *a, **k: pytest.fail("the model was loaded"))
+    r = CliRunner().invoke(app, ["build-index", str(folder), "--out", str(tmp_path / "bundle")])
+    assert r.exit_code == 2 and "nothing to index, 3 inputs rejected" in r.output and "no GPS" in r.output
+    assert not (tmp_path / "bundle").exists()

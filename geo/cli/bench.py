@@ -215,15 +215,29 @@ def _suite_command(name: str) -> Callable[..., None]:
 
 # ---------------------------------------------------------------- geo sql / geo report
 def sql(
-    query: str = typer.Argument(..., help="SQL over the view `predictions`"),
-    predictions: List[Path] = typer.Option([Path("predictions.parquet")], "--predictions", "-p",
-                                           help="predictions Parquet file(s) or folders (repeatable)"),
+    query: str = typer.Argument(..., help="SQL over the tables `predictions` and, with --bundle, `errors` and "
+                                "`embeddings`"),
+    predictions: List[Path] = typer.Option([], "--predictions", "-p",
+                                           help="predictions Parquet file(s) or folders (repeatable; default "
+                                           "predictions.parquet unless --bundle is given)"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="a bundle: its errors.parquet as `errors`, its "
+                                          "photos' metadata (id, path, lat, lon, extras; no vectors) as `embeddings`"),
     as_json: bool = typer.Option(False, "--json", help="rows as a JSON list"),
     as_csv: bool = typer.Option(False, "--csv", help="rows as CSV"),
 ) -> None:
-    """Run DuckDB SQL over predictions files, e.g. geo sql "SELECT scene, median(error_km) FROM predictions GROUP BY 1"."""
+    """Run DuckDB SQL over predictions files and a bundle's errors and photo metadata.
+
+    It reads only the files named with -p/--bundle. The query runs with DuckDB's external access off: no
+    other file is read or written, no extension is installed or loaded, and the network is not used.
+
+    \b
+      geo sql "SELECT scene, median(error_km) FROM predictions GROUP BY 1" -p preds.parquet
+      geo sql "SELECT stage, reason, count(*) FROM errors GROUP BY ALL" --bundle my-index
+    """
+    if not predictions and bundle is None:
+        predictions = [Path("predictions.parquet")]
     try:
-        df = run_sql(query, predictions)
+        df = run_sql(query, predictions, bundle)
     except SqlError as e:
         fail(e)
     if as_json:

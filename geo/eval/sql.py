@@ -1,8 +1,12 @@
-"""``geo sql``: DuckDB over predictions files, exposed as one ``predictions`` view.
+"""``geo sql``: DuckDB over predictions files (the ``predictions`` table) and a bundle's ``errors`` and
+``embeddings`` metadata.
 
-DuckDB reads the Parquet files in place (no import step) and
-``union_by_name`` lets files from different runs, with or without the
-optional scene/country columns, be queried together.
+DuckDB reads the named Parquet files into in-memory tables (``union_by_name``
+lets files from different runs, with or without the optional columns, be
+queried together). Then external access is switched off and the
+configuration locked, so the query itself reads and writes no other file,
+installs and loads no extension and reaches no network: the command reads
+only what ``-p`` and ``--bundle`` name.
 """
 from __future__ import annotations
 
@@ -34,18 +38,47 @@ def _files(paths: Iterable[str | os.PathLike]) -> list[str]:
     return out
 
 
-def run_sql(query: str, paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """Run ``query`` with a ``predictions`` view over ``paths`` and return the result."""
+def _listing(files: list[str]) -> str:
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+
+
+def _bundle_files(bundle: str | os.PathLike) -> dict[str, list[str]]:
+    """The bundle's errors file and the embedding shards its manifest lists (metadata only is exposed)."""
+    from geo.store.bundle import BundleError, open_bundle
+    from geo.store.embeddings import EmbeddingReader
+
+    try:
+        b = open_bundle(bundle)
+        shards = [str(p) for p in EmbeddingReader(b).shards]
+    except BundleError as e:
+        raise SqlError(str(e)) from None
+    errors = b.path("errors.parquet")
+    return {"embeddings": shards, **({"errors": [str(errors)]} if errors.is_file() else {})}
+
+
+def run_sql(query: str, paths: Iterable[str | os.PathLike], bundle: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Run ``query`` over a ``predictions`` table (``paths``) and, with ``bundle``, its ``errors`` and
+    ``embeddings`` (metadata, no vectors) tables; the query runs with DuckDB's external access off."""
     import duckdb
 
-    files = _files(paths)
-    con = duckdb.connect(":memory:")
+    if not query.strip():
+        raise SqlError("empty query: give SQL, e.g. \"SELECT mode, median(error_km) FROM predictions GROUP BY 1\"")
+    paths = list(paths)
+    tables: dict[str, list[str]] = {"predictions": _files(paths)} if paths or bundle is None else {}
+    if bundle is not None:
+        tables.update(_bundle_files(bundle))
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
+                                             "autoload_known_extensions": False})
     try:
-        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        try:
-            con.execute(f"CREATE VIEW predictions AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")
-        except duckdb.Error as e:
-            raise SqlError(f"{', '.join(files)}: cannot be read as Parquet ({e})") from None
+        for name, files in tables.items():
+            columns = "* EXCLUDE (embedding)" if name == "embeddings" else "*"
+            try:
+                con.execute(f"CREATE TABLE {name} AS SELECT {columns} FROM read_parquet({_listing(files)}, "
+                            "union_by_name = true)")
+            except duckdb.Error as e:
+                raise SqlError(f"{', '.join(files[:3])}: cannot be read as Parquet ({e})") from None
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
         try:
             return con.execute(query).fetchdf()
         except duckdb.Error as e:
