@@ -66,3 +66,24 @@ def test_sql_and_report_on_converted_results(tmp_path):
     a = json.loads((out / "report.json").read_text())
     assert sum(g["n"] for g in a["by_continent"].values()) == 237
     assert 0.5 < a["country_hit_rate"] <= 1.0
+
+
+def test_report_compares_modes_given_one_file_per_mode(tmp_path):
+    from geo.store.predictions import answers_to_frame, write_predictions
+
+    truth = [(48.85, 2.35), (40.71, -74.0), (35.68, 139.69), (-33.87, 151.21)]
+    for mode, shift in (("fused", 0.05), ("knn", 5.0)):  # fused within 25 km of every photo, knn never
+        answers = [{"image": f"{i}.jpg", "lat": la + shift, "lon": lo, "mode": mode, "error": None}
+                   for i, (la, lo) in enumerate(truth)]
+        write_predictions(tmp_path / f"{mode}.parquet",
+                          answers_to_frame(answers, [str(i) for i in range(4)], truth, suite="im2gps3k"))
+    r = _invoke("report", str(tmp_path / "fused.parquet"), str(tmp_path / "knn.parquet"), "--out",
+                str(tmp_path / "rep"), "--json", "--no-ci")
+    assert r.exit_code == 0, r.output
+    a = json.loads(r.stdout)
+    assert a["by_mode"]["fused"]["acc"]["25"] == 1.0 and a["by_mode"]["knn"]["acc"]["25"] == 0.0
+    text = _invoke("report", str(tmp_path / "fused.parquet"), str(tmp_path / "knn.parquet"), "--out",
+                   str(tmp_path / "rep2"), "--no-ci").stdout
+    assert "2 modes in these predictions" in text and "mode fused" in text and "mode knn" in text
+    assert "these predictions " not in text.split("published results")[1]  # no pooled row beside GeoCLIP & co
+    assert "By mode" in (tmp_path / "rep2" / "report.html").read_text()

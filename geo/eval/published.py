@@ -54,16 +54,19 @@ def published_json(suite: str) -> list[dict[str, Any]]:
     ]
 
 
-def comparison_table(suite: str, ours: Mapping[str, Any] | None = None, label: str = "this index") -> str:
-    """A plain-text table: our accuracies (if given) above the published rows for ``suite`` ("" if none)."""
+def comparison_table(suite: str, ours: Mapping[str, Any] | None = None, label: str = "this index",
+                     more: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """A plain-text table: our accuracies (if given; ``more`` adds rows by label, e.g. one per mode) above the
+    published rows for ``suite`` ("" if none)."""
     rows = published_for(suite)
     if not rows:
         return ""
     head = f"{'method':<34}" + "".join(f"{str(t) + ' km':>9}" for t in THRESHOLDS_KM) + "  source"
     lines = [head, "-" * len(head)]
-    if ours is not None:
-        pct = ["   -" if math.isnan(ours["acc"][str(t)]) else f"{100 * ours['acc'][str(t)]:.2f}" for t in THRESHOLDS_KM]
-        lines.append(f"{label:<34}" + "".join(f"{v:>9}" for v in pct) + f"  n={ours['n']}")
+    for name, summary in ([(label, ours)] if ours is not None else []) + list((more or {}).items()):
+        pct = ["   -" if math.isnan(summary["acc"][str(t)]) else f"{100 * summary['acc'][str(t)]:.2f}"
+               for t in THRESHOLDS_KM]
+        lines.append(f"{name:<34}" + "".join(f"{v:>9}" for v in pct) + f"  n={summary['n']}")
     for p in rows:
         lines.append(f"{p.method:<34}" + "".join(f"{v:>9.2f}" for v in p.acc_pct) + f"  {p.source}")
     return "\n".join(lines)

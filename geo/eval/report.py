@@ -79,6 +79,8 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
     out["suites"] = suites
     if geo_df["scene"].notna().any():
         out["by_scene"] = breakdown(d, geo_df["scene"], ci=False)
+    if geo_df["mode"].nunique() > 1:  # one file per mode: compare them, never only pool them
+        out["by_mode"] = breakdown(d, geo_df["mode"], ci=False)
     for key, col in (("by_continent", "true_continent"), ("by_country", "true_country")):
         groups = breakdown(d, geo_df[col], ci=False)
         out[key] = {k: v for k, v in groups.items() if v["n"] >= min_group}
@@ -138,10 +140,20 @@ def photos_text(title: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _comparison(suite: str, a: dict[str, Any]) -> str:
+    """Our row(s) beside the published ones: one per mode when the predictions hold several."""
+    if "by_mode" in a:
+        return comparison_table(suite, more={f"mode {m}": g for m, g in a["by_mode"].items()})
+    return comparison_table(suite, a["summary"], "these predictions")
+
+
 def report_text(a: dict[str, Any], top_n: int = 10) -> str:
     parts = [summary_text(a["summary"])]
+    if "by_mode" in a:
+        parts.append(f"{len(a['by_mode'])} modes in these predictions; the lines above pool them, this compares "
+                     f"them:\n" + groups_text("mode", a["by_mode"]))
     for suite in a["suites"]:
-        table = comparison_table(suite, a["summary"], "these predictions")
+        table = _comparison(suite, a)
         if table:
             parts.append(f"published results on {suite}:\n{table}")
     if "by_scene" in a:
@@ -290,8 +302,10 @@ def write_html(a: dict[str, Any], pngs: dict[str, Path], path: Path, title: str)
         f"<h1>{html.escape(title)}</h1>",
         f"<pre>{html.escape(summary_text(s))}</pre>",
     ]
+    if "by_mode" in a:
+        parts.append("<h2>By mode (the summary above pools them)</h2>" + _groups_html(a["by_mode"], "mode"))
     for suite in a["suites"]:
-        table = comparison_table(suite, s, "these predictions")
+        table = _comparison(suite, a)
         if table:
             parts.append(f"<h2>Published results on {html.escape(suite)}</h2><pre>{html.escape(table)}</pre>")
     parts.append(f'<h2>Error distribution</h2><img src="{_b64(pngs["histogram"])}">')
