@@ -56,3 +56,19 @@ def test_every_mode_answers_with_the_same_fields(index):
     for m in index.modes:
         ev = index.locate(str(QUERY), mode=m).evidence
         assert set(ev) == {"basis", "signals", "top_similarity"} and sum(ev["signals"].values()) == pytest.approx(1.0)
+
+
+def test_answers_name_the_nearest_place_and_abstentions_do_not(index, cli_bundle):
+    import numpy as np
+
+    from geo.data.places import nearest_places
+
+    paris, sydney, missing = nearest_places(np.array([48.853, -33.87, np.nan]), np.array([2.349, 151.21, 0.0]))
+    assert (paris["name"], paris["cc"]) == ("Paris", "FR") and paris["distance_km"] < 1
+    assert sydney["cc"] == "AU" and missing == {}
+    gallery = pd.read_csv(cli_bundle[0], dtype={"id": str})
+    for i in (3, 17, 40):  # a gallery photo asked again is answered at its spot: the place is its country's
+        a = index.locate(gallery["path"][i])
+        assert a.place["cc"] == gallery["country"][i] and 0 <= a.place["distance_km"] < 200  # steppe: 63 km
+    withheld = index.locate(str(QUERY), min_confidence=1.01)
+    assert withheld.abstained and withheld.lat is None and withheld.place == {}  # no location by another name

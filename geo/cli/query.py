@@ -27,7 +27,9 @@ def print_human(ans: Answer, top: int = 3) -> None:
     if ans.abstained:
         typer.echo(f"{name}: abstained (confidence {ans.confidence:.2f} below --min-confidence)")
         return
-    typer.echo(f"{name}: {ans.lat:.5f}, {ans.lon:.5f}  [{ans.mode}]  "
+    near = (f"  near {ans.place['name']}, {ans.place['admin1'] + ', ' if ans.place['admin1'] else ''}"
+            f"{ans.place['cc']}" if ans.place else "")
+    typer.echo(f"{name}: {ans.lat:.5f}, {ans.lon:.5f}{near}  [{ans.mode}]  "
                f"confidence {ans.confidence:.2f} within {ans.confidence_radius_km or 0:g} km")
     basis = ans.evidence.get("basis")
     if basis == "prior":

@@ -44,6 +44,7 @@ class Answer:
     top_cells: list[dict[str, Any]] = field(default_factory=list)
     gallery: list[dict[str, float]] = field(default_factory=list)
     evidence: dict[str, Any] = field(default_factory=dict)  # basis, each signal's share, best neighbour similarity
+    place: dict[str, Any] = field(default_factory=dict)  # nearest GeoNames place: name, admin1, cc, distance_km
     error: str | None = None
     abstained: bool = False
     id: str | None = None  # the row's id when the query was a precomputed embedding (then ``image`` is None)
@@ -62,7 +63,7 @@ class Answer:
     def abstain_below(self, min_confidence: float | None) -> "Answer":
         """Withhold the coordinates when the confidence is below ``min_confidence`` (None: never)."""
         if min_confidence is not None and self.error is None and (self.confidence or 0.0) < min_confidence:
-            self.abstained, self.lat, self.lon = True, None, None
+            self.abstained, self.lat, self.lon, self.place = True, None, None, {}
         return self
 
     def to_dict(self) -> dict[str, Any]:

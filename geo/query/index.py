@@ -23,6 +23,7 @@ from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
 from geo.core.progress import bar, bars_on, showing
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, expand_images
+from geo.data.places import nearest_places
 from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.support import DECISION_RADII_KM
@@ -159,6 +160,7 @@ class GeoIndex:
         decisions = self._decide(mode, batch, sims, rows)
         probs = cell_probs(self.cells, batch) if self.cells is not None else None
         gallery = gallery_search(self.gallery, batch) if mode in ("gallery", "fused") else None
+        places = nearest_places(np.array([d.lat for d in decisions]), np.array([d.lon for d in decisions]))
         out = []
         for i, d in enumerate(decisions):
             r = rows[i][rows[i] >= 0]
@@ -174,6 +176,7 @@ class GeoIndex:
                     for sc, (la, lo) in zip(gallery[1][i, :GALLERY_SHOWN], gallery[0][i, :GALLERY_SHOWN])],
                 evidence={"basis": d.basis, "signals": d.shares,
                           "top_similarity": round(float(sims[i][rows[i] >= 0][0]), 6) if (rows[i] >= 0).any() else None},
+                place=places[i],
             ).abstain_below(min_confidence))
         return out
 

@@ -91,7 +91,8 @@
     answer = a;
     status("");
     $("answer").hidden = false;
-    $("coords").textContent = a.lat.toFixed(5) + ", " + a.lon.toFixed(5) + "  (" + a.mode + ")";
+    const place = a.place && a.place.name ? "  near " + [a.place.name, a.place.admin1, a.place.cc].filter(Boolean).join(", ") : "";
+    $("coords").textContent = a.lat.toFixed(5) + ", " + a.lon.toFixed(5) + place + "  (" + a.mode + ")";
     const radius = a.confidence_radius_km || 0;
     $("words").textContent = words(a.confidence) + ": " + pct(a.confidence) + " that the photo was taken within " +
       radius + " km of this point";
