@@ -73,7 +73,8 @@ def test_report_compares_modes_given_one_file_per_mode(tmp_path):
 
     truth = [(48.85, 2.35), (40.71, -74.0), (35.68, 139.69), (-33.87, 151.21)]
     for mode, shift in (("fused", 0.05), ("knn", 5.0)):  # fused within 25 km of every photo, knn never
-        answers = [{"image": f"{i}.jpg", "lat": la + shift, "lon": lo, "mode": mode, "error": None}
+        answers = [{"image": f"{i}.jpg", "lat": la + shift, "lon": lo, "mode": mode, "error": None,
+                    "confidence": 0.9 if mode == "fused" else 0.8, "confidence_radius_km": 25.0}
                    for i, (la, lo) in enumerate(truth)]
         write_predictions(tmp_path / f"{mode}.parquet",
                           answers_to_frame(answers, [str(i) for i in range(4)], truth, suite="im2gps3k"))
@@ -87,3 +88,8 @@ def test_report_compares_modes_given_one_file_per_mode(tmp_path):
     assert "2 modes in these predictions" in text and "mode fused" in text and "mode knn" in text
     assert "these predictions " not in text.split("published results")[1]  # no pooled row beside GeoCLIP & co
     assert "By mode" in (tmp_path / "rep2" / "report.html").read_text()
+    fused, knn = a["calibration"]["fused"]["25"], a["calibration"]["knn"]["25"]  # stated 90 %, right 100 %; 80 %, 0 %
+    assert (fused["stated"], fused["observed"], fused["ece"]) == pytest.approx((0.9, 1.0, 0.1))
+    assert (knn["stated"], knn["observed"], knn["ece"]) == pytest.approx((0.8, 0.0, 0.8))
+    assert "Calibration of the stated confidence" in (tmp_path / "rep2" / "report.html").read_text()
+    assert (tmp_path / "rep2" / "reliability.png").stat().st_size > 5000

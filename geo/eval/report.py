@@ -81,6 +81,9 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
         out["by_scene"] = breakdown(d, geo_df["scene"], ci=False)
     if geo_df["mode"].nunique() > 1:  # one file per mode: compare them, never only pool them
         out["by_mode"] = breakdown(d, geo_df["mode"], ci=False)
+    calibration = calibration_by_mode(geo_df)
+    if calibration:
+        out["calibration"] = calibration
     for key, col in (("by_continent", "true_continent"), ("by_country", "true_country")):
         groups = breakdown(d, geo_df[col], ci=False)
         out[key] = {k: v for k, v in groups.items() if v["n"] >= min_group}
@@ -94,6 +97,77 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
     out["failed"] = failed[["query_id", "path", "error"]].to_dict("records")
     out["_frame"] = geo_df
     return out
+
+
+def _stated(df: pd.DataFrame) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(mode, radius, probability, hit) for every stated probability: each ``p_within`` radius where the
+    answers give one, else the confidence at its ``confidence_radius_km``."""
+    out = []
+    for mode, g in df.groupby(df["mode"].fillna("unknown"), sort=True):
+        err = g["error_km"].to_numpy(np.float64)
+        within = [json.loads(x) if isinstance(x, str) and x else {} for x in g["p_within"]]
+        radii = sorted({r for w in within for r in w}, key=float)
+        if radii:
+            for r in radii:
+                p = np.array([w.get(r, np.nan) for w in within], np.float64)
+                ok = np.isfinite(p)
+                out.append((str(mode), r, p[ok], err[ok] <= float(r)))
+            continue
+        p, radius = g["confidence"].to_numpy(np.float64), g["confidence_radius_km"].to_numpy(np.float64)
+        ok = np.isfinite(p) & np.isfinite(radius)
+        for r in np.unique(radius[ok]):
+            sel = ok & (radius == r)
+            out.append((str(mode), f"{r:g}", p[sel], err[sel] <= r))
+    return out
+
+
+def calibration_by_mode(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per mode and radius: how often answers were within the radius against the probability they stated
+    (expected calibration error over 10 bins, and a 5-bin reliability table)."""
+    from geo.stages.fusion.calibration import expected_calibration_error, reliability_table
+
+    out: dict[str, dict[str, Any]] = {}
+    for mode, radius, p, hit in _stated(df):
+        if len(p):
+            out.setdefault(mode, {})[radius] = {"n": int(len(p)), "ece": round(expected_calibration_error(p, hit), 4),
+                                                "stated": round(float(p.mean()), 4),
+                                                "observed": round(float(hit.mean()), 4),
+                                                "bins": reliability_table(p, hit)}
+    return out
+
+
+def plot_reliability(calibration: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Reliability diagram: observed frequency against stated probability, one line per mode and radius."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 5), dpi=110)
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="calibrated")
+    for mode, radii in calibration.items():
+        for radius, c in radii.items():
+            xs, ys = [b["predicted"] for b in c["bins"]], [b["observed"] for b in c["bins"]]
+            ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label=f"{mode} {radius} km (ECE {c['ece']:.3f})")
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    ax.set_xlabel("stated probability of being within the radius")
+    ax.set_ylabel("observed frequency")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("Reliability of the stated confidence")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def calibration_text(calibration: dict[str, dict[str, Any]]) -> str:
+    lines = ["calibration (answers within the radius: stated vs observed)",
+             f"{'mode':<10}{'radius':>8}{'n':>7}{'stated %':>10}{'observed %':>12}{'ECE':>8}"]
+    for mode, radii in calibration.items():
+        for radius, c in radii.items():
+            lines.append(f"{mode:<10}{radius + ' km':>8}{c['n']:>7}{100 * c['stated']:>10.1f}"
+                         f"{100 * c['observed']:>12.1f}{c['ece']:>8.3f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- text
@@ -162,6 +236,8 @@ def report_text(a: dict[str, Any], top_n: int = 10) -> str:
     parts.append(groups_text("country", a["by_country"], limit=15))
     parts.append(f"predicted country = true country: {_pct(a['country_hit_rate']).strip()}%; "
                  f"continent: {_pct(a['continent_hit_rate']).strip()}%")
+    if "calibration" in a:
+        parts.append(calibration_text(a["calibration"]))
     parts.append(photos_text(f"best {top_n}:", a["best"]))
     parts.append(photos_text(f"worst {top_n}:", a["worst"]))
     if a["failed"]:
@@ -310,6 +386,9 @@ def write_html(a: dict[str, Any], pngs: dict[str, Path], path: Path, title: str)
             parts.append(f"<h2>Published results on {html.escape(suite)}</h2><pre>{html.escape(table)}</pre>")
     parts.append(f'<h2>Error distribution</h2><img src="{_b64(pngs["histogram"])}">')
     parts.append(f'<h2>World map of errors</h2><img src="{_b64(pngs["map"])}">')
+    if "calibration" in a:
+        parts.append(f"<h2>Calibration of the stated confidence</h2><pre>{html.escape(calibration_text(a['calibration']))}"
+                     f'</pre><img src="{_b64(pngs["reliability"])}">')
     if "by_scene" in a:
         parts.append("<h2>By scene</h2>" + _groups_html(a["by_scene"], "scene"))
     parts.append("<h2>By continent (of the truth)</h2>" + _groups_html(a["by_continent"], "continent"))
@@ -342,6 +421,7 @@ def build_report(predictions: str | os.PathLike | Sequence[str | os.PathLike], o
     pngs = {
         "histogram": plot_histogram(frame["error_km"].to_numpy(), out / "errors_hist.png"),
         "map": plot_world_map(frame, out / "errors_map.png"),
+        **({"reliability": plot_reliability(a["calibration"], out / "reliability.png")} if "calibration" in a else {}),
     }
     title = f"geo report: {', '.join(a['suites']) or 'predictions'} ({a['summary']['n']} photos)"
     paths = dict(pngs, html=write_html(a, pngs, out / "report.html", title))
