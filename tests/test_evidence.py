@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -72,3 +73,18 @@ def test_answers_name_the_nearest_place_and_abstentions_do_not(index, cli_bundle
         assert a.place["cc"] == gallery["country"][i] and 0 <= a.place["distance_km"] < 200  # steppe: 63 km
     withheld = index.locate(str(QUERY), min_confidence=1.01)
     assert withheld.abstained and withheld.lat is None and withheld.place == {}  # no location by another name
+
+
+def test_every_mode_states_a_calibrated_probability_within_the_same_radii(index, cli_bundle):
+    maps = index.fusion.params.mode_calibration
+    assert set(maps) == {"knn", "gallery", "cells"} and all(set(m) == {"25", "200", "750"} for m in maps.values())
+    for m in maps.values():
+        for t in m.values():  # a calibration map: monotone, probabilities
+            assert np.all(np.diff(t["y"]) >= 0) and 0 <= min(t["y"]) and max(t["y"]) <= 1
+    gallery = pd.read_csv(cli_bundle[0], dtype={"id": str})
+    for mode in index.modes:
+        a = index.locate(str(QUERY), mode=mode)
+        assert a.confidence_radius_km == 25.0 and set(a.p_within) == {"25", "200", "750"}, mode
+        assert a.confidence == a.p_within["25"] and a.p_within["25"] <= a.p_within["200"] <= a.p_within["750"], mode
+    twin = index.locate(gallery["path"][7], mode="knn")  # the exact duplicate, in a single mode too
+    assert twin.confidence >= 0.9

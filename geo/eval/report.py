@@ -23,6 +23,7 @@ import pandas as pd
 
 from geo.eval.metrics import THRESHOLDS_KM, breakdown, summarize
 from geo.eval.published import comparison_table
+from geo.stages.fusion.calibration import expected_calibration_error, reliability_table
 from geo.store.predictions import read_predictions
 
 
@@ -124,8 +125,6 @@ def _stated(df: pd.DataFrame) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
 def calibration_by_mode(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """Per mode and radius: how often answers were within the radius against the probability they stated
     (expected calibration error over 10 bins, and a 5-bin reliability table)."""
-    from geo.stages.fusion.calibration import expected_calibration_error, reliability_table
-
     out: dict[str, dict[str, Any]] = {}
     for mode, radius, p, hit in _stated(df):
         if len(p):

@@ -16,6 +16,9 @@ from typing import Iterable
 
 import pandas as pd
 
+from geo.store.bundle import BundleError, open_bundle
+from geo.store.embeddings import EmbeddingReader
+
 
 class SqlError(ValueError):
     """A query or an input file DuckDB could not use; the message says which and why."""
@@ -44,9 +47,6 @@ def _listing(files: list[str]) -> str:
 
 def _bundle_files(bundle: str | os.PathLike) -> dict[str, list[str]]:
     """The bundle's errors file and the embedding shards its manifest lists (metadata only is exposed)."""
-    from geo.store.bundle import BundleError, open_bundle
-    from geo.store.embeddings import EmbeddingReader
-
     try:
         b = open_bundle(bundle)
         shards = [str(p) for p in EmbeddingReader(b).shards]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from geo.core.answer import PRIOR_ONLY, Answer
-from geo.core.geodesy import haversine_km
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km
 from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
 from geo.core.progress import bar, bars_on, showing
 from geo.data.embedding_table import EmbeddingTable
@@ -28,7 +28,7 @@ from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.support import DECISION_RADII_KM
 from geo.stages.fusion.calibration import CALIBRATED_KM, calibrated
-from geo.stages.fusion.posterior import decide
+from geo.stages.fusion.posterior import decide, mass_near
 from geo.stages.fusion.signals import (
     BACKOFF_SIGNAL,
     Batch,
@@ -201,21 +201,8 @@ class GeoIndex:
         return answers, np.concatenate(truth) if truth else np.zeros((0, 2))
 
     def _decide(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray) -> list[_Decision]:
-        own = {mode: 1.0}
-        if mode == "knn":
-            out = []
-            for s, r in zip(sims, rows):
-                v = kde_vote(self.knn.lat[r[r >= 0]], self.knn.lon[r[r >= 0]], s[r >= 0], self.knn_params)
-                out.append(_Decision(v.lat, v.lon, v.confidence, self.knn_params.radius_km, shares=own))
-            return out
-        if mode == "gallery":
-            latlon, scores = gallery_search(self.gallery, batch)
-            return [_Decision(float(g[0, 0]), float(g[0, 1]), float(neighbour_weights(sc[np.isfinite(sc)], 1.0)[0]), 0.0,
-                              shares=own) for g, sc in zip(latlon, scores)]
-        if mode == "cells":  # the photo spot with most f* mass within 750, then 200, then 25 km (see RESULTS.md)
-            lat, lon, mass = self.cells.decide(cell_probs(self.cells, batch))
-            return [_Decision(float(a), float(b), float(m), DECISION_RADII_KM[0], shares=own)
-                    for a, b, m in zip(lat, lon, mass)]
+        if mode != "fused":
+            return self._calibrated(mode, batch, sims, self._single(mode, batch, sims, rows))
         params = self.fusion.params
         out = []
         for d in decide(collect(self.sources, batch), params):
@@ -227,6 +214,43 @@ class GeoIndex:
                 "prior" if d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
             out.append(_Decision(d.lat, d.lon, p["25"], 25.0, p, d.alternatives, d.shares, basis))
         return out
+
+    def _single(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray) -> list[_Decision]:
+        """A single mode's answers with its own, uncalibrated confidence."""
+        own = {mode: 1.0}
+        if mode == "knn":
+            out = []
+            for s, r in zip(sims, rows):
+                v = kde_vote(self.knn.lat[r[r >= 0]], self.knn.lon[r[r >= 0]], s[r >= 0], self.knn_params)
+                out.append(_Decision(v.lat, v.lon, v.confidence, self.knn_params.radius_km, shares=own))
+            return out
+        if mode == "gallery":
+            latlon, scores = gallery_search(self.gallery, batch)
+            return [_Decision(float(g[0, 0]), float(g[0, 1]), float(neighbour_weights(sc[np.isfinite(sc)], 1.0)[0]), 0.0,
+                              shares=own) for g, sc in zip(latlon, scores)]
+        # cells: the photo spot with most f* mass within 750, then 200, then 25 km (see RESULTS.md)
+        lat, lon, mass = self.cells.decide(cell_probs(self.cells, batch))
+        return [_Decision(float(a), float(b), float(m), DECISION_RADII_KM[0], shares=own)
+                for a, b, m in zip(lat, lon, mass)]
+
+    def _calibrated(self, mode: str, batch: Batch, sims: np.ndarray, decisions: list[_Decision]) -> list[_Decision]:
+        """Where fusion calibrated this mode (``mode_calibration``), its confidence becomes what the fused
+        mode's means: the calibrated probability of being within 25 km, with ``p_within`` at 25/200/750 km.
+        A near-duplicate keeps its raw mass, as in the fused mode (calibration never saw one)."""
+        params = self.fusion.params if self.fusion is not None else None
+        maps = params.mode_calibration.get(mode) if params is not None else None
+        if not maps:
+            return decisions  # a kNN-only bundle (or one fitted before): the mode's own measure, as before
+        source = [s for s in self.sources if s.spec.name == mode]
+        answers = np.array([[d.lat, d.lon] for d in decisions], np.float64)
+        mass = mass_near(collect(source, batch), params, mode, answers)
+        top = np.max(np.where(np.isfinite(sims), sims, -np.inf), axis=1, initial=-np.inf)
+        for d, m, s in zip(decisions, mass, top):
+            raw = {str(t): float(v) for t, v in zip(THRESHOLDS_KM, m)}
+            d.p_within = ({t: round(raw[t], 4) for t in CALIBRATED_KM} if s >= params.duplicate_similarity
+                          else calibrated(raw, maps))
+            d.confidence, d.radius_km = d.p_within["25"], 25.0
+        return decisions
 
     def _neighbours(self, sims: np.ndarray, rows: np.ndarray, lat: float, lon: float) -> list[dict[str, Any]]:
         dist = haversine_km(self.knn.lat[rows], self.knn.lon[rows], lat, lon)

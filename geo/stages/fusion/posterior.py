@@ -51,6 +51,9 @@ class FusionParams:
     duplicate_similarity: float = 0.95
     decision: str = "all"
     calibration: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # The single modes' p_within: each mode's own signal mass near its answer -> observed frequency, fitted
+    # on the same out-of-fold photos, so every mode's confidence means the same thing.
+    mode_calibration: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
 
     @classmethod
     def default(cls, specs: list[SignalSpec]) -> "FusionParams":
@@ -75,7 +78,8 @@ class FusionParams:
                 "prior": {"weight": d["w_prior"]}},
                 **{k: d[k] for k in ("duplicate_similarity", "decision", "calibration") if k in d}}
         return cls({n: SignalParams(**p) for n, p in d["signals"].items()},
-                   **{k: d[k] for k in ("duplicate_similarity", "decision", "calibration") if k in d})
+                   **{k: d[k] for k in ("duplicate_similarity", "decision", "calibration", "mode_calibration")
+                      if k in d})
 
 
 @dataclass
@@ -171,6 +175,19 @@ def coverage(c: np.ndarray, block: slice, mass: np.ndarray) -> np.ndarray:
 def signal_coverages(ev: Evidence, p: FusionParams, c: np.ndarray) -> list[np.ndarray]:
     return [coverage(c, block, signal_mass(s, ev.signals[s.name].score, p.signals.get(s.name, SignalParams(0.0))))
             for s, block in zip(ev.specs, ev.blocks())]
+
+
+def mass_near(ev: Evidence, p: FusionParams, name: str, answers: np.ndarray) -> np.ndarray:
+    """[n, thresholds]: signal ``name``'s own mass (its fitted temperature and top-K) within each threshold of
+    the given answers [n, 2]: how strongly a single mode's evidence backs its answer."""
+    block = ev.blocks()[ev.names.index(name)]
+    spec = ev.specs[ev.names.index(name)]
+    e = ev.signals[name]
+    mass = signal_mass(spec, e.score, p.signals.get(name, SignalParams(1.0)))
+    c = np.einsum("nd,nmd->nm", latlon_to_xyz(answers[:, 0], answers[:, 1]),
+                  latlon_to_xyz(ev.points[:, block, 0], ev.points[:, block, 1]))
+    c = np.nan_to_num(c, nan=-2.0)
+    return np.stack([(mass * (c >= cos_km(t))).sum(axis=1) for t in THRESHOLDS_KM], axis=1)
 
 
 def candidates(ev: Evidence, p: FusionParams) -> np.ndarray:

@@ -40,7 +40,7 @@ from geo.stages.fusion.signals import (
     sources_for,
     specs_for,
 )
-from geo.stages.fusion.tuning import accuracy, tune
+from geo.stages.fusion.tuning import accuracy, calibrate_modes, tune
 from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnIndex
@@ -76,7 +76,8 @@ class FusionModel:
     def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
         atomic_write_json(bundle.path(FUSION_FILE), {"params": self.params.to_dict(), **self.config, **self.report})
         return [FUSION_FILE], {"params": self.params.to_dict(), "validation": self.report.get("validation"),
-                               "single_modes": self.report.get("single_modes"), "ece": self.report.get("ece")}
+                               "single_modes": self.report.get("single_modes"), "ece": self.report.get("ece"),
+                               "mode_ece": self.report.get("mode_ece")}
 
     @classmethod
     def load(cls, bundle: Bundle) -> "FusionModel":
@@ -244,6 +245,7 @@ def _tuned(ev: Evidence, singles: dict[str, np.ndarray], truth: np.ndarray, grou
            saved: dict[str, Any], signal_seconds: float, log: Callable[[str], None]) -> FusionModel:
     t1 = time.perf_counter()
     params, report = tune(ev, truth, groups, log=log)
+    params.mode_calibration, report["mode_ece"] = calibrate_modes(ev, params, singles, truth)
     report["seconds"] = {"out_of_fold_signals": round(signal_seconds, 2), "tuning": round(time.perf_counter() - t1, 2)}
     report["single_modes"] = {m: accuracy(p, truth) for m, p in singles.items()}
     report["n_validation"] = int(len(truth))

@@ -24,8 +24,8 @@ from geo.stages.fusion.calibration import (
     reliability_table,
 )
 from geo.stages.fusion.posterior import (DECISIONS, FusionParams, SignalParams, backoff_only, candidates, closeness,
-                                         coverage, decide_batch, near_duplicate, present, signal_mass)
-from geo.stages.fusion.signals import DUPLICATE_SIGNAL, Evidence, SignalSpec
+                                         coverage, decide_batch, mass_near, near_duplicate, present, signal_mass)
+from geo.stages.fusion.signals import BACKOFF_SIGNAL, DUPLICATE_SIGNAL, Evidence, SignalSpec
 
 WEIGHT_STEPS = 8  # weights move in steps of 1/8
 
@@ -201,3 +201,26 @@ def tune(ev: Evidence, truth: np.ndarray, groups: np.ndarray | None = None,
                                for s in ev.specs for n, sp in [(s.name, best.signals[s.name])])
         + f"; decision {best.decision}; near-duplicate at similarity >= {best.duplicate_similarity:.3f}")
     return best, {"validation": accuracy(pred, truth), "ece": ece, "reliability": reliability}
+
+
+def calibrate_modes(ev: Evidence, p: FusionParams, singles: dict[str, np.ndarray],
+                    truth: np.ndarray) -> tuple[dict[str, dict[str, dict[str, list[float]]]], dict[str, Any]]:
+    """Isotonic calibration of each single mode's p_within on the out-of-fold photos: the mode's own signal
+    mass within 25/200/750 km of its answer -> how often its answer was that close. Returns the maps and their
+    expected calibration error before and after."""
+    maps: dict[str, dict[str, dict[str, list[float]]]] = {}
+    ece: dict[str, Any] = {}
+    for mode, answers in singles.items():
+        if mode not in ev.names or mode == BACKOFF_SIGNAL:
+            continue
+        x_all = mass_near(ev, p, mode, answers)
+        err = haversine_km(answers[:, 0], answers[:, 1], truth[:, 0], truth[:, 1])
+        maps[mode], ece[mode] = {}, {}
+        for t in CALIBRATED_KM:
+            x, hit = x_all[:, THRESHOLDS_KM.index(int(t))], err <= float(t)
+            maps[mode][t] = fit_isotonic(x, hit)
+            prob = np.interp(x, maps[mode][t]["x"], maps[mode][t]["y"])
+            ece[mode][t] = {"raw": round(expected_calibration_error(x, hit), 4),
+                            "calibrated": round(expected_calibration_error(prob, hit), 4)}
+    return maps, ece
+
