@@ -331,6 +331,10 @@ def _b64(path: Path, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
+class _Markup(str):
+    """HTML this module made itself (a thumbnail): the only cell text written unescaped."""
+
+
 def _thumb(path: str | None, size: int = 160) -> str:
     """A base64 JPEG thumbnail of a query photo, or '' when the photo is not here."""
     if not isinstance(path, str) or not os.path.isfile(path):
@@ -345,12 +349,12 @@ def _thumb(path: str | None, size: int = 160) -> str:
             im.save(buf, "JPEG", quality=80)
     except (OSError, ValueError):
         return ""
-    return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return _Markup(f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">')
 
 
 def _html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c if str(c).startswith('<img') else html.escape(str(c))}</td>" for c in r)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Markup) else html.escape(str(c))}</td>" for c in r)
                    + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
 

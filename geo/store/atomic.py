@@ -5,6 +5,7 @@ the final name, never half of one (open_clip's and timm's checkpoint rule).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -15,14 +16,28 @@ from typing import Any, Callable
 import numpy as np
 
 
+@functools.cache
+def _file_mode() -> int:
+    """What ``open()`` would give a new file under this process's umask (read once: os.umask can only be read
+    by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
-    """Call ``writer(tmp_path)`` then rename onto ``path``; the temp file is removed on failure."""
+    """Call ``writer(tmp_path)`` then rename onto ``path``; the temp file is removed on failure.
+
+    mkstemp creates the temp file 0600; it gets the mode a plain write would have (the umask's) before the
+    rename, so another account or a service can read an index the user's umask lets it read.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
