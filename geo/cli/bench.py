@@ -31,6 +31,7 @@ from geo.eval.runner import index_id_of, mark_leaks, run_embeddings, run_suite
 from geo.eval.sql import SqlError, run_sql
 from geo.eval.suites import SUITES, SuiteError, get_suite
 from geo.query.index import open_index
+from geo.store.bundle import bundle_containing
 from geo.store.geojson import write_geojson
 from geo.store.predictions import PredictionsError, read_predictions, read_scored_file, write_predictions
 
@@ -170,6 +171,8 @@ def _suite_command(name: str) -> Callable[..., None]:
             fail("--embeddings scores precomputed query embeddings with their own lat/lon: use `geo bench custom`")
         if (images is None) == (embeddings is None):
             fail("give --images (a folder of the suite's photos) or, for custom, --embeddings: one of the two")
+        if out is not None and (inside := bundle_containing(out)) is not None:
+            fail(f"--out {out} is inside the bundle {inside}: write the predictions elsewhere")
         geojson = out is not None and out.suffix.lower() == ".geojson"
         parquet = None if geojson else out
         try:

@@ -14,7 +14,7 @@ from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import expand_images
 from geo.query.client import ServerError, locate_remote
 from geo.query.index import open_index
-from geo.store.bundle import BundleError
+from geo.store.bundle import BundleError, bundle_containing
 from geo.store.geojson import feature_collection, write_geojson
 from geo.store.predictions import answers_to_frame, write_predictions
 
@@ -86,6 +86,8 @@ def query_command(
         fail("give --index DIR (answer here) or --server URL (ask a running `geo serve`): one of the two")
     if server is not None and embeddings is not None:
         fail("--server takes image paths; send precomputed embeddings to the server's /locate as JSON")
+    if out is not None and (inside := bundle_containing(out)) is not None:
+        fail(f"--out {out} is inside the bundle {inside}: write the answers elsewhere")
     truth, answer_mode = None, mode
     try:
         if server is not None:

@@ -67,7 +67,7 @@ def read_image_file(path: str | os.PathLike) -> bytes:
     except FileNotFoundError:
         raise ImageLoadError(path, "file not found") from None
     except IsADirectoryError:
-        raise ImageLoadError(path, "is a directory, not an image file") from None
+        raise ImageLoadError(path, "a directory with no image files in it") from None
     except PermissionError:
         raise ImageLoadError(path, "permission denied") from None
     except OSError as e:
@@ -315,16 +315,18 @@ def collate_skip_errors(batch: list[tuple[int, Any, Any]]) -> tuple[list[int], t
 def expand_images(args: list[str] | str) -> list[str]:
     """Paths, globs and directories -> image files, in order; a directory yields its images recursively (sorted).
 
-    Arguments that match nothing are kept as given, so the caller reports each
-    as a per-image error instead of losing it silently.
+    Arguments that match nothing (a missing file, an empty glob, a folder without
+    images) are kept as given, so the caller reports each as a per-image error
+    instead of losing it silently.
     """
     if isinstance(args, (str, os.PathLike)):
         args = [str(args)]
     out: list[str] = []
     for a in args:
         p = Path(a)
-        if p.is_dir():
-            out.extend(sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()))
+        if p.is_dir():  # a folder with no image stays, so its answer says so instead of vanishing
+            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            out.extend(found or [a])
         elif not p.exists() and glob.has_magic(a):
             matches = sorted(glob.glob(a, recursive=True))
             out.extend(matches if matches else [a])

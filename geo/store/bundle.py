@@ -171,6 +171,20 @@ def _check_format(manifest: Any, mpath: Path) -> dict[str, Any]:
     return manifest
 
 
+def bundle_containing(path: str | os.PathLike) -> Path | None:
+    """The bundle directory ``path`` would land in (itself or an ancestor holds a geo manifest), or None: an
+    output path there would overwrite or litter the bundle's own files."""
+    for d in Path(os.path.abspath(path)).parents:
+        m = d / MANIFEST
+        if m.is_file():
+            try:
+                if json.loads(m.read_text()).get("format") == FORMAT_NAME:
+                    return d
+            except (OSError, ValueError, AttributeError):
+                continue
+    return None
+
+
 def open_bundle(root: str | os.PathLike, verify: bool = True, hashes: bool = False) -> Bundle:
     """Open a bundle and check its files' sizes (and, with ``hashes``, their sha256);
     raises :class:`BundleError` with the file and reason."""
