@@ -93,3 +93,24 @@ def test_report_compares_modes_given_one_file_per_mode(tmp_path):
     assert (knn["stated"], knn["observed"], knn["ece"]) == pytest.approx((0.8, 0.0, 0.8))
     assert "Calibration of the stated confidence" in (tmp_path / "rep2" / "report.html").read_text()
     assert (tmp_path / "rep2" / "reliability.png").stat().st_size > 5000
+
+
+def test_report_counts_unusable_predictions_as_failures_and_refuses_duplicates(tmp_path):
+    import numpy as np
+
+    from geo.store.predictions import answers_to_frame, write_predictions
+
+    truth = [(48.85, 2.35)] * 5
+    preds = [(48.85, 2.35), (np.nan, 2.0), (np.inf, 2.0), (95.0, 2.0), (48.85, 2.36)]
+    answers = [{"image": f"{i}.jpg", "lat": la, "lon": lo, "mode": "knn", "error": None} for i, (la, lo) in
+               enumerate(preds)]
+    write_predictions(tmp_path / "p.parquet", answers_to_frame(answers, [str(i) for i in range(5)], truth))
+    r = _invoke("report", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "rep"), "--json", "--no-ci")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)["summary"]
+    assert s["n"] == 2 and s["n_failed"] == 3 and s["acc_over_total"]["1"] == pytest.approx(2 / 5)  # not 2 / 2
+
+    write_predictions(tmp_path / "dup.parquet", answers_to_frame(answers[:2] + answers[:1], ["a", "b", "a"],
+                                                                 truth[:3]))
+    r = _invoke("report", str(tmp_path / "dup.parquet"), "--out", str(tmp_path / "rep2"), "--no-ci")
+    assert r.exit_code == 2 and "duplicate query ids" in r.output

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from geo.core.geodesy import valid_latlon
 from geo.eval.metrics import THRESHOLDS_KM, breakdown, summarize
 from geo.eval.published import comparison_table
 from geo.stages.fusion.calibration import expected_calibration_error, reliability_table
@@ -69,8 +70,27 @@ def add_geography(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- analysis
+def _checked(df: pd.DataFrame) -> pd.DataFrame:
+    """Refuse what cannot be scored honestly; a prediction that is missing, not finite or off the globe is a
+    failure with that reason (counted in the denominator, as `geo bench` counts an unreadable photo)."""
+    truth_ok = valid_latlon(df["true_lat"], df["true_lon"])
+    if not truth_ok.all():
+        bad = df.loc[~truth_ok, "query_id"].astype(str).head(5).tolist()
+        raise ValueError(f"{int((~truth_ok).sum())} rows have no usable ground truth (e.g. {', '.join(bad)})")
+    dup = df.duplicated(["query_id", "mode"], keep=False)
+    if dup.any():
+        raise ValueError(f"duplicate query ids within one mode: {', '.join(df.loc[dup, 'query_id'].astype(str).unique()[:5])}")
+    no_answer = df["error"].isna() & ~valid_latlon(df["pred_lat"], df["pred_lon"])
+    if no_answer.any():
+        df = df.copy()
+        df.loc[no_answer, "error"] = "no usable prediction (missing, not finite or out of range)"
+        df.loc[no_answer, "error_km"] = np.nan
+    return df
+
+
 def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = True) -> dict[str, Any]:
-    """All numbers of the report. Failed rows (``error`` set) are counted, not scored."""
+    """All numbers of the report. Failed rows (``error`` set, or no usable prediction) are counted, not scored."""
+    df = _checked(df)
     scored = df[df["error"].isna() & df["error_km"].notna()]
     failed = df[df["error"].notna()]
     geo_df = add_geography(scored)
