@@ -141,3 +141,29 @@ def test_real_yfcc_csvs():
     assert r4k.df.iloc[0][["id", "lat", "lon"]].tolist() == ["10201275523.jpg", 43.649708, -79.365637]
     r26k = read_manifest(DATA / "yfcc" / "yfcc25600_places365.csv")
     assert len(r26k.df) + len(r26k.errors) == 25600 and r26k.df.id.iloc[0] == "45/77/3228511372.jpg"
+
+
+def _raw_gps_photo(textured, path: Path, gps_fields: dict) -> Path:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.get_ifd(0x8825).update(gps_fields)
+    textured(64, 48).save(path, exif=exif)
+    return path
+
+
+def test_exif_gps_follows_the_spec(tmp_path, textured):
+    from geo.data.manifest import _dms, _signed
+
+    f = Fraction
+    south = _raw_gps_photo(textured, tmp_path / "s.jpg", {1: "S", 2: (f(45), f(30), f(0)), 3: "W", 4: (f(1), f(0), f(36))})
+    assert exif_latlon(south) == pytest.approx((-45.5, -1.01))
+    # a negative degrees field negates the whole value: -45 30' is -45.5 (it was read as -44.5)
+    assert _signed(_dms((-45.0, 30.0, 0.0)), "N", "NS", "GPSLatitudeRef") == -45.5
+    assert _signed(_dms((-45.0, 30.0, 0.0)), "S", "NS", "GPSLatitudeRef") == -45.5  # never flipped back
+    assert _signed(_dms(12.25), None, "EW", "GPSLongitudeRef") == 12.25  # a bare number, no reference
+    for fields, reason in (({1: "N", 2: (f(10), f(75), f(0)), 3: "E", 4: (f(1), f(0), f(0))}, "minutes 75"),
+                           ({1: "N", 2: (f(10), f(0), f(60)), 3: "E", 4: (f(1), f(0), f(0))}, "seconds 60"),
+                           ({1: "X", 2: (f(10), f(0), f(0)), 3: "E", 4: (f(1), f(0), f(0))}, "'X' is not N or S")):
+        with pytest.raises(ValueError, match=reason):
+            exif_latlon(_raw_gps_photo(textured, tmp_path / "bad.jpg", fields))

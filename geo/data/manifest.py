@@ -184,16 +184,35 @@ def exif_latlon(path: str | os.PathLike) -> tuple[float, float]:
     if not gps or 2 not in gps or 4 not in gps:
         raise ValueError("no GPS in EXIF")
     try:
-        lat = _dms(gps[2]) * (-1 if str(gps.get(1, "N")).strip().upper().startswith("S") else 1)
-        lon = _dms(gps[4]) * (-1 if str(gps.get(3, "E")).strip().upper().startswith("W") else 1)
+        lat = _signed(_dms(gps[2]), gps.get(1), "NS", "GPSLatitudeRef")
+        lon = _signed(_dms(gps[4]), gps.get(3), "EW", "GPSLongitudeRef")
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"malformed EXIF GPS ({e})") from None
     return lat, lon
 
 
-def _dms(value: Any) -> float:
-    """(degrees, minutes, seconds) rationals -> degrees; a bare number is taken as degrees."""
-    parts = [float(v) for v in (value if isinstance(value, (tuple, list)) else (value,))]
-    if any(not np.isfinite(v) for v in parts):
-        raise ValueError(f"non-finite DMS {value!r}")
-    return sum(v / 60.0**k for k, v in enumerate(parts[:3]))
+def _signed(dms: tuple[float, bool], ref: Any, refs: str, tag: str) -> float:
+    """Apply the reference (N/S, E/W: the EXIF spec's sign); a negative degrees field some writers use instead
+    of the reference also means south or west, never both at once."""
+    magnitude, negative = dms
+    if ref is not None:
+        r = (ref.decode("ascii", "replace") if isinstance(ref, bytes) else str(ref)).strip("\x00 ").upper()
+        if r not in refs:
+            raise ValueError(f"{tag} {r!r} is not {refs[0]} or {refs[1]}")
+        negative = negative or r == refs[1]
+    return -magnitude if negative else magnitude
+
+
+def _dms(value: Any) -> tuple[float, bool]:
+    """(magnitude in degrees, negative) from (degrees, minutes, seconds) rationals; a bare number is degrees.
+
+    Minutes and seconds must lie in [0, 60): the spec's unsigned rationals. A negative degrees field
+    negates the whole value (-45 30' is -45.5, not -44.5).
+    """
+    parts = [float(v) for v in (value if isinstance(value, (tuple, list)) else (value,))][:3]
+    if not parts or any(not np.isfinite(v) for v in parts):
+        raise ValueError(f"non-finite or empty DMS {value!r}")
+    for name, v in zip(("minutes", "seconds"), parts[1:]):
+        if not 0 <= v < 60:
+            raise ValueError(f"{name} {v:g} outside [0, 60)")
+    return abs(parts[0]) + sum(v / 60.0**k for k, v in enumerate(parts[1:], start=1)), parts[0] < 0
