@@ -167,3 +167,14 @@ def test_exif_gps_follows_the_spec(tmp_path, textured):
                            ({1: "X", 2: (f(10), f(0), f(0)), 3: "E", 4: (f(1), f(0), f(0))}, "'X' is not N or S")):
         with pytest.raises(ValueError, match=reason):
             exif_latlon(_raw_gps_photo(textured, tmp_path / "bad.jpg", fields))
+
+
+def test_coordinate_columns_must_be_degrees_and_agree(tmp_path):
+    (tmp_path / "bool.csv").write_text("path,lat,lon\na.jpg,true,2.0\nb.jpg,false,3.0\n")
+    with pytest.raises(ManifestError, match="'lat' holds true/false"):
+        read_manifest(tmp_path / "bool.csv")
+    (tmp_path / "two.csv").write_text("path,lat,latitude,lon\na.jpg,48.85,48.85,2.35\nb.jpg,10.0,-10.0,3.0\n")
+    with pytest.raises(ManifestError, match="'lat' and 'latitude' both give this coordinate and disagree at 1 rows"):
+        read_manifest(tmp_path / "two.csv")
+    (tmp_path / "same.csv").write_text("path,lat,latitude,lon\na.jpg,48.85,48.85,2.35\nb.jpg,10.0,10.0,3.0\n")
+    assert read_manifest(tmp_path / "same.csv").df["lat"].tolist() == [48.85, 10.0]  # agreeing twins are fine

@@ -85,6 +85,29 @@ def _read_table(src: Path) -> pd.DataFrame:
     return df.loc[:, [c for c in df.columns if not _UNNAMED.match(str(c))]]
 
 
+def _degrees(df: pd.DataFrame, chosen: str, aliases: tuple[str, ...], src: Path) -> np.ndarray:
+    """The coordinate column ``find_column`` chose (the first alias in priority order), as float64 degrees.
+
+    True/false is not a coordinate (pandas would read it as 1.0/0.0), and when another column also names
+    this coordinate (``lat`` and ``latitude``) the two must agree: the rule that picks one is not allowed
+    to hide a disagreement.
+    """
+    col = df[chosen]
+    if pd.api.types.is_bool_dtype(col) or any(isinstance(v, (bool, np.bool_)) for v in col.head(1000)):
+        raise ManifestError(f"{src}: column {chosen!r} holds true/false values, not degrees")
+    values = pd.to_numeric(col, errors="coerce").to_numpy(np.float64)
+    lowered = {a.lower() for a in aliases}
+    for other in (str(c) for c in df.columns if str(c).lower() in lowered and str(c) != str(chosen)):
+        theirs = pd.to_numeric(df[other], errors="coerce").to_numpy(np.float64)
+        both = np.isfinite(values) & np.isfinite(theirs)
+        differ = np.flatnonzero(both & (np.abs(values - theirs) > 1e-6))
+        if differ.size:
+            i = int(differ[0])
+            raise ManifestError(f"{src}: columns {chosen!r} and {other!r} both give this coordinate and disagree "
+                                f"at {differ.size} rows (row {i + 1}: {values[i]:g} vs {theirs[i]:g}); keep one")
+    return values
+
+
 def _normalise_table(df: pd.DataFrame, src: Path, root: Path) -> ManifestResult:
     cols = list(df.columns)
     id_col, path_col = find_column(cols, ID_COLUMNS), find_column(cols, PATH_COLUMNS)
@@ -96,8 +119,8 @@ def _normalise_table(df: pd.DataFrame, src: Path, root: Path) -> ManifestResult:
         raise ManifestError(f"{src}: no {', '.join(missing)} column; it has {[str(c) for c in cols]}")
     ids = as_text(df[id_col or path_col].tolist())
     images = as_text(df[path_col or id_col].tolist())
-    lat = pd.to_numeric(df[lat_col], errors="coerce").to_numpy(np.float64)
-    lon = pd.to_numeric(df[lon_col], errors="coerce").to_numpy(np.float64)
+    lat = _degrees(df, lat_col, LAT_COLUMNS, src)
+    lon = _degrees(df, lon_col, LON_COLUMNS, src)
     ok = valid_latlon(lat, lon)
     errors: list[dict] = []
     keep = np.zeros(len(df), dtype=bool)
