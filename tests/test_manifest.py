@@ -169,12 +169,16 @@ def test_exif_gps_follows_the_spec(tmp_path, textured):
             exif_latlon(_raw_gps_photo(textured, tmp_path / "bad.jpg", fields))
 
 
-def test_coordinate_columns_must_be_degrees_and_agree(tmp_path):
-    (tmp_path / "bool.csv").write_text("path,lat,lon\na.jpg,true,2.0\nb.jpg,false,3.0\n")
-    with pytest.raises(ManifestError, match="'lat' holds true/false"):
-        read_manifest(tmp_path / "bool.csv")
-    (tmp_path / "two.csv").write_text("path,lat,latitude,lon\na.jpg,48.85,48.85,2.35\nb.jpg,10.0,-10.0,3.0\n")
-    with pytest.raises(ManifestError, match="'lat' and 'latitude' both give this coordinate and disagree at 1 rows"):
-        read_manifest(tmp_path / "two.csv")
-    (tmp_path / "same.csv").write_text("path,lat,latitude,lon\na.jpg,48.85,48.85,2.35\nb.jpg,10.0,10.0,3.0\n")
-    assert read_manifest(tmp_path / "same.csv").df["lat"].tolist() == [48.85, 10.0]  # agreeing twins are fine
+@pytest.mark.parametrize("text,problem", [
+    ("path,lat,lon\na.jpg,true,2.0\nb.jpg,false,3.0\n", "'lat' holds true/false"),
+    ("path,lat,latitude,lon\na.jpg,48.85,48.85,2.35\nb.jpg,10.0,-10.0,3.0\n",
+     "'lat' and 'latitude' both give this coordinate and disagree at 1 rows"),
+    ("path,lat,latitude,lon\na.jpg,48.85,48.85,2.35\nb.jpg,10.0,10.0,3.0\n", None),  # agreeing twins are fine
+])
+def test_coordinate_columns_must_be_degrees_and_agree(tmp_path, text, problem):
+    (tmp_path / "m.csv").write_text(text)
+    if problem is None:
+        assert read_manifest(tmp_path / "m.csv").df["lat"].tolist() == [48.85, 10.0]
+        return
+    with pytest.raises(ManifestError, match=problem):
+        read_manifest(tmp_path / "m.csv")
