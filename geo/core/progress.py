@@ -30,14 +30,11 @@ def showing(bars: bool, verbose: bool = False) -> Iterator[None]:
         _STATE.update(before)
 
 
-def bars_on() -> bool:
-    return _STATE["bars"]
-
-
-def bar(total: int, desc: str, unit: str = "it", initial: int = 0) -> tqdm:
-    """A bar on stderr (off when bars are off): count, rate and ETA; ``set_postfix_str`` for the metric."""
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not _STATE["bars"], file=sys.stderr,
-                smoothing=0.1, dynamic_ncols=True)
+def bar(total: int, desc: str, unit: str = "it", initial: int = 0, show: bool = True) -> tqdm:
+    """A bar on stderr (off when bars are off, or ``show`` is False): count, rate and ETA;
+    ``set_postfix_str`` for the metric."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not (show and _STATE["bars"]),
+                file=sys.stderr, smoothing=0.1, dynamic_ncols=True)
 
 
 def detail(log: Callable[[str], None], message: str) -> None:

@@ -15,7 +15,6 @@ import pandas as pd
 
 from geo.core.answer import Answer
 from geo.core.progress import bar as progress_bar
-from geo.core.progress import showing
 from geo.eval.leaks import NEAR_DUPLICATE, find_leaks, leak_counts
 from geo.eval.metrics import breakdown, distances_km, summarize
 from geo.eval.suites import Suite, SuiteError, resolve_images
@@ -144,8 +143,7 @@ def run_suite(
 
     collected: list[pd.DataFrame] = []
     pending: list[pd.DataFrame] = []
-    with showing(progress):
-        bar = progress_bar(len(todo) + resumed, f"{suite.name} ({mode or 'default mode'})", "img", resumed)
+    bar = progress_bar(len(todo) + resumed, f"{suite.name} ({mode or 'default mode'})", "img", resumed, progress)
     for start in range(0, len(todo), batch_size):
         batch = todo.iloc[start : start + batch_size]
         answers = index.locate(batch["image"].tolist(), mode=mode, crops=crops)

@@ -20,7 +20,7 @@ import torch
 from geo.core.answer import PRIOR_ONLY, Answer
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
 from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
-from geo.core.progress import bar, bars_on, showing
+from geo.core.progress import bar
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, expand_images
 from geo.data.places import nearest_places
@@ -28,9 +28,10 @@ from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.support import DECISION_RADII_KM
 from geo.stages.fusion.calibration import CALIBRATED_KM, calibrated
-from geo.stages.fusion.posterior import decide, mass_near
+from geo.stages.fusion.posterior import decide, mass_near, near_duplicate
 from geo.stages.fusion.signals import (
     BACKOFF_SIGNAL,
+    DUPLICATE_SIGNAL,
     Batch,
     Evidence,
     SignalSource,
@@ -62,6 +63,12 @@ class _Decision:
     alternatives: list[dict[str, float]] = field(default_factory=list)
     shares: dict[str, float] = field(default_factory=dict)  # what carried the answer (the mode's own signal: 1.0)
     basis: str = "image"
+
+
+def _p_within(mass: dict[str, float], maps: dict[str, dict[str, list[float]]], duplicate: bool) -> dict[str, float]:
+    """Calibrated probabilities within 25/200/750 km. A near-duplicate is answered at its twin's spot, and
+    build-time calibration never saw one (it scores other photographers' photos): its mass stands as it is."""
+    return {t: round(mass[t], 4) for t in CALIBRATED_KM} if duplicate else calibrated(mass, maps)
 
 
 def open_index(path: str | Path, device: str = "auto", verify: bool = True) -> "GeoIndex":
@@ -121,8 +128,7 @@ class GeoIndex:
         ds = ImageDataset(list(images), bb.preprocess, crops=crops)
         out = np.zeros((len(images), crops, bb.dim), np.float32)
         errors: dict[int, str] = {}
-        with showing(bars_on() and len(images) > batch_size):  # a bar only when there is more than one batch
-            progress = bar(len(images), "locate", unit="img")
+        progress = bar(len(images), "locate", unit="img", show=len(images) > batch_size)  # more than one batch
         for start in range(0, len(images), batch_size):
             items = [ds[i] for i in range(start, min(start + batch_size, len(images)))]
             ok = [(i, t) for i, t, err in items if err is None]
@@ -137,8 +143,9 @@ class GeoIndex:
         """One forward pass over decoded images, each [crops, 3, s, s] (crop counts may differ) -> one
         [crops, dim] array per image. The server gathers concurrent requests into one such call."""
         bb = self.backbone
-        flat = bb.embed(torch.cat([t.reshape(-1, *t.shape[-3:]) for t in tensors]).to(bb.device))
-        return np.split(flat, np.cumsum([t.reshape(-1, *t.shape[-3:]).shape[0] for t in tensors])[:-1])
+        crops = [t.reshape(-1, *t.shape[-3:]) for t in tensors]
+        flat = bb.embed(torch.cat(crops).to(bb.device))
+        return np.split(flat, np.cumsum([len(c) for c in crops])[:-1])
 
     # ------------------------------------------------------------ answering
     def evidence(self, emb: np.ndarray, k: int = 50) -> Evidence:
@@ -202,14 +209,11 @@ class GeoIndex:
 
     def _decide(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray) -> list[_Decision]:
         if mode != "fused":
-            return self._calibrated(mode, batch, sims, self._single(mode, batch, sims, rows))
+            return self._calibrated(mode, batch, self._single(mode, batch, sims, rows))
         params = self.fusion.params
         out = []
         for d in decide(collect(self.sources, batch), params):
-            # A near-duplicate is answered at its twin's spot. Build-time calibration never saw one (it scores
-            # other photographers' photos), so its p_within is the posterior mass itself: all of it, nearby.
-            p = ({t: round(d.mass[t], 4) for t in CALIBRATED_KM} if d.duplicate
-                 else calibrated(d.mass, params.calibration))
+            p = _p_within(d.mass, params.calibration, d.duplicate)
             basis = "near-duplicate" if d.duplicate else (
                 "prior" if d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
             out.append(_Decision(d.lat, d.lon, p["25"], 25.0, p, d.alternatives, d.shares, basis))
@@ -233,7 +237,7 @@ class GeoIndex:
         return [_Decision(float(a), float(b), float(m), DECISION_RADII_KM[0], shares=own)
                 for a, b, m in zip(lat, lon, mass)]
 
-    def _calibrated(self, mode: str, batch: Batch, sims: np.ndarray, decisions: list[_Decision]) -> list[_Decision]:
+    def _calibrated(self, mode: str, batch: Batch, decisions: list[_Decision]) -> list[_Decision]:
         """Where fusion calibrated this mode (``mode_calibration``), its confidence becomes what the fused
         mode's means: the calibrated probability of being within 25 km, with ``p_within`` at 25/200/750 km.
         A near-duplicate keeps its raw mass, as in the fused mode (calibration never saw one)."""
@@ -241,14 +245,11 @@ class GeoIndex:
         maps = params.mode_calibration.get(mode) if params is not None else None
         if not maps:
             return decisions  # a kNN-only bundle (or one fitted before): the mode's own measure, as before
-        source = [s for s in self.sources if s.spec.name == mode]
-        answers = np.array([[d.lat, d.lon] for d in decisions], np.float64)
-        mass = mass_near(collect(source, batch), params, mode, answers)
-        top = np.max(np.where(np.isfinite(sims), sims, -np.inf), axis=1, initial=-np.inf)
-        for d, m, s in zip(decisions, mass, top):
-            raw = {str(t): float(v) for t, v in zip(THRESHOLDS_KM, m)}
-            d.p_within = ({t: round(raw[t], 4) for t in CALIBRATED_KM} if s >= params.duplicate_similarity
-                          else calibrated(raw, maps))
+        # the mode's signal, and kNN's for fusion's own near-duplicate rule (its search is memoised in the batch)
+        ev = collect([s for s in self.sources if s.spec.name in (mode, DUPLICATE_SIGNAL)], batch)
+        mass = mass_near(ev, params, mode, np.array([[d.lat, d.lon] for d in decisions], np.float64))
+        for d, m, dup in zip(decisions, mass, near_duplicate(ev, params)):
+            d.p_within = _p_within({str(t): float(v) for t, v in zip(THRESHOLDS_KM, m)}, maps, bool(dup))
             d.confidence, d.radius_km = d.p_within["25"], 25.0
         return decisions
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
+from functools import cached_property
 from pathlib import Path
 from threading import Lock
 
@@ -24,11 +25,16 @@ class Thumbnails:
     """id -> JPEG bytes for the photos of a kNN index (ids and recorded paths), with a small LRU cache."""
 
     def __init__(self, ids: np.ndarray, paths: np.ndarray, cache: int = 512):
-        self._row = {str(i): r for r, i in enumerate(ids.tolist())}
+        self._ids = ids
         self._paths = paths
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._size = cache
         self._lock = Lock()
+
+    @cached_property
+    def _row(self) -> dict[str, int]:
+        """id -> row, built on the first thumbnail asked for: not at start-up (a million ids take a second)."""
+        return {str(i): r for r, i in enumerate(self._ids.tolist())}
 
     def __contains__(self, photo_id: str) -> bool:
         return photo_id in self._row
