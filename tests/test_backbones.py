@@ -43,6 +43,19 @@ def test_efficientnet_lite0_mapping_preserves_tensors(lite0):
     json.dumps(spec)
 
 
+def test_efficientnet_lite0_computes_what_timm_computes(lite0):
+    """geo's plain-torch network must be timm's tf_efficientnet_lite0, odd input sizes included ("SAME" padding)."""
+    import timm
+
+    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    ref.load_state_dict(lite0.model.state_dict())
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        for shape in [(2, 3, 224, 224), (1, 3, 225, 223), (1, 3, 97, 131)]:
+            x = torch.randn(*shape)
+            assert torch.allclose(lite0.model(x), ref(x), atol=1e-5, rtol=0)
+
+
 def test_efficientnet_lite0_refuses_wrong_weights(tmp_path):
     from safetensors.torch import save_file
 

@@ -5,20 +5,22 @@ Every decoded image goes through one geometry: the shorter side is resized to
 along the long side, or five-crop), then normalised with ``pre.mean/std``.
 Index build and query both call :func:`load_tensor`, so they see the same pixels.
 
-Two decoders implement that geometry:
+Pillow decodes every image (libjpeg-turbo for JPEG); two resamplers implement that geometry:
 
-* fast path, for plain RGB/greyscale JPEGs of moderate size: libjpeg-turbo via
-  ``torchvision.io.decode_jpeg`` + ``resize`` on uint8 tensors. Measured with
-  ``python -m geo.data.images /work/shared/data/im2gps3k-dev/images`` (one thread,
-  CPU time per image, best of 3): fast 4.8 ms vs PIL 6.6 ms (1.37x) on the
-  Im2GPS3k-dev photos, 5.7 vs 9.1 ms (1.61x) on osv5m-sample; mean |difference|
-  0.0001 in normalised units.
-* PIL path, for everything else (PNG, CMYK, 16-bit, palettes, huge aspect
-  ratios, very large JPEGs, anything the fast decoder rejects). It resizes
-  only the crop boxes (``Image.resize(box=...)``, which reads the pixels around
-  a box exactly as a full resize would) and uses JPEG DCT-domain downscaling
-  (``Image.draft``) for photos at least twice the needed size: a 4000x3000 JPEG
-  takes 54 ms this way against 116 ms through the fast path.
+* tensor path, for plain RGB/greyscale JPEGs of moderate size: the whole
+  decoded image is resized as a uint8 tensor with torch's antialiased
+  ``interpolate`` (the kernel ``torchvision.transforms.v2.functional.resize``
+  calls), then cropped. Until issue 15 this path decoded with
+  ``torchvision.io.decode_jpeg``; importing torchvision cost 1.7 s of every cold
+  ``geo query``. ``benchmarks/bench_decode.py`` checks the two give identical
+  tensors (all 667 such Im2GPS3k-dev photos: not one value differs) and times
+  them.
+* box path, for everything else (PNG, CMYK, 16-bit, palettes, huge aspect
+  ratios, large JPEGs). It resizes only the crop boxes (``Image.resize(box=...)``,
+  which reads the pixels around a box exactly as a full resize would) and uses
+  JPEG DCT-domain downscaling (``Image.draft``) for photos at least twice the
+  needed size: a 4000x3000 JPEG takes 54 ms this way against 116 ms through a
+  full decode and resize.
 
 Pillow's guards stay on: ``LOAD_TRUNCATED_IMAGES`` is never set, and the
 decompression-bomb check (``Image.MAX_IMAGE_PIXELS``) runs on the header before
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif")
 
-# The fast path resizes the whole image; past this aspect ratio the PIL path,
+# The tensor path resizes the whole image; past this aspect ratio the box path,
 # which only resamples the crop boxes, is cheaper and bounded in memory.
 _FAST_MAX_ASPECT = 4.0
 # JPEGs whose shorter side is at least this multiple of ``pre.resize`` are read
@@ -200,7 +202,7 @@ def _tensor_from_pil(rgb: Image.Image, full_size: tuple[int, int], pre: "Preproc
     """Resample each crop box straight from the decoded image.
 
     ``full_size`` is the upright size before any draft downscale, so crop
-    boxes are placed exactly where the fast path places them.
+    boxes are placed exactly where the tensor path places them.
     """
     rw, rh = resized_size(*full_size, pre.resize)
     sx, sy = rgb.width / rw, rgb.height / rh
@@ -211,18 +213,19 @@ def _tensor_from_pil(rgb: Image.Image, full_size: tuple[int, int], pre: "Preproc
     return _normalise(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2), pre)
 
 
-def _tensor_fast(data: bytes, pre: "Preprocess", crops: int) -> torch.Tensor:
-    """libjpeg-turbo decode + antialiased tensor resize; raises RuntimeError on bad data."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
+def _tensor_resized(rgb: Image.Image, pre: "Preprocess", crops: int) -> torch.Tensor:
+    """Resize the whole upright RGB image as a uint8 tensor (antialiased), then cut the crops.
 
-    img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                      apply_exif_orientation=True)
-    h, w = img.shape[-2:]
-    rw, rh = resized_size(w, h, pre.resize)
-    mode = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[pre.interpolation]
-    img = F.resize(img, [rh, rw], interpolation=mode, antialias=True)
+    The pixels stay in Pillow's channels-last layout; the batch stride is set so
+    torch sees a channels-last tensor and resizes it in place of repacking it
+    first (as torchvision does; 1.2 ms instead of 3.6 ms per photo here).
+    """
+    hwc = torch.from_numpy(np.array(rgb))
+    h, w, c = hwc.shape
+    img = hwc.as_strided((1, c, h, w), (h * w * c, 1, w * c, c))
+    rw, rh = resized_size(rgb.width, rgb.height, pre.resize)
+    img = torch.nn.functional.interpolate(img, size=[rh, rw], mode=pre.interpolation, align_corners=False,
+                                          antialias=True)[0]
     s = pre.size
     return _normalise(torch.stack([img[:, t:t + s, l:l + s] for l, t in crop_offsets(rw, rh, s, crops)]), pre)
 
@@ -259,10 +262,7 @@ def decode_tensor(data: bytes, path: str | os.PathLike, pre: "Preprocess", crops
     short, long_ = min(w, h), max(w, h)
     if im.format == "JPEG" and im.mode in ("RGB", "L") and long_ <= _FAST_MAX_ASPECT * short \
             and short < _DRAFT_FACTOR * pre.resize:
-        try:
-            return _tensor_fast(data, pre, crops)
-        except RuntimeError:
-            pass  # e.g. truncated: the PIL path below gives the authoritative error
+        return _tensor_resized(_decode_pil(path, im), pre, crops)
     full = _upright_size(im)
     draft_to = None
     if short >= _DRAFT_FACTOR * pre.resize:  # keep the shorter side >= pre.resize after DCT scaling

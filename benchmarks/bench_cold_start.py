@@ -1,0 +1,59 @@
+"""Cold ``geo query``: process start to first answer, against a bare ``import torch`` in the same run.
+
+Each round runs, one after another: ``python -c "import torch"``, then
+``geo query PHOTO --index BUNDLE`` for every code tree given (``--tree``; the
+current one is ``.``), so every variant sees the same machine load. An older
+checkout (``git worktree add /tmp/before <commit>``) is run through this
+environment with its tree first on ``sys.path`` and the editable install's
+finder set aside, so ``import geo`` finds that tree.
+
+    python benchmarks/bench_cold_start.py --index B --photo examples/osv5m/queries/1373307973052511.jpg \
+        --tree before=/tmp/before --tree after=. --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+BOOT = ("import sys; sys.path.insert(0, {tree!r}); "
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]; "
+        "import geo; assert geo.__file__.startswith({tree!r}), geo.__file__; "
+        "from geo.cli import app; app()")
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--index", required=True)
+    ap.add_argument("--photo", required=True)
+    ap.add_argument("--tree", action="append", default=[], help="NAME=PATH of a geo source tree (default after=.)")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    trees = dict(t.split("=", 1) for t in args.tree) or {"after": "."}
+    runs: dict[str, list[float]] = {"import torch": []} | {f"geo query ({n})": [] for n in trees}
+    for _ in range(args.rounds):
+        runs["import torch"].append(timed([sys.executable, "-c", "import torch"], dict(os.environ)))
+        for name, path in trees.items():
+            cmd = [sys.executable, "-c", BOOT.format(tree=os.path.abspath(path)), "query", args.photo,
+                   "--index", args.index]
+            runs[f"geo query ({name})"].append(timed(cmd, dict(os.environ)))
+    base = statistics.median(runs["import torch"])
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; medians of {args.rounds}, seconds")
+    print("| process | median | ratio to import torch | runs |\n|---|---|---|---|")
+    for name, ts in runs.items():
+        med = statistics.median(ts)
+        print(f"| `{name}` | {med:.2f} | {med / base:.2f}x | {' '.join(f'{t:.2f}' for t in sorted(ts))} |")
+
+
+if __name__ == "__main__":
+    main()

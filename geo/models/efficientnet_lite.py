@@ -1,0 +1,126 @@
+"""EfficientNet-Lite0 in plain torch: the default backbone without importing timm or torchvision.
+
+Why its own module: ``import timm`` costs about 2.3 s here (it pulls in
+torchvision and ``torch._dynamo``), more than half of a cold ``geo query``
+beyond ``import torch``. The network is small and fixed, so it is written out:
+the TF release's architecture (Tan & Le 2019, "lite" variant: ReLU6, no
+squeeze-excitation, stem and head not scaled) with TF "same" padding and
+BatchNorm eps 1e-3, exactly timm's ``tf_efficientnet_lite0``. Parameter and
+buffer names and their order are timm's, so the same state dicts load into
+either; ``tests/test_backbones.py`` checks the outputs match timm's to float
+rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (block kind, repeats, kernel, first stride, expansion, output channels): timm's
+# ``ds_r1_k3_s1_e1_c16`` ... ``ir_r1_k3_s1_e6_c320`` at width and depth 1.0.
+_STAGES = (("ds", 1, 3, 1, 1, 16), ("ir", 2, 3, 2, 6, 24), ("ir", 2, 5, 2, 6, 40), ("ir", 3, 3, 2, 6, 80),
+           ("ir", 3, 5, 1, 6, 112), ("ir", 4, 5, 2, 6, 192), ("ir", 1, 3, 1, 6, 320))
+_STEM, _FEATURES, _BN_EPS = 32, 1280, 1e-3
+
+
+class _SameConv(nn.Conv2d):
+    """Conv2d with TensorFlow's "SAME" padding: the total pad depends on the input size and goes
+    mostly to the bottom/right, which a static symmetric padding cannot express for stride 2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        return super().forward(F.pad(x, [left, right, top, bottom]))
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """At stride 1 with an odd kernel, "SAME" is a fixed symmetric pad, which Conv2d does without a copy."""
+    if stride == 1:
+        return nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False)
+    return _SameConv(cin, cout, k, stride=stride, groups=groups, bias=False)
+
+
+class _BNAct(nn.BatchNorm2d):
+    """BatchNorm with an optional ReLU6 after it (timm's BatchNormAct2d: same state-dict names)."""
+
+    def __init__(self, channels: int, act: bool):
+        super().__init__(channels, eps=_BN_EPS)
+        self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class _DepthwiseSeparable(nn.Module):
+    """ds block: depthwise k x k, BN+ReLU6, pointwise 1x1, BN; residual when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int):
+        super().__init__()
+        self.conv_dw = _conv(cin, cin, k, stride, groups=cin)
+        self.bn1 = _BNAct(cin, act=True)
+        self.conv_pw = _conv(cin, cout, 1)
+        self.bn2 = _BNAct(cout, act=False)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
+        return x + y if self.skip else y
+
+
+class _InvertedResidual(nn.Module):
+    """ir block (MobileNetV2): expand 1x1, depthwise k x k, project 1x1; residual when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expansion: int):
+        super().__init__()
+        mid = cin * expansion
+        self.conv_pw = _conv(cin, mid, 1)
+        self.bn1 = _BNAct(mid, act=True)
+        self.conv_dw = _conv(mid, mid, k, stride, groups=mid)
+        self.bn2 = _BNAct(mid, act=True)
+        self.conv_pwl = _conv(mid, cout, 1)
+        self.bn3 = _BNAct(cout, act=False)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.conv_pw(x))
+        y = self.bn3(self.conv_pwl(self.bn2(self.conv_dw(y))))
+        return x + y if self.skip else y
+
+
+class EfficientNetLite0(nn.Module):
+    """Image [n,3,h,w] -> pooled features [n,1280] (the classifier is left out: geo embeds, never classifies).
+
+    ``load_state_dict`` takes timm-named weights with or without ``classifier.*``.
+    """
+
+    num_features = _FEATURES
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_stem = _conv(3, _STEM, 3, stride=2)
+        self.bn1 = _BNAct(_STEM, act=True)
+        stages, cin = [], _STEM
+        for kind, repeats, k, stride, expansion, cout in _STAGES:
+            blocks = []
+            for r in range(repeats):
+                s = stride if r == 0 else 1
+                blocks.append(_DepthwiseSeparable(cin, cout, k, s) if kind == "ds"
+                              else _InvertedResidual(cin, cout, k, s, expansion))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.blocks = nn.Sequential(*stages)
+        self.conv_head = _conv(cin, _FEATURES, 1)
+        self.bn2 = _BNAct(_FEATURES, act=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
+        return x.mean(dim=(2, 3))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
