@@ -19,24 +19,28 @@ DATA = shared_data_dir()
 
 
 class FakeIndex:
-    """Answers each photo with its true location shifted by a known amount; fails on chosen files."""
+    """Answers each photo with its true location shifted by a known amount (more in the cells mode); fails on
+    chosen files. ``calls`` records each embedding pass (the photos and the modes asked for)."""
+
+    default_mode = "fused"
+    modes = ["fused", "knn", "cells"]
 
     def __init__(self, truth: dict[str, tuple[float, float]], shift_deg: float = 0.1, fail: set[str] = frozenset()):
         self.truth, self.shift, self.fail, self.calls = truth, shift_deg, set(fail), []
 
-    def locate(self, images, mode="fused", crops=1):
-        self.calls.append(list(images))
-        out = []
-        for p in images:
-            name = Path(p).name
-            if name in self.fail:
-                out.append({"image": p, "lat": None, "lon": None, "confidence": None, "error": "cannot identify image"})
-                continue
-            lat, lon = self.truth[name]
-            out.append({"image": p, "lat": lat + self.shift, "lon": lon, "confidence": 0.5, "mode": mode,
-                        "neighbors": [{"id": "g1", "lat": lat, "lon": lon, "similarity": 0.9}],
-                        "top_cells": [], "alternatives": [], "error": None})
-        return out
+    def locate_modes(self, images, modes, crops=1):
+        self.calls.append((list(images), list(modes)))
+        return [[self._answer(p, mode) for p in images] for mode in modes]
+
+    def _answer(self, p, mode):
+        name = Path(p).name
+        if name in self.fail:
+            return {"image": p, "lat": None, "lon": None, "confidence": None, "error": "cannot identify image"}
+        lat, lon = self.truth[name]
+        shift = self.shift * (10 if mode == "cells" else 1)
+        return {"image": p, "lat": lat + shift, "lon": lon, "confidence": 0.5, "mode": mode,
+                "neighbors": [{"id": "g1", "lat": lat, "lon": lon, "similarity": 0.9}],
+                "top_cells": [], "alternatives": [], "error": None}
 
 
 def _manifest(tmp_path: Path, n: int = 6, present: int = 5) -> tuple[Path, Path, dict]:
@@ -73,8 +77,40 @@ def test_resume_skips_ids_already_written(tmp_path):
     run_suite(FakeIndex(truth), get_suite("custom"), images, meta=meta, limit=3, out=out, progress=False)
     idx = FakeIndex(truth)
     res = run_suite(idx, get_suite("custom"), images, meta=meta, out=out, batch_size=2, shard_rows=1, progress=False)
-    assert res.resumed == 3 and sum(map(len, idx.calls)) == 3
+    assert res.resumed == 3 and sum(len(photos) for photos, _ in idx.calls) == 3
     assert sorted(read_predictions(out)["query_id"]) == [f"img{i}.jpg" for i in range(6)]
+
+
+def test_every_mode_from_one_embedding_pass_and_resume_adds_only_the_new_mode(tmp_path):
+    """`geo bench --mode all`: each photo is embedded once for all modes, the rows are keyed by (photo, mode),
+    and a later run asking for one more mode computes only that mode."""
+    images, meta, truth = _manifest(tmp_path, present=6)
+    out = tmp_path / "p.parquet"
+    idx = FakeIndex(truth)
+    res = run_suite(idx, get_suite("custom"), images, meta=meta, modes=["knn", None], out=out, batch_size=4,
+                    progress=False)
+    assert [m for _, m in idx.calls] == [["knn", "fused"]] * 2 and sum(len(p) for p, _ in idx.calls) == 6
+    assert res.modes == ["knn", "fused"] and len(res.predictions) == 12
+    idx = FakeIndex(truth)
+    res = run_suite(idx, get_suite("custom"), images, meta=meta, modes=["knn", "fused", "cells"], out=out,
+                    progress=False)
+    assert idx.calls == [([str(images / f"img{i}.jpg") for i in range(6)], ["cells"])]
+    assert res.resumed == 12 and len(read_predictions(out)) == 18
+    cells, knn = res.summary(ci=False, mode="cells"), res.summary(ci=False, mode="knn")
+    assert cells["n"] == knn["n"] == 6 and cells["acc"]["25"] == 0.0 and knn["acc"]["25"] == 1.0
+
+
+def test_cli_mode_all_scores_each_mode_side_by_side(tmp_path, monkeypatch):
+    images, meta, truth = _manifest(tmp_path)
+    monkeypatch.setattr(geo.cli.bench, "open_index", lambda path, **kw: FakeIndex(truth))
+    args = ["bench", "custom", "--index", str(tmp_path), "--images", str(images), "--meta", str(meta), "--mode", "all",
+            "--no-ci"]
+    s = json.loads(CliRunner().invoke(_app(), args + ["--json"]).stdout)
+    assert s["mode"] == "all" and list(s["modes"]) == ["fused", "knn", "cells"]
+    assert s["modes"]["knn"]["acc"]["25"] == 1.0 and s["modes"]["cells"]["acc"]["25"] == 0.0
+    r = CliRunner().invoke(_app(), args)
+    assert r.exit_code == 0, r.output
+    assert "[fused]" in r.stdout and "[cells]" in r.stdout and "mode fused, knn, cells" in r.stdout
 
 
 def test_empty_folder_and_wrong_folder_say_so(tmp_path):

@@ -83,3 +83,27 @@ def test_a_leaked_score_beside_published_ones_is_marked():
     assert "this index (1 leaked)" in text and "GeoCLIP" in text and "without them (n=3)" in text
     text = _human(result.summary(ci=False, exclude_leaks=True), "im2gps3k", "this index")
     assert "this index (leaks excluded)" in text and "n=3" in text
+
+
+def test_bench_mode_all_embeds_once_and_agrees_with_single_mode_runs(cli_bundle, tmp_path, monkeypatch):
+    from geo.query.index import GeoIndex
+
+    _, bundle = cli_bundle
+    queries = sorted((EXAMPLES / "queries").glob("*.jpg"))[:4]
+    truth = pd.read_csv(EXAMPLES / "queries.csv", dtype={"id": str}).set_index("id")
+    meta = tmp_path / "q.csv"
+    pd.DataFrame([(q.stem, str(q), truth.loc[q.stem, "latitude"], truth.loc[q.stem, "longitude"]) for q in queries],
+                 columns=["id", "path", "latitude", "longitude"]).to_csv(meta, index=False)
+    embedded = []
+    real_embed = GeoIndex.embed
+    monkeypatch.setattr(GeoIndex, "embed", lambda self, images, **kw: embedded.extend(images) or real_embed(self, images, **kw))
+    base = ["bench", "custom", "--index", str(bundle), "--images", "/", "--meta", str(meta), "--no-ci", "--no-progress",
+            "--json"]
+    every = json.loads(CliRunner().invoke(app, [*base, "--mode", "all", "--out", str(tmp_path / "all.parquet")]).stdout)
+    assert sorted(embedded) == sorted(map(str, queries))  # four photos, four embeddings, four modes
+    assert list(every["modes"]) == ["fused", "knn", "gallery", "cells"]
+    stored = read_predictions(tmp_path / "all.parquet")
+    assert len(stored) == 16 and stored.groupby("mode").size().tolist() == [4, 4, 4, 4]
+    for mode in ("knn", "cells"):
+        alone = json.loads(CliRunner().invoke(app, [*base, "--mode", mode]).stdout)
+        assert alone["acc"] == every["modes"][mode]["acc"] and alone["median_km"] == every["modes"][mode]["median_km"]

@@ -55,11 +55,26 @@ def test_sharded_writer_resumes_and_merges(tmp_path):
     out = tmp_path / "run.parquet"
     w = ShardedWriter(out)
     w.append(answers_to_frame(_answers()[:1], ["a"], [(48.86, 2.35)]))
-    assert ShardedWriter(out).done_ids() == {"a"}  # a new process sees the shard
-    w.append(answers_to_frame(_answers()[1:], ["b"], [(0.0, 0.0)]))
+    assert ShardedWriter(out).done_keys() == {("a", "knn")}  # a new process sees the shard
+    w.append(answers_to_frame(_answers()[1:], ["b"], [(0.0, 0.0)], mode="cells"))
     merged = w.finish()
     assert sorted(merged["query_id"]) == ["a", "b"] and out.exists() and not w.parts.exists()
-    assert ShardedWriter(out).done_ids() == {"a", "b"}
+    assert ShardedWriter(out).done_keys() == {("a", "knn"), ("b", "cells")}
+
+
+def test_sharded_writer_keys_rows_by_photo_and_mode(tmp_path):
+    """One photo answered in two modes is two rows; the same (photo, mode) written again keeps the last."""
+    out = tmp_path / "run.parquet"
+    w = ShardedWriter(out)
+    w.append(answers_to_frame(_answers()[1:], ["b"], [(0.0, 0.0)], mode="cells"))
+    w.append(answers_to_frame(_answers()[1:], ["b"], [(0.0, 0.0)], mode="gallery"))
+    w.append(answers_to_frame(_answers()[:1] * 2, ["a", "b"], [(48.86, 2.35)] * 2))
+    w.append(answers_to_frame(_answers()[1:], ["a"], [(48.86, 2.35)], mode="knn"))  # ("a", "knn") again, failed
+    merged = w.finish()
+    assert sorted(zip(merged["query_id"], merged["mode"])) == [("a", "knn"), ("b", "cells"), ("b", "gallery"),
+                                                                 ("b", "knn")]
+    assert merged.loc[(merged["query_id"] == "b") & (merged["mode"] == "knn"), "error"].isna().all()
+    assert merged.loc[(merged["query_id"] == "a"), "error"].tolist() == ["cannot identify image file"]
 
 
 def test_bad_coordinates_are_named_by_row(tmp_path):

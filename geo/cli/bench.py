@@ -43,8 +43,9 @@ def _check_distance(distance: str) -> None:
         raise ValueError(f"--distance must be one of {', '.join(DISTANCES)}, not {distance!r}")
 
 
-def _leak_text(leaks: dict[str, Any]) -> str:
-    """The plain warning when some queries are not new to the gallery, with the scores without them."""
+def _leak_text(leaks: dict[str, Any], per_mode: bool = False) -> str:
+    """The plain warning when some queries are not new to the gallery, with the scores without them
+    (``per_mode``: those are printed under each mode instead)."""
     reasons = ", ".join(f"{r} {n}" for r, n in leaks["by_reason"].items())
     if leaks["excluded"]:
         return (f"leakage: {leaks['n']} queries are not new to this gallery ({reasons}); "
@@ -53,10 +54,16 @@ def _leak_text(leaks: dict[str, Any]) -> str:
     if not w["n"]:
         return (f"warning: leakage: every query is in or near this gallery ({reasons}): the scores above are "
                 "memory, not geolocation; there is nothing new to score.")
+    warning = (f"warning: leakage: {leaks['n']} queries are not new to this gallery ({reasons}); they are answered "
+               "partly from memory and inflate the scores above.")
+    if per_mode:
+        return warning + " --exclude-leaks scores only the new ones."
+    return f"{warning}\n{_without_line(w)}. --exclude-leaks scores only the new ones."
+
+
+def _without_line(w: dict[str, Any]) -> str:
     without = " ".join(f"{t}km {100 * w['acc'][str(t)]:.2f}%" for t in THRESHOLDS_KM)
-    return (f"warning: leakage: {leaks['n']} queries are not new to this gallery ({reasons}); they are answered "
-            f"partly from memory and inflate the scores above.\nwithout them (n={w['n']}): {without}, median "
-            f"{w['median_km']:.1f} km. --exclude-leaks scores only the new ones.")
+    return f"without them (n={w['n']}): {without}, median {w['median_km']:.1f} km"
 
 
 def _human(summary: dict[str, Any], suite: str | None, label: str) -> str:
@@ -68,6 +75,24 @@ def _human(summary: dict[str, Any], suite: str | None, label: str) -> str:
         parts.append(_leak_text(leaks))
         label = f"{label} (leaks excluded)" if leaks["excluded"] else f"{label} ({leaks['n']} leaked)"
     table = comparison_table(suite, summary, label) if suite else ""
+    if table:
+        parts.append(f"published results on {suite} (percent):\n{table}")
+    return "\n\n".join(parts)
+
+
+def _modes_human(scored: dict[str, dict[str, Any]], suite: str) -> str:
+    """Every mode of one run: each mode's summary (and its scores without leaked queries), the leakage
+    warning once (a leak is a property of the photo), and one table with a row per mode above the
+    published results."""
+    parts = []
+    for m, s in scored.items():
+        w = (s.get("leaks") or {}).get("without")
+        parts.append(f"[{m}]\n{summary_text(s)}" + (f"\n{_without_line(w)}" if w and w["n"] else ""))
+    leaks = next(iter(scored.values())).get("leaks") or {}
+    if leaks.get("n"):
+        parts.append(_leak_text(leaks, per_mode=True))
+    mark = (" (leaks excluded)" if leaks["excluded"] else f" ({leaks['n']} leaked)") if leaks.get("n") else ""
+    table = comparison_table(suite, None, more={f"this index, {m}{mark}": s for m, s in scored.items()})
     if table:
         parts.append(f"published results on {suite} (percent):\n{table}")
     return "\n\n".join(parts)
@@ -151,7 +176,8 @@ def _suite_command(name: str) -> Callable[..., None]:
                                                   "lat/lon, scored instead of photos"),
         embedding_column: str = typer.Option("embedding", help="column of --embeddings holding the vectors"),
         meta: Optional[Path] = typer.Option(None, "--meta", help="metadata CSV (default: beside --images, else the shared copy)"),
-        mode: Optional[str] = typer.Option(None, help="fused | knn | gallery | cells (default: the index's best built mode)"),
+        mode: Optional[str] = typer.Option(None, help="fused | knn | gallery | cells, or all: every built mode, "
+                                           "each photo embedded once (default: the index's best built mode)"),
         crops: int = typer.Option(1, help="test-time crops per photo"),
         limit: Optional[int] = typer.Option(None, help="score only the first N rows of the metadata"),
         out: Optional[Path] = typer.Option(None, "--out", help="predictions Parquet (an existing one is resumed), "
@@ -178,33 +204,41 @@ def _suite_command(name: str) -> Callable[..., None]:
         try:
             _check_distance(distance)
             idx = open_index(index)
+            modes = idx.modes if mode == "all" else [mode]
             if embeddings is not None:
                 table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]))
-                result = run_embeddings(idx, table, mode=mode, out=parquet, index_id=index_id_of(idx, index))
+                result = run_embeddings(idx, table, modes=modes, out=parquet, index_id=index_id_of(idx, index))
             else:
-                result = run_suite(idx, suite_obj, images, meta=meta, mode=mode, crops=crops, limit=limit,
+                result = run_suite(idx, suite_obj, images, meta=meta, modes=modes, crops=crops, limit=limit,
                                    out=parquet, batch_size=batch_size, progress=progress and not as_json,
                                    index_id=index_id_of(idx, index))
             mark_leaks(idx, result, leak_similarity)
-            s = result.summary(distance=distance, ci=ci, exclude_leaks=exclude_leaks)
+            scored = {m: result.summary(distance=distance, ci=ci, exclude_leaks=exclude_leaks, mode=m)
+                      for m in result.modes}
             if geojson:
                 write_geojson(out, result.predictions)
-            elif out is not None and s["leaks"]["n"]:  # the file gains the leak column (for geo sql), no row lost
+            elif out is not None and result.predictions["leak"].notna().any():  # the file gains the leak column
                 stored = read_predictions(out)
                 stored["leak"] = stored["query_id"].map(dict(zip(result.predictions["query_id"],
                                                                  result.predictions["leak"])))
                 write_predictions(out, stored)
         except _USER_ERRORS as e:
             fail(e)
-        s.update(mode=mode, crops=crops, out=str(out) if out else None, published=published_json(name))
+        common = dict(crops=crops, out=str(out) if out else None, published=published_json(name))
         if as_json:
-            print_json(s)
+            if mode == "all":
+                print_json(dict(common, mode="all", modes=scored))
+            else:
+                print_json(dict(next(iter(scored.values()), {}), mode=mode, **common))
             return
         typer.echo(f"{suite_obj.title}\nmetadata {result.meta}; {distance} distances; "
-                   f"mode {', '.join(sorted(result.predictions['mode'].dropna().unique())) or mode}")
+                   f"mode {', '.join(result.modes) or mode}")
         if result.resumed:
-            typer.echo(f"resumed: {result.resumed} photos taken from {out}")
-        typer.echo(_human(s, name, "this index"))
+            typer.echo(f"resumed: {result.resumed} answers (photo and mode) taken from {out}")
+        if len(scored) == 1:
+            typer.echo(_human(next(iter(scored.values())), name, "this index"))
+        else:
+            typer.echo(_modes_human(scored, name))
         if result.missing:
             typer.echo(f"\n{len(result.missing)} photos of the metadata are not in {images} "
                        f"(e.g. {', '.join(result.missing[:3])}); they are excluded from n and counted as misses "

@@ -1,6 +1,6 @@
 """Run a benchmark suite against an index and score it.
 
-The index is anything with ``locate(paths, mode=..., crops=...) -> list[Answer]``
+The index is anything with ``locate_modes(paths, modes, crops=...) -> [list[Answer] per mode]``
 (``geo.open_index`` returns one), which keeps the runner testable with a fake.
 Missing photos and photos the index could not read are counted and reported,
 never silently taken out of the denominator.
@@ -24,7 +24,9 @@ from geo.store.predictions import ShardedWriter, answers_to_frame, conform, writ
 
 
 class Locator(Protocol):
-    def locate(self, images: Sequence[str], mode: str = ..., crops: int = ...) -> list[Answer]: ...
+    default_mode: str
+
+    def locate_modes(self, images: Sequence[str], modes: Sequence[str | None], crops: int = ...) -> list[list[Answer]]: ...
 
 
 @dataclass
@@ -39,15 +41,22 @@ class BenchResult:
     def failed(self) -> pd.DataFrame:
         return self.predictions[self.predictions["error"].notna()]
 
+    @property
+    def modes(self) -> list[str]:
+        """The modes scored, in the order they were asked for."""
+        return list(dict.fromkeys(self.predictions["mode"].dropna()))
+
     def summary(self, distance: str = "haversine", ci: bool = True, n_boot: int = 1000,
-                exclude_leaks: bool = False) -> dict[str, Any]:
-        """The field's metrics. Leaked queries (the ``leak`` column, see :mod:`geo.eval.leaks`) are scored
-        with the rest and also left out in ``leaks.without``; ``exclude_leaks`` scores only the new ones."""
-        preds = self.predictions
+                exclude_leaks: bool = False, mode: str | None = None) -> dict[str, Any]:
+        """The field's metrics, for one ``mode``'s rows (all rows when None: a one-mode run). Leaked queries
+        (the ``leak`` column, see :mod:`geo.eval.leaks`) are scored with the rest and also left out in
+        ``leaks.without``; ``exclude_leaks`` scores only the new ones."""
+        preds = self.predictions if mode is None else self.predictions[self.predictions["mode"] == mode]
         leaked = preds["leak"].notna() if "leak" in preds.columns else pd.Series(False, index=preds.index)
         out = self._score(preds[~leaked] if exclude_leaks else preds, distance, ci, n_boot)
+        failed = preds[preds["error"].notna()]
         out.update(suite=self.suite, meta=str(self.meta), distance=distance, resumed=self.resumed,
-                   missing_ids=self.missing[:20], failed=self.failed[["query_id", "error"]].head(20).to_dict("records"))
+                   missing_ids=self.missing[:20], failed=failed[["query_id", "error"]].head(20).to_dict("records"))
         out["leaks"] = {"n": int(leaked.sum()), "by_reason": leak_counts(preds["leak"]) if leaked.any() else {},
                         "excluded": exclude_leaks}
         if leaked.any() and not exclude_leaks:
@@ -64,16 +73,20 @@ class BenchResult:
         return out
 
 
-def run_embeddings(index: Any, table: EmbeddingTable, *, mode: str | None = None, out: str | Path | None = None,
-                   index_id: str | None = None) -> BenchResult:
-    """Score precomputed query embeddings against their own coordinates (``geo bench custom --embeddings``).
+def run_embeddings(index: Any, table: EmbeddingTable, *, modes: Sequence[str | None] = (None,),
+                   out: str | Path | None = None, index_id: str | None = None) -> BenchResult:
+    """Score precomputed query embeddings against their own coordinates (``geo bench custom --embeddings``),
+    in each of ``modes`` (None: the index's best built mode).
 
     A row whose embedding or coordinates are unusable is a failed query with its
     reason (counted, never dropped from the denominator silently).
     """
-    answers, truth = index.locate_table(table, mode=mode)
-    preds = answers_to_frame(answers, [a.id for a in answers], [tuple(t) for t in truth], mode=mode,
-                             suite="custom", index_id=index_id)
+    frames = []
+    for mode in dict.fromkeys(m or index.default_mode for m in modes):
+        answers, truth = index.locate_table(table, mode=mode)
+        frames.append(answers_to_frame(answers, [a.id for a in answers], [tuple(t) for t in truth], mode=mode,
+                                       suite="custom", index_id=index_id))
+    preds = pd.concat(frames, ignore_index=True)
     if preds.empty:
         raise SuiteError(f"{table.path}: nothing to score")
     if out:
@@ -112,7 +125,7 @@ def run_suite(
     images: str | Path,
     *,
     meta: str | Path | None = None,
-    mode: str | None = None,
+    modes: Sequence[str | None] = (None,),
     crops: int = 1,
     limit: int | None = None,
     out: str | Path | None = None,
@@ -121,14 +134,17 @@ def run_suite(
     index_id: str | None = None,
     progress: bool = True,
 ) -> BenchResult:
-    """Locate every photo of the suite and return the predictions.
+    """Locate every photo of the suite in each of ``modes`` and return the predictions (one row per photo
+    and mode; each photo is embedded once for all modes).
 
-    ``mode`` None lets the index pick its best built mode. ``limit`` keeps
-    the first N rows of the metadata (deterministic, so two runs with the
-    same limit score the same photos). With ``out`` the run is
-    resumable: ids already in ``out`` or its shards are not located again.
+    A mode None is the index's best built mode. ``limit`` keeps the first N
+    rows of the metadata (deterministic, so two runs with the same limit score
+    the same photos). With ``out`` the run is resumable: a (photo, mode) pair
+    already in ``out`` or its shards is not located again, so adding a mode to
+    an earlier run only computes the new mode.
     """
     images = Path(images)
+    modes = list(dict.fromkeys(m or index.default_mode for m in modes))
     rows, meta_path = suite.load(images, Path(meta) if meta else None)
     if limit is not None:
         rows = rows.head(limit)
@@ -137,30 +153,38 @@ def run_suite(
     todo = rows[rows["image"].notna()]
 
     writer = ShardedWriter(out) if out else None
-    done = writer.done_ids() if writer else set()
-    resumed = int(todo["query_id"].isin(done).sum())
-    todo = todo[~todo["query_id"].isin(done)]
+    done = writer.done_keys() if writer else set()
+    wanted_per_row = [[m for m in modes if (q, m) not in done] for q in todo["query_id"]]
+    resumed = sum(len(modes) - len(w) for w in wanted_per_row)
+    # photos needing the same modes go through together; a fresh run is one group with every mode
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for pos, w in enumerate(wanted_per_row):
+        if w:
+            groups.setdefault(tuple(w), []).append(pos)
 
     collected: list[pd.DataFrame] = []
     pending: list[pd.DataFrame] = []
-    bar = progress_bar(len(todo) + resumed, f"{suite.name} ({mode or 'default mode'})", "img", resumed, progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo.iloc[start : start + batch_size]
-        answers = index.locate(batch["image"].tolist(), mode=mode, crops=crops)
-        if len(answers) != len(batch):
-            raise RuntimeError(f"index returned {len(answers)} answers for {len(batch)} images")
-        frame = answers_to_frame(
-            answers, batch["query_id"].tolist(), list(zip(batch["true_lat"], batch["true_lon"])),
-            mode=mode, suite=suite.name, index_id=index_id,
-            extra={"scene": batch["scene"].tolist(), "country": batch["country"].tolist(),
-                   "photographer": batch["photographer"].tolist()},
-        )
-        collected.append(frame)
-        pending.append(frame)
-        if writer and sum(map(len, pending)) >= shard_rows:
-            writer.append(pd.concat(pending, ignore_index=True))
-            pending = []
-        bar.update(len(batch))
+    label = f"{suite.name} ({', '.join(modes)})"
+    bar = progress_bar(len(todo), label, "img", len(todo) - sum(map(len, groups.values())), progress)
+    for group_modes, positions in groups.items():
+        for start in range(0, len(positions), batch_size):
+            batch = todo.iloc[positions[start : start + batch_size]]
+            per_mode = index.locate_modes(batch["image"].tolist(), list(group_modes), crops=crops)
+            for mode, answers in zip(group_modes, per_mode):
+                if len(answers) != len(batch):
+                    raise RuntimeError(f"index returned {len(answers)} answers for {len(batch)} images")
+                frame = answers_to_frame(
+                    answers, batch["query_id"].tolist(), list(zip(batch["true_lat"], batch["true_lon"])),
+                    mode=mode, suite=suite.name, index_id=index_id,
+                    extra={"scene": batch["scene"].tolist(), "country": batch["country"].tolist(),
+                           "photographer": batch["photographer"].tolist()},
+                )
+                collected.append(frame)
+                pending.append(frame)
+            if writer and sum(map(len, pending)) >= shard_rows:
+                writer.append(pd.concat(pending, ignore_index=True))
+                pending = []
+            bar.update(len(batch))
     bar.close()
 
     if writer:
@@ -168,7 +192,7 @@ def run_suite(
             writer.append(pd.concat(pending, ignore_index=True))
         allrows = writer.finish()
         wanted = set(rows["query_id"])
-        preds = allrows[allrows["query_id"].isin(wanted)].reset_index(drop=True)
+        preds = allrows[allrows["query_id"].isin(wanted) & allrows["mode"].isin(modes)].reset_index(drop=True)
     else:
         preds = conform(pd.concat(collected, ignore_index=True)) if collected else conform(pd.DataFrame())
     if preds.empty and not missing:

@@ -264,12 +264,25 @@ class GeoIndex:
                min_confidence: float | None = None) -> Answer | list[Answer]:
         """Answer for each image (paths, globs or folders); a single path (not a list) gives a single Answer."""
         single = isinstance(images, (str, Path))
-        paths = expand_images([str(images)] if single else [str(i) for i in images])
+        answers = self.locate_modes([str(images)] if single else images, [mode], k, crops, min_confidence)[0]
+        return answers[0] if single and len(answers) == 1 else answers
+
+    def locate_modes(self, images: Sequence[str], modes: Sequence[str | None], k: int = 50, crops: int = 1,
+                     min_confidence: float | None = None) -> list[list[Answer]]:
+        """One list of answers per mode for the same images, each image decoded and embedded once
+        (``geo bench --mode all`` compares every mode at the cost of one embedding pass)."""
+        for m in modes:  # an unknown mode fails before the photos are embedded
+            if (m or self.default_mode) not in self.modes:
+                raise ValueError(f"mode {m!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
+        paths = expand_images([str(i) for i in images])
         emb, errors = self.embed(paths, crops=crops)
         good = [i for i in range(len(paths)) if i not in errors]
-        answers = [Answer.failed(p, errors[i]) if i in errors else None for i, p in enumerate(paths)]
-        if good:
-            for i, a in zip(good, self.locate_embeddings(emb[good], mode=mode, k=k, min_confidence=min_confidence,
-                                                         names=[paths[i] for i in good])):
-                answers[i] = a
-        return answers[0] if single and len(answers) == 1 else answers
+        out = []
+        for mode in modes:
+            answers = [Answer.failed(p, errors[i]) if i in errors else None for i, p in enumerate(paths)]
+            if good:
+                for i, a in zip(good, self.locate_embeddings(emb[good], mode=mode, k=k, min_confidence=min_confidence,
+                                                             names=[paths[i] for i in good])):
+                    answers[i] = a
+            out.append(answers)
+        return out

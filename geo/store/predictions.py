@@ -222,6 +222,7 @@ class ShardedWriter:
 
     Each :meth:`append` writes one shard atomically, so a killed run loses at
     most the batch in flight; :meth:`finish` merges everything into ``out``.
+    A row is keyed by (query id, mode): one file can hold every mode of a run.
     """
 
     def __init__(self, out: str | os.PathLike):
@@ -231,15 +232,16 @@ class ShardedWriter:
     def _shards(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.parquet")) if self.parts.is_dir() else []
 
-    def done_ids(self) -> set[str]:
-        """Query ids already written by an earlier (possibly interrupted) run."""
-        ids: set[str] = set()
+    def done_keys(self) -> set[tuple[str, str]]:
+        """(query id, mode) pairs already written by an earlier (possibly interrupted) run."""
+        keys: set[tuple[str, str]] = set()
         for f in ([self.out] if self.out.exists() else []) + self._shards():
             try:
-                ids.update(pq.read_table(f, columns=["query_id"]).column("query_id").to_pylist())
+                t = pq.read_table(f, columns=["query_id", "mode"])
             except (pa.ArrowInvalid, OSError, KeyError) as e:
                 raise PredictionsError(f"{f}: cannot resume from it ({e}); delete it to start over") from None
-        return ids
+            keys.update(zip(t.column("query_id").to_pylist(), t.column("mode").to_pylist()))
+        return keys
 
     def append(self, df: pd.DataFrame) -> None:
         if df.empty:
@@ -252,7 +254,7 @@ class ShardedWriter:
         """Merge the previous output and all shards into ``out``; returns all rows."""
         sources = ([self.out] if self.out.exists() else []) + self._shards()
         df = read_predictions(sources) if sources else conform(pd.DataFrame(columns=COLUMNS))
-        df = df.drop_duplicates("query_id", keep="last").reset_index(drop=True)
+        df = df.drop_duplicates(["query_id", "mode"], keep="last").reset_index(drop=True)
         write_predictions(self.out, df)
         if self.parts.is_dir():
             shutil.rmtree(self.parts)
