@@ -28,7 +28,7 @@ from geo.core.runtime import matmul_flops
 from geo.core.sizes import human_bytes
 from geo.core.splits import group_column, training_rows, validation_mask
 from geo.data.embedding_table import EmbeddingTable
-from geo.data.manifest import ManifestError, read_manifest
+from geo.data.manifest import ManifestError, ManifestResult, read_manifest
 from geo.models.backbones import BackboneError, backbone_from_spec, load_backbone
 from geo.plan import StagePlan, check, default_memory, plan_build
 from geo.stages.cells.predictor import CellPredictor
@@ -47,6 +47,7 @@ from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, read_index
 from geo.store.atomic import atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError, open_bundle
 from geo.store.embeddings import EmbeddingReader, marker_path, shard_errors, write_shard
+from geo.store.lock import writing
 
 ERRORS_FILE = "errors.parquet"
 # Below this many photos, cell heads, a location encoder and fusion weights would be fitted to noise;
@@ -129,13 +130,30 @@ def write_errors(bundle: Bundle, manifest_errors: list[dict], keep_earlier: bool
 
 
 def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bundle:
-    """Embed the manifest's photos, or read precomputed embeddings (resumably), then fit and commit every stage."""
+    """Embed the manifest's photos, or read precomputed embeddings (resumably), then fit and commit every stage.
+
+    The bundle's write lock (:func:`geo.store.lock.writing`) is held from before the model loads to the end,
+    so a second build of the same ``out`` is refused at once."""
     if (cfg.manifest is None) == (cfg.embeddings is None):
         raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
     if cfg.ray is not None:
         connect(cfg.ray)
         log(f"ray: connected ({cfg.ray}); embedding shards and FAISS population run on the cluster")
-    if cfg.embeddings is not None:
+    man = None
+    if cfg.manifest is not None:
+        man = read_manifest(cfg.manifest, cfg.image_root)
+        log(f"manifest: {len(man.df):,} usable rows, {len(man.errors):,} rejected ({man.source})")
+        if man.df.empty and not Path(cfg.out, "manifest.json").exists():  # before a model load or a bundle
+            reasons = "; ".join(f"{Path(e['path']).name}: {e['reason']}" for e in man.errors[:3])
+            raise ManifestError(f"{man.source}: nothing to index, {len(man.errors)} inputs rejected"
+                                + (f" ({reasons}{', ...' if len(man.errors) > 3 else ''})" if reasons else "")
+                                + "; no bundle was written")
+    with writing(cfg.out, log):
+        return _build(cfg, man, log, progress)
+
+
+def _build(cfg: BuildConfig, man: ManifestResult | None, log: Log, progress: bool) -> Bundle:
+    if man is None:
         spec = backbone_spec(cfg.backbone, cfg.weights, log)
         table = EmbeddingTable(cfg.embeddings, cfg.embedding_column, dim=spec.get("dim"))
         spec.setdefault("dim", table.dim)
@@ -146,13 +164,6 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
         rejected: list[dict] = []
         total = table.rows
     else:
-        man = read_manifest(cfg.manifest, cfg.image_root)
-        log(f"manifest: {len(man.df):,} usable rows, {len(man.errors):,} rejected ({man.source})")
-        if man.df.empty and not Path(cfg.out, "manifest.json").exists():  # before a model load or a bundle
-            reasons = "; ".join(f"{Path(e['path']).name}: {e['reason']}" for e in man.errors[:3])
-            raise ManifestError(f"{man.source}: nothing to index, {len(man.errors)} inputs rejected"
-                                + (f" ({reasons}{', ...' if len(man.errors) > 3 else ''})" if reasons else "")
-                                + "; no bundle was written")
         backbone = load_backbone(cfg.backbone, device=cfg.device, precision=cfg.precision, weights=cfg.weights)
         log(f"backbone: {backbone.name} ({backbone.dim}-d) on {backbone.device}")
         check(plan_stages(cfg, len(man.df), backbone.dim), cfg.memory)
@@ -163,6 +174,7 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
         else:
             embed = lambda: run_embedding_stage(bundle, man.df, backbone, cfg.embed, progress=progress)  # noqa: E731
         rejected, total = man.errors, len(man.df) + len(man.errors)
+    bundle.begin_build(cfg.stages)
     if "embeddings" in cfg.stages:  # always run: it resumes shard by shard and is a no-op when complete
         t0 = time.perf_counter()
         files, info = embed()
@@ -173,6 +185,7 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
         bundle.save()
         log(f"embeddings: {info['ok']:,} ok, {failed:,} failed (see {Path(cfg.out) / ERRORS_FILE})")
     run_stages(bundle, cfg.stage_configs, cfg.stages, cfg.force, log, mapper=ray_map if cfg.ray is not None else map)
+    bundle.end_build()
     return bundle
 
 
@@ -358,6 +371,8 @@ def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = 
     n_photos = reader.count
     if n_photos < MIN_TRAINED_PHOTOS:
         log(f"cells, gallery, fusion: skipped, {n_photos} photos is below {MIN_TRAINED_PHOTOS}; answers use kNN")
+        for stage in ("cells", "gallery", "fusion"):
+            bundle.skip_stage(stage, f"{n_photos} photos, below {MIN_TRAINED_PHOTOS}")
         return
     schema = reader.columns
     col = group_column(schema, configs.group_column)

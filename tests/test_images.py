@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from geo.data.images import (
     ImageDataset,
     ImageLoadError,
     _decode_pil,
-    _tensor_fast,
+    _tensor_resized,
     _tensor_from_pil,
     _upright_size,
     collate_skip_errors,
@@ -43,7 +42,7 @@ def test_truncated_jpeg_is_an_error_not_half_grey(make_image, tmp_path):
     bad.write_bytes(data[: len(data) // 2])
     assert "truncated" in _reason(bad)
     with pytest.raises(ImageLoadError, match="truncated"):
-        load_tensor(bad, PRE)  # the fast decoder's failure falls back to PIL's authoritative error
+        load_tensor(bad, PRE)
 
 
 def test_zero_byte_file(tmp_path):
@@ -73,14 +72,14 @@ def test_unreadable_file(make_image, monkeypatch):
     os.chmod(path, 0)
     try:
         if os.access(path, os.R_OK):  # root reads anything: simulate the OS refusal instead
-            real = pathlib.Path.read_bytes
+            real = os.open
 
-            def deny(self):
-                if str(self) == path:
+            def deny(p, *args, **kwargs):
+                if str(p) == path:
                     raise PermissionError(13, "Permission denied", path)
-                return real(self)
+                return real(p, *args, **kwargs)
 
-            monkeypatch.setattr(pathlib.Path, "read_bytes", deny)
+            monkeypatch.setattr(os, "open", deny)
         assert _reason(path) == "permission denied"
     finally:
         os.chmod(path, 0o644)
@@ -94,7 +93,7 @@ def test_decompression_bomb_guard_kept(make_image, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # past 2x: Pillow's own error
     assert "decompression bomb" in _reason(path)
     with pytest.raises(ImageLoadError, match="decompression bomb"):
-        load_tensor(jpg, PRE)  # checked on the header before the fast decoder runs
+        load_tensor(jpg, PRE)  # checked on the header, before any pixel is decoded
 
 
 # ---------------------------------------------------------------- inputs that must load
@@ -163,7 +162,7 @@ def test_exif_orientation_applied_on_both_paths(tmp_path, textured):
     assert open_rgb(p).size == (100, 200)
     im = Image.open(p)
     slow = _tensor_from_pil(_decode_pil(str(p), im), _upright_size(im), PRE, 3)
-    fast = _tensor_fast(p.read_bytes(), PRE, 3)
+    fast = _whole_image_path(p, 3)
     assert (fast - slow).abs().mean() < 0.02  # a wrong rotation would differ by ~0.5
 
 
@@ -181,13 +180,42 @@ def test_animated_gif_first_frame(tmp_path):
     assert tuple(np.asarray(_rgb_ok(p))[16, 16]) == (255, 0, 0)
 
 
-# ---------------------------------------------------------------- geometry, fast path, datasets
+# ---------------------------------------------------------------- geometry, the two resamplers, datasets
+def _whole_image_path(path, crops: int):
+    """The tensor path (whole image resized as a tensor) forced on any image."""
+    return _tensor_resized(_decode_pil(str(path), Image.open(path)), PRE, crops)
+
+
+def test_tensor_path_is_exactly_the_torchvision_decoder_it_replaced(tmp_path, textured):
+    """Bundles built when moderate JPEGs went through torchvision must answer the same: identical tensors,
+    EXIF-rotated and greyscale photos included (benchmarks/bench_decode.py checks the Im2GPS3k photos)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    # shorter sides under 2 x PRE.resize: larger JPEGs take the DCT-downscaling box path
+    cases = {"plain.jpg": (textured(130, 100), {}), "turned.jpg": (textured(130, 100), {"exif": exif}),
+             "grey.jpg": (textured(100, 131).convert("L"), {})}
+    for name, (im, kw) in cases.items():
+        im.save(tmp_path / name, quality=90, **kw)
+        data = (tmp_path / name).read_bytes()
+        img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                          apply_exif_orientation=True)
+        rw, rh = resized_size(img.shape[2], img.shape[1], PRE.resize)
+        img = TF.resize(img, [rh, rw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        (left, top), = crop_offsets(rw, rh, PRE.size, 1)
+        ref = (img[None, :, top:top + PRE.size, left:left + PRE.size].float() / 255 - 0.5) / 0.5
+        assert torch.equal(load_tensor(tmp_path / name, PRE), ref), name
+
+
 def test_fast_and_pil_paths_agree(make_image):
     for crops in (1, 3, 5):
         path = make_image("p.jpg", 400, 300, seed=crops, quality=95)
         im = Image.open(path)
         slow = _tensor_from_pil(_decode_pil(path, im), _upright_size(im), PRE, crops)
-        fast = _tensor_fast(open(path, "rb").read(), PRE, crops)
+        fast = _whole_image_path(path, crops)
         assert fast.shape == slow.shape == (crops, 3, 64, 64)
         assert (fast - slow).abs().mean() < 0.01
 
@@ -195,7 +223,7 @@ def test_fast_and_pil_paths_agree(make_image):
 def test_large_jpeg_draft_close_to_full_decode(make_image):
     path = make_image("large.jpg", 600, 450, quality=95)  # shorter side >= 2 x resize: DCT-downscaled
     draft = load_tensor(path, PRE)
-    full = _tensor_fast(open(path, "rb").read(), PRE, 1)
+    full = _whole_image_path(path, 1)
     assert (draft - full).abs().mean() < 0.03
 
 

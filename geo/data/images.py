@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from geo.core.files import FileRefused, on_disk, printable, read_capped
+
 if TYPE_CHECKING:
     from geo.models.registry import Preprocess
 
@@ -56,24 +58,21 @@ class ImageLoadError(Exception):
     """An input that cannot be turned into pixels; ``reason`` is short and human."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
+        self.path = printable(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
 
 # ---------------------------------------------------------------- opening
 def read_image_file(path: str | os.PathLike) -> bytes:
-    """Read the file once; every I/O failure becomes an ImageLoadError with a plain reason."""
+    """Read the file once, through :func:`geo.core.files.read_capped` (regular files only, size-capped: a FIFO
+    or ``/dev/zero`` is refused, not read); every failure becomes an ImageLoadError with a plain reason."""
+    if os.path.isdir(on_disk(path)):
+        raise ImageLoadError(path, "a directory with no image files in it")
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ImageLoadError(path, "file not found") from None
-    except IsADirectoryError:
-        raise ImageLoadError(path, "a directory with no image files in it") from None
-    except PermissionError:
-        raise ImageLoadError(path, "permission denied") from None
-    except OSError as e:
-        raise ImageLoadError(path, f"cannot read file ({e.strerror or e})") from None
+        data = read_capped(on_disk(path))
+    except FileRefused as e:
+        raise ImageLoadError(path, e.reason) from None
     if not data:
         raise ImageLoadError(path, "empty file (0 bytes)")
     return data
@@ -317,13 +316,14 @@ def expand_images(args: list[str] | str) -> list[str]:
 
     Arguments that match nothing (a missing file, an empty glob, a folder without
     images) are kept as given, so the caller reports each as a per-image error
-    instead of losing it silently.
+    instead of losing it silently. Names come back :func:`~geo.core.files.printable`
+    (a name that is not UTF-8 shows its bytes escaped; :func:`read_image_file` still opens it).
     """
     if isinstance(args, (str, os.PathLike)):
         args = [str(args)]
     out: list[str] = []
     for a in args:
-        p = Path(a)
+        p = Path(on_disk(a))
         if p.is_dir():  # a folder with no image stays, so its answer says so instead of vanishing
             found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
             out.extend(found or [a])
@@ -332,4 +332,4 @@ def expand_images(args: list[str] | str) -> list[str]:
             out.extend(matches if matches else [a])
         else:
             out.append(a)
-    return out
+    return [printable(x) for x in out]

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from geo.core.files import FileRefused, printable, regular_size
 from geo.core.geodesy import valid_latlon
 from geo.data.columns import (
     ID_COLUMNS,
@@ -68,6 +69,10 @@ def read_manifest(source: str | os.PathLike, image_root: str | os.PathLike | Non
 def _read_table(src: Path) -> pd.DataFrame:
     if not src.exists():
         raise ManifestError(f"{src}: manifest not found")
+    try:
+        regular_size(src)  # a FIFO or device would block or never end; a huge file is refused before reading
+    except FileRefused as e:
+        raise ManifestError(f"{src}: {e.reason}") from None
     try:
         if src.suffix.lower() in (".parquet", ".pq"):
             df = pd.read_parquet(src)
@@ -127,6 +132,7 @@ def _normalise_table(df: pd.DataFrame, src: Path, root: Path) -> ManifestResult:
     paths: list[str] = [""] * len(df)
     root_abs = os.path.abspath(root)
     first_row: dict[str, int] = {}
+    first_file: dict[str, int] = {}
     for i in range(len(df)):
         img, ident = images[i], ids[i]
         if img is None or ident is None:
@@ -137,8 +143,12 @@ def _normalise_table(df: pd.DataFrame, src: Path, root: Path) -> ManifestResult:
             errors.append(_error(paths[i], f"row {i + 1}: {_coord_problem(df[lat_col].iloc[i], df[lon_col].iloc[i])}"))
         elif ident in first_row:
             errors.append(_error(paths[i], f"row {i + 1}: duplicate id {ident!r} (first at row {first_row[ident] + 1})"))
+        elif (real := os.path.realpath(paths[i])) in first_file:
+            errors.append(_error(paths[i], f"row {i + 1}: the same file as row {first_file[real] + 1} "
+                                           f"({paths[first_file[real]]})"))
         else:
             first_row[ident] = i
+            first_file[real] = i
             keep[i] = True
     extras = [c for c in cols if c not in (id_col, path_col, lat_col, lon_col)]
     out = pd.DataFrame({
@@ -175,20 +185,28 @@ def _error(path: str, reason: str) -> dict:
 
 # ---------------------------------------------------------------- EXIF folders
 def _read_exif_folder(folder: Path) -> ManifestResult:
+    """Every image below ``folder`` with EXIF GPS. A file reached twice (symlinks) is indexed once; a name
+    that is not UTF-8 is kept with its bytes escaped (:func:`~geo.core.files.printable`)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise ManifestError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below")
     rows, errors = [], []
+    first: dict[str, str] = {}
     for p in files:
+        real, shown = os.path.realpath(p), printable(p.absolute())
+        if real in first:
+            errors.append(_error(shown, f"the same file as {first[real]}"))
+            continue
+        first[real] = shown
         try:
             lat, lon = exif_latlon(p)
         except (ValueError, OSError) as e:
-            errors.append(_error(str(p.resolve()), str(e)))
+            errors.append(_error(shown, str(e)))
             continue
         if not valid_latlon(lat, lon):
-            errors.append(_error(str(p.resolve()), f"EXIF GPS {lat}, {lon} out of range"))
+            errors.append(_error(shown, f"EXIF GPS {lat}, {lon} out of range"))
             continue
-        rows.append({"id": p.relative_to(folder).as_posix(), "path": str(p.resolve()), "lat": lat, "lon": lon})
+        rows.append({"id": printable(p.relative_to(folder).as_posix()), "path": shown, "lat": lat, "lon": lon})
     df = pd.DataFrame(rows, columns=["id", "path", "lat", "lon"]).astype({"lat": np.float64, "lon": np.float64})
     return ManifestResult(df, errors, str(folder))
 

@@ -60,7 +60,8 @@ def software_versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- the bundle
-SUMMARY_KEYS = ("format_version", "created", "backbone", "dim", "counts", "stages", "software", "stale", "additions")
+SUMMARY_KEYS = ("format_version", "created", "backbone", "dim", "counts", "stages", "software", "stale", "additions",
+                "build")
 
 
 class Bundle:
@@ -130,6 +131,42 @@ class Bundle:
             self.manifest["stages"][stage] = info
         self.save()
 
+    # -- completeness: what the build set out to make, and what of it is committed
+    def begin_build(self, stages: Iterable[str]) -> None:
+        """Record the stages this build will commit, before it commits any: until each is committed (or
+        recorded as skipped), readers refuse the bundle as unfinished instead of answering with what is there."""
+        build = self.manifest.setdefault("build", {})
+        build["stages"] = list(dict.fromkeys([*build.get("stages", []), *stages]))
+        build.setdefault("skipped", {})
+        build.pop("finished", None)
+        self.save()
+
+    def skip_stage(self, stage: str, reason: str) -> None:
+        """A planned stage that the build decided not to fit (e.g. too few photos): complete without it."""
+        self.manifest.setdefault("build", {}).setdefault("skipped", {})[stage] = reason
+        self.save()
+
+    def end_build(self) -> None:
+        self.manifest.setdefault("build", {})["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(
+            timespec="seconds")
+        self.save()
+
+    def missing_stages(self) -> list[str]:
+        """Planned stages neither committed nor skipped (a bundle from before this record needs its kNN index)."""
+        build = self.manifest.get("build")
+        planned = build.get("stages", []) if isinstance(build, dict) else ["embeddings", "knn_index"]
+        skipped = build.get("skipped", {}) if isinstance(build, dict) else {}
+        return [s for s in planned if not self.has_stage(s) and s not in skipped]
+
+    def require_complete(self) -> None:
+        """Refuse an unfinished bundle (a build killed or still running) with what is done and how to finish."""
+        missing = self.missing_stages()
+        if missing:
+            done = [s for s in self.manifest.get("stages", {}) if s != "errors"]
+            raise BundleError(
+                f"{self.root}: unfinished build: {', '.join(done) or 'no stage'} done, {', '.join(missing)} not "
+                "yet. Re-run the same `geo build-index` command to finish it (it resumes where it stopped).")
+
     def has_stage(self, stage: str) -> bool:
         return stage in self.manifest.get("stages", {})
 
@@ -162,8 +199,18 @@ def _check_format(manifest: Any, mpath: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{mpath}: not a geo index bundle")
     v = manifest.get("format_version")
-    if not isinstance(v, int):
-        raise BundleError(f"{mpath}: format_version missing or not an integer")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise BundleError(f"{mpath}: format_version {v!r} is not a format geo wrote (a positive integer)")
+    for key, kind in (("stages", dict), ("files", dict), ("counts", dict), ("backbone", dict)):
+        if not isinstance(manifest.get(key, {}), kind):
+            raise BundleError(f"{mpath}: {key!r} is not a JSON object")
+    bad = [k for k, v in manifest.get("stages", {}).items() if not isinstance(v, dict)]
+    if bad:
+        raise BundleError(f"{mpath}: the record of stage {bad[0]!r} is not a JSON object")
+    ok, embedded = manifest.get("counts", {}).get("ok"), manifest.get("stages", {}).get("embeddings", {}).get("ok")
+    if ok is not None and embedded is not None and ok != embedded:
+        raise BundleError(f"{mpath}: counts.ok is {ok} but the embeddings stage recorded {embedded} photos "
+                          "(the manifest was edited)")
     if v > FORMAT_VERSION:
         raise BundleError(
             f"{mpath}: bundle format {v} is newer than this geo understands ({FORMAT_VERSION}); upgrade geo"
