@@ -44,7 +44,7 @@ from geo.stages.fusion.stage import FusionConfig, SignalStages, fit_fusion, fit_
 from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, read_index
-from geo.store.atomic import atomic_write_parquet
+from geo.store.atomic import atomic_write_parquet, ensure_free_space
 from geo.store.bundle import Bundle, BundleError, open_bundle
 from geo.store.embeddings import EmbeddingReader, marker_path, shard_errors, write_shard
 from geo.store.lock import writing
@@ -158,7 +158,8 @@ def _build(cfg: BuildConfig, man: ManifestResult | None, log: Log, progress: boo
         table = EmbeddingTable(cfg.embeddings, cfg.embedding_column, dim=spec.get("dim"))
         spec.setdefault("dim", table.dim)
         log(f"embeddings: {table.rows:,} rows of {table.dim}-d from {len(table.parts)} file(s) ({cfg.embeddings})")
-        check(plan_stages(cfg, table.rows, table.dim), cfg.memory)
+        plans = plan_stages(cfg, table.rows, table.dim)
+        check(plans, cfg.memory)
         bundle = Bundle.create_or_resume(cfg.out, spec, table.dim)
         embed = lambda: ingest_embeddings(bundle, table, cfg.embed, progress=progress)  # noqa: E731
         rejected: list[dict] = []
@@ -166,7 +167,8 @@ def _build(cfg: BuildConfig, man: ManifestResult | None, log: Log, progress: boo
     else:
         backbone = load_backbone(cfg.backbone, device=cfg.device, precision=cfg.precision, weights=cfg.weights)
         log(f"backbone: {backbone.name} ({backbone.dim}-d) on {backbone.device}")
-        check(plan_stages(cfg, len(man.df), backbone.dim), cfg.memory)
+        plans = plan_stages(cfg, len(man.df), backbone.dim)
+        check(plans, cfg.memory)
         bundle = Bundle.create_or_resume(cfg.out, backbone.spec(), backbone.dim)
         if cfg.ray is not None:
             embed = lambda: embed_on_ray(bundle, man.df, cfg.embed, cfg.device, cfg.precision,  # noqa: E731
@@ -175,7 +177,11 @@ def _build(cfg: BuildConfig, man: ManifestResult | None, log: Log, progress: boo
             embed = lambda: run_embedding_stage(bundle, man.df, backbone, cfg.embed, progress=progress)  # noqa: E731
         rejected, total = man.errors, len(man.df) + len(man.errors)
     bundle.begin_build(cfg.stages)
+    disk = {p.stage: p.disk for p in plans}
     if "embeddings" in cfg.stages:  # always run: it resumes shard by shard and is a no-op when complete
+        written = sum(f.stat().st_size for f in bundle.path("embeddings").glob("*") if f.is_file()) \
+            if bundle.path("embeddings").is_dir() else 0
+        ensure_free_space(bundle.root, max(disk["embeddings"] - written, 0), "the embeddings stage")
         t0 = time.perf_counter()
         files, info = embed()
         bundle.commit("embeddings", files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
@@ -184,7 +190,8 @@ def _build(cfg: BuildConfig, man: ManifestResult | None, log: Log, progress: boo
         bundle.manifest["counts"] = {"manifest_rows": total, "ok": info["ok"], "failed": failed}
         bundle.save()
         log(f"embeddings: {info['ok']:,} ok, {failed:,} failed (see {Path(cfg.out) / ERRORS_FILE})")
-    run_stages(bundle, cfg.stage_configs, cfg.stages, cfg.force, log, mapper=ray_map if cfg.ray is not None else map)
+    run_stages(bundle, cfg.stage_configs, cfg.stages, cfg.force, log, mapper=ray_map if cfg.ray is not None else map,
+               disk=disk)
     bundle.end_build()
     return bundle
 
@@ -346,14 +353,19 @@ def build_from_embeddings(root: str | Path, backbone: dict[str, Any], meta: pd.D
 
 
 def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = (),
-               log: Log = print, mapper: Callable[[Callable, list], Iterable] = map) -> None:
+               log: Log = print, mapper: Callable[[Callable, list], Iterable] = map,
+               disk: dict[str, int] | None = None) -> None:
     """Fit, save and commit the stages after the embeddings that ``stages`` names and the bundle lacks (or ``force``).
 
-    ``mapper`` runs the kNN index's per-shard population (``map``, or :func:`geo.cluster.ray_map`)."""
+    ``mapper`` runs the kNN index's per-shard population (``map``, or :func:`geo.cluster.ray_map`); ``disk``
+    (the plan's bytes per stage) is checked against the free space before each stage starts."""
     configs = configs.resolved()
 
     def wanted(stage: str) -> bool:
-        return stage in stages and (stage in force or not bundle.has_stage(stage))
+        if stage in stages and (stage in force or not bundle.has_stage(stage)):
+            ensure_free_space(bundle.root, (disk or {}).get(stage, 0), f"the {stage} stage")
+            return True
+        return False
 
     def commit(stage: str, artifact: Any, t0: float) -> None:
         files, info = artifact.save(bundle)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import typer
 
 from geo.cli import bench, build, info, query, serve
+from geo.cli.common import GeoGroup, set_debug
 
 app = typer.Typer(
     help=(
@@ -16,7 +17,17 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    cls=GeoGroup,
 )
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceback of a failure instead of one "
+                                        "line (also GEO_DEBUG=1); give it before the command: geo --debug query ...")
+             ) -> None:
+    set_debug(debug)
+
+
 for group in (build, query, info, bench, serve):
     group.register(app)
 

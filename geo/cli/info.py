@@ -42,10 +42,13 @@ def info_command(index: Path = typer.Argument(..., help="Bundle directory."),
     except BundleError as e:
         fail(e)
     m = b.summary(sha256_checked=verify)
+    m["unfinished"], m["unlisted"] = b.missing_stages(), b.unlisted_files()
     checked = f"{len(b.manifest.get('files', {}))} files, " + ("sizes and sha256 verified" if verify else
                                                                 "sizes checked (--verify also checks sha256)")
     if as_json:
         print_json(m)
+        if m["unfinished"]:
+            raise typer.Exit(2)
         return
     typer.echo(f"{index}: geo bundle format {m['format_version']}, backbone {m['backbone']['name']} ({m['dim']}-d)")
     counts = m.get("counts", {})
@@ -59,6 +62,14 @@ def info_command(index: Path = typer.Argument(..., help="Bundle directory."),
                    "added; their kNN, cell counts and gallery points are current (geo add --refit, or geo "
                    "build-index --force cells --force gallery --force fusion, refits them)")
     typer.echo(f"  {checked}")
+    if m["unlisted"]:
+        shown = ", ".join(m["unlisted"][:5]) + (f" and {len(m['unlisted']) - 5} more" if len(m["unlisted"]) > 5 else "")
+        typer.echo(f"  not part of the bundle (the manifest does not list them; nothing reads them): {shown}")
+    if m["unfinished"]:
+        try:
+            b.require_complete()
+        except BundleError as e:
+            fail(e)
 
 
 def backbones_command() -> None:

@@ -80,6 +80,8 @@ def query_command(
         fail(f"--format must be text, json or geojson, not {output!r}")
     if crops not in (1, 3, 5):
         fail("--crops must be 1, 3 or 5")
+    if k < 1:
+        fail(f"--k must be at least 1, not {k}")
     if bool(images) == (embeddings is not None):
         fail("give image paths or --embeddings PATH: one of the two")
     if (index is None) == (server is None):

@@ -9,10 +9,11 @@ in one place, abstention included.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ from geo.stages.fusion.signals import (
 from geo.stages.fusion.stage import FusionModel
 from geo.stages.gallery.stage import GpsGallery
 from geo.stages.knn import KnnIndex
-from geo.store.bundle import Bundle, open_bundle
+from geo.store.bundle import MANIFEST, Bundle, BundleError, open_bundle, read_json
+from geo.store.lock import writer_active
 
 MODES = ("fused", "knn", "gallery", "cells")
 GALLERY_SHOWN = 5
@@ -71,17 +73,54 @@ def _p_within(mass: dict[str, float], maps: dict[str, dict[str, list[float]]], d
     return {t: round(mass[t], 4) for t in CALIBRATED_KM} if duplicate else calibrated(mass, maps)
 
 
-def open_index(path: str | Path, device: str = "auto", verify: bool = True) -> "GeoIndex":
-    """Open an index bundle built by ``geo build-index``; file sizes are checked (``geo info --verify`` hashes them)."""
-    return GeoIndex(open_bundle(path, verify=verify), device=device)
+def open_index(path: str | Path, device: str = "auto", verify: bool = True, settle_s: float = 30.0) -> "GeoIndex":
+    """Open an index bundle built by ``geo build-index``: file sizes checked (``geo info --verify`` hashes
+    them), an unfinished build refused, and every stage's files read at once, so all come from one manifest.
+
+    While another process holds the bundle's write lock, a file that no longer matches the manifest is most
+    likely a stage being committed: the bundle is read again (for up to ``settle_s``) instead of being called
+    damaged, so a reader sees the old bundle or the new one, never a false alarm.
+    """
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            bundle = open_bundle(path, verify=verify)
+            bundle.require_complete()
+            index = GeoIndex(bundle, device=device)
+            index.load_stages()
+            if verify and read_json(bundle.path(MANIFEST)).get("updated") != bundle.manifest.get("updated"):
+                raise BundleError(f"{bundle.root}: the bundle changed while it was being read; try again")
+            return index
+        except BundleError:
+            if not writer_active(path) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _loading(bundle: Bundle, stage: str, load: Callable[[], Any]) -> Any:
+    """A stage's artifact, or a BundleError naming the stage when its files do not parse (a checksum that was
+    updated along with the file passes the manifest's check; the reader still must not crash)."""
+    try:
+        return load()
+    except BundleError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise BundleError(f"{bundle.root}: the {stage} stage's files cannot be read ({type(e).__name__}: {first}); "
+                          f"rebuild that stage: geo build-index ... --out {bundle.root} --force {stage}") from None
 
 
 class GeoIndex:
     def __init__(self, bundle: Bundle, device: str = "auto"):
         self.bundle = bundle
         self.device = device
-        self.knn = KnnIndex.load(bundle)
+        self.knn = _loading(bundle, "knn_index", lambda: KnnIndex.load(bundle))
         self.knn_params = KnnParams()
+
+    def load_stages(self) -> None:
+        """Read every built stage now (each is otherwise read on first use)."""
+        for artifact in ("cells", "gallery", "fusion"):
+            getattr(self, artifact)
 
     # ------------------------------------------------------------ the bundle's artifacts
     @cached_property
@@ -95,15 +134,18 @@ class GeoIndex:
 
     @cached_property
     def cells(self) -> CellPredictor | None:
-        return CellPredictor.load(self.bundle) if self.bundle.has_stage("cells") else None
+        return _loading(self.bundle, "cells", lambda: CellPredictor.load(self.bundle)) \
+            if self.bundle.has_stage("cells") else None
 
     @cached_property
     def gallery(self) -> GpsGallery | None:
-        return GpsGallery.load(self.bundle) if self.bundle.has_stage("gallery") else None
+        return _loading(self.bundle, "gallery", lambda: GpsGallery.load(self.bundle)) \
+            if self.bundle.has_stage("gallery") else None
 
     @cached_property
     def fusion(self) -> FusionModel | None:
-        return FusionModel.load(self.bundle) if self.bundle.has_stage("fusion") else None
+        return _loading(self.bundle, "fusion", lambda: FusionModel.load(self.bundle)) \
+            if self.bundle.has_stage("fusion") else None
 
     @cached_property
     def sources(self) -> list[SignalSource]:
@@ -271,7 +313,9 @@ class GeoIndex:
                      min_confidence: float | None = None) -> list[list[Answer]]:
         """One list of answers per mode for the same images, each image decoded and embedded once
         (``geo bench --mode all`` compares every mode at the cost of one embedding pass)."""
-        for m in modes:  # an unknown mode fails before the photos are embedded
+        if k < 1:
+            raise ValueError(f"k must be at least 1, not {k}")
+        for m in modes:  # an unknown mode or k fails before the photos are embedded
             if (m or self.default_mode) not in self.modes:
                 raise ValueError(f"mode {m!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
         paths = expand_images([str(i) for i in images])

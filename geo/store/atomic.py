@@ -5,15 +5,43 @@ the final name, never half of one (open_clip's and timm's checkpoint rule).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from geo.core.sizes import human_bytes
+
+
+class DiskSpaceError(OSError):
+    """Not enough free space for what a stage is about to write; the message has the numbers."""
+
+
+# Room kept beyond a stage's estimate: temp files live beside their final names until the rename.
+_SPACE_MARGIN, _SPACE_FLOOR = 1.1, 16 << 20
+
+
+def ensure_free_space(path: str | os.PathLike, need: int, what: str) -> None:
+    """Refuse to start writing ``need`` bytes (an estimate) under ``path`` when its file system has less free.
+
+    Checked before each build stage from its plan, so a full disk stops the build before an hour of work
+    rather than after it."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    want = int(need * _SPACE_MARGIN) + _SPACE_FLOOR
+    if free < want:
+        raise DiskSpaceError(errno.ENOSPC, f"{what} needs about {human_bytes(want)} of disk and {probe} has "
+                             f"{human_bytes(free)} free: free some space (or build elsewhere with --out) and re-run; "
+                             "the build resumes where it stopped")
 
 
 @functools.cache

@@ -28,8 +28,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
+from geo.core.files import FileRefused, printable, read_capped, regular_size
 from geo.store.atomic import atomic_write_json, sha256_file
+from geo.store.lock import LOCK_FILE
 
+# manifest.json of a 5M-photo bundle is a few MB; nothing geo writes as JSON comes near this
+JSON_MAX_BYTES = 256 << 20
 FORMAT_NAME = "geo-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,9 +46,9 @@ class BundleError(RuntimeError):
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing") from None
+        return json.loads(read_capped(path, JSON_MAX_BYTES))
+    except FileRefused as e:
+        raise BundleError(f"{path}: missing" if e.reason == "file not found" else f"{path}: {e.reason}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from None
 
@@ -181,13 +185,23 @@ class Bundle:
         m = {k: self.manifest[k] for k in SUMMARY_KEYS if k in self.manifest}
         return {**m, "verified": {"files": len(self.manifest.get("files", {})), "sha256": sha256_checked}}
 
+    def unlisted_files(self) -> list[str]:
+        """Files in the bundle's folder that the manifest does not list (a stray copy, a killed run's temp
+        file): no reader opens them; ``geo info`` names them."""
+        listed = {*self.manifest.get("files", {}), MANIFEST, LOCK_FILE}
+        found = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if not p.is_dir())
+        return sorted(printable(f) for f in found if f not in listed)
+
     def verify(self, hashes: bool = True) -> int:
         """Refuse a bundle whose files are missing, truncated or (with ``hashes``) altered; returns the files checked."""
         for rel, meta in self.manifest.get("files", {}).items():
             p = self.root / rel
             if not p.exists():
                 raise BundleError(f"{p}: listed in {MANIFEST} but missing")
-            size = p.stat().st_size
+            try:
+                size = regular_size(p, cap=max(int(meta["bytes"]), 0))  # a FIFO or device is never opened
+            except FileRefused as e:
+                raise BundleError(f"{p}: {e.reason}; {MANIFEST} says {meta['bytes']} bytes") from None
             if size != meta["bytes"]:
                 raise BundleError(f"{p}: {size} bytes, {MANIFEST} says {meta['bytes']} (truncated or altered)")
             if hashes and sha256_file(p) != meta["sha256"]:
