@@ -212,6 +212,14 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
     """
     if (manifest is None) == (embeddings is None):
         raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
+    open_bundle(root)  # refused before the lock when it is no bundle at all
+    with writing(root, log):
+        return _add(root, manifest, embeddings, image_root, embedding_column, refit, embed, configs, log, progress)
+
+
+def _add(root: str | Path, manifest: str | None, embeddings: str | None, image_root: str | None,
+         embedding_column: str, refit: bool, embed: EmbedConfig, configs: StageConfigs, log: Log,
+         progress: bool) -> Bundle:
     bundle = open_bundle(root)
     bundle.stage("knn_index")
     reader = EmbeddingReader(bundle)
@@ -226,6 +234,9 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
         rejected = [*man.errors, *({"path": p, "stage": "manifest", "reason": f"id {i!r} is already in the bundle"}
                                    for i, p in zip(man.df["id"][dup], man.df["path"][dup]))]
         new_rows = man.df[~dup].reset_index(drop=True)
+        if new_rows.empty:
+            raise ManifestError(f"{man.source}: nothing to add: {int(dup.sum()):,} rows are already in the bundle "
+                                f"and {len(man.errors):,} were rejected; the bundle is unchanged")
         fingerprint, rows_in = manifest_fingerprint(new_rows), len(man.df) + len(man.errors)
     record = next((a for a in additions if a["fingerprint"] == fingerprint), None)
     if record is not None and record.get("done"):

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from geo.cli.bench import register
+from geo.cli import app
 from geo.eval.suites import shared_data_dir
 
 RESULT = shared_data_dir() / "geoestimation" / "results" / "im2gps" / "ISNs_M-fstar-S3.csv"
@@ -15,8 +14,6 @@ needs_results = pytest.mark.skipif(not RESULT.is_file(), reason="shared GeoEstim
 
 
 def _invoke(*args: str):
-    app = typer.Typer()
-    register(app)
     return CliRunner().invoke(app, list(args))
 
 

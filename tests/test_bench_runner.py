@@ -10,7 +10,6 @@ import typer
 from typer.testing import CliRunner
 
 import geo.cli.bench
-from geo.cli.bench import register
 from geo.eval.runner import run_suite
 from geo.eval.suites import SuiteError, get_suite, shared_data_dir
 from geo.store.predictions import read_predictions
@@ -127,9 +126,8 @@ def test_empty_folder_and_wrong_folder_say_so(tmp_path):
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-    return app
+    """The real command group, its exception boundary included."""
+    return geo.cli.app
 
 
 def test_cli_custom_suite_json(tmp_path, monkeypatch):

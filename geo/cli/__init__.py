@@ -5,6 +5,7 @@ import typer
 
 from geo.cli import bench, build, info, query, serve
 from geo.cli.common import GeoGroup, set_debug
+from geo.core.files import max_bytes
 
 app = typer.Typer(
     help=(
@@ -26,6 +27,7 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceba
                                         "line (also GEO_DEBUG=1); give it before the command: geo --debug query ...")
              ) -> None:
     set_debug(debug)
+    max_bytes()  # a malformed GEO_MAX_FILE_BYTES is one error up front, not one per file
 
 
 for group in (build, query, info, bench, serve):

@@ -28,14 +28,12 @@ from geo.eval.published import comparison_table, published_json
 from geo.eval.report import build_report, groups_text, report_text, summary_text
 from geo.data.embedding_table import EmbeddingTable
 from geo.eval.runner import index_id_of, mark_leaks, run_embeddings, run_suite
-from geo.eval.sql import SqlError, run_sql
+from geo.eval.sql import run_sql
 from geo.eval.suites import SUITES, SuiteError, get_suite
 from geo.query.index import open_index
 from geo.store.bundle import bundle_containing
 from geo.store.geojson import write_geojson
-from geo.store.predictions import PredictionsError, read_predictions, read_scored_file, write_predictions
-
-_USER_ERRORS: tuple[type[Exception], ...] = (SuiteError, PredictionsError, ValueError, FileNotFoundError)
+from geo.store.predictions import read_predictions, read_scored_file, write_predictions
 
 
 def _check_distance(distance: str) -> None:
@@ -128,31 +126,28 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Score any predictions file; GeoEstimation result files have their footer checked."""
-    try:
-        _check_distance(distance)
-        df, footer = read_scored_file(file, {"true_lat": true_lat, "true_lon": true_lon,
-                                             "pred_lat": pred_lat, "pred_lon": pred_lon})
-        suite = suite or (df["suite"].dropna().iloc[0] if df["suite"].notna().any() else None)
-        if suite and df["scene"].isna().all():
-            df["scene"] = _scenes(suite, meta, df["query_id"])
-        failed = df["error"].notna()
-        ok = df[~failed]
-        d = distances_km(ok["true_lat"], ok["true_lon"], ok["pred_lat"], ok["pred_lon"], distance)
-        s = summarize(d, n_failed=int(failed.sum()), ci=ci)
-        s.update(file=str(file), distance=distance, suite=suite)
-        if ok["scene"].notna().any():
-            s["by_scene"] = breakdown(d, ok["scene"].tolist(), ci=False)
-        if footer is not None:
-            ours = geoestimation_footer(s)
-            s["footer"] = {"file": footer, "ours": ours, "reproduced": ours == footer}
-        if suite:
-            s["published"] = published_json(suite)
-            df["suite"] = df["suite"].fillna(suite)
-        if out:
-            write_predictions(out, df)
-            s["out"] = str(out)
-    except _USER_ERRORS as e:
-        fail(e)
+    _check_distance(distance)
+    df, footer = read_scored_file(file, {"true_lat": true_lat, "true_lon": true_lon,
+                                         "pred_lat": pred_lat, "pred_lon": pred_lon})
+    suite = suite or (df["suite"].dropna().iloc[0] if df["suite"].notna().any() else None)
+    if suite and df["scene"].isna().all():
+        df["scene"] = _scenes(suite, meta, df["query_id"])
+    failed = df["error"].notna()
+    ok = df[~failed]
+    d = distances_km(ok["true_lat"], ok["true_lon"], ok["pred_lat"], ok["pred_lon"], distance)
+    s = summarize(d, n_failed=int(failed.sum()), ci=ci)
+    s.update(file=str(file), distance=distance, suite=suite)
+    if ok["scene"].notna().any():
+        s["by_scene"] = breakdown(d, ok["scene"].tolist(), ci=False)
+    if footer is not None:
+        ours = geoestimation_footer(s)
+        s["footer"] = {"file": footer, "ours": ours, "reproduced": ours == footer}
+    if suite:
+        s["published"] = published_json(suite)
+        df["suite"] = df["suite"].fillna(suite)
+    if out:
+        write_predictions(out, df)
+        s["out"] = str(out)
     if as_json:
         print_json(s)
         return
@@ -201,29 +196,26 @@ def _suite_command(name: str) -> Callable[..., None]:
             fail(f"--out {out} is inside the bundle {inside}: write the predictions elsewhere")
         geojson = out is not None and out.suffix.lower() == ".geojson"
         parquet = None if geojson else out
-        try:
-            _check_distance(distance)
-            idx = open_index(index)
-            modes = idx.modes if mode == "all" else [mode]
-            if embeddings is not None:
-                table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]))
-                result = run_embeddings(idx, table, modes=modes, out=parquet, index_id=index_id_of(idx, index))
-            else:
-                result = run_suite(idx, suite_obj, images, meta=meta, modes=modes, crops=crops, limit=limit,
-                                   out=parquet, batch_size=batch_size, progress=progress and not as_json,
-                                   index_id=index_id_of(idx, index))
-            mark_leaks(idx, result, leak_similarity)
-            scored = {m: result.summary(distance=distance, ci=ci, exclude_leaks=exclude_leaks, mode=m)
-                      for m in result.modes}
-            if geojson:
-                write_geojson(out, result.predictions)
-            elif out is not None and result.predictions["leak"].notna().any():  # the file gains the leak column
-                stored = read_predictions(out)
-                stored["leak"] = stored["query_id"].map(dict(zip(result.predictions["query_id"],
-                                                                 result.predictions["leak"])))
-                write_predictions(out, stored)
-        except _USER_ERRORS as e:
-            fail(e)
+        _check_distance(distance)
+        idx = open_index(index)
+        modes = idx.modes if mode == "all" else [mode]
+        if embeddings is not None:
+            table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]))
+            result = run_embeddings(idx, table, modes=modes, out=parquet, index_id=index_id_of(idx, index))
+        else:
+            result = run_suite(idx, suite_obj, images, meta=meta, modes=modes, crops=crops, limit=limit,
+                               out=parquet, batch_size=batch_size, progress=progress and not as_json,
+                               index_id=index_id_of(idx, index))
+        mark_leaks(idx, result, leak_similarity)
+        scored = {m: result.summary(distance=distance, ci=ci, exclude_leaks=exclude_leaks, mode=m)
+                  for m in result.modes}
+        if geojson:
+            write_geojson(out, result.predictions)
+        elif out is not None and result.predictions["leak"].notna().any():  # the file gains the leak column
+            stored = read_predictions(out)
+            stored["leak"] = stored["query_id"].map(dict(zip(result.predictions["query_id"],
+                                                             result.predictions["leak"])))
+            write_predictions(out, stored)
         common = dict(crops=crops, out=str(out) if out else None, published=published_json(name))
         if as_json:
             if mode == "all":
@@ -273,10 +265,7 @@ def sql(
     """
     if not predictions and bundle is None:
         predictions = [Path("predictions.parquet")]
-    try:
-        df = run_sql(query, predictions, bundle)
-    except SqlError as e:
-        fail(e)
+    df = run_sql(query, predictions, bundle)
     if as_json:
         typer.echo(df.to_json(orient="records", date_format="iso", indent=2))
     elif as_csv:
@@ -294,10 +283,7 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="print the analysis as JSON"),
 ) -> None:
     """Threshold table, scene/country/continent breakdowns, best/worst photos, PNGs and an HTML report."""
-    try:
-        a, paths = build_report(predictions, out, top_n=top, ci=ci)
-    except _USER_ERRORS as e:
-        fail(e)
+    a, paths = build_report(predictions, out, top_n=top, ci=ci)
     if as_json:
         print_json(dict(a, files={k: str(v) for k, v in paths.items()}))
         return

@@ -7,10 +7,7 @@ from typing import Optional
 import typer
 
 from geo.cli.common import fail
-from geo.cluster import ClusterError
 from geo.core.sizes import parse_bytes
-from geo.data.embedding_table import EmbeddingTableError
-from geo.data.manifest import ManifestError
 from geo.core.answer import PRIOR_ONLY
 from geo.core.progress import showing
 from geo.models.hub import allow_downloads
@@ -21,7 +18,6 @@ from geo.stages.embed import EmbedConfig
 from geo.stages.fusion.posterior import FusionParams, learned_summary
 from geo.stages.gallery.stage import GalleryConfig
 from geo.stages.knn import KnnConfig
-from geo.store.bundle import BundleError
 
 SKIPPABLE = ("cells", "gallery", "fusion")
 FORCEABLE = ("knn_index", "cells", "gallery", "fusion")
@@ -123,14 +119,11 @@ def build_index_command(
         **({"memory": parse_bytes(memory)} if memory else {}), ray=ray,
     )
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
-    try:
-        if dry_run:
-            dry_run_build(cfg, log=typer.echo)
-            return
-        with showing(bars=not quiet, verbose=verbose and not quiet):
-            bundle = build_index(cfg, log=log, progress=not quiet)
-    except (BundleError, ManifestError, EmbeddingTableError, FileNotFoundError, ValueError, ClusterError) as e:
-        fail(e)
+    if dry_run:
+        dry_run_build(cfg, log=typer.echo)
+        return
+    with showing(bars=not quiet, verbose=verbose and not quiet):
+        bundle = build_index(cfg, log=log, progress=not quiet)
     counts = bundle.manifest.get("counts", {})
     typer.echo(f"built {out}: {counts.get('ok', 0):,} photos indexed, {counts.get('failed', 0):,} failed")
     if bundle.has_stage("fusion") and not quiet:
@@ -162,13 +155,10 @@ def add_command(
     if (manifest is None) == (embeddings is None):
         fail("give a manifest (or a folder of photos), or --embeddings PATH: one of the two")
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
-    try:
-        with showing(bars=not quiet, verbose=verbose and not quiet):
-            bundle = add_photos(index, str(manifest) if manifest else None, str(embeddings) if embeddings else None,
-                                str(image_root) if image_root else None, embedding_column, refit,
-                                EmbedConfig(workers=workers), log=log, progress=not quiet)
-    except (BundleError, ManifestError, EmbeddingTableError, FileNotFoundError, ValueError) as e:
-        fail(e)
+    with showing(bars=not quiet, verbose=verbose and not quiet):
+        bundle = add_photos(index, str(manifest) if manifest else None, str(embeddings) if embeddings else None,
+                            str(image_root) if image_root else None, embedding_column, refit,
+                            EmbedConfig(workers=workers), log=log, progress=not quiet)
     counts = bundle.manifest.get("counts", {})
     typer.echo(f"added to {index}: {counts.get('ok', 0):,} photos indexed in all, {counts.get('failed', 0):,} failed")
 

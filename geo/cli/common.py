@@ -15,13 +15,16 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import Abort, Exit, TyperException
 
+from geo.cluster import ClusterError
 from geo.core.files import FileRefused
 from geo.data.embedding_table import EmbeddingTableError
 from geo.data.images import ImageLoadError
 from geo.data.manifest import ManifestError
 from geo.eval.report import json_safe
+from geo.eval.sql import SqlError
 from geo.eval.suites import SuiteError
 from geo.models.registry import BackboneError
+from geo.query.client import ServerError
 from geo.store.atomic import DiskSpaceError
 from geo.store.bundle import BundleError
 from geo.store.lock import BundleLocked
@@ -30,7 +33,8 @@ from geo.store.predictions import PredictionsError
 # What a user can fix by changing the input: exit code 2.
 BAD_INPUT: tuple[type[Exception], ...] = (
     BundleError, ManifestError, EmbeddingTableError, BackboneError, FileRefused, ImageLoadError, SuiteError,
-    PredictionsError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+    PredictionsError, SqlError, ServerError, ClusterError, ValueError, FileNotFoundError, IsADirectoryError,
+    NotADirectoryError, PermissionError)
 _debug = False
 
 

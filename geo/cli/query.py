@@ -12,9 +12,9 @@ from geo.core.answer import LOW_EVIDENCE, Answer
 from geo.core.progress import showing
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import expand_images
-from geo.query.client import ServerError, locate_remote
+from geo.query.client import locate_remote
 from geo.query.index import open_index
-from geo.store.bundle import BundleError, bundle_containing
+from geo.store.bundle import bundle_containing
 from geo.store.geojson import feature_collection, write_geojson
 from geo.store.predictions import answers_to_frame, write_predictions
 
@@ -91,22 +91,19 @@ def query_command(
     if out is not None and (inside := bundle_containing(out)) is not None:
         fail(f"--out {out} is inside the bundle {inside}: write the answers elsewhere")
     truth, answer_mode = None, mode
-    try:
-        if server is not None:
-            answers = locate_remote(server, expand_images(list(images)), token=token, mode=mode, k=k,
-                                    min_confidence=min_confidence, crops=crops)
+    if server is not None:
+        answers = locate_remote(server, expand_images(list(images)), token=token, mode=mode, k=k,
+                                min_confidence=min_confidence, crops=crops)
+    else:
+        idx = open_index(index, device=device)
+        answer_mode = mode or idx.default_mode
+        if embeddings is not None:
+            table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
+                                   require_coordinates=False)
+            answers, truth = idx.locate_table(table, mode=mode, k=k, min_confidence=min_confidence)
         else:
-            idx = open_index(index, device=device)
-            answer_mode = mode or idx.default_mode
-            if embeddings is not None:
-                table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
-                                       require_coordinates=False)
-                answers, truth = idx.locate_table(table, mode=mode, k=k, min_confidence=min_confidence)
-            else:
-                with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
-                    answers = idx.locate(list(images), mode=mode, k=k, crops=crops, min_confidence=min_confidence)
-    except (BundleError, ValueError, ServerError) as e:
-        fail(e)
+            with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
+                answers = idx.locate(list(images), mode=mode, k=k, crops=crops, min_confidence=min_confidence)
     frame = None
     if out is not None or output == "geojson":
         ids = [a.id for a in answers] if embeddings is not None else None

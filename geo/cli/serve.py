@@ -10,7 +10,6 @@ import typer
 
 from geo.cli.common import fail
 from geo.query.index import open_index
-from geo.store.bundle import BundleError
 
 _LOOPBACK_NAMES = ("localhost",)
 
@@ -63,14 +62,11 @@ def serve_command(
     except ImportError as e:
         fail(f"geo serve needs the server extra ({e.name} is missing): pip install 'geo[server]'")
 
-    try:
-        settings = ServeSettings(token=token or None, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                 queue_size=queue_size, max_images=max_images, max_upload_mb=max_upload_mb,
-                                 max_pixels=max_pixels, timeout_s=timeout_s, io_threads=io_threads)
-        idx = open_index(index, device=device)
-        app = create_app(idx, settings)
-    except (BundleError, ValueError) as e:
-        fail(e)
+    settings = ServeSettings(token=token or None, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             queue_size=queue_size, max_images=max_images, max_upload_mb=max_upload_mb,
+                             max_pixels=max_pixels, timeout_s=timeout_s, io_threads=io_threads)
+    idx = open_index(index, device=device)
+    app = create_app(idx, settings)
     if not is_loopback(host):
         typer.secho(f"warning: binding {host}: other machines can send photos to this service and see the "
                     "gallery's thumbnails" + ("" if token else "; no --token / GEO_TOKEN is set, so anyone can"),

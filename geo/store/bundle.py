@@ -181,9 +181,11 @@ class Bundle:
             raise BundleError(f"{self.root}: stage {stage!r} was not built (run `geo build-index` with it)") from None
 
     def summary(self, sha256_checked: bool) -> dict[str, Any]:
-        """What ``geo info --json`` and the server's ``/info`` print: the manifest without its file list."""
+        """What ``geo info --json`` and the server's ``/info`` print: the manifest without its file list, the
+        stages still missing, and the files in the folder that the manifest does not list."""
         m = {k: self.manifest[k] for k in SUMMARY_KEYS if k in self.manifest}
-        return {**m, "verified": {"files": len(self.manifest.get("files", {})), "sha256": sha256_checked}}
+        return {**m, "verified": {"files": len(self.manifest.get("files", {})), "sha256": sha256_checked},
+                "unfinished": self.missing_stages(), "unlisted": self.unlisted_files()}
 
     def unlisted_files(self) -> list[str]:
         """Files in the bundle's folder that the manifest does not list (a stray copy, a killed run's temp
@@ -199,7 +201,8 @@ class Bundle:
             if not p.exists():
                 raise BundleError(f"{p}: listed in {MANIFEST} but missing")
             try:
-                size = regular_size(p, cap=max(int(meta["bytes"]), 0))  # a FIFO or device is never opened
+                size = regular_size(p, cap=1 << 62)  # a FIFO or device is refused here, never opened; the
+                # manifest, not the input cap, bounds a bundle file's size
             except FileRefused as e:
                 raise BundleError(f"{p}: {e.reason}; {MANIFEST} says {meta['bytes']} bytes") from None
             if size != meta["bytes"]:

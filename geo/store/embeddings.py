@@ -134,7 +134,7 @@ class EmbeddingReader:
         """Metadata columns of every row (None: all of them), without the embeddings (what the query side keeps)."""
         if columns is None:
             columns = self.columns
-        return pa.concat_tables([pq.read_table(s, columns=columns) for s in self.shards]).to_pandas()
+        return pa.concat_tables([pq.read_table(s, columns=columns) for s in self.shards], promote_options="default").to_pandas()
 
     def sample(self, rows: int, seed: int = 0) -> np.ndarray:
         """A seeded uniform sample of the embeddings, read shard by shard."""

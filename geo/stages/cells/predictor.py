@@ -127,7 +127,7 @@ def _read_table(path, what: str) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except (FileNotFoundError, OSError) as e:
-        raise BundleError(f"{path}: cannot read {what} ({e})") from None
+        raise BundleError(f"{path}: cannot read {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _parent_rows(fine: pd.DataFrame, coarse: pd.DataFrame, coarse_name: str) -> np.ndarray:

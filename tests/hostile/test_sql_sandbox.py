@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from geo.cli import app
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "osv5m"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "osv5m"
 
 
 @pytest.fixture(scope="module")
