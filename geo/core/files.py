@@ -16,6 +16,8 @@ import stat
 # Larger than any real photo (a 100-megapixel 16-bit TIFF is ~600 MB) and than any manifest geo reads;
 # GEO_MAX_FILE_BYTES moves it.
 DEFAULT_MAX_BYTES = 1 << 30
+# For tables read in pieces (embeddings, predictions, bundle files): their size is no danger, their kind is.
+NO_CAP = 1 << 62
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from geo.core.files import NO_CAP, FileRefused, regular_size
 from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS, as_text, find_column
 
 DEFAULT_COLUMN = "embedding"
@@ -92,7 +93,11 @@ class EmbeddingTable:
         p = self.path
         if not p.exists():
             raise EmbeddingTableError(f"{p}: no such file or folder of embeddings")
-        if p.is_file():
+        if not p.is_dir():
+            try:
+                regular_size(p, cap=NO_CAP)
+            except FileRefused as e:
+                raise EmbeddingTableError(f"{p}: {e.reason}") from None
             return [_Part(p, None)]
         if (p / "img_emb").is_dir() and (p / "metadata").is_dir():
             return self._clip_retrieval(p)

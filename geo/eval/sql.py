@@ -16,6 +16,7 @@ from typing import Iterable
 
 import pandas as pd
 
+from geo.core.files import NO_CAP, FileRefused, regular_size
 from geo.store.bundle import BundleError, open_bundle
 from geo.store.embeddings import EmbeddingReader
 
@@ -32,10 +33,13 @@ def _files(paths: Iterable[str | os.PathLike]) -> list[str]:
             if not found:
                 raise SqlError(f"{p}: directory holds no .parquet files")
             out.extend(map(str, found))
-        elif p.is_file():
-            out.append(str(p))
         else:
-            raise SqlError(f"{p}: no such predictions file")
+            try:
+                regular_size(p, cap=NO_CAP)
+            except FileRefused as e:
+                raise SqlError(f"{p}: {'no such predictions file' if e.reason == 'file not found' else e.reason}") \
+                    from None
+            out.append(str(p))
     if not out:
         raise SqlError("no predictions files given (pass --predictions PATH)")
     return out

@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from geo.core.files import FileRefused, printable, read_capped, regular_size
+from geo.core.files import NO_CAP, FileRefused, printable, read_capped, regular_size
 from geo.store.atomic import atomic_write_json, sha256_file
 from geo.store.lock import LOCK_FILE
 
@@ -201,8 +201,7 @@ class Bundle:
             if not p.exists():
                 raise BundleError(f"{p}: listed in {MANIFEST} but missing")
             try:
-                size = regular_size(p, cap=1 << 62)  # a FIFO or device is refused here, never opened; the
-                # manifest, not the input cap, bounds a bundle file's size
+                size = regular_size(p, cap=NO_CAP)  # a FIFO or device is refused here, never opened
             except FileRefused as e:
                 raise BundleError(f"{p}: {e.reason}; {MANIFEST} says {meta['bytes']} bytes") from None
             if size != meta["bytes"]:

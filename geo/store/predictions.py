@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geo.core.answer import Answer
+from geo.core.files import NO_CAP, FileRefused, regular_size
 from geo.core.geodesy import haversine_km
 from geo.data.columns import (
     ID_COLUMNS,
@@ -199,6 +200,10 @@ def read_predictions(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
         if p.is_dir():
             files.extend(sorted(p.glob("*.parquet")))
         elif p.exists():
+            try:
+                regular_size(p, cap=NO_CAP)
+            except FileRefused as e:
+                raise PredictionsError(f"{p}: {e.reason}") from None
             files.append(p)
         else:
             raise PredictionsError(f"{p}: no such predictions file")
@@ -294,8 +299,10 @@ def read_scored_file(path: str | os.PathLike, columns: Mapping[str, str | None] 
     are an error that names them, never silently skipped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PredictionsError(f"{path}: no such file")
+    try:
+        regular_size(path, cap=NO_CAP)
+    except FileRefused as e:
+        raise PredictionsError(f"{path}: {'no such file' if e.reason == 'file not found' else e.reason}") from None
     footer = None
     if path.suffix.lower() == ".parquet":
         try:

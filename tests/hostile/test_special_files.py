@@ -70,7 +70,7 @@ def test_a_special_file_given_as_a_table_is_refused_without_waiting(bundle, tmp_
     bad = _special(tmp_path, kind).rename(tmp_path / f"{kind}.parquet")
     args = [a.format(bad=bad, tmp=tmp_path, bundle=bundle) for a in command]
     r = cli(*args, timeout=60)
-    one_line_error(r, str(bad))
+    one_line_error(r, str(bad), REASONS[kind])
     assert not (tmp_path / "b").exists()
 
 
