@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from geo.cli import bench, build, info, query, serve
+from geo.cli import bench, build, finetune, info, query, serve
 from geo.cli.common import GeoGroup, set_debug
 from geo.core.files import max_bytes
 
@@ -14,6 +14,7 @@ app = typer.Typer(
         "  geo query holiday.jpg --index my-index          # coordinates, confidence, evidence\n\n"
         "  geo info my-index --verify                      # what a bundle holds, every file's sha256 checked\n\n"
         "  geo serve --index my-index                      # HTTP API and a map page on http://127.0.0.1:8000/\n\n"
+        "  geo finetune photos.csv --out my-model          # teach the backbone places; then --backbone my-model\n\n"
         "Nothing is fetched or uploaded: models and photos stay on this machine."
     ),
     no_args_is_help=True,
@@ -30,7 +31,7 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceba
     max_bytes()  # a malformed GEO_MAX_FILE_BYTES is one error up front, not one per file
 
 
-for group in (build, query, info, bench, serve):
+for group in (build, query, info, bench, serve, finetune):
     group.register(app)
 
 __all__ = ["app"]

@@ -13,10 +13,12 @@ open_clip's pattern), and ``geo.models.backbones`` imports them all. Names::
     torchvision:<model>[/<WEIGHTS_TAG>]    weights=<local file>; the tag picks the preprocessing
     open_clip:<arch>/<pretrained tag>      also open_clip:hf-hub:org/repo, open_clip:local-dir:/path
     geoclip[:<clip spec>]                  CLIP ViT-L/14 + GeoCLIP's image MLP
+    MODEL_DIR  (= finetuned:MODEL_DIR)     a directory written by `geo finetune` (geo-model.json + safetensors)
     <prefix>[:<spec>]                      anything added with register_backbone
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,6 +26,10 @@ import numpy as np
 import torch
 
 from geo.core.runtime import PRECISION_NAMES, resolve_device, resolve_precision
+
+
+# The card `geo finetune` writes into its MODEL_DIR; a directory holding one is a backbone name by itself.
+MODEL_CARD = "geo-model.json"
 
 
 class BackboneError(ValueError):
@@ -126,6 +132,8 @@ def load_backbone(name: str = "efficientnet_lite0", device: str = "auto", precis
     precision "auto" is fp16 on CUDA and fp32 on CPU; fp16/bf16 asked for on
     CPU fall back to fp32 (slow and no gain there).
     """
+    if os.path.isfile(os.path.join(name, MODEL_CARD)):  # a `geo finetune` output directory given as it is
+        name = f"finetuned:{os.path.abspath(name)}"
     prefix, _, spec = name.strip().partition(":")
     entry = _REGISTRY.get(prefix)
     if entry is None:

@@ -6,6 +6,7 @@ at import, and one import line below.
 from __future__ import annotations
 
 from geo.models.backbones import (  # noqa: F401
+                                 finetuned,
                                  geoclip_image,
                                  lite0,
                                  open_clip_models,

@@ -1,0 +1,52 @@
+"""A backbone fine-tuned by ``geo finetune``: its MODEL_DIR holds the card and the weights, nothing else.
+
+``geo build-index --backbone MODEL_DIR`` (the registry turns a directory holding a card into
+``finetuned:MODEL_DIR``) rebuilds the base network the card names, then loads every one of its tensors from
+``model.safetensors``; the bundle records that file's sha256 like any other weights.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+from geo.models.registry import MODEL_CARD, Backbone, BackboneError, load_backbone, register_backbone
+from geo.models.weights import file_weights, read_state_dict
+
+CARD_FORMAT = "geo-finetuned-model"
+
+
+def read_card(root: str | Path) -> dict:
+    path = Path(root) / MODEL_CARD
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BackboneError(f"{root}: not a `geo finetune` model directory (no {MODEL_CARD})") from None
+    except (OSError, ValueError) as e:
+        raise BackboneError(f"{path}: not a readable model card ({e})") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise BackboneError(f"{path}: not a `geo finetune` model card (format {card.get('format')!r})"
+                            if isinstance(card, dict) else f"{path}: not a model card")
+    return card
+
+
+def _load_finetuned(spec: str, weights: str | None, cache_dir: str | None) -> Backbone:
+    if not spec:
+        raise BackboneError("finetuned: needs the model directory, e.g. --backbone my-model/ (from geo finetune)")
+    root = Path(spec)
+    card = read_card(root)
+    path = Path(weights) if weights else root / card["weights"]
+    with warnings.catch_warnings():  # a random-init base warns; every tensor is replaced just below
+        warnings.simplefilter("ignore")
+        base = load_backbone(card["base"], device="cpu", precision="fp32")
+    state = read_state_dict(path)
+    try:
+        base.model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BackboneError(f"{path}: does not fit {card['base']!r} ({str(e).splitlines()[0]})") from None
+    return Backbone(f"finetuned:{root.resolve()}", base.dim, base.preprocess, base.model,
+                    file_weights(path, source=f"geo finetune of {card['base']}"))
+
+
+register_backbone("finetuned", _load_finetuned, "MODEL_DIR from `geo finetune` (also accepted as the bare "
+                  "directory)")

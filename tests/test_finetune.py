@@ -1,0 +1,108 @@
+"""`geo finetune`: it learns (held-out loss falls), checkpoints atomically, resumes to the same state, and its
+MODEL_DIR round-trips through build-index and query as a backbone."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from geo.cli import app
+from geo.finetune import FinetuneConfig, finetune, smoothed_targets
+from geo.models.backbones import load_backbone
+
+# four places, each with its own colours; two photographers at each (validation holds out whole photographers)
+PLACES = [(48.85, 2.35), (40.71, -74.0), (-33.87, 151.21), (35.68, 139.69)]
+TINY = "timm:test_efficientnet"  # random init: plumbing, not accuracy
+
+
+def _photo(path: Path, place: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:96, 0:128].astype(np.float32)
+    colour = np.array([[230, 40, 40], [40, 200, 60], [50, 60, 220], [220, 200, 40]][place], np.float32)
+    img = colour * (0.6 + 0.4 * np.sin(x / (6 + 3 * place) + rng.uniform(0, 6)))[..., None]
+    img += rng.normal(0, 12, img.shape)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=92)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ft")
+    rows = ["path,lat,lon,owner"]
+    for i in range(48):
+        place = i % 4
+        _photo(root / f"p{i}.jpg", place, i)
+        lat, lon = PLACES[place]
+        rows.append(f"p{i}.jpg,{lat + 0.01 * i},{lon},o{place}{(i // 4) % 3}")
+    (root / "m.csv").write_text("\n".join(rows) + "\n")
+    return root / "m.csv"
+
+
+def _cfg(**kw) -> FinetuneConfig:
+    return FinetuneConfig(**{"backbone": TINY, "batch_size": 8, "lr": 3e-3, "patience": 10, "epochs": 3, **kw})
+
+
+def _quiet(*a) -> None:
+    return None
+
+
+def test_smoothed_targets_favour_the_nearest_cell_and_sum_to_one():
+    t = smoothed_targets(np.array([48.85]), np.array([2.35]), np.array([48.8, 51.5, -33.9]), np.array([2.3, -0.1, 151.2]),
+                         75.0)
+    assert t.shape == (1, 3) and t.sum() == pytest.approx(1.0) and t[0].argmax() == 0 and t[0, 2] < 1e-30
+
+
+def test_finetuning_lowers_the_held_out_loss(photos, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        card = finetune(str(photos), tmp_path / "m", _cfg(), log=_quiet)
+    v = card["validation"]
+    assert [h["epoch"] for h in v["history"]] == [0, 1, 2, 3]
+    assert min(h["loss"] for h in v["history"][1:]) < v["history"][0]["loss"]  # better than the probe alone
+    assert v["best"]["loss"] == min(h["loss"] for h in v["history"])
+    assert card["training"]["validation"] > 0 and card["training"]["group_column"] == "owner"
+
+
+def test_checkpoints_are_atomic_and_a_resumed_run_ends_where_an_uninterrupted_one_does(photos, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        finetune(str(photos), tmp_path / "whole", _cfg(epochs=2), log=_quiet)
+        finetune(str(photos), tmp_path / "parts", _cfg(epochs=1), log=_quiet)
+        assert json.loads((tmp_path / "parts" / "checkpoint" / "state.json").read_text())["history"][-1]["epoch"] == 1
+        lines: list[str] = []
+        finetune(str(photos), tmp_path / "parts", _cfg(epochs=2), log=lines.append)
+    assert any("resumed after epoch 1" in x for x in lines)
+    a = load_file(str(tmp_path / "whole" / "checkpoint" / "state.safetensors"))
+    b = load_file(str(tmp_path / "parts" / "checkpoint" / "state.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("opt.") for k in a)
+    for k in a:
+        assert np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6), k
+    assert not list(tmp_path.rglob("*.tmp"))
+    with pytest.raises(ValueError, match="checkpoint of another run"):
+        finetune(str(photos), tmp_path / "parts", _cfg(epochs=2, smoothing_km=500.0), log=_quiet)
+
+
+def test_a_finetuned_model_dir_is_a_backbone_for_build_and_query(photos, tmp_path):
+    r = CliRunner().invoke(app, ["finetune", str(photos), "--out", str(tmp_path / "model"), "--backbone", TINY,
+                                 "--epochs", "1", "--batch-size", "8", "--freeze-until", "blocks.3", "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    card = json.loads(r.stdout)
+    assert card["training"]["trainable_parameters"] < sum(
+        p.numel() for p in load_backbone(TINY, device="cpu").model.parameters())
+    bundle = tmp_path / "bundle"
+    r = CliRunner().invoke(app, ["build-index", str(photos), "--out", str(bundle), "--backbone",
+                                 str(tmp_path / "model"), "--workers", "0", "-q", "--skip", "cells", "--skip",
+                                 "gallery", "--skip", "fusion"])
+    assert r.exit_code == 0, r.output
+    spec = json.loads((bundle / "manifest.json").read_text())["backbone"]
+    assert spec["name"] == f"finetuned:{(tmp_path / 'model').resolve()}"
+    assert spec["weights"]["sha256"] == card["weights_sha256"]
+    r = CliRunner().invoke(app, ["query", str(photos.parent / "p5.jpg"), "--index", str(bundle), "--json"])
+    answer = json.loads(r.stdout)
+    assert answer["error"] is None and answer["neighbors"][0]["id"].endswith("p5.jpg")
+    assert answer["neighbors"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
