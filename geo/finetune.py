@@ -7,8 +7,9 @@ spreads over cells by exp(-(d(cell) - d(true cell)) / tau), tau = 75 km), so a n
 the network learns geography, not cell ids. An optional coordinate-regression term (``regression_weight``)
 adds a unit-sphere head (Manocchio & Passaro). The heads are discarded afterwards: the bundle fits its own.
 
-Validation holds out whole photographers (:func:`geo.core.splits.validation_mask`, as the build does);
-training stops early when the held-out loss stops falling, and the best epoch's weights are kept. Each
+Validation holds out whole photographers (:func:`geo.core.splits.validation_mask`, as the build does) and
+measures what a bundle will do with the embeddings: each held-out photo located by a kNN vote among the
+training photos. Training stops early when that stops improving, and the best epoch's weights are kept. Each
 epoch ends with an atomic checkpoint (weights, optimizer moments, history), so an interrupted run resumes
 where it stopped and ends in the same state as an uninterrupted one (data order and augmentation are seeded
 per epoch). Photos are decoded once into memory (float16), with geo's own preprocessing, so the model
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from geo.core import s2
-from geo.core.geodesy import EARTH_RADIUS_KM, THRESHOLDS_KM, latlon_to_xyz, xyz_to_latlon
+from geo.core.geodesy import EARTH_RADIUS_KM, THRESHOLDS_KM, haversine_km, latlon_to_xyz, xyz_to_latlon
+from geo.core.knn_vote import kde_vote
 from geo.core.progress import bar, detail
 from geo.core.runtime import resolve_device
 from geo.core.splits import group_column, validation_mask
@@ -236,6 +238,7 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
     usable = np.zeros(len(df), bool)
     usable[ok] = True
     train, val = np.flatnonzero(usable & ~held), np.flatnonzero(usable & held)
+    usable_rows = np.flatnonzero(usable)
     if len(train) < MIN_PHOTOS // 2 or len(val) < 1:
         raise ManifestError(f"{man.source}: {len(train)} training and {len(val)} validation photos decode; too few")
     lat, lon = df["lat"].to_numpy(np.float64), df["lon"].to_numpy(np.float64)
@@ -277,25 +280,39 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
 
     @torch.no_grad()
     def validate() -> dict[str, float]:
+        """The held-out loss, and what the bundle will do with these embeddings: each validation photo located
+        by a kNN vote among the training photos (``score``: mean accuracy at 25/200/750/2500 km selects
+        the epoch kept, since a bundle retrieves with the embeddings and discards the heads)."""
         model.eval()
-        losses, guesses = [], []
-        for s in range(0, len(val), cfg.batch_size):
-            rows = val[s:s + cfg.batch_size]
-            loss, logits = loss_of(images[rows], rows)
-            losses.append(float(loss) * len(rows))
-            guesses.append(logits[-1].argmax(1).cpu().numpy())
-        g = np.concatenate(guesses)
-        clat, clon = centres[-1]
-        d = EARTH_RADIUS_KM * np.arccos(np.clip((latlon_to_xyz(clat[g], clon[g]) * xyz_true[val].numpy()).sum(1), -1, 1))
-        scores = {"loss": sum(losses) / len(val), "median_km": float(np.median(d))}
-        scores.update({f"acc_{t}km": float((d <= t).mean()) for t in THRESHOLDS_KM})
+        losses, feats = [], []
+        for s in range(0, len(usable_rows), cfg.batch_size):
+            rows = usable_rows[s:s + cfg.batch_size]
+            with amp:
+                f = model(images[rows].to(device).float()).flatten(1).float()
+            feats.append(F.normalize(f, dim=1).cpu())
+            inval = np.isin(rows, val)
+            if inval.any():
+                loss, _ = loss_of_features(f[torch.from_numpy(inval)], rows[inval])
+                losses.append(float(loss) * int(inval.sum()))
+        emb = torch.cat(feats).numpy()
+        pos = {r: i for i, r in enumerate(usable_rows)}
+        tv, vv = emb[[pos[r] for r in train]], emb[[pos[r] for r in val]]
+        sims = vv @ tv.T
+        top = np.argsort(-sims, 1)[:, :10]
+        d = np.empty(len(val))
+        for i, nb in enumerate(top):
+            v = kde_vote(lat[train][nb], lon[train][nb], sims[i, nb])
+            d[i] = haversine_km(v.lat, v.lon, lat[val[i]], lon[val[i]])
+        scores = {"loss": sum(losses) / len(val), "knn_median_km": float(np.median(d))}
+        scores.update({f"knn_acc_{t}km": float((d <= t).mean()) for t in THRESHOLDS_KM})
+        scores["score"] = float(np.mean([scores[f"knn_acc_{t}km"] for t in (25, 200, 750, 2500)]))
         return scores
 
     digest = hashlib.sha256(json.dumps([df["id"].astype(str).tolist(), lat.tolist(), lon.tolist()]).encode()).hexdigest()
     fingerprint = cfg.fingerprint(digest)
     ck_json, ck_state = out / "checkpoint" / "state.json", out / "checkpoint" / "state.safetensors"
     history: list[dict[str, float]] = []
-    best, best_epoch, waited, start = math.inf, -1, 0, 0
+    best, best_epoch, waited, start = -math.inf, -1, 0, 0
     if ck_json.exists():
         ck = json.loads(ck_json.read_text())
         if ck.get("fingerprint") != fingerprint:
@@ -304,16 +321,16 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
         _restore(load_file(str(ck_state)), model, heads, opt)
         history, best, best_epoch, waited = ck["history"], ck["best"], ck["best_epoch"], ck["waited"]
         start = len(history)  # history[0] is epoch 0 (the probe), so the next epoch is len(history)
-        log(f"finetune: resumed after epoch {start - 1} (best validation loss {best:.4f} at epoch {best_epoch})")
+        log(f"finetune: resumed after epoch {start - 1} (best held-out score {best:.4f} at epoch {best_epoch})")
     if start == 0:  # epoch 0: the heads alone on frozen features (a linear probe), then fine-tuning (LP-FT)
         t0 = time.perf_counter()
         probe_heads(model, heads, images, train, loss_of_features, cfg, device)
         history.append({"epoch": 0, **validate(), "seconds": round(time.perf_counter() - t0, 1)})
-        best, best_epoch = history[0]["loss"], 0
+        best, best_epoch = history[0]["score"], 0
         atomic_save_safetensors(out / "model.safetensors", model.state_dict())
         start = 1
-        log(f"finetune: frozen backbone with trained heads: validation loss {best:.4f}, median "
-            f"{history[0]['median_km']:.0f} km; {trainable:,} parameters to fine-tune")
+        log(f"finetune: the frozen backbone: held-out kNN median {history[0]['knn_median_km']:.0f} km, score "
+            f"{best:.4f} (heads' loss {history[0]['loss']:.3f}); {trainable:,} parameters to fine-tune")
 
     for epoch in range(start, cfg.epochs + 1):
         if waited >= cfg.patience:
@@ -336,20 +353,21 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
         progress.close()
         scores = validate()
         history.append({"epoch": epoch, **scores, "seconds": round(time.perf_counter() - t0, 1)})
-        if scores["loss"] < best - 1e-4:
-            best, best_epoch, waited = scores["loss"], epoch, 0
+        if scores["score"] > best + 1e-4:
+            best, best_epoch, waited = scores["score"], epoch, 0
             atomic_save_safetensors(out / "model.safetensors", model.state_dict())
         else:
             waited += 1
         atomic_save_safetensors(ck_state, _state(model, heads, opt))
         atomic_write_json(ck_json, {"fingerprint": fingerprint, "history": history, "best": best,
                                     "best_epoch": best_epoch, "waited": waited})
-        log(f"finetune: epoch {epoch}: validation loss {scores['loss']:.4f}, median {scores['median_km']:.0f} km, "
-            f"{scores['acc_750km']:.1%} within 750 km ({history[-1]['seconds']:.0f} s)"
+        log(f"finetune: epoch {epoch}: held-out kNN median {scores['knn_median_km']:.0f} km, "
+            + " ".join(f"{t} km {scores[f'knn_acc_{t}km']:.1%}" for t in (25, 200, 750, 2500))
+            + f", loss {scores['loss']:.3f} ({history[-1]['seconds']:.0f} s)"
             + ("  best" if best_epoch == epoch else f"  no better for {waited}"))
         detail(log, json.dumps(history[-1]))
     if waited >= cfg.patience:
-        log(f"finetune: stopped early: no better validation loss for {waited} epochs")
+        log(f"finetune: stopped early: no better held-out score for {waited} epochs")
 
     card = {
         "format": CARD_FORMAT, "version": 1, "base": cfg.backbone, "base_weights": bb.weights,

@@ -64,7 +64,8 @@ def test_finetuning_lowers_the_held_out_loss(photos, tmp_path):
     v = card["validation"]
     assert [h["epoch"] for h in v["history"]] == [0, 1, 2, 3]
     assert min(h["loss"] for h in v["history"][1:]) < v["history"][0]["loss"]  # better than the probe alone
-    assert v["best"]["loss"] == min(h["loss"] for h in v["history"])
+    assert v["best"]["score"] == max(h["score"] for h in v["history"])  # the epoch kept is the best held-out
+    assert {"knn_median_km", "knn_acc_750km", "loss"} <= set(v["best"])
     assert card["training"]["validation"] > 0 and card["training"]["group_column"] == "owner"
 
 

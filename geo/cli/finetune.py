@@ -60,9 +60,11 @@ def finetune_command(
         print_json(card)
         return
     v = card["validation"]
-    typer.echo(f"wrote {out}: best epoch {v['best_epoch']}, validation loss {v['base']['loss']:.4f} -> "
-               f"{v['best']['loss']:.4f}, median {v['base']['median_km']:.0f} -> {v['best']['median_km']:.0f} km "
-               f"on {card['training']['validation']} held-out photos; build with --backbone {out}")
+    b, f = v["base"], v["best"]
+    typer.echo(f"wrote {out}: best epoch {v['best_epoch']}; on {card['training']['validation']} photos of held-out "
+               f"photographers, located by kNN among the training photos: median {b['knn_median_km']:.0f} -> "
+               f"{f['knn_median_km']:.0f} km, within 750 km {b['knn_acc_750km']:.1%} -> {f['knn_acc_750km']:.1%}. "
+               f"Build with --backbone {out}")
 
 
 def register(app: typer.Typer) -> None:
