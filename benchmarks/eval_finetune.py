@@ -39,12 +39,10 @@ def embed_all(model_dir: Path, paths: list[str], batch: int = 32) -> tuple[dict,
     loader = torch.utils.data.DataLoader(ImageDataset(paths, bb.preprocess), batch_size=batch,
                                          collate_fn=collate_skip_errors, num_workers=2)
     out = np.zeros((len(paths), bb.dim), np.float32)
-    start = 0
-    for ok, x, errors in loader:
+    for ok, x, errors in loader:  # indices are the dataset's
         if errors:
-            raise RuntimeError(f"{[paths[start + i] for i, _ in errors]}: could not be read")
-        out[[start + i for i in ok]] = bb.embed(x)
-        start += len(ok) + len(errors)
+            raise RuntimeError(f"{[paths[i] for i, _ in errors]}: could not be read")
+        out[ok] = bb.embed(x)
     return bb.spec(), out
 
 
