@@ -23,7 +23,9 @@ import torch
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
 from geo.core.priors import population_prior
 from geo.core.splits import group_folds
+from geo.data.countries import countries_of
 from geo.data.images import ImageDataset, collate_skip_errors
+from geo.eval.metrics import country_accuracy
 from geo.finetune import FinetuneConfig, finetune
 from geo.models.backbones import load_backbone
 from geo.pipeline import StageConfigs, build_from_embeddings
@@ -95,12 +97,14 @@ def main() -> None:
 
     print(f"\nload average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; fine-tuning wall time per fold "
           f"{', '.join(f'{s:.0f} s' for s in seconds)} ({torch.get_num_threads()} threads)")
-    print(f"\n| backbone | mode | {' | '.join(f'{t} km' for t in THRESHOLDS_KM)} | median km |")
-    print("|---|---|" + "---|" * (len(THRESHOLDS_KM) + 1))
+    true_country = [c["name"] if c else None for c in countries_of(truth[:, 0], truth[:, 1])]
+    print(f"\n| backbone | mode | {' | '.join(f'{t} km' for t in THRESHOLDS_KM)} | country | median km |")
+    print("|---|---|" + "---|" * (len(THRESHOLDS_KM) + 2))
     for (kind, m), p in pred.items():
         e = haversine_km(p[:, 0], p[:, 1], truth[:, 0], truth[:, 1])
+        country = country_accuracy(true_country, [c["name"] if c else None for c in countries_of(p[:, 0], p[:, 1])])
         print(f"| {kind} | {m} | " + " | ".join(f"{100 * np.mean(e <= t):.1f}" for t in THRESHOLDS_KM)
-              + f" | {np.median(e):.0f} |")
+              + f" | {100 * country['acc']:.1f} | {np.median(e):.0f} |")
     print("\nfused, per fold (200 / 750 / 2500 km, percent): frozen -> fine-tuned")
     for f, acc in enumerate(per_fold):
         print(f"  fold {f}: " + "; ".join(f"{t} km {100 * acc['frozen'][t]:.1f} -> {100 * acc['fine-tuned'][t]:.1f}"

@@ -45,6 +45,9 @@ class Answer:
     gallery: list[dict[str, float]] = field(default_factory=list)
     evidence: dict[str, Any] = field(default_factory=dict)  # basis, each signal's share, best neighbour similarity
     place: dict[str, Any] = field(default_factory=dict)  # nearest GeoNames place: name, admin1, cc, distance_km
+    # the country the answer lies in (Natural Earth shapes): code (ISO 3166-1 numeric), name, and probability,
+    # the cell heads' mass on that country where the bundle has them (None without); {} at sea
+    country: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     abstained: bool = False
     id: str | None = None  # the row's id when the query was a precomputed embedding (then ``image`` is None)
@@ -63,7 +66,7 @@ class Answer:
     def abstain_below(self, min_confidence: float | None) -> "Answer":
         """Withhold the coordinates when the confidence is below ``min_confidence`` (None: never)."""
         if min_confidence is not None and self.error is None and (self.confidence or 0.0) < min_confidence:
-            self.abstained, self.lat, self.lon, self.place = True, None, None, {}
+            self.abstained, self.lat, self.lon, self.place, self.country = True, None, None, {}, {}
         return self
 
     def to_dict(self) -> dict[str, Any]:

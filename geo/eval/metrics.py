@@ -129,3 +129,13 @@ def geoestimation_footer(summary: Mapping[str, Any]) -> str:
     names = [f"{THRESHOLD_NAMES[t]} acc ({t}km)" for t in THRESHOLDS_KM] + ["mean deviation (km)"]
     values = [str(round(summary["acc"][str(t)], 6)) for t in THRESHOLDS_KM] + [str(round(summary["mean_km"], 2))]
     return ",".join(names) + "\n" + ",".join(values)
+
+
+def country_accuracy(true_country, pred_country) -> dict[str, Any]:
+    """Share of located photos answered in the right country (both sides from the same shapes,
+    :mod:`geo.data.countries`); photos whose truth lies at sea are left out of ``n``."""
+    t = np.asarray(true_country, dtype=object)
+    p = np.asarray(pred_country, dtype=object)
+    known = np.array([isinstance(x, str) for x in t], bool)
+    n = int(known.sum())
+    return {"acc": float(np.mean(t[known] == p[known])) if n else float("nan"), "n": n}

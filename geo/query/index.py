@@ -24,6 +24,7 @@ from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
 from geo.core.progress import bar
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, expand_images
+from geo.data.countries import country_codes, country_index, country_names
 from geo.data.places import nearest_places
 from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
@@ -209,7 +210,9 @@ class GeoIndex:
         decisions = self._decide(mode, batch, sims, rows)
         probs = cell_probs(self.cells, batch) if self.cells is not None else None
         gallery = gallery_search(self.gallery, batch) if mode in ("gallery", "fused") else None
-        places = nearest_places(np.array([d.lat for d in decisions]), np.array([d.lon for d in decisions]))
+        lat_lon = (np.array([d.lat for d in decisions]), np.array([d.lon for d in decisions]))
+        places = nearest_places(*lat_lon)
+        countries = self._countries(country_index(*lat_lon), probs)
         out = []
         for i, d in enumerate(decisions):
             r = rows[i][rows[i] >= 0]
@@ -225,7 +228,7 @@ class GeoIndex:
                     for sc, (la, lo) in zip(gallery[1][i, :GALLERY_SHOWN], gallery[0][i, :GALLERY_SHOWN])],
                 evidence={"basis": d.basis, "signals": d.shares,
                           "top_similarity": round(float(sims[i][rows[i] >= 0][0]), 6) if (rows[i] >= 0).any() else None},
-                place=places[i],
+                place=places[i], country=countries[i],
             ).abstain_below(min_confidence))
         return out
 
@@ -248,6 +251,25 @@ class GeoIndex:
             answers.extend(part)
             truth.append(coords)
         return answers, np.concatenate(truth) if truth else np.zeros((0, 2))
+
+    @cached_property
+    def _cell_countries(self) -> np.ndarray | None:
+        """The country of each fine cell's centre (the photos' mean), for the country's probability."""
+        if self.cells is None:
+            return None
+        fine = self.cells.tables[-1]
+        return country_index(fine["lat"].to_numpy(np.float64), fine["lon"].to_numpy(np.float64))
+
+    def _countries(self, idx: np.ndarray, probs: np.ndarray | None) -> list[dict[str, Any]]:
+        """Each answer's country, with the cell heads' probability mass on it when the bundle has cells."""
+        names, codes, out = country_names(), country_codes(), []
+        for i, c in enumerate(idx.tolist()):
+            if c < 0:
+                out.append({})
+                continue
+            p = None if probs is None else round(float(probs[i][self._cell_countries == c].sum()), 4)
+            out.append({"code": codes[c], "name": names[c], "probability": p})
+        return out
 
     def _decide(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray) -> list[_Decision]:
         if mode != "fused":

@@ -28,8 +28,11 @@ Schema (one row per query image; nullable unless noted)::
     photographer string    the query's photographer (AUTHOR / owner column) where the suite has it
     leak        string     why `geo bench` found the query not new to the gallery: same id | same file |
                            near-duplicate | same photographer; null when new (or not checked)
+    true_country string    the country the truth lies in (Natural Earth shapes, geo.data.countries); null at sea
+    pred_country string    the country the answer lies in, by the same shapes
 
-Files written before the last five columns existed read with them null.
+Files written before the last columns existed read with them null (the two country columns are filled from
+the coordinates, so any file gets country accuracy).
 
 ``top_cells`` and ``topk`` are JSON text rather than nested Arrow types so
 that DuckDB, pandas and CSV export all read them without a schema dance
@@ -57,6 +60,7 @@ import pyarrow.parquet as pq
 from geo.core.answer import Answer
 from geo.core.files import NO_CAP, FileRefused, regular_size
 from geo.core.geodesy import haversine_km
+from geo.data.countries import country_index, country_names
 from geo.data.columns import (
     ID_COLUMNS,
     LAT_COLUMNS,
@@ -90,6 +94,8 @@ SCHEMA = pa.schema(
         pa.field("alternatives", pa.string()),
         pa.field("photographer", pa.string()),
         pa.field("leak", pa.string()),
+        pa.field("true_country", pa.string()),
+        pa.field("pred_country", pa.string()),
     ],
     metadata={"geo.store.predictions.version": "1"},
 )
@@ -123,7 +129,8 @@ def answers_to_frame(
 
     ``truth`` (lat, lon per answer) is optional so that ``geo query --out``
     can write the same file without ground truth. ``extra`` fills the
-    optional columns (``scene``, ``country``) per answer.
+    optional columns (``scene``, ``country``) per answer. The country columns are
+    filled from the coordinates by :func:`conform`.
     """
     answers = [a.to_dict() if isinstance(a, Answer) else a for a in answers]
     n = len(answers)
@@ -171,6 +178,12 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     for col in _FLOATS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     df["error_km"] = haversine_km(df["true_lat"], df["true_lon"], df["pred_lat"], df["pred_lon"])
+    for side in ("true", "pred"):  # from the coordinates wherever a row has them and no country yet
+        col = f"{side}_country"
+        todo = df[col].isna().to_numpy() & df[f"{side}_lat"].notna().to_numpy()
+        if todo.any():
+            names = np.asarray(country_names() + [None], dtype=object)
+            df.loc[todo, col] = names[country_index(df.loc[todo, f"{side}_lat"], df.loc[todo, f"{side}_lon"])]
     now = pd.Timestamp(_dt.datetime.now(_dt.timezone.utc))
     df["created"] = pd.to_datetime(df["created"], utc=True).astype("datetime64[us, UTC]").fillna(now)
     extras = [c for c in df.columns if c not in COLUMNS]
