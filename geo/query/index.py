@@ -30,7 +30,7 @@ from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.support import DECISION_RADII_KM
 from geo.stages.fusion.calibration import CALIBRATED_KM, calibrated
-from geo.stages.fusion.posterior import decide, mass_near, near_duplicate
+from geo.stages.fusion.posterior import FusionParams, decide, mass_near, near_duplicate
 from geo.stages.fusion.signals import (
     BACKOFF_SIGNAL,
     DUPLICATE_SIGNAL,
@@ -284,8 +284,17 @@ class GeoIndex:
         return out
 
     def _single(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray) -> list[_Decision]:
-        """A single mode's answers with its own, uncalibrated confidence."""
+        """A single mode's answers with its own, uncalibrated confidence. The cells and gallery modes mix in
+        the prior as fusion tuned them (``mode_fusion``): where their signal did not beat the constant guess
+        on other photographers, they answer like the prior and say so."""
         own = {mode: 1.0}
+        tuned = self.fusion.params.mode_fusion.get(mode) if self.fusion is not None else None
+        if tuned:
+            params = FusionParams.from_dict(tuned)
+            ev = collect([s for s in self.sources if s.spec.name in params.signals], batch)
+            return [_Decision(d.lat, d.lon, 0.0, 25.0, alternatives=d.alternatives, shares=d.shares,
+                              basis="prior" if d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
+                    for d in decide(ev, params)]
         if mode == "knn":
             out = []
             for s, r in zip(sims, rows):

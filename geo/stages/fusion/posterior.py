@@ -54,6 +54,10 @@ class FusionParams:
     # The single modes' p_within: each mode's own signal mass near its answer -> observed frequency, fitted
     # on the same out-of-fold photos, so every mode's confidence means the same thing.
     mode_calibration: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    # The single modes that back off: "cells" or "gallery" -> the params (as a dict) of that signal mixed with
+    # the prior, tuned out of fold like the fused mode, so a mode whose signal does not beat the prior on new
+    # photographers answers like the prior instead of below it.
+    mode_fusion: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def default(cls, specs: list[SignalSpec]) -> "FusionParams":
@@ -78,8 +82,8 @@ class FusionParams:
                 "prior": {"weight": d["w_prior"]}},
                 **{k: d[k] for k in ("duplicate_similarity", "decision", "calibration") if k in d}}
         return cls({n: SignalParams(**p) for n, p in d["signals"].items()},
-                   **{k: d[k] for k in ("duplicate_similarity", "decision", "calibration", "mode_calibration")
-                      if k in d})
+                   **{k: d[k] for k in ("duplicate_similarity", "decision", "calibration", "mode_calibration",
+                                        "mode_fusion") if k in d})
 
 
 @dataclass

@@ -40,7 +40,7 @@ from geo.stages.fusion.signals import (
     sources_for,
     specs_for,
 )
-from geo.stages.fusion.tuning import accuracy, calibrate_modes, tune
+from geo.stages.fusion.tuning import accuracy, calibrate_modes, tune, tune_backed_off_modes
 from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnIndex
@@ -245,6 +245,7 @@ def _tuned(ev: Evidence, singles: dict[str, np.ndarray], truth: np.ndarray, grou
            saved: dict[str, Any], signal_seconds: float, log: Callable[[str], None]) -> FusionModel:
     t1 = time.perf_counter()
     params, report = tune(ev, truth, groups, log=log)
+    params.mode_fusion, report["backed_off_modes"] = tune_backed_off_modes(ev, truth, groups, singles)
     params.mode_calibration, report["mode_ece"] = calibrate_modes(ev, params, singles, truth)
     report["seconds"] = {"out_of_fold_signals": round(signal_seconds, 2), "tuning": round(time.perf_counter() - t1, 2)}
     report["single_modes"] = {m: accuracy(p, truth) for m, p in singles.items()}

@@ -203,6 +203,29 @@ def tune(ev: Evidence, truth: np.ndarray, groups: np.ndarray | None = None,
     return best, {"validation": accuracy(pred, truth), "ece": ece, "reliability": reliability}
 
 
+BACKED_OFF_MODES = ("cells", "gallery")
+
+
+def tune_backed_off_modes(ev: Evidence, truth: np.ndarray, groups: np.ndarray | None,
+                          singles: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """For the cells and gallery modes: their signal and the prior alone, tuned like the fused mode (the same
+    grid and one-SE back-off), so the mode answers from its signal only where that beats the constant guess
+    on other photographers. Updates ``singles`` with the backed-off answers; returns the params (as dicts) and
+    each mode's out-of-fold accuracy."""
+    params, report = {}, {}
+    for mode in BACKED_OFF_MODES:
+        if mode not in ev.names or BACKOFF_SIGNAL not in ev.names:
+            continue
+        keep = (mode, BACKOFF_SIGNAL)
+        sub = Evidence([s for s in ev.specs if s.name in keep], {n: ev.signals[n] for n in keep})
+        best, rep = tune(sub, truth, groups, log=lambda m: None)
+        b, _, _ = decide_batch(sub, best)
+        singles[mode] = sub.points[np.arange(len(sub)), b]
+        params[mode] = best.to_dict()
+        report[mode] = {"weights": {n: best.weight(n) for n in keep}, "validation": rep["validation"]}
+    return params, report
+
+
 def calibrate_modes(ev: Evidence, p: FusionParams, singles: dict[str, np.ndarray],
                     truth: np.ndarray) -> tuple[dict[str, dict[str, dict[str, list[float]]]], dict[str, Any]]:
     """Isotonic calibration of each single mode's p_within on the out-of-fold photos: the mode's own signal
