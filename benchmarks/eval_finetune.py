@@ -25,7 +25,7 @@ from geo.core.priors import population_prior
 from geo.core.splits import group_folds
 from geo.data.countries import countries_of
 from geo.data.images import ImageDataset, collate_skip_errors
-from geo.eval.metrics import country_accuracy
+from geo.eval.metrics import label_accuracy
 from geo.finetune import FinetuneConfig, finetune
 from geo.models.backbones import load_backbone
 from geo.pipeline import StageConfigs, build_from_embeddings
@@ -102,7 +102,7 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(THRESHOLDS_KM) + 2))
     for (kind, m), p in pred.items():
         e = haversine_km(p[:, 0], p[:, 1], truth[:, 0], truth[:, 1])
-        country = country_accuracy(true_country, [c["name"] if c else None for c in countries_of(p[:, 0], p[:, 1])])
+        country = label_accuracy(true_country, [c["name"] if c else None for c in countries_of(p[:, 0], p[:, 1])])
         print(f"| {kind} | {m} | " + " | ".join(f"{100 * np.mean(e <= t):.1f}" for t in THRESHOLDS_KM)
               + f" | {100 * country['acc']:.1f} | {np.median(e):.0f} |")
     print("\nfused, per fold (200 / 750 / 2500 km, percent): frozen -> fine-tuned")

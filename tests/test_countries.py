@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from geo.data.countries import countries_of
-from geo.eval.metrics import country_accuracy
+from geo.eval.metrics import label_accuracy
 from geo.store.predictions import answers_to_frame
 
 
@@ -38,7 +38,7 @@ def test_predictions_carry_both_countries_and_accuracy_counts_land_only():
     df = answers_to_frame(answers, ["a", "b", "c"], [(48.86, 2.34), (45.76, 4.84), (0.0, -20.0)])
     assert df["true_country"].tolist() == ["France", "France", None]
     assert df["pred_country"].tolist() == ["France", "Italy", "Nigeria"]
-    assert country_accuracy(df["true_country"], df["pred_country"]) == {"acc": 0.5, "n": 2}
+    assert label_accuracy(df["true_country"], df["pred_country"]) == {"acc": 0.5, "n": 2}
 
 
 def test_every_answer_names_its_country_with_the_cells_mass_on_it(cli_bundle):
@@ -53,3 +53,13 @@ def test_every_answer_names_its_country_with_the_cells_mass_on_it(cli_bundle):
         a = index.locate(photo, mode=mode)
         assert a.country["name"] == countries_of([a.lat], [a.lon])[0]["name"], mode
         assert 0.0 <= a.country["probability"] <= 1.0 and set(a.to_dict()["country"]) == {"code", "name", "probability"}
+
+
+def test_city_labels_name_the_nearby_town_or_none():
+    from geo.data.places import cities_of
+
+    assert cities_of([48.8566, 45.76, 0.0], [2.3522, 4.84, -20.0]) == ["Paris, Ile-de-France, FR",
+                                                                      "Lyon, Rhone-Alpes, FR", None]
+    df = answers_to_frame([{"image": "a", "lat": 45.46, "lon": 9.19, "error": None}], ["a"], [(45.76, 4.84)])
+    assert (df["true_city"][0], df["pred_city"][0]) == ("Lyon, Rhone-Alpes, FR", "Milano, Lombardy, IT")
+    assert label_accuracy(df["true_city"], df["pred_city"]) == {"acc": 0.0, "n": 1}

@@ -48,6 +48,7 @@ class Answer:
     # the country the answer lies in (Natural Earth shapes): code (ISO 3166-1 numeric), name, and probability,
     # the cell heads' mass on that country where the bundle has them (None without); {} at sea
     country: dict[str, Any] = field(default_factory=dict)
+    city: str | None = None  # "name, admin1, cc" of the GeoNames place within 25 km of the answer, else None
     error: str | None = None
     abstained: bool = False
     id: str | None = None  # the row's id when the query was a precomputed embedding (then ``image`` is None)
@@ -66,7 +67,7 @@ class Answer:
     def abstain_below(self, min_confidence: float | None) -> "Answer":
         """Withhold the coordinates when the confidence is below ``min_confidence`` (None: never)."""
         if min_confidence is not None and self.error is None and (self.confidence or 0.0) < min_confidence:
-            self.abstained, self.lat, self.lon, self.place, self.country = True, None, None, {}, {}
+            self.abstained, self.lat, self.lon, self.place, self.country, self.city = True, None, None, {}, {}, None
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -59,3 +59,19 @@ def nearest_places(lat: np.ndarray, lon: np.ndarray, chunk: int = 64) -> list[di
             name, admin1, cc = names[j]
             out[i] = {"name": name, "admin1": admin1, "cc": cc, "distance_km": round(float(d), 1)}
     return out
+
+
+# A point is "in" the nearest cities1000 place within this distance (a city and its suburbs); farther out it
+# is in no city. The same rule labels truth and answer for city accuracy.
+CITY_KM = 25.0
+
+
+def city_label(place: dict[str, Any]) -> str | None:
+    """"name, admin1, cc" of a :func:`nearest_places` result within :data:`CITY_KM`, else None."""
+    return f"{place['name']}, {place['admin1']}, {place['cc']}" if place and place["distance_km"] <= CITY_KM else None
+
+
+def cities_of(lat, lon) -> list[str | None]:
+    """The :func:`city_label` of each point."""
+    return [city_label(p) for p in nearest_places(np.atleast_1d(np.asarray(lat, np.float64)),
+                                                  np.atleast_1d(np.asarray(lon, np.float64)))]

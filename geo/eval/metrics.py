@@ -131,11 +131,12 @@ def geoestimation_footer(summary: Mapping[str, Any]) -> str:
     return ",".join(names) + "\n" + ",".join(values)
 
 
-def country_accuracy(true_country, pred_country) -> dict[str, Any]:
-    """Share of located photos answered in the right country (both sides from the same shapes,
-    :mod:`geo.data.countries`); photos whose truth lies at sea are left out of ``n``."""
-    t = np.asarray(true_country, dtype=object)
-    p = np.asarray(pred_country, dtype=object)
+def label_accuracy(true_label, pred_label) -> dict[str, Any]:
+    """Share of located photos whose answer got the truth's label: the country (both sides from the same
+    shapes, :mod:`geo.data.countries`) or the city (:func:`geo.data.places.cities_of`). Photos whose truth
+    has no label (at sea; farther than 25 km from any town) are left out of ``n``."""
+    t = np.asarray(true_label, dtype=object)
+    p = np.asarray(pred_label, dtype=object)
     known = np.array([isinstance(x, str) for x in t], bool)
     n = int(known.sum())
     return {"acc": float(np.mean(t[known] == p[known])) if n else float("nan"), "n": n}

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from geo.core.geodesy import valid_latlon
-from geo.eval.metrics import THRESHOLDS_KM, breakdown, country_accuracy, summarize
+from geo.eval.metrics import THRESHOLDS_KM, breakdown, label_accuracy, summarize
 from geo.eval.published import comparison_table
 from geo.stages.fusion.calibration import expected_calibration_error, reliability_table
 from geo.store.predictions import read_predictions
@@ -96,7 +96,8 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
     geo_df = add_geography(scored)
     d = geo_df["error_km"].to_numpy()
     out: dict[str, Any] = {"summary": summarize(d, n_failed=len(failed), ci=ci)}
-    out["summary"]["country"] = country_accuracy(scored["true_country"], scored["pred_country"])
+    out["summary"]["country"] = label_accuracy(scored["true_country"], scored["pred_country"])
+    out["summary"]["city"] = label_accuracy(scored["true_city"], scored["pred_city"])
     suites = sorted(s for s in df["suite"].dropna().unique())
     out["suites"] = suites
     if geo_df["scene"].notna().any():
@@ -206,9 +207,10 @@ def summary_text(s: dict[str, Any]) -> str:
     med_ci = ci.get("median_km")
     lines.append(f"median error {s['median_km']:.1f} km" + (f" [{med_ci[0]:.1f}, {med_ci[1]:.1f}]" if med_ci else "")
                  + f" | mean {s['mean_km']:.1f} km | GeoScore {s['geoscore']:.0f}")
-    if s.get("country", {}).get("n"):
-        lines.append(f"country accuracy {_pct(s['country']['acc']).strip()}% (n={s['country']['n']}: photos "
-                     "whose truth lies in a country)")
+    labelled = [f"{what} {_pct(s[what]['acc']).strip()}% (n={s[what]['n']})" for what in ("country", "city")
+                if s.get(what, {}).get("n")]
+    if labelled:
+        lines.append("right " + ", right ".join(labelled) + " (n: photos whose truth has one)")
     lines.append(f"scored {s['n']} of {s['n_total']} photos"
                  + (f"; {s['n_missing']} missing on disk" if s["n_missing"] else "")
                  + (f"; {s['n_failed']} could not be read" if s["n_failed"] else ""))

@@ -25,7 +25,7 @@ from geo.core.progress import bar
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, expand_images
 from geo.data.countries import country_codes, country_index, country_names
-from geo.data.places import nearest_places
+from geo.data.places import city_label, nearest_places
 from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.support import DECISION_RADII_KM
@@ -228,7 +228,7 @@ class GeoIndex:
                     for sc, (la, lo) in zip(gallery[1][i, :GALLERY_SHOWN], gallery[0][i, :GALLERY_SHOWN])],
                 evidence={"basis": d.basis, "signals": d.shares,
                           "top_similarity": round(float(sims[i][rows[i] >= 0][0]), 6) if (rows[i] >= 0).any() else None},
-                place=places[i], country=countries[i],
+                place=places[i], country=countries[i], city=city_label(places[i]),
             ).abstain_below(min_confidence))
         return out
 

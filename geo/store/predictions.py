@@ -30,6 +30,8 @@ Schema (one row per query image; nullable unless noted)::
                            near-duplicate | same photographer; null when new (or not checked)
     true_country string    the country the truth lies in (Natural Earth shapes, geo.data.countries); null at sea
     pred_country string    the country the answer lies in, by the same shapes
+    true_city   string     "name, admin1, cc" of the GeoNames place within 25 km of the truth (geo.data.places)
+    pred_city   string     the same for the answer
 
 Files written before the last columns existed read with them null (the two country columns are filled from
 the coordinates, so any file gets country accuracy).
@@ -61,6 +63,7 @@ from geo.core.answer import Answer
 from geo.core.files import NO_CAP, FileRefused, regular_size
 from geo.core.geodesy import haversine_km
 from geo.data.countries import country_index, country_names
+from geo.data.places import cities_of
 from geo.data.columns import (
     ID_COLUMNS,
     LAT_COLUMNS,
@@ -96,6 +99,8 @@ SCHEMA = pa.schema(
         pa.field("leak", pa.string()),
         pa.field("true_country", pa.string()),
         pa.field("pred_country", pa.string()),
+        pa.field("true_city", pa.string()),
+        pa.field("pred_city", pa.string()),
     ],
     metadata={"geo.store.predictions.version": "1"},
 )
@@ -178,12 +183,13 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     for col in _FLOATS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     df["error_km"] = haversine_km(df["true_lat"], df["true_lon"], df["pred_lat"], df["pred_lon"])
-    for side in ("true", "pred"):  # from the coordinates wherever a row has them and no country yet
-        col = f"{side}_country"
-        todo = df[col].isna().to_numpy() & df[f"{side}_lat"].notna().to_numpy()
+    for side in ("true", "pred"):  # from the coordinates wherever a row has them and no label yet
+        todo = df[f"{side}_country"].isna().to_numpy() & df[f"{side}_lat"].notna().to_numpy()
         if todo.any():
+            lat, lon = df.loc[todo, f"{side}_lat"], df.loc[todo, f"{side}_lon"]
             names = np.asarray(country_names() + [None], dtype=object)
-            df.loc[todo, col] = names[country_index(df.loc[todo, f"{side}_lat"], df.loc[todo, f"{side}_lon"])]
+            df.loc[todo, f"{side}_country"] = names[country_index(lat, lon)]
+            df.loc[todo, f"{side}_city"] = cities_of(lat, lon)
     now = pd.Timestamp(_dt.datetime.now(_dt.timezone.utc))
     df["created"] = pd.to_datetime(df["created"], utc=True).astype("datetime64[us, UTC]").fillna(now)
     extras = [c for c in df.columns if c not in COLUMNS]
