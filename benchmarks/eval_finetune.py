@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +78,10 @@ def main() -> None:
         manifest = work / f"fold{f}" / "gallery.csv"
         manifest.parent.mkdir(parents=True, exist_ok=True)
         meta[g][["path", "lat", "lon", "AUTHOR"]].to_csv(manifest, index=False)
-        t0 = time.perf_counter()
-        finetune(str(manifest), work / f"fold{f}" / "model",
-                 FinetuneConfig(group_column="AUTHOR", epochs=args.epochs, freeze_until=args.freeze_until, lr=args.lr,
-                                seed=args.seed), log=print)
-        seconds.append(time.perf_counter() - t0)
+        card = finetune(str(manifest), work / f"fold{f}" / "model",
+                        FinetuneConfig(group_column="AUTHOR", epochs=args.epochs, freeze_until=args.freeze_until,
+                                       lr=args.lr, seed=args.seed), log=print)
+        seconds.append(sum(h["seconds"] for h in card["validation"]["history"]))  # over resumed runs too
         spec, tuned = embed_all(work / f"fold{f}" / "model", meta["path"].tolist())
         for kind, emb, sp in (("frozen", frozen, src.manifest["backbone"]), ("fine-tuned", tuned, spec)):
             for m, p in answers(sp, meta, emb, g, q).items():
@@ -95,8 +93,9 @@ def main() -> None:
         print(f"fold {f}: {int(g.sum())} gallery photos ({len(set(authors[g]))} photographers), {int(q.sum())} "
               f"queries; fine-tuning {seconds[-1]:.0f} s; fused frozen {acc['frozen']} fine-tuned {acc['fine-tuned']}")
 
-    print(f"\nload average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; fine-tuning wall time per fold "
-          f"{', '.join(f'{s:.0f} s' for s in seconds)} ({torch.get_num_threads()} threads)")
+    print(f"\nload average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; fine-tuning time per fold (probe and "
+          f"epochs with their validation, decoding excluded) {', '.join(f'{s:.0f} s' for s in seconds)} "
+          f"({torch.get_num_threads()} threads)")
     true_country = [c["name"] if c else None for c in countries_of(truth[:, 0], truth[:, 1])]
     print(f"\n| backbone | mode | {' | '.join(f'{t} km' for t in THRESHOLDS_KM)} | country | median km |")
     print("|---|---|" + "---|" * (len(THRESHOLDS_KM) + 2))
