@@ -115,3 +115,19 @@ def test_missing_columns_are_named():
         fit_cells(meta, emb, CellsConfig(scene_column="NOPE"), log=lambda *_: None)
     with pytest.raises(ValueError, match="embeddings"):
         fit_cells(meta, emb[:10], CellsConfig(), log=lambda *_: None)
+
+
+def test_the_regression_head_answers_on_the_sphere_and_states_held_out_hit_rates():
+    """Ridge onto unit vectors, normalised back: every answer is a valid place, even for embeddings far from
+    any training photo, and features tied to location are learned."""
+    from geo.stages.cells.regression import fit_regression
+
+    rng = np.random.default_rng(0)
+    lat, lon = rng.uniform(-60, 70, 400), rng.uniform(-180, 180, 400)
+    xyz = np.stack([np.cos(np.radians(lat)) * np.cos(np.radians(lon)), np.cos(np.radians(lat)) * np.sin(np.radians(lon)),
+                    np.sin(np.radians(lat))], 1)
+    emb = np.concatenate([xyz, rng.normal(0, 0.05, (400, 29))], 1).astype(np.float32)
+    reg = fit_regression(emb, lat, lon, np.arange(300, 400))
+    assert reg.info["held_out_median_km"] < 500 and set(reg.info["p_within"]) == {"25", "200", "750"}
+    plat, plon = reg.predict(rng.normal(0, 10, (50, 32)).astype(np.float32))
+    assert np.all(np.abs(plat) <= 90) and np.all(np.abs(plon) <= 180) and np.isfinite(plat).all()

@@ -46,7 +46,7 @@ def test_every_stage_ran_through_the_command_line(index_dir):
     stages = geo.open_index(index_dir).bundle.manifest["stages"]
     assert {"embeddings", "knn_index", "cells", "gallery", "fusion"} <= set(stages)
     assert stages["embeddings"]["ok"] == 66 and stages["fusion"]["validation"] is not None
-    assert geo.open_index(index_dir).modes == ["fused", "knn", "gallery", "cells"]
+    assert geo.open_index(index_dir).modes == ["fused", "knn", "gallery", "cells", "regression"]
 
 
 def test_gallery_photo_finds_itself(index_dir, gallery_csv):

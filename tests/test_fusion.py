@@ -122,7 +122,7 @@ def fused_index(cli_bundle) -> Path:
 
 def test_every_mode_answers_and_duplicate_wins_in_fused_mode(fused_index):
     index = geo.open_index(fused_index)
-    assert index.modes == ["fused", "knn", "gallery", "cells"] and index.default_mode == "fused"
+    assert index.modes == ["fused", "knn", "gallery", "cells", "regression"] and index.default_mode == "fused"
     photo = sorted((EXAMPLES / "gallery").glob("*.jpg"))[10]
     truth = pd.read_csv(EXAMPLES / "gallery.csv", dtype={"id": str}).set_index("id").loc[photo.stem]
     for mode in index.modes:

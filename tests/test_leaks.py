@@ -100,10 +100,10 @@ def test_bench_mode_all_embeds_once_and_agrees_with_single_mode_runs(cli_bundle,
     base = ["bench", "custom", "--index", str(bundle), "--images", "/", "--meta", str(meta), "--no-ci", "--no-progress",
             "--json"]
     every = json.loads(CliRunner().invoke(app, [*base, "--mode", "all", "--out", str(tmp_path / "all.parquet")]).stdout)
-    assert sorted(embedded) == sorted(map(str, queries))  # four photos, four embeddings, four modes
-    assert list(every["modes"]) == ["fused", "knn", "gallery", "cells"]
+    assert sorted(embedded) == sorted(map(str, queries))  # four photos, four embeddings, five modes
+    assert list(every["modes"]) == ["fused", "knn", "gallery", "cells", "regression"]
     stored = read_predictions(tmp_path / "all.parquet")
-    assert len(stored) == 16 and stored.groupby("mode").size().tolist() == [4, 4, 4, 4]
+    assert len(stored) == 20 and stored.groupby("mode").size().tolist() == [4] * 5
     for mode in ("knn", "cells"):
         alone = json.loads(CliRunner().invoke(app, [*base, "--mode", mode]).stdout)
         assert alone["acc"] == every["modes"][mode]["acc"] and alone["median_km"] == every["modes"][mode]["median_km"]

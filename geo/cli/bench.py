@@ -174,8 +174,9 @@ def _suite_command(name: str) -> Callable[..., None]:
                                                   "lat/lon, scored instead of photos"),
         embedding_column: str = typer.Option("embedding", help="column of --embeddings holding the vectors"),
         meta: Optional[Path] = typer.Option(None, "--meta", help="metadata CSV (default: beside --images, else the shared copy)"),
-        mode: Optional[str] = typer.Option(None, help="fused | knn | gallery | cells, or all: every built mode, "
-                                           "each photo embedded once (default: the index's best built mode)"),
+        mode: Optional[str] = typer.Option(None, help="fused | knn | gallery | cells | regression, or all: every "
+                                           "built mode, each photo embedded once (default: the index's best built "
+                                           "mode)"),
         crops: int = typer.Option(1, help="test-time crops per photo"),
         limit: Optional[int] = typer.Option(None, help="score only the first N rows of the metadata"),
         out: Optional[Path] = typer.Option(None, "--out", help="predictions Parquet (an existing one is resumed), "

@@ -51,7 +51,7 @@ def query_command(
                                               "images (Parquet or clip-retrieval output, made by the bundle's "
                                               "backbone); answers carry each row's id, in input order."),
     embedding_column: str = typer.Option("embedding", help="Column of --embeddings Parquet holding the vectors."),
-    mode: Optional[str] = typer.Option(None, help="fused (default when built) | knn | gallery | cells"),
+    mode: Optional[str] = typer.Option(None, help="fused (default when built) | knn | gallery | cells | regression"),
     k: int = typer.Option(50, help="Neighbours retrieved from the image index."),
     crops: int = typer.Option(1, help="Test-time crops: 1, 3 (along the long side) or 5 (five-crop)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),

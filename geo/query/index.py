@@ -49,7 +49,7 @@ from geo.stages.knn import KnnIndex
 from geo.store.bundle import MANIFEST, Bundle, BundleError, open_bundle, read_json
 from geo.store.lock import writer_active
 
-MODES = ("fused", "knn", "gallery", "cells")
+MODES = ("fused", "knn", "gallery", "cells", "regression")
 GALLERY_SHOWN = 5
 TOP_CELLS_SHOWN = 5
 
@@ -158,6 +158,8 @@ class GeoIndex:
         """Modes this bundle can answer in (stages that were built)."""
         have = {"knn", *(m for m, s in (("cells", "cells"), ("gallery", "gallery"), ("fused", "fusion"))
                          if self.bundle.has_stage(s))}
+        if self.bundle.has_stage("cells") and "regression" in self.bundle.stage("cells"):
+            have.add("regression")
         return [m for m in MODES if m in have]
 
     @property
@@ -288,6 +290,10 @@ class GeoIndex:
         the prior as fusion tuned them (``mode_fusion``): where their signal did not beat the constant guess
         on other photographers, they answer like the prior and say so."""
         own = {mode: 1.0}
+        if mode == "regression":  # the held-out hit rates are its stated confidence (one value for every photo)
+            p = {t: float(v) for t, v in self.cells.regression.info.get("p_within", {}).items()}
+            return [_Decision(float(a), float(b), p.get("25", 0.0), 25.0, p_within=dict(p), shares=own)
+                    for a, b in zip(*self.cells.regression.predict(batch.emb))]
         tuned = self.fusion.params.mode_fusion.get(mode) if self.fusion is not None else None
         if tuned:
             params = FusionParams.from_dict(tuned)

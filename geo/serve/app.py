@@ -269,8 +269,8 @@ def create_app(index: Any, settings: ServeSettings = ServeSettings()) -> FastAPI
                       "embeddings": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
                       "ids": {"type": "array", "items": {"type": "string"}}}}}}}})
     async def locate(request: Request,
-                     mode: Optional[str] = Query(None, description="fused | knn | gallery | cells (default: fused "
-                                                                   "when built)"),
+                     mode: Optional[str] = Query(None, description="fused | knn | gallery | cells | regression "
+                                                 "(default: fused when built)"),
                      k: int = Query(50, ge=1, le=1000, description="neighbours retrieved from the image index"),
                      min_confidence: Optional[float] = Query(None, ge=0, le=1, description="abstain below this"),
                      crops: int = Query(1, description="test-time crops: 1, 3 or 5")) -> JSONResponse:

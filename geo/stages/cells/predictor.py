@@ -27,6 +27,7 @@ from geo.stages.cells.calibration import (
     log_priors,
     partition_log_probs,
 )
+from geo.stages.cells.regression import Regression
 from geo.stages.cells.support import DECISION_RADII_KM, SupportDecision, check_support
 from geo.store.atomic import atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError
@@ -42,8 +43,9 @@ class CellPredictor:
 
     def __init__(self, tables: list[pd.DataFrame], names: list[str], model: CellHeads, calibration: dict,
                  scene_values: list, support: pd.DataFrame, info: dict[str, Any] | None = None,
-                 scene_column: str | None = None):
+                 scene_column: str | None = None, regression: Regression | None = None):
         self.tables, self.names, self.model = tables, names, model
+        self.regression = regression  # the coordinate regression (--mode regression); None in older bundles
         self.calibration = calibration
         self.scene_values = scene_values
         self.support = support
@@ -65,6 +67,8 @@ class CellPredictor:
         save_heads(self.model, bundle.path(HEADS_WEIGHTS), bundle.path(HEADS_CONFIG),
                    {"partitions": self.names, "calibration": self.calibration, "scene_values": self.scene_values,
                     "scene_column": self.scene_column})
+        if self.regression is not None:
+            files.append(self.regression.save(bundle))
         return files, self.info
 
     @classmethod
@@ -87,8 +91,9 @@ class CellPredictor:
         model, cfg = load_heads(bundle.path(HEADS_WEIGHTS), bundle.path(HEADS_CONFIG), device)
         if [len(t) for t in tables] != model.spec["n_classes"]:
             raise BundleError(f"{bundle.path(HEADS_CONFIG)}: head sizes do not match the cell tables")
+        regression = Regression.load(bundle, info["regression"]) if "regression" in info else None
         return cls(tables, names, model, cfg["calibration"], cfg.get("scene_values", []), support, info,
-                   cfg.get("scene_column"))
+                   cfg.get("scene_column"), regression)
 
     def scene_codes(self, scene) -> np.ndarray | None:
         """Scene labels (as in the manifest column) -> head indices, -1 unknown."""

@@ -18,6 +18,7 @@ from geo.models.heads import head_logits
 from geo.stages.cells import partition as P
 from geo.stages.cells.calibration import CALIBRATION_PHOTOS, fit_calibration, log_priors
 from geo.stages.cells.predictor import CellPredictor
+from geo.stages.cells.regression import fit_regression
 from geo.stages.cells.support import support_points
 from geo.stages.cells.train import HeadConfig, config_dict, train_heads
 
@@ -141,8 +142,13 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
     }
     support = support_points(all_lat, all_lon, all_rows[:, -1], tables[-1])
     info["support_spots"] = int(len(support))
+    regression = fit_regression(emb, lat, lon, val)
+    info["regression"] = regression.info
+    if "held_out_median_km" in regression.info:
+        log(f"cells: coordinate regression (ridge alpha {regression.info['alpha']:g}): held-out median "
+            f"{regression.info['held_out_median_km']:.0f} km")
     return CellPredictor(tables, info["partitions"], result.model, calibration, scene_values, support, info,
-                         config.scene_column)
+                         config.scene_column, regression)
 
 
 def with_photos(pred: CellPredictor, lat: np.ndarray, lon: np.ndarray) -> CellPredictor:
@@ -168,7 +174,7 @@ def with_photos(pred: CellPredictor, lat: np.ndarray, lon: np.ndarray) -> CellPr
     support = support_points(lat, lon, rows, tables[-1])
     info = {**pred.info, "photos": int(len(lat)), "support_spots": int(len(support))}
     return CellPredictor(tables, pred.names, pred.model, pred.calibration, pred.scene_values, support, info,
-                         pred.scene_column)
+                         pred.scene_column, pred.regression)
 
 
 def _crossfit_logits(emb, rows, cell_latlon, photo_latlon, hc: HeadConfig, groups, scene, n_scenes) -> list[np.ndarray]:
