@@ -5,7 +5,10 @@ geotagged photos (PlaNet, Müller-Budack et al., PIGEON, GeoCLIP). The objective
 cross-entropy over geo's adaptive S2 cells at every partition, with *haversine label smoothing* (the target
 spreads over cells by exp(-(d(cell) - d(true cell)) / tau), tau = 75 km), so a near miss costs little and
 the network learns geography, not cell ids. An optional coordinate-regression term (``regression_weight``)
-adds a unit-sphere head (Manocchio & Passaro). The heads are discarded afterwards: the bundle fits its own.
+adds a unit-sphere head (Manocchio & Passaro), and an optional GPS-contrastive term (``contrastive_weight``)
+is GeoCLIP's: a projection of the image features must pick the photo's own location, encoded by GeoCLIP's
+published (frozen) location encoder, out of every training photo's location. The heads and the projection
+are discarded afterwards: the bundle fits its own.
 
 Validation holds out whole photographers (:func:`geo.core.splits.validation_mask`, as the build does) and
 measures what a bundle will do with the embeddings: each held-out photo located by a kNN vote among the
@@ -49,6 +52,7 @@ from geo.data.images import ImageDataset
 from geo.data.manifest import ManifestError, read_manifest
 from geo.models.backbones import Backbone, BackboneError, load_backbone
 from geo.models.backbones.finetuned import CARD_FORMAT
+from geo.models.location import ImageProjection, LocationEncoder
 from geo.models.registry import MODEL_CARD
 from geo.models.weights import file_sha256
 from geo.stages.cells.partition import assign, build_partitions, default_taus
@@ -71,6 +75,7 @@ class FinetuneConfig:
     freeze_until: str | None = None  # parameters before the first whose name starts with this stay fixed
     smoothing_km: float = 75.0  # PIGEON's tau for haversine label smoothing
     regression_weight: float = 0.0
+    contrastive_weight: float = 0.0  # GeoCLIP's image-to-GPS InfoNCE against its frozen location encoder
     augment: bool = True
     patience: int = 2
     val_fraction: float = 0.2
@@ -84,15 +89,19 @@ class FinetuneConfig:
 
 
 class _Heads(torch.nn.Module):
-    """One linear classifier per partition, and the optional unit-sphere regression head."""
+    """One linear classifier per partition, the optional unit-sphere regression head and the optional projection
+    into GeoCLIP's location space (with its learnable logit scale)."""
 
-    def __init__(self, dim: int, cells: list[int], regression: bool):
+    def __init__(self, dim: int, cells: list[int], regression: bool, contrastive: bool):
         super().__init__()
         self.cells = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in cells)
         self.xyz = torch.nn.Linear(dim, 3) if regression else None
+        self.proj = ImageProjection(in_dim=dim, out_dim=512, hidden=dim) if contrastive else None
 
-    def forward(self, f: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        return [h(f) for h in self.cells], (F.normalize(self.xyz(f), dim=1) if self.xyz is not None else None)
+    def forward(self, f: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        xyz = F.normalize(self.xyz(f), dim=1) if self.xyz is not None else None
+        gps = F.normalize(self.proj(f), dim=1) if self.proj is not None else None
+        return [h(f) for h in self.cells], xyz, gps
 
 
 def smoothed_targets(lat: np.ndarray, lon: np.ndarray, cell_lat: np.ndarray, cell_lon: np.ndarray,
@@ -259,7 +268,14 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
     trainable = _freeze(model, cfg.freeze_until)
     with torch.random.fork_rng(devices=[]):  # the heads start the same in every run of this config
         torch.manual_seed(cfg.seed)
-        heads = _Heads(bb.dim, [len(p.cell_ids) for p in parts], cfg.regression_weight > 0).to(device)
+        heads = _Heads(bb.dim, [len(p.cell_ids) for p in parts], cfg.regression_weight > 0,
+                       cfg.contrastive_weight > 0).to(device)
+    train_pos = np.full(len(df), -1, np.int64)
+    train_pos[train] = np.arange(len(train))
+    train_gps = None
+    if cfg.contrastive_weight > 0:  # every training photo's location in GeoCLIP's space (frozen, encoded once)
+        train_gps = torch.from_numpy(LocationEncoder.from_geoclip().encode(
+            np.stack([lat[train], lon[train]], 1), normalize=True)).to(device)
     opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr},
                              {"params": list(heads.parameters()), "lr": cfg.lr * 10}], weight_decay=cfg.weight_decay)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -270,12 +286,18 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
         return loss_of_features(feats.float(), rows)
 
     def loss_of_features(feats: torch.Tensor, rows: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        logits, xyz = heads(feats)
+        logits, xyz, gps = heads(feats)
         idx = torch.from_numpy(rows)
         loss = torch.stack([-(t[idx].to(device) * F.log_softmax(lg.float(), 1)).sum(1).mean()
                             for lg, t in zip(logits, targets)]).mean()
         if xyz is not None:
             loss = loss + cfg.regression_weight * (1 - (xyz.float() * xyz_true[idx].to(device)).sum(1)).mean()
+        if gps is not None:
+            own = torch.from_numpy(train_pos[rows])
+            mine = own >= 0  # validation photos have no place among the training locations
+            if mine.any():
+                scores = heads.proj.logit_scale.exp() * gps[mine.to(gps.device)].float() @ train_gps.T
+                loss = loss + cfg.contrastive_weight * F.cross_entropy(scores, own[mine].to(device))
         return loss, logits
 
     @torch.no_grad()

@@ -107,3 +107,16 @@ def test_a_finetuned_model_dir_is_a_backbone_for_build_and_query(photos, tmp_pat
     answer = json.loads(r.stdout)
     assert answer["error"] is None and answer["neighbors"][0]["id"].endswith("p5.jpg")
     assert answer["neighbors"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_regression_and_gps_contrastive_terms_train_with_the_cells(photos, tmp_path):
+    """GeoCLIP's image-to-GPS term (its published location encoder, frozen) and the unit-sphere regression
+    term join the cell loss; their heads live in the checkpoint, not in the model a bundle uses."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        card = finetune(str(photos), tmp_path / "m", _cfg(epochs=1, regression_weight=0.5, contrastive_weight=0.5),
+                        log=_quiet)
+    assert all(np.isfinite(h["loss"]) for h in card["validation"]["history"])
+    state = load_file(str(tmp_path / "m" / "checkpoint" / "state.safetensors"))
+    assert any(k.startswith("heads.proj.") for k in state) and any(k.startswith("heads.xyz.") for k in state)
+    assert not any(k.startswith(("proj.", "xyz.")) for k in load_file(str(tmp_path / "m" / "model.safetensors")))

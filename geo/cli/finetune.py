@@ -29,6 +29,8 @@ def finetune_command(
                                                "this fixed, e.g. blocks.4 for EfficientNet-Lite0 (faster on CPU)."),
     smoothing_km: float = typer.Option(75.0, help="Haversine label smoothing scale (PIGEON's tau)."),
     regression_weight: float = typer.Option(0.0, help="Weight of a coordinate-regression term (0: off)."),
+    contrastive_weight: float = typer.Option(0.0, help="Weight of GeoCLIP's image-to-GPS contrastive term against "
+                                             "its published location encoder (0: off)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips and crops while training."),
     patience: int = typer.Option(2, help="Stop after this many epochs without a better validation loss."),
     device: str = typer.Option("auto", help="auto | cpu | cuda (bf16 autocast on CUDA)"),
@@ -45,14 +47,15 @@ def finetune_command(
     for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--patience", patience)):
         if value < 1:
             fail(f"{name} must be at least 1, not {value}")
-    if lr <= 0 or smoothing_km <= 0 or regression_weight < 0:
-        fail("--lr and --smoothing-km must be positive and --regression-weight not negative")
+    if lr <= 0 or smoothing_km <= 0 or regression_weight < 0 or contrastive_weight < 0:
+        fail("--lr and --smoothing-km must be positive, --regression-weight and --contrastive-weight not negative")
     if (inside := bundle_containing(out / "x")) is not None:
         fail(f"--out {out} is inside the bundle {inside}: write the model elsewhere")
     cfg = FinetuneConfig(backbone=backbone, weights=str(weights) if weights else None,
                          image_root=str(image_root) if image_root else None, group_column=group, epochs=epochs,
                          batch_size=batch_size, lr=lr, freeze_until=freeze_until, smoothing_km=smoothing_km,
-                         regression_weight=regression_weight, augment=augment, patience=patience, device=device)
+                         regression_weight=regression_weight, contrastive_weight=contrastive_weight,
+                         augment=augment, patience=patience, device=device)
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     with writing(out, log), showing(bars=not quiet):
         card = finetune(str(manifest), out, cfg, log=log)
