@@ -32,7 +32,7 @@ from geo.query.index import GeoIndex
 from geo.store.bundle import open_bundle
 from geo.store.embeddings import EmbeddingReader
 
-MODES = ("knn", "gallery", "cells", "fused")
+MODES = ("knn", "gallery", "cells", "regression", "fused")
 
 
 def embed_all(model_dir: Path, paths: list[str], batch: int = 32) -> tuple[dict, np.ndarray]:
@@ -87,8 +87,9 @@ def main() -> None:
             for m, p in answers(sp, meta, emb, g, q).items():
                 pred[(kind, m)][q] = p
         pred[("prior", "prior")][q] = population_prior(truth[g, 0], truth[g, 1])
-        acc = {kind: {t: float(np.mean(haversine_km(*pred[(kind, "fused")][q].T, *truth[q].T) <= t))
-                      for t in (200, 750, 2500)} for kind in ("frozen", "fine-tuned")}
+        acc = {key: {t: float(np.mean(haversine_km(*pred[key][q].T, *truth[q].T) <= t)) for t in (200, 750, 2500)}
+               for key in pred}
+        acc.update({kind: acc[(kind, "fused")] for kind in ("frozen", "fine-tuned")})
         per_fold.append(acc)
         print(f"fold {f}: {int(g.sum())} gallery photos ({len(set(authors[g]))} photographers), {int(q.sum())} "
               f"queries; fine-tuning {seconds[-1]:.0f} s; fused frozen {acc['frozen']} fine-tuned {acc['fine-tuned']}")
@@ -108,6 +109,12 @@ def main() -> None:
     for f, acc in enumerate(per_fold):
         print(f"  fold {f}: " + "; ".join(f"{t} km {100 * acc['frozen'][t]:.1f} -> {100 * acc['fine-tuned'][t]:.1f}"
                                           for t in (200, 750, 2500)))
+    print("\nthe single modes against the prior, per fold (200 / 750 / 2500 km, percent; frozen backbone)")
+    for f, acc in enumerate(per_fold):
+        print(f"  fold {f}: " + "; ".join(
+            f"{m} " + "/".join(f"{100 * acc[key][t]:.1f}" for t in (200, 750, 2500))
+            for m, key in (("prior", ("prior", "prior")), ("cells", ("frozen", "cells")),
+                           ("gallery", ("frozen", "gallery")), ("regression", ("frozen", "regression")))))
 
 
 if __name__ == "__main__":
