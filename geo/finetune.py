@@ -83,8 +83,11 @@ class FinetuneConfig:
     device: str = "auto"
 
     def fingerprint(self, manifest_digest: str) -> str:
-        """What must match for a checkpoint to be resumed (epochs and patience may change)."""
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("epochs", "patience", "device")}
+        """What must match for a checkpoint to be resumed (epochs and patience may change). Settings at their
+        defaults are left out, so an option added later with a neutral default keeps old checkpoints valid."""
+        defaults = FinetuneConfig()
+        keep = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("epochs", "patience", "device") and v != getattr(defaults, k)}
         return hashlib.sha256(json.dumps([keep, manifest_digest], sort_keys=True).encode()).hexdigest()[:16]
 
 
