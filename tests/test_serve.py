@@ -139,7 +139,7 @@ def test_info_metrics_docs_and_thumbnails(server, bundle):
     info = httpx.get(server + "/info", headers=AUTH).json()
     cli = json.loads(CliRunner().invoke(app, ["info", str(bundle), "--json"]).stdout)
     assert {k: info[k] for k in cli} == json.loads(json.dumps(cli))
-    assert info["modes"] == ["fused", "knn", "gallery", "cells"] and info["default_mode"] == "fused"
+    assert info["modes"] == ["fused", "knn", "gallery", "cells", "regression"] and info["default_mode"] == "fused"
 
     httpx.post(server + "/locate", headers=AUTH, files=_files(_photo(QUERIES[0])), timeout=60)
     text = httpx.get(server + "/metrics", headers=AUTH).text

@@ -84,18 +84,29 @@ def open_index(path: str | Path, device: str = "auto", verify: bool = True, sett
     """
     deadline = time.monotonic() + settle_s
     while True:
+        before = _updated(path)
         try:
             bundle = open_bundle(path, verify=verify)
             bundle.require_complete()
             index = GeoIndex(bundle, device=device)
             index.load_stages()
-            if verify and read_json(bundle.path(MANIFEST)).get("updated") != bundle.manifest.get("updated"):
+            if verify and _updated(path) != bundle.manifest.get("updated"):
                 raise BundleError(f"{bundle.root}: the bundle changed while it was being read; try again")
             return index
         except BundleError:
-            if not writer_active(path) or time.monotonic() > deadline:
+            # a writer at work, or one that committed and finished while we read: read the new bundle
+            moved = _updated(path) != before
+            if time.monotonic() > deadline or not (moved or writer_active(path)):
                 raise
             time.sleep(0.2)
+
+
+def _updated(path: str | Path) -> str | None:
+    """When the manifest was last committed (None when it cannot be read right now)."""
+    try:
+        return read_json(Path(path) / MANIFEST).get("updated")
+    except (BundleError, AttributeError):
+        return None
 
 
 def _loading(bundle: Bundle, stage: str, load: Callable[[], Any]) -> Any:
