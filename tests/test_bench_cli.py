@@ -63,6 +63,12 @@ def test_sql_and_report_on_converted_results(tmp_path):
     a = json.loads((out / "report.json").read_text())
     assert sum(g["n"] for g in a["by_continent"].values()) == 237
     assert 0.5 < a["country_hit_rate"] <= 1.0
+    assert a["country_hit_rate"] == a["summary"]["country"]["acc"]  # one rule for countries, as in geo bench
+    by = {k: g for k, g in a["by_country"].items() if g["country_acc"] is not None}  # truth at sea: no country
+    assert sum(g["country_acc"] * g["n"] for g in by.values()) == pytest.approx(
+        a["country_hit_rate"] * sum(g["n"] for g in by.values()), abs=1e-6)
+    assert "right country %" in html
+    assert any(line.startswith("country") and line.rstrip().endswith("country") for line in r.stdout.splitlines())
 
 
 def test_report_compares_modes_given_one_file_per_mode(tmp_path):

@@ -110,6 +110,10 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
     for key, col in (("by_continent", "true_continent"), ("by_country", "true_country")):
         groups = breakdown(d, geo_df[col], ci=False)
         out[key] = {k: v for k, v in groups.items() if v["n"] >= min_group}
+    right = (geo_df["true_country"] == geo_df["pred_country"]).to_numpy()
+    for name, g in out["by_country"].items():  # each country's share answered in that country (none at sea)
+        rows = (geo_df["true_country"] == name).to_numpy()
+        g["country_acc"] = float(right[rows].mean()) if rows.any() else math.nan
     out["country_hit_rate"] = out["summary"]["country"]["acc"]
     both = geo_df["true_continent"].notna() & geo_df["pred_continent"].notna()
     out["continent_hit_rate"] = float((geo_df.loc[both, "true_continent"] == geo_df.loc[both, "pred_continent"]).mean()) if both.any() else math.nan
@@ -221,12 +225,15 @@ def summary_text(s: dict[str, Any]) -> str:
 
 
 def groups_text(title: str, groups: dict[str, dict[str, Any]], limit: int | None = None) -> str:
+    """One row per group: n, the thresholds' accuracies, the median, and (by country) the right-country share."""
     items = sorted(groups.items(), key=lambda kv: -kv[1]["n"])[:limit]
-    head = f"{title:<16}{'n':>6}" + "".join(f"{str(t) + 'km':>8}" for t in THRESHOLDS_KM) + f"{'median km':>11}"
+    countries = any("country_acc" in g for _, g in items)
+    head = (f"{title:<16}{'n':>6}" + "".join(f"{str(t) + 'km':>8}" for t in THRESHOLDS_KM) + f"{'median km':>11}"
+            + (f"{'country':>9}" if countries else ""))
     rows = [head]
     for name, g in items:
         rows.append(f"{name:<16}{g['n']:>6}" + "".join(f"{_pct(g['acc'][str(t)]):>8}" for t in THRESHOLDS_KM)
-                    + f"{g['median_km']:>11.1f}")
+                    + f"{g['median_km']:>11.1f}" + (f"{_pct(g.get('country_acc')):>9}" if countries else ""))
     return "\n".join(rows)
 
 
@@ -387,8 +394,11 @@ def _html_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def _groups_html(groups: dict[str, dict[str, Any]], title: str, limit: int | None = None) -> str:
     items = sorted(groups.items(), key=lambda kv: -kv[1]["n"])[:limit]
-    rows = [[k, g["n"], *(_pct(g["acc"][str(t)]) for t in THRESHOLDS_KM), f"{g['median_km']:.1f}"] for k, g in items]
-    return _html_table([title, "n", *(f"{t} km %" for t in THRESHOLDS_KM), "median km"], rows)
+    countries = any("country_acc" in g for _, g in items)
+    rows = [[k, g["n"], *(_pct(g["acc"][str(t)]) for t in THRESHOLDS_KM), f"{g['median_km']:.1f}",
+             *([_pct(g.get("country_acc"))] if countries else [])] for k, g in items]
+    return _html_table([title, "n", *(f"{t} km %" for t in THRESHOLDS_KM), "median km",
+                        *(["right country %"] if countries else [])], rows)
 
 
 def _photos_html(rows: list[dict[str, Any]]) -> str:
