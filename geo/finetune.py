@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from geo.core import s2
-from geo.core.geodesy import EARTH_RADIUS_KM, THRESHOLDS_KM, haversine_km, latlon_to_xyz, xyz_to_latlon
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km, latlon_to_xyz
 from geo.core.knn_vote import kde_vote
 from geo.core.progress import bar, detail
 from geo.core.runtime import resolve_device
@@ -55,7 +55,8 @@ from geo.models.backbones.finetuned import CARD_FORMAT
 from geo.models.location import ImageProjection, LocationEncoder
 from geo.models.registry import MODEL_CARD
 from geo.models.weights import file_sha256
-from geo.stages.cells.partition import assign, build_partitions, default_taus
+from geo.stages.cells.partition import assign, build_partitions, cell_table, default_taus
+from geo.stages.cells.train import smoothed_targets
 from geo.store.atomic import atomic_save_safetensors, atomic_write_json
 
 Log = Callable[[str], None]
@@ -105,26 +106,6 @@ class _Heads(torch.nn.Module):
         xyz = F.normalize(self.xyz(f), dim=1) if self.xyz is not None else None
         gps = F.normalize(self.proj(f), dim=1) if self.proj is not None else None
         return [h(f) for h in self.cells], xyz, gps
-
-
-def smoothed_targets(lat: np.ndarray, lon: np.ndarray, cell_lat: np.ndarray, cell_lon: np.ndarray,
-                     tau_km: float) -> np.ndarray:
-    """PIGEON's haversine-smoothed labels [n, cells]: exp(-(d_c - min_c d) / tau), normalised per photo.
-
-    The nearest cell centre takes the most mass, so a photo of a valid training cell keeps its own cell on top."""
-    xyz, cxyz = latlon_to_xyz(lat, lon), latlon_to_xyz(cell_lat, cell_lon)
-    d = EARTH_RADIUS_KM * np.arccos(np.clip(xyz @ cxyz.T, -1.0, 1.0))
-    w = np.exp(-(d - d.min(1, keepdims=True)) / tau_km)
-    return (w / w.sum(1, keepdims=True)).astype(np.float32)
-
-
-def _cell_centres(lat: np.ndarray, lon: np.ndarray, rows: np.ndarray, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical mean of each cell's training photos (photos of cells below tau_min have row -1 and no cell;
-    their targets still come from their distances to the centres)."""
-    inside = rows >= 0
-    xyz = latlon_to_xyz(lat[inside], lon[inside])
-    sums = np.stack([np.bincount(rows[inside], weights=xyz[:, a], minlength=n_cells) for a in range(3)], 1)
-    return xyz_to_latlon(sums)
 
 
 def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -260,12 +241,14 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
     parts = build_partitions(lat[train], lon[train], tau_min, tau_max)
     leaf = s2.leaf_ids(lat, lon)
     targets, centres = [], []
-    for p in parts:
-        rows = assign(leaf[train], p.cell_ids)
-        clat, clon = _cell_centres(lat[train], lon[train], rows, len(p.cell_ids))
+    photo_xyz = torch.from_numpy(latlon_to_xyz(lat, lon))
+    for p in parts:  # the cells' centres are their training photos' spherical means (Class2GPS), as in the stage
+        table = cell_table(p, assign(leaf[train], p.cell_ids), lat[train], lon[train], {}, {})
+        clat, clon = table["lat"].to_numpy(np.float64), table["lon"].to_numpy(np.float64)
         centres.append((clat, clon))
-        targets.append(torch.from_numpy(smoothed_targets(lat, lon, clat, clon, cfg.smoothing_km)))
-    xyz_true = torch.from_numpy(latlon_to_xyz(lat, lon).astype(np.float32))
+        targets.append(smoothed_targets(photo_xyz, torch.from_numpy(latlon_to_xyz(clat, clon)),
+                                        cfg.smoothing_km).float())
+    xyz_true = photo_xyz.float()
 
     model = bb.model.to(device).float()
     trainable = _freeze(model, cfg.freeze_until)

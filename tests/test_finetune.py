@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from geo.cli import app
-from geo.finetune import FinetuneConfig, finetune, smoothed_targets
+from geo.core.geodesy import latlon_to_xyz
+from geo.finetune import FinetuneConfig, finetune
+from geo.stages.cells.train import smoothed_targets
 from geo.models.backbones import load_backbone
 
 # four places, each with its own colours; two photographers at each (validation holds out whole photographers)
@@ -52,8 +55,9 @@ def _quiet(*a) -> None:
 
 
 def test_smoothed_targets_favour_the_nearest_cell_and_sum_to_one():
-    t = smoothed_targets(np.array([48.85]), np.array([2.35]), np.array([48.8, 51.5, -33.9]), np.array([2.3, -0.1, 151.2]),
-                         75.0)
+    t = smoothed_targets(torch.from_numpy(latlon_to_xyz(np.array([48.85]), np.array([2.35]))),
+                         torch.from_numpy(latlon_to_xyz(np.array([48.8, 51.5, -33.9]), np.array([2.3, -0.1, 151.2]))),
+                         75.0).numpy()
     assert t.shape == (1, 3) and t.sum() == pytest.approx(1.0) and t[0].argmax() == 0 and t[0, 2] < 1e-30
 
 

@@ -160,6 +160,14 @@ def _prototype_init(model: CellHeads, emb: np.ndarray, rows: np.ndarray, targets
         head.bias.copy_(torch.from_numpy(-(w @ mu)).float())
 
 
+def smoothed_targets(pxyz: torch.Tensor, cxyz: torch.Tensor, smoothing_km: float) -> torch.Tensor:
+    """PIGEON's haversine label smoothing [photos, cells]: target ∝ exp(-distance to the cell's photo mean /
+    scale), so the nearest cell takes the most mass and a near miss costs little. The cell heads and
+    ``geo finetune`` both train against it. 2R·asin(chord/2) is the haversine."""
+    chord = torch.cdist(pxyz, cxyz).clamp(max=2.0)
+    return (-(2 * EARTH_RADIUS_KM * torch.asin(chord / 2)) / smoothing_km).softmax(-1)
+
+
 def _loss(model: CellHeads, x, y, s, pxyz, cxyz, smoothing_km: float, n_scenes: int) -> torch.Tensor:
     scene_in = None
     if n_scenes:
@@ -173,9 +181,7 @@ def _loss(model: CellHeads, x, y, s, pxyz, cxyz, smoothing_km: float, n_scenes: 
         if not ok.any():
             continue
         if smoothing_km > 0:
-            # PIGEON: target ∝ exp(-distance to the cell's photo mean / scale); 2R·asin(chord/2) is the haversine.
-            chord = torch.cdist(pxyz[ok], cxyz[p]).clamp(max=2.0)
-            q = (-(2 * EARTH_RADIUS_KM * torch.asin(chord / 2)) / smoothing_km).softmax(-1)
+            q = smoothed_targets(pxyz[ok], cxyz[p], smoothing_km)
             losses.append(-(q * z[ok].log_softmax(-1)).sum(-1).mean())
         else:
             losses.append(nn.functional.cross_entropy(z[ok], y[ok, p]))
