@@ -1,10 +1,9 @@
 """``geo report``: what a predictions file says about an index, as text, PNGs and one HTML page.
 
-Everything is offline: countries come from ``reverse_geocoder`` (GeoNames
-cities >1000 people, nearest-city lookup, run single-process with mode=1 so
-it never forks on a shared machine), continents from the packaged
-``continents.csv``, and the world map's land is drawn from those same
-GeoNames cities, so no basemap download is needed.
+Everything is offline: countries come from Natural Earth shapes (:mod:`geo.data.countries`, as in the
+predictions), continents from the nearest GeoNames place's country code (:mod:`geo.data.places`) and the
+packaged ``continents.csv``, and the world map's land is drawn from those same GeoNames places, so no
+basemap download is needed.
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from geo.core.geodesy import valid_latlon
+from geo.data.places import nearest_places
 from geo.eval.metrics import THRESHOLDS_KM, breakdown, label_accuracy, summarize
 from geo.eval.published import comparison_table
 from geo.stages.fusion.calibration import expected_calibration_error, reliability_table
@@ -36,20 +36,9 @@ def continents() -> dict[str, str]:
 
 
 def country_codes(lat: Sequence[float], lon: Sequence[float]) -> list[str | None]:
-    """ISO country code of the nearest GeoNames city for each point (None for missing coordinates)."""
-    import reverse_geocoder as rg
-
-    lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
-    ok = np.flatnonzero(np.isfinite(lat) & np.isfinite(lon))
-    out: list[str | None] = [None] * len(lat)
-    if ok.size:
-        import contextlib
-
-        with contextlib.redirect_stdout(io.StringIO()):  # the library prints a loading banner
-            hits = rg.search([(float(lat[i]), float(lon[i])) for i in ok], mode=1, verbose=False)
-        for i, h in zip(ok, hits):
-            out[i] = h["cc"]
-    return out
+    """ISO country code of the nearest GeoNames place for each point (None for missing coordinates): the
+    one nearest-place search (:func:`geo.data.places.nearest_places`) the answers' ``place`` uses."""
+    return [p.get("cc") for p in nearest_places(np.asarray(lat, np.float64), np.asarray(lon, np.float64))]
 
 
 def continent_of(cc: str | None) -> str | None:
