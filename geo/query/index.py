@@ -222,7 +222,7 @@ class GeoIndex:
         sims, rows = knn_search(self.knn, batch)
         decisions = self._decide(mode, batch, sims, rows)
         probs = cell_probs(self.cells, batch) if self.cells is not None else None
-        gallery = gallery_search(self.gallery, batch) if mode in ("gallery", "fused") else None
+        gallery = gallery_search(self.gallery, batch) if self.gallery is not None and mode in ("gallery", "fused") else None
         lat_lon = (np.array([d.lat for d in decisions]), np.array([d.lon for d in decisions]))
         places = nearest_places(*lat_lon)
         countries = self._countries(country_index(*lat_lon), probs)
