@@ -2,7 +2,7 @@
 
 Why: a frozen ImageNet network knows objects, not places; every strong geolocation system fine-tunes on
 geotagged photos (PlaNet, Müller-Budack et al., PIGEON, GeoCLIP). The objective here is PIGEON's:
-cross-entropy over geo's adaptive S2 cells at every partition, with *haversine label smoothing* (the target
+cross-entropy over geo's cells (adaptive S2, or PIGEON's semantic cells) at every partition, with *haversine label smoothing* (the target
 spreads over cells by exp(-(d(cell) - d(true cell)) / tau), tau = 75 km), so a near miss costs little and
 the network learns geography, not cell ids. An optional coordinate-regression term (``regression_weight``)
 adds a unit-sphere head (Manocchio & Passaro), and an optional GPS-contrastive term (``contrastive_weight``)
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from geo.core import s2
+
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km, latlon_to_xyz
 from geo.core.knn_vote import kde_vote
 from geo.core.progress import bar, detail
@@ -55,7 +55,7 @@ from geo.models.backbones.finetuned import CARD_FORMAT
 from geo.models.location import ImageProjection, LocationEncoder
 from geo.models.registry import MODEL_CARD
 from geo.models.weights import file_sha256
-from geo.stages.cells.partition import assign, build_partitions, cell_table, default_taus
+from geo.stages.cells.partition import build_partitions, cell_table, default_taus, locate
 from geo.stages.cells.train import smoothed_targets
 from geo.store.atomic import atomic_save_safetensors, atomic_write_json
 
@@ -75,6 +75,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     freeze_until: str | None = None  # parameters before the first whose name starts with this stay fixed
     smoothing_km: float = 75.0  # PIGEON's tau for haversine label smoothing
+    partitioner: str = "adaptive"  # the cells the heads classify into: adaptive (S2) | semantic (PIGEON)
     regression_weight: float = 0.0
     contrastive_weight: float = 0.0  # GeoCLIP's image-to-GPS InfoNCE against its frozen location encoder
     augment: bool = True
@@ -238,12 +239,12 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
 
     # cells from the training photos only; each photo's smoothed targets against every cell's centre
     tau_min, tau_max = default_taus(len(train))
-    parts = build_partitions(lat[train], lon[train], tau_min, tau_max)
-    leaf = s2.leaf_ids(lat, lon)
+    parts = build_partitions(lat[train], lon[train], tau_min, tau_max, cfg.partitioner, seed=cfg.seed)
+    located = locate(parts, lat[train], lon[train])
     targets, centres = [], []
     photo_xyz = torch.from_numpy(latlon_to_xyz(lat, lon))
-    for p in parts:  # the cells' centres are their training photos' spherical means (Class2GPS), as in the stage
-        table = cell_table(p, assign(leaf[train], p.cell_ids), lat[train], lon[train], {}, {})
+    for k, p in enumerate(parts):  # the cells' centres are their training photos' spherical means (Class2GPS), as in the stage
+        table = cell_table(p, located[:, k], lat[train], lon[train], {}, {})
         clat, clon = table["lat"].to_numpy(np.float64), table["lon"].to_numpy(np.float64)
         centres.append((clat, clon))
         targets.append(smoothed_targets(photo_xyz, torch.from_numpy(latlon_to_xyz(clat, clon)),
@@ -254,7 +255,7 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
     trainable = _freeze(model, cfg.freeze_until)
     with torch.random.fork_rng(devices=[]):  # the heads start the same in every run of this config
         torch.manual_seed(cfg.seed)
-        heads = _Heads(bb.dim, [len(p.cell_ids) for p in parts], cfg.regression_weight > 0,
+        heads = _Heads(bb.dim, [p.n_cells for p in parts], cfg.regression_weight > 0,
                        cfg.contrastive_weight > 0).to(device)
     train_pos = np.full(len(df), -1, np.int64)
     train_pos[train] = np.arange(len(train))
@@ -385,7 +386,7 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
         "training": {"manifest": str(man.source), "photos": len(df), "train": int(len(train)),
                      "validation": int(len(val)), "failed": len(failed), "group_column": col,
                      "photographers": int(len(np.unique(groups))) if groups is not None else None,
-                     "cells": {p.name: len(p.cell_ids) for p in parts}, "trainable_parameters": trainable,
+                     "cells": {p.name: p.n_cells for p in parts}, "trainable_parameters": trainable,
                      "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"},
                      "device": str(device)},
         "validation": {"best_epoch": best_epoch, "best": history[best_epoch], "base": history[0], "history": history},

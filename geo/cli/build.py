@@ -13,6 +13,7 @@ from geo.core.progress import showing
 from geo.models.hub import allow_downloads
 from geo.pipeline import STAGES, BuildConfig, StageConfigs, add_photos, build_index
 from geo.pipeline import dry_run as dry_run_build
+from geo.stages.cells.partition import PARTITIONERS
 from geo.stages.cells.stage import CellsConfig
 from geo.stages.embed import EmbedConfig
 from geo.stages.fusion.posterior import FusionParams, learned_summary
@@ -47,7 +48,8 @@ def build_index_command(
     exact_max: int = typer.Option(100_000, help="Largest gallery indexed exactly (IndexFlatIP)."),
     cells: list[Path] = typer.Option([], "--cells", help="Published GeoEstimation cell CSV(s) to assign the gallery to "
                                      "(repeatable, coarse to fine) instead of building adaptive partitions."),
-    partitioner: str = typer.Option("adaptive", help="adaptive (PlaNet/Müller-Budack S2 splitting) | bottomup (seed 002 hot spots)."),
+    partitioner: str = typer.Option("adaptive", help="adaptive (PlaNet/Müller-Budack S2 splitting) | bottomup (seed 002 hot spots) | "
+                                     "semantic (PIGEON: country borders, then Voronoi cells around where photos cluster)."),
     tau_min: Optional[int] = typer.Option(None, help="Drop cells with fewer photos (default scales with gallery size)."),
     tau_max: list[int] = typer.Option([], help="Split cells with more photos; one per partition (repeatable)."),
     head: str = typer.Option("linear", help="Cell classification head: linear | mlp."),
@@ -99,6 +101,8 @@ def build_index_command(
         fail(f"--skip takes {', '.join(SKIPPABLE)}, not {', '.join(sorted(unknown))}")
     if allow_download:
         allow_downloads()
+    if partitioner not in PARTITIONERS:
+        fail(f"--partitioner takes {', '.join(PARTITIONERS)}, not {partitioner!r}")
     unknown = set(force) - set(FORCEABLE)
     if unknown:
         fail(f"--force takes {', '.join(FORCEABLE)}, not {', '.join(sorted(unknown))}")

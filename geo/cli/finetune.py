@@ -28,6 +28,8 @@ def finetune_command(
     freeze_until: Optional[str] = typer.Option(None, help="Keep parameters before the first whose name starts with "
                                                "this fixed, e.g. blocks.4 for EfficientNet-Lite0 (faster on CPU)."),
     smoothing_km: float = typer.Option(75.0, help="Haversine label smoothing scale (PIGEON's tau)."),
+    partitioner: str = typer.Option("adaptive", help="Cells to classify into: adaptive (S2, PlaNet) | semantic "
+                                    "(PIGEON: country borders, then where photos cluster)."),
     regression_weight: float = typer.Option(0.0, help="Weight of a coordinate-regression term (0: off)."),
     contrastive_weight: float = typer.Option(0.0, help="Weight of GeoCLIP's image-to-GPS contrastive term against "
                                              "its published location encoder (0: off)."),
@@ -49,12 +51,15 @@ def finetune_command(
             fail(f"{name} must be at least 1, not {value}")
     if lr <= 0 or smoothing_km <= 0 or regression_weight < 0 or contrastive_weight < 0:
         fail("--lr and --smoothing-km must be positive, --regression-weight and --contrastive-weight not negative")
+    if partitioner not in ("adaptive", "semantic"):
+        fail(f"--partitioner takes adaptive or semantic, not {partitioner!r} (bottomup ranks cells by embeddings, "
+             "which change while fine-tuning)")
     if (inside := bundle_containing(out / "x")) is not None:
         fail(f"--out {out} is inside the bundle {inside}: write the model elsewhere")
     cfg = FinetuneConfig(backbone=backbone, weights=str(weights) if weights else None,
                          image_root=str(image_root) if image_root else None, group_column=group, epochs=epochs,
                          batch_size=batch_size, lr=lr, freeze_until=freeze_until, smoothing_km=smoothing_km,
-                         regression_weight=regression_weight, contrastive_weight=contrastive_weight,
+                         partitioner=partitioner, regression_weight=regression_weight, contrastive_weight=contrastive_weight,
                          augment=augment, patience=patience, device=device)
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     with writing(out, log), showing(bars=not quiet):

@@ -1,6 +1,8 @@
-"""Partitions of the gallery into S2 cells, and the cell tables the heads classify into.
+"""Partitions of the gallery into cells, and the cell tables the heads classify into.
 
-A partition is a set of disjoint S2 cells (any mix of levels). Several
+A partition is a set of disjoint S2 cells (any mix of levels), or semantic
+cells (:mod:`geo.stages.cells.semantic`: country borders and Voronoi regions
+around where photos cluster). Several
 partitions share one ``tau_min`` and are ordered coarse -> fine, so every
 cell of a finer partition lies inside exactly one cell of each coarser one;
 the hierarchical prediction (f*) relies on that and :func:`link_parents`
@@ -17,8 +19,12 @@ Two partitioners make such cells:
   photo: the most visually coherent places first, because a classifier can
   learn those), skipping any that overlaps a claimed one.
 
-Photos are handled as leaf ids computed once; every coarser cell is integer
-arithmetic on them (:mod:`geo.core.s2`).
+* ``semantic`` (PIGEON): see :mod:`geo.stages.cells.semantic`.
+
+For S2 partitions, photos are handled as leaf ids computed once; every
+coarser cell is integer arithmetic on them (:mod:`geo.core.s2`). Whatever the
+kind, :func:`locate` gives each coordinate its row in every partition, and
+:func:`partitions_from_tables` rebuilds the partitions from a bundle's cell tables.
 """
 from __future__ import annotations
 
@@ -30,8 +36,10 @@ import pandas as pd
 
 from geo.core import s2
 from geo.core.geodesy import latlon_to_xyz, xyz_to_latlon
+from geo.stages.cells.semantic import SemanticCells, semantic_cells
 
-PARTITIONERS = ("adaptive", "bottomup")
+PARTITIONERS = ("adaptive", "bottomup", "semantic")
+SEMANTIC_COLUMNS = ["seed_lat", "seed_lon", "country"]  # the finest semantic table's: its cells' Voronoi seeds
 # MP-16 (Müller-Budack et al. 2018): 4.72 M photos -> tau_min 50, tau_max 5000 / 2000 / 1000.
 MP16_PHOTOS = 4_723_695
 MP16_TAU_MIN = 50
@@ -41,13 +49,26 @@ GEOESTIMATION_COLUMNS = ["class_label", "hex_id", "imgs_per_cell", "latitude_mea
 
 @dataclass
 class Partition:
-    """One partition: its name and its disjoint cells (uint64 ids; row order = class label)."""
+    """One partition: its name and its disjoint cells (row order = class label): S2 cells (uint64 ids in
+    ``cell_ids``) or, with ``semantic`` set, semantic cells (``cell_ids`` empty)."""
 
     name: str
     cell_ids: np.ndarray
     # Class2GPS points for cells that may hold no gallery photo (imported partitions).
     fallback_lat: np.ndarray | None = None
     fallback_lon: np.ndarray | None = None
+    semantic: SemanticCells | None = None
+
+    @property
+    def n_cells(self) -> int:
+        return self.semantic.n_cells if self.semantic is not None else len(self.cell_ids)
+
+    def tokens(self) -> list[str]:
+        return self.semantic.tokens() if self.semantic is not None else s2.to_tokens(self.cell_ids)
+
+    def levels(self) -> np.ndarray:
+        """S2 level per cell; -1 for semantic cells, which have none."""
+        return np.full(self.n_cells, -1, np.int64) if self.semantic is not None else s2.levels_of(self.cell_ids)
 
 
 def default_names(k: int) -> list[str]:
@@ -185,7 +206,7 @@ def _check_taus(tau_min: int, tau_max: list[int]) -> None:
 
 def build_partitions(lat: np.ndarray, lon: np.ndarray, tau_min: int, tau_max: list[int],
                      partitioner: str = "adaptive", emb: np.ndarray | None = None, names: list[str] | None = None,
-                     min_level: int = 2, max_level: int = 30) -> list[Partition]:
+                     min_level: int = 2, max_level: int = 30, seed: int = 0) -> list[Partition]:
     """Partitions coarse -> fine (``tau_max`` sorted descending), nested by construction."""
     if partitioner not in PARTITIONERS:
         raise ValueError(f"unknown partitioner {partitioner!r}; choose one of {', '.join(PARTITIONERS)}")
@@ -196,6 +217,9 @@ def build_partitions(lat: np.ndarray, lon: np.ndarray, tau_min: int, tau_max: li
     names = names or default_names(len(tau_max))
     if len(names) != len(tau_max):
         raise ValueError(f"{len(names)} partition names for {len(tau_max)} tau_max values")
+    if partitioner == "semantic":
+        return [Partition(n, np.empty(0, np.uint64), semantic=c)
+                for n, c in zip(names, semantic_cells(lat, lon, tau_min, tau_max, seed))]
     leaf = s2.leaf_ids(lat, lon)
     if partitioner == "adaptive":
         cells = [adaptive_cells(leaf, tau_min, t, min_level, max_level) for t in tau_max]
@@ -208,6 +232,39 @@ def build_partitions(lat: np.ndarray, lon: np.ndarray, tau_min: int, tau_max: li
     return [Partition(n, c) for n, c in zip(names, cells)]
 
 
+def locate(partitions: list[Partition], lat, lon) -> np.ndarray:
+    """Each coordinate's row in every partition, int64 [n, partitions], -1 where it lies in none.
+
+    S2 partitions look up the leaf id (computed once); semantic ones the nearest seed (found once, for the
+    seeds are the same in every partition of a build)."""
+    lat, lon = np.asarray(lat, np.float64).ravel(), np.asarray(lon, np.float64).ravel()
+    leaf = seeds = None
+    out = np.empty((len(lat), len(partitions)), np.int64)
+    for k, p in enumerate(partitions):
+        if p.semantic is not None:
+            seeds = p.semantic.seed_rows(lat, lon) if seeds is None else seeds
+            out[:, k] = p.semantic.rows(lat, lon, seeds)
+        else:
+            leaf = s2.leaf_ids(lat, lon) if leaf is None else leaf
+            out[:, k] = assign(leaf, p.cell_ids)
+    return out
+
+
+def _parent_rows(fine: Partition, coarse: Partition) -> np.ndarray:
+    """Row in ``coarse`` of each cell of ``fine`` (-1: none, or the cell straddles several)."""
+    if fine.semantic is None and coarse.semantic is None:
+        return assign(fine.cell_ids, coarse.cell_ids)
+    if fine.semantic is None or coarse.semantic is None or not np.array_equal(fine.semantic.seed_lat, coarse.semantic.seed_lat):
+        return np.full(fine.n_cells, -1, np.int64)  # different kinds of cells do not nest
+    f, c = fine.semantic.group, coarse.semantic.group
+    rows = np.full(fine.n_cells, -1, np.int64)
+    rows[f] = c
+    straddles = np.zeros(fine.n_cells, bool)
+    straddles[f[rows[f] != c]] = True  # a fine cell whose seeds lie in two coarse cells
+    rows[straddles] = -1
+    return rows
+
+
 def link_parents(partitions: list[Partition]) -> dict[str, dict[str, np.ndarray]]:
     """For each partition, the row of its cell's ancestor in every coarser partition.
 
@@ -218,9 +275,9 @@ def link_parents(partitions: list[Partition]) -> dict[str, dict[str, np.ndarray]
     for k, fine in enumerate(partitions):
         out[fine.name] = {}
         for coarse in partitions[:k]:
-            rows = assign(fine.cell_ids, coarse.cell_ids)
+            rows = _parent_rows(fine, coarse)
             if (rows < 0).any():
-                bad = s2.to_tokens(fine.cell_ids[rows < 0][:5])
+                bad = np.asarray(fine.tokens(), dtype=object)[rows < 0][:5]
                 raise ValueError(
                     f"partition {fine.name!r}: {(rows < 0).sum()} cells (e.g. {', '.join(bad)}) lie in no cell of "
                     f"the coarser partition {coarse.name!r}; the partitions must nest (same tau_min, ordered coarse->fine)"
@@ -236,7 +293,7 @@ def cell_table(part: Partition, rows: np.ndarray, lat: np.ndarray, lon: np.ndarr
     lat/lon are the spherical mean of the cell's photos (Class2GPS): where
     the photos are, not the cell centre, and safe across the antimeridian.
     """
-    n_cells = len(part.cell_ids)
+    n_cells = part.n_cells
     inside = rows >= 0
     counts = np.bincount(rows[inside], minlength=n_cells)
     xyz = latlon_to_xyz(lat[inside], lon[inside])
@@ -249,15 +306,38 @@ def cell_table(part: Partition, rows: np.ndarray, lat: np.ndarray, lon: np.ndarr
         mean_lat[empty], mean_lon[empty] = part.fallback_lat[empty], part.fallback_lon[empty]
     table = pd.DataFrame({
         "class_label": np.arange(n_cells, dtype=np.int32),
-        "token": s2.to_tokens(part.cell_ids),
-        "level": s2.levels_of(part.cell_ids),
+        "token": part.tokens(),
+        "level": part.levels(),
         "count": counts.astype(np.int64),
         "lat": mean_lat,
         "lon": mean_lon,
     })
+    sem = part.semantic
+    if sem is not None and sem.n_cells == len(sem.group):  # the finest: one row per seed, in seed order
+        table["seed_lat"], table["seed_lon"], table["country"] = sem.seed_lat, sem.seed_lon, sem.country
     for name, prow in parents.items():
-        table[f"parent_{name}"] = np.asarray(s2.to_tokens(coarser[name].cell_ids), dtype=object)[prow]
+        table[f"parent_{name}"] = np.asarray(coarser[name].tokens(), dtype=object)[prow]
     return table
+
+
+def partitions_from_tables(tables: list[pd.DataFrame], names: list[str]) -> list[Partition]:
+    """The partitions a bundle's cell tables (coarse -> fine) describe: what ``geo add`` assigns new photos with.
+
+    S2 tables name their cells by token; semantic ones keep the seeds in the finest table and each coarser
+    partition as the finest table's ``parent_<name>`` column."""
+    fine = tables[-1]
+    if not set(SEMANTIC_COLUMNS) <= set(fine.columns):
+        return [Partition(n, s2.from_tokens(t["token"].tolist())) for n, t in zip(names, tables)]
+    seed_lat, seed_lon = fine["seed_lat"].to_numpy(np.float64), fine["seed_lon"].to_numpy(np.float64)
+    country = fine["country"].to_numpy(np.int64)
+    parts = []
+    for n, t in zip(names[:-1], tables[:-1]):
+        group = pd.Index(t["token"]).get_indexer(fine[f"parent_{n}"])
+        if (group < 0).any():
+            raise ValueError(f"cell table {n!r}: the finest table names parents it does not hold")
+        parts.append(Partition(n, np.empty(0, np.uint64), semantic=SemanticCells(seed_lat, seed_lon, country, group)))
+    return parts + [Partition(names[-1], np.empty(0, np.uint64),
+                              semantic=SemanticCells(seed_lat, seed_lon, country, np.arange(len(fine))))]
 
 
 # ------------------------------------------------------------ published partitions

@@ -120,7 +120,8 @@ class CellPredictor:
         top = top[np.argsort(-fine[top], kind="stable")]
         return [{"partition": self.names[-1], "token": str(t["token"].iat[j]), "prob": round(float(fine[j]), 5),
                  "lat": float(t["lat"].iat[j]), "lon": float(t["lon"].iat[j]),
-                 "polygon": cell_ring(str(t["token"].iat[j]))} for j in top]
+                 # semantic cells (level -1) are Voronoi regions clipped to borders: no ring is stored for them
+                 "polygon": cell_ring(str(t["token"].iat[j])) if int(t["level"].iat[j]) >= 0 else None} for j in top]
 
     def decide(self, fine_probs: np.ndarray, radii_km=DECISION_RADII_KM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lat, lon, mass within radii_km[0]) per row of fine probabilities [n, C]: the photo spot with most

@@ -11,7 +11,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from geo.core import s2
 from geo.core.geodesy import latlon_to_xyz, valid_latlon, xyz_to_latlon
 from geo.core.splits import group_column, group_folds
 from geo.models.heads import head_logits
@@ -30,7 +29,7 @@ class CellsConfig:
     """Options of the cells stage (``geo build-index`` flags of the same names)."""
 
     cells: list[str] = field(default_factory=list)  # published GeoEstimation cell CSVs, coarse to fine, instead of building
-    partitioner: str = "adaptive"  # adaptive (PlaNet top-down) | bottomup (seed 002 hot spots)
+    partitioner: str = "adaptive"  # adaptive (PlaNet top-down) | bottomup (seed 002 hot spots) | semantic (PIGEON)
     tau_min: int | None = None  # default: 50 scaled by sqrt(gallery / 4.7 M), at least 2
     tau_max: list[int] = field(default_factory=list)  # one per partition; default 5000 2000 1000 scaled like tau_min
     head: str = "linear"  # linear | mlp
@@ -56,9 +55,9 @@ def _partitions(lat, lon, sample, config: CellsConfig) -> tuple[list[P.Partition
     tau_max = list(config.tau_max) or [t for t in default_max if t >= tau_min]
     if config.partitioner == "bottomup":
         lat, lon, emb = sample
-        parts = P.build_partitions(lat, lon, tau_min, tau_max, config.partitioner, emb)
+        parts = P.build_partitions(lat, lon, tau_min, tau_max, config.partitioner, emb, seed=config.seed)
     else:
-        parts = P.build_partitions(lat, lon, tau_min, tau_max, config.partitioner)
+        parts = P.build_partitions(lat, lon, tau_min, tau_max, config.partitioner, seed=config.seed)
     return parts, {"source": config.partitioner, "tau_min": tau_min, "tau_max": sorted(tau_max, reverse=True)}
 
 
@@ -86,11 +85,11 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
         all_lat, all_lon = np.asarray(photos[0], float)[keep], np.asarray(photos[1], float)[keep]
     parts, source = _partitions(all_lat, all_lon, (lat, lon, emb), config)
     parents = P.link_parents(parts)
-    all_rows = np.stack([P.assign(s2.leaf_ids(all_lat, all_lon), p.cell_ids) for p in parts], 1)
-    rows = all_rows if photos is None else np.stack([P.assign(s2.leaf_ids(lat, lon), p.cell_ids) for p in parts], 1)
+    all_rows = P.locate(parts, all_lat, all_lon)
+    rows = all_rows if photos is None else P.locate(parts, lat, lon)
     by_name = {p.name: p for p in parts}
     tables = [P.cell_table(p, all_rows[:, k], all_lat, all_lon, parents[p.name], by_name) for k, p in enumerate(parts)]
-    log("cells: " + ", ".join(f"{p.name} {len(p.cell_ids)} cells ({(all_rows[:, k] >= 0).mean():.0%} of photos)"
+    log("cells: " + ", ".join(f"{p.name} {p.n_cells} cells ({(all_rows[:, k] >= 0).mean():.0%} of photos)"
                               for k, p in enumerate(parts)) + f" from {source}"
         + (f"; heads train on a sample of {len(lat):,} of {len(all_lat):,} photos" if len(lat) < len(all_lat) else ""))
 
@@ -128,7 +127,7 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
         f"on {calibration['val_photos']} photos from {how}" + (f" (by {group_col})" if group_col else ""))
     info = {
         "partitions": [p.name for p in parts],
-        "cells": {p.name: len(p.cell_ids) for p in parts},
+        "cells": {p.name: p.n_cells for p in parts},
         **source,
         "head": hc.head,
         "scene_column": config.scene_column,
@@ -157,10 +156,10 @@ def with_photos(pred: CellPredictor, lat: np.ndarray, lon: np.ndarray) -> CellPr
     the partitions and the heads are refitted only with ``--refit``."""
     ok = valid_latlon(lat, lon)
     lat, lon = np.asarray(lat, float)[ok], np.asarray(lon, float)[ok]
-    leaf = s2.leaf_ids(lat, lon)
+    located = P.locate(P.partitions_from_tables(pred.tables, pred.names), lat, lon)
     tables, rows = [], None
-    for t in pred.tables:
-        rows = P.assign(leaf, s2.from_tokens(t["token"].tolist()))
+    for k, t in enumerate(pred.tables):
+        rows = located[:, k]
         inside = rows >= 0
         counts = np.bincount(rows[inside], minlength=len(t))
         xyz = latlon_to_xyz(lat[inside], lon[inside])
