@@ -15,7 +15,7 @@ def _stage_line(stage: str, info: dict) -> str:
     """The few numbers a person reads first; the whole record is in --json."""
     keys = {"embeddings": ("ok", "failed", "shards", "images_per_s"),
             "knn_index": ("factory", "ntotal", "nprobe", "recall@10", "median_query_ms"),
-            "cells": ("partitions", "cells", "photos", "support_spots"),
+            "cells": ("source", "partitions", "cells", "photos", "support_spots", "city_head"),
             "gallery": ("n_points", "dim", "best_epoch"),
             "fusion": ("validation",)}.get(stage, ())
     parts = []
@@ -23,6 +23,9 @@ def _stage_line(stage: str, info: dict) -> str:
         v = info.get(k)
         if v is None:
             continue
+        if k == "city_head":
+            v = (f"{v['cities']} cities, held-out top-1 {100 * v['held_out_acc']:.1f}% (majority class "
+                 f"{100 * v['majority_acc']:.1f}%)") if "held_out_acc" in v else f"{v['cities']} cities"
         if k == "validation":
             v = " ".join(f"{t}km {100 * v[t]:.1f}%" for t in map(str, THRESHOLDS_KM) if t in v)
             k = "out-of-fold accuracy"

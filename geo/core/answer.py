@@ -49,6 +49,8 @@ class Answer:
     # the cell heads' mass on that country where the bundle has them (None without); {} at sea
     country: dict[str, Any] = field(default_factory=dict)
     city: str | None = None  # "name, admin1, cc" of the GeoNames place within 25 km of the answer, else None
+    # the city head's most probable cities [{city, prob}] (its classes: the gallery's cities); [] without one
+    cities: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     abstained: bool = False
     id: str | None = None  # the row's id when the query was a precomputed embedding (then ``image`` is None)
@@ -68,6 +70,7 @@ class Answer:
         """Withhold the coordinates when the confidence is below ``min_confidence`` (None: never)."""
         if min_confidence is not None and self.error is None and (self.confidence or 0.0) < min_confidence:
             self.abstained, self.lat, self.lon, self.place, self.country, self.city = True, None, None, {}, {}, None
+            self.cities = []
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,6 +6,8 @@ Files (written by :meth:`CellPredictor.save`, read by :meth:`CellPredictor.load`
     cells/support.parquet        photo spots (~1 km) per fine cell: cell, lat, lon, count
     heads/heads.safetensors      the heads' weights
     heads/heads.json             model spec, partitions, calibration, scene values
+    heads/regression.safetensors the coordinate regression (:mod:`geo.stages.cells.regression`)
+    heads/cities.*               the city head (:mod:`geo.stages.cells.cities`), when the gallery has cities
 
 The fine-cell posterior (:meth:`CellPredictor.fine_probs`) answers "which
 cell"; :meth:`CellPredictor.decide` answers "which point is most likely within
@@ -27,6 +29,7 @@ from geo.stages.cells.calibration import (
     log_priors,
     partition_log_probs,
 )
+from geo.stages.cells.cities import CityHead
 from geo.stages.cells.regression import Regression
 from geo.stages.cells.support import DECISION_RADII_KM, SupportDecision, check_support
 from geo.store.atomic import atomic_write_parquet
@@ -43,9 +46,11 @@ class CellPredictor:
 
     def __init__(self, tables: list[pd.DataFrame], names: list[str], model: CellHeads, calibration: dict,
                  scene_values: list, support: pd.DataFrame, info: dict[str, Any] | None = None,
-                 scene_column: str | None = None, regression: Regression | None = None):
+                 scene_column: str | None = None, regression: Regression | None = None,
+                 city_head: CityHead | None = None):
         self.tables, self.names, self.model = tables, names, model
         self.regression = regression  # the coordinate regression (--mode regression); None in older bundles
+        self.city_head = city_head  # None when the gallery has fewer than two cities with enough photos
         self.calibration = calibration
         self.scene_values = scene_values
         self.support = support
@@ -69,6 +74,8 @@ class CellPredictor:
                     "scene_column": self.scene_column})
         if self.regression is not None:
             files.append(self.regression.save(bundle))
+        if self.city_head is not None:
+            files += self.city_head.save(bundle)
         return files, self.info
 
     @classmethod
@@ -92,8 +99,9 @@ class CellPredictor:
         if [len(t) for t in tables] != model.spec["n_classes"]:
             raise BundleError(f"{bundle.path(HEADS_CONFIG)}: head sizes do not match the cell tables")
         regression = Regression.load(bundle, info["regression"]) if "regression" in info else None
+        city = CityHead.load(bundle, info["city_head"]) if info.get("city_head") else None
         return cls(tables, names, model, cfg["calibration"], cfg.get("scene_values", []), support, info,
-                   cfg.get("scene_column"), regression)
+                   cfg.get("scene_column"), regression, city)
 
     def scene_codes(self, scene) -> np.ndarray | None:
         """Scene labels (as in the manifest column) -> head indices, -1 unknown."""

@@ -1,0 +1,125 @@
+"""The city head: which GeoNames city a photo shows, a classifier over the gallery's own cities.
+
+Why a head and not only the city at the answer's point: "which city is this?" is its own question
+(Manocchio & Passaro classify cities directly), and a photo can be recognisably Paris while the
+coordinates are uncertain by 50 km. Classes are the cities1000 places that at least
+:data:`MIN_CITY_PHOTOS` gallery photos lie within 25 km of (the same :func:`geo.data.places.cities_of`
+labels as answers and ``geo bench``), plus one class, "elsewhere", for every other photo, so the head can
+say a photo is in none of them. It is a linear softmax over the stored embeddings, trained like the cell
+heads (:func:`geo.stages.cells.train.train_heads`: early stopping on the held-out photographers, a
+compute cap), with one temperature fitted on those photographers' photos; its held-out top-1 accuracy and
+the majority-class baseline are recorded, so a user can see whether it beats guessing.
+
+Files: ``heads/cities.safetensors`` (weights) and ``heads/cities.parquet`` (class, city, photos).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from geo.data.places import cities_of
+from geo.models.heads import CellHeads, head_logits, load_heads, save_heads
+from geo.stages.cells.train import HeadConfig, train_heads
+from geo.store.atomic import atomic_write_parquet
+from geo.store.bundle import Bundle, BundleError
+
+CITY_WEIGHTS = "heads/cities.safetensors"
+CITY_CONFIG = "heads/cities.json"
+CITY_TABLE = "heads/cities.parquet"
+MIN_CITY_PHOTOS = 5  # a city needs this many gallery photos (and at least tau_min) to be a class
+ELSEWHERE = "elsewhere"  # the class of photos in none of the head's cities
+TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(20.0), 40))
+CITIES_SHOWN = 3
+CITY_LR = 1e-2  # a single linear layer over unit-norm embeddings: the cell heads' 1e-3 barely moves it in 100 epochs
+
+
+@dataclass
+class CityHead:
+    model: CellHeads
+    cities: pd.DataFrame  # class (row order), city ("name, admin1, cc"; ELSEWHERE last), photos
+    temperature: float
+    info: dict[str, Any]
+
+    def probs(self, emb: np.ndarray) -> np.ndarray:
+        """Class probabilities [n, cities + 1] for embeddings [n, dim] or [n, crops, dim] (crops averaged)."""
+        e = emb.mean(axis=1) if emb.ndim == 3 else emb
+        (logits,), _ = head_logits(self.model, e)
+        z = logits.astype(np.float64) / self.temperature
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def top(self, probs: np.ndarray, k: int = CITIES_SHOWN) -> list[dict[str, Any]]:
+        """The k most probable named cities of one row, best first: [{city, prob}]."""
+        named = probs[:-1]
+        best = np.argsort(-named, kind="stable")[:k]
+        names = self.cities["city"].tolist()
+        return [{"city": names[j], "prob": round(float(named[j]), 4)} for j in best]
+
+    def save(self, bundle: Bundle) -> list[str]:
+        atomic_write_parquet(bundle.path(CITY_TABLE), pa.Table.from_pandas(self.cities, preserve_index=False))
+        save_heads(self.model, bundle.path(CITY_WEIGHTS), bundle.path(CITY_CONFIG), {"temperature": self.temperature})
+        return [CITY_WEIGHTS, CITY_CONFIG, CITY_TABLE]
+
+    @classmethod
+    def load(cls, bundle: Bundle, info: dict[str, Any]) -> "CityHead":
+        model, cfg = load_heads(bundle.path(CITY_WEIGHTS), bundle.path(CITY_CONFIG))
+        try:
+            cities = pd.read_parquet(bundle.path(CITY_TABLE))
+        except (OSError, ValueError) as e:
+            raise BundleError(f"{bundle.path(CITY_TABLE)}: cannot read the city table ({e})") from None
+        if model.spec["n_classes"] != [len(cities)] or "temperature" not in cfg:
+            raise BundleError(f"{bundle.path(CITY_CONFIG)}: the city head does not match {CITY_TABLE}")
+        return cls(model, cities, float(cfg["temperature"]), info)
+
+
+def fit_city_head(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, val: np.ndarray, tau_min: int,
+                  config: HeadConfig) -> CityHead | None:
+    """The city head from the training photos (``val``: indices of the held-out photographers' photos, as
+    the cell heads use), or None when fewer than two cities have enough photos."""
+    label = np.array([c or ELSEWHERE for c in cities_of(lat, lon)], dtype=object)
+    held = np.zeros(len(emb), bool)
+    held[val] = True
+    names, counts = np.unique(label[~held], return_counts=True)
+    keep = (counts >= max(MIN_CITY_PHOTOS, tau_min)) & (names != ELSEWHERE)
+    if keep.sum() < 2:
+        return None
+    cities = list(names[keep])
+    lookup = {c: i for i, c in enumerate(cities)}
+    target = np.array([lookup.get(c, len(cities)) for c in label], dtype=np.int64)  # other cities: elsewhere
+    n_classes = len(cities) + 1
+    dummy = (np.zeros(n_classes), np.zeros(n_classes))  # no label smoothing: class centres are not used
+    result = train_heads(emb, target[:, None], [dummy], (lat, lon),
+                         HeadConfig(smoothing_km=0.0, lr=CITY_LR, max_epochs=config.max_epochs, seed=config.seed,
+                                    device=config.device), val=held)
+    info: dict[str, Any] = {"cities": len(cities), "min_photos": int(max(MIN_CITY_PHOTOS, tau_min)),
+                            "photos": int(len(emb)), "epochs": len(result.history)}
+    temperature = 1.0
+    if held.any():
+        (logits,), _ = head_logits(result.model, emb[held])
+        truth = target[held]
+        z = logits.astype(np.float64)
+        nll = []
+        for t in TEMPERATURES:
+            s = z / t
+            s -= s.max(axis=1, keepdims=True)
+            nll.append(float(np.mean(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(s)), truth])))
+        temperature = float(TEMPERATURES[int(np.argmin(nll))])
+        majority = np.bincount(target[~held], minlength=n_classes).argmax()
+        in_city = truth < len(cities)
+        info.update({
+            "held_out": int(held.sum()),
+            "held_out_acc": round(float(np.mean(z.argmax(axis=1) == truth)), 4),
+            "majority_acc": round(float(np.mean(truth == majority)), 4),
+            "held_out_in_a_city": int(in_city.sum()),
+            "held_out_city_acc": round(float(np.mean(z[in_city, :-1].argmax(axis=1) == truth[in_city])), 4)
+            if in_city.any() else None,
+        })
+    info["temperature"] = round(temperature, 4)
+    table = pd.DataFrame({"class": np.arange(n_classes, dtype=np.int32), "city": [*cities, ELSEWHERE],
+                          "photos": np.bincount(target[~held], minlength=n_classes).astype(np.int64)})
+    return CityHead(result.model.cpu().eval(), table, temperature, info)

@@ -1,0 +1,60 @@
+"""The city head: classes from the gallery's own cities, honest held-out scores, saved with the cells stage."""
+import numpy as np
+import pandas as pd
+
+from geo.core.answer import Answer
+from geo.core.geodesy import latlon_to_xyz
+from geo.data.places import cities_of
+from geo.stages.cells.cities import ELSEWHERE, MIN_CITY_PHOTOS
+from geo.stages.cells.predictor import CellPredictor
+from geo.stages.cells.stage import CellsConfig, fit_cells
+from geo.store.bundle import Bundle, open_bundle
+
+CITY_CENTRES = np.array([(48.86, 2.35), (40.71, -74.0), (35.68, 139.7), (-22.9, -43.2), (30.04, 31.24), (52.52, 13.40)])
+
+
+def _gallery(n=600, dim=16, spread=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    city = rng.integers(0, len(CITY_CENTRES), n)
+    lat = CITY_CENTRES[city, 0] + rng.normal(0, spread, n)
+    lon = CITY_CENTRES[city, 1] + rng.normal(0, spread, n)
+    emb = latlon_to_xyz(lat, lon) @ rng.normal(size=(3, dim)) * 3 + rng.normal(size=(n, dim))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    meta = pd.DataFrame({"id": [f"p{i}" for i in range(n)], "lat": lat, "lon": lon,
+                         "AUTHOR": [f"a{i % 40}" for i in range(n)]})
+    return meta, emb
+
+
+def test_the_city_head_learns_the_galleries_cities_and_says_how_well(tmp_path):
+    meta, emb = _gallery()
+    fitted = fit_cells(meta, emb, CellsConfig(tau_min=3, tau_max=[200, 60, 20]), log=lambda *_: None)
+    head = fitted.city_head
+    info = fitted.info["city_head"]
+    names = head.cities["city"].tolist()
+    assert names[-1] == ELSEWHERE and {"Paris, Ile-de-France, FR", "Tokyo, Tokyo, JP"} <= set(names)
+    assert (head.cities["photos"].to_numpy()[:-1] >= MIN_CITY_PHOTOS).all()
+    # held-out photographers: far above always answering the most common city
+    assert info["held_out_acc"] > info["majority_acc"] + 0.5
+    bundle = Bundle.create_or_resume(tmp_path, {"name": "test"}, emb.shape[1])
+    files, saved = fitted.save(bundle)
+    assert {"heads/cities.safetensors", "heads/cities.json", "heads/cities.parquet"} <= set(files)
+    bundle.commit("cells", files, saved, replace=("cells/", "heads/"))
+    loaded = CellPredictor.load(open_bundle(tmp_path)).city_head
+    np.testing.assert_allclose(loaded.probs(emb[:50]), head.probs(emb[:50]), atol=1e-6)
+    truth = cities_of(meta["lat"][:50], meta["lon"][:50])
+    tops = [loaded.top(p) for p in loaded.probs(emb[:50])]
+    assert all(len(t) == 3 and t[0]["prob"] >= t[1]["prob"] >= t[2]["prob"] for t in tops)
+    assert np.mean([t[0]["city"] == c for t, c in zip(tops, truth)]) > 0.7
+
+
+def test_a_gallery_without_two_cities_has_no_city_head():
+    meta, emb = _gallery(n=200)
+    meta["lat"], meta["lon"] = -60.0 + meta["lat"] * 0.0, -140.0 + meta["lon"] * 0.0  # the open Southern Ocean
+    fitted = fit_cells(meta, emb, CellsConfig(tau_min=3, tau_max=[150, 40]), log=lambda *_: None)
+    assert fitted.city_head is None and fitted.info["city_head"] is None
+
+
+def test_an_abstained_answer_names_no_city():
+    a = Answer(image="x.jpg", lat=1.0, lon=2.0, confidence=0.1, city="Paris, Ile-de-France, FR",
+               cities=[{"city": "Paris, Ile-de-France, FR", "prob": 0.4}]).abstain_below(0.5)
+    assert a.abstained and a.cities == [] and a.city is None
