@@ -205,8 +205,10 @@ def _restore(state: dict[str, torch.Tensor], model: torch.nn.Module, heads: _Hea
     heads.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("heads.")})
     for i, p in enumerate(q for g in opt.param_groups for q in g["params"]):
         if f"opt.{i}.exp_avg" in state:
+            # the moments live where the parameter does (a checkpoint loads on the CPU; AdamW's step stays there)
             opt.state[p] = {"step": torch.tensor(float(state[f"opt.{i}.step"][0])),
-                            "exp_avg": state[f"opt.{i}.exp_avg"].clone(), "exp_avg_sq": state[f"opt.{i}.exp_avg_sq"].clone()}
+                            "exp_avg": state[f"opt.{i}.exp_avg"].to(p.device, copy=True),
+                            "exp_avg_sq": state[f"opt.{i}.exp_avg_sq"].to(p.device, copy=True)}
 
 
 def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfig(), log: Log = print) -> dict[str, Any]:
