@@ -131,6 +131,7 @@ RULES = {
     "cell mean with most mass within 750 km, f*": "fitted T and alpha: the previous `--mode cells` rule",
     "spot decision, f* (`--mode cells`)": "fitted T and alpha",
     "spot decision, prior only": "alpha 0: the same decision on the gallery prior alone",
+    "coordinate regression (`--mode regression`)": "ridge onto unit vectors, weighted against the prior on held-out photographers",
 }
 
 
@@ -175,6 +176,7 @@ def evaluate(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig, group_col
         put("cell mean with most mass within 750 km, f*", *cell_mean_decision(pred, p, 750.0))
         put("spot decision, f* (`--mode cells`)", *pred.decide(p)[:2])
         put("spot decision, prior only", *pred.decide(fine_probs(0.0))[:2])
+        put("coordinate regression (`--mode regression`)", *pred.regression.predict(emb[q]))
     table = pd.DataFrame({r: {**accuracy(d), "median km": float(np.median(d))} for r, d in dist.items()}).T
     return table.rename(columns=lambda t: f"{t} km" if isinstance(t, int) else t), calibrations
 

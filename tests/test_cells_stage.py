@@ -127,7 +127,27 @@ def test_the_regression_head_answers_on_the_sphere_and_states_held_out_hit_rates
     xyz = np.stack([np.cos(np.radians(lat)) * np.cos(np.radians(lon)), np.cos(np.radians(lat)) * np.sin(np.radians(lon)),
                     np.sin(np.radians(lat))], 1)
     emb = np.concatenate([xyz, rng.normal(0, 0.05, (400, 29))], 1).astype(np.float32)
-    reg = fit_regression(emb, lat, lon, np.arange(300, 400))
+    reg = fit_regression(emb, lat, lon, np.arange(400) % 40)
     assert reg.info["held_out_median_km"] < 500 and set(reg.info["p_within"]) == {"25", "200", "750"}
     plat, plon = reg.predict(rng.normal(0, 10, (50, 32)).astype(np.float32))
     assert np.all(np.abs(plat) <= 90) and np.all(np.abs(plon) <= 180) and np.isfinite(plat).all()
+    assert reg.info["shrink"]["weight"] >= 0.5  # the signal transfers: the regression keeps most of its say
+
+
+def test_a_regression_that_does_not_transfer_answers_the_prior():
+    """Embeddings that say nothing about place: on held-out photos the regression loses to the constant guess,
+    so its weight goes to 0 and --mode regression answers the population prior, never below it."""
+    from geo.core.geodesy import haversine_km
+    from geo.core.priors import population_prior
+    from geo.stages.cells.regression import fit_regression
+
+    rng = np.random.default_rng(1)
+    city = rng.integers(0, len(CENTRES), 400)
+    lat = np.array([CENTRES[c][0] for c in city]) + rng.normal(0, 0.3, 400)
+    lon = np.array([CENTRES[c][1] for c in city]) + rng.normal(0, 0.3, 400)
+    emb = rng.normal(size=(400, 32)).astype(np.float32)
+    reg = fit_regression(emb, lat, lon, np.arange(400) % 40)
+    assert reg.info["shrink"]["weight"] == 0.0 and reg.info["shrink"]["unshrunk_score"] < reg.info["shrink"]["held_out_score"]
+    prior = population_prior(lat, lon)
+    plat, plon = reg.predict(emb[300:])
+    assert haversine_km(plat, plon, prior[0], prior[1]).max() < 1e-6

@@ -144,10 +144,11 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
     }
     support = support_points(all_lat, all_lon, all_rows[:, -1], tables[-1])
     info["support_spots"] = int(len(support))
-    regression = fit_regression(emb, lat, lon, val)
+    regression = fit_regression(emb, lat, lon, groups, config.seed)
     info["regression"] = regression.info
     if "held_out_median_km" in regression.info:
-        log(f"cells: coordinate regression (ridge alpha {regression.info['alpha']:g}): held-out median "
+        log(f"cells: coordinate regression (ridge alpha {regression.info['alpha']:g}, weight "
+            f"{regression.info['shrink']['weight']:.1f} against the prior): out-of-fold median "
             f"{regression.info['held_out_median_km']:.0f} km")
     city = fit_city_head(emb, lat, lon, val, int(source.get("tau_min", 1)), hc) if config.city_head else None
     info["city_head"] = city.info if city is not None else None
