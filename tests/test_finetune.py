@@ -124,3 +124,16 @@ def test_regression_and_gps_contrastive_terms_train_with_the_cells(photos, tmp_p
     state = load_file(str(tmp_path / "m" / "checkpoint" / "state.safetensors"))
     assert any(k.startswith("heads.proj.") for k in state) and any(k.startswith("heads.xyz.") for k in state)
     assert not any(k.startswith(("proj.", "xyz.")) for k in load_file(str(tmp_path / "m" / "model.safetensors")))
+
+
+def test_finetuning_on_semantic_cells_classifies_into_country_cells(photos, tmp_path):
+    """PIGEON fine-tunes on semantic geocells: the cells are the training photos' countries (four places in
+    four countries here), and the run records which partitioner it used."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        card = finetune(str(photos), tmp_path / "m", _cfg(epochs=1, partitioner="semantic"), log=_quiet)
+    assert card["training"]["config"]["partitioner"] == "semantic"
+    assert card["training"]["cells"]["fine"] >= 3  # at least one cell per country with training photos
+    assert [h["epoch"] for h in card["validation"]["history"]] == [0, 1]
+    r = CliRunner().invoke(app, ["finetune", str(photos), "--out", str(tmp_path / "x"), "--partitioner", "bottomup"])
+    assert r.exit_code == 2 and "--partitioner takes adaptive or semantic" in r.output
