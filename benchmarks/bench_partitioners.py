@@ -1,6 +1,7 @@
 """Adaptive S2 cells against semantic geocells (PIGEON) on YFCC26k's real places and photographers.
 
     python benchmarks/bench_partitioners.py [--folds 3 --dim 64]
+    python benchmarks/bench_partitioners.py --scale 100000 300000 1000000   (partitioning time only)
 
 Two parts, both with the default tau_min / tau_max for the gallery's size:
 
@@ -140,6 +141,29 @@ def learned(meta: pd.DataFrame, country: np.ndarray, dim: int, folds: int, seed:
     return pd.DataFrame(rows).set_index(["world", "answer"])
 
 
+def scale(sizes: list[int], seed: int) -> pd.DataFrame:
+    """Partitioning time at larger galleries: YFCC26k's coordinates replicated with ~3 km of jitter."""
+    base = pd.read_csv(YFCC, usecols=["LAT", "LON"])
+    rows = []
+    for n in sizes:
+        rng = np.random.default_rng(seed)
+        pick = rng.integers(0, len(base), n)
+        lat = np.clip(base["LAT"].to_numpy()[pick] + rng.normal(0, 0.03, n), -89.9, 89.9)
+        lon = (base["LON"].to_numpy()[pick] + rng.normal(0, 0.03, n) + 180) % 360 - 180
+        tau_min, tau_max = P.default_taus(n)
+        for name in PARTITIONERS:
+            t0 = time.perf_counter()
+            parts = P.build_partitions(lat, lon, tau_min, tau_max, name, seed=seed)
+            built = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            P.locate(parts, lat, lon)
+            rows.append({"photos": n, "partitioner": name, "taus": f"{tau_min} / {'/'.join(map(str, tau_max))}",
+                         "cells": "/".join(str(p.n_cells) for p in parts), "partition s": round(built, 1),
+                         "locate every photo s": round(time.perf_counter() - t0, 1)})
+            print(rows[-1], flush=True)
+    return pd.DataFrame(rows).set_index(["photos", "partitioner"])
+
+
 def markdown(df: pd.DataFrame) -> str:
     """A markdown table (pandas' needs tabulate, which geo does not install)."""
     df = df.reset_index()
@@ -154,7 +178,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--queries", type=int, default=1000, help="held-out photos answered per fold")
+    ap.add_argument("--scale", type=int, nargs="*", help="only time partitioning at these gallery sizes")
     args = ap.parse_args()
+    if args.scale:
+        print(markdown(scale(args.scale, args.seed)))
+        print(f"load average {os.getloadavg()[0]:.1f}")
+        return
     meta = pd.read_csv(YFCC, usecols=["AUTHOR", "LAT", "LON"]).rename(columns={"LAT": "lat", "LON": "lon"})
     lat, lon = meta["lat"].to_numpy(float), meta["lon"].to_numpy(float)
     country = countries(lat, lon)
