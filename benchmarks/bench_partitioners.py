@@ -38,8 +38,8 @@ from geo.core import s2  # noqa: E402
 from geo.core.geodesy import THRESHOLDS_KM, EARTH_RADIUS_KM, haversine_km, latlon_to_xyz  # noqa: E402
 from geo.core.priors import population_prior  # noqa: E402
 from geo.core.splits import group_folds  # noqa: E402
+from geo.data.countries import country_index  # noqa: E402
 from geo.stages.cells import partition as P  # noqa: E402
-from geo.stages.cells.semantic import countries  # noqa: E402
 from geo.stages.cells.stage import CellsConfig, fit_cells  # noqa: E402
 
 YFCC = Path(__file__).resolve().parents[2] / "shared" / "data" / "yfcc" / "yfcc25600_places365.csv"
@@ -70,7 +70,7 @@ def embeddings(world: str, lat: np.ndarray, lon: np.ndarray, author: np.ndarray,
             uniq, inv = np.unique(s2.parent_ids(leaf, level), return_inverse=True)
             emb += w * _unit_rows(np.random.default_rng([seed, level]), len(uniq), dim)[inv]
     else:
-        c = countries(lat, lon)
+        c = country_index(lat, lon)
         uniq, inv = np.unique(c, return_inverse=True)
         emb = 1.0 * _unit_rows(np.random.default_rng([seed, 1]), len(uniq), dim)[inv]
         xyz = latlon_to_xyz(lat, lon)
@@ -84,7 +84,7 @@ def embeddings(world: str, lat: np.ndarray, lon: np.ndarray, author: np.ndarray,
 def scores(lat, lon, p_lat, p_lon, true_country) -> dict[str, float]:
     d = haversine_km(lat, lon, p_lat, p_lon)
     out = {f"{t} km": float(np.mean(d <= t) * 100) for t in THRESHOLDS_KM}
-    out["country"] = float(np.mean(countries(p_lat, p_lon) == true_country) * 100)
+    out["country"] = float(np.mean(country_index(p_lat, p_lon) == true_country) * 100)
     out["median km"] = float(np.median(d))
     return out
 
@@ -128,7 +128,7 @@ def learned(meta: pd.DataFrame, country: np.ndarray, dim: int, folds: int, seed:
             q, g = (fold == f) & asked, fold != f
             pred["prior"][q] = population_prior(lat[g], lon[g])
             for name in PARTITIONERS:
-                config = CellsConfig(partitioner=name, seed=seed, max_epochs=EPOCHS, city_head=False)
+                config = CellsConfig(partitioner=name, seed=seed, max_epochs=EPOCHS, answer_heads=False)
                 cells = fit_cells(meta.loc[g].reset_index(drop=True), emb[g], config, log=lambda *_: None)
                 la, lo, _ = cells.decide(cells.fine_probs(emb[q]))
                 pred[name][q] = np.stack([la, lo], 1)
@@ -186,7 +186,7 @@ def main() -> None:
         return
     meta = pd.read_csv(YFCC, usecols=["AUTHOR", "LAT", "LON"]).rename(columns={"LAT": "lat", "LON": "lon"})
     lat, lon = meta["lat"].to_numpy(float), meta["lon"].to_numpy(float)
-    country = countries(lat, lon)
+    country = country_index(lat, lon)
     t0 = time.perf_counter()
     print(markdown(structure(lat, lon, country)), flush=True)
     print()

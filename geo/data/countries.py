@@ -18,6 +18,7 @@ import numpy as np
 
 # Vendored once for the map page (geo/serve/static/vendor, with its licence); this module only reads it.
 SHAPES = Path(__file__).resolve().parents[1] / "serve" / "static" / "vendor" / "countries-50m.json"
+CHUNK = 200_000  # points per pass: the even-odd counts are [points, countries] int8
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,16 @@ def country_index(lat, lon) -> np.ndarray:
 
     Points are tested against each ring whose bounding box holds them, even-odd over all of a country's
     rings: inside an outer ring and not in its hole. (Which ring of a polygon is outer cannot be read from
-    the order: in the spherical TopoJSON, Antarctica's coastline comes second, after a sliver at the pole.)"""
+    the order: in the spherical TopoJSON, Antarctica's coastline comes second, after a sliver at the pole.)
+    In chunks of :data:`CHUNK` points, so a gallery of millions fits in memory."""
     lat = np.atleast_1d(np.asarray(lat, np.float64))
     lon = np.atleast_1d(np.asarray(lon, np.float64))
+    if len(lat) <= CHUNK:
+        return _country_index(lat, lon)
+    return np.concatenate([_country_index(lat[s:s + CHUNK], lon[s:s + CHUNK]) for s in range(0, len(lat), CHUNK)])
+
+
+def _country_index(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     shapes = _shapes()
     inside = np.zeros((len(lat), len(shapes.names)), np.int8)
     ok = np.isfinite(lat) & np.isfinite(lon)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geo.core.geodesy import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+from geo.core.geodesy import EARTH_RADIUS_KM, latlon_to_xyz, unit_vectors, xyz_to_latlon
 from geo.data.countries import country_codes, country_index
 
 COAST_KM = 50.0  # an "at sea" photo this close to a photo on land belongs to that photo's country
@@ -46,7 +46,6 @@ MIN_CLUSTER = 5  # the density clustering's smallest cluster, in photos of the s
 KMEANS_SAMPLE = 50_000  # points k-means fits its centres on
 MAX_DEPTH = 12
 RESPLITS = 3  # passes that split again the cells the final assignment left over tau_max  # splits of one seed's share; identical coordinates cannot be split further anyway
-_COUNTRY_CHUNK = 200_000  # country_index holds [chunk, countries] flags
 
 
 @dataclass
@@ -85,19 +84,13 @@ class SemanticCells:
         out = np.full(len(lat), -1, np.int64)
         if not len(lat) or not len(self.group):
             return out
-        return nearest_seed(latlon_to_xyz(lat, lon), countries(lat, lon),
+        return nearest_seed(latlon_to_xyz(lat, lon), country_index(lat, lon),
                             latlon_to_xyz(self.seed_lat, self.seed_lon), self.country)
 
     def rows(self, lat, lon, seeds: np.ndarray | None = None) -> np.ndarray:
         """Each point's row in this partition (``seeds``: the points' :meth:`seed_rows`, when known)."""
         seeds = self.seed_rows(lat, lon) if seeds is None else seeds
         return np.where(seeds >= 0, self.group[np.maximum(seeds, 0)], -1)
-
-
-def countries(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    """Country index per point, -1 at sea; in chunks, so millions of points fit in memory."""
-    return np.concatenate([country_index(lat[s:s + _COUNTRY_CHUNK], lon[s:s + _COUNTRY_CHUNK])
-                           for s in range(0, len(lat), _COUNTRY_CHUNK)] or [np.empty(0, np.int64)])
 
 
 def nearest_seed(xyz: np.ndarray, country: np.ndarray, seed_xyz: np.ndarray, seed_country: np.ndarray) -> np.ndarray:
@@ -126,10 +119,6 @@ def _coastal_countries(xyz: np.ndarray, country: np.ndarray) -> np.ndarray:
     return out
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-
-
 def _cluster_centres(xyz: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Spherical means of the density clusters of (a sample of) these photos; [k, 3]."""
     from sklearn.cluster import HDBSCAN  # scikit-learn costs a cold `geo query` a second: only builds load it
@@ -139,7 +128,7 @@ def _cluster_centres(xyz: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     labels = HDBSCAN(min_cluster_size=max(2, min(MIN_CLUSTER, len(pick))), metric="haversine", algorithm="ball_tree",
                      copy=True).fit(np.radians(np.stack([lat, lon], 1))).labels_
     ids = np.unique(labels[labels >= 0])
-    return np.stack([_unit(xyz[pick][labels == k].sum(0)) for k in ids]) if len(ids) else np.empty((0, 3))
+    return np.stack([unit_vectors(xyz[pick][labels == k].sum(0)) for k in ids]) if len(ids) else np.empty((0, 3))
 
 
 def _kmeans_centres(xyz: np.ndarray, k: int, seed: int, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -148,14 +137,14 @@ def _kmeans_centres(xyz: np.ndarray, k: int, seed: int, weight: np.ndarray | Non
 
     k = min(k, len(np.unique(xyz.round(9), axis=0)))
     if k < 2:
-        return _unit(xyz.sum(0, keepdims=True) if weight is None else (xyz * weight[:, None]).sum(0, keepdims=True)), \
+        return unit_vectors(xyz.sum(0, keepdims=True) if weight is None else (xyz * weight[:, None]).sum(0, keepdims=True)), \
             np.zeros(len(xyz), np.int64)
     fit = np.arange(len(xyz))
     if len(xyz) > KMEANS_SAMPLE:  # the centres from a seeded sample; every point then takes its nearest
         fit = np.sort(np.random.default_rng(seed).choice(len(xyz), KMEANS_SAMPLE, replace=False))
     km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(
         xyz[fit], sample_weight=None if weight is None else weight[fit])
-    centres = _unit(km.cluster_centers_)
+    centres = unit_vectors(km.cluster_centers_)
     return centres, np.argmax(xyz @ centres.T, axis=1).astype(np.int64)
 
 
@@ -163,7 +152,7 @@ def _split(xyz: np.ndarray, tau_max: int, rng: np.random.Generator, seed: int, d
     """Seeds (unit vectors) for one country's (or one seed's share of) photos: its density clusters, each
     share over tau_max split again."""
     if len(xyz) <= tau_max or depth >= MAX_DEPTH:
-        return [_unit(xyz.sum(0))]
+        return [unit_vectors(xyz.sum(0))]
     centres = _cluster_centres(xyz, rng)
     enough = math.ceil(2 * len(xyz) / tau_max)
     if len(centres) > enough:
@@ -228,7 +217,7 @@ def semantic_cells(lat: np.ndarray, lon: np.ndarray, tau_min: int, tau_max: list
     if not len(lat):
         raise ValueError("semantic partitioner: no photos")
     rng = np.random.default_rng(seed)
-    xyz, country = latlon_to_xyz(lat, lon), countries(lat, lon)
+    xyz, country = latlon_to_xyz(lat, lon), country_index(lat, lon)
     home = _coastal_countries(xyz, country)
     seeds, seed_country = [], []
     for c in np.unique(home):
@@ -239,7 +228,7 @@ def semantic_cells(lat: np.ndarray, lon: np.ndarray, tau_min: int, tau_max: list
         seeds += s
         seed_country += [c] * len(s)
     if not seeds:  # every country below tau_min: one cell for the whole gallery
-        seeds, seed_country = [_unit(xyz.sum(0))], [-1]
+        seeds, seed_country = [unit_vectors(xyz.sum(0))], [-1]
     seed_xyz, seed_country, rows = _drop_small(xyz, country, np.stack(seeds), np.asarray(seed_country, np.int64), tau_min)
     for _ in range(RESPLITS):  # the final Voronoi assignment can give a seed more than its share: split those again
         counts = np.bincount(rows, minlength=len(seed_xyz))
@@ -257,7 +246,7 @@ def semantic_cells(lat: np.ndarray, lon: np.ndarray, tau_min: int, tau_max: list
     for t in reversed(tau_max[:-1]):  # each coarser partition groups the cells of the one below it
         below = groups[0]
         n_below = below.max() + 1
-        below_xyz = _unit(np.stack([np.bincount(below, weights=seed_xyz[:, a] * counts, minlength=n_below)
+        below_xyz = unit_vectors(np.stack([np.bincount(below, weights=seed_xyz[:, a] * counts, minlength=n_below)
                                     for a in range(3)], 1))
         below_country = np.zeros(n_below, np.int64)
         below_country[below] = seed_country
