@@ -35,6 +35,11 @@ def latlon_to_xyz(lat, lon) -> np.ndarray:
     return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
 
 
+def unit_vectors(v: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (a mean of directions back onto the sphere); zero rows stay zero."""
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
 def xyz_to_latlon(xyz) -> tuple[np.ndarray, np.ndarray]:
     xyz = np.asarray(xyz, dtype=np.float64)
     x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]

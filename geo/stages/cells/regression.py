@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from geo.core.geodesy import THRESHOLDS_KM, haversine_km, latlon_to_xyz, xyz_to_latlon
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km, latlon_to_xyz, unit_vectors, xyz_to_latlon
 from geo.core.priors import population_prior
 from geo.core.splits import group_folds
 from geo.stages.fusion.calibration import CALIBRATED_KM
@@ -68,15 +68,11 @@ class Regression:
             raise BundleError(f"{path}: cannot read the regression head ({type(e).__name__}: {e})") from None
 
 
-def _unit(xyz: np.ndarray) -> np.ndarray:
-    return xyz / np.linalg.norm(xyz, axis=-1, keepdims=True).clip(min=1e-12)
-
-
 def _blend(raw: np.ndarray, prior_xyz: np.ndarray | None, weight: float) -> np.ndarray:
     """Unit vectors: the regression's direction, moved towards the prior's by 1 - weight."""
-    out = _unit(raw)
+    out = unit_vectors(raw)
     if prior_xyz is not None and weight < 1.0:
-        out = _unit(weight * out + (1.0 - weight) * prior_xyz)
+        out = unit_vectors(weight * out + (1.0 - weight) * prior_xyz)
     return out
 
 
@@ -113,7 +109,7 @@ def fit_regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np
     tried = []
     for a in ALPHAS:
         raw = _out_of_fold(x, y, fold, a)
-        tried.append((float(np.median(haversine_km(*xyz_to_latlon(_unit(raw)), lat, lon))), a, raw))
+        tried.append((float(np.median(haversine_km(*xyz_to_latlon(raw), lat, lon))), a, raw))
     _, a, raw = min(tried, key=lambda t: t[0])
     # each photo's prior is its training folds' (the answer a bundle without that photo would give)
     prior_xyz = np.zeros_like(y)
@@ -121,7 +117,7 @@ def fit_regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np
         prior_xyz[fold == f] = latlon_to_xyz(*population_prior(lat[fold != f], lon[fold != f]))
     hits = {}
     for s in SHRINK:
-        err = haversine_km(*xyz_to_latlon(_unit(s * _unit(raw) + (1 - s) * prior_xyz)), lat, lon)
+        err = haversine_km(*xyz_to_latlon(_blend(raw, prior_xyz, s)), lat, lon)
         hits[s] = (np.mean([err <= t for t in THRESHOLDS_KM], axis=0), err)
     best = max(SHRINK, key=lambda s: (hits[s][0].mean(), -s))
     diff = hits[best][0] - hits[0.0][0]
