@@ -15,8 +15,8 @@ from geo.core.geodesy import latlon_to_xyz, valid_latlon, xyz_to_latlon
 from geo.core.splits import group_column, group_folds
 from geo.models.heads import head_logits
 from geo.stages.cells import partition as P
-from geo.stages.cells.cities import fit_city_head
 from geo.stages.cells.calibration import CALIBRATION_PHOTOS, fit_calibration, log_priors
+from geo.stages.cells.cities import fit_city_head
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.regression import fit_regression
 from geo.stages.cells.support import support_points
@@ -43,8 +43,9 @@ class CellsConfig:
     # Calibrate small galleries on every photo, scored by heads trained without its photographer's fold.
     # Fusion's out-of-fold fits turn it off: its folds are already photographer-disjoint.
     crossfit: bool = True
-    # The city head answers users, not fusion: fusion's out-of-fold fits leave it out.
-    city_head: bool = True
+    # The coordinate regression and the city head answer users (--mode regression, an answer's cities), not
+    # fusion: fusion's out-of-fold fits leave both out.
+    answer_heads: bool = True
 
 
 def _partitions(lat, lon, sample, config: CellsConfig) -> tuple[list[P.Partition], dict]:
@@ -144,17 +145,19 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
     }
     support = support_points(all_lat, all_lon, all_rows[:, -1], tables[-1])
     info["support_spots"] = int(len(support))
-    regression = fit_regression(emb, lat, lon, groups, config.seed)
-    info["regression"] = regression.info
-    if "held_out_median_km" in regression.info:
-        log(f"cells: coordinate regression (ridge alpha {regression.info['alpha']:g}, weight "
-            f"{regression.info['shrink']['weight']:.1f} against the prior): out-of-fold median "
-            f"{regression.info['held_out_median_km']:.0f} km")
-    city = fit_city_head(emb, lat, lon, val, int(source.get("tau_min", 1)), hc) if config.city_head else None
-    info["city_head"] = city.info if city is not None else None
-    if city is not None and "held_out_acc" in city.info:
-        log(f"cells: city head over {city.info['cities']} cities + elsewhere: held-out top-1 "
-            f"{city.info['held_out_acc']:.1%} (majority class {city.info['majority_acc']:.1%})")
+    regression = city = None
+    if config.answer_heads:
+        regression = fit_regression(emb, lat, lon, groups, config.seed)
+        info["regression"] = regression.info
+        if "held_out_median_km" in regression.info:
+            log(f"cells: coordinate regression (ridge alpha {regression.info['alpha']:g}, weight "
+                f"{regression.info['shrink']['weight']:.1f} against the prior): out-of-fold median "
+                f"{regression.info['held_out_median_km']:.0f} km")
+        city = fit_city_head(emb, lat, lon, val, int(source.get("tau_min", 1)), hc)
+        info["city_head"] = city.info if city is not None else None
+        if city is not None and "held_out_acc" in city.info:
+            log(f"cells: city head over {city.info['cities']} cities + elsewhere: held-out top-1 "
+                f"{city.info['held_out_acc']:.1%} (majority class {city.info['majority_acc']:.1%})")
     return CellPredictor(tables, info["partitions"], result.model, calibration, scene_values, support, info,
                          config.scene_column, regression, city)
 

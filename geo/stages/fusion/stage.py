@@ -153,7 +153,7 @@ def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarra
         with showing(False, False):  # the folds' own epochs would bury the fold bar
             if stages.cells is not None:
                 step("cell heads")
-                cells = fit_cells(tmeta, temb, dataclasses.replace(stages.cells, crossfit=False, city_head=False), log=quiet)
+                cells = fit_cells(tmeta, temb, dataclasses.replace(stages.cells, crossfit=False, answer_heads=False), log=quiet)
                 progress.update()
             gallery: GpsGallery | None = None
             if stages.gallery is not None:
