@@ -20,7 +20,7 @@ from geo.eval.metrics import (
     DISTANCES,
     THRESHOLDS_KM,
     breakdown,
-    label_accuracy,
+    label_accuracies,
     distances_km,
     geoestimation_footer,
     summarize,
@@ -137,8 +137,7 @@ def score(
     ok = df[~failed]
     d = distances_km(ok["true_lat"], ok["true_lon"], ok["pred_lat"], ok["pred_lon"], distance)
     s = summarize(d, n_failed=int(failed.sum()), ci=ci)
-    s["country"] = label_accuracy(ok["true_country"], ok["pred_country"])
-    s["city"] = label_accuracy(ok["true_city"], ok["pred_city"])
+    s.update(label_accuracies(ok))
     s.update(file=str(file), distance=distance, suite=suite)
     if ok["scene"].notna().any():
         s["by_scene"] = breakdown(d, ok["scene"].tolist(), ci=False)

@@ -140,3 +140,8 @@ def label_accuracy(true_label, pred_label) -> dict[str, Any]:
     known = np.array([isinstance(x, str) for x in t], bool)
     n = int(known.sum())
     return {"acc": float(np.mean(t[known] == p[known])) if n else float("nan"), "n": n}
+
+
+def label_accuracies(preds) -> dict[str, dict[str, Any]]:
+    """:func:`label_accuracy` of a predictions frame's country and city columns, as a summary's two keys."""
+    return {what: label_accuracy(preds[f"true_{what}"], preds[f"pred_{what}"]) for what in ("country", "city")}

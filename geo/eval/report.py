@@ -22,7 +22,7 @@ import pandas as pd
 
 from geo.core.geodesy import valid_latlon
 from geo.data.places import nearest_places
-from geo.eval.metrics import THRESHOLDS_KM, breakdown, label_accuracy, summarize
+from geo.eval.metrics import THRESHOLDS_KM, breakdown, label_accuracies, summarize
 from geo.eval.published import comparison_table
 from geo.stages.fusion.calibration import expected_calibration_error, reliability_table
 from geo.store.predictions import read_predictions
@@ -85,8 +85,7 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
     geo_df = add_geography(scored)
     d = geo_df["error_km"].to_numpy()
     out: dict[str, Any] = {"summary": summarize(d, n_failed=len(failed), ci=ci)}
-    out["summary"]["country"] = label_accuracy(scored["true_country"], scored["pred_country"])
-    out["summary"]["city"] = label_accuracy(scored["true_city"], scored["pred_city"])
+    out["summary"].update(label_accuracies(scored))
     suites = sorted(s for s in df["suite"].dropna().unique())
     out["suites"] = suites
     if geo_df["scene"].notna().any():

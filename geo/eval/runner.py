@@ -16,7 +16,7 @@ import pandas as pd
 from geo.core.answer import Answer
 from geo.core.progress import bar as progress_bar
 from geo.eval.leaks import NEAR_DUPLICATE, find_leaks, leak_counts
-from geo.eval.metrics import breakdown, label_accuracy, distances_km, summarize
+from geo.eval.metrics import breakdown, label_accuracies, distances_km, summarize
 from geo.eval.suites import Suite, SuiteError, resolve_images
 from geo.data.embedding_table import EmbeddingTable
 from geo.store.embeddings import EmbeddingReader
@@ -68,8 +68,7 @@ class BenchResult:
         d = distances_km(ok["true_lat"], ok["true_lon"], ok["pred_lat"], ok["pred_lon"], distance)
         out = summarize(d, n_missing=len(self.missing), n_failed=int(preds["error"].notna().sum()), ci=ci,
                         n_boot=n_boot)
-        out["country"] = label_accuracy(ok["true_country"], ok["pred_country"])
-        out["city"] = label_accuracy(ok["true_city"], ok["pred_city"])
+        out.update(label_accuracies(ok))
         if ok["scene"].notna().any():
             out["by_scene"] = breakdown(d, ok["scene"].tolist(), ci=False)
         return out
