@@ -152,7 +152,7 @@ def evaluate(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig, group_col
         dist["population prior"][q] = haversine_km(lat[q], lon[q], pl, po)
         pred = fit_cells(meta.loc[g].reset_index(drop=True), emb[g], config, log=lambda *_: None)
         calib = pred.calibration
-        calibrations.append(calib)
+        calibrations.append({**calib, "city_head": pred.info.get("city_head")})  # printed per fold
         fine_tab = pred.tables[-1]
         clat, clon = fine_tab["lat"].to_numpy(), fine_tab["lon"].to_numpy()
         scene = meta.loc[q, config.scene_column].to_numpy() if config.scene_column else None
@@ -216,8 +216,12 @@ def main(argv: list[str] | None = None) -> None:
         table, calibrations = evaluate(meta, emb, cfg, folds=args.folds, seed=args.seed)
         print(f"{len(meta)} photos, {args.folds} photographer folds (seed {args.seed}), {time.perf_counter() - t0:.0f}s")
         for f, c in enumerate(calibrations):
+            city = c["city_head"] or {}
             print(f"  fold {f}: alpha {c['alpha']:.2f}, T {[round(t, 2) for t in c['temperature']]}, "
-                  f"{c['val_photos']} photos from {c['source']}")
+                  f"{c['val_photos']} photos from {c['source']}"
+                  + (f"; city head {city['cities']} cities, held-out top-1 {city['held_out_acc']:.1%} against the "
+                     f"majority class's {city['majority_acc']:.1%} ({city['held_out_in_a_city']} of "
+                     f"{city['held_out']} held-out photos in one of its cities)" if "held_out_acc" in city else ""))
         print(table.round(1).to_markdown() if _has_tabulate() else table.round(1).to_string())
 
 
