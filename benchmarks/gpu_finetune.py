@@ -6,7 +6,7 @@
 
 ``prepare`` writes fold 0's gallery (the same photographer folds as benchmarks/eval_finetune.py: seed 0,
 3 folds) with photos shrunk to 320 px, small enough to carry to a GPU machine. ``run`` fine-tunes the
-offline lite0 on it with eval_finetune.py's settings (6 epochs, --freeze-until blocks.3, lr 1e-4) and
+offline lite0 on it with eval_finetune.py's settings (6 epochs, freeze_until blocks.3, lr 1e-4) and
 prints the wall time of the run, its epochs' time and the held-out validation; the card goes to OUT.
 ``sweep`` runs settings around those (learning rate, frozen layers, label smoothing) and prints each one's
 best held-out kNN score against the frozen backbone's: what a GPU makes cheap to try.

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from geo.cli import app
 from geo.core.geodesy import latlon_to_xyz
-from geo.finetune import FinetuneConfig, finetune
+from geo.finetune import FinetuneConfig, finetune, read_config
 from geo.stages.cells.train import smoothed_targets
 from geo.models.backbones import load_backbone
 
@@ -93,10 +93,14 @@ def test_checkpoints_are_atomic_and_a_resumed_run_ends_where_an_uninterrupted_on
 
 
 def test_a_finetuned_model_dir_is_a_backbone_for_build_and_query(photos, tmp_path):
+    """The tuned settings come from --config (TOML), the options given on the command line win over it."""
+    (tmp_path / "s.toml").write_text('batch_size = 8\nfreeze_until = "blocks.3"\nepochs = 4\n')
     r = CliRunner().invoke(app, ["finetune", str(photos), "--out", str(tmp_path / "model"), "--backbone", TINY,
-                                 "--epochs", "1", "--batch-size", "8", "--freeze-until", "blocks.3", "-q", "--json"])
+                                 "--epochs", "1", "--config", str(tmp_path / "s.toml"), "-q", "--json"])
     assert r.exit_code == 0, r.output
     card = json.loads(r.stdout)
+    assert {k: card["training"]["config"][k] for k in ("batch_size", "freeze_until", "epochs", "backbone")} == {
+        "batch_size": 8, "freeze_until": "blocks.3", "epochs": 1, "backbone": TINY}
     assert card["training"]["trainable_parameters"] < sum(
         p.numel() for p in load_backbone(TINY, device="cpu").model.parameters())
     bundle = tmp_path / "bundle"
@@ -135,5 +139,33 @@ def test_finetuning_on_semantic_cells_classifies_into_country_cells(photos, tmp_
     assert card["training"]["config"]["partitioner"] == "semantic"
     assert card["training"]["cells"]["fine"] >= 3  # at least one cell per country with training photos
     assert [h["epoch"] for h in card["validation"]["history"]] == [0, 1]
-    r = CliRunner().invoke(app, ["finetune", str(photos), "--out", str(tmp_path / "x"), "--partitioner", "bottomup"])
-    assert r.exit_code == 2 and "--partitioner takes adaptive or semantic" in r.output
+    (tmp_path / "s.json").write_text('{"partitioner": "bottomup"}')
+    r = CliRunner().invoke(app, ["finetune", str(photos), "--out", str(tmp_path / "x"), "--config", str(tmp_path / "s.json")])
+    assert r.exit_code == 2 and "s.json: partitioner takes adaptive or semantic" in r.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("s.toml", 'smoothing_kms = 250.0\n', "s.toml: unknown setting 'smoothing_kms' (did you mean 'smoothing_km'?)"),
+    ("s.json", '{"lr": 1e-5, "colour": 1}', "s.json: unknown setting 'colour'"),
+    ("s.json", '{"epochs": "5"}', "s.json: epochs must be int, not '5'"),
+    ("s.json", '{"augment": 0}', "s.json: augment must be bool, not 0"),
+    ("s.toml", 'patience = 0\n', "s.toml: patience must be at least 1, not 0"),
+    ("s.toml", 'lr = \n', "s.toml: not valid TOML"),
+    ("s.json", '[1]', "s.json: must hold a table of settings"),
+])
+def test_a_config_file_is_checked_key_by_key_before_anything_runs(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError) as e:
+        read_config(tmp_path / name)
+    assert message in str(e.value) and str(tmp_path) in str(e.value)
+    r = CliRunner().invoke(app, ["finetune", str(tmp_path / "none.csv"), "--out", str(tmp_path / "m"),
+                                 "--config", str(tmp_path / name)])
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+
+
+def test_a_config_file_sets_any_field_and_keeps_the_rest_at_their_defaults(tmp_path):
+    (tmp_path / "s.json").write_text('{"lr": 1, "freeze_until": null, "regression_weight": 0.5, "augment": false}')
+    cfg = read_config(tmp_path / "s.json", FinetuneConfig(freeze_until="blocks.3", epochs=9))
+    assert cfg == FinetuneConfig(lr=1.0, regression_weight=0.5, augment=False, epochs=9)
+    assert isinstance(cfg.lr, float)
