@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from geo.data.columns import GROUP_COLUMNS, find_column
+from geo.core.names import find_column
+
+# The columns that name a photo's photographer, matched case-insensitively (the other column aliases are in
+# geo.data.columns): whole groups are held out together.
+GROUP_COLUMNS = ("author", "owner", "user", "photographer")
 
 
 def group_column(columns, requested: str | None = None) -> str | None:

@@ -2,7 +2,9 @@
 
 One table, matched case-insensitively, so the published formats load as they
 are: Im2GPS3k / YFCC (``IMG_ID, AUTHOR, LAT, LON``), OSV-5M (``id, latitude,
-longitude``), clip-retrieval metadata, GeoEstimation result files.
+longitude``), clip-retrieval metadata, GeoEstimation result files. A column is picked from a table with
+``geo.core.names.find_column``; the photographers' aliases are ``geo.core.splits.GROUP_COLUMNS``, beside the
+split that holds whole photographers out (core cannot import this module).
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ ID_COLUMNS = ("id",)
 PATH_COLUMNS = ("path", "image", "img_id", "image_path", "image_id", "filename", "file")
 LAT_COLUMNS = ("lat", "latitude")
 LON_COLUMNS = ("lon", "lng", "longitude")
-GROUP_COLUMNS = ("author", "owner", "user", "photographer")  # whole groups are held out together: photographers
 
 
 def as_text(values: Iterable) -> list[str | None]:
@@ -28,13 +29,3 @@ def as_text(values: Iterable) -> list[str | None]:
             v = int(v)
         out.append(str(v).strip() or None)
     return out
-
-
-def find_column(columns: Iterable, candidates: tuple[str, ...]) -> str | None:
-    """The first column matching the candidates in priority order, case-insensitively; an exact-case match wins a tie."""
-    columns = [str(c) for c in columns]
-    for cand in candidates:
-        hits = [c for c in columns if c.lower() == cand.lower()]
-        if hits:
-            return cand if cand in hits else hits[0]
-    return None

@@ -36,7 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geo.core.files import NO_CAP, FileRefused, regular_size
-from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS, as_text, find_column
+from geo.core.names import find_column
+from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS, as_text
 
 DEFAULT_COLUMN = "embedding"
 _CLIP_EMB = re.compile(r"^img_emb_(\d+)\.npy$")

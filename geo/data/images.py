@@ -32,17 +32,15 @@ import glob
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from geo.core.files import FileRefused, on_disk, printable, read_capped
-
-if TYPE_CHECKING:
-    from geo.models.registry import Preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif")
 
@@ -61,6 +59,37 @@ class ImageLoadError(Exception):
         self.path = printable(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything needed to turn a decoded image into the model's input (a backbone's, recorded in its spec)."""
+
+    size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.size, int) and isinstance(self.resize, int) and 0 < self.size <= self.resize):
+            raise ValueError(f"Preprocess needs integers 0 < size <= resize, got size={self.size!r} resize={self.resize!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"Preprocess needs 3 means and 3 positive stds, got {self.mean!r}, {self.std!r}")
+        if self.interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"Preprocess interpolation must be 'bicubic' or 'bilinear', not {self.interpolation!r}")
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        try:
+            return cls(size=int(d["size"]), resize=int(d["resize"]), mean=tuple(float(x) for x in d["mean"]),
+                       std=tuple(float(x) for x in d["std"]), interpolation=str(d.get("interpolation", "bicubic")))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a preprocess dict ({e!r}): {d!r}") from None
 
 
 # ---------------------------------------------------------------- opening
@@ -186,18 +215,18 @@ def crop_offsets(width: int, height: int, size: int, crops: int) -> list[tuple[i
     raise ValueError(f"crops must be 1, 3 or 5, not {crops!r}")
 
 
-def _normalise(u8: torch.Tensor, pre: "Preprocess") -> torch.Tensor:
+def _normalise(u8: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 [n,3,s,s] -> float32 normalised."""
     mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
     return (u8.float().div_(255.0) - mean).div_(std)
 
 
-def _pil_resample(pre: "Preprocess") -> Image.Resampling:
+def _pil_resample(pre: Preprocess) -> Image.Resampling:
     return {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[pre.interpolation]
 
 
-def _tensor_from_pil(rgb: Image.Image, full_size: tuple[int, int], pre: "Preprocess", crops: int) -> torch.Tensor:
+def _tensor_from_pil(rgb: Image.Image, full_size: tuple[int, int], pre: Preprocess, crops: int) -> torch.Tensor:
     """Resample each crop box straight from the decoded image.
 
     ``full_size`` is the upright size before any draft downscale, so crop
@@ -212,7 +241,7 @@ def _tensor_from_pil(rgb: Image.Image, full_size: tuple[int, int], pre: "Preproc
     return _normalise(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2), pre)
 
 
-def _tensor_resized(rgb: Image.Image, pre: "Preprocess", crops: int) -> torch.Tensor:
+def _tensor_resized(rgb: Image.Image, pre: Preprocess, crops: int) -> torch.Tensor:
     """Resize the whole upright RGB image as a uint8 tensor (antialiased), then cut the crops.
 
     The pixels stay in Pillow's channels-last layout; the batch stride is set so
@@ -238,7 +267,7 @@ def _upright_size(im: Image.Image) -> tuple[int, int]:
     return (im.height, im.width) if orientation in (5, 6, 7, 8) else im.size
 
 
-def load_tensor(path: str | os.PathLike, pre: "Preprocess", crops: int = 1) -> torch.Tensor:
+def load_tensor(path: str | os.PathLike, pre: Preprocess, crops: int = 1) -> torch.Tensor:
     """float32 normalised [crops, 3, size, size] for one image file, or ImageLoadError."""
     return decode_tensor(read_image_file(path), path, pre, crops)
 
@@ -250,7 +279,7 @@ def image_size(data: bytes, name: str) -> tuple[int, int]:
     return _open_header(name, data).size
 
 
-def decode_tensor(data: bytes, path: str | os.PathLike, pre: "Preprocess", crops: int = 1) -> torch.Tensor:
+def decode_tensor(data: bytes, path: str | os.PathLike, pre: Preprocess, crops: int = 1) -> torch.Tensor:
     """:func:`load_tensor` for bytes already in memory (an upload); ``path`` only names it in errors."""
     if crops not in (1, 3, 5):
         raise ValueError(f"crops must be 1, 3 or 5, not {crops!r}")
@@ -274,7 +303,7 @@ def decode_tensor(data: bytes, path: str | os.PathLike, pre: "Preprocess", crops
 class ImageDataset(torch.utils.data.Dataset):
     """Paths -> (index, tensor [crops,3,s,s] or None, reason or None); a bad image never raises."""
 
-    def __init__(self, paths: list[str], pre: "Preprocess", crops: int = 1):
+    def __init__(self, paths: list[str], pre: Preprocess, crops: int = 1):
         if crops not in (1, 3, 5):
             raise ValueError(f"crops must be 1, 3 or 5, not {crops!r}")
         self.paths = list(paths)

@@ -25,14 +25,8 @@ import pandas as pd
 
 from geo.core.files import FileRefused, printable, regular_size
 from geo.core.geodesy import valid_latlon
-from geo.data.columns import (
-    ID_COLUMNS,
-    LAT_COLUMNS,
-    LON_COLUMNS,
-    PATH_COLUMNS,
-    as_text,
-    find_column,
-)
+from geo.core.names import find_column
+from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS, as_text
 from geo.data.images import IMAGE_EXTENSIONS
 
 _UNNAMED = re.compile(r"^Unnamed: \d+$")  # pandas' name for a CSV's header-less index column

@@ -25,6 +25,7 @@ from geo.data.places import nearest_places
 from geo.eval.metrics import THRESHOLDS_KM, breakdown, label_accuracies, summarize
 from geo.eval.published import comparison_table
 from geo.stages.fusion.calibration import expected_calibration_error, reliability_table
+from geo.store.atomic import atomic_save_figure, atomic_write_bytes
 from geo.store.predictions import read_predictions
 
 
@@ -168,7 +169,7 @@ def plot_reliability(calibration: dict[str, dict[str, Any]], path: Path) -> Path
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title("Reliability of the stated confidence")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_save_figure(path, fig)
     plt.close(fig)
     return path
 
@@ -298,7 +299,7 @@ def plot_histogram(d_km: np.ndarray, path: Path) -> Path:
         cum.annotate(f"{t} km\n{100 * (d <= t).mean():.1f}%", (t, 96), fontsize=7, ha="center", va="top")
     ax.set_title(f"Error distribution (n={d.size}, median {np.median(d):.0f} km)")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_save_figure(path, fig)
     plt.close(fig)
     return path
 
@@ -342,7 +343,7 @@ def plot_world_map(df: pd.DataFrame, path: Path, max_lines: int = 300) -> Path:
     ax.legend(loc="lower left", fontsize=8, markerscale=1.5)
     ax.set_title(f"Where the errors are (n={len(df)}, median {np.median(df['error_km']):.0f} km)")  # d is clipped for colour
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_save_figure(path, fig)
     plt.close(fig)
     return path
 
@@ -431,7 +432,7 @@ def write_html(a: dict[str, Any], pngs: dict[str, Path], path: Path, title: str)
              "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}")
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    path.write_text(doc, encoding="utf-8")
+    atomic_write_bytes(path, doc.encode("utf-8"))
     return path
 
 
@@ -442,8 +443,7 @@ def build_report(predictions: str | os.PathLike | Sequence[str | os.PathLike], o
     if df["true_lat"].isna().all():
         raise ValueError(f"{predictions}: no ground truth in these predictions (ad-hoc queries cannot be scored)")
     a = analyse(df, top_n=top_n, ci=ci)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # atomic writes create it
     frame = a.pop("_frame")
     pngs = {
         "histogram": plot_histogram(frame["error_km"].to_numpy(), out / "errors_hist.png"),
@@ -452,8 +452,8 @@ def build_report(predictions: str | os.PathLike | Sequence[str | os.PathLike], o
     }
     title = f"geo report: {', '.join(a['suites']) or 'predictions'} ({a['summary']['n']} photos)"
     paths = dict(pngs, html=write_html(a, pngs, out / "report.html", title))
-    paths["json"] = out / "report.json"
-    paths["json"].write_text(json.dumps(json_safe(a), indent=2, default=str) + "\n")
+    paths["json"] = atomic_write_bytes(out / "report.json",
+                                       (json.dumps(json_safe(a), indent=2, default=str) + "\n").encode())
     return a, paths
 
 

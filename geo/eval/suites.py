@@ -21,14 +21,9 @@ import numpy as np
 import pandas as pd
 
 from geo.core.geodesy import valid_latlon
-from geo.data.columns import (
-    GROUP_COLUMNS,
-    ID_COLUMNS,
-    LAT_COLUMNS,
-    LON_COLUMNS,
-    PATH_COLUMNS,
-    find_column,
-)
+from geo.core.names import find_column
+from geo.core.splits import group_column
+from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS
 from geo.data.images import IMAGE_EXTENSIONS
 
 S3_SCENES = {0: "indoor", 1: "natural", 2: "urban"}
@@ -127,7 +122,7 @@ def read_custom(path: Path) -> pd.DataFrame:
     if "S3_Label" in df.columns:
         scene = [S3_SCENES.get(int(x)) if pd.notna(x) else None for x in pd.to_numeric(df["S3_Label"], errors="coerce")]
     country = df["country"] if "country" in df.columns else None
-    cgroup = find_column(df.columns, GROUP_COLUMNS)
+    cgroup = group_column(df.columns)
     return _frame(path, df[cid], df[cimg], df[clat], df[clon], scene=scene, country=country,
                   photographer=df[cgroup] if cgroup else None)
 

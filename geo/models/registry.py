@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from geo.core.runtime import PRECISION_NAMES, resolve_device, resolve_precision
+from geo.data.images import Preprocess
 
 
 # The card `geo finetune` writes into its MODEL_DIR; a directory holding one is a backbone name by itself.
@@ -34,37 +35,6 @@ MODEL_CARD = "geo-model.json"
 
 class BackboneError(ValueError):
     """A backbone that cannot be built as asked; the message names the file or name and why."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Everything needed to turn a decoded image into the model's input (see geo.data.images)."""
-
-    size: int
-    resize: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.size, int) and isinstance(self.resize, int) and 0 < self.size <= self.resize):
-            raise ValueError(f"Preprocess needs integers 0 < size <= resize, got size={self.size!r} resize={self.resize!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"Preprocess needs 3 means and 3 positive stds, got {self.mean!r}, {self.std!r}")
-        if self.interpolation not in ("bicubic", "bilinear"):
-            raise ValueError(f"Preprocess interpolation must be 'bicubic' or 'bilinear', not {self.interpolation!r}")
-
-    def to_dict(self) -> dict:
-        return {"size": self.size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
-        try:
-            return cls(size=int(d["size"]), resize=int(d["resize"]), mean=tuple(float(x) for x in d["mean"]),
-                       std=tuple(float(x) for x in d["std"]), interpolation=str(d.get("interpolation", "bicubic")))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"not a preprocess dict ({e!r}): {d!r}") from None
 
 
 @dataclass(eq=False)

@@ -103,6 +103,12 @@ def atomic_write_faiss(path: str | os.PathLike, index) -> Path:
     return atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
 
 
+def atomic_save_figure(path: str | os.PathLike, fig) -> Path:
+    """A matplotlib figure, in the format its final name's suffix says (the temp file's name has none)."""
+    fmt = Path(path).suffix.lstrip(".") or None
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
+
+
 def json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()

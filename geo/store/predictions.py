@@ -62,15 +62,10 @@ import pyarrow.parquet as pq
 from geo.core.answer import Answer
 from geo.core.files import NO_CAP, FileRefused, regular_size
 from geo.core.geodesy import haversine_km
+from geo.core.names import find_column
 from geo.data.countries import country_index, country_names
 from geo.data.places import cities_of
-from geo.data.columns import (
-    ID_COLUMNS,
-    LAT_COLUMNS,
-    LON_COLUMNS,
-    PATH_COLUMNS,
-    find_column,
-)
+from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS
 from geo.store.atomic import atomic_write_parquet
 
 SCHEMA = pa.schema(

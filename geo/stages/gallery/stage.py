@@ -29,8 +29,9 @@ import pyarrow.parquet as pq
 from geo.core.geodesy import valid_latlon
 from geo.core.priors import photos_within
 from geo.core.runtime import resolve_device
+from geo.core.names import find_column
 from geo.core.splits import group_column
-from geo.data.columns import LAT_COLUMNS, LON_COLUMNS, find_column
+from geo.data.columns import LAT_COLUMNS, LON_COLUMNS
 from geo.models.location import (
     ImageProjection,
     LocationEncoder,
