@@ -27,7 +27,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from geo.models.backbones import backbone_from_spec
-from geo.stages.embed import EmbedConfig, claim_plan, embed_shard, finished, manifest_fingerprint, pending_shards
+from geo.models.registry import Backbone
+from geo.stages.embed import EmbedConfig, embed_shard, finished, pending_shards
 from geo.store.bundle import Bundle, open_bundle
 
 LOCAL = "local"
@@ -89,8 +90,6 @@ def embed_on_ray(bundle: Bundle, df: pd.DataFrame, cfg: EmbedConfig, device: str
     """
     import ray
 
-    if first_shard == 0:
-        claim_plan(bundle, manifest_fingerprint(df), cfg.shard_rows, len(df))
     todo, done_rows = pending_shards(bundle, len(df), cfg.shard_rows, first_shard)
     if todo:
         gpus = cluster_gpus()
@@ -129,3 +128,22 @@ def ray_map(fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
 
 def _call(fn: Callable[[Any], Any], x: Any) -> Any:
     return fn(x)
+
+
+class RayExecutor:
+    """A build's executor on a Ray cluster (:mod:`geo.executors`): shards on an actor pool, FAISS population as
+    tasks. Connecting happens here, once, when the build starts."""
+
+    name = "ray"
+
+    def __init__(self, address: str = LOCAL, device: str = "auto", precision: str | None = None):
+        connect(address)
+        self.address, self.device, self.precision = address, device, precision
+
+    def embed(self, bundle: Bundle, rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, progress: bool,
+              first_shard: int) -> tuple[list, dict[str, Any]]:
+        """The actors load the bundle's backbone themselves; the driver's copy (``backbone``) only made its spec."""
+        return embed_on_ray(bundle, rows, cfg, self.device, self.precision, progress, first_shard)
+
+    def map(self, fn: Callable[[Any], Any], items: list) -> Iterator[Any]:
+        return ray_map(fn, items)

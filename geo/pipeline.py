@@ -16,31 +16,27 @@ import datetime as _dt
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from geo.cluster import connect, embed_on_ray, ray_map
 from geo.core.runtime import matmul_flops
 from geo.core.sizes import human_bytes
 from geo.core.splits import group_column, training_rows, validation_mask
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.manifest import ManifestError, ManifestResult, read_manifest
+from geo.executors import LOCAL, Executor, executor_for
 from geo.models.backbones import BackboneError, backbone_from_spec, load_backbone
+from geo.models.registry import Backbone
 from geo.plan import StagePlan, check, default_memory, plan_build
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.stage import CellsConfig, fit_cells
 from geo.stages.cells.stage import with_photos as cells_with_photos
-from geo.stages.embed import (
-    EmbedConfig,
-    ingest_embeddings,
-    manifest_fingerprint,
-    run_embedding_stage,
-)
-from geo.stages.fusion.stage import FusionConfig, SignalStages, fit_fusion, fit_fusion_on_built
+from geo.stages.embed import EmbedConfig, check_plan, ingest_embeddings, manifest_fingerprint
+from geo.stages.fusion.stage import FusionConfig, FusionModel, SignalStages, fit_fusion, fit_fusion_on_built
 from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, read_index
@@ -107,7 +103,7 @@ class BuildConfig:
     force: tuple[str, ...] = ()
     memory: int = field(default_factory=default_memory)  # bytes the build may hold at its peak
     # A Ray cluster's address ("local": start one here, or RAY_ADDRESS) for the embedding stage and FAISS
-    # population; None: this process only (geo.cluster).
+    # population; None: this process only. The build turns it into its one executor (geo.executors).
     ray: str | None = None
 
 
@@ -132,13 +128,12 @@ def write_errors(bundle: Bundle, manifest_errors: list[dict], keep_earlier: bool
 def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bundle:
     """Embed the manifest's photos, or read precomputed embeddings (resumably), then fit and commit every stage.
 
-    The bundle's write lock (:func:`geo.store.lock.writing`) is held from before the model loads to the end,
-    so a second build of the same ``out`` is refused at once."""
+    The executor (this process, or a Ray cluster with ``cfg.ray``) is chosen here, once, and passed down. The
+    bundle's write lock (:func:`geo.store.lock.writing`) is held from before the model loads to the end, so a
+    second build of the same ``out`` is refused at once."""
     if (cfg.manifest is None) == (cfg.embeddings is None):
         raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
-    if cfg.ray is not None:
-        connect(cfg.ray)
-        log(f"ray: connected ({cfg.ray}); embedding shards and FAISS population run on the cluster")
+    executor = executor_for(cfg.ray, cfg.device, cfg.precision, log)
     man = None
     if cfg.manifest is not None:
         man = read_manifest(cfg.manifest, cfg.image_root)
@@ -149,51 +144,93 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
                                 + (f" ({reasons}{', ...' if len(man.errors) > 3 else ''})" if reasons else "")
                                 + "; no bundle was written")
     with writing(cfg.out, log):
-        return _build(cfg, man, log, progress)
+        return _build(cfg, man, executor, log, progress)
 
 
-def _build(cfg: BuildConfig, man: ManifestResult | None, log: Log, progress: bool) -> Bundle:
-    if man is None:
-        spec = backbone_spec(cfg.backbone, cfg.weights, log)
-        table = EmbeddingTable(cfg.embeddings, cfg.embedding_column, dim=spec.get("dim"))
-        spec.setdefault("dim", table.dim)
-        log(f"embeddings: {table.rows:,} rows of {table.dim}-d from {len(table.parts)} file(s) ({cfg.embeddings})")
-        plans = plan_stages(cfg, table.rows, table.dim)
-        check(plans, cfg.memory)
-        bundle = Bundle.create_or_resume(cfg.out, spec, table.dim)
-        embed = lambda: ingest_embeddings(bundle, table, cfg.embed, progress=progress)  # noqa: E731
-        rejected: list[dict] = []
-        total = table.rows
-    else:
-        backbone = load_backbone(cfg.backbone, device=cfg.device, precision=cfg.precision, weights=cfg.weights)
-        log(f"backbone: {backbone.name} ({backbone.dim}-d) on {backbone.device}")
-        plans = plan_stages(cfg, len(man.df), backbone.dim)
-        check(plans, cfg.memory)
-        bundle = Bundle.create_or_resume(cfg.out, backbone.spec(), backbone.dim)
-        if cfg.ray is not None:
-            embed = lambda: embed_on_ray(bundle, man.df, cfg.embed, cfg.device, cfg.precision,  # noqa: E731
-                                         progress=progress)
-        else:
-            embed = lambda: run_embedding_stage(bundle, man.df, backbone, cfg.embed, progress=progress)  # noqa: E731
-        rejected, total = man.errors, len(man.df) + len(man.errors)
+@dataclass
+class EmbeddingInput:
+    """What a build or an addition embeds, read once: manifest rows (``photos``) or precomputed embeddings
+    (``table``). Build and ``geo add`` share it, so both embed, commit and count the same way."""
+
+    rows: int  # rows to embed
+    total: int  # rows read, rejected ones included: what the manifest count adds up
+    fingerprint: str  # the input's identity: a resume against another input is refused
+    rejected: list[dict]
+    photos: pd.DataFrame | None = None
+    table: EmbeddingTable | None = None
+
+    @classmethod
+    def of_photos(cls, rows: pd.DataFrame, rejected: list[dict], total: int) -> "EmbeddingInput":
+        return cls(len(rows), total, manifest_fingerprint(rows), rejected, photos=rows)
+
+    @classmethod
+    def of_table(cls, table: EmbeddingTable) -> "EmbeddingInput":
+        return cls(table.rows, table.rows, table.fingerprint, [], table=table)
+
+    def embed(self, bundle: Bundle, executor: Executor, backbone: Backbone | None, cfg: EmbedConfig,
+              progress: bool, first_shard: int, seen: set[str] | None) -> tuple[list[Path], dict[str, Any]]:
+        if self.table is not None:  # already vectors: read and checked here, whatever the executor
+            return ingest_embeddings(bundle, self.table, cfg, progress, first_shard, seen)
+        return executor.embed(bundle, self.photos, backbone, cfg, progress, first_shard)
+
+
+def _build(cfg: BuildConfig, man: ManifestResult | None, executor: Executor, log: Log, progress: bool) -> Bundle:
+    bundle, source, backbone, plans = _open_for_build(cfg, man, log)
     bundle.begin_build(cfg.stages)
     disk = {p.stage: p.disk for p in plans}
     if "embeddings" in cfg.stages:  # always run: it resumes shard by shard and is a no-op when complete
         written = sum(f.stat().st_size for f in bundle.path("embeddings").glob("*") if f.is_file()) \
             if bundle.path("embeddings").is_dir() else 0
         ensure_free_space(bundle.root, max(disk["embeddings"] - written, 0), "the embeddings stage")
-        t0 = time.perf_counter()
-        files, info = embed()
-        bundle.commit("embeddings", files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
-                      replace=STAGE_FOLDERS["embeddings"])
-        failed = write_errors(bundle, rejected)
-        bundle.manifest["counts"] = {"manifest_rows": total, "ok": info["ok"], "failed": failed}
-        bundle.save()
+        _claim_plan(bundle, source, cfg.embed.shard_rows)
+        info, failed = _embed_input(bundle, source, executor, backbone, cfg.embed, progress, first_shard=0)
         log(f"embeddings: {info['ok']:,} ok, {failed:,} failed (see {Path(cfg.out) / ERRORS_FILE})")
-    run_stages(bundle, cfg.stage_configs, cfg.stages, cfg.force, log, mapper=ray_map if cfg.ray is not None else map,
-               disk=disk)
+    run_stages(bundle, cfg.stage_configs, cfg.stages, cfg.force, log, executor, disk)
     bundle.end_build()
     return bundle
+
+
+def _open_for_build(cfg: BuildConfig, man: ManifestResult | None,
+                    log: Log) -> tuple[Bundle, EmbeddingInput, Backbone | None, list[StagePlan]]:
+    """The input, the backbone (None for precomputed embeddings: only its spec is recorded) and the checked
+    plan, then the bundle created or resumed: nothing is written before the plan fits the memory budget."""
+    if man is None:
+        spec = backbone_spec(cfg.backbone, cfg.weights, log)
+        table = EmbeddingTable(cfg.embeddings, cfg.embedding_column, dim=spec.get("dim"))
+        spec.setdefault("dim", table.dim)
+        log(f"embeddings: {table.rows:,} rows of {table.dim}-d from {len(table.parts)} file(s) ({cfg.embeddings})")
+        source, backbone, dim = EmbeddingInput.of_table(table), None, table.dim
+    else:
+        backbone = load_backbone(cfg.backbone, device=cfg.device, precision=cfg.precision, weights=cfg.weights)
+        log(f"backbone: {backbone.name} ({backbone.dim}-d) on {backbone.device}")
+        source = EmbeddingInput.of_photos(man.df, man.errors, len(man.df) + len(man.errors))
+        spec, dim = backbone.spec(), backbone.dim
+    plans = plan_stages(cfg, source.rows, dim)
+    check(plans, cfg.memory)
+    return Bundle.create_or_resume(cfg.out, spec, dim), source, backbone, plans
+
+
+def _claim_plan(bundle: Bundle, source: EmbeddingInput, shard_rows: int) -> None:
+    """Record what this bundle embeds before its first shard; a resume against another input is refused."""
+    check_plan(bundle, source.fingerprint, shard_rows)
+    bundle.manifest.setdefault("plan", {})["embeddings"] = {"fingerprint": source.fingerprint,
+                                                           "shard_rows": shard_rows, "rows": source.rows}
+    bundle.save()
+
+
+def _embed_input(bundle: Bundle, source: EmbeddingInput, executor: Executor, backbone: Backbone | None,
+                 cfg: EmbedConfig, progress: bool, first_shard: int, seen: set[str] | None = None,
+                 rows_before: int = 0) -> tuple[dict[str, Any], int]:
+    """Embed ``source`` into shards from ``first_shard`` on, commit them, write every failure and the counts:
+    the one embedding step of a build (``first_shard`` 0) and of an addition. Returns (stage info, failures)."""
+    t0 = time.perf_counter()
+    files, info = source.embed(bundle, executor, backbone, cfg, progress, first_shard, seen)
+    bundle.commit("embeddings", files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
+                  replace=STAGE_FOLDERS["embeddings"])
+    failed = write_errors(bundle, source.rejected, keep_earlier=first_shard > 0)
+    bundle.manifest["counts"] = {"manifest_rows": rows_before + source.total, "ok": info["ok"], "failed": failed}
+    bundle.save()
+    return info, failed
 
 
 def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | None = None,
@@ -214,53 +251,69 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
         raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
     open_bundle(root)  # refused before the lock when it is no bundle at all
     with writing(root, log):
-        return _add(root, manifest, embeddings, image_root, embedding_column, refit, embed, configs, log, progress)
+        bundle = open_bundle(root)
+        bundle.stage("knn_index")
+        existing = set(EmbeddingReader(bundle).read_meta(["id"])["id"].astype(str))
+        source = _addition_input(bundle, manifest, embeddings, image_root, embedding_column, existing)
+        return _add(bundle, source, existing, refit, embed, configs, log, progress)
 
 
-def _add(root: str | Path, manifest: str | None, embeddings: str | None, image_root: str | None,
-         embedding_column: str, refit: bool, embed: EmbedConfig, configs: StageConfigs, log: Log,
-         progress: bool) -> Bundle:
-    bundle = open_bundle(root)
-    bundle.stage("knn_index")
-    reader = EmbeddingReader(bundle)
-    existing = set(reader.read_meta(["id"])["id"].astype(str))
-    additions = bundle.manifest.setdefault("additions", [])
+def _addition_input(bundle: Bundle, manifest: str | None, embeddings: str | None, image_root: str | None,
+                    embedding_column: str, existing: set[str]) -> EmbeddingInput:
+    """The photos or embeddings to add; manifest rows whose id the bundle already holds become error rows."""
     if embeddings is not None:
-        table = EmbeddingTable(embeddings, embedding_column, dim=int(bundle.manifest["dim"]))
-        fingerprint, rejected, rows_in = table.fingerprint, [], table.rows
+        return EmbeddingInput.of_table(EmbeddingTable(embeddings, embedding_column, dim=int(bundle.manifest["dim"])))
+    man = read_manifest(manifest, image_root)
+    dup = man.df["id"].astype(str).isin(existing).to_numpy()
+    rejected = [*man.errors, *({"path": p, "stage": "manifest", "reason": f"id {i!r} is already in the bundle"}
+                               for i, p in zip(man.df["id"][dup], man.df["path"][dup]))]
+    new_rows = man.df[~dup].reset_index(drop=True)
+    if new_rows.empty:
+        raise ManifestError(f"{man.source}: nothing to add: {int(dup.sum()):,} rows are already in the bundle "
+                            f"and {len(man.errors):,} were rejected; the bundle is unchanged")
+    return EmbeddingInput.of_photos(new_rows, rejected, len(man.df) + len(man.errors))
+
+
+def _add(bundle: Bundle, source: EmbeddingInput, existing: set[str], refit: bool, embed: EmbedConfig,
+         configs: StageConfigs, log: Log, progress: bool) -> Bundle:
+    record = _addition_record(bundle, source)
+    log(f"add: {source.total:,} rows into {bundle.root} after its {len(existing):,} photos")
+    backbone = backbone_from_spec(bundle.manifest["backbone"]) if source.photos is not None else None
+    info, failed = _embed_input(bundle, source, LOCAL, backbone, embed, progress, record["first_shard"], existing,
+                                rows_before=record["manifest_rows_before"])
+    added = info["ok"] - len(existing)
+    log(f"add: {added:,} photos added, {failed:,} failures in all (see {bundle.path(ERRORS_FILE)})")
+    lat, lon = _extend_knn(bundle)
+    if refit:
+        run_stages(bundle, configs, STAGES, ("cells", "gallery", "fusion"), log)
+        bundle.manifest.pop("stale", None)
     else:
-        man = read_manifest(manifest, image_root)
-        dup = man.df["id"].astype(str).isin(existing).to_numpy()
-        rejected = [*man.errors, *({"path": p, "stage": "manifest", "reason": f"id {i!r} is already in the bundle"}
-                                   for i, p in zip(man.df["id"][dup], man.df["path"][dup]))]
-        new_rows = man.df[~dup].reset_index(drop=True)
-        if new_rows.empty:
-            raise ManifestError(f"{man.source}: nothing to add: {int(dup.sum()):,} rows are already in the bundle "
-                                f"and {len(man.errors):,} were rejected; the bundle is unchanged")
-        fingerprint, rows_in = manifest_fingerprint(new_rows), len(man.df) + len(man.errors)
-    record = next((a for a in additions if a["fingerprint"] == fingerprint), None)
+        _refresh_with_photos(bundle, lat, lon, added)
+    record["done"] = True
+    bundle.save()
+    return bundle
+
+
+def _addition_record(bundle: Bundle, source: EmbeddingInput) -> dict[str, Any]:
+    """This addition's record in the manifest (new, or the unfinished one a re-run resumes); a finished one of the
+    same input is refused."""
+    additions = bundle.manifest.setdefault("additions", [])
+    record = next((a for a in additions if a["fingerprint"] == source.fingerprint), None)
     if record is not None and record.get("done"):
         raise BundleError(f"{bundle.root}: this input was already added on {record['started']}; nothing to do")
     if record is None:
-        record = {"fingerprint": fingerprint, "first_shard": len(reader.shards), "rows": rows_in,
-                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "done": False}
+        record = {"fingerprint": source.fingerprint, "first_shard": len(EmbeddingReader(bundle).shards),
+                  "rows": source.total, "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "manifest_rows_before": bundle.manifest.get("counts", {}).get("manifest_rows", 0), "done": False}
         additions.append(record)
         bundle.save()
-    log(f"add: {rows_in:,} rows into {bundle.root} after its {len(existing):,} photos")
-    t0 = time.perf_counter()
-    if embeddings is not None:
-        files, info = ingest_embeddings(bundle, table, embed, progress, record["first_shard"], existing)
-    else:
-        backbone = backbone_from_spec(bundle.manifest["backbone"])
-        files, info = run_embedding_stage(bundle, new_rows, backbone, embed, progress, record["first_shard"])
-    bundle.commit("embeddings", files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
-                  replace=STAGE_FOLDERS["embeddings"])
-    failed = write_errors(bundle, rejected, keep_earlier=True)
-    added = info["ok"] - len(existing)
-    bundle.manifest["counts"] = {"manifest_rows": bundle.manifest.get("counts", {}).get("manifest_rows", 0) + rows_in,
-                                 "ok": info["ok"], "failed": failed}
-    log(f"add: {added:,} photos added, {failed:,} failures in all (see {bundle.path(ERRORS_FILE)})")
+    # an addition recorded before this key existed counts from where the bundle stands
+    record.setdefault("manifest_rows_before", bundle.manifest.get("counts", {}).get("manifest_rows", 0))
+    return record
 
+
+def _extend_knn(bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
+    """Add the new shards' vectors to the FAISS index and commit it; returns every photo's (lat, lon)."""
     reader = EmbeddingReader(bundle)
     t0 = time.perf_counter()
     index = read_index(bundle, use_gpu=False, mmap=False)  # a resumed addition may find some new rows already in it
@@ -271,24 +324,22 @@ def _add(root: str | Path, manifest: str | None, embeddings: str | None, image_r
     files, infos = knn.save(bundle)
     bundle.commit("knn_index", files, {**infos, "stage_seconds": round(time.perf_counter() - t0, 2)},
                   replace=STAGE_FOLDERS["knn_index"])
-    lat, lon = meta["lat"].to_numpy(np.float64), meta["lon"].to_numpy(np.float64)
-    if refit:
-        run_stages(bundle, configs, STAGES, ("cells", "gallery", "fusion"), log)
-        bundle.manifest.pop("stale", None)
-    else:
-        if bundle.has_stage("cells"):
-            files, cinfo = cells_with_photos(CellPredictor.load(bundle), lat, lon).save(bundle)
-            bundle.commit("cells", files, cinfo, replace=STAGE_FOLDERS["cells"])
-        if bundle.has_stage("gallery"):
-            files, ginfo = gallery_with_photos(GpsGallery.load(bundle, with_location_encoder=True),
-                                               np.stack([lat, lon], -1)).save(bundle)
-            bundle.commit("gallery", files, ginfo, replace=STAGE_FOLDERS["gallery"])
-        stale = bundle.manifest.setdefault("stale", {"photos_added": 0, "what": []})
-        stale["photos_added"] += added
-        stale["what"] = [s for s in ("cells", "gallery", "fusion") if bundle.has_stage(s)]
-    record["done"] = True
-    bundle.save()
-    return bundle
+    return meta["lat"].to_numpy(np.float64), meta["lon"].to_numpy(np.float64)
+
+
+def _refresh_with_photos(bundle: Bundle, lat: np.ndarray, lon: np.ndarray, added: int) -> None:
+    """Without a refit: the cells' counts, means and support spots and the gallery's points and prior over every
+    photo, with the fitted partitions, heads and encoder; the fitted parts are recorded as stale."""
+    if bundle.has_stage("cells"):
+        files, cinfo = cells_with_photos(CellPredictor.load(bundle), lat, lon).save(bundle)
+        bundle.commit("cells", files, cinfo, replace=STAGE_FOLDERS["cells"])
+    if bundle.has_stage("gallery"):
+        files, ginfo = gallery_with_photos(GpsGallery.load(bundle, with_location_encoder=True),
+                                           np.stack([lat, lon], -1)).save(bundle)
+        bundle.commit("gallery", files, ginfo, replace=STAGE_FOLDERS["gallery"])
+    stale = bundle.manifest.setdefault("stale", {"photos_added": 0, "what": []})
+    stale["photos_added"] += added
+    stale["what"] = [s for s in ("cells", "gallery", "fusion") if bundle.has_stage(s)]
 
 
 def _rows_after(reader: EmbeddingReader, skip: int):
@@ -364,12 +415,12 @@ def build_from_embeddings(root: str | Path, backbone: dict[str, Any], meta: pd.D
 
 
 def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = (),
-               log: Log = print, mapper: Callable[[Callable, list], Iterable] = map,
-               disk: dict[str, int] | None = None) -> None:
+               log: Log = print, executor: Executor = LOCAL, disk: dict[str, int] | None = None) -> None:
     """Fit, save and commit the stages after the embeddings that ``stages`` names and the bundle lacks (or ``force``).
 
-    ``mapper`` runs the kNN index's per-shard population (``map``, or :func:`geo.cluster.ray_map`); ``disk``
-    (the plan's bytes per stage) is checked against the free space before each stage starts."""
+    The kNN index is filled shard by shard through ``executor.map``; cells and gallery are fitted on the training
+    sample; fusion is re-tuned whenever a signal it mixes changed. ``disk`` (the plan's bytes per stage) is
+    checked against the free space before each stage starts."""
     configs = configs.resolved()
 
     def wanted(stage: str) -> bool:
@@ -378,63 +429,99 @@ def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = 
             return True
         return False
 
-    def commit(stage: str, artifact: Any, t0: float) -> None:
-        files, info = artifact.save(bundle)
-        bundle.commit(stage, files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
-                      replace=STAGE_FOLDERS[stage])
-
     reader = EmbeddingReader(bundle)
     if wanted("knn_index"):
-        t0 = time.perf_counter()
-        commit("knn_index", fit_knn(reader, configs.knn, log=log, mapper=mapper), t0)
+        _fit_and_commit(bundle, "knn_index", lambda: fit_knn(reader, configs.knn, log=log, mapper=executor.map))
     trained = [s for s in ("cells", "gallery") if wanted(s)]
     retune = wanted("fusion") or (bool(trained) and "fusion" in stages)  # retune whenever a signal changed
     if not trained and not retune:
         return
-    n_photos = reader.count
-    if n_photos < MIN_TRAINED_PHOTOS:
-        log(f"cells, gallery, fusion: skipped, {n_photos} photos is below {MIN_TRAINED_PHOTOS}; answers use kNN")
+    if reader.count < MIN_TRAINED_PHOTOS:
+        log(f"cells, gallery, fusion: skipped, {reader.count} photos is below {MIN_TRAINED_PHOTOS}; answers use kNN")
         for stage in ("cells", "gallery", "fusion"):
-            bundle.skip_stage(stage, f"{n_photos} photos, below {MIN_TRAINED_PHOTOS}")
+            bundle.skip_stage(stage, f"{reader.count} photos, below {MIN_TRAINED_PHOTOS}")
         return
-    schema = reader.columns
-    col = group_column(schema, configs.group_column)
-    meta_all = reader.read_meta(["lat", "lon", *([col] if col else [])])  # every photo; no embeddings
-    groups = meta_all[col].astype(str).to_numpy() if col else None
-    held = validation_mask(n_photos, groups, VAL_FRACTION, SPLIT_SEED)  # the photographers no stage trains on
-    latlon = meta_all[["lat", "lon"]].to_numpy(np.float64)
-    backbone = str(bundle.manifest.get("backbone", {}).get("name", ""))
-    large = n_photos > configs.fusion.single_split_above
-    if trained or not large:  # the training sample (every photo up to train_photos), with the held-out marks
-        rows = training_rows(n_photos, configs.train_photos, SPLIT_SEED)
-        meta, emb = reader.take(rows)
-        val = held if rows is None else held[rows]
-    if "cells" in trained:
-        t0 = time.perf_counter()
-        commit("cells", fit_cells(meta, emb, configs.cells, log=log, val=val, photos=(latlon[:, 0], latlon[:, 1])), t0)
-    if "gallery" in trained:
-        t0 = time.perf_counter()
-        commit("gallery", fit_gallery(meta, emb, configs.gallery, backbone, log=log, val=val, photos=latlon), t0)
+    data = TrainingData.read(reader, bundle, configs, sample=bool(trained) or not _large(reader, configs))
+    _fit_trained(bundle, trained, data, configs, log)
     if retune:
-        t0 = time.perf_counter()
-        has_cells, has_gallery = bundle.has_stage("cells"), bundle.has_stage("gallery")
-        if large:
-            if trained:
-                del meta, emb  # fusion reads its held-out queries again: a few thousand rows
-            model = fit_fusion_on_built(
-                meta_all, held, lambda r: reader.take(r, columns=[])[1], lambda: KnnIndex.load(bundle, use_gpu=False),
-                (lambda: CellPredictor.load(bundle)) if has_cells else None,
-                (lambda: GpsGallery.load(bundle, with_location_encoder=True)) if has_gallery else None,
-                configs.fusion, log=log)
-        else:
-            signal_stages = SignalStages(configs.cells if has_cells else None,
-                                         configs.gallery if has_gallery else None, backbone)
-            model = fit_fusion(meta, emb, signal_stages, configs.fusion, log=log)
-        commit("fusion", model, t0)
+        _fit_and_commit(bundle, "fusion", lambda: _tune_fusion(bundle, reader, data, configs, log))
+    _mark_current(bundle, [*trained, *(["fusion"] if retune else [])])
+
+
+def _large(reader: EmbeddingReader, configs: StageConfigs) -> bool:
+    """Whether fusion scores held-out photographers against the built stages instead of refitting them per fold."""
+    return reader.count > configs.fusion.single_split_above
+
+
+@dataclass
+class TrainingData:
+    """What the trained stages and fusion read: every photo's coordinates (no embeddings), the photographers that
+    every trained stage holds out (chosen once, here), and the training sample with its held-out marks."""
+
+    meta_all: pd.DataFrame
+    held: np.ndarray
+    latlon: np.ndarray
+    backbone: str
+    meta: pd.DataFrame | None = None  # the sample (every photo up to ``train_photos``); None when not read
+    emb: np.ndarray | None = None
+    val: np.ndarray | None = None
+
+    @classmethod
+    def read(cls, reader: EmbeddingReader, bundle: Bundle, configs: StageConfigs, sample: bool) -> "TrainingData":
+        col = group_column(reader.columns, configs.group_column)
+        meta_all = reader.read_meta(["lat", "lon", *([col] if col else [])])
+        groups = meta_all[col].astype(str).to_numpy() if col else None
+        held = validation_mask(reader.count, groups, VAL_FRACTION, SPLIT_SEED)
+        data = cls(meta_all, held, meta_all[["lat", "lon"]].to_numpy(np.float64),
+                   str(bundle.manifest.get("backbone", {}).get("name", "")))
+        if sample:
+            rows = training_rows(reader.count, configs.train_photos, SPLIT_SEED)
+            data.meta, data.emb = reader.take(rows)
+            data.val = held if rows is None else held[rows]
+        return data
+
+
+def _fit_and_commit(bundle: Bundle, stage: str, fit: Callable[[], Any]) -> None:
+    """Fit a stage's artifact, save its files (its own folder only) and commit them with the stage's info."""
+    t0 = time.perf_counter()
+    files, info = fit().save(bundle)
+    bundle.commit(stage, files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
+                  replace=STAGE_FOLDERS[stage])
+
+
+def _fit_trained(bundle: Bundle, trained: list[str], data: TrainingData, configs: StageConfigs, log: Log) -> None:
+    """The cell heads and the GPS gallery, on the training sample, validated on the held-out photographers."""
+    lat, lon = data.latlon[:, 0], data.latlon[:, 1]
+    if "cells" in trained:
+        _fit_and_commit(bundle, "cells", lambda: fit_cells(data.meta, data.emb, configs.cells, log=log,
+                                                           val=data.val, photos=(lat, lon)))
+    if "gallery" in trained:
+        _fit_and_commit(bundle, "gallery", lambda: fit_gallery(data.meta, data.emb, configs.gallery, data.backbone,
+                                                               log=log, val=data.val, photos=data.latlon))
+
+
+def _tune_fusion(bundle: Bundle, reader: EmbeddingReader, data: TrainingData, configs: StageConfigs,
+                 log: Log) -> FusionModel:
+    """Fusion's weights on out-of-fold evidence: the signal stages refitted per photographer fold (small galleries),
+    or the built stages scored on the held-out photographers (large ones: no stage is fitted again)."""
+    has_cells, has_gallery = bundle.has_stage("cells"), bundle.has_stage("gallery")
+    if not _large(reader, configs):
+        signal_stages = SignalStages(configs.cells if has_cells else None,
+                                     configs.gallery if has_gallery else None, data.backbone)
+        return fit_fusion(data.meta, data.emb, signal_stages, configs.fusion, log=log)
+    data.meta = data.emb = None  # fusion reads its held-out queries again: a few thousand rows
+    return fit_fusion_on_built(
+        data.meta_all, data.held, lambda r: reader.take(r, columns=[])[1], lambda: KnnIndex.load(bundle, use_gpu=False),
+        (lambda: CellPredictor.load(bundle)) if has_cells else None,
+        (lambda: GpsGallery.load(bundle, with_location_encoder=True)) if has_gallery else None,
+        configs.fusion, log=log)
+
+
+def _mark_current(bundle: Bundle, refitted: list[str]) -> None:
+    """Refitted stages are current again (``geo add`` left them stale)."""
     stale = bundle.manifest.get("stale")
-    if stale:  # refitted stages are current again (geo add left them stale)
-        stale["what"] = [w for w in stale["what"] if w not in {*trained, *(["fusion"] if retune else [])}]
+    if stale:
+        stale["what"] = [w for w in stale["what"] if w not in refitted]
         if not stale["what"]:
             bundle.manifest.pop("stale")
         bundle.save()
-

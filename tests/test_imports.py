@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("geo.store",),
     ("geo.models",),
     ("geo.stages",),
-    ("geo.pipeline", "geo.plan", "geo.cluster", "geo.finetune", "geo.settings", "geo.query"),
+    ("geo.pipeline", "geo.plan", "geo.cluster", "geo.executors", "geo.finetune", "geo.settings", "geo.query"),
     ("geo.eval",),
     ("geo.serve", "geo.cli"),
 )

@@ -75,16 +75,16 @@ def _embed_rows(rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, bar: t
     return emb, ok, errors
 
 
-def claim_plan(bundle: Bundle, fingerprint: str, shard_rows: int, rows: int) -> None:
-    """Record what this bundle embeds; a resume against another input (or shard size) is refused."""
+def check_plan(bundle: Bundle, fingerprint: str, shard_rows: int) -> None:
+    """Refuse to resume a bundle against another input (or shard size) than the one its plan records.
+
+    The plan itself is recorded by the pipeline (the only writer of ``manifest.json``), before any shard."""
     plan = bundle.manifest.get("plan", {}).get(STAGE)
     if plan and (plan["fingerprint"] != fingerprint or plan["shard_rows"] != shard_rows):
         raise BundleError(
             f"{bundle.root}: an unfinished or finished build of a different manifest (or shard size) is here; "
             "resume with the same input and --shard-size, or choose another --out"
         )
-    bundle.manifest.setdefault("plan", {})[STAGE] = {"fingerprint": fingerprint, "shard_rows": shard_rows, "rows": rows}
-    bundle.save()
 
 
 def finished(bundle: Bundle) -> tuple[list[Path], dict[str, Any]]:
@@ -109,8 +109,6 @@ def ingest_embeddings(bundle: Bundle, table: EmbeddingTable, cfg: EmbedConfig = 
     Finished shards are not written again, but every piece is still read and
     checked, so a duplicate id is caught against all earlier rows.
     """
-    if first_shard == 0:
-        claim_plan(bundle, table.fingerprint, cfg.shard_rows, table.rows)
     bar = tqdm(total=table.rows, unit="row", desc="embeddings in", disable=not progress, smoothing=0.1)
     first = 0
     t0 = time.perf_counter()
@@ -132,9 +130,6 @@ def run_embedding_stage(bundle: Bundle, df: pd.DataFrame, backbone: Backbone, cf
 
     ``first_shard`` > 0 numbers the shards after a bundle's own (``geo add``).
     """
-    if first_shard == 0:
-        claim_plan(bundle, manifest_fingerprint(df), cfg.shard_rows, len(df))
-
     todo, done_rows = pending_shards(bundle, len(df), cfg.shard_rows, first_shard)
     bar = tqdm(total=len(df), initial=done_rows, unit="img", desc="embed", disable=not progress, smoothing=0.1)
     for i in todo:

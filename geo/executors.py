@@ -1,0 +1,60 @@
+"""Where a build's parallel parts run: chosen once, where the build starts, and passed down.
+
+Two parts of a build can spread out: making the embedding shards and filling
+the FAISS index shard by shard. An :class:`Executor` does both. The build picks
+one from ``--ray`` (:func:`executor_for`) before anything runs, the way
+clip-retrieval picks its distributor once; stages never ask which one it is:
+they take the executor's ``map`` as a plain callable.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import pandas as pd
+
+from geo.cluster import RayExecutor
+from geo.models.registry import Backbone
+from geo.stages.embed import EmbedConfig, run_embedding_stage
+from geo.store.bundle import Bundle
+
+Mapper = Callable[[Callable[[Any], Any], list], Iterable[Any]]
+Log = Callable[[str], None]
+
+
+class Executor(Protocol):
+    """Runs the embedding shards and the per-shard work of a build."""
+
+    name: str
+
+    def embed(self, bundle: Bundle, rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, progress: bool,
+              first_shard: int) -> tuple[list[Path], dict[str, Any]]:
+        """Embed every row not yet in a finished shard; (every finished shard's files, the stage's info)."""
+
+    def map(self, fn: Callable[[Any], Any], items: list) -> Iterable[Any]:
+        """``map(fn, items)``, results in the items' order."""
+
+
+class LocalExecutor:
+    """This process: the backbone the driver loaded, decoding workers of its own, the builtin ``map``."""
+
+    name = "local"
+
+    def embed(self, bundle: Bundle, rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, progress: bool,
+              first_shard: int) -> tuple[list[Path], dict[str, Any]]:
+        return run_embedding_stage(bundle, rows, backbone, cfg, progress, first_shard)
+
+    def map(self, fn: Callable[[Any], Any], items: list) -> Iterable[Any]:
+        return map(fn, items)
+
+
+LOCAL = LocalExecutor()
+
+
+def executor_for(ray: str | None, device: str, precision: str, log: Log) -> Executor:
+    """The build's one executor: this process, or the Ray cluster at ``ray`` (connected here, once)."""
+    if ray is None:
+        return LOCAL
+    executor = RayExecutor(ray, device, precision)
+    log(f"ray: connected ({ray}); embedding shards and FAISS population run on the cluster")
+    return executor
