@@ -17,7 +17,7 @@ from geo.stages.gallery.stage import (
     gallery_points,
     resolve_image_init,
 )
-from geo.stages.gallery.train import jitter, log_density
+from geo.stages.gallery.train import TUNED, jitter, log_density
 from geo.store.bundle import Bundle, BundleError, open_bundle
 
 CITIES = np.array([[48.85, 2.35], [40.71, -74.0], [35.68, 139.69]])  # Paris, New York, Tokyo
@@ -103,7 +103,7 @@ def test_build_and_search(tmp_path):
     # Scores are logits (+ the stored prior): recompute the best one from the modules.
     q = gal.projection.encode(emb[:1], normalize=True)
     p = gal.location_encoder.encode(latlon[0, :1], normalize=True)
-    prior = SMALL.prior_weight * log_density(latlon[0, :1], meta[["lat", "lon"]].to_numpy(), SMALL.prior_radius_km)
+    prior = TUNED.prior_weight * log_density(latlon[0, :1], meta[["lat", "lon"]].to_numpy(), TUNED.prior_radius_km)
     assert scores[0, 0] == pytest.approx(gal.logit_scale * float((q @ p.T)[0, 0]) + prior[0], abs=1e-3)
 
 
