@@ -17,7 +17,8 @@ from geo.stages.gallery.stage import (
     gallery_points,
     resolve_image_init,
 )
-from geo.stages.gallery.train import jitter, log_density
+from geo.stages.gallery.stage import with_photos as gallery_with_photos
+from geo.stages.gallery.train import TUNED, jitter, log_density
 from geo.store.bundle import Bundle, BundleError, open_bundle
 
 CITIES = np.array([[48.85, 2.35], [40.71, -74.0], [35.68, 139.69]])  # Paris, New York, Tokyo
@@ -103,7 +104,7 @@ def test_build_and_search(tmp_path):
     # Scores are logits (+ the stored prior): recompute the best one from the modules.
     q = gal.projection.encode(emb[:1], normalize=True)
     p = gal.location_encoder.encode(latlon[0, :1], normalize=True)
-    prior = SMALL.prior_weight * log_density(latlon[0, :1], meta[["lat", "lon"]].to_numpy(), SMALL.prior_radius_km)
+    prior = TUNED.prior_weight * log_density(latlon[0, :1], meta[["lat", "lon"]].to_numpy(), TUNED.prior_radius_km)
     assert scores[0, 0] == pytest.approx(gal.logit_scale * float((q @ p.T)[0, 0]) + prior[0], abs=1e-3)
 
 
@@ -127,6 +128,19 @@ def test_missing_gallery_names_the_file(tmp_path):
         GpsGallery.load(bundle)
 
 
+def test_a_bundle_that_recorded_since_removed_settings_still_takes_new_photos():
+    """Bundles built before the tuned constants left the config recorded them in gallery.json; ``geo add``
+    (with_photos) rebuilds the points from that record, so it must ignore them and use the same constants."""
+    meta, emb, _ = city_data(n_per=10)
+    gal = fit_gallery(meta, emb, dataclasses.replace(SMALL, epochs=0), "test", log=lambda *_: None)
+    assert gal.info["config"]["image_init"] == "random" and "prior_weight" not in gal.info["config"]
+    gal.info["config"].update(prior_weight=2.0, prior_radius_km=750.0, queue_size=4096, symmetric=False,
+                              val_fraction=0.2, weight_decay=0.01)
+    fresh = gallery_with_photos(gal, meta[["lat", "lon"]].to_numpy())
+    assert fresh.index.ntotal == gal.index.ntotal
+    np.testing.assert_allclose(fresh.search(emb[:5], k=3)[1], gal.search(emb[:5], k=3)[1], rtol=1e-5)
+
+
 def test_gallery_points_dedupe_and_bad_csv(tmp_path):
     pts, src = gallery_points(np.array([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0]]), None)
     assert len(pts) == 2 and set(src) == {"photos"}
@@ -137,6 +151,8 @@ def test_gallery_points_dedupe_and_bad_csv(tmp_path):
 
 
 def test_image_init_follows_backbone():
+    assert GalleryConfig().image_init == "auto"  # one declaration: the stage and its training agree
+    assert GalleryConfig().train_config("geoclip", 512).image_init == "identity"
     assert resolve_image_init("geoclip", 512) == "identity"
     assert resolve_image_init("open_clip:ViT-L-14/openai", 768) == "geoclip"
     assert resolve_image_init("efficientnet_lite0", 1280) == "random"

@@ -16,11 +16,11 @@ from geo.core.splits import group_column, group_folds
 from geo.models.heads import head_logits
 from geo.stages.cells import partition as P
 from geo.stages.cells.calibration import CALIBRATION_PHOTOS, fit_calibration, log_priors
-from geo.stages.cells.cities import fit_city_head
+from geo.stages.cells.cities import CityHead, fit_city_head
 from geo.stages.cells.predictor import CellPredictor
-from geo.stages.cells.regression import fit_regression
+from geo.stages.cells.regression import Regression, fit_regression
 from geo.stages.cells.support import support_points
-from geo.stages.cells.train import HeadConfig, config_dict, train_heads
+from geo.stages.cells.train import HeadConfig, TrainResult, config_dict, train_heads
 
 CROSSFIT_FOLDS = 3
 
@@ -75,64 +75,30 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
     :func:`geo.core.splits.validation_mask`). ``photos`` are every gallery photo's (lat, lon), from which the
     partitions, the cells' counts and means and the support spots are made (default: ``meta``'s).
     """
-    if len(meta) != len(emb):
-        raise ValueError(f"{len(meta)} metadata rows for {len(emb)} embeddings")
-    ok = valid_latlon(meta["lat"], meta["lon"])
-    if not ok.all():
-        meta, emb = meta.loc[ok].reset_index(drop=True), emb[ok]
-        val = val[ok] if val is not None else None
+    meta, emb, val, (all_lat, all_lon) = _located(meta, emb, val, photos)
     lat, lon = meta["lat"].to_numpy(float), meta["lon"].to_numpy(float)
-    if photos is None:
-        all_lat, all_lon = lat, lon
-    else:
-        keep = valid_latlon(*photos)
-        all_lat, all_lon = np.asarray(photos[0], float)[keep], np.asarray(photos[1], float)[keep]
-    parts, source = _partitions(all_lat, all_lon, (lat, lon, emb), config)
-    parents = P.link_parents(parts)
-    all_rows = P.locate(parts, all_lat, all_lon)
-    rows = all_rows if photos is None else P.locate(parts, lat, lon)
-    by_name = {p.name: p for p in parts}
-    tables = [P.cell_table(p, all_rows[:, k], all_lat, all_lon, parents[p.name], by_name) for k, p in enumerate(parts)]
-    log("cells: " + ", ".join(f"{p.name} {p.n_cells} cells ({(all_rows[:, k] >= 0).mean():.0%} of photos)"
-                              for k, p in enumerate(parts)) + f" from {source}"
+    cells = _cells(all_lat, all_lon, (lat, lon, emb), config, sampled=photos is not None)
+    log("cells: " + ", ".join(f"{p.name} {p.n_cells} cells ({(cells.all_rows[:, k] >= 0).mean():.0%} of photos)"
+                              for k, p in enumerate(cells.parts)) + f" from {cells.source}"
         + (f"; heads train on a sample of {len(lat):,} of {len(all_lat):,} photos" if len(lat) < len(all_lat) else ""))
 
-    scene, scene_values = None, []
-    if config.scene_column:
-        if config.scene_column not in meta.columns:
-            raise ValueError(f"--scene-column {config.scene_column!r}: not a manifest column ({', '.join(meta.columns)})")
-        col = meta[config.scene_column]
-        scene_values = sorted({v for v in col.dropna().tolist()}, key=str)
-        lookup = {v: i for i, v in enumerate(scene_values)}
-        scene = np.array([lookup.get(v, -1) for v in col.tolist()], dtype=np.int64)
+    scene, scene_values = _scenes(meta, config.scene_column)
     group_col = group_column(meta.columns, config.group_column)
     hc = HeadConfig(head=config.head, smoothing_km=config.smoothing_km, max_epochs=config.max_epochs, seed=config.seed,
                     device=config.device)
     groups = meta[group_col].astype(str).to_numpy() if group_col else None
-    cell_latlon = [(t["lat"].to_numpy(), t["lon"].to_numpy()) for t in tables]
-    result = train_heads(emb, rows, cell_latlon, (lat, lon), hc, groups=groups, scene=scene, n_scenes=len(scene_values),
-                         val=val)
+    result = train_heads(emb, cells.rows, cells.cell_latlon, (lat, lon), hc, groups=groups, scene=scene,
+                         n_scenes=len(scene_values), val=val)
     val = result.val_index
-    if len(val) >= CALIBRATION_PHOTOS or not config.crossfit:
-        calib_rows, how = val, "the held-out photographers"
-        if len(val) > CALIBRATION_PHOTOS:  # the sample calibration would take: logits of only those photos
-            calib_rows = val[np.sort(np.random.default_rng(0).choice(len(val), CALIBRATION_PHOTOS, replace=False))]
-        logits, _ = head_logits(result.model, emb[calib_rows], scene[calib_rows] if scene is not None else None)
-    else:
-        calib_rows, how = np.arange(len(emb)), f"{CROSSFIT_FOLDS}-fold cross-fitted heads"
-        logits = _crossfit_logits(emb, rows, cell_latlon, (lat, lon), hc, groups, scene, len(scene_values))
-    priors = log_priors([t["count"].to_numpy(float) for t in tables])
-    parent_rows = [parents[parts[-1].name][p.name] for p in parts[:-1]]
-    calibration = fit_calibration(logits, rows[calib_rows], priors, parent_rows,
-                                  groups[calib_rows] if groups is not None else None)
-    calibration["source"] = how
+    calibration = _calibrate(result, emb, cells, (lat, lon), hc, groups, scene, len(scene_values), config.crossfit)
     log(f"cells: heads trained in {result.seconds:.1f}s ({result.best_epoch + 1} epochs kept), "
         f"T={['%.2f' % t for t in calibration['temperature']]}, alpha={calibration['alpha']:.2f} "
-        f"on {calibration['val_photos']} photos from {how}" + (f" (by {group_col})" if group_col else ""))
+        f"on {calibration['val_photos']} photos from {calibration['source']}"
+        + (f" (by {group_col})" if group_col else ""))
     info = {
-        "partitions": [p.name for p in parts],
-        "cells": {p.name: p.n_cells for p in parts},
-        **source,
+        "partitions": [p.name for p in cells.parts],
+        "cells": {p.name: p.n_cells for p in cells.parts},
+        **cells.source,
         "head": hc.head,
         "scene_column": config.scene_column,
         "group_column": group_col,
@@ -143,23 +109,123 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
                   "epochs_run": len(result.history), "val_photos": int(len(val)),
                   "val_loss": result.history[result.best_epoch]["val_loss"], "config": config_dict(hc)},
     }
-    support = support_points(all_lat, all_lon, all_rows[:, -1], tables[-1])
+    support = support_points(all_lat, all_lon, cells.all_rows[:, -1], cells.tables[-1])
     info["support_spots"] = int(len(support))
     regression = city = None
     if config.answer_heads:
-        regression = fit_regression(emb, lat, lon, groups, config.seed)
+        regression = _regression(emb, lat, lon, groups, config.seed, log)
         info["regression"] = regression.info
-        if "held_out_median_km" in regression.info:
-            log(f"cells: coordinate regression (ridge alpha {regression.info['alpha']:g}, weight "
-                f"{regression.info['shrink']['weight']:.1f} against the prior): out-of-fold median "
-                f"{regression.info['held_out_median_km']:.0f} km")
-        city = fit_city_head(emb, lat, lon, val, int(source.get("tau_min", 1)), hc)
+        city = _city_head(emb, lat, lon, val, int(cells.source.get("tau_min", 1)), hc, log)
         info["city_head"] = city.info if city is not None else None
-        if city is not None and "held_out_acc" in city.info:
-            log(f"cells: city head over {city.info['cities']} cities + elsewhere: held-out top-1 "
-                f"{city.info['held_out_acc']:.1%} (majority class {city.info['majority_acc']:.1%})")
-    return CellPredictor(tables, info["partitions"], result.model, calibration, scene_values, support, info,
+    return CellPredictor(cells.tables, info["partitions"], result.model, calibration, scene_values, support, info,
                          config.scene_column, regression, city)
+
+
+def _located(meta: pd.DataFrame, emb: np.ndarray, val: np.ndarray | None,
+             photos: tuple[np.ndarray, np.ndarray] | None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None,
+                                                                   tuple[np.ndarray, np.ndarray]]:
+    """The training photos with valid coordinates (their ``meta``, ``emb``, ``val``), and every gallery photo's
+    valid (lat, lon): a photo without a place has no cell to learn or to count."""
+    if len(meta) != len(emb):
+        raise ValueError(f"{len(meta)} metadata rows for {len(emb)} embeddings")
+    ok = valid_latlon(meta["lat"], meta["lon"])
+    if not ok.all():
+        meta, emb = meta.loc[ok].reset_index(drop=True), emb[ok]
+        val = val[ok] if val is not None else None
+    if photos is None:
+        return meta, emb, val, (meta["lat"].to_numpy(float), meta["lon"].to_numpy(float))
+    keep = valid_latlon(*photos)
+    return meta, emb, val, (np.asarray(photos[0], float)[keep], np.asarray(photos[1], float)[keep])
+
+
+@dataclass
+class _Cells:
+    """The partitions and what the photos' coordinates make of them."""
+
+    parts: list[P.Partition]
+    source: dict  # where the partitions came from (and the taus they were built with): recorded in the info
+    parents: dict  # P.link_parents: each partition's cells' rows in the coarser partitions
+    tables: list[pd.DataFrame]  # per partition: each cell's photo count, mean place and parent
+    all_rows: np.ndarray  # int [every gallery photo, partitions]: its cell's row, -1 in none
+    rows: np.ndarray  # the same for the photos the heads train on
+
+    @property
+    def cell_latlon(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each partition's cell means: what the heads' smoothed targets measure distances to."""
+        return [(t["lat"].to_numpy(), t["lon"].to_numpy()) for t in self.tables]
+
+
+def _cells(all_lat: np.ndarray, all_lon: np.ndarray, sample: tuple[np.ndarray, np.ndarray, np.ndarray],
+           config: CellsConfig, sampled: bool) -> _Cells:
+    """Partitions and tables from every gallery photo, each training photo (``sample``: lat, lon, emb) located
+    in them: counts and means describe the whole gallery even when the heads see only a sample (``sampled``)."""
+    parts, source = _partitions(all_lat, all_lon, sample, config)
+    parents = P.link_parents(parts)
+    all_rows = P.locate(parts, all_lat, all_lon)
+    rows = P.locate(parts, sample[0], sample[1]) if sampled else all_rows
+    by_name = {p.name: p for p in parts}
+    tables = [P.cell_table(p, all_rows[:, k], all_lat, all_lon, parents[p.name], by_name) for k, p in enumerate(parts)]
+    return _Cells(parts, source, parents, tables, all_rows, rows)
+
+
+def _scenes(meta: pd.DataFrame, column: str | None) -> tuple[np.ndarray | None, list]:
+    """Each photo's scene as an index into the sorted scene labels (-1: none), and those labels; (None, [])
+    without a scene column. The labels are stored with the heads, which read a one-hot of the index."""
+    if not column:
+        return None, []
+    if column not in meta.columns:
+        raise ValueError(f"--scene-column {column!r}: not a manifest column ({', '.join(meta.columns)})")
+    col = meta[column]
+    values = sorted({v for v in col.dropna().tolist()}, key=str)
+    lookup = {v: i for i, v in enumerate(values)}
+    return np.array([lookup.get(v, -1) for v in col.tolist()], dtype=np.int64), values
+
+
+def _calibrate(result: TrainResult, emb: np.ndarray, cells: _Cells, latlon: tuple[np.ndarray, np.ndarray],
+               hc: HeadConfig, groups: np.ndarray | None, scene: np.ndarray | None, n_scenes: int,
+               crossfit: bool) -> dict:
+    """Temperatures and the prior's weight, fitted on logits of photos the scoring heads did not train on.
+
+    Enough held-out photos (or ``crossfit`` off): those of the held-out photographers, a seeded sample of
+    ``CALIBRATION_PHOTOS`` above. Fewer: every photo, scored by heads cross-fitted without its fold.
+    """
+    val = result.val_index
+    if len(val) >= CALIBRATION_PHOTOS or not crossfit:
+        calib_rows, how = val, "the held-out photographers"
+        if len(val) > CALIBRATION_PHOTOS:  # the sample calibration would take: logits of only those photos
+            calib_rows = val[np.sort(np.random.default_rng(0).choice(len(val), CALIBRATION_PHOTOS, replace=False))]
+        logits, _ = head_logits(result.model, emb[calib_rows], scene[calib_rows] if scene is not None else None)
+    else:
+        calib_rows, how = np.arange(len(emb)), f"{CROSSFIT_FOLDS}-fold cross-fitted heads"
+        logits = _crossfit_logits(emb, cells.rows, cells.cell_latlon, latlon, hc, groups, scene, n_scenes)
+    priors = log_priors([t["count"].to_numpy(float) for t in cells.tables])
+    parent_rows = [cells.parents[cells.parts[-1].name][p.name] for p in cells.parts[:-1]]
+    calibration = fit_calibration(logits, cells.rows[calib_rows], priors, parent_rows,
+                                  groups[calib_rows] if groups is not None else None)
+    calibration["source"] = how
+    return calibration
+
+
+def _regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np.ndarray | None, seed: int,
+                log: Callable[[str], None]) -> Regression:
+    """The coordinate regression (``--mode regression``), with its out-of-fold error in the build's log."""
+    regression = fit_regression(emb, lat, lon, groups, seed)
+    if "held_out_median_km" in regression.info:
+        log(f"cells: coordinate regression (ridge alpha {regression.info['alpha']:g}, weight "
+            f"{regression.info['shrink']['weight']:.1f} against the prior): out-of-fold median "
+            f"{regression.info['held_out_median_km']:.0f} km")
+    return regression
+
+
+def _city_head(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, val: np.ndarray, tau_min: int, hc: HeadConfig,
+               log: Callable[[str], None]) -> CityHead | None:
+    """The city head (an answer's cities), trained without the held-out photographers, with its held-out
+    accuracy against always answering the commonest class in the build's log."""
+    city = fit_city_head(emb, lat, lon, val, tau_min, hc)
+    if city is not None and "held_out_acc" in city.info:
+        log(f"cells: city head over {city.info['cities']} cities + elsewhere: held-out top-1 "
+            f"{city.info['held_out_acc']:.1%} (majority class {city.info['majority_acc']:.1%})")
+    return city
 
 
 def with_photos(pred: CellPredictor, lat: np.ndarray, lon: np.ndarray) -> CellPredictor:

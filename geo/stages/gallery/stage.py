@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +39,7 @@ from geo.models.location import (
     load_module,
     save_module,
 )
-from geo.stages.gallery.train import TrainConfig, train_gallery
+from geo.stages.gallery.train import TUNED, TrainConfig, train_gallery
 from geo.store.atomic import atomic_write_faiss, atomic_write_json, atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError, read_json
 
@@ -57,17 +57,16 @@ DEDUP_DECIMALS = 5  # ~1 m: photos shot at one spot become one gallery point
 
 @dataclass
 class GalleryConfig(TrainConfig):
-    gps_gallery: str | None = field(default=None, metadata={
-        "help": "extra gallery points beyond the gallery photos' own: a CSV with lat/lon (or LAT/LON) columns, or "
-                "'geoclip' for GeoCLIP's 100K points (the default with --backbone geoclip)"})
-    group_column: str | None = field(default=None, metadata={
-        "help": "metadata column whose groups never straddle the train/validation split "
-                "(default: the first of AUTHOR, author, owner, ... present, else each photo is its own group)"})
-    max_points: int = field(default=100_000, metadata={
-        "help": "most gallery points taken from the photos' distinct places (a uniform sample above; GeoCLIP uses 100K)"})
-    image_init: str = field(default="auto", metadata={
-        "help": "image projection start: 'auto' (identity for the geoclip backbone, GeoCLIP's MLP for CLIP "
-                "ViT-L/14, else random), 'random', 'geoclip' or 'identity'"})
+    """The gallery stage's settings: its training (:class:`TrainConfig`) and where its points come from."""
+
+    # Extra gallery points beyond the gallery photos' own: a CSV with lat/lon (or LAT/LON) columns, or
+    # 'geoclip' for GeoCLIP's 100K points (the default with the geoclip backbone).
+    gps_gallery: str | None = None
+    # Metadata column whose groups never straddle the train/validation split
+    # (default: the first of AUTHOR, author, owner, ... present, else each photo is its own group).
+    group_column: str | None = None
+    # Most gallery points taken from the photos' distinct places (a uniform sample above; GeoCLIP uses 100K).
+    max_points: int = 100_000
 
     def train_config(self, backbone_name: str, dim: int) -> TrainConfig:
         """The training config with 'auto' resolved for this bundle's backbone."""
@@ -79,6 +78,8 @@ class GalleryConfig(TrainConfig):
 
 
 def resolve_image_init(backbone_name: str, dim: int) -> str:
+    """What image_init 'auto' starts from for embeddings of this backbone: GeoCLIP's image MLP where the
+    features are the ones it was trained on, no MLP where the backbone already applied it."""
     name = backbone_name.lower()
     if name.startswith("geoclip"):
         return "identity"  # the geoclip backbone already applies GeoCLIP's image MLP
@@ -181,8 +182,8 @@ def encode_points(location_encoder: LocationEncoder, projection: ImageProjection
     feats = location_encoder.to(resolve_device(config.device)).encode(points, normalize=True)
     location_encoder.cpu()
     logit_scale = projection.logit_scale.exp().item()
-    log_prior = config.prior_weight * np.log1p(
-        photos_within(points, photo_latlon, config.prior_radius_km, seed=config.seed)).astype(np.float32)
+    log_prior = TUNED.prior_weight * np.log1p(
+        photos_within(points, photo_latlon, TUNED.prior_radius_km, seed=config.seed)).astype(np.float32)
     index = faiss.IndexFlatIP(feats.shape[1] + 1)
     index.add(np.ascontiguousarray(np.hstack([feats, (log_prior / logit_scale)[:, None]]), np.float32))
     return index

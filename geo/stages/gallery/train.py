@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -33,43 +33,55 @@ VAL_THRESHOLDS_KM = tuple(float(t) for t in THRESHOLDS_KM[1:])  # 1 km is beyond
 
 @dataclass
 class TrainConfig:
-    init: str = field(default="geoclip", metadata={"help": "location encoder start: 'geoclip' (GeoCLIP's published "
-                                                          "weights) or 'random'"})
-    sigmas: tuple[float, ...] = field(default=GEOCLIP_SIGMAS, metadata={
-        "help": "RFF scales in Equal Earth units, one branch each (GeoCLIP: 1,16,256; add 4096 for finer "
-                "resolution). With --gallery-init geoclip, sigmas beyond GeoCLIP's are added as new branches"})
-    image_init: str = field(default="random", metadata={
-        "help": "image projection start: 'random'; 'geoclip' (GeoCLIP's MLP, only for CLIP ViT-L/14 768-d "
-                "features); 'identity' (residual, for embeddings already in GeoCLIP's space)"})
-    epochs: int = field(default=40, metadata={"help": "maximum training rounds (0: keep the initial weights); a round "
-                                                      "is one pass over the training photos, or round_photos of them "
-                                                      "when there are more"})
-    round_photos: int = field(default=10_000, metadata={
-        "help": "photos per training round: training cost is bounded by epochs x round_photos whatever the gallery "
-                "size; successive rounds go on through one shuffled order of all photos"})
-    val_photos_max: int = field(default=5000, metadata={"help": "held-out photos scored after each round (a sample above)"})
-    val_candidates_max: int = field(default=20_000, metadata={
-        "help": "distinct photo places offered as answers when validating (a uniform sample above)"})
-    batch_size: int = field(default=256, metadata={"help": "photos per contrastive batch"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the image projection"})
-    location_lr: float = field(default=1e-5, metadata={"help": "learning rate of the location encoder (0 freezes it)"})
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
-    hidden: int = field(default=1024, metadata={"help": "hidden width of the image projection MLP"})
-    dropout: float = field(default=0.2, metadata={"help": "dropout in the image projection (regularises small galleries)"})
-    queue_size: int = field(default=4096, metadata={"help": "recent GPS negatives kept between batches (GeoCLIP: 4096)"})
-    jitter_km: float = field(default=10.0, metadata={"help": "std of the Gaussian GPS jitter applied to training "
-                                                             "coordinates, km"})
-    symmetric: bool = field(default=False, metadata={"help": "add the GPS-to-image InfoNCE term"})
-    prior_weight: float = field(default=2.0, metadata={
-        "help": "weight of log photo density added to each gallery point's logit (0: pure cosine). InfoNCE "
-                "against photo-distributed negatives learns log p(point|image)/p(point), so adding log p(point) "
-                "turns the score into a posterior"})
-    prior_radius_km: float = field(default=750.0, metadata={"help": "radius of the photo-count density behind the prior"})
-    val_fraction: float = field(default=0.2, metadata={"help": "fraction of rows held out (in whole groups) for early stopping"})
-    patience: int = field(default=6, metadata={"help": "epochs without validation improvement before stopping"})
-    val_gallery_max: int = field(default=4096, metadata={"help": "extra gallery points sampled as validation candidates"})
-    seed: int = field(default=0, metadata={"help": "seed for the split, initialisation, batches and jitter"})
-    device: str = field(default="auto", metadata={"help": "'auto' (cuda when present), 'cpu' or 'cuda'"})
+    """What a build may change about the gallery's training (``geo build-index --gallery-*``, tests, benchmarks).
+
+    A round is one pass over the training photos, or ``round_photos`` of them when there are more
+    (successive rounds go on through one shuffled order of all photos): training costs at most
+    ``epochs x round_photos`` photos whatever the gallery's size.
+    """
+
+    init: str = "geoclip"  # location encoder start: 'geoclip' (GeoCLIP's published weights) or 'random'
+    # RFF scales in Equal Earth units, one branch each (GeoCLIP: 1, 16, 256; add 4096 for finer resolution).
+    # With init 'geoclip', scales beyond GeoCLIP's are added as new branches.
+    sigmas: tuple[float, ...] = GEOCLIP_SIGMAS
+    # Image projection start: 'auto' (resolved from the backbone by GalleryConfig.train_config: identity for the
+    # geoclip backbone, GeoCLIP's MLP for CLIP ViT-L/14, else random); 'random'; 'geoclip' (GeoCLIP's MLP, only
+    # for CLIP ViT-L/14 768-d features); 'identity' (residual, for embeddings already in GeoCLIP's space).
+    image_init: str = "auto"
+    epochs: int = 40  # most training rounds (0: keep the initial weights)
+    round_photos: int = 10_000
+    batch_size: int = 256
+    lr: float = 1e-3  # AdamW learning rate of the image projection
+    location_lr: float = 1e-5  # learning rate of the location encoder (0 freezes it)
+    hidden: int = 1024  # hidden width of the image projection MLP
+    dropout: float = 0.2  # in the image projection: regularises small galleries
+    jitter_km: float = 10.0  # std of the GPS jitter on training places: a place's surroundings are positives too
+    patience: int = 6  # rounds without a better held-out score before stopping
+    seed: int = 0  # the split, the initialisation, the batches and the jitter
+    device: str = "auto"  # 'auto' (cuda when present), 'cpu' or 'cuda'
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """The gallery's tuned constants: chosen once (benchmarks/RESULTS.md, "GPS gallery"), not options of a build.
+
+    Changing one changes every bundle built after, so it is done here, in one place, with a benchmark run.
+    """
+
+    weight_decay: float = 1e-2  # AdamW's
+    queue_size: int = 4096  # recent location features kept as negatives between batches (GeoCLIP's 4096)
+    # Weight of log photo density added to each gallery point's logit (0: pure cosine). InfoNCE against
+    # photo-distributed negatives learns log p(point|image)/p(point), so adding log p(point) makes it a posterior.
+    prior_weight: float = 2.0
+    prior_radius_km: float = 750.0  # radius of the photo-count density behind the prior
+    # Early stopping is a bounded cost per round: at most this many held-out photos, scored against at most
+    # val_candidates_max of the training photos' places plus val_gallery_max points without photos.
+    val_photos_max: int = 5000
+    val_candidates_max: int = 20_000
+    val_gallery_max: int = 4096
+
+
+TUNED = Tuned()
 
 
 @dataclass
@@ -116,7 +128,8 @@ def build_modules(config: TrainConfig, in_dim: int) -> tuple[LocationEncoder, Im
     elif config.image_init == "random":
         proj = ImageProjection(in_dim, loc.out_dim, config.hidden, config.dropout)
     else:
-        raise ValueError(f"image_init must be 'random', 'geoclip' or 'identity', not {config.image_init!r}")
+        raise ValueError(f"image_init must be 'random', 'geoclip' or 'identity', not {config.image_init!r} "
+                         "('auto' is resolved from the backbone by GalleryConfig.train_config)")
     return loc, proj
 
 
@@ -160,101 +173,155 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
 
     dev = resolve_device(config.device)
     loc.to(dev), proj.to(dev)
-    va = validation_mask(len(emb), groups, config.val_fraction, config.seed) if val is None else np.asarray(val, bool)
-    tr = ~va
-    rng = np.random.default_rng(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    va = validation_mask(len(emb), groups, seed=config.seed) if val is None else np.asarray(val, bool)
+    rng = np.random.default_rng(config.seed)  # draws, in order: the validation samples, then the rounds' orders
+    sample = _Validation.sample(emb, latlon, va, extra_latlon, rng, dev)
+    metrics.update(n_train=int((~va).sum()), n_val=int(va.sum()), n_val_candidates=int(len(sample.cand)))
+    trainer = _Contrastive(loc, proj, emb[~va], latlon[~va], config, dev)
+    check = sample if va.any() else None  # no held-out photos: no early stopping, the last round is kept
+    best = _Best(check.score(loc, proj) if check is not None else None, _snapshot(loc, proj))
+    t0 = time.perf_counter()
+    history = _fit(trainer, check, best, _rounds(int((~va).sum()), config.round_photos, rng), config, log)
+    loc.load_state_dict(best.state[0]), proj.load_state_dict(best.state[1])
+    metrics.update(epochs_run=len(history), best_epoch=best.epoch, val=best.metrics, history=history,
+                   seconds=round(time.perf_counter() - t0, 2), device=str(dev))
+    return TrainResult(loc.cpu().eval(), proj.cpu().eval(), metrics)
 
-    x_tr = torch.from_numpy(emb[tr]).to(dev)
-    g_tr = torch.from_numpy(latlon[tr].astype(np.float32)).to(dev)
-    # Photos shot at one spot share a location id; they must not be each other's negatives.
-    _, loc_id = np.unique(np.round(latlon[tr], 3), axis=0, return_inverse=True)
-    id_tr = torch.from_numpy(loc_id.reshape(-1)).to(dev)
-    va_rows = np.flatnonzero(va)
-    if len(va_rows) > config.val_photos_max:  # validation is a bounded cost per round, not a pass over 20 % of N
-        va_rows = np.sort(rng.choice(va_rows, config.val_photos_max, replace=False))
-    x_va = torch.from_numpy(emb[va_rows]).to(dev)
-    cand = np.unique(np.round(latlon[tr], 5), axis=0)
-    if len(cand) > config.val_candidates_max:
-        cand = cand[np.sort(rng.choice(len(cand), config.val_candidates_max, replace=False))]
-    if extra_latlon is not None and len(extra_latlon):
-        pick = rng.choice(len(extra_latlon), min(len(extra_latlon), config.val_gallery_max), replace=False)
-        cand = np.concatenate([cand, np.asarray(extra_latlon, np.float64)[pick]])
-    metrics.update(n_train=int(tr.sum()), n_val=int(va.sum()), n_val_candidates=int(len(cand)))
-    cand_bias = torch.from_numpy(config.prior_weight * log_density(cand, latlon[tr], config.prior_radius_km)).to(dev)
 
-    params = [{"params": list(proj.parameters()), "lr": config.lr}]
-    if config.location_lr > 0:
-        params.append({"params": list(loc.parameters()), "lr": config.location_lr})
-    else:
-        loc.requires_grad_(False)
-    opt = torch.optim.AdamW(params, weight_decay=config.weight_decay)
-    queue = torch.zeros(0, loc.out_dim, device=dev)
-    queue_ids = torch.zeros(0, dtype=torch.long, device=dev)
+@dataclass
+class _Validation:
+    """The held-out check after each round: a bounded sample of held-out photos, each answered with its best
+    candidate place (the query-time rule), the candidates carrying the same density prior queries add."""
 
-    def val_metrics() -> dict[str, float]:
+    emb: torch.Tensor
+    latlon: np.ndarray
+    cand: np.ndarray
+    cand_bias: torch.Tensor
+
+    @classmethod
+    def sample(cls, emb: np.ndarray, latlon: np.ndarray, va: np.ndarray, extra_latlon: np.ndarray | None,
+               rng: np.random.Generator, dev: torch.device) -> "_Validation":
+        """Validation is a bounded cost per round, not a pass over 20 % of N: photos and candidate places are
+        seeded samples above the ``TUNED`` caps (drawn from ``rng`` in this order, which the rounds then continue)."""
+        tr = ~va
+        va_rows = np.flatnonzero(va)
+        if len(va_rows) > TUNED.val_photos_max:
+            va_rows = np.sort(rng.choice(va_rows, TUNED.val_photos_max, replace=False))
+        cand = np.unique(np.round(latlon[tr], 5), axis=0)
+        if len(cand) > TUNED.val_candidates_max:
+            cand = cand[np.sort(rng.choice(len(cand), TUNED.val_candidates_max, replace=False))]
+        if extra_latlon is not None and len(extra_latlon):
+            pick = rng.choice(len(extra_latlon), min(len(extra_latlon), TUNED.val_gallery_max), replace=False)
+            cand = np.concatenate([cand, np.asarray(extra_latlon, np.float64)[pick]])
+        bias = TUNED.prior_weight * log_density(cand, latlon[tr], TUNED.prior_radius_km)
+        return cls(torch.from_numpy(emb[va_rows]).to(dev), latlon[va_rows], cand, torch.from_numpy(bias).to(dev))
+
+    def score(self, loc: LocationEncoder, proj: ImageProjection) -> dict[str, float]:
+        """Held-out accuracies and their mean (``score``, what early stopping maximises)."""
         with torch.no_grad():
             loc.eval()
-            cf = F.normalize(torch.from_numpy(loc.encode(cand)).to(dev), dim=1)
-        return gallery_accuracy(proj, cf, cand, cand_bias, x_va, latlon[va_rows])
+            cf = F.normalize(torch.from_numpy(loc.encode(self.cand)).to(self.emb.device), dim=1)
+        return gallery_accuracy(proj, cf, self.cand, self.cand_bias, self.emb, self.latlon)
 
-    rounds = _rounds(len(x_tr), config.round_photos, rng)
-    best = val_metrics() if va.any() else None
-    best_state, best_epoch, stale, history = _snapshot(loc, proj), 0, 0, []
-    t0 = time.perf_counter()
+
+class _Contrastive:
+    """The training side: the training photos on the device, the optimiser, and the queue of recent location
+    features (MoCo style) that outlives each batch and round, so one step encodes only its batch's places."""
+
+    def __init__(self, loc: LocationEncoder, proj: ImageProjection, emb: np.ndarray, latlon: np.ndarray,
+                 config: TrainConfig, dev: torch.device):
+        self.loc, self.proj, self.config, self.dev = loc, proj, config, dev
+        self.x = torch.from_numpy(emb).to(dev)
+        self.g = torch.from_numpy(latlon.astype(np.float32)).to(dev)
+        # Photos shot at one spot share a location id; they must not be each other's negatives.
+        _, loc_id = np.unique(np.round(latlon, 3), axis=0, return_inverse=True)
+        self.ids = torch.from_numpy(loc_id.reshape(-1)).to(dev)
+        params = [{"params": list(proj.parameters()), "lr": config.lr}]
+        if config.location_lr > 0:
+            params.append({"params": list(loc.parameters()), "lr": config.location_lr})
+        else:
+            loc.requires_grad_(False)
+        self.opt = torch.optim.AdamW(params, weight_decay=TUNED.weight_decay)
+        self.queue = torch.zeros(0, loc.out_dim, device=dev)
+        self.queue_ids = torch.zeros(0, dtype=torch.long, device=dev)
+        self.gen = torch.Generator().manual_seed(config.seed)  # the jitter's, apart from dropout's global stream
+
+    def round(self, order: np.ndarray) -> float:
+        """One training round over these training rows, in batches; its mean loss."""
+        self.loc.train(self.config.location_lr > 0)
+        self.proj.train()
+        order_t = torch.from_numpy(order).to(self.dev)
+        total, steps = 0.0, 0
+        for i in range(0, len(order_t), self.config.batch_size):
+            idx = order_t[i:i + self.config.batch_size]
+            if len(idx) < 2:  # a lone photo has no in-batch negative to learn from
+                continue
+            total, steps = total + self.step(idx), steps + 1
+        return total / max(steps, 1)
+
+    def step(self, idx: torch.Tensor) -> float:
+        """One image-to-GPS InfoNCE step against the batch's jittered places and the queue; its loss."""
+        img = F.normalize(self.proj(self.x[idx]), dim=1)
+        locf = F.normalize(self.loc(jitter(self.g[idx], self.config.jitter_km, self.gen)), dim=1)
+        logits = self.proj.logit_scale.exp() * img @ torch.cat([locf, self.queue]).T
+        target = torch.arange(len(idx), device=self.dev)
+        ids = self.ids[idx]
+        same = ids[:, None] == torch.cat([ids, self.queue_ids])[None, :]
+        same[target, target] = False
+        loss = F.cross_entropy(logits.masked_fill(same, float("-inf")), target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            # The learnable temperature stays within CLIP's bound (a scale of at most 100), which keeps training stable.
+            self.proj.logit_scale.clamp_(0.0, math.log(100.0))
+            self.queue = torch.cat([locf.detach(), self.queue])[:TUNED.queue_size]
+            self.queue_ids = torch.cat([ids, self.queue_ids])[:TUNED.queue_size]
+        return loss.item()
+
+
+@dataclass
+class _Best:
+    """Early stopping's record: the best held-out metrics so far, the weights and round that gave them."""
+
+    metrics: dict | None
+    state: list[dict]
+    epoch: int = 0
+    stale: int = 0
+
+    def offer(self, m: dict, epoch: int, *modules: nn.Module) -> None:
+        """Keep this round's weights when it scores better; else count one more round without progress."""
+        if m["score"] > self.metrics["score"]:
+            self.metrics, self.state, self.epoch, self.stale = m, _snapshot(*modules), epoch, 0
+        else:
+            self.stale += 1
+
+
+def _fit(trainer: _Contrastive, check: _Validation | None, best: _Best, rounds, config: TrainConfig,
+         log) -> list[dict]:
+    """Rounds until ``config.epochs``, or until ``patience`` rounds without a better held-out score; each
+    round's metrics row. ``best`` ends with the round to keep: the best scored, or the last without ``check``."""
+    loc, proj = trainer.loc, trainer.proj
+    history: list[dict] = []
     progress = bar(config.epochs, "gallery rounds (early stopping ends sooner)", unit="round")
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
-        loc.train(config.location_lr > 0)
-        proj.train()
-        order = torch.from_numpy(next(rounds)).to(dev)
-        total, steps = 0.0, 0
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i:i + config.batch_size]
-            if len(idx) < 2:
-                continue
-            img = F.normalize(proj(x_tr[idx]), dim=1)
-            locf = F.normalize(loc(jitter(g_tr[idx], config.jitter_km, gen)), dim=1)
-            scale = proj.logit_scale.exp()
-            logits = scale * img @ torch.cat([locf, queue]).T
-            target = torch.arange(len(idx), device=dev)
-            ids = id_tr[idx]
-            same = ids[:, None] == torch.cat([ids, queue_ids])[None, :]
-            same[target, target] = False
-            logits = logits.masked_fill(same, float("-inf"))
-            loss = F.cross_entropy(logits, target)
-            if config.symmetric:
-                loss = (loss + F.cross_entropy(logits[:, :len(idx)].T, target)) / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                proj.logit_scale.clamp_(0.0, math.log(100.0))
-                queue = torch.cat([locf.detach(), queue])[:config.queue_size]
-                queue_ids = torch.cat([ids, queue_ids])[:config.queue_size]
-            total, steps = total + loss.item(), steps + 1
-        row = {"epoch": epoch, "loss": total / max(steps, 1), "logit_scale": proj.logit_scale.exp().item()}
-        if best is not None:
-            m = val_metrics()
+        row = {"epoch": epoch, "loss": trainer.round(next(rounds)), "logit_scale": proj.logit_scale.exp().item()}
+        if check is not None:
+            m = check.score(loc, proj)
             row.update(m)
-            if m["score"] > best["score"]:
-                best, best_state, best_epoch, stale = m, _snapshot(loc, proj), epoch, 0
-            else:
-                stale += 1
+            best.offer(m, epoch, loc, proj)
         row["seconds"] = time.perf_counter() - started  # training and validation: what each further epoch costs
         history.append(row)
         progress.update()
         progress.set_postfix_str(", ".join(f"{k} {row[k]:.3g}" for k in ("score", "loss") if k in row))
         detail(log, f"gallery epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-        if best is not None and stale >= config.patience:
+        if check is not None and best.stale >= config.patience:
             break
     progress.close()
-    if best is None:  # no held-out groups: keep the last epoch
-        best_state, best_epoch = _snapshot(loc, proj), len(history)
-    loc.load_state_dict(best_state[0]), proj.load_state_dict(best_state[1])
-    metrics.update(epochs_run=len(history), best_epoch=best_epoch, val=best, history=history,
-                   seconds=round(time.perf_counter() - t0, 2), device=str(dev))
-    return TrainResult(loc.cpu().eval(), proj.cpu().eval(), metrics)
+    if check is None:
+        best.state, best.epoch = _snapshot(loc, proj), len(history)
+    return history
 
 
 def _rounds(n: int, size: int, rng: np.random.Generator):
@@ -272,4 +339,5 @@ def _rounds(n: int, size: int, rng: np.random.Generator):
 
 
 def _snapshot(*modules: nn.Module) -> list[dict]:
+    """A copy of the modules' weights on the CPU, which later steps cannot change."""
     return [copy.deepcopy({k: v.detach().cpu() for k, v in m.state_dict().items()}) for m in modules]
