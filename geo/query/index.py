@@ -9,6 +9,7 @@ in one place, abstention included.
 """
 from __future__ import annotations
 
+import glob
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from geo.core.answer import PRIOR_ONLY, Answer
+from geo.core.files import on_disk
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
 from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
 from geo.core.progress import bar
@@ -81,6 +83,12 @@ def open_index(path: str | Path, device: str = "auto", verify: bool = True, sett
     While another process holds the bundle's write lock, a file that no longer matches the manifest is most
     likely a stage being committed: the bundle is read again (for up to ``settle_s``) instead of being called
     damaged, so a reader sees the old bundle or the new one, never a false alarm.
+
+    Use::
+
+        index = open_index("my-index")
+        answer = index.locate_one("holiday.jpg")                # one photo: one Answer
+        answers = index.locate(["trip/", "a.jpg"], mode="knn")  # always a list, one Answer per photo found
     """
     deadline = time.monotonic() + settle_s
     while True:
@@ -99,6 +107,13 @@ def open_index(path: str | Path, device: str = "auto", verify: bool = True, sett
             if time.monotonic() > deadline or not (moved or writer_active(path)):
                 raise
             time.sleep(0.2)
+
+
+def _matches_nothing(arg: str) -> bool:
+    """Whether an argument that :func:`expand_images` kept as given names no photo: a folder without images
+    or a glob that matched nothing (a missing plain path is still one photo, answered with its error)."""
+    p = Path(on_disk(arg))
+    return p.is_dir() or (not p.exists() and glob.has_magic(arg))
 
 
 def _updated(path: str | Path) -> str | None:
@@ -353,12 +368,26 @@ class GeoIndex:
                                               self.knn.lat[rows].tolist(), self.knn.lon[rows].tolist(),
                                               np.asarray(sims, float).tolist(), np.asarray(dist, float).tolist())]
 
-    def locate(self, images: str | Sequence[str], mode: str | None = None, k: int = 50, crops: int = 1,
-               min_confidence: float | None = None) -> Answer | list[Answer]:
-        """Answer for each image (paths, globs or folders); a single path (not a list) gives a single Answer."""
-        single = isinstance(images, (str, Path))
-        answers = self.locate_modes([str(images)] if single else images, [mode], k, crops, min_confidence)[0]
-        return answers[0] if single and len(answers) == 1 else answers
+    def locate(self, images: str | Path | Sequence[str | Path], mode: str | None = None, k: int = 50, crops: int = 1,
+               min_confidence: float | None = None) -> list[Answer]:
+        """One Answer per photo the arguments (paths, globs or folders; one or a list) expand to, in order, so a
+        caller never checks which it got; a photo that cannot be read gets an Answer with its error."""
+        args = [images] if isinstance(images, (str, Path)) else images
+        return self.locate_modes(args, [mode], k, crops, min_confidence)[0]
+
+    def locate_one(self, image: str | Path, mode: str | None = None, k: int = 50, crops: int = 1,
+                   min_confidence: float | None = None) -> Answer:
+        """The Answer for exactly one photo: a ValueError, before anything is embedded, when ``image`` is a
+        folder or glob that holds no photo or several (``locate`` answers those). A path that does not
+        exist or cannot be decoded is one photo: its Answer carries the error, as in ``locate``."""
+        if not isinstance(image, (str, Path)):
+            raise TypeError(f"locate_one takes one path, not {type(image).__name__}; use locate for several")
+        paths = expand_images(str(image))
+        if len(paths) > 1:
+            raise ValueError(f"{image}: {len(paths)} photos; locate_one answers exactly one (use locate)")
+        if _matches_nothing(paths[0]):
+            raise ValueError(f"{image}: no photo there; locate_one answers exactly one")
+        return self.locate_modes(paths, [mode], k, crops, min_confidence)[0][0]
 
     def locate_modes(self, images: Sequence[str], modes: Sequence[str | None], k: int = 50, crops: int = 1,
                      min_confidence: float | None = None) -> list[list[Answer]]:
