@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
+from safetensors import SafetensorError
 
 from geo.core.answer import PRIOR_ONLY, Answer
 from geo.core.files import on_disk
@@ -124,14 +126,30 @@ def _updated(path: str | Path) -> str | None:
         return None
 
 
+# What a damaged or foreign stage file raises from the readers the stages use: the OS (OSError), parsers and
+# shape checks (ValueError, JSON's and pyarrow's ArrowInvalid among them; KeyError for a missing field),
+# pyarrow (every ArrowException, ArrowTypeError included: a foreign Parquet file's column types) and
+# safetensors. Anything else (AttributeError, TypeError, NameError, ...) is a defect in geo and goes through.
+_FILE_ERRORS = (OSError, ValueError, KeyError, pa.ArrowException, SafetensorError)
+
+
+def _damaged_file(e: Exception) -> bool:
+    """Whether ``e`` is what reading a damaged or foreign file raises. FAISS reports a bad index as a plain
+    RuntimeError whose message names the faiss:: reader, so that one is recognised by its message."""
+    return isinstance(e, _FILE_ERRORS) or (isinstance(e, RuntimeError) and "faiss::" in str(e))
+
+
 def _loading(bundle: Bundle, stage: str, load: Callable[[], Any]) -> Any:
     """A stage's artifact, or a BundleError naming the stage when its files do not parse (a checksum that was
-    updated along with the file passes the manifest's check; the reader still must not crash)."""
+    updated along with the file passes the manifest's check; the reader still must not crash). Only errors
+    that a damaged file raises become "rebuild that stage": a programming error keeps its own traceback."""
     try:
         return load()
     except BundleError:
         raise
     except Exception as e:
+        if not _damaged_file(e):
+            raise
         first = str(e).splitlines()[0] if str(e) else ""
         raise BundleError(f"{bundle.root}: the {stage} stage's files cannot be read ({type(e).__name__}: {first}); "
                           f"rebuild that stage: geo build-index ... --out {bundle.root} --force {stage}") from None
