@@ -1,6 +1,7 @@
 """geo: tell where a photo was taken, from a feature index of geotagged photos.
 
-``geo.open_index(dir).locate("photo.jpg")`` is the Python API; the package
+``geo.open_index(dir).locate_one("photo.jpg")`` (one Answer) and ``.locate(paths)`` (a list of
+Answers, one per photo found) are the Python API; the package
 layout follows the pipeline (docs/ARCHITECTURE.md). ``open_index`` is resolved
 on first use (PEP 562), so importing a light module such as ``geo.core.geodesy``
 does not load torch.

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -219,8 +220,21 @@ def no_network(monkeypatch, tmp_path):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.delenv("GEO_ALLOW_DOWNLOAD", raising=False)
+    _undecided_hub(monkeypatch)
     return attempts
+
+
+def _undecided_hub(monkeypatch, allow: str = "0") -> None:
+    """A process whose hub access is not decided yet (the test's own first load decides), with the variables
+    and the hub library's flag put back afterwards."""
+    import huggingface_hub.constants
+
+    from geo.models import hub
+
+    monkeypatch.setattr(hub, "_decision", None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv(hub.ALLOW_ENV, allow)
 
 
 @pytest.mark.parametrize("name", ["open_clip:ViT-B-32/openai", "open_clip:hf-hub:someone/some-clip", "geoclip"])
@@ -239,6 +253,37 @@ def test_hub_weights_not_on_this_machine_fail_at_once_with_the_way_to_get_them(n
     assert time.perf_counter() - t0 < 5  # the hub's retry loop took about a minute
     assert no_network == []  # not one connection attempt
     assert "--allow-download" in str(e.value) and "local-dir" in str(e.value) and "Stronger models" in str(e.value)
+
+
+def test_hub_access_is_decided_once_and_not_switched_back_after_a_load(no_network):
+    """geo serve loads in threads: a load must not put the hub back online behind another load's back."""
+    import huggingface_hub.constants
+
+    from geo.models.hub import WeightsNotLocal, allow_downloads, configure_hub
+
+    for _ in range(2):
+        with pytest.raises(WeightsNotLocal):
+            load_backbone("open_clip:hf-hub:someone/some-clip", device="cpu")
+        assert huggingface_hub.constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert configure_hub() is False
+    with pytest.raises(RuntimeError, match="before loading any model"):
+        allow_downloads()  # too late: the hub stays offline rather than flip under running loads
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True and no_network == []
+
+
+@pytest.mark.parametrize("ask", ["allow_downloads", "env"])
+def test_downloads_allowed_before_the_first_load_set_the_hub_online(ask, monkeypatch):
+    import huggingface_hub.constants
+
+    from geo.models.hub import allow_downloads, configure_hub
+
+    _undecided_hub(monkeypatch, allow="1" if ask == "env" else "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if ask == "allow_downloads":
+        allow_downloads()
+    assert configure_hub() is True
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False and os.environ["HF_HUB_OFFLINE"] == "0"
+    allow_downloads()  # asking again, after the decision to allow, is harmless
 
 
 def test_cached_hub_weights_load_offline(no_network, tmp_path):

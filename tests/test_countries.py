@@ -50,7 +50,7 @@ def test_every_answer_names_its_country_with_the_cells_mass_on_it(cli_bundle):
     index = open_index(bundle)
     photo = pd.read_csv(manifest)["path"][3]
     for mode in index.modes:
-        a = index.locate(photo, mode=mode)
+        a = index.locate_one(photo, mode=mode)
         assert a.country["name"] == countries_of([a.lat], [a.lon])[0]["name"], mode
         assert 0.0 <= a.country["probability"] <= 1.0 and set(a.to_dict()["country"]) == {"code", "name", "probability"}
 

@@ -52,7 +52,7 @@ def test_every_stage_ran_through_the_command_line(index_dir):
 def test_gallery_photo_finds_itself(index_dir, gallery_csv):
     row = pd.read_csv(gallery_csv, dtype={"id": str}).iloc[7]
     for mode in ("fused", "knn"):
-        ans = geo.open_index(index_dir).locate(row["path"], mode=mode)
+        ans = geo.open_index(index_dir).locate_one(row["path"], mode=mode)
         assert ans.neighbors[0]["id"] == row["id"]
         assert ans.neighbors[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
         assert haversine_km(ans.lat, ans.lon, row["latitude"], row["longitude"]) <= 0.01, mode

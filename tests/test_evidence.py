@@ -29,7 +29,7 @@ def _with_weights(index, **weights):
 
 def test_an_exact_duplicate_is_confident_within_25_km(index, cli_bundle):
     gallery = pd.read_csv(cli_bundle[0], dtype={"id": str})
-    a = index.locate(gallery["path"][4])
+    a = index.locate_one(gallery["path"][4])
     assert a.evidence["basis"] == "near-duplicate" and a.evidence["top_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert a.confidence >= 0.9 and a.confidence_radius_km == 25.0
     assert (a.lat, a.lon) == pytest.approx((gallery["latitude"][4], gallery["longitude"][4]), abs=1e-6)
@@ -37,25 +37,25 @@ def test_an_exact_duplicate_is_confident_within_25_km(index, cli_bundle):
 
 def test_a_prior_only_answer_is_flagged_and_an_image_answer_is_not(index, monkeypatch):
     monkeypatch.setattr(index.fusion, "params", _with_weights(index, prior=1.0))
-    a = index.locate(str(QUERY))
+    a = index.locate_one(str(QUERY))
     assert a.evidence["basis"] == "prior" and a.evidence["signals"]["prior"] == pytest.approx(1.0)
     monkeypatch.setattr(index.fusion, "params", _with_weights(index, knn=0.9, prior=0.1))
-    b = index.locate(str(QUERY))
+    b = index.locate_one(str(QUERY))
     assert b.evidence["basis"] == "image" and b.evidence["signals"]["knn"] > 0.5
 
 
 def test_the_human_line_says_when_the_answer_is_the_prior(cli_bundle, index):
     r = CliRunner().invoke(app, ["query", str(QUERY), "--index", str(cli_bundle[1])])
-    a = index.locate(str(QUERY))
+    a = index.locate_one(str(QUERY))
     assert r.exit_code == 0
     assert (LOW_EVIDENCE in r.output) == (a.evidence["basis"] == "prior")
 
 
 def test_every_mode_answers_with_the_same_fields(index):
-    keys = {m: set(index.locate(str(QUERY), mode=m).to_dict()) for m in index.modes}
+    keys = {m: set(index.locate_one(str(QUERY), mode=m).to_dict()) for m in index.modes}
     assert len({frozenset(k) for k in keys.values()}) == 1 and "evidence" in keys["fused"]
     for m in index.modes:
-        ev = index.locate(str(QUERY), mode=m).evidence
+        ev = index.locate_one(str(QUERY), mode=m).evidence
         assert set(ev) == {"basis", "signals", "top_similarity"} and sum(ev["signals"].values()) == pytest.approx(1.0)
 
 
@@ -69,9 +69,9 @@ def test_answers_name_the_nearest_place_and_abstentions_do_not(index, cli_bundle
     assert sydney["cc"] == "AU" and missing == {}
     gallery = pd.read_csv(cli_bundle[0], dtype={"id": str})
     for i in (3, 17, 40):  # a gallery photo asked again is answered at its spot: the place is its country's
-        a = index.locate(gallery["path"][i])
+        a = index.locate_one(gallery["path"][i])
         assert a.place["cc"] == gallery["country"][i] and 0 <= a.place["distance_km"] < 200  # steppe: 63 km
-    withheld = index.locate(str(QUERY), min_confidence=1.01)
+    withheld = index.locate_one(str(QUERY), min_confidence=1.01)
     assert withheld.abstained and withheld.lat is None and withheld.place == {}  # no location by another name
 
 
@@ -83,8 +83,8 @@ def test_every_mode_states_a_calibrated_probability_within_the_same_radii(index,
             assert np.all(np.diff(t["y"]) >= 0) and 0 <= min(t["y"]) and max(t["y"]) <= 1
     gallery = pd.read_csv(cli_bundle[0], dtype={"id": str})
     for mode in index.modes:
-        a = index.locate(str(QUERY), mode=mode)
+        a = index.locate_one(str(QUERY), mode=mode)
         assert a.confidence_radius_km == 25.0 and set(a.p_within) == {"25", "200", "750"}, mode
         assert a.confidence == a.p_within["25"] and a.p_within["25"] <= a.p_within["200"] <= a.p_within["750"], mode
-    twin = index.locate(gallery["path"][7], mode="knn")  # the exact duplicate, in a single mode too
+    twin = index.locate_one(gallery["path"][7], mode="knn")  # the exact duplicate, in a single mode too
     assert twin.confidence >= 0.9

@@ -126,12 +126,12 @@ def test_every_mode_answers_and_duplicate_wins_in_fused_mode(fused_index):
     photo = sorted((EXAMPLES / "gallery").glob("*.jpg"))[10]
     truth = pd.read_csv(EXAMPLES / "gallery.csv", dtype={"id": str}).set_index("id").loc[photo.stem]
     for mode in index.modes:
-        a = index.locate(str(photo), mode=mode)
+        a = index.locate_one(str(photo), mode=mode)
         assert a.mode == mode and -90 <= a.lat <= 90 and -180 <= a.lon <= 180
         assert a.top_cells and a.neighbors
         assert bool(a.gallery) == (mode in ("gallery", "fused"))  # gallery evidence where it was used
-        assert set(a.to_dict()) == set(index.locate(str(photo), mode="knn").to_dict())  # the same fields in every mode
-    fused = index.locate(str(photo))
+        assert set(a.to_dict()) == set(index.locate_one(str(photo), mode="knn").to_dict())  # the same fields in every mode
+    fused = index.locate_one(str(photo))
     assert haversine_km(fused.lat, fused.lon, truth["latitude"], truth["longitude"]) < 0.01
     assert set(fused.p_within) == {"25", "200", "750"}
 
@@ -148,12 +148,12 @@ def test_min_confidence_abstains(fused_index):
     """Abstention is the query layer's: the API and the CLI withhold the same answers."""
     photo = str(sorted((EXAMPLES / "queries").glob("*.jpg"))[0])
     index = geo.open_index(fused_index)
-    kept = index.locate(photo)
+    kept = index.locate_one(photo)
     assert not kept.abstained and kept.lat is not None
-    withheld = index.locate(photo, min_confidence=kept.confidence + 1e-3)
+    withheld = index.locate_one(photo, min_confidence=kept.confidence + 1e-3)
     assert withheld.abstained and withheld.lat is None and withheld.lon is None
     assert withheld.confidence == kept.confidence and withheld.neighbors == kept.neighbors
-    assert not index.locate(photo, min_confidence=kept.confidence).abstained  # at the threshold: answered
+    assert not index.locate_one(photo, min_confidence=kept.confidence).abstained  # at the threshold: answered
     r = CliRunner().invoke(app, ["query", photo, "--index", str(fused_index), "--json",
                                  "--min-confidence", str(kept.confidence + 1e-3)])
     assert r.exit_code == 0, r.output

@@ -264,6 +264,6 @@ def test_concurrent_requests_share_one_forward_pass(bundle):
             t.join(60)
         assert [r.status_code for r in results] == [200] * 5
         assert gated.batches == [1, 4]  # the four requests that waited were answered by one forward pass
-        alone = open_index(bundle).locate(str(QUERIES[1]))
+        alone = open_index(bundle).locate_one(str(QUERIES[1]))
         batched = results[1].json()[0]
         assert batched["lat"] == pytest.approx(alone.lat, abs=1e-6) and batched["lon"] == pytest.approx(alone.lon, abs=1e-6)

@@ -2,21 +2,28 @@
 
 open_clip resolves pretrained tags and ``hf-hub:`` names through the Hugging
 Face hub, which retries the network for about a minute before it gives up on
-a machine without one. Every load that could reach a hub runs inside
-:func:`hub_offline`: the hub library answers from its cache or fails at once,
+a machine without one. Whether this process may download is decided once, by
+:func:`configure_hub`, which every loader that could reach a hub calls before
+it loads: without ``GEO_ALLOW_DOWNLOAD`` the hub library is set offline
+(``HF_HUB_OFFLINE``, in the environment and in ``huggingface_hub.constants``)
+for the rest of the process, so it answers from its cache or fails at once,
 and the loader turns that into :class:`WeightsNotLocal` with the steps to get
-the files onto the machine. ``geo build-index --allow-download`` (or
-``GEO_ALLOW_DOWNLOAD=1`` for the Python API) lifts it.
+the files onto the machine. Nothing is switched back and forth around a load,
+so concurrent loads (``geo serve``'s threads) never see the hub half-set.
+``geo build-index --allow-download`` calls :func:`allow_downloads` before
+anything loads (``GEO_ALLOW_DOWNLOAD=1`` does the same for the Python API).
 """
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from typing import Iterator
+import threading
 
 from geo.models.registry import BackboneError
 
 ALLOW_ENV = "GEO_ALLOW_DOWNLOAD"
+
+_lock = threading.Lock()
+_decision: bool | None = None  # whether this process may download, once configure_hub decided (None: not yet)
 
 
 class WeightsNotLocal(BackboneError):
@@ -24,32 +31,39 @@ class WeightsNotLocal(BackboneError):
 
 
 def downloads_allowed() -> bool:
+    """Whether this process was asked to allow downloads (``GEO_ALLOW_DOWNLOAD``); :func:`configure_hub` turns
+    the answer into the process's one decision."""
     return os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def allow_downloads() -> None:
-    """What ``--allow-download`` does: this process may fetch model weights from their hubs."""
-    os.environ[ALLOW_ENV] = "1"
+    """What ``--allow-download`` does: this process may fetch model weights from their hubs.
+
+    It takes effect only before the first load that could reach a hub. Once that load has set the hub offline,
+    this raises RuntimeError instead of turning the hub back online under loads that may be running in other
+    threads: call it first, or set ``GEO_ALLOW_DOWNLOAD=1`` before starting the process.
+    """
+    with _lock:
+        if _decision is False:
+            raise RuntimeError("allow_downloads() came after a model load already set the hub offline for this "
+                               f"process; call it before loading any model, or set {ALLOW_ENV}=1 at start")
+        os.environ[ALLOW_ENV] = "1"
 
 
-@contextmanager
-def hub_offline() -> Iterator[None]:
-    """The Hugging Face hub answers from its cache only, for the duration (unless downloads are allowed)."""
-    if downloads_allowed():
-        yield
-        return
-    import huggingface_hub.constants as hub  # a dependency of open_clip and timm
+def configure_hub() -> bool:
+    """Set the Hugging Face hub online or offline for the whole process, once, from :func:`downloads_allowed`,
+    and return that decision (whether downloads are allowed). The first call decides; later calls only read it,
+    so a load never changes what another thread's load sees."""
+    global _decision
+    with _lock:
+        if _decision is None:
+            import huggingface_hub.constants as hub  # a dependency of open_clip and timm
 
-    before_env, before = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = before
-        if before_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before_env
+            allowed = downloads_allowed()
+            os.environ["HF_HUB_OFFLINE"] = "0" if allowed else "1"  # for processes this one starts
+            hub.HF_HUB_OFFLINE = not allowed  # read at import: the environment alone is too late for this one
+            _decision = allowed
+        return _decision
 
 
 def how_to_get(name: str, repo: str | None, include: str | None, cache_dir: str | None) -> str:

@@ -9,6 +9,7 @@ in one place, abstention included.
 """
 from __future__ import annotations
 
+import glob
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -16,9 +17,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
+from safetensors import SafetensorError
 
 from geo.core.answer import PRIOR_ONLY, Answer
+from geo.core.files import on_disk
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
 from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
 from geo.core.progress import bar
@@ -81,6 +85,12 @@ def open_index(path: str | Path, device: str = "auto", verify: bool = True, sett
     While another process holds the bundle's write lock, a file that no longer matches the manifest is most
     likely a stage being committed: the bundle is read again (for up to ``settle_s``) instead of being called
     damaged, so a reader sees the old bundle or the new one, never a false alarm.
+
+    Use::
+
+        index = open_index("my-index")
+        answer = index.locate_one("holiday.jpg")                # one photo: one Answer
+        answers = index.locate(["trip/", "a.jpg"], mode="knn")  # always a list, one Answer per photo found
     """
     deadline = time.monotonic() + settle_s
     while True:
@@ -101,6 +111,13 @@ def open_index(path: str | Path, device: str = "auto", verify: bool = True, sett
             time.sleep(0.2)
 
 
+def _matches_nothing(arg: str) -> bool:
+    """Whether an argument that :func:`expand_images` kept as given names no photo: a folder without images
+    or a glob that matched nothing (a missing plain path is still one photo, answered with its error)."""
+    p = Path(on_disk(arg))
+    return p.is_dir() or (not p.exists() and glob.has_magic(arg))
+
+
 def _updated(path: str | Path) -> str | None:
     """When the manifest was last committed (None when it cannot be read right now)."""
     try:
@@ -109,14 +126,30 @@ def _updated(path: str | Path) -> str | None:
         return None
 
 
+# What a damaged or foreign stage file raises from the readers the stages use: the OS (OSError), parsers and
+# shape checks (ValueError, JSON's and pyarrow's ArrowInvalid among them; KeyError for a missing field),
+# pyarrow (every ArrowException, ArrowTypeError included: a foreign Parquet file's column types) and
+# safetensors. Anything else (AttributeError, TypeError, NameError, ...) is a defect in geo and goes through.
+_FILE_ERRORS = (OSError, ValueError, KeyError, pa.ArrowException, SafetensorError)
+
+
+def _damaged_file(e: Exception) -> bool:
+    """Whether ``e`` is what reading a damaged or foreign file raises. FAISS reports a bad index as a plain
+    RuntimeError whose message names the faiss:: reader, so that one is recognised by its message."""
+    return isinstance(e, _FILE_ERRORS) or (isinstance(e, RuntimeError) and "faiss::" in str(e))
+
+
 def _loading(bundle: Bundle, stage: str, load: Callable[[], Any]) -> Any:
     """A stage's artifact, or a BundleError naming the stage when its files do not parse (a checksum that was
-    updated along with the file passes the manifest's check; the reader still must not crash)."""
+    updated along with the file passes the manifest's check; the reader still must not crash). Only errors
+    that a damaged file raises become "rebuild that stage": a programming error keeps its own traceback."""
     try:
         return load()
     except BundleError:
         raise
     except Exception as e:
+        if not _damaged_file(e):
+            raise
         first = str(e).splitlines()[0] if str(e) else ""
         raise BundleError(f"{bundle.root}: the {stage} stage's files cannot be read ({type(e).__name__}: {first}); "
                           f"rebuild that stage: geo build-index ... --out {bundle.root} --force {stage}") from None
@@ -353,12 +386,26 @@ class GeoIndex:
                                               self.knn.lat[rows].tolist(), self.knn.lon[rows].tolist(),
                                               np.asarray(sims, float).tolist(), np.asarray(dist, float).tolist())]
 
-    def locate(self, images: str | Sequence[str], mode: str | None = None, k: int = 50, crops: int = 1,
-               min_confidence: float | None = None) -> Answer | list[Answer]:
-        """Answer for each image (paths, globs or folders); a single path (not a list) gives a single Answer."""
-        single = isinstance(images, (str, Path))
-        answers = self.locate_modes([str(images)] if single else images, [mode], k, crops, min_confidence)[0]
-        return answers[0] if single and len(answers) == 1 else answers
+    def locate(self, images: str | Path | Sequence[str | Path], mode: str | None = None, k: int = 50, crops: int = 1,
+               min_confidence: float | None = None) -> list[Answer]:
+        """One Answer per photo the arguments (paths, globs or folders; one or a list) expand to, in order, so a
+        caller never checks which it got; a photo that cannot be read gets an Answer with its error."""
+        args = [images] if isinstance(images, (str, Path)) else images
+        return self.locate_modes(args, [mode], k, crops, min_confidence)[0]
+
+    def locate_one(self, image: str | Path, mode: str | None = None, k: int = 50, crops: int = 1,
+                   min_confidence: float | None = None) -> Answer:
+        """The Answer for exactly one photo: a ValueError, before anything is embedded, when ``image`` is a
+        folder or glob that holds no photo or several (``locate`` answers those). A path that does not
+        exist or cannot be decoded is one photo: its Answer carries the error, as in ``locate``."""
+        if not isinstance(image, (str, Path)):
+            raise TypeError(f"locate_one takes one path, not {type(image).__name__}; use locate for several")
+        paths = expand_images(str(image))
+        if len(paths) > 1:
+            raise ValueError(f"{image}: {len(paths)} photos; locate_one answers exactly one (use locate)")
+        if _matches_nothing(paths[0]):
+            raise ValueError(f"{image}: no photo there; locate_one answers exactly one")
+        return self.locate_modes(paths, [mode], k, crops, min_confidence)[0][0]
 
     def locate_modes(self, images: Sequence[str], modes: Sequence[str | None], k: int = 50, crops: int = 1,
                      min_confidence: float | None = None) -> list[list[Answer]]:

@@ -107,6 +107,36 @@ def test_a_damaged_file_with_updated_checksums_is_a_clear_error(bundle, suffix, 
     assert any(w in r.output for w in ("cannot be read", "cannot read", "not a readable", "not valid JSON")), r.output
 
 
+@pytest.mark.parametrize("rel,stage", [("gallery/gallery.faiss", "gallery"),
+                                       ("gallery/image_projection.safetensors", "gallery"),
+                                       ("gallery/points.parquet", "gallery"),
+                                       ("cells/fine.parquet", "cells"),
+                                       ("embeddings/part-00000.parquet", "knn_index")])
+def test_a_damaged_stage_file_names_the_stage_to_rebuild(bundle, rel, stage):
+    """What FAISS, safetensors and pyarrow raise on a damaged file is the bundle's fault: rebuild that stage."""
+    data = (bundle / rel).read_bytes()
+    (bundle / rel).write_bytes(data[: len(data) // 2])
+    rehash(bundle, rel)
+    with pytest.raises(geo.store.bundle.BundleError) as e:
+        geo.open_index(bundle)
+    assert f"{bundle}: the {stage} stage's files cannot be read" in str(e.value) and f"--force {stage}" in str(e.value)
+
+
+@pytest.mark.parametrize("error", [TypeError("load() got an unexpected keyword"), AttributeError("no attribute 'd'"),
+                                   NameError("name 'faiss' is not defined"), RuntimeError("CUDA error: out of memory")])
+def test_a_defect_in_a_stage_loader_is_not_called_a_damaged_bundle(bundle, monkeypatch, error):
+    """Only what damaged files raise becomes "rebuild that stage"; geo's own bug keeps its type and message."""
+    from geo.stages.gallery.stage import GpsGallery
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(GpsGallery, "load", broken)
+    with pytest.raises(type(error)) as e:
+        geo.open_index(bundle)
+    assert e.value is error and not isinstance(e.value, geo.store.bundle.BundleError)
+
+
 @pytest.mark.parametrize("damage,words", [
     (lambda p: p.write_bytes(p.read_bytes()[:-10]), "truncated or altered"),
     (lambda p: p.unlink(), "listed in manifest.json but missing"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from geo.models.hub import WeightsNotLocal, downloads_allowed, how_to_get, hub_offline
+from geo.models.hub import WeightsNotLocal, configure_hub, how_to_get
 from geo.models.registry import Backbone, BackboneError, Preprocess, register_backbone
 from geo.models.weights import file_weights, probe_dim, random_init, seeded
 
@@ -34,16 +34,16 @@ def _load_open_clip(spec: str, weights: str | None, cache_dir: str | None) -> Ba
     pretrained = weights or tag
     if spec.startswith("local-dir:") and not Path(spec[len("local-dir:"):], "open_clip_config.json").is_file():
         raise BackboneError(f"{spec[len('local-dir:'):]}: no open_clip_config.json (expected an open_clip local-dir)")
-    with hub_offline():
-        _require_local(spec, arch, tag, cache_dir)  # before building the model: a missing file fails in seconds
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            try:
-                clip, _, _ = seeded(lambda: open_clip.create_model_and_transforms(
-                    arch, pretrained=pretrained, cache_dir=cache_dir, device="cpu", precision="fp32"))
-            except (RuntimeError, ValueError, FileNotFoundError) as e:
-                raise BackboneError(f"open_clip:{spec}: {e}") from None
-        info = _open_clip_weights(spec, arch, tag, weights, cache_dir)
+    online = configure_hub()  # offline for the whole process unless downloads were allowed
+    _require_local(spec, arch, tag, cache_dir, online)  # before building the model: a missing file fails in seconds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            clip, _, _ = seeded(lambda: open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained, cache_dir=cache_dir, device="cpu", precision="fp32"))
+        except (RuntimeError, ValueError, FileNotFoundError) as e:
+            raise BackboneError(f"open_clip:{spec}: {e}") from None
+    info = _open_clip_weights(spec, arch, tag, weights, cache_dir)
     cfg = clip.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
     if not isinstance(cfg["size"], int) and cfg["size"][0] != cfg["size"][1]:
@@ -57,9 +57,10 @@ def _load_open_clip(spec: str, weights: str | None, cache_dir: str | None) -> Ba
     return Backbone(f"open_clip:{spec}", probe_dim(model, pre.size), pre, model, info)
 
 
-def _require_local(spec: str, arch: str, tag: str | None, cache_dir: str | None) -> None:
-    """Resolve a hub tag or ``hf-hub:`` name to a file now (offline unless downloads are allowed), or raise
-    WeightsNotLocal with the steps to get it; local dirs, weight files and random init need nothing."""
+def _require_local(spec: str, arch: str, tag: str | None, cache_dir: str | None, online: bool) -> None:
+    """Resolve a hub tag or ``hf-hub:`` name to a file now (from the cache unless ``online``: downloads were
+    allowed), or raise WeightsNotLocal with the steps to get it; local dirs, weight files and random init need
+    nothing."""
     import open_clip
     from open_clip.pretrained import download_pretrained_from_hf
 
@@ -71,7 +72,7 @@ def _require_local(spec: str, arch: str, tag: str | None, cache_dir: str | None)
         if not cfg:
             return  # an unknown tag: open_clip names the valid ones
         repo = os.path.split(cfg["hf_hub"])[0] if cfg.get("hf_hub") else None  # "org/model/" or "org/model/file"
-        if not repo and not downloads_allowed():  # a plain URL: only its cached file counts
+        if not repo and not online:  # a plain URL: only its cached file counts
             cached = Path(cache_dir or Path.home() / ".cache" / "clip", Path(cfg.get("url", "")).name)
             if not cached.is_file():
                 raise WeightsNotLocal(how_to_get(f"open_clip:{spec}", None, None, cache_dir))
@@ -84,7 +85,7 @@ def _require_local(spec: str, arch: str, tag: str | None, cache_dir: str | None)
     except Exception:
         found = None
     if not found:
-        if downloads_allowed():
+        if online:
             raise BackboneError(f"open_clip:{spec}: could not download its weights (is the network reachable?)")
         include = None if spec.startswith("hf-hub:") else "open_clip_*"  # a tag's repo also holds timm's weights
         raise WeightsNotLocal(how_to_get(f"open_clip:{spec}", repo, include, cache_dir))
