@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from geo.data.images import crop_offsets, decode_tensor, resized_size
-from geo.models.registry import Preprocess
+from geo.data.images import Preprocess
 
 PRE = Preprocess(size=224, resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
 

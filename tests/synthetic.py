@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import torch
 
 from geo.core.geodesy import latlon_to_xyz
-from geo.models.registry import Backbone, Preprocess, register_backbone
+from geo.data.images import Preprocess
+from geo.models.registry import Backbone, register_backbone
 
 DIM = 24
 CITIES = [(48.85, 2.35), (40.71, -74.0), (35.68, 139.69), (-33.87, 151.21), (-22.9, -43.2), (30.04, 31.24)]

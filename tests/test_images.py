@@ -20,7 +20,7 @@ from geo.data.images import (
     open_rgb,
     resized_size,
 )
-from geo.models.registry import Preprocess
+from geo.data.images import Preprocess
 
 PRE = Preprocess(size=64, resize=72, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 

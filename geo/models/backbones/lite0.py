@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from geo.models.efficientnet_lite import EfficientNetLite0
-from geo.models.registry import Backbone, BackboneError, Preprocess, register_backbone
+from geo.data.images import Preprocess
+from geo.models.registry import Backbone, BackboneError, register_backbone
 from geo.models.weights import file_weights, map_in_order, probe_dim, read_state_dict
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from geo.models.hub import WeightsNotLocal, configure_hub, how_to_get
-from geo.models.registry import Backbone, BackboneError, Preprocess, register_backbone
+from geo.data.images import Preprocess
+from geo.models.registry import Backbone, BackboneError, register_backbone
 from geo.models.weights import file_weights, probe_dim, random_init, seeded
 
 

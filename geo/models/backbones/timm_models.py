@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import warnings
 
-from geo.models.registry import Backbone, BackboneError, Preprocess, register_backbone
+from geo.data.images import Preprocess
+from geo.models.registry import Backbone, BackboneError, register_backbone
 from geo.models.weights import (
     file_weights,
     probe_dim,

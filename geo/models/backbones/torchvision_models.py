@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from geo.models.registry import Backbone, BackboneError, Preprocess, register_backbone
+from geo.data.images import Preprocess
+from geo.models.registry import Backbone, BackboneError, register_backbone
 from geo.models.weights import (
     file_weights,
     probe_dim,
