@@ -6,8 +6,8 @@ Measures, in one run on one machine:
 
 * bare: `GeoIndex.locate` in this process on the same photos, one photo per call (what a naive
   per-request server does) and 16 per call (the best batching this backbone allows);
-* the server (`geo serve` as its own process) with micro-batching (--max-batch 16) and without
-  (--max-batch 1), each at concurrency 1, 8 and 32: up to --requests requests (one photo each,
+* the server (`geo serve` as its own process) with micro-batching (max_batch 16) and without
+  (max_batch 1, both set through `--config`), each at concurrency 1, 8 and 32: up to --requests requests (one photo each,
   multipart, as `curl -F images=@x.jpg` sends them) or --seconds, whichever ends first.
 
 Every request must answer 200 with coordinates; the script fails otherwise. The client is one asyncio
@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,8 +80,10 @@ async def load(url: str, blobs: list[tuple[str, bytes]], concurrency: int, reque
 
 def serve(bundle: Path, max_batch: int, blobs, levels, requests: int, seconds: float) -> list[dict]:
     port = free_port()
+    limits = Path(tempfile.mkdtemp(prefix="geo-bench-serve-")) / "limits.json"
+    limits.write_text(json.dumps({"max_batch": max_batch, "queue_size": 256}))
     proc = subprocess.Popen([sys.executable, "-c", "from geo.cli import app; app()", "serve", "--index", str(bundle),
-                             "--port", str(port), "--max-batch", str(max_batch), "--queue-size", "256"],
+                             "--port", str(port), "--config", str(limits)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -124,7 +127,7 @@ def main() -> None:
     print(f"\nload average before {load_before[0]:.2f}, after {result['load_after'][0]:.2f}")
     print(f"bare GeoIndex.locate: {result['bare_batch1_per_s']:.1f} photos/s one per call, "
           f"{result['bare_batch16_per_s']:.1f} photos/s 16 per call\n")
-    print("| --max-batch | concurrency | requests | errors | p50 ms | p99 ms | req/s | vs bare batch-1 | client CPU |")
+    print("| max_batch | concurrency | requests | errors | p50 ms | p99 ms | req/s | vs bare batch-1 | client CPU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in result["server"]:
         print(f"| {r['max_batch']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | "
