@@ -49,10 +49,12 @@ def test_limits_come_from_a_json_or_toml_config(cli_bundle, started, tmp_path):
     r = CliRunner().invoke(app, ["serve", "--index", str(cli_bundle[1]), "--config", str(toml)])
     assert r.exit_code == 0, r.output
     assert started["limits"] == ServeLimits(max_batch=32, max_upload_mb=2.5, timeout_s=10)
+    assert started["http"].header_timeout_s == ServeLimits().read_timeout_s  # slow-loris headers are cut too
     js = tmp_path / "limits.json"
-    js.write_text(json.dumps({"queue_size": 128, "max_images": 32}))
+    js.write_text(json.dumps({"queue_size": 128, "max_images": 32, "read_timeout_s": 7.5}))
     r = CliRunner().invoke(app, ["serve", "--index", str(cli_bundle[1]), "--config", str(js)])
-    assert r.exit_code == 0 and started["limits"] == ServeLimits(queue_size=128, max_images=32)
+    assert r.exit_code == 0 and started["limits"] == ServeLimits(queue_size=128, max_images=32, read_timeout_s=7.5)
+    assert started["http"].header_timeout_s == 7.5
 
 
 @pytest.mark.parametrize("name,text,says", [

@@ -54,7 +54,7 @@ def serve_command(
     try:
         import uvicorn
 
-        from geo.serve.app import LimitsError, ServeLimits, create_app, load_limits
+        from geo.serve.app import LimitsError, ServeLimits, create_app, header_deadline_protocol, load_limits
     except ImportError as e:
         fail(f"geo serve needs the server extra ({e.name} is missing): pip install 'geo[server]'")
 
@@ -72,7 +72,7 @@ def serve_command(
     typer.echo(f"geo serve: {index} ({len(idx.knn.ids):,} photos, modes {', '.join(idx.modes)}) at "
                f"http://{shown}:{port}/" + (" (token required)" if token else ""), err=True)
     uvicorn.run(app, host=host, port=port, log_level=os.environ.get("GEO_LOG_LEVEL", "warning"),
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=header_deadline_protocol(limits.read_timeout_s))
 
 
 def register(app: typer.Typer) -> None:

@@ -12,10 +12,14 @@ Routes (``/docs`` lists them with their schemas):
 * ``GET /gallery/{id}/thumbnail``: a small JPEG of a gallery photo by its id.
 * ``GET /``: the map page, its code and map data served from the package.
 
-Limits are checked before any pixel is decoded: the body size (413), the
-request and part content types (415), the header's pixel count (422, the
-decompression-bomb guard), then the queue's room (503 with ``Retry-After``)
-and the request's time (504). No route reads a client-named path or URL, and
+Limits are checked before any pixel is decoded or any JSON parsed: the
+bytes of bodies in flight across all clients (503 with ``Retry-After``), the
+body size (413; a JSON body's cap follows from the queue and the dimension),
+the body's deadline (408), the request and part content types (415), the
+header's pixel count (422, the decompression-bomb guard), then the queue's
+room, counted in images and vectors (503 with ``Retry-After``) and the
+request's time (504). Headers must arrive within the same deadline
+(:mod:`geo.serve.connections`: slow-loris connections are closed). No route reads a client-named path or URL, and
 the service fetches nothing.
 
 The app is assembled here; the routes live in :mod:`geo.serve.routes` over one
@@ -31,12 +35,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from geo.serve.connections import header_deadline_protocol
 from geo.serve.guard import Guard
 from geo.serve.limits import LimitsError, ServeLimits, load_limits
 from geo.serve.routes import STATIC, router
 from geo.serve.state import ServeState
 
-__all__ = ["create_app", "LimitsError", "ServeLimits", "load_limits"]  # what `geo serve` imports, lazily, from here
+# what `geo serve` imports, lazily, from here (geo.cli.serve may import only this module inside a function)
+__all__ = ["create_app", "header_deadline_protocol", "LimitsError", "ServeLimits", "load_limits"]
 
 
 def create_app(index: Any, limits: ServeLimits = ServeLimits(), token: str | None = None) -> FastAPI:

@@ -1,19 +1,25 @@
-"""The outermost of the app's own layers: metrics for every request, the token, the body-size cap.
+"""The outermost of the app's own layers: metrics for every request, the token, the request body's limits.
 
 It is plain ASGI rather than a route dependency so that it sees every request (static files, /docs,
 unknown paths) and can refuse a body before any of it is read.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import json
+import logging
 import time
 
 from fastapi import HTTPException
+from starlette.requests import ClientDisconnect
 
+from geo.serve.limits import MB
 from geo.serve.state import ServeState
+
+log = logging.getLogger("geo.serve")
 
 _ROUTES = ("/locate", "/healthz", "/info", "/metrics", "/docs", "/openapi.json", "/")
 
@@ -50,21 +56,50 @@ async def send_json(send, status: int, detail: str, headers: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": body})
 
 
-class Guard:
-    """Metrics, the token on every route but /healthz, and the body-size cap.
+class BodyTimeout(Exception):
+    """The client did not send the whole body within ``read_timeout_s``."""
 
-    The cap is enforced on the declared Content-Length and again on the bytes
-    actually received, so a chunked upload cannot slip past it.
+
+class Inflight:
+    """Bytes of request bodies being held, across all clients: the server's memory bound (``max_inflight_mb``).
+
+    A request reserves its declared length (the cap when it declares none) until it is answered; one that
+    does not fit beside the others is refused at once (503), and one larger than the budget is served alone.
+    The event loop is the only user, so no lock.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held and self.held + size > self.budget:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+class Guard:
+    """Metrics, the token on every route but /healthz, and the request body's cap, memory budget and deadline.
+
+    The cap (a JSON body's much smaller than a form's) is enforced on the declared Content-Length and again on
+    the bytes actually received, so a chunked upload cannot slip past it; the body must arrive within
+    ``read_timeout_s`` of its headers (408 and the connection closed), which ends short bodies, multiparts
+    that never close and trickles alike. A client that goes away mid-upload costs one log line, not a traceback.
     """
 
     def __init__(self, app, state: ServeState):
         self.app = app
         self.state = state
+        self.inflight = Inflight(state.limits.max_inflight_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status = time.perf_counter(), [0]
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -73,8 +108,17 @@ class Guard:
 
         try:
             await self._guarded(scope, receive, send_status)
+        except BodyTimeout:
+            log.info("%s %s: body not received within %g s; closed", scope["method"], scope["path"],
+                     self.state.limits.read_timeout_s)
+            if not status[0]:
+                await send_json(send_status, 408, f"request body not received within "
+                                f"{self.state.limits.read_timeout_s:g} s (read_timeout_s)", [(b"connection", b"close")])
+        except ClientDisconnect:
+            log.info("%s %s: the client went away before sending its whole body", scope["method"], scope["path"])
+            status[0] = status[0] or 499  # nginx's "client closed request", for the metrics only
         finally:
-            self.state.metrics.observe(route_label(scope["path"]), status[0], time.perf_counter() - start)
+            self.state.metrics.observe(route_label(scope["path"]), status[0] or 500, time.perf_counter() - start)
 
     async def _guarded(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -84,20 +128,41 @@ class Guard:
             challenge = b'Basic realm="geo"' if scope["path"] == "/" else b'Bearer realm="geo"'
             return await send_json(send, 401, "this server needs its token: Authorization: Bearer TOKEN",
                                    [(b"www-authenticate", challenge)])
-        max_body = self.state.limits.max_form_bytes
+        is_json = headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+        cap = self.state.limits.max_json_bytes(self.state.dim) if is_json else self.state.limits.max_form_bytes
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body:
-            return await send_json(send, 413, f"request body of {int(declared):,} bytes exceeds the server's "
-                                              f"limit of {max_body:,} bytes")
-        received = 0
+        if declared is not None and declared.isdigit() and int(declared) > cap:
+            return await send_json(send, 413, f"{'JSON ' if is_json else ''}request body of {int(declared):,} bytes "
+                                              f"exceeds the server's limit of {cap:,} bytes")
+        size = int(declared) if declared is not None and declared.isdigit() else \
+            cap if "transfer-encoding" in headers else 0
+        if not self.inflight.take(size):
+            return await send_json(send, 503, f"busy: {self.inflight.held / MB:.1f} MB of requests are being read or "
+                                              f"answered (max_inflight_mb); retry shortly", [(b"retry-after", b"1")])
+        try:
+            await self.app(scope, self._receiver(receive, cap), send)
+        finally:
+            self.inflight.give(size)
+
+    def _receiver(self, receive, cap: int):
+        """``receive`` with the body's cap and deadline; once the body is whole, plain ``receive`` (which then
+        waits only for a disconnect, as long as the answer takes)."""
+        deadline = time.monotonic() + self.state.limits.read_timeout_s
+        received, whole = 0, False
 
         async def counted():
-            nonlocal received
-            message = await receive()
+            nonlocal received, whole
+            if whole:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                raise BodyTimeout() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > max_body:
-                    raise HTTPException(413, f"request body exceeds the server's limit of {max_body:,} bytes")
+                if received > cap:
+                    raise HTTPException(413, f"request body exceeds the server's limit of {cap:,} bytes")
+                whole = not message.get("more_body", False)
             return message
 
-        await self.app(scope, counted, send)
+        return counted

@@ -66,17 +66,25 @@ def _image_job(state: ServeState, name: str, data: bytes, mode: str, k: int, min
 
 async def embedding_jobs(state: ServeState, request: Request, mode: str, k: int,
                          min_confidence: float | None) -> list[Job | Answer]:
-    """One job per usable embedding; a row of the wrong shape or with non-finite values gets its error."""
+    """One job per usable embedding, L2-normalised as ``geo query --embeddings`` normalises them.
+
+    The body's size was capped before it was read (:class:`~geo.serve.guard.Guard`), which bounds the parse;
+    the vectors (a 2-D row counts as its rows) are counted against the queue before any is converted. A row
+    of the wrong shape gets its error; a zero or non-finite vector makes the request malformed (422).
+    """
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPException(422, f"request body is not JSON ({e})") from None
+    except RecursionError:
+        raise HTTPException(422, "request body is nested too deeply to be the JSON /locate takes") from None
     rows = body.get("embeddings") if isinstance(body, dict) else None
     if not isinstance(rows, list) or not rows:
         raise HTTPException(422, 'JSON body must be {"embeddings": [[...], ...], "ids": [...] (optional)}')
+    vectors = sum(len(r) if isinstance(r, list) and r and isinstance(r[0], list) else 1 for r in rows)
     queue_size = state.limits.queue_size
-    if len(rows) > queue_size:
-        raise HTTPException(413, f"{len(rows)} embeddings exceed the queue's {queue_size} (queue_size)")
+    if vectors > queue_size:
+        raise HTTPException(413, f"{vectors} embedding vectors exceed the queue's {queue_size} (queue_size)")
     ids = body.get("ids") or [str(i) for i in range(len(rows))]
     if not isinstance(ids, list) or len(ids) != len(rows):
         raise HTTPException(422, f"'ids' must list one id per embedding ({len(rows)})")
@@ -86,10 +94,20 @@ async def embedding_jobs(state: ServeState, request: Request, mode: str, k: int,
 def _embedding_job(dim: int, rid: str, row, mode: str, k: int, min_confidence: float | None) -> Job | Answer:
     try:
         v = np.asarray(row, np.float32)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return Answer.failed(None, "not a list of numbers", id=rid)
-    if v.ndim not in (1, 2) or v.shape[-1] != dim:
+    if v.ndim not in (1, 2) or v.shape[-1] != dim or v.size == 0:
         return Answer.failed(None, f"shape {list(v.shape)}, this index holds {dim}-d embeddings", id=rid)
+    return Job(None, mode, k, min_confidence, embedding=_unit_rows(v, rid), id=rid)
+
+
+def _unit_rows(v: np.ndarray, rid: str) -> np.ndarray:
+    """Each vector of ``v`` ([dim] or [crops, dim]) scaled to length 1, as the index's own embeddings are;
+    422 for a non-finite or zero vector, which has no direction to compare (the same rows
+    ``geo query --embeddings`` refuses)."""
     if not np.isfinite(v).all():
-        return Answer.failed(None, "non-finite values", id=rid)
-    return Job(None, mode, k, min_confidence, embedding=v, id=rid)
+        raise HTTPException(422, f"embedding {rid!r} holds NaN or infinite values")
+    norm = np.linalg.norm(v.astype(np.float64), axis=-1, keepdims=True)
+    if (norm == 0).any():
+        raise HTTPException(422, f"embedding {rid!r} is a zero vector (no direction to compare)")
+    return (v / norm).astype(np.float32)

@@ -16,6 +16,10 @@ max_upload_mb      20           one image file (413)
 max_pixels         64000000     one image's pixels, read from its header before decoding (422: bombs)
 timeout_s          60           a request still unanswered after this gets 504
 io_threads         2            threads reading gallery photos for thumbnails
+read_timeout_s     30           a client must send a request's headers, and then its body, within this
+                                (408, connection closed); raise it for large uploads over slow links
+max_inflight_mb    256          request bodies held at once across all clients (503 with Retry-After
+                                beyond it): the server's memory bound; a larger request is served alone
 =================  ===========  ==========================================================================
 """
 from __future__ import annotations
@@ -47,13 +51,15 @@ class ServeLimits:
     max_pixels: int = 64_000_000
     timeout_s: float = 60.0
     io_threads: int = 2
+    read_timeout_s: float = 30.0
+    max_inflight_mb: float = 256.0
 
     def __post_init__(self) -> None:
         if self.max_images > self.queue_size:
             raise LimitsError(f"max_images ({self.max_images}) cannot exceed queue_size ({self.queue_size}): "
                               "such a request could never be queued")
         if min(self.max_images, self.queue_size, self.max_batch, self.io_threads, self.max_pixels) < 1 \
-                or min(self.max_upload_mb, self.timeout_s) <= 0 \
+                or min(self.max_upload_mb, self.timeout_s, self.read_timeout_s, self.max_inflight_mb) <= 0 \
                 or self.max_wait_ms < 0:
             raise LimitsError(f"serve limits must be positive: {asdict(self)}")
 
@@ -65,6 +71,17 @@ class ServeLimits:
     def max_form_bytes(self) -> int:
         """The largest multipart body: every image at its limit, plus the framing."""
         return self.max_images * self.max_upload_bytes + MULTIPART_FRAMING
+
+    def max_json_bytes(self, dim: int) -> int:
+        """The largest JSON body: ``queue_size`` vectors of ``dim`` numbers at up to 32 characters each, plus ids.
+
+        Enforced before the body is parsed, so parsing (at most ~16 bytes of Python objects per byte) stays bounded.
+        """
+        return self.queue_size * dim * 32 + (64 << 10)
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return int(self.max_inflight_mb * MB)
 
 
 def load_limits(path: Path) -> ServeLimits:
