@@ -145,7 +145,8 @@ def test_info_metrics_docs_and_thumbnails(server, bundle):
     httpx.post(server + "/locate", headers=AUTH, files=_files(_photo(QUERIES[0])), timeout=60)
     text = httpx.get(server + "/metrics", headers=AUTH).text
     for series in ('geo_requests_total{route="/locate",status="200"}', "geo_request_seconds_bucket",
-                   "geo_batch_size_count", "geo_queue_depth", "geo_images_total", "geo_image_errors_total"):
+                   "geo_batch_size_count", "geo_queue_depth", "geo_images_total", "geo_image_errors_total",
+                   "geo_body_bytes_in_flight"):
         assert series in text, series
 
     assert "/locate" in httpx.get(server + "/openapi.json", headers=AUTH).json()["paths"]

@@ -18,6 +18,7 @@ import pytest
 
 from geo.query.index import open_index
 from geo.serve.batcher import Job, MicroBatcher, QueueFull
+from geo.serve.state import Inflight
 from geo.store.bundle import open_bundle
 from geo.store.embeddings import EmbeddingReader
 from serving import geo_serve
@@ -236,12 +237,23 @@ def test_bodies_in_flight_share_one_budget(hostile):
     files = [("images", (PHOTO.name, photo, "image/jpeg"))]
     with _connect(url) as s:
         s.sendall(_headers(1_000_000) + b"--x\r\n")  # holds 1,000,000 of the 1 MB budget, then stalls
-        time.sleep(0.5)
+        for _ in range(100):
+            if "geo_body_bytes_in_flight 1e+06" in httpx.get(url + "/metrics", timeout=30).text:
+                break
+            time.sleep(0.05)
         busy = httpx.post(url + "/locate", files=files, timeout=60)
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "max_inflight_mb" in busy.text
         assert _read_all(s).startswith(b"HTTP/1.1 408")  # the stalled one ends at its deadline...
     ok = httpx.post(url + "/locate", files=files, timeout=60)
     assert ok.status_code == 200 and ok.json()[0]["lat"] is not None  # ...and gives its room back
+
+
+def test_the_budget_serves_a_larger_body_alone_and_never_refuses_one_without_a_body():
+    budget = Inflight(100)
+    assert budget.take(300)  # larger than the whole budget: served, alone
+    assert not budget.take(1) and budget.take(0)  # /healthz, /metrics still answer meanwhile
+    budget.give(300)
+    assert budget.take(60) and budget.take(40) and not budget.take(1)
 
 
 # ---------------------------------------------------------------- logs (item 11)

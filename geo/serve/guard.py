@@ -62,44 +62,27 @@ async def send_json(send, status: int, detail: str, headers: list[tuple[bytes, b
 TRIM_AFTER_BYTES = 8 * MB
 
 
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)`` (a no-op elsewhere): freed heap pages go back to the system."""
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0) and None
+        return None
 
 
-give_back_freed_memory = _malloc_trim()
-"""Called after a large body is answered: glibc keeps the freed uploads' pages in its heap otherwise, and the
-server's resident memory would stay near its peak after a burst (benchmarks/bench_serve.py --memory)."""
+_MALLOC_TRIM = _malloc_trim()
+
+
+def give_back_freed_memory() -> None:
+    """Hand freed heap pages back to the system (tens of microseconds), after a large body is answered: glibc
+    keeps them otherwise, and resident memory would stay near its peak after a burst
+    (``benchmarks/bench_serve.py --memory``)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class BodyTimeout(Exception):
     """The client did not send the whole body within ``read_timeout_s``."""
-
-
-class Inflight:
-    """Bytes of request bodies being held, across all clients: the server's memory bound (``max_inflight_mb``).
-
-    A request reserves its declared length (the cap when it declares none) until it is answered; one that
-    does not fit beside the others is refused at once (503), and one larger than the budget is served alone.
-    The event loop is the only user, so no lock.
-    """
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.held = 0
-
-    def take(self, size: int) -> bool:
-        if self.held and self.held + size > self.budget:
-            return False
-        self.held += size
-        return True
-
-    def give(self, size: int) -> None:
-        self.held -= size
 
 
 class Guard:
@@ -114,7 +97,7 @@ class Guard:
     def __init__(self, app, state: ServeState):
         self.app = app
         self.state = state
-        self.inflight = Inflight(state.limits.max_inflight_bytes)
+        self.inflight = state.inflight
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
