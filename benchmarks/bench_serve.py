@@ -6,13 +6,17 @@ Measures, in one run on one machine:
 
 * bare: `GeoIndex.locate` in this process on the same photos, one photo per call (what a naive
   per-request server does) and 16 per call (the best batching this backbone allows);
-* the server (`geo serve` as its own process) with micro-batching (--max-batch 16) and without
-  (--max-batch 1), each at concurrency 1, 8 and 32: up to --requests requests (one photo each,
+* the server (`geo serve` as its own process) with micro-batching (max_batch 16) and without
+  (max_batch 1, both set through `--config`), each at concurrency 1, 8 and 32: up to --requests requests (one photo each,
   multipart, as `curl -F images=@x.jpg` sends them) or --seconds, whichever ends first.
 
 Every request must answer 200 with coordinates; the script fails otherwise. The client is one asyncio
 process on the same cores, so it competes with the server (its share of the machine's CPU is
 reported): the ratios, not the absolute rates, are the result. Prints a markdown table and writes OUT.json.
+
+    python benchmarks/bench_serve.py --bundle /tmp/srv/bundle --memory 8
+
+measures instead the server's resident memory (peak and 5 s after) under 8 parallel maximal requests.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,8 +84,10 @@ async def load(url: str, blobs: list[tuple[str, bytes]], concurrency: int, reque
 
 def serve(bundle: Path, max_batch: int, blobs, levels, requests: int, seconds: float) -> list[dict]:
     port = free_port()
+    limits = Path(tempfile.mkdtemp(prefix="geo-bench-serve-")) / "limits.json"
+    limits.write_text(json.dumps({"max_batch": max_batch, "queue_size": 256}))
     proc = subprocess.Popen([sys.executable, "-c", "from geo.cli import app; app()", "serve", "--index", str(bundle),
-                             "--port", str(port), "--max-batch", str(max_batch), "--queue-size", "256"],
+                             "--port", str(port), "--config", str(limits)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -100,15 +107,81 @@ def serve(bundle: Path, max_batch: int, blobs, levels, requests: int, seconds: f
         proc.wait(15)
 
 
+def _rss_mb(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of a process in MB, from /proc (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def _noise_jpeg(side: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+async def _maximal_request(url: str, blob: bytes, images: int) -> int:
+    """One request with ``images`` copies of ``blob``, retried while the server says 503; returns the status."""
+    files = [("images", (f"noise-{i}.jpg", blob, "image/jpeg")) for i in range(images)]
+    async with httpx.AsyncClient(timeout=600) as client:
+        for _ in range(600):
+            r = await client.post(url + "/locate", files=files)
+            if r.status_code != 503:
+                return r.status_code
+            await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+    return 503
+
+
+def memory(bundle: Path, parallel: int, side: int) -> dict:
+    """Peak and after-burst RSS of `geo serve` (default limits) under ``parallel`` maximal requests at once:
+    16 noise JPEGs of ``side`` x ``side`` each (about 19 MB at 4100 px)."""
+    blob = _noise_jpeg(side)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from geo.cli import app; app()", "serve", "--index", str(bundle),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        asyncio.run(_maximal_request(url, blob, 1))  # warm: the model's first forward pass
+        loaded, _ = _rss_mb(proc.pid)
+
+        async def burst():
+            return await asyncio.gather(*(_maximal_request(url, blob, 16) for _ in range(parallel)))
+
+        t0 = time.perf_counter()
+        statuses = asyncio.run(burst())
+        wall = time.perf_counter() - t0
+        time.sleep(5)
+        after, peak = _rss_mb(proc.pid)
+        return {"parallel": parallel, "image_mb": round(len(blob) / 2**20, 1), "statuses": statuses,
+                "wall_s": round(wall, 1), "rss_loaded_mb": round(loaded), "rss_peak_mb": round(peak),
+                "rss_after_mb": round(after)}
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--images", type=Path, required=True, help="folder of query photos (cycled)")
+    ap.add_argument("--images", type=Path, help="folder of query photos (cycled); needed unless --memory")
+    ap.add_argument("--memory", type=int, metavar="N", help="instead: peak RSS under N parallel maximal requests "
+                    "(16 noise JPEGs of about 19 MB each), against the README's bound")
+    ap.add_argument("--side", type=int, default=4100, help="--memory: the noise JPEGs' side in pixels")
     ap.add_argument("--requests", type=int, default=1000, help="requests per concurrency level (at most)")
     ap.add_argument("--seconds", type=float, default=120.0, help="time per concurrency level (at most)")
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--out", type=Path, default=Path("/tmp/geo-serve-bench.json"))
     args = ap.parse_args()
+    if args.memory:
+        print(json.dumps(memory(args.bundle, args.memory, args.side)))
+        return
+    if args.images is None:
+        ap.error("--images is needed (or --memory N)")
     photos = expand_images([str(args.images)])
     blobs = [(Path(p).name, Path(p).read_bytes()) for p in photos]
     levels = [int(x) for x in args.levels.split(",")]
@@ -124,7 +197,7 @@ def main() -> None:
     print(f"\nload average before {load_before[0]:.2f}, after {result['load_after'][0]:.2f}")
     print(f"bare GeoIndex.locate: {result['bare_batch1_per_s']:.1f} photos/s one per call, "
           f"{result['bare_batch16_per_s']:.1f} photos/s 16 per call\n")
-    print("| --max-batch | concurrency | requests | errors | p50 ms | p99 ms | req/s | vs bare batch-1 | client CPU |")
+    print("| max_batch | concurrency | requests | errors | p50 ms | p99 ms | req/s | vs bare batch-1 | client CPU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in result["server"]:
         print(f"| {r['max_batch']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | "

@@ -34,12 +34,14 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 
 
 @contextmanager
-def geo_serve(bundle: Path, *args: str) -> Iterator[str]:
-    """`geo serve --index BUNDLE ARGS` in its own process on a free loopback port; yields the base URL."""
+def geo_serve(bundle: Path, *args: str, log: Path | None = None) -> Iterator[str]:
+    """`geo serve --index BUNDLE ARGS` in its own process on a free loopback port; yields the base URL.
+    With ``log``, the server's stderr goes to that file (to check what it logged)."""
     port = free_port()
+    stderr = open(log, "w") if log is not None else subprocess.PIPE  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([sys.executable, "-c", "from geo.cli import app; app()", "serve", "--index", str(bundle),
                              "--host", "127.0.0.1", "--port", str(port), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
@@ -50,6 +52,8 @@ def geo_serve(bundle: Path, *args: str) -> Iterator[str]:
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if log is not None:
+            stderr.close()
 
 
 @contextmanager

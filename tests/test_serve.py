@@ -37,9 +37,10 @@ def bundle(cli_bundle) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(bundle):
-    with geo_serve(bundle, "--token", TOKEN, "--max-upload-mb", "1", "--max-pixels", "2000000",
-                   "--max-images", "4", "--queue-size", "8") as url:
+def server(bundle, tmp_path_factory):
+    limits = tmp_path_factory.mktemp("limits") / "limits.toml"
+    limits.write_text("max_upload_mb = 1\nmax_pixels = 2_000_000\nmax_images = 4\nqueue_size = 8\n")
+    with geo_serve(bundle, "--token", TOKEN, "--config", str(limits)) as url:
         yield url
 
 
@@ -144,7 +145,8 @@ def test_info_metrics_docs_and_thumbnails(server, bundle):
     httpx.post(server + "/locate", headers=AUTH, files=_files(_photo(QUERIES[0])), timeout=60)
     text = httpx.get(server + "/metrics", headers=AUTH).text
     for series in ('geo_requests_total{route="/locate",status="200"}', "geo_request_seconds_bucket",
-                   "geo_batch_size_count", "geo_queue_depth", "geo_images_total", "geo_image_errors_total"):
+                   "geo_batch_size_count", "geo_queue_depth", "geo_images_total", "geo_image_errors_total",
+                   "geo_body_bytes_in_flight"):
         assert series in text, series
 
     assert "/locate" in httpx.get(server + "/openapi.json", headers=AUTH).json()["paths"]
@@ -176,7 +178,7 @@ def test_upload_limits(server):
     assert r.status_code == 413  # the whole body, before parsing
 
     r = httpx.post(server + "/locate", headers=AUTH, files=_files(*[_photo(QUERIES[0])] * 5))
-    assert r.status_code == 413 and "max-images" in r.json()["detail"]
+    assert r.status_code == 413 and "max_images" in r.json()["detail"]
 
     r = httpx.post(server + "/locate", headers=AUTH, files=_files(("notes.txt", b"hello", "text/plain")))
     assert r.status_code == 415 and "notes.txt" in r.json()["detail"]
@@ -223,11 +225,12 @@ def _post_async(url: str, path: Path, results: list, i: int) -> threading.Thread
 
 
 def test_full_queue_is_503_and_a_slow_answer_is_504(bundle):
-    from geo.serve.app import ServeSettings, create_app
+    from geo.serve.app import create_app
+    from geo.serve.limits import ServeLimits
 
     gated = _Gated(open_index(bundle))
-    settings = ServeSettings(queue_size=2, max_images=2, max_batch=2, max_wait_ms=0, timeout_s=3)
-    with uvicorn_thread(create_app(gated, settings)) as url:
+    limits = ServeLimits(queue_size=2, max_images=2, max_batch=2, max_wait_ms=0, timeout_s=3)
+    with uvicorn_thread(create_app(gated, limits)) as url:
         results: list = [None] * 3
         first = _post_async(url, QUERIES[0], results, 0)
         assert gated.entered.wait(20)  # the model thread holds the first request
@@ -247,10 +250,11 @@ def test_full_queue_is_503_and_a_slow_answer_is_504(bundle):
 
 
 def test_concurrent_requests_share_one_forward_pass(bundle):
-    from geo.serve.app import ServeSettings, create_app
+    from geo.serve.app import create_app
+    from geo.serve.limits import ServeLimits
 
     gated = _Gated(open_index(bundle))
-    with uvicorn_thread(create_app(gated, ServeSettings(max_batch=8, max_wait_ms=0))) as url:
+    with uvicorn_thread(create_app(gated, ServeLimits(max_batch=8, max_wait_ms=0))) as url:
         results: list = [None] * 5
         first = _post_async(url, QUERIES[0], results, 0)
         assert gated.entered.wait(20)

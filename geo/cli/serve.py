@@ -25,31 +25,27 @@ def is_loopback(host: str) -> bool:
 
 def serve_command(
     index: Path = typer.Option(..., "--index", "-i", help="Bundle directory built by `geo build-index`."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind. The default answers this machine only; "
-                             "0.0.0.0 exposes the service (and the gallery's thumbnails) to the network."),
-    port: int = typer.Option(8000, help="TCP port."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind. Keep the default to answer this machine only; "
+                             "change it (0.0.0.0) to expose the service, and the gallery's thumbnails, to the "
+                             "network, with a --token."),
+    port: int = typer.Option(8000, help="TCP port; change it when 8000 is taken or several bundles are served."),
     token: Optional[str] = typer.Option(None, envvar="GEO_TOKEN", help="Require `Authorization: Bearer TOKEN` on "
-                                        "every route but /healthz (the map page asks for it as a password). "
-                                        "Also read from GEO_TOKEN, which keeps it out of `ps`."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    max_batch: int = typer.Option(16, help="Most images in one micro-batch (one forward pass, one FAISS search)."),
-    max_wait_ms: float = typer.Option(5.0, help="How long the first image of a batch waits for others to join."),
-    queue_size: int = typer.Option(64, help="Images that may wait for the model; beyond it requests get 503 "
-                                   "with Retry-After."),
-    max_images: int = typer.Option(16, help="Most images in one request."),
-    max_upload_mb: float = typer.Option(20.0, help="Largest accepted image file (413 above it)."),
-    max_pixels: int = typer.Option(64_000_000, help="Largest accepted image in pixels, read from its header "
-                                   "before decoding (422 above it: decompression bombs)."),
-    timeout_s: float = typer.Option(60.0, help="A request still waiting after this many seconds gets 504."),
-    io_threads: int = typer.Option(2, help="Threads reading gallery photos for thumbnails (uploads are decoded on "
-                                   "the model thread: one thread owns torch, see geo/serve/batcher.py)."),
+                                        "every route but /healthz (the map page asks for it as a password): set it "
+                                        "whenever the host is not loopback. Also read from GEO_TOKEN, which keeps "
+                                        "it out of `ps`."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda: change it to keep the model off a GPU that other "
+                               "work needs (cpu), or to fail rather than fall back when the GPU is missing (cuda)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of serving limits (batch size, "
+                                          "queue, upload and pixel caps, timeouts: the keys are listed in the "
+                                          "README, 'Serve it'); change them on a GPU, for large uploads or for slow "
+                                          "clients. Keys left out keep their defaults."),
 ) -> None:
     """Serve a bundle over HTTP: POST /locate, a map page at /, /info, /metrics, /healthz, docs at /docs.
 
     \b
       geo serve --index my-index                       # http://127.0.0.1:8000/
       curl -F images=@holiday.jpg http://127.0.0.1:8000/locate
-      GEO_TOKEN=s3cret geo serve --index my-index --host 0.0.0.0
+      GEO_TOKEN=s3cret geo serve --index my-index --host 0.0.0.0 --config limits.toml
 
     The model and index load once; concurrent requests share forward passes.
     The server reads only the bundle and the photos it recorded (for thumbnails),
@@ -58,15 +54,16 @@ def serve_command(
     try:
         import uvicorn
 
-        from geo.serve.app import ServeSettings, create_app
+        from geo.serve.app import LimitsError, ServeLimits, create_app, header_deadline_protocol, load_limits
     except ImportError as e:
         fail(f"geo serve needs the server extra ({e.name} is missing): pip install 'geo[server]'")
 
-    settings = ServeSettings(token=token or None, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                             queue_size=queue_size, max_images=max_images, max_upload_mb=max_upload_mb,
-                             max_pixels=max_pixels, timeout_s=timeout_s, io_threads=io_threads)
+    try:
+        limits = load_limits(config) if config is not None else ServeLimits()
+    except LimitsError as e:
+        fail(e)
     idx = open_index(index, device=device)
-    app = create_app(idx, settings)
+    app = create_app(idx, limits, token=token or None)
     if not is_loopback(host):
         typer.secho(f"warning: binding {host}: other machines can send photos to this service and see the "
                     "gallery's thumbnails" + ("" if token else "; no --token / GEO_TOKEN is set, so anyone can"),
@@ -75,7 +72,7 @@ def serve_command(
     typer.echo(f"geo serve: {index} ({len(idx.knn.ids):,} photos, modes {', '.join(idx.modes)}) at "
                f"http://{shown}:{port}/" + (" (token required)" if token else ""), err=True)
     uvicorn.run(app, host=host, port=port, log_level=os.environ.get("GEO_LOG_LEVEL", "warning"),
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=header_deadline_protocol(limits.read_timeout_s))
 
 
 def register(app: typer.Typer) -> None:

@@ -55,6 +55,11 @@ class Job:
     future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
     waiting: bool = False  # counted in the queue's depth: queued, not yet taken into a batch nor given up
 
+    @property
+    def weight(self) -> int:
+        """What the job counts against the queue: an image 1, an embedding its vectors (a [crops, dim] row: crops)."""
+        return 1 if self.embedding is None or self.embedding.ndim == 1 else int(self.embedding.shape[0])
+
 
 class MicroBatcher:
     """The queue and the worker that drains it; ``run_batch`` is the model work (swappable in tests)."""
@@ -96,7 +101,8 @@ class MicroBatcher:
         self._model_thread.shutdown(wait=True, cancel_futures=True)
 
     def depth(self) -> int:
-        """Images waiting for the model (what ``/metrics`` reports and the queue's limit counts)."""
+        """Images and embedding vectors waiting for the model (what ``/metrics`` reports, what the queue's limit
+        counts)."""
         return self._waiting
 
     # ------------------------------------------------------------ requests
@@ -113,21 +119,21 @@ class MicroBatcher:
     def submit(self, jobs: list[Job]) -> list[asyncio.Future]:
         """Queue all of a request's jobs or none of them (QueueFull): a request is never half-accepted."""
         assert self._queue is not None, "start() the batcher first"
-        if self._waiting + len(jobs) > self.queue_size:
-            raise QueueFull(f"{self._waiting} images are waiting; the queue holds {self.queue_size}")
+        if self._waiting + sum(j.weight for j in jobs) > self.queue_size:
+            raise QueueFull(f"{self._waiting} images or vectors are waiting; the queue holds {self.queue_size}")
         loop = asyncio.get_running_loop()
         for job in jobs:
             job.future = loop.create_future()
             job.future.add_done_callback(lambda _f, j=job: self._leave(j))  # cancelled on timeout: room at once
             job.waiting = True
-            self._waiting += 1
+            self._waiting += job.weight
             self._queue.put_nowait(job)
         return [j.future for j in jobs]
 
     def _leave(self, job: Job) -> None:
         if job.waiting:
             job.waiting = False
-            self._waiting -= 1
+            self._waiting -= job.weight
             if job.future.cancelled():  # given up while queued: keep no bytes until the worker drops it
                 job.data = job.embedding = None
 

@@ -17,9 +17,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
-    """Request counts by route and status, per-image errors, latency, batch sizes and queue depth."""
+    """Request counts by route and status, per-image errors, latency, batch sizes, queue depth, bodies in flight."""
 
-    def __init__(self, queue_depth: Callable[[], int]):
+    def __init__(self, queue_depth: Callable[[], int], body_bytes: Callable[[], int]):
         self.registry = CollectorRegistry()
         self.requests = Counter("geo_requests", "HTTP requests by route and status code",
                                 ("route", "status"), registry=self.registry)
@@ -32,6 +32,9 @@ class Metrics:
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
         self.queue = Gauge("geo_queue_depth", "Images waiting for the model", registry=self.registry)
         self.queue.set_function(queue_depth)
+        self.body_bytes = Gauge("geo_body_bytes_in_flight", "Bytes of request bodies being read or answered "
+                                "(bounded by max_inflight_mb)", registry=self.registry)
+        self.body_bytes.set_function(body_bytes)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
