@@ -7,4 +7,4 @@ bash scripts/setup.sh
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     echo "no browser: the map-page test (tests/test_serve_browser.py) is skipped; apt-get install chromium chromium-driver runs it"
 fi
-python -m pytest "$@"
+python -m pytest -m "slow or not slow" "$@"   # the whole suite: fast and slow parts

@@ -1,4 +1,8 @@
-"""Shared fixtures. Keep small: images are generated, never downloaded or vendored."""
+"""Shared fixtures and the suite's fast/slow split. Keep small: images are generated, never downloaded or vendored.
+
+``python -m pytest`` (a developer's default, pyproject's addopts) runs the fast part, about two minutes on a quiet
+2-core machine; ``python -m pytest -m slow`` the rest; ``bash scripts/test.sh`` (CI) runs both.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +14,27 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from geo.cli import app
+
+# The slow part: whole builds with training, fine-tuning, Ray, a browser, kill-and-resume, 30-s soaks. Chosen from
+# `python -m pytest -m "slow or not slow" --durations=0` (the rest shares one session bundle, `cli_bundle`).
+SLOW_MODULES = {
+    "test_add.py", "test_cells_semantic.py", "test_city_head.py", "test_cluster.py", "test_concurrency.py",
+    "test_embeddings_in.py", "test_finetune.py", "test_kill_resume.py", "test_large_gallery.py", "test_leaks.py",
+    "test_progress.py", "test_serve_browser.py", "test_small_galleries.py",
+}
+SLOW_TESTS = {
+    "test_a_stray_shard_is_never_read_and_geo_info_names_it", "test_each_module_imports_first_and_alone",
+    "test_the_whole_package_imports_in_any_order", "test_reproduces_geoestimation_footer_exactly",
+    "test_scene_conditioned_heads_use_the_scene", "test_stage_writes_registers_and_predicts", "test_build_and_search",
+    "test_a_cold_query_imports_neither_timm_nor_torchvision",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES or getattr(item, "originalname", item.name) in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 def _textured(width: int, height: int, seed: int = 0) -> Image.Image:
