@@ -30,7 +30,8 @@ from geo.core.splits import group_column, training_rows, validation_mask
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.manifest import ManifestError, ManifestResult, read_manifest
 from geo.models.backbones import BackboneError, backbone_from_spec, load_backbone
-from geo.plan import StagePlan, check, default_memory, plan_build
+from geo.plan import StagePlan, check, default_memory, index_budget, plan_build
+from geo.settings import StageConfigs, build_record, from_dict, recorded
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.stage import CellsConfig, fit_cells
 from geo.stages.cells.stage import with_photos as cells_with_photos
@@ -64,30 +65,6 @@ Log = Callable[[str], None]
 
 
 @dataclass
-class StageConfigs:
-    """Every fitted stage's options; ``group_column`` (photographers) is the one split all of them hold out."""
-
-    knn: KnnConfig = field(default_factory=KnnConfig)
-    cells: CellsConfig = field(default_factory=CellsConfig)
-    gallery: GalleryConfig = field(default_factory=GalleryConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    group_column: str | None = None
-    # The most photos whose embeddings the trained stages hold: above, a seeded uniform sample of the gallery
-    # is what the heads and the location encoder train and validate on (their compute caps see fewer photos
-    # than this anyway), while partitions, cell counts, gallery points and the kNN index use every photo.
-    train_photos: int = 200_000
-
-    def resolved(self) -> "StageConfigs":
-        """The configs with the shared group column (when given) set in each stage that splits by it."""
-        if self.group_column is None:
-            return self
-        g = self.group_column
-        return dataclasses.replace(self, cells=dataclasses.replace(self.cells, group_column=g),
-                                   gallery=dataclasses.replace(self.gallery, group_column=g),
-                                   fusion=dataclasses.replace(self.fusion, group_column=g))
-
-
-@dataclass
 class BuildConfig:
     """One build. Photos come from ``manifest`` (CSV/Parquet or a folder of EXIF-tagged photos) or, already
     embedded by ``backbone``, from ``embeddings`` (Parquet or clip-retrieval output; see geo.data.embedding_table)."""
@@ -109,6 +86,12 @@ class BuildConfig:
     # A Ray cluster's address ("local": start one here, or RAY_ADDRESS) for the embedding stage and FAISS
     # population; None: this process only (geo.cluster).
     ray: str | None = None
+
+    def __post_init__(self) -> None:
+        """The FAISS index's budget, when not set, is its share of this build's ``memory`` (one memory knob)."""
+        if self.stage_configs.knn.ram_budget is None:
+            knn = dataclasses.replace(self.stage_configs.knn, ram_budget=index_budget(self.memory))
+            self.stage_configs = dataclasses.replace(self.stage_configs, knn=knn)
 
 
 def write_errors(bundle: Bundle, manifest_errors: list[dict], keep_earlier: bool = False) -> int:
@@ -176,7 +159,7 @@ def _build(cfg: BuildConfig, man: ManifestResult | None, log: Log, progress: boo
         else:
             embed = lambda: run_embedding_stage(bundle, man.df, backbone, cfg.embed, progress=progress)  # noqa: E731
         rejected, total = man.errors, len(man.df) + len(man.errors)
-    bundle.begin_build(cfg.stages)
+    bundle.begin_build(cfg.stages, build_record(cfg.stage_configs, cfg.embed, cfg.stages))
     disk = {p.stage: p.disk for p in plans}
     if "embeddings" in cfg.stages:  # always run: it resumes shard by shard and is a no-op when complete
         written = sum(f.stat().st_size for f in bundle.path("embeddings").glob("*") if f.is_file()) \
@@ -198,7 +181,7 @@ def _build(cfg: BuildConfig, man: ManifestResult | None, log: Log, progress: boo
 
 def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | None = None,
                image_root: str | None = None, embedding_column: str = "embedding", refit: bool = False,
-               embed: EmbedConfig = EmbedConfig(), configs: StageConfigs = StageConfigs(), log: Log = print,
+               embed: EmbedConfig = EmbedConfig(), configs: StageConfigs | None = None, log: Log = print,
                progress: bool = True) -> Bundle:
     """Append photos (or precomputed embeddings) to a built bundle without rebuilding it.
 
@@ -206,8 +189,9 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
     vectors; the cells' counts, means and support spots and the gallery's points
     and prior are recomputed over all photos with the fitted partitions, heads
     and location encoder. Those fitted parts (and fusion) are refitted only with
-    ``refit``; until then the manifest records them as stale and ``geo info`` says so.
-    Ids already in the bundle are error rows. Adding the same input twice is refused;
+    ``refit``; until then the manifest records them as stale and ``geo info`` says so. A refit uses the
+    build's recorded settings and skipped stages (``configs`` overrides the former; a bundle recorded
+    without settings refits with the defaults). Ids already in the bundle are error rows. Adding the same input twice is refused;
     an interrupted addition resumes.
     """
     if (manifest is None) == (embeddings is None):
@@ -218,7 +202,7 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
 
 
 def _add(root: str | Path, manifest: str | None, embeddings: str | None, image_root: str | None,
-         embedding_column: str, refit: bool, embed: EmbedConfig, configs: StageConfigs, log: Log,
+         embedding_column: str, refit: bool, embed: EmbedConfig, configs: StageConfigs | None, log: Log,
          progress: bool) -> Bundle:
     bundle = open_bundle(root)
     bundle.stage("knn_index")
@@ -273,7 +257,9 @@ def _add(root: str | Path, manifest: str | None, embeddings: str | None, image_r
                   replace=STAGE_FOLDERS["knn_index"])
     lat, lon = meta["lat"].to_numpy(np.float64), meta["lon"].to_numpy(np.float64)
     if refit:
-        run_stages(bundle, configs, STAGES, ("cells", "gallery", "fusion"), log)
+        settings = from_dict(recorded(bundle.manifest))
+        run_stages(bundle, configs or settings.stages, settings.stage_names(STAGES), ("cells", "gallery", "fusion"),
+                   log)
         bundle.manifest.pop("stale", None)
     else:
         if bundle.has_stage("cells"):
