@@ -33,7 +33,7 @@ from geo.models.backbones import BackboneError, backbone_from_spec, load_backbon
 from geo.plan import StagePlan, check, default_memory, index_budget, plan_build
 from geo.settings import StageConfigs, build_record, from_dict, recorded
 from geo.stages.cells.predictor import CellPredictor
-from geo.stages.cells.stage import CellsConfig, fit_cells
+from geo.stages.cells.stage import fit_cells
 from geo.stages.cells.stage import with_photos as cells_with_photos
 from geo.stages.embed import (
     EmbedConfig,
@@ -41,10 +41,10 @@ from geo.stages.embed import (
     manifest_fingerprint,
     run_embedding_stage,
 )
-from geo.stages.fusion.stage import FusionConfig, SignalStages, fit_fusion, fit_fusion_on_built
-from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
+from geo.stages.fusion.stage import SignalStages, fit_fusion, fit_fusion_on_built
+from geo.stages.gallery.stage import GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
-from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, read_index
+from geo.stages.knn import KnnIndex, fit_knn, read_index
 from geo.store.atomic import atomic_write_parquet, ensure_free_space
 from geo.store.bundle import Bundle, BundleError, open_bundle
 from geo.store.embeddings import EmbeddingReader, marker_path, shard_errors, write_shard
