@@ -24,11 +24,11 @@ FORCEABLE = ("knn_index", "cells", "gallery", "fusion")
 
 
 def _one_of(*values: str):
-    """An option callback refusing a value (or a repeated option's value) outside ``values``, naming them."""
-    def check(value):
+    """An option callback refusing a value (or a repeated option's value) outside ``values`` in one line."""
+    def check(param: typer.CallbackParam, value):
         for v in value if isinstance(value, list) else [value]:
             if v is not None and v not in values:
-                raise typer.BadParameter(f"{v!r} is not one of {', '.join(values)}")
+                fail(f"{param.opts[0]} takes {', '.join(values)}, not {v!r}")
         return value
     return check
 
