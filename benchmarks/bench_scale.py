@@ -41,7 +41,7 @@ SHARD = 50_000
 STAGE_RUNS = [("embeddings+knn", ["--skip", "cells", "--skip", "gallery", "--skip", "fusion"]),
               ("cells", ["--skip", "gallery", "--skip", "fusion"]),
               ("gallery", ["--skip", "fusion"]),
-              ("fusion", [])]
+              ("fusion", ["--force", "fusion"])]  # the bundle recorded --skip fusion: --force un-skips it
 
 
 def _directions(ids: np.ndarray, level: int, dim: int) -> np.ndarray:

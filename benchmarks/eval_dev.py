@@ -22,7 +22,8 @@ from geo.core.geodesy import THRESHOLDS_KM as THRESHOLDS
 from geo.core.geodesy import haversine_km
 from geo.core.priors import population_prior
 from geo.core.splits import group_folds
-from geo.pipeline import StageConfigs, build_from_embeddings
+from geo.pipeline import build_from_embeddings
+from geo.settings import StageConfigs
 from geo.query.index import GeoIndex
 from geo.stages.fusion.calibration import (
     CALIBRATED_KM,

@@ -27,7 +27,8 @@ from geo.data.images import ImageDataset, collate_skip_errors
 from geo.eval.metrics import label_accuracy
 from geo.finetune import FinetuneConfig, finetune
 from geo.models.backbones import load_backbone
-from geo.pipeline import StageConfigs, build_from_embeddings
+from geo.pipeline import build_from_embeddings
+from geo.settings import StageConfigs
 from geo.query.index import GeoIndex
 from geo.store.bundle import open_bundle
 from geo.store.embeddings import EmbeddingReader

@@ -31,15 +31,16 @@ from geo.data.manifest import ManifestError, ManifestResult, read_manifest
 from geo.executors import LOCAL, Executor, executor_for
 from geo.models.backbones import BackboneError, backbone_from_spec, load_backbone
 from geo.models.registry import Backbone
-from geo.plan import StagePlan, check, default_memory, plan_build
+from geo.plan import StagePlan, check, default_memory, index_budget, plan_build
+from geo.settings import StageConfigs, build_record, from_dict, recorded
 from geo.stages.cells.predictor import CellPredictor
-from geo.stages.cells.stage import CellsConfig, fit_cells
+from geo.stages.cells.stage import fit_cells
 from geo.stages.cells.stage import with_photos as cells_with_photos
 from geo.stages.embed import EmbedConfig, check_plan, ingest_embeddings, manifest_fingerprint
-from geo.stages.fusion.stage import FusionConfig, FusionModel, SignalStages, fit_fusion, fit_fusion_on_built
-from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
+from geo.stages.fusion.stage import FusionModel, SignalStages, fit_fusion, fit_fusion_on_built
+from geo.stages.gallery.stage import GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
-from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, read_index
+from geo.stages.knn import KnnIndex, fit_knn, read_index
 from geo.store.atomic import atomic_write_parquet, ensure_free_space
 from geo.store.bundle import Bundle, BundleError, open_bundle
 from geo.store.embeddings import EmbeddingReader, marker_path, shard_errors, write_shard
@@ -57,30 +58,6 @@ STAGE_FOLDERS = {"embeddings": ("embeddings/",), "knn_index": ("index/",), "cell
                  "gallery": ("gallery/",), "fusion": ("fusion/",)}
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class StageConfigs:
-    """Every fitted stage's options; ``group_column`` (photographers) is the one split all of them hold out."""
-
-    knn: KnnConfig = field(default_factory=KnnConfig)
-    cells: CellsConfig = field(default_factory=CellsConfig)
-    gallery: GalleryConfig = field(default_factory=GalleryConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    group_column: str | None = None
-    # The most photos whose embeddings the trained stages hold: above, a seeded uniform sample of the gallery
-    # is what the heads and the location encoder train and validate on (their compute caps see fewer photos
-    # than this anyway), while partitions, cell counts, gallery points and the kNN index use every photo.
-    train_photos: int = 200_000
-
-    def resolved(self) -> "StageConfigs":
-        """The configs with the shared group column (when given) set in each stage that splits by it."""
-        if self.group_column is None:
-            return self
-        g = self.group_column
-        return dataclasses.replace(self, cells=dataclasses.replace(self.cells, group_column=g),
-                                   gallery=dataclasses.replace(self.gallery, group_column=g),
-                                   fusion=dataclasses.replace(self.fusion, group_column=g))
 
 
 @dataclass
@@ -105,6 +82,12 @@ class BuildConfig:
     # A Ray cluster's address ("local": start one here, or RAY_ADDRESS) for the embedding stage and FAISS
     # population; None: this process only. The build turns it into its one executor (geo.executors).
     ray: str | None = None
+
+    def __post_init__(self) -> None:
+        """The FAISS index's budget, when not set, is its share of this build's ``memory`` (one memory knob)."""
+        if self.stage_configs.knn.ram_budget is None:
+            knn = dataclasses.replace(self.stage_configs.knn, ram_budget=index_budget(self.memory))
+            self.stage_configs = dataclasses.replace(self.stage_configs, knn=knn)
 
 
 def write_errors(bundle: Bundle, manifest_errors: list[dict], keep_earlier: bool = False) -> int:
@@ -176,7 +159,7 @@ class EmbeddingInput:
 
 def _build(cfg: BuildConfig, man: ManifestResult | None, executor: Executor, log: Log, progress: bool) -> Bundle:
     bundle, source, backbone, plans = _open_for_build(cfg, man, log)
-    bundle.begin_build(cfg.stages)
+    bundle.begin_build(cfg.stages, build_record(cfg.stage_configs, cfg.embed, cfg.stages))
     disk = {p.stage: p.disk for p in plans}
     if "embeddings" in cfg.stages:  # always run: it resumes shard by shard and is a no-op when complete
         written = sum(f.stat().st_size for f in bundle.path("embeddings").glob("*") if f.is_file()) \
@@ -235,7 +218,7 @@ def _embed_input(bundle: Bundle, source: EmbeddingInput, executor: Executor, bac
 
 def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | None = None,
                image_root: str | None = None, embedding_column: str = "embedding", refit: bool = False,
-               embed: EmbedConfig = EmbedConfig(), configs: StageConfigs = StageConfigs(), log: Log = print,
+               embed: EmbedConfig = EmbedConfig(), configs: StageConfigs | None = None, log: Log = print,
                progress: bool = True) -> Bundle:
     """Append photos (or precomputed embeddings) to a built bundle without rebuilding it.
 
@@ -243,9 +226,10 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
     vectors; the cells' counts, means and support spots and the gallery's points
     and prior are recomputed over all photos with the fitted partitions, heads
     and location encoder. Those fitted parts (and fusion) are refitted only with
-    ``refit``; until then the manifest records them as stale and ``geo info`` says so.
-    Ids already in the bundle are error rows. Adding the same input twice is refused;
-    an interrupted addition resumes.
+    ``refit``; until then the manifest records them as stale and ``geo info`` says so. A refit uses the
+    build's recorded settings and skipped stages (``configs`` overrides the former; a bundle recorded
+    without settings refits with the defaults). Ids already in the bundle are error rows. Adding the same
+    input twice is refused; an interrupted addition resumes.
     """
     if (manifest is None) == (embeddings is None):
         raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
@@ -275,7 +259,7 @@ def _addition_input(bundle: Bundle, manifest: str | None, embeddings: str | None
 
 
 def _add(bundle: Bundle, source: EmbeddingInput, existing: set[str], refit: bool, embed: EmbedConfig,
-         configs: StageConfigs, log: Log, progress: bool) -> Bundle:
+         configs: StageConfigs | None, log: Log, progress: bool) -> Bundle:
     record = _addition_record(bundle, source)
     log(f"add: {source.total:,} rows into {bundle.root} after its {len(existing):,} photos")
     backbone = backbone_from_spec(bundle.manifest["backbone"]) if source.photos is not None else None
@@ -284,8 +268,10 @@ def _add(bundle: Bundle, source: EmbeddingInput, existing: set[str], refit: bool
     added = info["ok"] - len(existing)
     log(f"add: {added:,} photos added, {failed:,} failures in all (see {bundle.path(ERRORS_FILE)})")
     lat, lon = _extend_knn(bundle)
-    if refit:
-        run_stages(bundle, configs, STAGES, ("cells", "gallery", "fusion"), log)
+    if refit:  # with the build's recorded settings and skipped stages
+        settings = from_dict(recorded(bundle.manifest))
+        run_stages(bundle, configs or settings.stages, settings.stage_names(STAGES), ("cells", "gallery", "fusion"),
+                   log)
         bundle.manifest.pop("stale", None)
     else:
         _refresh_with_photos(bundle, lat, lon, added)

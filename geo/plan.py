@@ -5,12 +5,16 @@ message, rather than fail after an hour. Each stage's plan names what it will
 build and the memory and disk it needs, from the gallery's size and dimension
 alone; :func:`check` refuses a build whose peak exceeds the memory budget
 (``--memory``, default a safe share of this machine), saying which option to change.
+
+``--memory`` is the one memory option: the FAISS index's budget, which picks Flat / IVF-Flat / IVF-PQ, is
+:func:`index_budget` of it (half: the index is held beside the shards being read, and served beside the
+model) unless a ``--config`` file sets ``knn.ram_budget``; a bundle records the budget it was built with.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from geo.core.sizes import SAFE_SHARE, default_memory, human_bytes, parse_bytes
+from geo.core.sizes import SAFE_SHARE, default_memory, human_bytes, index_budget, parse_bytes
 from geo.stages.cells.partition import default_taus
 from geo.stages.knn import index_candidates, plan_index
 from geo.store.bundle import BundleError
@@ -30,7 +34,7 @@ class StagePlan:
                           *(f"{'':>12}{d}" for d in self.details)])
 
 
-def plan_build(n: int, dim: int, ram_budget: str | int, exact_max: int, gallery_points: int, gallery_rounds: int,
+def plan_build(n: int, dim: int, ram_budget: str | int | None, exact_max: int, gallery_points: int, gallery_rounds: int,
                round_photos: int, fusion_folds: int, single_split_above: int, max_queries: int,
                stages: tuple[str, ...], train_photos: int, flops: float | None = None) -> list[StagePlan]:
     """The plan of every stage for ``n`` embeddings of ``dim`` floats; with ``flops`` (this machine's speed, for
@@ -38,13 +42,13 @@ def plan_build(n: int, dim: int, ram_budget: str | int, exact_max: int, gallery_
     emb = n * dim * 4
     out = [StagePlan("embeddings", f"{n:,} x {dim} float32 in Parquet shards", 64 << 20, emb)]
     if "knn_index" in stages:
-        budget = parse_bytes(ram_budget)
+        budget = index_budget() if ram_budget is None else parse_bytes(ram_budget)
         p = plan_index(n, dim, budget, exact_max)
         details = []
         if flops is not None:
             details.append(f"candidates (times at this machine's {flops / 1e9:.0f} GFLOP/s; query assumes nprobe 16):")
             for c in index_candidates(n, dim, budget, flops):
-                mark = "chosen" if c.factory == p.factory else ("fits" if c.fits else "over --ram-budget")
+                mark = "chosen" if c.factory == p.factory else ("fits" if c.fits else "over the index budget")
                 details.append(f"{c.factory:<22} {human_bytes(c.est_bytes):>9}  build ~{_duration(c.build_s):>7}  "
                                f"query ~{c.query_ms:.2f} ms  {mark}")
         out.append(StagePlan("knn_index", p.describe(), p.est_bytes + (1000 * dim * 4), p.est_bytes, details))
@@ -88,5 +92,5 @@ def check(plans: list[StagePlan], memory: int) -> None:
         raise BundleError(
             f"the {worst.stage} stage needs about {human_bytes(worst.memory)}, more than the memory budget of "
             f"{human_bytes(memory)}: raise --memory (this machine: {human_bytes(default_memory() / SAFE_SHARE)}), "
-            "lower --ram-budget for FAISS, or --skip the trained stages"
+            "or --skip the trained stages"
         )

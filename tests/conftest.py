@@ -68,6 +68,7 @@ def textured():
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "osv5m"
+FAST_BUILD = Path(__file__).resolve().parent / "fast_build.json"  # small shards and batches, two gallery epochs
 
 
 @pytest.fixture(scope="session")
@@ -83,8 +84,8 @@ def cli_bundle(tmp_path_factory) -> tuple[Path, Path]:
     manifest = tmp_path_factory.mktemp("m") / "gallery.csv"
     df.to_csv(manifest, index=False)
     out = tmp_path_factory.mktemp("idx") / "bundle"
-    r = CliRunner().invoke(app, ["build-index", str(manifest), "--out", str(out), "--workers", "0", "--batch-size", "8",
-                                 "--shard-size", "5", "--gallery-epochs", "2", "-q"], catch_exceptions=False)
+    r = CliRunner().invoke(app, ["build-index", str(manifest), "--out", str(out), "--workers", "0", "--config",
+                                 str(FAST_BUILD), "-q"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "66 photos indexed, 0 failed" in r.output
     return manifest, out

@@ -1,6 +1,7 @@
 """Synthetic galleries of precomputed embeddings, and the tiny model said to have made them (for tests)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,4 +46,10 @@ def write_embeddings(df: pd.DataFrame, path: Path) -> Path:
     table = table.append_column("embedding", pa.array([list(map(float, e)) if e is not None else None
                                                         for e in df["embedding"]], pa.list_(pa.float32())))
     pq.write_table(table, path)
+    return path
+
+
+def config_file(path: Path, settings: dict) -> Path:
+    """A `geo build-index --config` file: the tuned constants a fast test build shrinks (shards, epochs)."""
+    path.write_text(json.dumps(settings))
     return path

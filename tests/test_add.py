@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
-from synthetic import synthetic_gallery, write_embeddings
+from synthetic import config_file, synthetic_gallery, write_embeddings
 from typer.testing import CliRunner
 
 from geo.cli import app
@@ -18,7 +18,8 @@ def test_add_then_query_equals_a_fresh_build(tmp_path):
     df = synthetic_gallery(150)
     first, rest = write_embeddings(df.head(100), tmp_path / "first.parquet"), write_embeddings(df.iloc[100:], tmp_path / "rest.parquet")
     everything = write_embeddings(df, tmp_path / "all.parquet")
-    common = ("--backbone", "toy24", "--gallery-epochs", "1", "--shard-size", "40", "-q")
+    config = config_file(tmp_path / "c.json", {"gallery": {"epochs": 1}, "embed": {"shard_rows": 40}})
+    common = ("--backbone", "toy24", "--config", config, "-q")
     grown, fresh = tmp_path / "grown", tmp_path / "fresh"
     assert invoke("build-index", "--embeddings", first, "--out", grown, *common).exit_code == 0
     assert invoke("build-index", "--embeddings", everything, "--out", fresh, "--skip", "cells", "--skip", "gallery",
@@ -52,7 +53,8 @@ def test_duplicate_ids_are_error_rows_and_refit_clears_staleness(tmp_path):
     more = df.iloc[70:].copy()  # ten ids the bundle already has
     extra = write_embeddings(more, tmp_path / "more.parquet")
     out = tmp_path / "b"
-    assert invoke("build-index", "--embeddings", base, "--backbone", "toy24", "--gallery-epochs", "1", "--out", out,
+    assert invoke("build-index", "--embeddings", base, "--backbone", "toy24", "--out", out, "--config",
+                  config_file(tmp_path / "c.json", {"gallery": {"epochs": 1}}),
                   "-q").exit_code == 0
     r = invoke("add", out, "--embeddings", extra, "--refit", "-q")
     assert r.exit_code == 0, r.output

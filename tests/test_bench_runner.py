@@ -169,7 +169,7 @@ def test_cli_im2gps3k_dev_sample_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(geo.cli.bench, "open_index", lambda path, **kw: FakeIndex(truth, shift_deg=3.0))
     r = CliRunner().invoke(_app(), ["bench", "im2gps3k", "--index", str(tmp_path), "--images",
                                     str(DATA / "im2gps3k-dev" / "images"), "--limit", "40", "--no-ci",
-                                    "--no-progress", "--out", str(tmp_path / "p.parquet")])
+                                    "--quiet", "--out", str(tmp_path / "p.parquet")])
     assert r.exit_code == 0, r.output
     assert "im2gps3k_places365.csv" in r.stdout and "scored 40 of 40" in r.stdout
     assert "GeoCLIP" in r.stdout and "NeurIPS 2023" in r.stdout  # published results beside ours

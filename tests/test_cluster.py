@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import config_file
 from typer.testing import CliRunner
 
 from geo.cli import app
@@ -37,8 +38,8 @@ def local_ray():
 
 
 def build(manifest: Path, out: Path, *extra: str) -> None:
-    r = CliRunner().invoke(app, ["build-index", str(manifest), "--out", str(out), "--workers", "0", "--batch-size", "4",
-                                 "--shard-size", str(SHARD), "--skip", "cells", "--skip", "gallery", "--skip", "fusion",
+    r = CliRunner().invoke(app, ["build-index", str(manifest), "--out", str(out), "--workers", "0", "--config",
+                                 str(config_file(out.parent / "c.json", {"embed": {"batch_size": 4, "shard_rows": SHARD}})), "--skip", "cells", "--skip", "gallery", "--skip", "fusion",
                                  "-q", *extra], catch_exceptions=False)
     assert r.exit_code == 0, r.output
 

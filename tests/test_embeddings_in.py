@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from synthetic import DIM, synthetic_gallery, write_embeddings
+from synthetic import DIM, config_file, synthetic_gallery, write_embeddings
 from typer.testing import CliRunner
 
 from geo.cli import app
@@ -29,7 +29,7 @@ def built(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     src = write_embeddings(df, tmp / "gallery.parquet")
     out = tmp / "bundle"
     r = invoke("build-index", "--embeddings", src, "--backbone", "toy24", "--group", "AUTHOR", "--out", out,
-               "--gallery-epochs", "2", "-q")
+               "--config", config_file(tmp / "c.json", {"gallery": {"epochs": 2}}), "-q")
     assert r.exit_code == 0, r.output
     return out, df
 
@@ -142,8 +142,8 @@ def test_interrupted_ingest_resumes_with_the_same_rows(built, tmp_path):
     _, df = built
     src = write_embeddings(df, tmp_path / "gallery.parquet")
     out = tmp_path / "bundle"
-    args = ("build-index", "--embeddings", src, "--backbone", "toy24", "--out", out, "--shard-size", 50,
-            "--skip", "cells", "--skip", "gallery", "--skip", "fusion", "-q")
+    args = ("build-index", "--embeddings", src, "--backbone", "toy24", "--out", out,
+            "--config", config_file(tmp_path / "c.json", {"embed": {"shard_rows": 50}}), "--skip", "cells", "--skip", "gallery", "--skip", "fusion", "-q")
     assert invoke(*args).exit_code == 0
     first = pq.read_table(out / "embeddings" / "part-00001.parquet").to_pandas()
     (out / "embeddings" / "part-00001.json").unlink()  # killed before the second shard's marker
@@ -155,7 +155,7 @@ def test_interrupted_ingest_resumes_with_the_same_rows(built, tmp_path):
     np.testing.assert_array_equal(np.stack(again["embedding"]), np.stack(first["embedding"]))
     assert invoke("info", out, "--verify").exit_code == 0
     other = write_embeddings(df.head(40), tmp_path / "other.parquet")  # another source into the same bundle is refused
-    r = invoke("build-index", "--embeddings", other, "--backbone", "toy24", "--out", out, "--shard-size", 50, "-q")
+    r = invoke("build-index", "--embeddings", other, "--backbone", "toy24", "--out", out, "-q")
     assert r.exit_code == 2 and "different manifest" in r.output
 
 

@@ -15,7 +15,7 @@ from geo.query.index import open_index
 from geo.store.bundle import open_bundle
 from geo.store.embeddings import EmbeddingReader
 
-FLAGS = ["--workers", "0", "--batch-size", "8", "--shard-size", "5", "--gallery-epochs", "2", "-q"]  # as cli_bundle
+FLAGS = ["--workers", "0", "--config", str(Path(__file__).parent / "fast_build.json"), "-q"]  # as cli_bundle
 
 
 def start(manifest: Path, out: Path) -> subprocess.Popen:

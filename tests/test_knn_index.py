@@ -86,7 +86,7 @@ def test_plan_moves_to_pq_then_fails_fast_when_budget_shrinks():
     assert plan_index(n, dim, parse_bytes("16GB")).kind == "ivf_flat"
     pq = plan_index(n, dim, parse_bytes("1GB"))
     assert pq.kind == "ivf_pq" and pq.est_bytes <= parse_bytes("1GB")
-    with pytest.raises(BundleError, match="raise --ram-budget"):
+    with pytest.raises(BundleError, match="raise --memory"):
         plan_index(n, dim, parse_bytes("10MB"))
 
 

@@ -7,7 +7,8 @@ import pytest
 from synthetic import synthetic_gallery
 
 from geo.core.geodesy import haversine_km
-from geo.pipeline import StageConfigs, build_from_embeddings
+from geo.pipeline import build_from_embeddings
+from geo.settings import StageConfigs
 from geo.query.index import open_index
 from geo.stages.fusion.stage import FusionConfig
 from geo.stages.gallery.stage import GalleryConfig

@@ -55,7 +55,7 @@ def test_bench_warns_reports_both_numbers_and_can_exclude(cli_bundle, tmp_path):
     pd.DataFrame(rows, columns=["id", "path", "latitude", "longitude", "owner"]).to_csv(meta, index=False)
     out = tmp_path / "p.parquet"
     base = ["bench", "custom", "--index", str(bundle), "--images", "/", "--meta", str(meta), "--no-ci",
-            "--no-progress"]
+            "--quiet"]
     r = CliRunner().invoke(app, [*base, "--json", "--out", str(out)])
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
@@ -97,7 +97,7 @@ def test_bench_mode_all_embeds_once_and_agrees_with_single_mode_runs(cli_bundle,
     embedded = []
     real_embed = GeoIndex.embed
     monkeypatch.setattr(GeoIndex, "embed", lambda self, images, **kw: embedded.extend(images) or real_embed(self, images, **kw))
-    base = ["bench", "custom", "--index", str(bundle), "--images", "/", "--meta", str(meta), "--no-ci", "--no-progress",
+    base = ["bench", "custom", "--index", str(bundle), "--images", "/", "--meta", str(meta), "--no-ci", "--quiet",
             "--json"]
     every = json.loads(CliRunner().invoke(app, [*base, "--mode", "all", "--out", str(tmp_path / "all.parquet")]).stdout)
     assert sorted(embedded) == sorted(map(str, queries))  # four photos, four embeddings, five modes

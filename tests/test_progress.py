@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from synthetic import config_file
 from typer.testing import CliRunner
 
 from geo.cli import app
@@ -33,7 +34,8 @@ def test_build_shows_fusion_heads_and_gallery_progress_and_quiet_hides_it(tmp_pa
     df["path"] = [str(EXAMPLES / p) for p in df["path"]]
     df["owner"] = [f"o{i % 9}" for i in range(len(df))]
     df.to_csv(tmp_path / "g.csv", index=False)
-    args = ["build-index", str(tmp_path / "g.csv"), "--workers", "0", "--gallery-epochs", "2"]
+    config = config_file(tmp_path / "c.json", {"gallery": {"epochs": 2}})
+    args = ["build-index", str(tmp_path / "g.csv"), "--workers", "0", "--config", str(config)]
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a"), "--verbose"])
     assert r.exit_code == 0, r.output
     for shown in ("fusion folds: 100%", "fold 3/3", "cell heads (early stopping ends sooner)",

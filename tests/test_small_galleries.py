@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from synthetic import config_file
 from typer.testing import CliRunner
 
 from geo.cli import app
@@ -29,7 +30,7 @@ def test_gallery_of_n_photos_builds_and_answers(n, tmp_path):
     df.to_csv(tmp_path / "g.csv", index=False)
     out = tmp_path / "bundle"
     r = CliRunner().invoke(app, ["build-index", str(tmp_path / "g.csv"), "--out", str(out), "--workers", "0",
-                                 "--gallery-epochs", "1"])
+                                 "--config", str(config_file(tmp_path / "c.json", {"gallery": {"epochs": 1}}))])
     assert r.exit_code == 0, r.output
     stages = set(open_bundle(out).manifest["stages"])
     if n < 50:

@@ -18,6 +18,7 @@ app = typer.Typer(
         "Nothing is fetched or uploaded: models and photos stay on this machine."
     ),
     no_args_is_help=True,
+    add_completion=False,  # --install-completion/--show-completion: a one-time setup on every help page
     pretty_exceptions_show_locals=False,
     cls=GeoGroup,
 )

@@ -15,7 +15,7 @@ import pandas as pd
 import typer
 
 from geo.cli.common import fail, print_json
-from geo.eval.leaks import NEAR_DUPLICATE
+from geo.cli.options import Ci, Distance, EmbeddingColumn, Embeddings, Index, Json, Quiet
 from geo.eval.metrics import (
     DISTANCES,
     THRESHOLDS_KM,
@@ -113,23 +113,43 @@ def _scenes(suite: str, meta: Path | None, ids) -> Any:
     return ids.map(dict(zip(rows["query_id"], rows["scene"])))
 
 
+ROLES = ("true_lat", "true_lon", "pred_lat", "pred_lon")
+
+
+def _roles(columns: list[str]) -> dict[str, str | None]:
+    """``--column ROLE=NAME`` options as {role: column name}; a role not given is detected."""
+    out: dict[str, str | None] = dict.fromkeys(ROLES)
+    for c in columns:
+        role, eq, name = c.partition("=")
+        if not eq or role not in ROLES or not name:
+            fail(f"--column takes ROLE=NAME with ROLE one of {', '.join(ROLES)}, not {c!r}")
+        out[role] = name
+    return out
+
+
 def score(
     file: Path = typer.Argument(..., help="CSV or Parquet with truth and predicted coordinates"),
-    true_lat: Optional[str] = typer.Option(None, "--true-lat", help="column of the true latitude (detected if omitted)"),
-    true_lon: Optional[str] = typer.Option(None, "--true-lon"),
-    pred_lat: Optional[str] = typer.Option(None, "--pred-lat"),
-    pred_lon: Optional[str] = typer.Option(None, "--pred-lon"),
-    suite: Optional[str] = typer.Option(None, help="suite the file is from: adds published results and scene labels"),
-    meta: Optional[Path] = typer.Option(None, help="suite metadata CSV for scene labels (default: the suite's)"),
-    distance: str = typer.Option("haversine", help="haversine (R=6371.0 km, as GeoEstimation) or geodesic (WGS84)"),
-    ci: bool = typer.Option(True, "--ci/--no-ci", help="bootstrap 95% intervals (1000 seeded draws)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="also write the rows as a geo predictions Parquet"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    column: List[str] = typer.Option([], "--column", help="ROLE=NAME (repeatable; ROLE one of true_lat, true_lon, "
+                                     "pred_lat, pred_lon): give when a column's name is not one geo recognises."),
+    suite: Optional[str] = typer.Option(None, help="The suite the file answers, when the file does not say: adds "
+                                        "the published results and the scene labels."),
+    meta: Optional[Path] = typer.Option(None, help="The suite's metadata CSV for scene labels, when it is not "
+                                        "the shared copy."),
+    distance: Distance = "haversine",
+    ci: Ci = True,
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the rows as a geo predictions Parquet: for "
+                                       "`geo sql` and `geo report`."),
+    as_json: Json = False,
 ) -> None:
-    """Score any predictions file; GeoEstimation result files have their footer checked."""
+    """Score any predictions file (ours, GeoEstimation's, OSV-5M's); GeoEstimation result files have their
+    footer checked.
+
+    \b
+      geo bench score predictions.parquet
+      geo bench score results.csv --suite im2gps3k --column pred_lat=LAT_PRED --column pred_lon=LON_PRED
+    """
     _check_distance(distance)
-    df, footer = read_scored_file(file, {"true_lat": true_lat, "true_lon": true_lon,
-                                         "pred_lat": pred_lat, "pred_lon": pred_lon})
+    df, footer = read_scored_file(file, _roles(column))
     suite = suite or (df["suite"].dropna().iloc[0] if df["suite"].notna().any() else None)
     if suite and df["scene"].isna().all():
         df["scene"] = _scenes(suite, meta, df["query_id"])
@@ -166,30 +186,30 @@ def _suite_command(name: str) -> Callable[..., None]:
     suite_obj = SUITES[name]
 
     def run(
-        index: Path = typer.Option(..., "--index", help="index bundle directory (geo build-index --out)"),
-        images: Optional[Path] = typer.Option(None, "--images", help="folder with the suite's photos"),
-        embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="custom suite only: precomputed query "
-                                                  "embeddings (Parquet or clip-retrieval output) with their true "
-                                                  "lat/lon, scored instead of photos"),
-        embedding_column: str = typer.Option("embedding", help="column of --embeddings holding the vectors"),
-        meta: Optional[Path] = typer.Option(None, "--meta", help="metadata CSV (default: beside --images, else the shared copy)"),
+        index: Index,
+        images: Optional[Path] = typer.Option(None, "--images", help="Folder with the suite's photos."),
+        embeddings: Embeddings = None,
+        embedding_column: EmbeddingColumn = "embedding",
+        meta: Optional[Path] = typer.Option(None, "--meta", help="The suite's metadata CSV, when it is neither "
+                                            "beside --images nor the shared copy."),
         mode: Optional[str] = typer.Option(None, help="fused | knn | gallery | cells | regression, or all: every "
-                                           "built mode, each photo embedded once (default: the index's best built "
-                                           "mode)"),
-        crops: int = typer.Option(1, help="test-time crops per photo"),
-        limit: Optional[int] = typer.Option(None, help="score only the first N rows of the metadata"),
-        out: Optional[Path] = typer.Option(None, "--out", help="predictions Parquet (an existing one is resumed), "
-                                           "or a GeoJSON FeatureCollection when the name ends in .geojson"),
-        distance: str = typer.Option("haversine", help="haversine (R=6371.0 km) or geodesic (WGS84)"),
-        exclude_leaks: bool = typer.Option(False, "--exclude-leaks", help="score only queries new to the gallery: "
-                                           "leaks (same id, same file, a near-duplicate, or the same photographer "
-                                           "where both sides name one) are always reported, and left out with this"),
-        leak_similarity: float = typer.Option(NEAR_DUPLICATE, help="a query whose nearest gallery photo is at least "
-                                              "this similar counts as a near-duplicate (a leak)"),
-        batch_size: int = typer.Option(32, help="photos per locate() call"),
-        progress: bool = typer.Option(True, "--progress/--no-progress"),
-        ci: bool = typer.Option(True, "--ci/--no-ci", help="bootstrap 95% intervals"),
-        as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+                                           "built mode, each photo embedded once, to compare them (default: the "
+                                           "index's best built mode)."),
+        crops: int = typer.Option(1, help="Test-time crops per photo (1, 3 or 5): 3 or 5 as some published "
+                                  "results do, at 3-5x the time."),
+        limit: Optional[int] = typer.Option(None, help="Score only the first N photos: a quick look before a "
+                                            "full run."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Keep the answers: a predictions Parquet (an "
+                                           "interrupted run resumes from it; `geo sql`/`geo report` read it), or "
+                                           "a GeoJSON FeatureCollection when the name ends in .geojson."),
+        distance: Distance = "haversine",
+        exclude_leaks: bool = typer.Option(False, "--exclude-leaks", help="Score only queries new to the gallery. "
+                                           "Leaks (same id, same file, a near-duplicate, or the same photographer "
+                                           "where both sides name one) are always reported; use this when the "
+                                           "gallery and the suite overlap."),
+        quiet: Quiet = False,
+        ci: Ci = True,
+        as_json: Json = False,
     ) -> None:
         if embeddings is not None and name != "custom":
             fail("--embeddings scores precomputed query embeddings with their own lat/lon: use `geo bench custom`")
@@ -197,28 +217,12 @@ def _suite_command(name: str) -> Callable[..., None]:
             fail("give --images (a folder of the suite's photos) or, for custom, --embeddings: one of the two")
         if out is not None and (inside := bundle_containing(out)) is not None:
             fail(f"--out {out} is inside the bundle {inside}: write the predictions elsewhere")
-        geojson = out is not None and out.suffix.lower() == ".geojson"
-        parquet = None if geojson else out
         _check_distance(distance)
         idx = open_index(index)
-        modes = idx.modes if mode == "all" else [mode]
-        if embeddings is not None:
-            table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]))
-            result = run_embeddings(idx, table, modes=modes, out=parquet, index_id=index_id_of(idx, index))
-        else:
-            result = run_suite(idx, suite_obj, images, meta=meta, modes=modes, crops=crops, limit=limit,
-                               out=parquet, batch_size=batch_size, progress=progress and not as_json,
-                               index_id=index_id_of(idx, index))
-        mark_leaks(idx, result, leak_similarity)
+        result = _bench(idx, index, suite_obj, images, embeddings, embedding_column, meta, mode, crops, limit, out,
+                        progress=not (quiet or as_json))
         scored = {m: result.summary(distance=distance, ci=ci, exclude_leaks=exclude_leaks, mode=m)
                   for m in result.modes}
-        if geojson:
-            write_geojson(out, result.predictions)
-        elif out is not None and result.predictions["leak"].notna().any():  # the file gains the leak column
-            stored = read_predictions(out)
-            stored["leak"] = stored["query_id"].map(dict(zip(result.predictions["query_id"],
-                                                             result.predictions["leak"])))
-            write_predictions(out, stored)
         common = dict(crops=crops, out=str(out) if out else None, published=published_json(name))
         if as_json:
             if mode == "all":
@@ -230,10 +234,8 @@ def _suite_command(name: str) -> Callable[..., None]:
                    f"mode {', '.join(result.modes) or mode}")
         if result.resumed:
             typer.echo(f"resumed: {result.resumed} answers (photo and mode) taken from {out}")
-        if len(scored) == 1:
-            typer.echo(_human(next(iter(scored.values())), name, "this index"))
-        else:
-            typer.echo(_modes_human(scored, name))
+        typer.echo(_human(next(iter(scored.values())), name, "this index") if len(scored) == 1
+                   else _modes_human(scored, name))
         if result.missing:
             typer.echo(f"\n{len(result.missing)} photos of the metadata are not in {images} "
                        f"(e.g. {', '.join(result.missing[:3])}); they are excluded from n and counted as misses "
@@ -241,8 +243,34 @@ def _suite_command(name: str) -> Callable[..., None]:
         if out:
             typer.echo(f"\npredictions: {out}")
 
-    run.__doc__ = f"Benchmark an index on {suite_obj.title}."
+    run.__doc__ = (f"Benchmark an index on {suite_obj.title}.\n\n    \b\n      geo bench {name} --index my-index "
+                   f"--images photos/ --out {name}.parquet\n      geo bench {name} --index my-index --images "
+                   "photos/ --mode all --exclude-leaks")
     return run
+
+
+def _bench(idx: Any, index: Path, suite_obj: Any, images: Path | None, embeddings: Path | None,
+           embedding_column: str, meta: Path | None, mode: str | None, crops: int, limit: int | None,
+           out: Path | None, progress: bool) -> Any:
+    """Answer the suite's photos (or its precomputed embeddings), mark the leaks and keep the answers in ``out``
+    (a predictions Parquet, resumed, which gains the leak column; or GeoJSON)."""
+    geojson = out is not None and out.suffix.lower() == ".geojson"
+    parquet = None if geojson else out
+    modes = idx.modes if mode == "all" else [mode]
+    if embeddings is not None:
+        table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]))
+        result = run_embeddings(idx, table, modes=modes, out=parquet, index_id=index_id_of(idx, index))
+    else:
+        result = run_suite(idx, suite_obj, images, meta=meta, modes=modes, crops=crops, limit=limit, out=parquet,
+                           progress=progress, index_id=index_id_of(idx, index))
+    mark_leaks(idx, result)
+    if geojson:
+        write_geojson(out, result.predictions)
+    elif out is not None and result.predictions["leak"].notna().any():  # the file gains the leak column
+        stored = read_predictions(out)
+        stored["leak"] = stored["query_id"].map(dict(zip(result.predictions["query_id"], result.predictions["leak"])))
+        write_predictions(out, stored)
+    return result
 
 
 # ---------------------------------------------------------------- geo sql / geo report
@@ -250,12 +278,13 @@ def sql(
     query: str = typer.Argument(..., help="SQL over the tables `predictions` and, with --bundle, `errors` and "
                                 "`embeddings`"),
     predictions: List[Path] = typer.Option([], "--predictions", "-p",
-                                           help="predictions Parquet file(s) or folders (repeatable; default "
-                                           "predictions.parquet unless --bundle is given)"),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", help="a bundle: its errors.parquet as `errors`, its "
-                                          "photos' metadata (id, path, lat, lon, extras; no vectors) as `embeddings`"),
-    as_json: bool = typer.Option(False, "--json", help="rows as a JSON list"),
-    as_csv: bool = typer.Option(False, "--csv", help="rows as CSV"),
+                                           help="Predictions Parquet file(s) or folders as `predictions` "
+                                           "(repeatable; default predictions.parquet unless --bundle is given)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="A bundle, to ask why photos failed or where "
+                                          "the gallery is thin: its errors.parquet as `errors`, its photos' "
+                                          "metadata (id, path, lat, lon, extras; no vectors) as `embeddings`."),
+    as_json: Json = False,
+    as_csv: bool = typer.Option(False, "--csv", help="Rows as CSV: for a spreadsheet."),
 ) -> None:
     """Run DuckDB SQL over predictions files and a bundle's errors and photo metadata.
 
@@ -279,13 +308,20 @@ def sql(
 
 
 def report(
-    predictions: List[Path] = typer.Argument(..., help="predictions Parquet file(s)"),
-    out: Path = typer.Option(Path("report"), "--out", help="folder for report.html, PNGs and report.json"),
-    top: int = typer.Option(10, help="best/worst N photos"),
-    ci: bool = typer.Option(True, "--ci/--no-ci"),
-    as_json: bool = typer.Option(False, "--json", help="print the analysis as JSON"),
+    predictions: List[Path] = typer.Argument(..., help="Predictions Parquet file(s): `geo bench --out` or "
+                                             "`geo query --out`."),
+    out: Path = typer.Option(Path("report"), "--out", help="Folder for report.html, the PNGs and report.json: "
+                             "give one per run to keep them apart."),
+    top: int = typer.Option(10, help="How many best and worst photos to show: more to look for a pattern."),
+    ci: Ci = True,
+    as_json: Json = False,
 ) -> None:
-    """Threshold table, scene/country/continent breakdowns, best/worst photos, PNGs and an HTML report."""
+    """Threshold table, scene/country/continent breakdowns, best/worst photos, PNGs and an HTML report.
+
+    \b
+      geo report preds.parquet --out report/            # then open report/report.html
+      geo report shard-*.parquet --json --no-ci         # several files as one run, for scripts
+    """
     a, paths = build_report(predictions, out, top_n=top, ci=ci)
     if as_json:
         print_json(dict(a, files={k: str(v) for k, v in paths.items()}))

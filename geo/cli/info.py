@@ -6,8 +6,11 @@ from pathlib import Path
 import typer
 
 from geo.cli.common import print_json
+from geo.cli.options import Json
 from geo.core.geodesy import THRESHOLDS_KM
+from geo.core.sizes import human_bytes
 from geo.models.backbones import available_backbones
+from geo.settings import non_default, recorded
 from geo.store.bundle import open_bundle
 
 
@@ -35,11 +38,27 @@ def _stage_line(stage: str, info: dict) -> str:
     return f"  {stage}: " + ", ".join(map(str, parts))
 
 
+def _settings_line(record: dict) -> str:
+    if not record:
+        return "  settings: not recorded (built before geo recorded them; a refit uses the defaults)"
+    changed = non_default(record)
+    if isinstance(changed.get("knn.ram_budget"), int):  # derived from --memory: bytes, for people
+        changed["knn.ram_budget"] = human_bytes(changed["knn.ram_budget"])
+    shown = ", ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in changed.items())
+    return f"  settings: {shown or 'the defaults'} (every other setting at its default; --json shows all)"
+
+
 def info_command(index: Path = typer.Argument(..., help="Bundle directory."),
                  verify: bool = typer.Option(False, "--verify", help="Also check every file's sha256 against the "
                                              "manifest (reads the whole bundle; sizes are always checked)."),
-                 as_json: bool = typer.Option(False, "--json", help="The manifest's summary as one JSON object.")) -> None:
-    """Show what a bundle holds (backbone, counts, stages) after checking its files."""
+                 as_json: Json = False) -> None:
+    """Show what a bundle holds (backbone, counts, stages, the settings it was built with) after checking its
+    files. --json prints the settings in the shape `geo build-index --config` reads.
+
+    \b
+      geo info my-index --verify
+      geo info my-index --json | jq .build.settings > settings.json   # then: geo build-index --config settings.json
+    """
     b = open_bundle(index, hashes=verify)
     m = b.summary(sha256_checked=verify)
     checked = f"{len(b.manifest.get('files', {}))} files, " + ("sizes and sha256 verified" if verify else
@@ -55,6 +74,7 @@ def info_command(index: Path = typer.Argument(..., help="Bundle directory."),
     for stage, info in m.get("stages", {}).items():
         if stage != "errors":
             typer.echo(_stage_line(stage, info or {}))
+    typer.echo(_settings_line(recorded(b.manifest)))
     stale = b.manifest.get("stale")
     if stale:
         typer.echo(f"  stale: {', '.join(stale['what'])} were fitted before {stale['photos_added']:,} photos were "

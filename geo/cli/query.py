@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from geo.cli.common import fail, print_json
+from geo.cli.options import Device, EmbeddingColumn, Embeddings, Index, Json
 from geo.core.answer import LOW_EVIDENCE, Answer
 from geo.core.progress import showing
 from geo.data.embedding_table import EmbeddingTable
@@ -46,25 +47,27 @@ def print_human(ans: Answer, top: int = 3) -> None:
 
 def query_command(
     images: Optional[list[str]] = typer.Argument(None, help="Image files, globs or directories."),
-    index: Optional[Path] = typer.Option(None, "--index", "-i", help="Bundle directory built by `geo build-index`."),
-    embeddings: Optional[Path] = typer.Option(None, "--embeddings", help="Precomputed query embeddings instead of "
-                                              "images (Parquet or clip-retrieval output, made by the bundle's "
-                                              "backbone); answers carry each row's id, in input order."),
-    embedding_column: str = typer.Option("embedding", help="Column of --embeddings Parquet holding the vectors."),
-    mode: Optional[str] = typer.Option(None, help="fused (default when built) | knn | gallery | cells | regression"),
-    k: int = typer.Option(50, help="Neighbours retrieved from the image index."),
-    crops: int = typer.Option(1, help="Test-time crops: 1, 3 (along the long side) or 5 (five-crop)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    output: str = typer.Option("text", "--format", help="text (lines for people) | json (one `geo query --json` "
-                               "object per image) | geojson (one FeatureCollection: answers, alternatives, truth)."),
-    as_json: bool = typer.Option(False, "--json", help="Short for --format json."),
-    out: Optional[Path] = typer.Option(None, help="Also write the answers to a file: a predictions Parquet (the "
-                                       "schema of `geo bench --out`), or GeoJSON when the name ends in .geojson."),
-    min_confidence: Optional[float] = typer.Option(None, help="Abstain (no coordinates, abstained=true) when the "
-                                                   "answer's confidence is below this."),
+    index: Index = None,
+    embeddings: Embeddings = None,
+    embedding_column: EmbeddingColumn = "embedding",
+    mode: Optional[str] = typer.Option(None, help="fused (the default when built) | knn | gallery | cells | "
+                                       "regression: one signal alone, to compare them or to see why fused chose."),
+    crops: int = typer.Option(1, help="Test-time crops: 1, 3 (along the long side) or 5 (five-crop). 3 or 5 for "
+                              "panoramas and tall photos, at 3-5x the time."),
+    device: Device = "auto",
+    output: str = typer.Option("text", "--format", help="text (lines for people) | json (one object per image, "
+                               "as --json) | geojson (one FeatureCollection: answers, alternatives, truth) to "
+                               "drop on a map."),
+    as_json: Json = False,
+    out: Optional[Path] = typer.Option(None, help="Also write the answers to a file, for many photos: a "
+                                       "predictions Parquet (`geo sql` and `geo report` read it), or GeoJSON when "
+                                       "the name ends in .geojson."),
+    min_confidence: Optional[float] = typer.Option(None, help="Abstain (no coordinates, abstained=true) below "
+                                                   "this confidence: when a wrong answer costs more than none."),
     server: Optional[str] = typer.Option(None, "--server", help="Ask a running `geo serve` at this URL instead of "
-                                         "loading --index here (no model load: fast for a few photos)."),
-    token: Optional[str] = typer.Option(None, envvar="GEO_TOKEN", help="The server's token, with --server."),
+                                         "loading --index here: no model load, fast for a few photos."),
+    token: Optional[str] = typer.Option(None, envvar="GEO_TOKEN", help="The server's token, with --server (or "
+                                        "GEO_TOKEN, which keeps it out of the process list)."),
 ) -> None:
     """Locate photos (or precomputed embeddings): coordinates, confidence and the neighbour photos behind the answer.
 
@@ -80,8 +83,6 @@ def query_command(
         fail(f"--format must be text, json or geojson, not {output!r}")
     if crops not in (1, 3, 5):
         fail("--crops must be 1, 3 or 5")
-    if k < 1:
-        fail(f"--k must be at least 1, not {k}")
     if bool(images) == (embeddings is not None):
         fail("give image paths or --embeddings PATH: one of the two")
     if (index is None) == (server is None):
@@ -92,7 +93,7 @@ def query_command(
         fail(f"--out {out} is inside the bundle {inside}: write the answers elsewhere")
     truth, answer_mode = None, mode
     if server is not None:
-        answers = locate_remote(server, expand_images(list(images)), token=token, mode=mode, k=k,
+        answers = locate_remote(server, expand_images(list(images)), token=token, mode=mode,
                                 min_confidence=min_confidence, crops=crops)
     else:
         idx = open_index(index, device=device)
@@ -100,10 +101,10 @@ def query_command(
         if embeddings is not None:
             table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
                                    require_coordinates=False)
-            answers, truth = idx.locate_table(table, mode=mode, k=k, min_confidence=min_confidence)
+            answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence)
         else:
             with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
-                answers = idx.locate(list(images), mode=mode, k=k, crops=crops, min_confidence=min_confidence)
+                answers = idx.locate(list(images), mode=mode, crops=crops, min_confidence=min_confidence)
     frame = None
     if out is not None or output == "geojson":
         ids = [a.id for a in answers] if embeddings is not None else None

@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 
 SAFE_SHARE = 0.7  # of the machine's memory: the rest is the OS, the page cache and the model
+# Of the build's memory (--memory), what the FAISS index may take: the kNN stage holds the index while it
+# reads shards beside it, and a server later holds the same index beside the model and the other stages.
+INDEX_SHARE = 0.5
 
 
 def parse_bytes(text: str | int) -> int:
@@ -32,3 +35,9 @@ def default_memory() -> int:
     except (ValueError, OSError, AttributeError):
         total = 8 << 30
     return int(total * SAFE_SHARE)
+
+
+def index_budget(memory: int | None = None) -> int:
+    """The FAISS index's budget (it picks Flat / IVF-Flat / IVF-PQ): a share of the build's ``memory``
+    (default: a safe share of this machine's), so that one ``--memory`` bounds the build and its index."""
+    return int((default_memory() if memory is None else memory) * INDEX_SHARE)

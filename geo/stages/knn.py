@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from geo.core.sizes import default_memory, human_bytes, parse_bytes
+from geo.core.sizes import default_memory, human_bytes, index_budget, parse_bytes
 from geo.store.atomic import atomic_write_faiss, atomic_write_json
 from geo.store.bundle import Bundle, BundleError
 from geo.store.embeddings import EmbeddingReader, shard_pieces
@@ -40,7 +40,9 @@ PQ_BYTES = (128, 96, 64, 48, 32, 16, 8)  # IVF-PQ code sizes, most accurate firs
 
 @dataclass(frozen=True)
 class KnnConfig:
-    ram_budget: str = "8GB"      # memory the index may use: picks Flat / IVF-Flat / IVF-PQ
+    # Memory the index may use (picks Flat / IVF-Flat / IVF-PQ); None: geo.core.sizes.index_budget, a share of
+    # the build's --memory.
+    ram_budget: str | int | None = None
     exact_max: int = 100_000     # largest gallery indexed exactly
     recall_k: int = 10
     recall_target: float = 0.95  # nprobe is the smallest power of two reaching it
@@ -85,8 +87,8 @@ def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> I
             return IndexPlan("ivf_pq", f"{quantizer},PQ{m}", n, dim, nlist, m, est)
     smallest = n * (8 + 8) + centroids
     raise BundleError(
-        f"no FAISS index for {n:,} x {dim} vectors fits the RAM budget of {human_bytes(ram_budget)} "
-        f"(the smallest, {quantizer},PQ8, needs about {human_bytes(smallest)}); raise --ram-budget"
+        f"no FAISS index for {n:,} x {dim} vectors fits the index budget of {human_bytes(ram_budget)} "
+        f"(the smallest, {quantizer},PQ8, needs about {human_bytes(smallest)}); raise --memory"
     )
 
 
@@ -279,7 +281,8 @@ def fit_knn(reader: EmbeddingReader, config: KnnConfig = KnnConfig(), log: Calla
     if n == 0:
         raise BundleError(f"{reader.bundle.root}: no embeddings to index (every input failed; see errors.parquet)")
     dim = next(reader.iter(columns=[], batch_rows=1))[1].shape[1]
-    plan = plan_index(n, dim, parse_bytes(config.ram_budget), config.exact_max)
+    plan = plan_index(n, dim, index_budget() if config.ram_budget is None else parse_bytes(config.ram_budget),
+                      config.exact_max)
     log(f"faiss: {plan.describe()}")
     t0 = time.perf_counter()
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)

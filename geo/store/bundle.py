@@ -136,11 +136,16 @@ class Bundle:
         self.save()
 
     # -- completeness: what the build set out to make, and what of it is committed
-    def begin_build(self, stages: Iterable[str]) -> None:
+    def begin_build(self, stages: Iterable[str], settings: dict[str, Any] | None = None) -> None:
         """Record the stages this build will commit, before it commits any: until each is committed (or
-        recorded as skipped), readers refuse the bundle as unfinished instead of answering with what is there."""
+        recorded as skipped), readers refuse the bundle as unfinished instead of answering with what is there.
+
+        ``settings`` (JSON-able: :func:`geo.settings.build_record`) are how it is built, recorded so that a
+        refit, a forced stage or a resumed build uses them again and ``geo info`` shows them."""
         build = self.manifest.setdefault("build", {})
         build["stages"] = list(dict.fromkeys([*build.get("stages", []), *stages]))
+        if settings is not None:
+            build["settings"] = settings
         build.setdefault("skipped", {})
         build.pop("finished", None)
         self.save()

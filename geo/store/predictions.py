@@ -341,7 +341,7 @@ def read_scored_file(path: str | os.PathLike, columns: Mapping[str, str | None] 
     if need:
         raise PredictionsError(
             f"{path}: cannot find columns for {', '.join(need)} (has {', '.join(map(str, raw.columns))}); "
-            "name them with --true-lat/--true-lon/--pred-lat/--pred-lon"
+            "name them with --column ROLE=NAME (ROLE: true_lat, true_lon, pred_lat, pred_lon)"
         )
     df = pd.DataFrame({ours: raw[theirs].to_numpy() for ours, theirs in cols.items()})
     if "query_id" not in df.columns:

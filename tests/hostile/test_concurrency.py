@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import manifest_of
 
@@ -34,7 +35,7 @@ print(n)
 def _builder(manifest, out) -> list[str]:
     # the fixture's own arguments (so the embeddings resume as complete), forcing the trained stages
     return [sys.executable, "-c", "from geo.cli import app; app()", "build-index", str(manifest), "--out", str(out),
-            "--workers", "0", "--batch-size", "8", "--shard-size", "5", "--gallery-epochs", "2", "-q",
+            "--workers", "0", "--config", str(Path(__file__).parents[1] / "fast_build.json"), "-q",
             "--force", "cells", "--force", "gallery", "--force", "fusion"]
 
 

@@ -79,8 +79,6 @@ def test_an_exif_folder_with_a_symlinked_twin_indexes_it_once(tmp_path, textured
 
 # ---------------------------------------------------------------- arguments and outputs
 @pytest.mark.parametrize("args,words", [
-    (["--k", "0"], "--k must be at least 1"),
-    (["--k", "-1"], "--k must be at least 1"),
     (["--crops", "2"], "--crops must be 1, 3 or 5"),
     (["--mode", "psychic"], "mode 'psychic' is not available"),
     (["--format", "xml"], "--format must be text, json or geojson"),
