@@ -15,6 +15,7 @@ from typing import Any, Optional
 import typer
 
 from geo.cli.common import fail, print_json
+from geo.cli.options import ImageRoot, Quiet
 from geo.core.progress import showing
 from geo.finetune import FinetuneConfig, finetune, read_config
 from geo.store.bundle import bundle_containing
@@ -32,8 +33,7 @@ def finetune_command(
     manifest: Path = typer.Argument(..., help="CSV/Parquet manifest or a folder of GPS-tagged photos (as build-index)."),
     out: Path = typer.Option(..., "--out", help="MODEL_DIR to write. Re-run with the same one to resume an "
                              "interrupted run; use a new one to train with other photos or settings."),
-    image_root: Optional[Path] = typer.Option(None, help="When the manifest's relative image paths start somewhere "
-                                              "other than the manifest's folder (as build-index)."),
+    image_root: ImageRoot = None,
     backbone: Optional[str] = typer.Option(None, help="The network to start from (default efficientnet_lite0; "
                                            "geo backbones lists them): change it to fine-tune a larger one."),
     weights: Optional[Path] = typer.Option(None, help="When a timm:/torchvision: base cannot download its weights: "
@@ -48,7 +48,7 @@ def finetune_command(
                                           "freeze_until, smoothing_km, partitioner, regression_weight, "
                                           "contrastive_weight, augment, patience, ...): a JSON or .toml file of "
                                           "FinetuneConfig fields. Options given here win over it."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines (scripts, CI)."),
+    quiet: Quiet = False,
     as_json: bool = typer.Option(False, "--json", help="Print the model card as JSON at the end (for scripts)."),
 ) -> None:
     """Fine-tune a backbone to tell places apart (cells with haversine label smoothing), validated on

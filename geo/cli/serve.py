@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from geo.cli.common import fail
+from geo.cli.options import Device
 from geo.query.index import open_index
 
 _LOOPBACK_NAMES = ("localhost",)
@@ -33,8 +34,7 @@ def serve_command(
                                         "every route but /healthz (the map page asks for it as a password): set it "
                                         "whenever the host is not loopback. Also read from GEO_TOKEN, which keeps "
                                         "it out of `ps`."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda: change it to keep the model off a GPU that other "
-                               "work needs (cpu), or to fail rather than fall back when the GPU is missing (cuda)."),
+    device: Device = "auto",
     config: Optional[Path] = typer.Option(None, "--config", help="JSON or TOML file of serving limits (batch size, "
                                           "queue, upload and pixel caps, timeouts: the keys are listed in the "
                                           "README, 'Serve it'); change them on a GPU, for large uploads or for slow "
