@@ -17,8 +17,9 @@ What a photo is made of (every part a unit direction times a weight, summed, the
   photo as its anchor, takes its photographer (the real ``AUTHOR``: no clones, so photographers keep
   their real geography and heavy users stay heavy) and lands near it (same spot, elsewhere in town or
   a day trip away). A photo has the burst's place plus a few tens of metres.
-* **Location signal at five scales**: continent, country, region (admin1), city (the nearest
-  GeoNames ``cities1000`` place, through :mod:`geo.data.places`) and spot (an S2 cell of ~600 m).
+* **Location signal at five scales**: continent, country and region (admin1) of the nearest GeoNames
+  ``cities1000`` place (through :mod:`geo.data.places`), city (S2 cells at levels 8, 9 and 10, summed:
+  a metro area, a town, a district) and spot (an S2 cell of ~600 m).
   Each key has a fixed random direction. A photo reveals the scales down to its own finest one
   (a landmark reveals the spot; a street the city; a forest only the region or continent), drawn
   per burst, and its signal has a per-burst strength. Coarse scales have weak directions (no single
@@ -35,7 +36,7 @@ What a photo is made of (every part a unit direction times a weight, summed, the
   photographer-disjoint splits defend against); here queries are by photographers the gallery
   never saw.
 * **Bursts of near-duplicates**: a burst shares its noise; each photo adds a little of its own,
-  so photos of a burst have cosine similarity ~0.97.
+  so photos of a burst have cosine similarity ~0.98.
 
 Calibration targets (photographer-disjoint queries, a gallery of 20-30K photos, default weights;
 measured numbers in benchmarks/RESULTS.md, "A realistic synthetic testbed"):
