@@ -175,8 +175,8 @@ def _indoor_share(base: pd.DataFrame) -> np.ndarray:
 
 
 def place_keys(lat: np.ndarray, lon: np.ndarray) -> dict[str, list[np.ndarray]]:
-    """Each point's keys at every scale (one, or one per S2 level for the city): continent, country code and admin1 of the nearest GeoNames place,
-    then S2 cells for the city and the spot."""
+    """Each point's keys at every scale: continent, country code and admin1 of the nearest GeoNames place,
+    then S2 cells for the city (one key per level of :data:`CITY_LEVELS`) and the spot."""
     places = nearest_places(lat, lon)
     cc = np.array([p.get("cc") or "" for p in places], dtype=object)
     admin1 = np.array([p.get("admin1") or "" for p in places], dtype=object)

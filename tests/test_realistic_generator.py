@@ -52,6 +52,7 @@ def test_same_seed_same_photos_and_another_seed_others(base, photos):
 
 def test_photo_count_unit_norms_and_float32(photos):
     emb = np.stack(photos["embedding"])
+    assert set(realistic.COLUMNS) <= set(photos.columns)
     assert len(photos) == 2000 and emb.dtype == np.float32 and emb.shape[1] == 64
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert photos["id"].is_unique
