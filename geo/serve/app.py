@@ -49,7 +49,7 @@ def create_app(index: Any, limits: ServeLimits = ServeLimits(), token: str | Non
     """The FastAPI app over a :class:`~geo.query.index.GeoIndex` (its backbone is loaded here, once, on the
     model thread: see :mod:`geo.serve.batcher` for why one thread does all torch work); ``token``, when given,
     is required on every route but /healthz."""
-    state = ServeState.open(index, limits, token)
+    state = ServeState.for_index(index, limits, token)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

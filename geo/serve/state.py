@@ -54,7 +54,7 @@ class ServeState:
     inflight: Inflight
 
     @classmethod
-    def open(cls, index: Any, limits: ServeLimits, token: str | None) -> "ServeState":
+    def for_index(cls, index: Any, limits: ServeLimits, token: str | None) -> "ServeState":
         """Everything but the batcher's worker task, which starts with the app (it needs the running loop)."""
         batcher = MicroBatcher(index, limits.max_batch, limits.max_wait_ms, limits.queue_size)
         inflight = Inflight(limits.max_inflight_bytes)
