@@ -40,9 +40,9 @@ from geo.stages.fusion.stage import FusionConfig, FusionModel, SignalStages, fit
 from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, read_index
-from geo.store.atomic import atomic_write_parquet, ensure_free_space
+from geo.store.atomic import atomic_write_parquet, ensure_free_space, restored_on_failure
 from geo.store.bundle import Bundle, BundleError, open_bundle
-from geo.store.embeddings import EmbeddingReader, marker_path, shard_errors, write_shard
+from geo.store.embeddings import EmbeddingReader, drop_unlisted_shards, marker_path, shard_errors, write_shard
 from geo.store.lock import writing
 
 ERRORS_FILE = "errors.parquet"
@@ -279,18 +279,21 @@ def _add(bundle: Bundle, source: EmbeddingInput, existing: set[str], refit: bool
     record = _addition_record(bundle, source)
     log(f"add: {source.total:,} rows into {bundle.root} after its {len(existing):,} photos")
     backbone = backbone_from_spec(bundle.manifest["backbone"]) if source.photos is not None else None
-    info, failed = _embed_input(bundle, source, LOCAL, backbone, embed, progress, record["first_shard"], existing,
-                                rows_before=record["manifest_rows_before"])
-    added = info["ok"] - len(existing)
-    log(f"add: {added:,} photos added, {failed:,} failures in all (see {bundle.path(ERRORS_FILE)})")
-    lat, lon = _extend_knn(bundle)
-    if refit:
-        run_stages(bundle, configs, STAGES, ("cells", "gallery", "fusion"), log)
-        bundle.manifest.pop("stale", None)
-    else:
-        _refresh_with_photos(bundle, lat, lon, added)
-    record["done"] = True
-    bundle.save()
+    # the files rewritten in place come back, and the manifest is not written, unless the whole addition succeeds:
+    # its shards reach readers in the one commit at the end (a re-run of a failed one resumes from its shards)
+    rewritten = [rel for rel in bundle.manifest["files"] if not rel.startswith(STAGE_FOLDERS["embeddings"])]
+    with restored_on_failure(bundle.root, rewritten), bundle.one_commit():
+        info, failed = _embed_input(bundle, source, LOCAL, backbone, embed, progress, record["first_shard"],
+                                    existing, rows_before=record["manifest_rows_before"])
+        added = info["ok"] - len(existing)
+        log(f"add: {added:,} photos added, {failed:,} failures in all (see {bundle.path(ERRORS_FILE)})")
+        lat, lon = _extend_knn(bundle)
+        if refit:
+            run_stages(bundle, configs, STAGES, ("cells", "gallery", "fusion"), log)
+            bundle.manifest.pop("stale", None)
+        else:
+            _refresh_with_photos(bundle, lat, lon, added)
+        record["done"] = True
     return bundle
 
 
@@ -301,7 +304,9 @@ def _addition_record(bundle: Bundle, source: EmbeddingInput) -> dict[str, Any]:
     record = next((a for a in additions if a["fingerprint"] == source.fingerprint), None)
     if record is not None and record.get("done"):
         raise BundleError(f"{bundle.root}: this input was already added on {record['started']}; nothing to do")
-    if record is None:
+    if record is None:  # a new input: an unfinished addition of another is abandoned, with its shards
+        bundle.manifest["additions"] = additions = [a for a in additions if a.get("done")]
+        drop_unlisted_shards(bundle)
         record = {"fingerprint": source.fingerprint, "first_shard": len(EmbeddingReader(bundle).shards),
                   "rows": source.total, "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   "manifest_rows_before": bundle.manifest.get("counts", {}).get("manifest_rows", 0), "done": False}

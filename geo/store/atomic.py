@@ -13,7 +13,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -107,6 +108,45 @@ def atomic_save_figure(path: str | os.PathLike, fig) -> Path:
     """A matplotlib figure, in the format its final name's suffix says (the temp file's name has none)."""
     fmt = Path(path).suffix.lstrip(".") or None
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
+
+
+ROLLBACK_DIR = ".geo-rollback"
+
+
+@contextmanager
+def restored_on_failure(root: str | os.PathLike, rels: Iterable[str]) -> Iterator[None]:
+    """The files ``rels`` (relative to ``root``) come back as they are now if the block raises (or if the process
+    dies in it: the next call restores them before anything else).
+
+    Each is hard-linked (copied where a link is impossible) under ``root/.geo-rollback/`` first; every geo
+    write replaces a file instead of writing into it, so the link keeps the old content whatever the block
+    writes. ``geo add`` holds the files it rewrites this way until its one commit of the manifest.
+    """
+    root = Path(root)
+    keep = root / ROLLBACK_DIR
+    _restore(root, keep)  # a killed run's files, before this one's
+    for rel in rels:
+        if (root / rel).is_file():
+            (keep / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(root / rel, keep / rel)
+            except OSError:
+                shutil.copy2(root / rel, keep / rel)
+    try:
+        yield
+    except BaseException:
+        _restore(root, keep)
+        raise
+    shutil.rmtree(keep, ignore_errors=True)
+
+
+def _restore(root: Path, keep: Path) -> None:
+    """Every file kept under ``keep`` back to its place under ``root``, then ``keep`` removed."""
+    if not keep.is_dir():
+        return
+    for f in sorted(p for p in keep.rglob("*") if p.is_file()):
+        os.replace(f, root / f.relative_to(keep))
+    shutil.rmtree(keep, ignore_errors=True)
 
 
 def json_default(o: Any) -> Any:

@@ -21,12 +21,14 @@ the full sha256 check runs at build and in ``geo info --verify``.
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from geo.core.files import NO_CAP, FileRefused, printable, read_capped, regular_size
 from geo.store.atomic import atomic_write_json, sha256_file
@@ -77,6 +79,7 @@ class Bundle:
     def __init__(self, root: str | os.PathLike, manifest: dict[str, Any]):
         self.root = Path(root).absolute()  # stage files are registered relative to it
         self.manifest = manifest
+        self._held = False  # inside one_commit: saves wait for its end
 
     # -- creation / opening
     @classmethod
@@ -109,8 +112,26 @@ class Bundle:
         return b
 
     def save(self) -> None:
+        if self._held:
+            return
         self.manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    @contextmanager
+    def one_commit(self) -> Iterator["Bundle"]:
+        """Every commit and save inside the block reaches ``manifest.json`` as one atomic rewrite at its end, so
+        readers see all of it or none; if the block raises, nothing is written and the manifest in memory is
+        what it was before (``geo add``: new shards are read by nobody until the addition is whole)."""
+        before, self._held = copy.deepcopy(self.manifest), True
+        try:
+            yield self
+            self._held = False
+            self.save()
+        except BaseException:
+            self.manifest = before
+            raise
+        finally:
+            self._held = False
 
     def path(self, rel: str) -> Path:
         return self.root / rel
