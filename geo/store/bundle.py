@@ -244,6 +244,7 @@ def _check_format(manifest: Any, mpath: Path) -> dict[str, Any]:
     bad = [k for k, v in manifest.get("stages", {}).items() if not isinstance(v, dict)]
     if bad:
         raise BundleError(f"{mpath}: the record of stage {bad[0]!r} is not a JSON object")
+    _check_files(manifest.get("files", {}), mpath)
     ok, embedded = manifest.get("counts", {}).get("ok"), manifest.get("stages", {}).get("embeddings", {}).get("ok")
     if ok is not None and embedded is not None and ok != embedded:
         raise BundleError(f"{mpath}: counts.ok is {ok} but the embeddings stage recorded {embedded} photos "
@@ -253,6 +254,30 @@ def _check_format(manifest: Any, mpath: Path) -> dict[str, Any]:
             f"{mpath}: bundle format {v} is newer than this geo understands ({FORMAT_VERSION}); upgrade geo"
         )
     return manifest
+
+
+_SHA256 = frozenset("0123456789abcdef")
+
+
+def _check_files(files: dict[str, Any], mpath: Path) -> None:
+    """Every ``files`` entry names a file inside the bundle (a relative path without ``..``, not a symlink that
+    leads out) and records its ``bytes`` and ``sha256``: a manifest cannot make geo read, or vouch for, a file
+    elsewhere (``/etc/passwd`` with its real hash passed ``geo info --verify``)."""
+    root = mpath.parent.resolve()
+    for rel, meta in files.items():
+        where = f"{mpath}: files entry {printable(rel)!r}"
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or rel != Path(rel).as_posix():
+            raise BundleError(f"{where} is not a relative path inside the bundle")
+        if not isinstance(meta, dict):
+            raise BundleError(f"{where} is not a JSON object with bytes and sha256")
+        size, sha = meta.get("bytes"), meta.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BundleError(f"{where} has no valid bytes ({size!r})")
+        if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= _SHA256:
+            raise BundleError(f"{where} has no valid sha256 ({printable(str(sha))[:80]!r})")
+        if not (root / rel).resolve().is_relative_to(root):
+            raise BundleError(f"{where} leads outside the bundle (a symlink to {(root / rel).resolve()})")
 
 
 def bundle_containing(path: str | os.PathLike) -> Path | None:
