@@ -166,3 +166,24 @@ def test_a_listed_file_that_is_a_symlink_out_of_the_bundle_is_refused(bundle, tm
     (bundle / rel).symlink_to(outside)
     one_line_error(cli("info", bundle, "--verify", timeout=30), rel, "leads outside the bundle")
     one_line_error(cli("query", photo(3), "--index", bundle, timeout=30), rel, "leads outside the bundle")
+
+
+# ---------------------------------------------------------------- stage files of the wrong shape (issue 27 #9)
+@pytest.mark.parametrize("rel,edit,field", [
+    ("fusion/fusion.json", lambda d: {"weights": "x"}, "'params' is missing"),
+    ("fusion/fusion.json", lambda d: {**d, "params": {**d["params"], "signals": {"knn": {"weight": "x"}}}},
+     "'params.signals.knn.weight' is str 'x', not a finite number"),
+    ("fusion/fusion.json", lambda d: {**d, "params": {**d["params"], "duplicate_similarity": float("nan")}},
+     "'params.duplicate_similarity'"),
+    ("fusion/fusion.json", lambda d: [1, 2], "'(top level)' is list"),
+    ("heads/heads.json", lambda d: {**d, "model": {**d["model"], "n_classes": "many"}}, "'model.n_classes' is str"),
+    ("heads/heads.json", lambda d: {**d, "calibration": {"alpha": 1.0}}, "'calibration.temperature' is missing"),
+    ("gallery/gallery.json", lambda d: {**d, "n_points": "lots"}, "'n_points' is str"),
+    ("gallery/gallery.json", lambda d: {**d, "sources": {"photo": None}}, "'sources.photo' is NoneType"),
+])
+def test_a_stage_file_of_the_wrong_shape_is_refused_naming_the_file_and_field(bundle, rel, edit, field):
+    """Why #9: a garbage fusion.json (sha updated) was accepted and answered as before."""
+    data = json.loads((bundle / rel).read_text())
+    (bundle / rel).write_text(json.dumps(edit(data)))
+    rehash(bundle, rel)
+    one_line_error(cli("query", photo(3), "--index", bundle), rel, "field " + field)
