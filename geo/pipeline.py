@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from geo.core.files import NO_CAP, FileRefused, regular_size
 from geo.core.runtime import matmul_flops
 from geo.core.sizes import human_bytes
 from geo.core.splits import group_column, training_rows, validation_mask
@@ -37,7 +38,7 @@ from geo.stages.cells.stage import CellsConfig, fit_cells
 from geo.stages.cells.stage import with_photos as cells_with_photos
 from geo.stages.embed import EmbedConfig, check_plan, ingest_embeddings, manifest_fingerprint
 from geo.stages.fusion.stage import FusionConfig, FusionModel, SignalStages, fit_fusion, fit_fusion_on_built
-from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
+from geo.stages.gallery.stage import GEOCLIP_GALLERY, GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, read_index
 from geo.store.atomic import atomic_write_parquet, ensure_free_space, restored_on_failure
@@ -49,6 +50,8 @@ ERRORS_FILE = "errors.parquet"
 # Below this many photos, cell heads, a location encoder and fusion weights would be fitted to noise;
 # such bundles answer by kNN alone and say so.
 MIN_TRAINED_PHOTOS = 50
+GEOCLIP_GALLERY_POINTS = 100_000  # the rows of GeoCLIP's gps_gallery_100K.csv
+GPS_LINE_BYTES = 20
 # The held-out photographers every trained stage shares (heads, location encoder, large galleries' fusion).
 VAL_FRACTION, SPLIT_SEED = 0.2, 0
 STAGES = ("embeddings", "knn_index", "cells", "gallery", "fusion")
@@ -362,7 +365,24 @@ def plan_stages(cfg: BuildConfig, n: int, dim: int, flops: float | None = None) 
     c = cfg.stage_configs
     return plan_build(n, dim, c.knn.ram_budget, c.knn.exact_max, c.gallery.max_points, c.gallery.epochs,
                       c.gallery.round_photos, c.fusion.folds, c.fusion.single_split_above, c.fusion.max_queries,
-                      cfg.stages, c.train_photos, flops)
+                      cfg.stages, c.train_photos, flops, _gps_gallery_points(cfg))
+
+
+def _gps_gallery_points(cfg: BuildConfig) -> int:
+    """How many points the GPS gallery adds to the photos' places: GeoCLIP's 100K (its default for a GeoCLIP
+    backbone), a --gps-gallery file's rows (estimated from its size: a "lat,lon" line is about 20 bytes), or
+    none."""
+    gps = cfg.stage_configs.gallery.gps_gallery
+    if gps is None and "gallery" in cfg.stages and cfg.backbone.lower().startswith("geoclip"):
+        gps = GEOCLIP_GALLERY
+    if gps is None:
+        return 0
+    if str(gps) == GEOCLIP_GALLERY:
+        return GEOCLIP_GALLERY_POINTS
+    try:
+        return regular_size(gps, cap=NO_CAP) // GPS_LINE_BYTES
+    except (FileRefused, OSError):
+        return 0  # the stage names the file and what is wrong with it when it starts
 
 
 def dry_run(cfg: BuildConfig, log: Log = print) -> list[StagePlan]:

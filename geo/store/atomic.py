@@ -68,11 +68,24 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
         writer(tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if disk_full(e):  # whatever the writer raised (safetensors, FAISS, Arrow), one error naming the file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
     return path
+
+
+_DISK_FULL_WORDS = ("No space left on device", "StorageFull", "os error 28")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk is full: an ENOSPC OSError, or a library's own error wrapping one (safetensors
+    raises SafetensorError "IoError(Os { code: 28, kind: StorageFull, ... })", FAISS a RuntimeError)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return isinstance(e, Exception) and any(w in str(e) for w in _DISK_FULL_WORDS)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
