@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from geo.core.files import NO_CAP, FileRefused, regular_size
+from geo.core.files import NO_CAP, FileRefused, on_disk, read_capped, regular_size
 from geo.core.runtime import matmul_flops
 from geo.core.sizes import human_bytes
 from geo.core.splits import group_column, training_rows, validation_mask
@@ -274,7 +275,40 @@ def _addition_input(bundle: Bundle, manifest: str | None, embeddings: str | None
     if new_rows.empty:
         raise ManifestError(f"{man.source}: nothing to add: {int(dup.sum()):,} rows are already in the bundle "
                             f"and {len(man.errors):,} were rejected; the bundle is unchanged")
+    twins = _same_content(new_rows, EmbeddingReader(bundle).read_meta(["id", "path"]))
+    if twins:
+        shown = "; ".join(f"{new!r} is the photo indexed as {old!r}" for new, old in twins[:3])
+        raise ManifestError(f"{man.source}: {len(twins):,} photos are already in the bundle under another id "
+                            f"({shown}{'; ...' if len(twins) > 3 else ''}); remove them from the input and re-run "
+                            "(the bundle is unchanged)")
     return EmbeddingInput.of_photos(new_rows, rejected, len(man.df) + len(man.errors))
+
+
+def _same_content(new: pd.DataFrame, indexed: pd.DataFrame) -> list[tuple[str, str]]:
+    """(new id, indexed id) for each new photo whose file holds the bytes of a photo the bundle indexed (found by
+    sha256; only files of a size in common are read). Indexed photos no longer on disk cannot be compared."""
+    def sizes(paths: pd.Series) -> pd.Series:
+        def size(p: str) -> int:
+            try:
+                return regular_size(on_disk(p))
+            except (FileRefused, OSError):
+                return -1
+        return pd.Series([size(p) for p in paths], index=paths.index)
+
+    def digest(p: str) -> str | None:
+        try:
+            return hashlib.sha256(read_capped(on_disk(p))).hexdigest()
+        except (FileRefused, OSError):
+            return None
+
+    new_size, old_size = sizes(new["path"]), sizes(indexed["path"])
+    common = set(new_size[new_size >= 0]) & set(old_size[old_size >= 0])
+    if not common:
+        return []
+    old_hash = {h: i for i, p in zip(indexed["id"][old_size.isin(common)], indexed["path"][old_size.isin(common)])
+                if (h := digest(p)) is not None}
+    return [(str(i), str(old_hash[h])) for i, p in zip(new["id"][new_size.isin(common)], new["path"][new_size.isin(common)])
+            if (h := digest(p)) in old_hash]
 
 
 def _add(bundle: Bundle, source: EmbeddingInput, existing: set[str], refit: bool, embed: EmbedConfig,

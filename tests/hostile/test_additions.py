@@ -124,3 +124,24 @@ def test_an_abandoned_addition_s_shards_are_not_taken_by_the_next(bundle, tmp_pa
     assert r.exit_code == 0, r.output
     ids = list(geo.open_index(bundle).knn.ids)
     assert len(ids) == 67 and "solo.jpg" in ids and "new0.jpg" not in ids
+
+
+def test_a_photo_already_indexed_under_another_id_is_refused_naming_both(bundle, tmp_path):
+    """Finding 10: the same files under new ids were indexed twice (caught within one manifest only)."""
+    import shutil
+
+    import pandas as pd
+
+    gallery = pd.read_csv(photo(0).parents[1] / "gallery.csv", dtype={"id": str})
+    old_id = gallery.loc[gallery["path"] == f"gallery/{photo(0).name}", "id"].item()
+    shutil.copy(photo(0), tmp_path / "renamed.jpg")
+    shutil.copy(photo(1), tmp_path / "other.jpg")
+    (tmp_path / "other.jpg").write_bytes((tmp_path / "other.jpg").read_bytes() + b"\0")  # same size class, new bytes
+    m = tmp_path / "more.csv"
+    m.write_text(f"id,path,lat,lon\nfresh-1,{tmp_path / 'renamed.jpg'},1,2\nfresh-2,{tmp_path / 'other.jpg'},3,4\n")
+    before = manifest_of(bundle)
+    r = cli("add", bundle, m, "-q")
+    one_line_error(r, "1 photos are already in the bundle under another id",
+                   f"'fresh-1' is the photo indexed as '{old_id}'")
+    assert "fresh-2" not in r.output
+    assert manifest_of(bundle) == before
