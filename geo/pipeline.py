@@ -42,7 +42,7 @@ from geo.stages.fusion.stage import FusionConfig, FusionModel, SignalStages, fit
 from geo.stages.gallery.stage import GEOCLIP_GALLERY, GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnConfig, KnnIndex, fit_knn, read_index
-from geo.store.atomic import atomic_write_parquet, ensure_free_space, restored_on_failure
+from geo.store.atomic import atomic_write_parquet, ensure_free_space, restore_interrupted, restored_on_failure
 from geo.store.bundle import Bundle, BundleError, open_bundle
 from geo.store.embeddings import EmbeddingReader, drop_unlisted_shards, marker_path, shard_errors, write_shard
 from geo.store.lock import writing
@@ -253,8 +253,9 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
     """
     if (manifest is None) == (embeddings is None):
         raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
-    open_bundle(root)  # refused before the lock when it is no bundle at all
+    open_bundle(root, verify=False)  # refused before the lock when it is no bundle at all
     with writing(root, log):
+        restore_interrupted(root)  # a killed addition's rewritten files, before the sizes are checked
         bundle = open_bundle(root)
         bundle.stage("knn_index")
         existing = set(EmbeddingReader(bundle).read_meta(["id"])["id"].astype(str))

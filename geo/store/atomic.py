@@ -137,7 +137,7 @@ def restored_on_failure(root: str | os.PathLike, rels: Iterable[str]) -> Iterato
     """
     root = Path(root)
     keep = root / ROLLBACK_DIR
-    _restore(root, keep)  # a killed run's files, before this one's
+    restore_interrupted(root)  # a killed run's files, before this one's
     for rel in rels:
         if (root / rel).is_file():
             (keep / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +151,11 @@ def restored_on_failure(root: str | os.PathLike, rels: Iterable[str]) -> Iterato
         _restore(root, keep)
         raise
     shutil.rmtree(keep, ignore_errors=True)
+
+
+def restore_interrupted(root: str | os.PathLike) -> None:
+    """Put back the files a killed :func:`restored_on_failure` block kept (none: nothing happens)."""
+    _restore(Path(root), Path(root) / ROLLBACK_DIR)
 
 
 def _restore(root: Path, keep: Path) -> None:

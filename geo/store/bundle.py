@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from geo.core.files import NO_CAP, FileRefused, printable, read_capped, regular_size
-from geo.store.atomic import atomic_write_json, sha256_file
+from geo.store.atomic import ROLLBACK_DIR, atomic_write_json, sha256_file
 from geo.store.lock import LOCK_FILE
 
 # manifest.json of a 5M-photo bundle is a few MB; nothing geo writes as JSON comes near this
@@ -39,6 +39,8 @@ JSON_MAX_BYTES = 256 << 20
 FORMAT_NAME = "geo-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+INTERRUPTED_ADD = ("; a `geo add` was killed while rewriting it: re-run that `geo add` (it puts the bundle's files "
+                   "back first, then resumes)")
 
 
 class BundleError(RuntimeError):
@@ -226,7 +228,8 @@ class Bundle:
             except FileRefused as e:
                 raise BundleError(f"{p}: {e.reason}; {MANIFEST} says {meta['bytes']} bytes") from None
             if size != meta["bytes"]:
-                raise BundleError(f"{p}: {size} bytes, {MANIFEST} says {meta['bytes']} (truncated or altered)")
+                raise BundleError(f"{p}: {size} bytes, {MANIFEST} says {meta['bytes']} (truncated or altered)"
+                                  + (INTERRUPTED_ADD if (self.root / ROLLBACK_DIR / rel).exists() else ""))
             if hashes and sha256_file(p) != meta["sha256"]:
                 raise BundleError(f"{p}: sha256 does not match {MANIFEST} (file altered since the build)")
         return len(self.manifest.get("files", {}))

@@ -65,7 +65,7 @@ def to_table(rows: pd.DataFrame, emb: np.ndarray, like: pa.Schema | None = None)
     its rows came from a CSV, Parquet, an EXIF folder or precomputed embeddings."""
     table = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
     table = table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_large_string(f.type) else f
-                                  for f in table.schema]))
+                                  for f in table.schema], metadata=table.schema.metadata))
     if like is not None:
         table = _conform(table, like)
     flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1))

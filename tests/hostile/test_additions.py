@@ -145,3 +145,20 @@ def test_a_photo_already_indexed_under_another_id_is_refused_naming_both(bundle,
                    f"'fresh-1' is the photo indexed as '{old_id}'")
     assert "fresh-2" not in r.output
     assert manifest_of(bundle) == before
+
+
+def test_an_addition_killed_mid_way_is_named_and_put_back_by_its_re_run(bundle, tmp_path, textured, monkeypatch):
+    """kill -9 after the kNN index was rewritten: no handler runs, so the files kept aside stay there; readers
+    say what happened, and the re-run puts the files back, then completes."""
+    import geo.store.atomic as atomic
+
+    folder = _exif_folder(tmp_path, textured)
+    with monkeypatch.context() as m:
+        _fail_after_the_index(m)
+        m.setattr(atomic, "_restore", lambda root, keep: None)  # as if killed: nothing is put back
+        assert cli("add", bundle, folder, "-q").exit_code != 0
+    assert (bundle / ".geo-rollback" / "index" / "knn.faiss").exists()
+    one_line_error(cli("query", photo(3), "--index", bundle), "knn.faiss", "re-run that `geo add`")
+    r = cli("add", bundle, folder, "-q")
+    assert r.exit_code == 0 and "69 photos indexed" in r.output, r.output
+    assert cli("info", bundle, "--verify").exit_code == 0 and not (bundle / ".geo-rollback").exists()
