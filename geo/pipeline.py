@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from geo.core.files import NO_CAP, FileRefused, on_disk, read_capped, regular_size
 from geo.core.runtime import matmul_flops
 from geo.core.sizes import human_bytes
 from geo.core.splits import group_column, training_rows, validation_mask
@@ -38,18 +40,20 @@ from geo.stages.cells.stage import fit_cells
 from geo.stages.cells.stage import with_photos as cells_with_photos
 from geo.stages.embed import EmbedConfig, check_plan, ingest_embeddings, manifest_fingerprint
 from geo.stages.fusion.stage import FusionModel, SignalStages, fit_fusion, fit_fusion_on_built
-from geo.stages.gallery.stage import GpsGallery, fit_gallery
+from geo.stages.gallery.stage import GEOCLIP_GALLERY, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnIndex, fit_knn, read_index
-from geo.store.atomic import atomic_write_parquet, ensure_free_space
+from geo.store.atomic import atomic_write_parquet, ensure_free_space, restore_interrupted, restored_on_failure
 from geo.store.bundle import Bundle, BundleError, open_bundle
-from geo.store.embeddings import EmbeddingReader, marker_path, shard_errors, write_shard
+from geo.store.embeddings import EmbeddingReader, drop_unlisted_shards, marker_path, shard_errors, write_shard
 from geo.store.lock import writing
 
 ERRORS_FILE = "errors.parquet"
 # Below this many photos, cell heads, a location encoder and fusion weights would be fitted to noise;
 # such bundles answer by kNN alone and say so.
 MIN_TRAINED_PHOTOS = 50
+GEOCLIP_GALLERY_POINTS = 100_000  # the rows of GeoCLIP's gps_gallery_100K.csv
+GPS_LINE_BYTES = 20
 # The held-out photographers every trained stage shares (heads, location encoder, large galleries' fusion).
 VAL_FRACTION, SPLIT_SEED = 0.2, 0
 STAGES = ("embeddings", "knn_index", "cells", "gallery", "fusion")
@@ -233,8 +237,9 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
     """
     if (manifest is None) == (embeddings is None):
         raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
-    open_bundle(root)  # refused before the lock when it is no bundle at all
+    open_bundle(root, verify=False)  # refused before the lock when it is no bundle at all
     with writing(root, log):
+        restore_interrupted(root)  # a killed addition's rewritten files, before the sizes are checked
         bundle = open_bundle(root)
         bundle.stage("knn_index")
         existing = set(EmbeddingReader(bundle).read_meta(["id"])["id"].astype(str))
@@ -255,7 +260,40 @@ def _addition_input(bundle: Bundle, manifest: str | None, embeddings: str | None
     if new_rows.empty:
         raise ManifestError(f"{man.source}: nothing to add: {int(dup.sum()):,} rows are already in the bundle "
                             f"and {len(man.errors):,} were rejected; the bundle is unchanged")
+    twins = _same_content(new_rows, EmbeddingReader(bundle).read_meta(["id", "path"]))
+    if twins:
+        shown = "; ".join(f"{new!r} is the photo indexed as {old!r}" for new, old in twins[:3])
+        raise ManifestError(f"{man.source}: {len(twins):,} photos are already in the bundle under another id "
+                            f"({shown}{'; ...' if len(twins) > 3 else ''}); remove them from the input and re-run "
+                            "(the bundle is unchanged)")
     return EmbeddingInput.of_photos(new_rows, rejected, len(man.df) + len(man.errors))
+
+
+def _same_content(new: pd.DataFrame, indexed: pd.DataFrame) -> list[tuple[str, str]]:
+    """(new id, indexed id) for each new photo whose file holds the bytes of a photo the bundle indexed (found by
+    sha256; only files of a size in common are read). Indexed photos no longer on disk cannot be compared."""
+    def sizes(paths: pd.Series) -> pd.Series:
+        def size(p: str) -> int:
+            try:
+                return regular_size(on_disk(p))
+            except (FileRefused, OSError):
+                return -1
+        return pd.Series([size(p) for p in paths], index=paths.index)
+
+    def digest(p: str) -> str | None:
+        try:
+            return hashlib.sha256(read_capped(on_disk(p))).hexdigest()
+        except (FileRefused, OSError):
+            return None
+
+    new_size, old_size = sizes(new["path"]), sizes(indexed["path"])
+    common = set(new_size[new_size >= 0]) & set(old_size[old_size >= 0])
+    if not common:
+        return []
+    old_hash = {h: i for i, p in zip(indexed["id"][old_size.isin(common)], indexed["path"][old_size.isin(common)])
+                if (h := digest(p)) is not None}
+    return [(str(i), str(old_hash[h])) for i, p in zip(new["id"][new_size.isin(common)], new["path"][new_size.isin(common)])
+            if (h := digest(p)) in old_hash]
 
 
 def _add(bundle: Bundle, source: EmbeddingInput, existing: set[str], refit: bool, embed: EmbedConfig,
@@ -263,20 +301,23 @@ def _add(bundle: Bundle, source: EmbeddingInput, existing: set[str], refit: bool
     record = _addition_record(bundle, source)
     log(f"add: {source.total:,} rows into {bundle.root} after its {len(existing):,} photos")
     backbone = backbone_from_spec(bundle.manifest["backbone"]) if source.photos is not None else None
-    info, failed = _embed_input(bundle, source, LOCAL, backbone, embed, progress, record["first_shard"], existing,
-                                rows_before=record["manifest_rows_before"])
-    added = info["ok"] - len(existing)
-    log(f"add: {added:,} photos added, {failed:,} failures in all (see {bundle.path(ERRORS_FILE)})")
-    lat, lon = _extend_knn(bundle)
-    if refit:  # with the build's recorded settings and skipped stages
-        settings = from_dict(recorded(bundle.manifest))
-        run_stages(bundle, configs or settings.stages, settings.stage_names(STAGES), ("cells", "gallery", "fusion"),
-                   log)
-        bundle.manifest.pop("stale", None)
-    else:
-        _refresh_with_photos(bundle, lat, lon, added)
-    record["done"] = True
-    bundle.save()
+    # the files rewritten in place come back, and the manifest is not written, unless the whole addition succeeds:
+    # its shards reach readers in the one commit at the end (a re-run of a failed one resumes from its shards)
+    rewritten = [rel for rel in bundle.manifest["files"] if not rel.startswith(STAGE_FOLDERS["embeddings"])]
+    with restored_on_failure(bundle.root, rewritten), bundle.one_commit():
+        info, failed = _embed_input(bundle, source, LOCAL, backbone, embed, progress, record["first_shard"],
+                                    existing, rows_before=record["manifest_rows_before"])
+        added = info["ok"] - len(existing)
+        log(f"add: {added:,} photos added, {failed:,} failures in all (see {bundle.path(ERRORS_FILE)})")
+        lat, lon = _extend_knn(bundle)
+        if refit:  # with the build's recorded settings and skipped stages
+            settings = from_dict(recorded(bundle.manifest))
+            run_stages(bundle, configs or settings.stages, settings.stage_names(STAGES),
+                       ("cells", "gallery", "fusion"), log)
+            bundle.manifest.pop("stale", None)
+        else:
+            _refresh_with_photos(bundle, lat, lon, added)
+        record["done"] = True
     return bundle
 
 
@@ -287,7 +328,9 @@ def _addition_record(bundle: Bundle, source: EmbeddingInput) -> dict[str, Any]:
     record = next((a for a in additions if a["fingerprint"] == source.fingerprint), None)
     if record is not None and record.get("done"):
         raise BundleError(f"{bundle.root}: this input was already added on {record['started']}; nothing to do")
-    if record is None:
+    if record is None:  # a new input: an unfinished addition of another is abandoned, with its shards
+        bundle.manifest["additions"] = additions = [a for a in additions if a.get("done")]
+        drop_unlisted_shards(bundle)
         record = {"fingerprint": source.fingerprint, "first_shard": len(EmbeddingReader(bundle).shards),
                   "rows": source.total, "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   "manifest_rows_before": bundle.manifest.get("counts", {}).get("manifest_rows", 0), "done": False}
@@ -343,7 +386,24 @@ def plan_stages(cfg: BuildConfig, n: int, dim: int, flops: float | None = None) 
     c = cfg.stage_configs
     return plan_build(n, dim, c.knn.ram_budget, c.knn.exact_max, c.gallery.max_points, c.gallery.epochs,
                       c.gallery.round_photos, c.fusion.folds, c.fusion.single_split_above, c.fusion.max_queries,
-                      cfg.stages, c.train_photos, flops)
+                      cfg.stages, c.train_photos, flops, _gps_gallery_points(cfg))
+
+
+def _gps_gallery_points(cfg: BuildConfig) -> int:
+    """How many points the GPS gallery adds to the photos' places: GeoCLIP's 100K (its default for a GeoCLIP
+    backbone), a --gps-gallery file's rows (estimated from its size: a "lat,lon" line is about 20 bytes), or
+    none."""
+    gps = cfg.stage_configs.gallery.gps_gallery
+    if gps is None and "gallery" in cfg.stages and cfg.backbone.lower().startswith("geoclip"):
+        gps = GEOCLIP_GALLERY
+    if gps is None:
+        return 0
+    if str(gps) == GEOCLIP_GALLERY:
+        return GEOCLIP_GALLERY_POINTS
+    try:
+        return regular_size(gps, cap=NO_CAP) // GPS_LINE_BYTES
+    except (FileRefused, OSError):
+        return 0  # the stage names the file and what is wrong with it when it starts
 
 
 def dry_run(cfg: BuildConfig, log: Log = print) -> list[StagePlan]:

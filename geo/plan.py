@@ -20,6 +20,10 @@ from geo.stages.knn import index_candidates, plan_index
 from geo.store.bundle import BundleError
 
 
+GALLERY_POINT_BYTES = 513 * 4  # a gallery point's encoded vector (512-d features and its prior column)
+POINT_ROW_BYTES = 48  # its row in gallery/points.parquet (lat, lon, source), uncompressed
+
+
 @dataclass
 class StagePlan:
     stage: str
@@ -36,9 +40,11 @@ class StagePlan:
 
 def plan_build(n: int, dim: int, ram_budget: str | int | None, exact_max: int, gallery_points: int, gallery_rounds: int,
                round_photos: int, fusion_folds: int, single_split_above: int, max_queries: int,
-               stages: tuple[str, ...], train_photos: int, flops: float | None = None) -> list[StagePlan]:
+               stages: tuple[str, ...], train_photos: int, flops: float | None = None,
+               extra_points: int = 0) -> list[StagePlan]:
     """The plan of every stage for ``n`` embeddings of ``dim`` floats; with ``flops`` (this machine's speed, for
-    ``--dry-run``), the kNN plan also prices every candidate index."""
+    ``--dry-run``), the kNN plan also prices every candidate index. ``extra_points``: the GPS gallery's own
+    points beside the photos' places (GeoCLIP's 100K, or a --gps-gallery file's rows)."""
     emb = n * dim * 4
     out = [StagePlan("embeddings", f"{n:,} x {dim} float32 in Parquet shards", 64 << 20, emb)]
     if "knn_index" in stages:
@@ -64,10 +70,12 @@ def plan_build(n: int, dim: int, ram_budget: str | int | None, exact_max: int, g
             out.append(StagePlan("cells", f"adaptive S2 partitions (tau_min {tau_min}, tau_max {tau_max}) of every "
                                  f"photo, linear heads trained on {on}", held, n * 64))
         if "gallery" in stages:
-            points = min(n, gallery_points)
+            points = min(n, gallery_points) + extra_points
             steps = gallery_rounds * min(n, round_photos) // 256
+            # every file it writes: the points' FAISS vectors and table, and the image projection
+            written = points * (GALLERY_POINT_BYTES + POINT_ROW_BYTES) + dim * 512 * 4
             out.append(StagePlan("gallery", f"up to {points:,} GPS points, at most {steps:,} training steps on {on}",
-                                 held + points * 513 * 4, points * 513 * 4))
+                                 held + points * GALLERY_POINT_BYTES, written))
         if "fusion" in stages:
             if n <= single_split_above:
                 how = (f"{fusion_folds} photographer folds, the signal stages refitted in memory per fold, "

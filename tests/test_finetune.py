@@ -169,3 +169,34 @@ def test_a_config_file_sets_any_field_and_keeps_the_rest_at_their_defaults(tmp_p
     cfg = read_config(tmp_path / "s.json", FinetuneConfig(freeze_until="blocks.3", epochs=9))
     assert cfg == FinetuneConfig(lr=1.0, regression_weight=0.5, augment=False, epochs=9)
     assert isinstance(cfg.lr, float)
+
+
+def _model_dir(tmp_path: Path) -> Path:
+    """A MODEL_DIR as `geo finetune` leaves it (card and weights), without the training: the base's own tensors."""
+    from safetensors.torch import save_file
+
+    from geo.store.atomic import sha256_file
+
+    out = tmp_path / "model"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in load_backbone(TINY, device="cpu").model.state_dict().items()},
+              out / "model.safetensors")
+    (out / "geo-model.json").write_text(json.dumps({
+        "format": "geo-finetuned-model", "base": TINY, "weights": "model.safetensors",
+        "weights_sha256": sha256_file(out / "model.safetensors")}))
+    return out
+
+
+def test_a_model_dir_whose_weights_changed_since_its_card_is_refused_at_build(photos, tmp_path):
+    """Issue 27 finding 2: 64 flipped bytes in model.safetensors built a bundle with rc 0."""
+    model = _model_dir(tmp_path)
+    assert load_backbone(str(model), device="cpu").weights["sha256"]  # as written, it loads
+    data = bytearray((model / "model.safetensors").read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])  # tensor bytes: the header still parses
+    (model / "model.safetensors").write_bytes(bytes(data))
+    r = CliRunner().invoke(app, ["build-index", str(photos), "--out", str(tmp_path / "bundle"), "--backbone",
+                                 str(model), "--workers", "0", "-q", "--skip", "cells", "--skip", "gallery",
+                                 "--skip", "fusion"])
+    assert r.exit_code == 2, r.output
+    assert "model.safetensors: sha256" in r.output and "geo-model.json records" in r.output
+    assert not (tmp_path / "bundle" / "manifest.json").exists()

@@ -6,7 +6,6 @@ file and the reason, exit code 2 for bad input and 1 for anything else. ``geo --
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 from typing import Any, NoReturn
@@ -25,7 +24,7 @@ from geo.eval.sql import SqlError
 from geo.eval.suites import SuiteError
 from geo.models.registry import BackboneError
 from geo.query.client import ServerError
-from geo.store.atomic import DiskSpaceError
+from geo.store.atomic import DiskSpaceError, disk_full
 from geo.store.bundle import BundleError
 from geo.store.lock import BundleLocked
 from geo.store.predictions import PredictionsError
@@ -53,7 +52,7 @@ def describe(e: BaseException) -> tuple[int, str]:
         return 130, "interrupted; re-run the same command to resume (finished shards and stages are kept)"
     if isinstance(e, DiskSpaceError):
         return 1, str(e.strerror)
-    if isinstance(e, OSError) and (e.errno == errno.ENOSPC or "No space left on device" in str(e)):
+    if disk_full(e):
         where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
         return 1, (f"disk full{where}: free some space and re-run the same command; a build resumes where it "
                    "stopped (finished shards and stages are kept)")

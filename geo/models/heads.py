@@ -14,7 +14,8 @@ from torch import nn
 
 from geo.core.runtime import resolve_device
 from geo.store.atomic import atomic_save_safetensors, atomic_write_json
-from geo.store.bundle import BundleError, read_json
+from geo.store.bundle import BundleError
+from geo.store.schema import read_checked
 
 HEAD_KINDS = ("linear", "mlp")
 
@@ -81,10 +82,15 @@ def save_heads(model: CellHeads, weights: Path, config_path: Path, extra: dict) 
     atomic_write_json(config_path, {"model": model.spec, **extra})
 
 
+# what load_heads reads of a heads config; the cells and the city head check their own keys beside it
+HEADS_SCHEMA = {"model": {"dim": int, "n_classes": [int], "head": str, "hidden": int, "dropout": float,
+                          "n_scenes": int}}
+
+
 def load_heads(weights: Path, config_path: Path, device: str = "cpu") -> tuple[CellHeads, dict]:
     from safetensors.torch import load_file
 
-    cfg = read_json(config_path)
+    cfg = read_checked(config_path, HEADS_SCHEMA)
     try:
         spec = cfg["model"]
         model = CellHeads(spec["dim"], spec["n_classes"], spec["head"], spec["hidden"], spec["dropout"], spec["n_scenes"])

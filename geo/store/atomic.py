@@ -13,7 +13,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -67,11 +68,24 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
         writer(tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if disk_full(e):  # whatever the writer raised (safetensors, FAISS, Arrow), one error naming the file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
     return path
+
+
+_DISK_FULL_WORDS = ("No space left on device", "StorageFull", "os error 28")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk is full: an ENOSPC OSError, or a library's own error wrapping one (safetensors
+    raises SafetensorError "IoError(Os { code: 28, kind: StorageFull, ... })", FAISS a RuntimeError)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return isinstance(e, Exception) and any(w in str(e) for w in _DISK_FULL_WORDS)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -107,6 +121,50 @@ def atomic_save_figure(path: str | os.PathLike, fig) -> Path:
     """A matplotlib figure, in the format its final name's suffix says (the temp file's name has none)."""
     fmt = Path(path).suffix.lstrip(".") or None
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
+
+
+ROLLBACK_DIR = ".geo-rollback"
+
+
+@contextmanager
+def restored_on_failure(root: str | os.PathLike, rels: Iterable[str]) -> Iterator[None]:
+    """The files ``rels`` (relative to ``root``) come back as they are now if the block raises (or if the process
+    dies in it: the next call restores them before anything else).
+
+    Each is hard-linked (copied where a link is impossible) under ``root/.geo-rollback/`` first; every geo
+    write replaces a file instead of writing into it, so the link keeps the old content whatever the block
+    writes. ``geo add`` holds the files it rewrites this way until its one commit of the manifest.
+    """
+    root = Path(root)
+    keep = root / ROLLBACK_DIR
+    restore_interrupted(root)  # a killed run's files, before this one's
+    for rel in rels:
+        if (root / rel).is_file():
+            (keep / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(root / rel, keep / rel)
+            except OSError:
+                shutil.copy2(root / rel, keep / rel)
+    try:
+        yield
+    except BaseException:
+        _restore(root, keep)
+        raise
+    shutil.rmtree(keep, ignore_errors=True)
+
+
+def restore_interrupted(root: str | os.PathLike) -> None:
+    """Put back the files a killed :func:`restored_on_failure` block kept (none: nothing happens)."""
+    _restore(Path(root), Path(root) / ROLLBACK_DIR)
+
+
+def _restore(root: Path, keep: Path) -> None:
+    """Every file kept under ``keep`` back to its place under ``root``, then ``keep`` removed."""
+    if not keep.is_dir():
+        return
+    for f in sorted(p for p in keep.rglob("*") if p.is_file()):
+        os.replace(f, root / f.relative_to(keep))
+    shutil.rmtree(keep, ignore_errors=True)
 
 
 def json_default(o: Any) -> Any:

@@ -21,15 +21,17 @@ the full sha256 check runs at build and in ``geo info --verify``.
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from geo.core.files import NO_CAP, FileRefused, printable, read_capped, regular_size
-from geo.store.atomic import atomic_write_json, sha256_file
+from geo.store.atomic import ROLLBACK_DIR, atomic_write_json, sha256_file
 from geo.store.lock import LOCK_FILE
 
 # manifest.json of a 5M-photo bundle is a few MB; nothing geo writes as JSON comes near this
@@ -37,6 +39,8 @@ JSON_MAX_BYTES = 256 << 20
 FORMAT_NAME = "geo-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+INTERRUPTED_ADD = ("; a `geo add` was killed while rewriting it: re-run that `geo add` (it puts the bundle's files "
+                   "back first, then resumes)")
 
 
 class BundleError(RuntimeError):
@@ -77,6 +81,7 @@ class Bundle:
     def __init__(self, root: str | os.PathLike, manifest: dict[str, Any]):
         self.root = Path(root).absolute()  # stage files are registered relative to it
         self.manifest = manifest
+        self._held = False  # inside one_commit: saves wait for its end
 
     # -- creation / opening
     @classmethod
@@ -109,8 +114,26 @@ class Bundle:
         return b
 
     def save(self) -> None:
+        if self._held:
+            return
         self.manifest["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    @contextmanager
+    def one_commit(self) -> Iterator["Bundle"]:
+        """Every commit and save inside the block reaches ``manifest.json`` as one atomic rewrite at its end, so
+        readers see all of it or none; if the block raises, nothing is written and the manifest in memory is
+        what it was before (``geo add``: new shards are read by nobody until the addition is whole)."""
+        before, self._held = copy.deepcopy(self.manifest), True
+        try:
+            yield self
+            self._held = False
+            self.save()
+        except BaseException:
+            self.manifest = before
+            raise
+        finally:
+            self._held = False
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -210,7 +233,8 @@ class Bundle:
             except FileRefused as e:
                 raise BundleError(f"{p}: {e.reason}; {MANIFEST} says {meta['bytes']} bytes") from None
             if size != meta["bytes"]:
-                raise BundleError(f"{p}: {size} bytes, {MANIFEST} says {meta['bytes']} (truncated or altered)")
+                raise BundleError(f"{p}: {size} bytes, {MANIFEST} says {meta['bytes']} (truncated or altered)"
+                                  + (INTERRUPTED_ADD if (self.root / ROLLBACK_DIR / rel).exists() else ""))
             if hashes and sha256_file(p) != meta["sha256"]:
                 raise BundleError(f"{p}: sha256 does not match {MANIFEST} (file altered since the build)")
         return len(self.manifest.get("files", {}))
@@ -228,6 +252,7 @@ def _check_format(manifest: Any, mpath: Path) -> dict[str, Any]:
     bad = [k for k, v in manifest.get("stages", {}).items() if not isinstance(v, dict)]
     if bad:
         raise BundleError(f"{mpath}: the record of stage {bad[0]!r} is not a JSON object")
+    _check_files(manifest.get("files", {}), mpath)
     ok, embedded = manifest.get("counts", {}).get("ok"), manifest.get("stages", {}).get("embeddings", {}).get("ok")
     if ok is not None and embedded is not None and ok != embedded:
         raise BundleError(f"{mpath}: counts.ok is {ok} but the embeddings stage recorded {embedded} photos "
@@ -237,6 +262,30 @@ def _check_format(manifest: Any, mpath: Path) -> dict[str, Any]:
             f"{mpath}: bundle format {v} is newer than this geo understands ({FORMAT_VERSION}); upgrade geo"
         )
     return manifest
+
+
+_SHA256 = frozenset("0123456789abcdef")
+
+
+def _check_files(files: dict[str, Any], mpath: Path) -> None:
+    """Every ``files`` entry names a file inside the bundle (a relative path without ``..``, not a symlink that
+    leads out) and records its ``bytes`` and ``sha256``: a manifest cannot make geo read, or vouch for, a file
+    elsewhere (``/etc/passwd`` with its real hash passed ``geo info --verify``)."""
+    root = mpath.parent.resolve()
+    for rel, meta in files.items():
+        where = f"{mpath}: files entry {printable(rel)!r}"
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or rel != Path(rel).as_posix():
+            raise BundleError(f"{where} is not a relative path inside the bundle")
+        if not isinstance(meta, dict):
+            raise BundleError(f"{where} is not a JSON object with bytes and sha256")
+        size, sha = meta.get("bytes"), meta.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BundleError(f"{where} has no valid bytes ({size!r})")
+        if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= _SHA256:
+            raise BundleError(f"{where} has no valid sha256 ({printable(str(sha))[:80]!r})")
+        if not (root / rel).resolve().is_relative_to(root):
+            raise BundleError(f"{where} leads outside the bundle (a symlink to {(root / rel).resolve()})")
 
 
 def bundle_containing(path: str | os.PathLike) -> Path | None:

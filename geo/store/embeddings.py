@@ -36,21 +36,71 @@ def marker_path(shard: Path) -> Path:
     return shard.with_suffix(".json")
 
 
+def listed_shards(bundle: Bundle) -> list[str]:
+    """The shards the manifest lists (relative paths, in order): the only ones a reader opens."""
+    return sorted(rel for rel in bundle.manifest.get("files", {})
+                  if rel.startswith(f"{SHARD_DIR}/part-") and rel.endswith(".parquet"))
+
+
+def drop_unlisted_shards(bundle: Bundle) -> int:
+    """Remove the finished shards the manifest does not list (an abandoned addition's): a later addition numbers
+    its shards from the same place and must not take them for its own. Returns the shards removed."""
+    listed = {bundle.path(rel) for rel in listed_shards(bundle)}
+    stray = [p for p in finished_shards(bundle) if p not in listed]
+    for p in stray:
+        marker_path(p).unlink(missing_ok=True)  # the marker first: a shard without one is never counted
+        p.unlink(missing_ok=True)
+    return len(stray)
+
+
 def finished_shards(bundle: Bundle) -> list[Path]:
     """Shards with a completion marker, in order: what a resumed or committing build has."""
     return sorted(p for p in bundle.path(SHARD_DIR).glob("part-*.parquet") if marker_path(p).exists())
 
 
-def to_table(rows: pd.DataFrame, emb: np.ndarray) -> pa.Table:
+def to_table(rows: pd.DataFrame, emb: np.ndarray, like: pa.Schema | None = None) -> pa.Table:
+    """A shard's table. Text is always Arrow ``string`` (pandas hands ``string`` or ``large_string`` by the input's
+    form), and with ``like`` (the schema of a bundle's committed shards) the rows take its columns and types:
+    a column it lacks is dropped, one the rows lack is null. So every shard of a bundle has one schema, whether
+    its rows came from a CSV, Parquet, an EXIF folder or precomputed embeddings."""
     table = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
+    table = table.cast(pa.schema([pa.field(f.name, pa.string()) if pa.types.is_large_string(f.type) else f
+                                  for f in table.schema], metadata=table.schema.metadata))
+    if like is not None:
+        table = _conform(table, like)
     flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1))
     return table.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]))
 
 
+def _conform(table: pa.Table, like: pa.Schema) -> pa.Table:
+    """``table`` with exactly the metadata columns of ``like``, in its order and types (see :func:`to_table`)."""
+    columns = {}
+    for f in like:
+        if f.name == "embedding":
+            continue
+        if f.name not in table.column_names:
+            columns[f.name] = pa.nulls(len(table), f.type)
+            continue
+        col = table[f.name]
+        try:
+            columns[f.name] = col if pa.types.is_null(f.type) else col.cast(f.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise BundleError(f"column {f.name!r}: the bundle holds {f.type}, and the new rows' {col.type} "
+                              f"values cannot be read as that ({e})") from None
+    return pa.table(columns)
+
+
+def committed_schema(bundle: Bundle) -> pa.Schema | None:
+    """The schema of the bundle's committed shards (None before the embedding stage is committed)."""
+    listed = listed_shards(bundle)
+    return pq.read_schema(bundle.path(listed[0])) if listed else None
+
+
 def write_shard(bundle: Bundle, i: int, rows: pd.DataFrame, emb: np.ndarray, stats: dict[str, Any]) -> Path:
-    """Parquet first, then the marker: a crash between the two leaves a shard that is redone, never half-counted."""
+    """Parquet first, then the marker: a crash between the two leaves a shard that is redone, never half-counted.
+    The rows take the schema of the shards already committed (an addition's match the bundle's)."""
     part = shard_path(bundle, i)
-    atomic_write_parquet(part, to_table(rows, emb))
+    atomic_write_parquet(part, to_table(rows, emb, committed_schema(bundle)))
     atomic_write_json(marker_path(part), {"shard": i, "ok": len(rows), **stats})
     return part
 
@@ -85,8 +135,7 @@ class EmbeddingReader:
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        listed = sorted(rel for rel in bundle.manifest.get("files", {})
-                        if rel.startswith(f"{SHARD_DIR}/part-") and rel.endswith(".parquet"))
+        listed = listed_shards(bundle)
         if not listed:
             raise BundleError(f"{bundle.root}: no embeddings committed (did every image fail? see errors.parquet)")
         self.shards = [bundle.path(rel) for rel in listed]

@@ -141,7 +141,7 @@ def test_a_defect_in_a_stage_loader_is_not_called_a_damaged_bundle(bundle, monke
     (lambda p: p.write_bytes(p.read_bytes()[:-10]), "truncated or altered"),
     (lambda p: p.unlink(), "listed in manifest.json but missing"),
     (lambda p: (p.unlink(), os.mkfifo(p)), "FIFO"),
-    (lambda p: (p.unlink(), p.symlink_to("/dev/zero")), "character device"),
+    (lambda p: (p.unlink(), p.symlink_to("/dev/zero")), "leads outside the bundle (a symlink to /dev/zero)"),
 ])
 def test_a_listed_file_that_changed_is_refused_by_size_before_it_is_read(bundle, damage, words):
     """Why #2: a manifest `files` entry pointing at /dev/zero hung geo info."""
@@ -156,3 +156,64 @@ def test_an_altered_file_of_the_same_size_is_caught_by_verify(bundle):
     (bundle / rel).write_text(text.replace("0", "1", 1))
     assert cli("info", bundle).exit_code == 0  # sizes only
     one_line_error(cli("info", bundle, "--verify"), rel, "sha256 does not match")
+
+
+# ---------------------------------------------------------------- entries that point elsewhere (issue 27 #8)
+def _real(path: str) -> dict:
+    from geo.store.atomic import sha256_file
+
+    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+
+
+@pytest.mark.parametrize("entry,meta,words", [
+    ("/etc/passwd", lambda: _real("/etc/passwd"), "is not a relative path inside the bundle"),
+    ("../../dev/zero", lambda: {"sha256": "0" * 64, "bytes": 0}, "is not a relative path inside the bundle"),
+    ("index/../../outside", lambda: {"sha256": "0" * 64, "bytes": 0}, "is not a relative path inside the bundle"),
+    ("", lambda: {"sha256": "0" * 64, "bytes": 0}, "is not a relative path inside the bundle"),
+    ("index/knn.faiss", lambda: {"sha256": "0" * 64}, "has no valid bytes"),
+    ("index/knn.faiss", lambda: {"sha256": "0" * 64, "bytes": "12"}, "has no valid bytes"),
+    ("index/knn.faiss", lambda: {"sha256": "0" * 64, "bytes": -1}, "has no valid bytes"),
+    ("index/knn.faiss", lambda: {"bytes": 12}, "has no valid sha256"),
+    ("index/knn.faiss", lambda: {"bytes": 12, "sha256": "../x"}, "has no valid sha256"),
+    ("index/knn.faiss", lambda: "abc", "is not a JSON object"),
+])
+def test_a_files_entry_must_be_a_file_of_the_bundle_with_its_size_and_hash(bundle, entry, meta, words):
+    """Why #8: `/etc/passwd` with its real sha256 passed `geo info --verify`; `../../dev/zero` was followed; an
+    entry without `bytes` was a KeyError."""
+    m = manifest_of(bundle)
+    m["files"][entry] = meta()
+    write_manifest(bundle, m)
+    for r in (cli("info", bundle, "--verify", timeout=30), cli("query", photo(3), "--index", bundle, timeout=30)):
+        one_line_error(r, "files entry", repr(entry), words)
+
+
+def test_a_listed_file_that_is_a_symlink_out_of_the_bundle_is_refused(bundle, tmp_path):
+    """Same size, same sha256, but the content lives elsewhere: the bundle no longer holds what it vouches for."""
+    rel = _files(bundle, "fusion.json")[0]
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes((bundle / rel).read_bytes())
+    (bundle / rel).unlink()
+    (bundle / rel).symlink_to(outside)
+    one_line_error(cli("info", bundle, "--verify", timeout=30), rel, "leads outside the bundle")
+    one_line_error(cli("query", photo(3), "--index", bundle, timeout=30), rel, "leads outside the bundle")
+
+
+# ---------------------------------------------------------------- stage files of the wrong shape (issue 27 #9)
+@pytest.mark.parametrize("rel,edit,field", [
+    ("fusion/fusion.json", lambda d: {"weights": "x"}, "'params' is missing"),
+    ("fusion/fusion.json", lambda d: {**d, "params": {**d["params"], "signals": {"knn": {"weight": "x"}}}},
+     "'params.signals.knn.weight' is str 'x', not a finite number"),
+    ("fusion/fusion.json", lambda d: {**d, "params": {**d["params"], "duplicate_similarity": float("nan")}},
+     "'params.duplicate_similarity'"),
+    ("fusion/fusion.json", lambda d: [1, 2], "'(top level)' is list"),
+    ("heads/heads.json", lambda d: {**d, "model": {**d["model"], "n_classes": "many"}}, "'model.n_classes' is str"),
+    ("heads/heads.json", lambda d: {**d, "calibration": {"alpha": 1.0}}, "'calibration.temperature' is missing"),
+    ("gallery/gallery.json", lambda d: {**d, "n_points": "lots"}, "'n_points' is str"),
+    ("gallery/gallery.json", lambda d: {**d, "sources": {"photo": None}}, "'sources.photo' is NoneType"),
+])
+def test_a_stage_file_of_the_wrong_shape_is_refused_naming_the_file_and_field(bundle, rel, edit, field):
+    """Why #9: a garbage fusion.json (sha updated) was accepted and answered as before."""
+    data = json.loads((bundle / rel).read_text())
+    (bundle / rel).write_text(json.dumps(edit(data)))
+    rehash(bundle, rel)
+    one_line_error(cli("query", photo(3), "--index", bundle), rel, "field " + field)

@@ -188,3 +188,46 @@ def test_the_build_copies_no_bundle_to_tmp(tiny, tmp_path, monkeypatch):
     assert _build(tiny, tmp_path / "b").exit_code == 0
     assert not list(scratch.iterdir())
     shutil.rmtree(tmp_path / "b")
+
+
+# ---------------------------------------------------------------- every writer, every file (issue 27 #7)
+def test_the_gallery_plan_counts_the_gps_gallery_s_points_on_disk():
+    """Why #7: the free-space check missed the GPS gallery's points (GeoCLIP's 100K) beside the photos' places."""
+    from geo.pipeline import BuildConfig, plan_stages
+
+    def gallery_disk(**kw) -> int:
+        plans = plan_stages(BuildConfig(manifest="m.csv", out="o", **kw), 1000, 512)
+        return next(p.disk for p in plans if p.stage == "gallery")
+
+    own = gallery_disk()
+    assert gallery_disk(backbone="geoclip") - own >= 100_000 * 513 * 4
+    assert own >= 1000 * 513 * 4
+
+
+def test_disk_full_in_a_safetensors_write_says_the_build_resumes_and_it_does(tmp_path, monkeypatch):
+    """Why #7: safetensors' own ENOSPC error ended in "an unexpected failure"."""
+    import safetensors.torch
+    from synthetic import synthetic_gallery, write_embeddings
+
+    emb = write_embeddings(synthetic_gallery(120), tmp_path / "e.parquet")
+    out = tmp_path / "b"
+    build = ("build-index", "--embeddings", emb, "--backbone", "toy24", "--gallery-epochs", "1", "--out", out, "-q")
+    real = safetensors.torch.save_file
+
+    def full(tensors, filename, metadata=None):
+        if "image_projection" in str(filename) or "image_projection" in str(metadata):
+            raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                              'message: "No space left on device" })')
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    r = cli(*build)
+    one_line_error(r, "disk full writing", str(out / "gallery"), "re-run the same command", code=1)
+    assert ".tmp" not in r.output and not list(out.rglob("*.tmp"))
+    assert "gallery" not in manifest_of(out)["stages"] and "cells" in manifest_of(out)["stages"]
+    shard = out / "embeddings" / "part-00000.parquet"
+    mtime = shard.stat().st_mtime_ns
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    r = cli(*build)
+    assert r.exit_code == 0, r.output
+    assert shard.stat().st_mtime_ns == mtime and "gallery" in manifest_of(out)["stages"]

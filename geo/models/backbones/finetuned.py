@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from geo.models.registry import MODEL_CARD, Backbone, BackboneError, load_backbone, register_backbone
-from geo.models.weights import file_weights, read_state_dict
+from geo.models.weights import file_sha256, file_weights, read_state_dict
 
 CARD_FORMAT = "geo-finetuned-model"
 
@@ -30,6 +30,21 @@ def read_card(root: str | Path) -> dict:
     return card
 
 
+def _check_card_sha(card: dict, path: Path) -> None:
+    """The weights are the ones the card was written for: a changed ``model.safetensors`` (a bad copy, flipped
+    bytes) would otherwise load, build a bundle and only be caught, if at all, when a query compares hashes."""
+    want = card.get("weights_sha256")
+    if not isinstance(want, str):
+        raise BackboneError(f"{path.parent / MODEL_CARD}: records no weights_sha256 for {path.name}")
+    try:
+        got = file_sha256(path)
+    except OSError as e:
+        raise BackboneError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if got != want:
+        raise BackboneError(f"{path}: sha256 {got[:12]}... is not the {want[:12]}... that {MODEL_CARD} records "
+                            "(the file changed since `geo finetune` wrote it); copy the model directory again")
+
+
 def _load_finetuned(spec: str, weights: str | None, cache_dir: str | None) -> Backbone:
     if not spec:
         raise BackboneError("finetuned: needs the model directory, e.g. --backbone my-model/ (from geo finetune)")
@@ -39,6 +54,8 @@ def _load_finetuned(spec: str, weights: str | None, cache_dir: str | None) -> Ba
     with warnings.catch_warnings():  # a random-init base warns; every tensor is replaced just below
         warnings.simplefilter("ignore")
         base = load_backbone(card["base"], device="cpu", precision="fp32")
+    if not weights:
+        _check_card_sha(card, path)
     state = read_state_dict(path)
     try:
         base.model.load_state_dict(state, strict=True)

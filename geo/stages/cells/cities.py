@@ -26,6 +26,7 @@ from geo.models.heads import CellHeads, head_logits, load_heads, save_heads
 from geo.stages.cells.train import HeadConfig, train_heads
 from geo.store.atomic import atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError
+from geo.store.schema import checked
 
 CITY_WEIGHTS = "heads/cities.safetensors"
 CITY_CONFIG = "heads/cities.json"
@@ -68,6 +69,7 @@ class CityHead:
     @classmethod
     def load(cls, bundle: Bundle, info: dict[str, Any]) -> "CityHead":
         model, cfg = load_heads(bundle.path(CITY_WEIGHTS), bundle.path(CITY_CONFIG))
+        checked(cfg, {"temperature": float}, bundle.path(CITY_CONFIG))
         try:
             cities = pd.read_parquet(bundle.path(CITY_TABLE))
         except (OSError, ValueError) as e:

@@ -34,6 +34,7 @@ from geo.stages.cells.regression import Regression
 from geo.stages.cells.support import DECISION_RADII_KM, SupportDecision, check_support
 from geo.store.atomic import atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError
+from geo.store.schema import checked
 
 STAGE = "cells"
 SUPPORT_FILE = "cells/support.parquet"
@@ -96,6 +97,8 @@ class CellPredictor:
         except ValueError as e:
             raise BundleError(str(e)) from None
         model, cfg = load_heads(bundle.path(HEADS_WEIGHTS), bundle.path(HEADS_CONFIG), device)
+        checked(cfg, {"calibration": {"temperature": (float, list), "alpha": float}, "scene_values?": list,
+                      "scene_column?": (str, type(None))}, bundle.path(HEADS_CONFIG))
         if [len(t) for t in tables] != model.spec["n_classes"]:
             raise BundleError(f"{bundle.path(HEADS_CONFIG)}: head sizes do not match the cell tables")
         regression = Regression.load(bundle, info["regression"]) if "regression" in info else None

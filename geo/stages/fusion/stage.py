@@ -45,7 +45,8 @@ from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnIndex
 from geo.store.atomic import atomic_write_json
-from geo.store.bundle import Bundle, read_json
+from geo.store.bundle import Bundle
+from geo.store.schema import checked, read_checked
 
 STAGE = "fusion"
 FUSION_FILE = "fusion/fusion.json"
@@ -82,8 +83,27 @@ class FusionModel:
     @classmethod
     def load(cls, bundle: Bundle) -> "FusionModel":
         info = bundle.stage(STAGE)
-        stored = read_json(bundle.path(FUSION_FILE)) if bundle.path(FUSION_FILE).exists() else {}
-        return cls(FusionParams.from_dict(info["params"]), {k: v for k, v in stored.items() if k != "params"})
+        stored = read_checked(bundle.path(FUSION_FILE), {"params": dict}) if bundle.path(FUSION_FILE).exists() else {}
+        if stored:
+            checked_params(stored["params"], bundle.path(FUSION_FILE), "params")
+        params = checked_params(info.get("params"), bundle.root, "stages.fusion.params")
+        return cls(params, {k: v for k, v in stored.items() if k != "params"})
+
+
+_SIGNAL_SCHEMA = {"weight": float, "temperature?": float, "top_k?": int}
+PARAMS_SCHEMA = {"signals": {"*": _SIGNAL_SCHEMA}, "duplicate_similarity?": float, "decision?": str,
+                 "calibration?": dict, "mode_calibration?": dict, "mode_fusion?": dict}
+# params as bundles wrote them before signals had names (FusionParams.from_dict reads both)
+_UNNAMED_PARAMS_SCHEMA = {**{k: float for k in ("w_knn", "w_gallery", "w_cells", "w_prior", "knn_temperature",
+                                                "gallery_temperature")}, "gallery_k": int, "top_cells": int,
+                          "duplicate_similarity?": float, "decision?": str, "calibration?": dict}
+
+
+def checked_params(params: Any, where: Any, field: str) -> FusionParams:
+    """Stored fusion params, refused (naming ``where`` and the field) unless they have the shape fusion reads."""
+    unnamed = isinstance(params, dict) and "signals" not in params and "w_knn" in params
+    checked(params, _UNNAMED_PARAMS_SCHEMA if unnamed else PARAMS_SCHEMA, where, field)
+    return FusionParams.from_dict(params)
 
 
 @dataclass

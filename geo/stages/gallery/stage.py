@@ -41,7 +41,8 @@ from geo.models.location import (
 )
 from geo.stages.gallery.train import TUNED, TrainConfig, train_gallery
 from geo.store.atomic import atomic_write_faiss, atomic_write_json, atomic_write_parquet
-from geo.store.bundle import Bundle, BundleError, read_json
+from geo.store.bundle import Bundle, BundleError
+from geo.store.schema import read_checked
 
 GALLERY_DIR = "gallery"
 FILES = {
@@ -189,6 +190,10 @@ def encode_points(location_encoder: LocationEncoder, projection: ImageProjection
     return index
 
 
+# what a load and `geo add` read of gallery.json (the rest is the build's record, shown by `geo info`)
+INFO_SCHEMA = {"config?": dict, "n_points": int, "dim?": int, "train?": dict, "sources?": {"*": int}}
+
+
 def with_photos(gallery: "GpsGallery", photo_latlon: np.ndarray) -> "GpsGallery":
     """The same trained modules over the places of these photos (all of the gallery's, old and new):
     points and their density prior recomputed, nothing trained. What ``geo add`` does to the gallery."""
@@ -238,7 +243,7 @@ class GpsGallery:
         """Open the gallery files of ``bundle``; errors name the file and the reason."""
         bundle.stage("gallery")
         root = bundle.root
-        info = read_json(root / FILES["json"])
+        info = read_checked(root / FILES["json"], INFO_SCHEMA)
         proj = _load(root / FILES["image_projection"], ImageProjection)
         loc = _load(root / FILES["location_encoder"], LocationEncoder) if with_location_encoder else None
         fpath = root / FILES["faiss"]
