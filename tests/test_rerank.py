@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
-from geo.stages.fusion.posterior import FusionParams, decide
+from geo.stages.fusion.posterior import FusionParams, SignalParams, decide
 from geo.stages.fusion.rerank import Reranker
 from geo.stages.fusion.signals import CELLS, KNN, PRIOR, Evidence, SignalEvidence
 from geo.stages.fusion.stage import FusionModel, _tuned
@@ -154,3 +154,28 @@ def test_trees_predict_as_scikit_learn_does_and_survive_json():
     again = Trees.from_dict(json.loads(json.dumps(trees.to_dict())))
     np.testing.assert_array_equal(again.predict(x), trees.predict(x))
     assert Reranker.from_dict(json.loads(json.dumps(Reranker(trees, ["f"] * 6).to_dict()))).trees.depth == trees.depth
+
+
+def test_fused_is_never_below_a_restriction_of_itself():
+    """A fused setting that backed off to the prior, where the cells with the prior (one of its restrictions)
+    do better on the same out-of-fold photos, answers as that restriction (the Im2GPS3k case of issue 24)."""
+    from geo.stages.fusion.tuning import no_worse_than_restrictions, score_grid
+
+    ev, truth, _ = world(300, seed=6)
+    prior_only = FusionParams({"knn": SignalParams(0.0, 0.05), "cells": SignalParams(0.0, top_k=8),
+                               "prior": SignalParams(1.0)}, decision="region")
+    cells = FusionParams({"cells": SignalParams(0.5, top_k=8), "prior": SignalParams(0.5)}, decision="coarse")
+    prior_only.mode_fusion = {"cells": cells.to_dict()}
+    chosen, report = no_worse_than_restrictions(ev, prior_only, truth, log=lambda *_: None)
+    assert report["restriction"] == "cells" and chosen.weight("cells") == 0.5 and chosen.decision == "coarse"
+    assert report["restriction_scores"]["cells"] > report["restriction_scores"]["fused"]
+    assert score_grid(ev, truth, [chosen]).mean() == pytest.approx(report["restriction_scores"]["cells"], abs=1e-4)
+    assert set(chosen.calibration) == {"25", "200", "750"}
+    same, report = no_worse_than_restrictions(ev, chosen, truth, log=lambda *_: None)  # already the best: kept
+    assert report["restriction"] is None and same.signals == chosen.signals
+
+
+def test_a_reranker_fitted_on_other_signals_leaves_the_answer_to_the_mixture(informative):
+    ev, _, _ = world(100, seed=7)
+    without_cells = Evidence([KNN, PRIOR], {n: ev.signals[n] for n in ("knn", "prior")})
+    assert informative.decide(without_cells) == decide(without_cells, informative.params)

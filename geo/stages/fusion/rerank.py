@@ -271,17 +271,30 @@ def _calibration(score: np.ndarray, km: np.ndarray,
 def rescorer(r: Reranker) -> Callable[..., tuple[np.ndarray, np.ndarray, list[dict[str, float]]]]:
     """The query side's reranking for :func:`geo.stages.fusion.posterior.decide`: (ev, params, closeness,
     coverages) -> (best [n], scores [n, m], calibrated ``p_within`` per query; empty where the mixture kept the
-    answer, a near-duplicate)."""
+    answer, a near-duplicate), a chunk of queries at a time so the features stay a few tens of MB."""
     def rescore(ev: Evidence, p: FusionParams, c: np.ndarray,
                 covered: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
-        x, allowed, best, mixed = design(ev, p, c, covered)
-        score = np.full(allowed.shape, -np.inf)
-        score[allowed] = r.trees.predict(x[allowed])
-        dup = near_duplicate(ev, p)
-        score[dup] = mixed[dup]
-        out = np.where(dup, best, score.argmax(axis=1))
-        top = score[np.arange(len(out)), out]
-        p_within = [{} if dup[i] else {t: round(float(np.interp(top[i], r.calibration[t]["x"], r.calibration[t]["y"])), 4)
-                                       for t in CALIBRATED_KM if t in r.calibration} for i in range(len(out))]
-        return out, score, p_within
+        parts = [_rescore_chunk(r, ev.take(rows), p, c[rows], [cv[rows] for cv in covered])
+                 for rows in (np.arange(r0, min(r0 + CHUNK, len(ev))) for r0 in range(0, len(ev), CHUNK))]
+        return (np.concatenate([b for b, _, _ in parts]), np.concatenate([s for _, s, _ in parts]),
+                [x for _, _, pw in parts for x in pw])
     return rescore
+
+
+def _rescore_chunk(r: Reranker, ev: Evidence, p: FusionParams, c: np.ndarray,
+                   covered: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
+    x, allowed, best, mixed = design(ev, p, c, covered)
+    score = np.full(allowed.shape, -np.inf)
+    score[allowed] = r.trees.predict(x[allowed])
+    dup = near_duplicate(ev, p)
+    score[dup] = mixed[dup]
+    out = np.where(dup, best, score.argmax(axis=1))
+    top = score[np.arange(len(out)), out]
+    maps = [(t, r.calibration[t]) for t in CALIBRATED_KM if t in r.calibration]
+    return out, score, [{} if dup[i] else {t: round(float(np.interp(top[i], m["x"], m["y"])), 4) for t, m in maps}
+                        for i in range(len(out))]
+
+
+def fits(r: Reranker, ev: Evidence) -> bool:
+    """True where the evidence has the signals the reranker was fitted on, in the same order."""
+    return r.features == feature_names(ev.names)

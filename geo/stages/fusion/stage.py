@@ -41,7 +41,7 @@ from geo.stages.fusion.signals import (
     sources_for,
     specs_for,
 )
-from geo.stages.fusion.rerank import Reranker, fit_reranker, rescorer
+from geo.stages.fusion.rerank import Reranker, fit_reranker, fits, rescorer
 from geo.stages.fusion.tuning import (
     accuracy,
     calibrate_modes,
@@ -106,8 +106,10 @@ class FusionModel:
                    reranker=reranker)
 
     def decide(self, ev: Evidence) -> list[Decision]:
-        """The fused mode's answers: the reranker's where it has one, the mixture's otherwise."""
-        return decide(ev, self.params, rerank=rescorer(self.reranker) if self.reranker is not None else None)
+        """The fused mode's answers: the reranker's where it has one (fitted on these signals), the mixture's
+        otherwise."""
+        use = self.reranker is not None and fits(self.reranker, ev)
+        return decide(ev, self.params, rerank=rescorer(self.reranker) if use else None)
 
 
 @dataclass
