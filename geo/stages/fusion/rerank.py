@@ -147,11 +147,10 @@ def design(ev: Evidence, p: FusionParams, c: np.ndarray,
 
 @dataclass
 class _Rows:
-    """Every query's allowed candidates, flattened: features, query, candidate, km to the truth, mixture answer."""
+    """Every query's allowed candidates, flattened: features, query, km to the truth, the mixture's answer."""
 
     x: np.ndarray
     query: np.ndarray
-    cand: np.ndarray
     km: np.ndarray
     mixture: np.ndarray  # bool: the candidate is the mixture's answer
 
@@ -170,8 +169,8 @@ def _rows(ev: Evidence, p: FusionParams, truth: np.ndarray) -> _Rows:
         q, j = np.nonzero(allowed)
         pts = sub.points[q, j]
         km = haversine_km(pts[:, 0], pts[:, 1], truth[rows[q], 0], truth[rows[q], 1])
-        parts.append(_Rows(x[q, j], rows[q], j, km, best[q] == j))
-    return _Rows(*(np.concatenate([getattr(pt, f) for pt in parts]) for f in ("x", "query", "cand", "km", "mixture")))
+        parts.append(_Rows(x[q, j], rows[q], km, best[q] == j))
+    return _Rows(*(np.concatenate([getattr(pt, f) for pt in parts]) for f in ("x", "query", "km", "mixture")))
 
 
 def _sample(d: _Rows, keep: np.ndarray, seed: int) -> np.ndarray:
