@@ -325,8 +325,8 @@ class GeoIndex:
             return self._calibrated(mode, batch, self._single(mode, batch, sims, rows))
         params = self.fusion.params
         out = []
-        for d in decide(collect(self.sources, batch), params):
-            p = _p_within(d.mass, params.calibration, d.duplicate)
+        for d in self.fusion.decide(collect(self.sources, batch)):  # the reranker's answer where it has one
+            p = d.p_within or _p_within(d.mass, params.calibration, d.duplicate)
             basis = "near-duplicate" if d.duplicate else (
                 "prior" if d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
             out.append(_Decision(d.lat, d.lon, p["25"], 25.0, p, d.alternatives, d.shares, basis))

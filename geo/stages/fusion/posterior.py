@@ -16,7 +16,7 @@ evidence (:mod:`geo.stages.fusion.tuning`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -58,6 +58,8 @@ class FusionParams:
     # the prior, tuned out of fold like the fused mode, so a mode whose signal does not beat the prior on new
     # photographers answers like the prior instead of below it.
     mode_fusion: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What the reranker (fusion/rerank.json) learned, for the build's words; empty where the mixture answers.
+    rerank: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def default(cls, specs: list[SignalSpec]) -> "FusionParams":
@@ -83,7 +85,7 @@ class FusionParams:
                 **{k: d[k] for k in ("duplicate_similarity", "decision", "calibration") if k in d}}
         return cls({n: SignalParams(**p) for n, p in d["signals"].items()},
                    **{k: d[k] for k in ("duplicate_similarity", "decision", "calibration", "mode_calibration",
-                                        "mode_fusion") if k in d})
+                                        "mode_fusion", "rerank") if k in d})
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Decision:
     alternatives: list[dict[str, float]]
     shares: dict[str, float] = field(default_factory=dict)  # each signal's part of the mass within SHARE_KM
     duplicate: bool = False         # a near-duplicate neighbour took all the weight
+    p_within: dict[str, float] = field(default_factory=dict)  # the reranker's calibrated p_within, when it answered
 
 
 SHARE_KM = 750  # the region: where even a weak image signal and the prior both put mass
@@ -221,12 +224,23 @@ def decide_batch(ev: Evidence, p: FusionParams, covered: list[np.ndarray] | None
     return score.argmax(axis=1), score, masses
 
 
-def decide(ev: Evidence, p: FusionParams, alternatives: int = 5) -> list[Decision]:
+Rescore = Callable[[Evidence, FusionParams, np.ndarray, list[np.ndarray]],
+                   tuple[np.ndarray, np.ndarray, list[dict[str, float]]]]
+
+
+def decide(ev: Evidence, p: FusionParams, alternatives: int = 5, rerank: Rescore | None = None) -> list[Decision]:
     """The answer per query, its alternatives (other places, not the same spot again) and what carried it:
-    each signal's share of the posterior mass within :data:`SHARE_KM` of the answer."""
+    each signal's share of the posterior mass within :data:`SHARE_KM` of the answer.
+
+    ``rerank`` (:func:`geo.stages.fusion.rerank.rescorer`) re-scores the
+    candidates from the mixture's closeness and coverages: it picks the answer
+    and orders the alternatives, and gives ``p_within``."""
     c = closeness(ev)
     covered = signal_coverages(ev, p, c)
     best, score, masses = decide_batch(ev, p, covered=covered)
+    p_within: list[dict[str, float]] = [{} for _ in best]
+    if rerank is not None:
+        best, score, p_within = rerank(ev, p, c, covered)
     w = signal_weights(ev, p)
     k_share = THRESHOLDS_KM.index(SHARE_KM)
     parts = np.stack([cov[np.arange(len(best)), k_share, best] for cov in covered], axis=1) * w  # [n, signals]
@@ -247,7 +261,8 @@ def decide(ev: Evidence, p: FusionParams, alternatives: int = 5) -> list[Decisio
         out.append(Decision(float(pts[i, b, 0]), float(pts[i, b, 1]),
                             {str(t): float(masses[i, k, b]) for k, t in enumerate(THRESHOLDS_KM)},
                             float(score[i, b]), alts,
-                            {n: round(float(parts[i, j]), 4) for j, n in enumerate(ev.names)}, bool(dup[i])))
+                            {n: round(float(parts[i, j]), 4) for j, n in enumerate(ev.names)}, bool(dup[i]),
+                            p_within[i]))
     return out
 
 
@@ -269,5 +284,18 @@ def learned_summary(p: FusionParams, prior_only: float) -> str:
         meaning = (f"the photo's own evidence ({carried}) carries the answers; the prior fills in where it is "
                    "weak, and an answer that rests on it says so.")
     return (f"fusion learned: {weights}\n  {meaning}\n  a gallery photo at least {p.duplicate_similarity:.2f} "
-            "similar is a near-duplicate: the answer snaps to its spot.")
+            "similar is a near-duplicate: the answer snaps to its spot." + _rerank_words(p.rerank))
+
+
+def _rerank_words(r: dict[str, Any]) -> str:
+    """The reranker's part of :func:`learned_summary` (nothing for bundles from before it)."""
+    if not r:
+        return ""
+    change = "  ".join(f"{t} km {100 * r['mixture'][t]:.0f}->{100 * r['reranked'][t]:.0f}%"
+                       for t in map(str, THRESHOLDS_KM))
+    if not r.get("used"):
+        return ("\n  a learned reranker of the candidates within the top cells did not clearly beat this mixture on "
+                f"photographers it had not seen ({change}); the mixture answers.")
+    return (f"\n  a learned reranker picks the answer among ~{r['candidates_per_query']:.0f} candidates per photo "
+            f"within the heads' top cells: out of fold {change}; it leans most on {', '.join(r['leans_on'])}.")
 

@@ -10,7 +10,8 @@ prior) and the fold's photos are scored against them: no query ever sees its
 own photographer. Nothing is written to disk, and the cells' calibration is
 not cross-fitted again inside a fold (the fold is already photographer-disjoint).
 
-File: ``fusion/fusion.json`` (params, validation scores, calibration).
+Files: ``fusion/fusion.json`` (params, validation scores, calibration) and, where the reranker beat the
+mixture out of fold, ``fusion/rerank.json`` (its trees as arrays and its calibration; no pickle).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from geo.core.splits import group_column, group_folds, validation_mask
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.stage import CellsConfig, fit_cells
 from geo.stages.cells.stage import with_photos as cells_with_photos
-from geo.stages.fusion.posterior import FusionParams
+from geo.stages.fusion.posterior import Decision, FusionParams, decide
 from geo.stages.fusion.signals import (
     Batch,
     Evidence,
@@ -40,7 +41,14 @@ from geo.stages.fusion.signals import (
     sources_for,
     specs_for,
 )
-from geo.stages.fusion.tuning import accuracy, calibrate_modes, tune, tune_backed_off_modes
+from geo.stages.fusion.rerank import Reranker, fit_reranker, fits, rescorer
+from geo.stages.fusion.tuning import (
+    accuracy,
+    calibrate_modes,
+    no_worse_than_restrictions,
+    tune,
+    tune_backed_off_modes,
+)
 from geo.stages.gallery.stage import GalleryConfig, GpsGallery, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnIndex
@@ -50,6 +58,7 @@ from geo.store.schema import checked, read_checked
 
 STAGE = "fusion"
 FUSION_FILE = "fusion/fusion.json"
+RERANK_FILE = "fusion/rerank.json"
 
 
 @dataclass
@@ -68,31 +77,47 @@ class FusionConfig:
 
 @dataclass
 class FusionModel:
-    """The stage's artifact: the fitted parameters and what the out-of-fold evidence said about every mode."""
+    """The stage's artifact: the fitted parameters, what the out-of-fold evidence said about every mode, and
+    the reranker where it beat the mixture out of fold (None otherwise, and in bundles from before it)."""
 
     params: FusionParams
     report: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    reranker: Reranker | None = None
 
     def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
         atomic_write_json(bundle.path(FUSION_FILE), {"params": self.params.to_dict(), **self.config, **self.report})
-        return [FUSION_FILE], {"params": self.params.to_dict(), "validation": self.report.get("validation"),
-                               "single_modes": self.report.get("single_modes"), "ece": self.report.get("ece"),
-                               "mode_ece": self.report.get("mode_ece")}
+        files = [FUSION_FILE]
+        if self.reranker is not None:
+            atomic_write_json(bundle.path(RERANK_FILE), self.reranker.to_dict())
+            files.append(RERANK_FILE)
+        return files, {"params": self.params.to_dict(), "validation": self.report.get("validation"),
+                       "single_modes": self.report.get("single_modes"), "ece": self.report.get("ece"),
+                       "mode_ece": self.report.get("mode_ece")}
 
     @classmethod
     def load(cls, bundle: Bundle) -> "FusionModel":
+        """The committed artifact; a reranker only where this fusion committed one (a file left over from an
+        earlier build is not in the manifest's files and is ignored)."""
         info = bundle.stage(STAGE)
         stored = read_checked(bundle.path(FUSION_FILE), {"params": dict}) if bundle.path(FUSION_FILE).exists() else {}
         if stored:
             checked_params(stored["params"], bundle.path(FUSION_FILE), "params")
         params = checked_params(info.get("params"), bundle.root, "stages.fusion.params")
-        return cls(params, {k: v for k, v in stored.items() if k != "params"})
+        reranker = (Reranker.from_dict(read_checked(bundle.path(RERANK_FILE), dict))
+                    if RERANK_FILE in bundle.manifest.get("files", {}) else None)
+        return cls(params, {k: v for k, v in stored.items() if k != "params"}, reranker=reranker)
+
+    def decide(self, ev: Evidence) -> list[Decision]:
+        """The fused mode's answers: the reranker's where it has one (fitted on these signals), the mixture's
+        otherwise."""
+        use = self.reranker is not None and fits(self.reranker, ev)
+        return decide(ev, self.params, rerank=rescorer(self.reranker) if use else None)
 
 
 _SIGNAL_SCHEMA = {"weight": float, "temperature?": float, "top_k?": int}
 PARAMS_SCHEMA = {"signals": {"*": _SIGNAL_SCHEMA}, "duplicate_similarity?": float, "decision?": str,
-                 "calibration?": dict, "mode_calibration?": dict, "mode_fusion?": dict}
+                 "calibration?": dict, "mode_calibration?": dict, "mode_fusion?": dict, "rerank?": dict}
 # params as bundles wrote them before signals had names (FusionParams.from_dict reads both)
 _UNNAMED_PARAMS_SCHEMA = {**{k: float for k in ("w_knn", "w_gallery", "w_cells", "w_prior", "knn_temperature",
                                                 "gallery_temperature")}, "gallery_k": int, "top_cells": int,
@@ -266,11 +291,17 @@ def _tuned(ev: Evidence, singles: dict[str, np.ndarray], truth: np.ndarray, grou
     t1 = time.perf_counter()
     params, report = tune(ev, truth, groups, log=log)
     params.mode_fusion, report["backed_off_modes"] = tune_backed_off_modes(ev, truth, groups, singles)
+    params, chosen = no_worse_than_restrictions(ev, params, truth, log)
+    report.update(chosen)
     params.mode_calibration, report["mode_ece"] = calibrate_modes(ev, params, singles, truth)
+    reranker, report["rerank"] = fit_reranker(ev, params, truth, groups, log)
+    params.rerank = report["rerank"]
+    if reranker is not None:
+        report["mixture_validation"], report["validation"] = report["validation"], report["rerank"]["reranked"]
     report["seconds"] = {"out_of_fold_signals": round(signal_seconds, 2), "tuning": round(time.perf_counter() - t1, 2)}
     report["single_modes"] = {m: accuracy(p, truth) for m, p in singles.items()}
     report["n_validation"] = int(len(truth))
     for m, a in {**report["single_modes"], "fused": report["validation"]}.items():
         log(f"fusion out-of-fold {m:>8}: " + " ".join(f"{t}km {100 * a[t]:.1f}%" for t in map(str, THRESHOLDS_KM))
             + f"  median {a['median_km']:.0f} km")
-    return FusionModel(params, report, saved)
+    return FusionModel(params, report, saved, reranker)

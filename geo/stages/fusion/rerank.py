@@ -1,0 +1,299 @@
+"""Reranking within the top cells: a learned scorer picks the answer among the signals' candidates.
+
+The mixture (:mod:`geo.stages.fusion.posterior`) adds the signals' masses, so
+a photo whose neighbours disagree is answered wherever most mass lands, and
+its weights are one setting for every photo. PIGEON's gains come from the
+other order: classify the geocell, then let retrieval pick the spot *inside*
+the cells the heads trust. Here, per query:
+
+* candidates are the support points that lie inside the heads' top cells
+  (within :data:`CELL_REACH_KM` of one of the :data:`TOP_CELLS` most probable
+  fine cells' spots): kNN neighbour spots, gallery points, cell spots, prior
+  points; plus the best :data:`OUTSIDE` kNN neighbours and gallery points
+  wherever they are (a confident kNN can still win) and the mixture's own answer;
+* each candidate gets features (:func:`design`): every signal's mass within
+  1/25/200/750/2500 km of it (the cells' mass within 200, 750 and 2500 km is
+  the heads' probability of the candidate's region, country and continent:
+  the coarser partition levels seen through the fine cells' spots), the same
+  relative to the query's best candidate, the query's own evidence (top
+  similarity, how concentrated each signal is), the candidate's source, rank
+  and own mass, and the mixture's score, rank and distance to its answer;
+* one gradient-boosted regressor scores it.
+
+Why one regressor on "the share of the thresholds met": the field's score,
+and fusion's objective, is the mean of the accuracies at 1/25/200/750/2500 km;
+the candidate whose expected share is highest is the Bayes answer for it, so
+a pointwise regressor on that share is a listwise-consistent objective with
+one model instead of five (a build-time cost the issue caps). Trees, not a
+logistic model: the rule "trust the neighbour spot inside the trusted cell,
+unless the neighbours are near-certain" is an interaction of features that a
+linear score would need hand-made products for. ``p_within`` at 25/200/750 km
+maps the ranker's score of the answer to how often such answers were that
+close (isotonic, on cross-fitted scores of other photographers).
+
+It is fitted on fusion's out-of-fold evidence (whole photographers per fold),
+cross-fitted again by photographer to measure it, and kept only where it beats
+the mixture by a clustered standard error; otherwise the mixture answers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from geo.core.geodesy import EARTH_RADIUS_KM, THRESHOLDS_KM, cos_km, haversine_km
+from geo.core.splits import clustered_se, group_folds
+from geo.stages.fusion.calibration import CALIBRATED_KM, expected_calibration_error, fit_isotonic
+from geo.stages.fusion.posterior import (
+    FusionParams,
+    SignalParams,
+    candidates,
+    closeness,
+    decide_batch,
+    near_duplicate,
+    signal_coverages,
+    signal_mass,
+)
+from geo.stages.fusion.signals import CELLS, DUPLICATE_SIGNAL, GALLERY, KNN, Evidence
+from geo.stages.fusion.trees import Trees
+
+TOP_CELLS = 5
+CELL_REACH_KM = 200.0
+OUTSIDE = 3
+CHUNK = 512  # queries per feature block: [chunk, candidates, features] stays a few tens of MB
+TRAIN_PER_QUERY = 48  # candidates per query the regressor is fitted on (a seeded sample, the mixture's answer kept)
+FOLDS = 3
+PEAK_KM = (25, 750)
+
+
+@dataclass
+class Reranker:
+    """The fitted scorer, its calibration and what it learned (``summary``, for the build's words)."""
+
+    trees: Trees
+    features: list[str]
+    calibration: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": self.features, "calibration": self.calibration, "summary": self.summary,
+                "trees": self.trees.to_dict(), "top_cells": TOP_CELLS, "cell_reach_km": CELL_REACH_KM,
+                "outside": OUTSIDE}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Reranker":
+        return cls(Trees.from_dict(d["trees"]), list(d["features"]), d.get("calibration", {}), d.get("summary", {}))
+
+
+def feature_names(names: list[str]) -> list[str]:
+    cov = [f"{n} mass {t} km" for n in names for t in THRESHOLDS_KM]
+    return [*cov, *(f"{c} / query best" for c in cov), *(f"query {n} peak {t} km" for n in names for t in PEAK_KM),
+            "source", "rank in source", "own mass", "mixture score", "mixture score / best", "mixture rank",
+            "is mixture answer", "km to mixture answer", "top kNN similarity", "inside top cells"]
+
+
+def _column(ev: Evidence, per_signal: Callable[[int, Any], np.ndarray]) -> np.ndarray:
+    return np.concatenate([per_signal(i, ev.signals[s.name]) for i, s in enumerate(ev.specs)], axis=-1)
+
+
+def pool(ev: Evidence, p: FusionParams, c: np.ndarray, best: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([n, m] candidates the ranker chooses among, [n, m] inside the top cells)."""
+    ok = candidates(ev, p)
+    blocks = dict(zip(ev.names, ev.blocks()))
+    if CELLS.name not in blocks:
+        inside = ok.copy()
+    else:
+        b = blocks[CELLS.name]
+        inside = (c[:, :, b.start:min(b.start + TOP_CELLS, b.stop)] >= cos_km(CELL_REACH_KM)).any(axis=2)
+    allowed = ok & inside
+    for name in (KNN.name, GALLERY.name):
+        if name in blocks:
+            b = blocks[name]
+            first = slice(b.start, min(b.start + OUTSIDE, b.stop))
+            allowed[:, first] |= ok[:, first]
+    allowed[np.arange(len(best)), best] = True
+    return allowed, inside
+
+
+def design(ev: Evidence, p: FusionParams, c: np.ndarray,
+           covered: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(features [n, m, F] float32, allowed [n, m], the mixture's answer [n], its scores [n, m]).
+
+    ``c`` and ``covered`` are the mixture's :func:`closeness` and
+    :func:`signal_coverages`, shared with its own decision."""
+    best, score, _ = decide_batch(ev, p, covered=covered)
+    n, m = score.shape
+    rows = np.arange(n)
+    allowed, inside = pool(ev, p, c, best)
+    cov = np.concatenate([cv.transpose(0, 2, 1) for cv in covered], axis=2)  # [n, m, S*T]
+    peak = cov.max(axis=1, keepdims=True)
+    keep = [i * len(THRESHOLDS_KM) + THRESHOLDS_KM.index(t) for i in range(len(covered)) for t in PEAK_KM]
+    src = _column(ev, lambda i, e: np.full(e.width, float(i)))
+    rank = _column(ev, lambda i, e: np.arange(e.width, dtype=np.float64))
+    own = _column(ev, lambda i, e: signal_mass(ev.specs[i], e.score, p.signals.get(ev.specs[i].name, SignalParams(0.0))))
+    fs = np.where(np.isfinite(score), score, 0.0)
+    fs_rel = fs / np.maximum(fs.max(axis=1, keepdims=True), 1e-12)
+    frank = np.argsort(np.argsort(-score, axis=1, kind="stable"), axis=1)
+    km = np.arccos(np.clip(c[rows, best, :], -1.0, 1.0)) * EARTH_RADIUS_KM
+    knn = ev.signals[DUPLICATE_SIGNAL].score if DUPLICATE_SIGNAL in ev.signals else np.full((n, 1), -np.inf)
+    top = np.max(np.where(np.isfinite(knn), knn, -1.0), axis=1, initial=-1.0)
+    per_candidate = [src[None].repeat(n, 0), rank[None].repeat(n, 0), own, fs, fs_rel, frank,
+                     (np.arange(m)[None] == best[:, None]), np.log1p(km), top[:, None].repeat(m, 1), inside]
+    x = np.concatenate([cov, cov / np.maximum(peak, 1e-12), peak[..., keep].repeat(m, 1),
+                        np.stack([np.asarray(a, np.float64) for a in per_candidate], axis=2)], axis=2)
+    return x.astype(np.float32), allowed, best, score
+
+
+@dataclass
+class _Rows:
+    """Every query's allowed candidates, flattened: features, query, km to the truth, the mixture's answer."""
+
+    x: np.ndarray
+    query: np.ndarray
+    km: np.ndarray
+    mixture: np.ndarray  # bool: the candidate is the mixture's answer
+
+    def share(self) -> np.ndarray:
+        return np.mean([self.km <= t for t in THRESHOLDS_KM], axis=0)
+
+
+def _rows(ev: Evidence, p: FusionParams, truth: np.ndarray) -> _Rows:
+    """The out-of-fold queries' candidates and features, computed a chunk of queries at a time."""
+    parts = []
+    for r0 in range(0, len(ev), CHUNK):
+        rows = np.arange(r0, min(r0 + CHUNK, len(ev)))
+        sub = ev.take(rows)
+        c = closeness(sub)
+        x, allowed, best, _ = design(sub, p, c, signal_coverages(sub, p, c))
+        q, j = np.nonzero(allowed)
+        pts = sub.points[q, j]
+        km = haversine_km(pts[:, 0], pts[:, 1], truth[rows[q], 0], truth[rows[q], 1])
+        parts.append(_Rows(x[q, j], rows[q], km, best[q] == j))
+    return _Rows(*(np.concatenate([getattr(pt, f) for pt in parts]) for f in ("x", "query", "km", "mixture")))
+
+
+def _sample(d: _Rows, keep: np.ndarray, seed: int) -> np.ndarray:
+    """Flat row indices to fit on: up to TRAIN_PER_QUERY candidates of each kept query, its mixture answer first."""
+    key = np.random.default_rng(seed).random(len(d.query)) + 2.0 * d.mixture
+    order = np.lexsort((-key, d.query))
+    starts = np.searchsorted(d.query[order], d.query[order])  # where each row's query begins in ``order``
+    pick = order[(np.arange(len(order)) - starts) < TRAIN_PER_QUERY]
+    return np.sort(pick[keep[d.query[pick]]])
+
+
+def _fit(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[Trees, np.ndarray]:
+    """(the regressor's trees, each feature's share of the split gain)."""
+    from sklearn.ensemble import HistGradientBoostingRegressor  # build time only; the query side walks arrays
+    from threadpoolctl import threadpool_limits
+
+    model = HistGradientBoostingRegressor(max_iter=100, learning_rate=0.1, max_leaf_nodes=15, min_samples_leaf=40,
+                                          l2_regularization=1.0, early_stopping=False, random_state=seed)
+    with threadpool_limits(1):  # small trees: OpenMP's threads cost more in waiting than they save (20x on 2 busy cores)
+        model.fit(x, y)
+    gain = np.zeros(x.shape[1])
+    for pr in model._predictors:
+        nodes = pr[0].nodes[pr[0].nodes["is_leaf"] == 0]
+        np.add.at(gain, nodes["feature_idx"], nodes["gain"])
+    return Trees.from_sklearn(model), gain / max(gain.sum(), 1e-12)
+
+
+def _best(d: _Rows, score: np.ndarray, n: int) -> np.ndarray:
+    """[n] flat row of each query's best-scored candidate."""
+    order = np.lexsort((-score, d.query))
+    first = np.searchsorted(d.query[order], np.arange(n))
+    return order[first]
+
+
+def _accuracy(km: np.ndarray) -> dict[str, float]:
+    return {**{str(t): round(float(np.mean(km <= t)), 4) for t in THRESHOLDS_KM}, "median_km": round(float(np.median(km)), 1)}
+
+
+def fit_reranker(ev: Evidence, p: FusionParams, truth: np.ndarray, groups: np.ndarray | None,
+                 log: Callable[[str], None] = print, seed: int = 0) -> tuple[Reranker | None, dict[str, Any]]:
+    """The ranker fitted on out-of-fold evidence, or None where it does not beat the mixture ``p`` out of fold.
+
+    Its own measure is cross-fitted by photographer (``groups``): each fold's
+    queries are ranked by a model fitted on the other photographers'. It is
+    kept only where its per-photo share of thresholds met beats the mixture's
+    by more than one clustered standard error; near-duplicates keep the
+    mixture's answer (the out-of-fold data never shows one).
+    """
+    n = len(ev)
+    d = _rows(ev, p, truth)
+    y = d.share()
+    dup = near_duplicate(ev, p)
+    fold = group_folds(n, groups, FOLDS, seed)
+    pred = np.full(len(y), -np.inf)
+    for f in range(FOLDS):
+        held = fold[d.query] == f
+        train = _sample(d, (fold != f) & ~dup, seed)
+        if held.any() and len(train):
+            trees, _ = _fit(d.x[train], y[train], seed)
+            pred[held] = trees.predict(d.x[held])
+    mixture = _best(d, d.mixture.astype(np.float64), n)
+    chosen = np.where(dup, mixture, _best(d, pred, n))
+    diff = y[chosen] - y[mixture]
+    gain, se = float(diff.mean()), clustered_se(diff, groups)
+    report = {"mixture": _accuracy(d.km[mixture]), "reranked": _accuracy(d.km[chosen]),
+              "gain": round(gain, 4), "se": round(se, 4), "candidates_per_query": round(len(y) / max(n, 1), 1)}
+    log(f"fusion reranker out of fold: share of thresholds met {100 * y[mixture].mean():.1f}% -> "
+        f"{100 * y[chosen].mean():.1f}% (+{100 * gain:.1f} +- {100 * se:.1f} points)")
+    if not gain > se:
+        log("fusion reranker: not clearly better than the mixture on other photographers; the mixture answers")
+        return None, {**report, "used": False}
+    trees, importance = _fit(d.x[(s := _sample(d, ~dup, seed))], y[s], seed)
+    names = feature_names(ev.names)
+    calib, ece = _calibration(pred[chosen[~dup]], d.km[chosen[~dup]], fold[~dup])
+    top = [names[i] for i in np.argsort(-importance)[:3]]
+    summary = {**report, "used": True, "ece": ece, "leans_on": top}
+    return Reranker(trees, names, calib, summary), summary
+
+
+def _calibration(score: np.ndarray, km: np.ndarray,
+                 fold: np.ndarray) -> tuple[dict[str, dict[str, list[float]]], dict[str, float]]:
+    """Isotonic maps ranker score -> how often the answer was within 25/200/750 km, and their expected
+    calibration error on photographers the map was not fitted on (each fold mapped by the others' fit)."""
+    calib, ece = {}, {}
+    for t in CALIBRATED_KM:
+        hit = km <= float(t)
+        calib[t] = fit_isotonic(score, hit)
+        prob = np.zeros(len(score))
+        for f in np.unique(fold):
+            m = fold == f
+            c = fit_isotonic(score[~m], hit[~m]) if (~m).any() else calib[t]
+            prob[m] = np.interp(score[m], c["x"], c["y"])
+        ece[t] = round(expected_calibration_error(prob, hit), 4)
+    return calib, ece
+
+
+def rescorer(r: Reranker) -> Callable[..., tuple[np.ndarray, np.ndarray, list[dict[str, float]]]]:
+    """The query side's reranking for :func:`geo.stages.fusion.posterior.decide`: (ev, params, closeness,
+    coverages) -> (best [n], scores [n, m], calibrated ``p_within`` per query; empty where the mixture kept the
+    answer, a near-duplicate), a chunk of queries at a time so the features stay a few tens of MB."""
+    def rescore(ev: Evidence, p: FusionParams, c: np.ndarray,
+                covered: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
+        parts = [_rescore_chunk(r, ev.take(rows), p, c[rows], [cv[rows] for cv in covered])
+                 for rows in (np.arange(r0, min(r0 + CHUNK, len(ev))) for r0 in range(0, len(ev), CHUNK))]
+        return (np.concatenate([b for b, _, _ in parts]), np.concatenate([s for _, s, _ in parts]),
+                [x for _, _, pw in parts for x in pw])
+    return rescore
+
+
+def _rescore_chunk(r: Reranker, ev: Evidence, p: FusionParams, c: np.ndarray,
+                   covered: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
+    x, allowed, best, mixed = design(ev, p, c, covered)
+    score = np.full(allowed.shape, -np.inf)
+    score[allowed] = r.trees.predict(x[allowed])
+    dup = near_duplicate(ev, p)
+    score[dup] = mixed[dup]
+    out = np.where(dup, best, score.argmax(axis=1))
+    top = score[np.arange(len(out)), out]
+    maps = [(t, r.calibration[t]) for t in CALIBRATED_KM if t in r.calibration]
+    return out, score, [{} if dup[i] else {t: round(float(np.interp(top[i], m["x"], m["y"])), 4) for t, m in maps}
+                        for i in range(len(out))]
+
+
+def fits(r: Reranker, ev: Evidence) -> bool:
+    """True where the evidence has the signals the reranker was fitted on, in the same order."""
+    return r.features == feature_names(ev.names)

@@ -1,0 +1,181 @@
+"""Fusion's reranker: candidates within the top cells scored by a learned function, with the mixture's back-off."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km
+from geo.stages.fusion.posterior import FusionParams, SignalParams, decide
+from geo.stages.fusion.rerank import Reranker
+from geo.stages.fusion.signals import CELLS, KNN, PRIOR, Evidence, SignalEvidence
+from geo.stages.fusion.stage import FusionModel, _tuned
+from geo.stages.fusion.trees import Trees
+from geo.store.bundle import Bundle
+
+
+def _offset(pts: np.ndarray, km: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Points ``km`` away from ``pts`` in random directions (flat-earth, fine away from the poles)."""
+    a = rng.uniform(0, 2 * np.pi, km.shape)
+    dlat = km * np.cos(a) / 111.0
+    dlon = km * np.sin(a) / (111.0 * np.cos(np.radians(pts[..., 0])))
+    return np.stack([pts[..., 0] + dlat, pts[..., 1] + dlon], -1)
+
+
+def world(n: int = 900, seed: int = 0, informative: bool = True) -> tuple[Evidence, np.ndarray, np.ndarray]:
+    """(evidence, truth, photographers) where the cells know the region and kNN knows the spot.
+
+    Half the photos ("indoor-ish", kNN similarity 0.4): the cells put 90 % of
+    their mass on fine cells 60-150 km around the truth (the region, never the
+    spot); kNN has three clusters of neighbours, one neighbour at the truth's spot
+    and seven at each of two spots in other regions, so kNN alone is wrong. The other half (landmarks, similarity 0.8): the cells point at a
+    wrong region, and the truth's neighbour cluster is the largest. The right
+    answer is "the neighbour spot inside the trusted cell" for the first half
+    and "the neighbour spot" for the second: what a fixed mixture cannot do
+    both of, and the query's own top similarity tells which. With
+    ``informative=False`` the neighbours and cells are noise.
+    """
+    rng = np.random.default_rng(seed)
+    regions = np.stack([rng.uniform(-50, 60, 60), rng.uniform(-170, 170, 60)], 1)
+    region = rng.integers(0, 60, n)
+    truth = _offset(regions[region], rng.uniform(0, 200, n), rng)
+    landmark = rng.random(n) < 0.5
+    other = (region[:, None] + rng.integers(1, 60, (n, 2))) % 60  # two other regions per photo
+    centres = np.stack([truth, *(_offset(regions[other[:, i]], rng.uniform(0, 200, n), rng) for i in range(2))], 1)
+    which = np.where(landmark[:, None], np.repeat(np.arange(3), [6, 5, 4])[None], np.repeat(np.arange(3), [1, 7, 7])[None])
+    knn_pts = _offset(centres[np.arange(n)[:, None], which], rng.uniform(0, 4, (n, 15)), rng)
+    sims = np.where(landmark, 0.8, 0.4)[:, None] + rng.normal(0, 0.01, (n, 15))
+    perm = np.argsort(-sims, axis=1)
+    knn_pts, sims = np.take_along_axis(knn_pts, perm[..., None], 1), np.take_along_axis(sims, perm, 1)
+    cell_home = np.where(landmark[:, None], regions[other[:, 0]], truth)
+    cell_pts = _offset(np.repeat(cell_home[:, None], 8, 1), rng.uniform(60, 150, (n, 8)), rng)
+    cell_p = np.tile(np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05, 0.05]), (n, 1))
+    if not informative:
+        knn_pts = np.stack([rng.uniform(-50, 60, (n, 15)), rng.uniform(-170, 170, (n, 15))], -1)
+        cell_pts = np.stack([rng.uniform(-50, 60, (n, 8)), rng.uniform(-170, 170, (n, 8))], -1)
+    prior = SignalEvidence(np.broadcast_to(regions[None, :10], (n, 10, 2)).copy(), np.full((n, 10), 0.1))
+    ev = Evidence([KNN, CELLS, PRIOR], {"knn": SignalEvidence(knn_pts, sims), "cells": SignalEvidence(cell_pts, cell_p),
+                                        "prior": prior})
+    return ev, truth, np.array([f"a{i % 150}" for i in range(n)])
+
+
+def _fitted(ev: Evidence, truth: np.ndarray, groups: np.ndarray) -> FusionModel:
+    singles = {"knn": ev.signals["knn"].latlon[:, 0], "cells": ev.signals["cells"].latlon[:, 0]}
+    return _tuned(ev, singles, truth, groups, {}, 0.0, lambda *_: None)
+
+
+def _hits(answers: np.ndarray, truth: np.ndarray) -> dict[int, float]:
+    d = haversine_km(answers[:, 0], answers[:, 1], truth[:, 0], truth[:, 1])
+    return {t: float(np.mean(d <= t)) for t in THRESHOLDS_KM}
+
+
+def _answers(decisions) -> np.ndarray:
+    return np.array([[d.lat, d.lon] for d in decisions])
+
+
+@pytest.fixture(scope="module")
+def informative() -> FusionModel:
+    return _fitted(*world(600, seed=0))
+
+
+def test_reranked_answer_beats_the_cells_the_neighbours_and_the_mixture(informative):
+    """New photos of the same world: the ranker answers at the neighbour spot inside the trusted cell, or at
+    the landmark's spot, and beats the top neighbour, the top cell and the mixture at every threshold
+    from 25 km (the neighbours scatter 0-4 km around their spot, so 1 km is luck for all of them)."""
+    assert informative.reranker is not None and informative.params.rerank["used"]
+    ev, truth, _ = world(400, seed=1)
+    fused = _hits(_answers(informative.decide(ev)), truth)
+    mixture = _hits(_answers(decide(ev, informative.params)), truth)
+    knn, cells = _hits(ev.signals["knn"].latlon[:, 0], truth), _hits(ev.signals["cells"].latlon[:, 0], truth)
+    for t in (25, 200, 750, 2500):
+        assert fused[t] > max(knn[t], cells[t]) + 0.2, t
+        assert fused[t] > mixture[t] + 0.05, t
+    assert fused[25] > 0.8
+
+
+def test_reranked_p_within_is_calibrated_on_new_photos(informative):
+    ev, truth, _ = world(400, seed=2)
+    decisions = informative.decide(ev)
+    d = haversine_km(*_answers(decisions).T, truth[:, 0], truth[:, 1])
+    for t in ("25", "200", "750"):
+        p = np.array([x.p_within[t] for x in decisions])
+        assert abs(p.mean() - np.mean(d <= float(t))) < 0.08, t
+
+
+def test_without_signal_the_mixture_answers_exactly():
+    ev, truth, groups = world(600, seed=0, informative=False)
+    model = _fitted(ev, truth, groups)
+    assert model.reranker is None and model.params.rerank["used"] is False
+    new, _, _ = world(200, seed=3, informative=False)
+    got, want = model.decide(new), decide(new, model.params)
+    assert [(d.lat, d.lon, d.alternatives, d.p_within) for d in got] == [(d.lat, d.lon, d.alternatives, {}) for d in want]
+
+
+def _bundle_with(model: FusionModel, root) -> Bundle:
+    b = Bundle.create_or_resume(root, {"name": "toy"}, 4)
+    files, info = model.save(b)
+    b.commit("fusion", files, info, replace=("fusion/",))
+    return b
+
+
+def test_save_and_load_give_identical_answers(informative, tmp_path):
+    b = _bundle_with(informative, tmp_path / "b")
+    assert (tmp_path / "b" / "fusion" / "rerank.json").exists()
+    assert "pickle" not in (tmp_path / "b" / "fusion" / "rerank.json").read_text()  # plain arrays in JSON
+    loaded = FusionModel.load(b)
+    assert loaded.reranker is not None and loaded.params == informative.params
+    ev, _, _ = world(200, seed=4)
+    assert loaded.decide(ev) == informative.decide(ev)
+
+
+def test_a_bundle_without_the_reranker_answers_with_the_mixture(informative, tmp_path):
+    """Bundles from before the reranker (no rerank.json, no ``rerank`` in the params) and a rerank.json left
+    over from an earlier build that the manifest no longer lists both answer with the mixture."""
+    old = FusionModel(FusionParams.from_dict({k: v for k, v in informative.params.to_dict().items() if k != "rerank"}))
+    b = _bundle_with(informative, tmp_path / "b")
+    b = _bundle_with(old, tmp_path / "b")  # refitted without: the file stays on disk, the manifest drops it
+    assert (tmp_path / "b" / "fusion" / "rerank.json").exists() and "fusion/rerank.json" not in b.manifest["files"]
+    loaded = FusionModel.load(b)
+    assert loaded.reranker is None
+    ev, _, _ = world(100, seed=5)
+    assert loaded.decide(ev) == decide(ev, old.params)
+
+
+def test_trees_predict_as_scikit_learn_does_and_survive_json():
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 6)).astype(np.float32)
+    y = np.sin(x[:, 0]) + (x[:, 1] > 0.3) * x[:, 2] + rng.normal(0, 0.1, 2000)
+    model = HistGradientBoostingRegressor(max_iter=30, max_leaf_nodes=15, early_stopping=False).fit(x, y)
+    trees = Trees.from_sklearn(model)
+    np.testing.assert_allclose(trees.predict(x), model.predict(x), rtol=0, atol=1e-9)
+    again = Trees.from_dict(json.loads(json.dumps(trees.to_dict())))
+    np.testing.assert_array_equal(again.predict(x), trees.predict(x))
+    assert Reranker.from_dict(json.loads(json.dumps(Reranker(trees, ["f"] * 6).to_dict()))).trees.depth == trees.depth
+
+
+def test_fused_is_never_below_a_restriction_of_itself():
+    """A fused setting that backed off to the prior, where the cells with the prior (one of its restrictions)
+    do better on the same out-of-fold photos, answers as that restriction (the Im2GPS3k case of issue 24)."""
+    from geo.stages.fusion.tuning import no_worse_than_restrictions, score_grid
+
+    ev, truth, _ = world(300, seed=6)
+    prior_only = FusionParams({"knn": SignalParams(0.0, 0.05), "cells": SignalParams(0.0, top_k=8),
+                               "prior": SignalParams(1.0)}, decision="region")
+    cells = FusionParams({"cells": SignalParams(0.5, top_k=8), "prior": SignalParams(0.5)}, decision="coarse")
+    prior_only.mode_fusion = {"cells": cells.to_dict()}
+    chosen, report = no_worse_than_restrictions(ev, prior_only, truth, log=lambda *_: None)
+    assert report["restriction"] == "cells" and chosen.weight("cells") == 0.5 and chosen.decision == "coarse"
+    assert report["restriction_scores"]["cells"] > report["restriction_scores"]["fused"]
+    assert score_grid(ev, truth, [chosen]).mean() == pytest.approx(report["restriction_scores"]["cells"], abs=1e-4)
+    assert set(chosen.calibration) == {"25", "200", "750"}
+    same, report = no_worse_than_restrictions(ev, chosen, truth, log=lambda *_: None)  # already the best: kept
+    assert report["restriction"] is None and same.signals == chosen.signals
+
+
+def test_a_reranker_fitted_on_other_signals_leaves_the_answer_to_the_mixture(informative):
+    ev, _, _ = world(100, seed=7)
+    without_cells = Evidence([KNN, PRIOR], {n: ev.signals[n] for n in ("knn", "prior")})
+    assert informative.decide(without_cells) == decide(without_cells, informative.params)
