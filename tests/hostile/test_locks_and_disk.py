@@ -207,11 +207,12 @@ def test_the_gallery_plan_counts_the_gps_gallery_s_points_on_disk():
 def test_disk_full_in_a_safetensors_write_says_the_build_resumes_and_it_does(tmp_path, monkeypatch):
     """Why #7: safetensors' own ENOSPC error ended in "an unexpected failure"."""
     import safetensors.torch
-    from synthetic import synthetic_gallery, write_embeddings
+    from synthetic import config_file, synthetic_gallery, write_embeddings
 
     emb = write_embeddings(synthetic_gallery(120), tmp_path / "e.parquet")
     out = tmp_path / "b"
-    build = ("build-index", "--embeddings", emb, "--backbone", "toy24", "--gallery-epochs", "1", "--out", out, "-q")
+    fast = config_file(tmp_path / "fast.json", {"gallery": {"epochs": 1}})
+    build = ("build-index", "--embeddings", emb, "--backbone", "toy24", "--config", fast, "--out", out, "-q")
     real = safetensors.torch.save_file
 
     def full(tensors, filename, metadata=None):
