@@ -1,7 +1,11 @@
-"""The city head: classes from the gallery's own cities, honest held-out scores, saved with the cells stage."""
+"""The city head: classes from the gallery's own cities, honest held-out scores, saved with the cells stage;
+answers use it only where it beats always answering its commonest class by a photographer-clustered SE."""
+import dataclasses
+
 import numpy as np
 import pandas as pd
 
+from geo.cli.info import _stage_line
 from geo.core.answer import Answer
 from geo.core.geodesy import latlon_to_xyz
 from geo.data.places import cities_of
@@ -35,6 +39,7 @@ def test_the_city_head_learns_the_galleries_cities_and_says_how_well(tmp_path):
     assert (head.cities["photos"].to_numpy()[:-1] >= MIN_CITY_PHOTOS).all()
     # held-out photographers: far above always answering the most common city
     assert info["held_out_acc"] > info["majority_acc"] + 0.5
+    assert info["used"] is True and "not_used_because" not in info and "not used" not in _stage_line("cells", fitted.info)
     bundle = Bundle.create_or_resume(tmp_path, {"name": "test"}, emb.shape[1])
     files, saved = fitted.save(bundle)
     assert {"heads/cities.safetensors", "heads/cities.json", "heads/cities.parquet"} <= set(files)
@@ -45,6 +50,28 @@ def test_the_city_head_learns_the_galleries_cities_and_says_how_well(tmp_path):
     tops = [loaded.top(p) for p in loaded.probs(emb[:50])]
     assert all(len(t) == 3 and t[0]["prob"] >= t[1]["prob"] >= t[2]["prob"] for t in tops)
     assert np.mean([t[0]["city"] == c for t, c in zip(tops, truth)]) > 0.7
+    assert loaded.answer_cities(emb[:50]) == tops
+    # a head recorded before the check (no "used" flag) keeps answering as it did
+    old = dataclasses.replace(loaded, info={k: v for k, v in loaded.info.items() if k not in ("used", "clustered_se")})
+    assert old.used and old.answer_cities(emb[:50]) == tops
+
+
+def test_a_head_that_learned_noise_is_kept_but_answers_name_no_cities(tmp_path):
+    meta, emb = _gallery()
+    emb = emb[np.random.default_rng(3).permutation(len(emb))]  # embeddings say nothing about the city
+    fitted = fit_cells(meta, emb, CellsConfig(tau_min=3, tau_max=[200, 60, 20]), log=lambda *_: None)
+    info = fitted.info["city_head"]
+    assert info["used"] is False
+    assert info["held_out_acc"] - info["majority_acc"] <= info["clustered_se"]
+    assert fitted.city_head.answer_cities(emb[:20]) == [[]] * 20
+    line = _stage_line("cells", fitted.info)
+    assert f"not used: held-out top-1 {100 * info['held_out_acc']:.1f}% does not beat" in line
+    assert f"'{info['majority_class']}'" in line
+    bundle = Bundle.create_or_resume(tmp_path, {"name": "test"}, emb.shape[1])
+    files, saved = fitted.save(bundle)
+    bundle.commit("cells", files, saved, replace=("cells/", "heads/"))
+    loaded = CellPredictor.load(open_bundle(tmp_path)).city_head
+    assert not loaded.used and loaded.answer_cities(emb[:5]) == [[]] * 5
 
 
 def test_a_gallery_without_two_cities_has_no_city_head():

@@ -29,6 +29,7 @@ def _stage_line(stage: str, info: dict) -> str:
         if k == "city_head":
             v = (f"{v['cities']} cities, held-out top-1 {100 * v['held_out_acc']:.1f}% (majority class "
                  f"{100 * v['majority_acc']:.1f}%)") if "held_out_acc" in v else f"{v['cities']} cities"
+            v += f"; not used: {info[k]['not_used_because']}" if info[k].get("not_used_because") else ""
         if k == "validation":
             v = " ".join(f"{t}km {100 * v[t]:.1f}%" for t in map(str, THRESHOLDS_KM) if t in v)
             k = "out-of-fold accuracy"

@@ -260,7 +260,7 @@ class GeoIndex:
         places = nearest_places(*lat_lon)
         countries = self._countries(country_index(*lat_lon), probs)
         city_head = self.cells.city_head if self.cells is not None else None
-        city_probs = city_head.probs(batch.emb) if city_head is not None else None
+        cities = city_head.answer_cities(batch.emb) if city_head is not None else [[] for _ in decisions]
         out = []
         for i, d in enumerate(decisions):
             r = rows[i][rows[i] >= 0]
@@ -277,7 +277,7 @@ class GeoIndex:
                 evidence={"basis": d.basis, "signals": d.shares,
                           "top_similarity": round(float(sims[i][rows[i] >= 0][0]), 6) if (rows[i] >= 0).any() else None},
                 place=places[i], country=countries[i], city=city_label(places[i]),
-                cities=city_head.top(city_probs[i]) if city_head is not None else [],
+                cities=cities[i],
             ).abstain_below(min_confidence))
         return out
 

@@ -10,6 +10,12 @@ heads (:func:`geo.stages.cells.train.train_heads`: early stopping on the held-ou
 compute cap), with one temperature fitted on those photographers' photos; its held-out top-1 accuracy and
 the majority-class baseline are recorded, so a user can see whether it beats guessing.
 
+A head that does not beat that baseline by one photographer-clustered standard error
+(:func:`geo.core.splits.clustered_se`) is kept in the bundle but not used: answers name no ``cities`` and
+its info says why (``used: false``, ``not_used_because``). On a real testbed the head scored 30.9 % held-out
+top-1 against 44.6 % for "elsewhere" yet still listed three cities with probabilities, which misleads more
+than it helps. A head recorded before this rule (no ``used`` key) keeps answering as it did.
+
 Files: ``heads/cities.safetensors`` (weights) and ``heads/cities.parquet`` (class, city, photos).
 """
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from geo.core.splits import clustered_se
 from geo.data.places import cities_of
 from geo.models.heads import CellHeads, head_logits, load_heads, save_heads
 from geo.stages.cells.train import HeadConfig, train_heads
@@ -54,6 +61,17 @@ class CityHead:
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
 
+    @property
+    def used(self) -> bool:
+        """Whether answers carry this head's cities (a head recorded without the flag predates the check: used)."""
+        return bool(self.info.get("used", True))
+
+    def answer_cities(self, emb: np.ndarray) -> list[list[dict[str, Any]]]:
+        """Each query's :meth:`top` cities, or [] for every query when the head is not used."""
+        if not self.used:
+            return [[] for _ in range(len(emb))]
+        return [self.top(p) for p in self.probs(emb)]
+
     def top(self, probs: np.ndarray, k: int = CITIES_SHOWN) -> list[dict[str, Any]]:
         """The k most probable named cities of one row, best first: [{city, prob}]."""
         named = probs[:-1]
@@ -80,9 +98,10 @@ class CityHead:
 
 
 def fit_city_head(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, val: np.ndarray, tau_min: int,
-                  config: HeadConfig) -> CityHead | None:
+                  config: HeadConfig, groups: np.ndarray | None = None) -> CityHead | None:
     """The city head from the training photos (``val``: indices of the held-out photographers' photos, as
-    the cell heads use), or None when fewer than two cities have enough photos."""
+    the cell heads use; ``groups``: every photo's photographer, for the standard error that decides whether
+    answers use the head), or None when fewer than two cities have enough photos."""
     label = np.array([c or ELSEWHERE for c in cities_of(lat, lon)], dtype=object)
     held = np.zeros(len(emb), bool)
     held[val] = True
@@ -103,25 +122,52 @@ def fit_city_head(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, val: np.nda
     temperature = 1.0
     if held.any():
         (logits,), _ = head_logits(result.model, emb[held])
-        truth = target[held]
         z = logits.astype(np.float64)
-        nll = []
-        for t in TEMPERATURES:
-            s = z / t
-            s -= s.max(axis=1, keepdims=True)
-            nll.append(float(np.mean(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(s)), truth])))
-        temperature = float(TEMPERATURES[int(np.argmin(nll))])
-        majority = np.bincount(target[~held], minlength=n_classes).argmax()
-        in_city = truth < len(cities)
-        info.update({
-            "held_out": int(held.sum()),
-            "held_out_acc": round(float(np.mean(z.argmax(axis=1) == truth)), 4),
-            "majority_acc": round(float(np.mean(truth == majority)), 4),
-            "held_out_in_a_city": int(in_city.sum()),
-            "held_out_city_acc": round(float(np.mean(z[in_city, :-1].argmax(axis=1) == truth[in_city])), 4)
-            if in_city.any() else None,
-        })
+        temperature = _temperature(z, target[held])
+        info.update(_held_out_scores(z, target, held, [*cities, ELSEWHERE],
+                                     groups[held] if groups is not None else None))
+    else:
+        info.update({"used": False, "not_used_because": "no held-out photographers to check it against"})
     info["temperature"] = round(temperature, 4)
     table = pd.DataFrame({"class": np.arange(n_classes, dtype=np.int32), "city": [*cities, ELSEWHERE],
                           "photos": np.bincount(target[~held], minlength=n_classes).astype(np.int64)})
     return CityHead(result.model.cpu().eval(), table, temperature, info)
+
+
+def _temperature(z: np.ndarray, truth: np.ndarray) -> float:
+    """The :data:`TEMPERATURES` entry with the least held-out negative log-likelihood."""
+    nll = []
+    for t in TEMPERATURES:
+        s = z / t
+        s -= s.max(axis=1, keepdims=True)
+        nll.append(float(np.mean(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(s)), truth])))
+    return float(TEMPERATURES[int(np.argmin(nll))])
+
+
+def _held_out_scores(z: np.ndarray, target: np.ndarray, held: np.ndarray, classes: list[str],
+                     groups: np.ndarray | None) -> dict[str, Any]:
+    """Held-out top-1 against always answering the training photos' commonest class, and whether the gain
+    exceeds one photographer-clustered standard error of the per-photo difference (else: not used)."""
+    truth = target[held]
+    majority = int(np.bincount(target[~held], minlength=len(classes)).argmax())
+    hit = (z.argmax(axis=1) == truth).astype(np.float64)
+    base = (truth == majority).astype(np.float64)
+    gain, se = float(hit.mean() - base.mean()), clustered_se(hit - base, groups)
+    in_city = truth < len(classes) - 1
+    out: dict[str, Any] = {
+        "held_out": int(held.sum()),
+        "held_out_acc": round(float(hit.mean()), 4),
+        "majority_acc": round(float(base.mean()), 4),
+        "majority_class": classes[majority],
+        "clustered_se": round(se, 4) if np.isfinite(se) else None,
+        "held_out_in_a_city": int(in_city.sum()),
+        "held_out_city_acc": round(float(np.mean(z[in_city, :-1].argmax(axis=1) == truth[in_city])), 4)
+        if in_city.any() else None,
+        "used": bool(gain > se),
+    }
+    if not out["used"]:
+        out["not_used_because"] = (
+            f"held-out top-1 {100 * hit.mean():.1f}% does not beat always answering '{classes[majority]}' "
+            f"({100 * base.mean():.1f}%) by a photographer-clustered SE ({100 * se:.1f} points)" if np.isfinite(se)
+            else "fewer than two held-out photographers: no clustered SE to check it against")
+    return out

@@ -115,7 +115,7 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
     if config.answer_heads:
         regression = _regression(emb, lat, lon, groups, config.seed, log)
         info["regression"] = regression.info
-        city = _city_head(emb, lat, lon, val, int(cells.source.get("tau_min", 1)), hc, log)
+        city = _city_head(emb, lat, lon, val, int(cells.source.get("tau_min", 1)), hc, groups, log)
         info["city_head"] = city.info if city is not None else None
     return CellPredictor(cells.tables, info["partitions"], result.model, calibration, scene_values, support, info,
                          config.scene_column, regression, city)
@@ -218,13 +218,16 @@ def _regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np.nd
 
 
 def _city_head(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, val: np.ndarray, tau_min: int, hc: HeadConfig,
-               log: Callable[[str], None]) -> CityHead | None:
+               groups: np.ndarray | None, log: Callable[[str], None]) -> CityHead | None:
     """The city head (an answer's cities), trained without the held-out photographers, with its held-out
-    accuracy against always answering the commonest class in the build's log."""
-    city = fit_city_head(emb, lat, lon, val, tau_min, hc)
+    accuracy against always answering the commonest class in the build's log, and why answers do not use it
+    when it does not beat that by a photographer-clustered standard error."""
+    city = fit_city_head(emb, lat, lon, val, tau_min, hc, groups)
     if city is not None and "held_out_acc" in city.info:
         log(f"cells: city head over {city.info['cities']} cities + elsewhere: held-out top-1 "
             f"{city.info['held_out_acc']:.1%} (majority class {city.info['majority_acc']:.1%})")
+    if city is not None and not city.used:
+        log(f"cells: city head not used: {city.info['not_used_because']}")
     return city
 
 
