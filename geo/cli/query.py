@@ -83,6 +83,8 @@ def query_command(
         fail(f"--format must be text, json or geojson, not {output!r}")
     if crops not in (1, 3, 5):
         fail("--crops must be 1, 3 or 5")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:  # NaN fails both comparisons
+        fail(f"--min-confidence must be a number from 0 to 1, not {min_confidence}")
     if bool(images) == (embeddings is not None):
         fail("give image paths or --embeddings PATH: one of the two")
     if (index is None) == (server is None):
