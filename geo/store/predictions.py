@@ -233,7 +233,23 @@ def read_predictions(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
         if missing:
             raise PredictionsError(f"{f}: not a geo predictions file (missing columns {', '.join(missing)})")
         frames.append(t.to_pandas())
+        _check_confidence(frames[-1], f)
     return conform(pd.concat(frames, ignore_index=True))
+
+
+def _check_confidence(df: pd.DataFrame, path: Path, column: str = "confidence") -> None:
+    """Refuse a confidence outside [0, 1] (or not a number): scored or reported as given, -3 or 7 would skew
+    every calibration figure. An empty cell (NaN) stays allowed: no confidence reported, or no answer."""
+    if column not in df.columns:
+        return
+    raw = df[column]
+    num = pd.to_numeric(raw, errors="coerce").astype("float64")
+    given = raw.notna().to_numpy() & (raw.astype(str) != "").to_numpy()
+    bad = given & ~((num >= 0) & (num <= 1)).to_numpy()  # NaN and inf fail the comparison
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise PredictionsError(f"{path}: {int(bad.sum())} row(s) with column {column!r} outside 0..1 "
+                               f"(first: row {i}, {raw.iloc[i]!r})")
 
 
 class ShardedWriter:
@@ -372,4 +388,5 @@ def read_scored_file(path: str | os.PathLike, columns: Mapping[str, str | None] 
                   "top_cells", "topk"):
         if extra in raw.columns and extra not in df.columns:
             df[extra] = raw[extra].replace("", None).to_numpy() if raw[extra].dtype == object else raw[extra].to_numpy()
+    _check_confidence(raw, path)
     return conform(df), footer

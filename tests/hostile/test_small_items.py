@@ -2,8 +2,14 @@
 files named by file and column; what people read cannot be forged by an id."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import cli, one_line_error, photo
+
+from geo.store.predictions import write_predictions
 
 
 @pytest.mark.parametrize("value", ["2", "-0.5", "nan", "inf"])
@@ -11,3 +17,31 @@ def test_min_confidence_outside_zero_one_is_refused(bundle, value):
     """Why: the CLI took 2 and nan (abstain on everything, or on nothing) where the server answers 422."""
     r = cli("query", photo(3), "--index", bundle, "--min-confidence", value)
     one_line_error(r, "--min-confidence", "0 to 1")
+
+
+def _predictions(tmp_path: Path, name: str = "p.parquet", **cols) -> Path:
+    """A tiny geo predictions file (three photos near Paris), with columns replaced by ``cols``."""
+    df = pd.DataFrame({"query_id": ["a", "b", "c"], "true_lat": [48.85] * 3, "true_lon": [2.35] * 3,
+                       "pred_lat": [48.8, 48.9, 49.0], "pred_lon": [2.3, 2.4, 2.5], "mode": ["knn"] * 3,
+                       "confidence": [0.2, 0.5, np.nan]})
+    for k, v in cols.items():
+        df[k] = v
+    return write_predictions(tmp_path / name, df)
+
+
+@pytest.mark.parametrize("bad", [-3.0, 7.0, np.inf])
+@pytest.mark.parametrize("command", [("report",), ("bench", "score")])
+def test_confidence_outside_zero_one_is_refused(tmp_path, bad, command):
+    """Why: -3 or 7 went into the calibration table and the score as if meant; NaN (none reported) stays."""
+    f = _predictions(tmp_path, confidence=[0.2, bad, np.nan])
+    r = cli(*command, f, *(["--out", tmp_path / "rep"] if command == ("report",) else []))
+    one_line_error(r, str(f), "confidence", "0..1")
+    fine = cli(*command, _predictions(tmp_path, "ok.parquet"), "--no-ci",
+               *(["--out", tmp_path / "rep"] if command == ("report",) else []))
+    assert fine.exit_code == 0, fine.output
+
+
+def test_confidence_outside_zero_one_in_a_csv_is_refused(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text("id,true_lat,true_lon,pred_lat,pred_lon,confidence\nx,1,2,3,4,0.5\ny,1,2,3,4,\nz,1,2,3,4,7\n")
+    one_line_error(cli("bench", "score", f), str(f), "confidence", "0..1")
