@@ -252,6 +252,16 @@ def _check_confidence(df: pd.DataFrame, path: Path, column: str = "confidence") 
                                f"(first: row {i}, {raw.iloc[i]!r})")
 
 
+def _check_unique(df: pd.DataFrame, path: Path) -> None:
+    """Refuse a photo answered twice (in one mode): it would count twice in every figure of the score."""
+    keys = ["query_id"] + (["mode"] if "mode" in df.columns else [])
+    dup = df.duplicated(keys, keep=False).to_numpy()
+    if dup.any():
+        example = df["query_id"].iloc[int(np.flatnonzero(dup)[0])]
+        raise PredictionsError(f"{path}: {int(df.duplicated(keys).sum())} duplicate id(s), e.g. {example!r} "
+                               f"appears more than once{' in one mode' if 'mode' in keys else ''}")
+
+
 class ShardedWriter:
     """Append-safe, resumable writer for a long benchmark.
 
@@ -389,4 +399,5 @@ def read_scored_file(path: str | os.PathLike, columns: Mapping[str, str | None] 
         if extra in raw.columns and extra not in df.columns:
             df[extra] = raw[extra].replace("", None).to_numpy() if raw[extra].dtype == object else raw[extra].to_numpy()
     _check_confidence(raw, path)
+    _check_unique(df, path)
     return conform(df), footer

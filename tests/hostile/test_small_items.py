@@ -45,3 +45,14 @@ def test_confidence_outside_zero_one_in_a_csv_is_refused(tmp_path):
     f = tmp_path / "p.csv"
     f.write_text("id,true_lat,true_lon,pred_lat,pred_lon,confidence\nx,1,2,3,4,0.5\ny,1,2,3,4,\nz,1,2,3,4,7\n")
     one_line_error(cli("bench", "score", f), str(f), "confidence", "0..1")
+
+
+def test_bench_score_refuses_duplicate_ids(tmp_path):
+    """Why: a photo listed twice counted twice in the median and the accuracies."""
+    f = _predictions(tmp_path, query_id=["a", "b", "a"])
+    one_line_error(cli("bench", "score", f), str(f), "duplicate", "'a'")
+    csv = tmp_path / "p.csv"
+    csv.write_text("id,true_lat,true_lon,pred_lat,pred_lon\nx,1,2,3,4\nx,1,2,3,4\n")
+    one_line_error(cli("bench", "score", csv), str(csv), "duplicate", "'x'")
+    modes = _predictions(tmp_path, "modes.parquet", query_id=["a", "a", "b"], mode=["knn", "cells", "knn"])
+    assert cli("bench", "score", modes, "--no-ci").exit_code == 0  # one photo in two modes is not a duplicate
