@@ -56,3 +56,12 @@ def test_bench_score_refuses_duplicate_ids(tmp_path):
     one_line_error(cli("bench", "score", csv), str(csv), "duplicate", "'x'")
     modes = _predictions(tmp_path, "modes.parquet", query_id=["a", "a", "b"], mode=["knn", "cells", "knn"])
     assert cli("bench", "score", modes, "--no-ci").exit_code == 0  # one photo in two modes is not a duplicate
+
+
+def test_report_on_an_empty_file_says_so(tmp_path):
+    """Why: a 0-row file was answered with a Python list repr ([PosixPath('...')]) and no reason."""
+    f = write_predictions(tmp_path / "empty.parquet", pd.DataFrame(columns=["query_id", "true_lat", "true_lon",
+                                                                              "pred_lat", "pred_lon"]))
+    r = cli("report", f, "--out", tmp_path / "rep")
+    one_line_error(r, str(f), "no rows")
+    assert "PosixPath" not in r.output and "[" not in r.output, r.output
