@@ -223,18 +223,24 @@ def read_predictions(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
             raise PredictionsError(f"{p}: no such predictions file")
     if not files:
         raise PredictionsError(f"{', '.join(map(str, paths))}: no .parquet predictions files found")
-    frames = []
-    for f in files:
-        try:
-            t = pq.read_table(f)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise PredictionsError(f"{f}: not a readable Parquet file ({e})") from None
-        missing = [c for c in ("query_id", "true_lat", "true_lon", "pred_lat", "pred_lon") if c not in t.column_names]
-        if missing:
-            raise PredictionsError(f"{f}: not a geo predictions file (missing columns {', '.join(missing)})")
-        frames.append(t.to_pandas())
-        _check_confidence(frames[-1], f)
+    frames = [_read_part(f) for f in files]
     return conform(pd.concat(frames, ignore_index=True))
+
+
+def _read_part(f: Path) -> pd.DataFrame:
+    """One predictions file, named in every refusal: in a folder, pyarrow's message alone does not say which part
+    is damaged (undecodable text in a damaged part surfaces only at the conversion)."""
+    try:
+        t = pq.read_table(f)
+        t.validate(full=True)  # text that is not UTF-8 fails here, named, not in a later use
+        names, df = t.column_names, t.to_pandas()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise PredictionsError(f"{f}: not a readable Parquet file ({e})") from None
+    missing = [c for c in ("query_id", "true_lat", "true_lon", "pred_lat", "pred_lon") if c not in names]
+    if missing:
+        raise PredictionsError(f"{f}: not a geo predictions file (missing columns {', '.join(missing)})")
+    _check_confidence(df, f)
+    return df
 
 
 def _check_confidence(df: pd.DataFrame, path: Path, column: str = "confidence") -> None:

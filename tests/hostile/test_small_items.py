@@ -65,3 +65,37 @@ def test_report_on_an_empty_file_says_so(tmp_path):
     r = cli("report", f, "--out", tmp_path / "rep")
     one_line_error(r, str(f), "no rows")
     assert "PosixPath" not in r.output and "[" not in r.output, r.output
+
+
+def _bad_text_part(path: Path, df: pd.DataFrame, column: str) -> Path:
+    """Write ``df`` with ``column`` holding bytes that are not UTF-8 under a string type: a damaged part that
+    pyarrow opens and fails only at the conversion, with a message naming no file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pa.Table.from_pandas(df, preserve_index=False)
+    raw = b"\xff\xfe" * len(df)
+    bad = pa.Array.from_buffers(pa.string(), len(df), [None, pa.py_buffer(np.arange(0, 2 * len(df) + 1, 2,
+                                                                                       dtype=np.int32).tobytes()),
+                                                       pa.py_buffer(raw)])
+    pq.write_table(t.set_column(t.column_names.index(column), column, bad), path)
+    return path
+
+
+def test_a_damaged_part_in_a_folder_is_named(bundle, tmp_path):
+    """Why: a damaged part of an --embeddings or predictions folder was reported by pyarrow's words alone."""
+    emb = pd.read_parquet(sorted((bundle / "embeddings").glob("part-*.parquet"))[0])
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    emb.to_parquet(folder / "b.parquet")
+    (folder / "a.parquet").write_bytes((folder / "b.parquet").read_bytes()[:200])  # truncated: cannot open
+    r = cli("query", "--embeddings", folder, "--index", bundle)
+    one_line_error(r, str(folder / "a.parquet"))
+    (folder / "a.parquet").unlink()
+    _bad_text_part(folder / "c.parquet", emb, "id")  # opens, fails at the conversion
+    one_line_error(cli("query", "--embeddings", folder, "--index", bundle), str(folder / "c.parquet"))
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    good = pd.read_parquet(_predictions(preds, "a.parquet"))
+    _bad_text_part(preds / "b.parquet", good, "query_id")
+    one_line_error(cli("report", preds, "--out", tmp_path / "rep"), str(preds / "b.parquet"))
