@@ -99,3 +99,14 @@ def test_a_damaged_part_in_a_folder_is_named(bundle, tmp_path):
     good = pd.read_parquet(_predictions(preds, "a.parquet"))
     _bad_text_part(preds / "b.parquet", good, "query_id")
     one_line_error(cli("report", preds, "--out", tmp_path / "rep"), str(preds / "b.parquet"))
+
+
+def test_an_out_error_names_the_path_asked_for(tmp_path):
+    """Why: `--out` onto a folder said "Is a directory: '.p.parquet.x1y2.tmp' -> ..." naming our hidden temp file."""
+    f = _predictions(tmp_path)
+    target = tmp_path / "taken.parquet"
+    target.mkdir()
+    r = cli("bench", "score", f, "--out", target)
+    one_line_error(r, str(target))
+    assert ".tmp" not in r.output, r.output
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # and nothing left behind
