@@ -110,3 +110,30 @@ def test_an_out_error_names_the_path_asked_for(tmp_path):
     one_line_error(r, str(target))
     assert ".tmp" not in r.output, r.output
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # and nothing left behind
+
+
+def test_exif_gps_without_a_reference_or_at_null_island_is_an_error_row(tmp_path, textured):
+    """Why: a missing GPSLatitudeRef/GPSLongitudeRef was read as N/E (a Rio photo indexed in the Atlantic off
+    Africa), and 0, 0, a camera's default without a fix, was indexed as a place in the Gulf of Guinea."""
+    from fractions import Fraction as F
+
+    from PIL import Image
+
+    from geo.data.manifest import read_manifest
+
+    def put(name: str, fields: dict) -> None:
+        exif = Image.Exif()
+        exif.get_ifd(0x8825).update(fields)
+        textured(64, 48).save(tmp_path / "photos" / name, exif=exif)
+
+    (tmp_path / "photos").mkdir()
+    put("good.jpg", {1: "S", 2: (F(22), F(54), F(0)), 3: "W", 4: (F(43), F(12), F(0))})
+    put("no_lat_ref.jpg", {2: (F(22), F(54), F(0)), 3: "W", 4: (F(43), F(12), F(0))})
+    put("no_lon_ref.jpg", {1: "S", 2: (F(22), F(54), F(0)), 4: (F(43), F(12), F(0))})
+    put("null_island.jpg", {1: "N", 2: (F(0), F(0), F(0)), 3: "E", 4: (F(0), F(0), F(0))})
+    r = read_manifest(tmp_path / "photos")
+    assert r.df["id"].tolist() == ["good.jpg"] and r.df["lat"].iloc[0] < 0 and r.df["lon"].iloc[0] < 0
+    why = {e["path"].rsplit("/", 1)[1]: e["reason"] for e in r.errors}
+    assert "GPSLatitudeRef missing" in why["no_lat_ref.jpg"]
+    assert "GPSLongitudeRef missing" in why["no_lon_ref.jpg"]
+    assert "null island" in why["null_island.jpg"]
