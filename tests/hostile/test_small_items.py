@@ -137,3 +137,17 @@ def test_exif_gps_without_a_reference_or_at_null_island_is_an_error_row(tmp_path
     assert "GPSLatitudeRef missing" in why["no_lat_ref.jpg"]
     assert "GPSLongitudeRef missing" in why["no_lon_ref.jpg"]
     assert "null island" in why["null_island.jpg"]
+
+
+def test_ids_cannot_forge_lines_of_the_human_output(bundle, tmp_path):
+    """Why: an --embeddings id holding a newline (or NUL, or a terminal escape) printed a line of its own that
+    read like an answer."""
+    emb = pd.read_parquet(sorted((bundle / "embeddings").glob("part-*.parquet"))[0]).head(2)
+    emb["id"] = ["evil\nforged.jpg: 0.00000, 0.00000  [fused]", "nul\x00\x1b[2Jid"]
+    emb.to_parquet(tmp_path / "q.parquet")
+    r = cli("query", "--embeddings", tmp_path / "q.parquet", "--index", bundle)
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert not [x for x in lines if x.startswith("forged")], r.stdout
+    assert "evil\\x0aforged.jpg" in lines[0] and "\x00" not in r.stdout and "\x1b" not in r.stdout
+    assert any(x.startswith("nul\\x00\\x1b[2Jid: ") for x in lines), r.stdout
