@@ -161,7 +161,7 @@ def test_exif_gps_follows_the_spec(tmp_path, textured):
     # a negative degrees field negates the whole value: -45 30' is -45.5 (it was read as -44.5)
     assert _signed(_dms((-45.0, 30.0, 0.0)), "N", "NS", "GPSLatitudeRef") == -45.5
     assert _signed(_dms((-45.0, 30.0, 0.0)), "S", "NS", "GPSLatitudeRef") == -45.5  # never flipped back
-    assert _signed(_dms(12.25), None, "EW", "GPSLongitudeRef") == 12.25  # a bare number, no reference
+    assert _signed(_dms(-12.25), None, "EW", "GPSLongitudeRef") == -12.25  # a negative bare number, no reference
     for fields, reason in (({1: "N", 2: (f(10), f(75), f(0)), 3: "E", 4: (f(1), f(0), f(0))}, "minutes 75"),
                            ({1: "N", 2: (f(10), f(0), f(60)), 3: "E", 4: (f(1), f(0), f(0))}, "seconds 60"),
                            ({1: "X", 2: (f(10), f(0), f(0)), 3: "E", 4: (f(1), f(0), f(0))}, "'X' is not N or S")):

@@ -10,6 +10,7 @@ import typer
 from geo.cli.common import fail, print_json
 from geo.cli.options import Device, EmbeddingColumn, Embeddings, Index, Json
 from geo.core.answer import LOW_EVIDENCE, Answer
+from geo.core.files import one_line
 from geo.core.progress import showing
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import expand_images
@@ -21,7 +22,7 @@ from geo.store.predictions import answers_to_frame, write_predictions
 
 
 def print_human(ans: Answer, top: int = 3) -> None:
-    name = ans.image if ans.id is None else ans.id
+    name = one_line(ans.image if ans.id is None else ans.id)
     if ans.error:
         typer.echo(f"{name}: could not read ({ans.error})")
         return
@@ -36,12 +37,12 @@ def print_human(ans: Answer, top: int = 3) -> None:
     if basis == "prior":
         typer.echo(f"    {LOW_EVIDENCE}")
     elif basis == "near-duplicate" and ans.neighbors:
-        typer.echo(f"    a near-duplicate of gallery photo {ans.neighbors[0]['id']} "
+        typer.echo(f"    a near-duplicate of gallery photo {one_line(ans.neighbors[0]['id'])} "
                    f"(similarity {ans.neighbors[0]['similarity']:.3f}): answered at its spot")
     for alt in ans.alternatives[:3]:
         typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}")
     for n in ans.neighbors[:top]:
-        typer.echo(f"    neighbour {n['id']}  sim {n['similarity']:.3f}  at {n['lat']:.4f}, {n['lon']:.4f}"
+        typer.echo(f"    neighbour {one_line(n['id'])}  sim {n['similarity']:.3f}  at {n['lat']:.4f}, {n['lon']:.4f}"
                    f"  ({n['distance_km']:.1f} km from answer)")
 
 
@@ -83,6 +84,8 @@ def query_command(
         fail(f"--format must be text, json or geojson, not {output!r}")
     if crops not in (1, 3, 5):
         fail("--crops must be 1, 3 or 5")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:  # NaN fails both comparisons
+        fail(f"--min-confidence must be a number from 0 to 1, not {min_confidence}")
     if bool(images) == (embeddings is not None):
         fail("give image paths or --embeddings PATH: one of the two")
     if (index is None) == (server is None):

@@ -103,6 +103,14 @@ def printable(name: str | os.PathLike) -> str:
         return os.fsencode(s).decode("utf-8", "backslashreplace")
 
 
+def one_line(name: str | os.PathLike) -> str:
+    """:func:`printable`, with control characters (newline, NUL, escape, ...) and line separators shown as
+    ``\\xNN``/``\\uNNNN`` escapes: for lines meant for people, where an id holding a newline would otherwise
+    print a forged line of output (or a terminal escape sequence)."""
+    return "".join(c if c.isprintable() or c == " " else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   for c in printable(name))
+
+
 _ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
 
 

@@ -75,7 +75,7 @@ class EmbeddingTable:
         self.column = embedding_column
         self.require_coordinates = require_coordinates
         self.parts = self._discover()
-        self.columns = [str(c) for c in pq.ParquetFile(self.parts[0].meta).schema_arrow.names]
+        self.columns = [str(c) for c in _parquet(self.parts[0].meta).schema_arrow.names]
         self.lat_col = find_column(self.columns, LAT_COLUMNS)
         self.lon_col = find_column(self.columns, LON_COLUMNS)
         if require_coordinates and (self.lat_col is None or self.lon_col is None):
@@ -133,7 +133,7 @@ class EmbeddingTable:
 
     @property
     def rows(self) -> int:
-        return sum(pq.ParquetFile(part.meta).metadata.num_rows for part in self.parts)
+        return sum(_parquet(part.meta).metadata.num_rows for part in self.parts)
 
     def _first_dim(self) -> int:
         """The dimension of the first usable embedding: what every row must then have."""
@@ -144,8 +144,9 @@ class EmbeddingTable:
         raise EmbeddingTableError(f"{self.path}: no row holds an embedding")
 
     # ------------------------------------------------------------ reading
-    def _raw(self, rows: int) -> Iterator[tuple[pa.Table, list[np.ndarray | None] | np.ndarray, np.ndarray]]:
-        """(metadata, embeddings, lengths) per batch; lengths -1 for a null embedding.
+    def _raw(self, rows: int) -> Iterator[tuple[pd.DataFrame, list[np.ndarray | None] | np.ndarray, np.ndarray]]:
+        """(metadata, embeddings, lengths) per batch; lengths -1 for a null embedding. The batch is validated
+        and converted here, so that a damaged part (undecodable text) is named like any other unreadable one.
 
         Parquet embeddings come as a list of per-row arrays (any length, so a
         wrong one can be reported); clip-retrieval's as a 2-D array.
@@ -161,14 +162,15 @@ class EmbeddingTable:
                 start = 0
                 for batch in pf.iter_batches(batch_size=rows):
                     table = pa.Table.from_batches([batch])
+                    table.validate(full=True)  # text that is not UTF-8 fails here, named, not in a later use
                     if part.npy is not None:
                         mat = np.asarray(emb[start:start + len(table)])
                         start += len(table)
-                        yield table, mat, np.full(len(table), mat.shape[1])
+                        yield table.to_pandas(), mat, np.full(len(table), mat.shape[1])
                     else:
-                        yield (table.drop_columns([self.column]), *_lists(table.column(self.column), part.meta,
+                        yield (table.drop_columns([self.column]).to_pandas(), *_lists(table.column(self.column), part.meta,
                                                                           self.column))
-            except (pa.ArrowInvalid, OSError, ValueError) as e:
+            except (pa.ArrowException, OSError, ValueError) as e:
                 if isinstance(e, EmbeddingTableError):
                     raise
                 raise EmbeddingTableError(f"{part.npy or part.meta}: cannot read ({e})") from None
@@ -178,13 +180,12 @@ class EmbeddingTable:
         when adding to it) count as duplicates."""
         seen = set() if seen is None else set(seen)
         first = 0
-        for table, mat, lengths in self._raw(rows):
-            yield self._validate(table, mat, lengths, first, seen)
-            first += len(table)
+        for df, mat, lengths in self._raw(rows):
+            yield self._validate(df, mat, lengths, first, seen)
+            first += len(df)
 
-    def _validate(self, table: pa.Table, mat, lengths: np.ndarray, first: int, seen: set[str]) -> EmbeddingPiece:
-        n = len(table)
-        df = table.to_pandas()
+    def _validate(self, df: pd.DataFrame, mat, lengths: np.ndarray, first: int, seen: set[str]) -> EmbeddingPiece:
+        n = len(df)
         reasons: list[str | None] = [None] * n
         ids = _ids(df, self.id_col, self.path_col, first)
         lat, lon = (_coordinate(df, col, n) for col in (self.lat_col, self.lon_col))
@@ -228,6 +229,14 @@ class EmbeddingTable:
             meta[str(c)] = df[c].to_numpy()[ok]
         emb = vec[ok] / norm[ok, None].astype(np.float32)
         return EmbeddingPiece(meta, emb.astype(np.float32), errors, n, first, np.flatnonzero(ok))
+
+
+def _parquet(path: Path) -> pq.ParquetFile:
+    """Open one part: pyarrow's message alone does not say which file of a folder is damaged."""
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise EmbeddingTableError(f"{path}: not a readable Parquet file ({e})") from None
 
 
 def _lists(column: pa.ChunkedArray, where: Path, name: str) -> tuple[list[np.ndarray | None], np.ndarray]:

@@ -223,13 +223,18 @@ def exif_latlon(path: str | os.PathLike) -> tuple[float, float]:
         lon = _signed(_dms(gps[4]), gps.get(3), "EW", "GPSLongitudeRef")
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"malformed EXIF GPS ({e})") from None
+    if lat == 0 and lon == 0:
+        raise ValueError("EXIF GPS 0, 0 (\"null island\"): a camera's default when it had no fix, not a place")
     return lat, lon
 
 
 def _signed(dms: tuple[float, bool], ref: Any, refs: str, tag: str) -> float:
     """Apply the reference (N/S, E/W: the EXIF spec's sign); a negative degrees field some writers use instead
-    of the reference also means south or west, never both at once."""
+    of the reference also means south or west, never both at once. Without either, the hemisphere is unknown:
+    reading it as N or E would put a southern or western photo on the wrong side of the globe."""
     magnitude, negative = dms
+    if ref is None and not negative and magnitude != 0:
+        raise ValueError(f"{tag} missing: cannot tell {refs[0]} from {refs[1]}")
     if ref is not None:
         r = (ref.decode("ascii", "replace") if isinstance(ref, bytes) else str(ref)).strip("\x00 ").upper()
         if r not in refs:

@@ -440,8 +440,11 @@ def build_report(predictions: str | os.PathLike | Sequence[str | os.PathLike], o
                  top_n: int = 10, ci: bool = True) -> tuple[dict[str, Any], dict[str, Path]]:
     """Analyse predictions and write ``report.html``, ``errors_hist.png``, ``errors_map.png``, ``report.json``."""
     df = read_predictions(predictions)
+    names = ", ".join(map(str, [predictions] if isinstance(predictions, (str, os.PathLike)) else predictions))
+    if df.empty:
+        raise ValueError(f"{names}: no rows: nothing to report")
     if df["true_lat"].isna().all():
-        raise ValueError(f"{predictions}: no ground truth in these predictions (ad-hoc queries cannot be scored)")
+        raise ValueError(f"{names}: no ground truth in these predictions (ad-hoc queries cannot be scored)")
     a = analyse(df, top_n=top_n, ci=ci)
     out = Path(out_dir)  # atomic writes create it
     frame = a.pop("_frame")

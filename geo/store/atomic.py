@@ -62,19 +62,28 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         writer(tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
         if disk_full(e):  # whatever the writer raised (safetensors, FAISS, Arrow), one error naming the file
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        if isinstance(e, OSError) and e.errno is not None and _is_temp(e.filename, path):
+            raise OSError(e.errno, e.strerror, str(path)) from e  # the path asked for, not our hidden temp file
         raise
     return path
+
+
+def _is_temp(name: object, path: Path) -> bool:
+    """Whether an error's file name is a temp file of :func:`atomic_write` for ``path`` (mkstemp's, whose random
+    name an error from mkstemp itself also carries)."""
+    return isinstance(name, str) and os.path.basename(name).startswith(f".{path.name}.") and name.endswith(".tmp")
 
 
 _DISK_FULL_WORDS = ("No space left on device", "StorageFull", "os error 28")

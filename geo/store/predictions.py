@@ -223,17 +223,49 @@ def read_predictions(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> 
             raise PredictionsError(f"{p}: no such predictions file")
     if not files:
         raise PredictionsError(f"{', '.join(map(str, paths))}: no .parquet predictions files found")
-    frames = []
-    for f in files:
-        try:
-            t = pq.read_table(f)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise PredictionsError(f"{f}: not a readable Parquet file ({e})") from None
-        missing = [c for c in ("query_id", "true_lat", "true_lon", "pred_lat", "pred_lon") if c not in t.column_names]
-        if missing:
-            raise PredictionsError(f"{f}: not a geo predictions file (missing columns {', '.join(missing)})")
-        frames.append(t.to_pandas())
+    frames = [_read_part(f) for f in files]
     return conform(pd.concat(frames, ignore_index=True))
+
+
+def _read_part(f: Path) -> pd.DataFrame:
+    """One predictions file, named in every refusal: in a folder, pyarrow's message alone does not say which part
+    is damaged (undecodable text in a damaged part surfaces only at the conversion)."""
+    try:
+        t = pq.read_table(f)
+        t.validate(full=True)  # text that is not UTF-8 fails here, named, not in a later use
+        names, df = t.column_names, t.to_pandas()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise PredictionsError(f"{f}: not a readable Parquet file ({e})") from None
+    missing = [c for c in ("query_id", "true_lat", "true_lon", "pred_lat", "pred_lon") if c not in names]
+    if missing:
+        raise PredictionsError(f"{f}: not a geo predictions file (missing columns {', '.join(missing)})")
+    _check_confidence(df, f)
+    return df
+
+
+def _check_confidence(df: pd.DataFrame, path: Path, column: str = "confidence") -> None:
+    """Refuse a confidence outside [0, 1] (or not a number): scored or reported as given, -3 or 7 would skew
+    every calibration figure. An empty cell (NaN) stays allowed: no confidence reported, or no answer."""
+    if column not in df.columns:
+        return
+    raw = df[column]
+    num = pd.to_numeric(raw, errors="coerce").astype("float64")
+    given = raw.notna().to_numpy() & (raw.astype(str) != "").to_numpy()
+    bad = given & ~((num >= 0) & (num <= 1)).to_numpy()  # NaN and inf fail the comparison
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise PredictionsError(f"{path}: {int(bad.sum())} row(s) with column {column!r} outside 0..1 "
+                               f"(first: row {i}, {raw.iloc[i]!r})")
+
+
+def _check_unique(df: pd.DataFrame, path: Path) -> None:
+    """Refuse a photo answered twice (in one mode): it would count twice in every figure of the score."""
+    keys = ["query_id"] + (["mode"] if "mode" in df.columns else [])
+    dup = df.duplicated(keys, keep=False).to_numpy()
+    if dup.any():
+        example = df["query_id"].iloc[int(np.flatnonzero(dup)[0])]
+        raise PredictionsError(f"{path}: {int(df.duplicated(keys).sum())} duplicate id(s), e.g. {example!r} "
+                               f"appears more than once{' in one mode' if 'mode' in keys else ''}")
 
 
 class ShardedWriter:
@@ -372,4 +404,6 @@ def read_scored_file(path: str | os.PathLike, columns: Mapping[str, str | None] 
                   "top_cells", "topk"):
         if extra in raw.columns and extra not in df.columns:
             df[extra] = raw[extra].replace("", None).to_numpy() if raw[extra].dtype == object else raw[extra].to_numpy()
+    _check_confidence(raw, path)
+    _check_unique(df, path)
     return conform(df), footer
