@@ -18,14 +18,13 @@ current machine's values win when a bundle is refitted elsewhere.
 from __future__ import annotations
 
 import dataclasses
-import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from geo.core.settings_file import read_settings_file
 from geo.stages.cells.partition import PARTITIONERS
 from geo.stages.cells.stage import CellsConfig
 from geo.stages.embed import EmbedConfig
@@ -196,14 +195,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
     ``geo info --json``'s whole output is accepted too: its recorded ``build.settings`` are taken."""
     path = Path(path)
-    try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except FileNotFoundError:
-        raise SettingsError(f"{path}: settings file not found") from None
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SettingsError(f"{path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} ({e})") \
-            from None
+    data = read_settings_file(path, SettingsError)
     if isinstance(data, dict) and isinstance(data.get("build"), dict) and "format_version" in data:
         data = recorded(data)
     from_dict(data, strict=True, where=str(path))

@@ -64,7 +64,7 @@ def test_limits_come_from_a_json_or_toml_config(cli_bundle, started, tmp_path):
     ("float.json", '{"queue_size": 6.5}', ["queue_size", "integer"]),
     ("broken.toml", "max_batch = \n", ["not valid TOML"]),
     ("limits.yaml", "max_batch: 3\n", [".yaml"]),
-    ("list.json", "[1, 2]", ["expected a table"]),
+    ("list.json", "[1, 2]", ["must hold a table of settings"]),
     ("conflict.json", '{"max_images": 100}', ["max_images", "queue_size"]),
     ("zero.toml", "timeout_s = 0\n", ["positive"]),
 ])

@@ -11,13 +11,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from geo.core.files import read_capped
+from geo.core.settings_file import read_settings_file
 
 PARTITIONERS = ("adaptive", "semantic")  # bottomup ranks cells by embeddings, which change while fine-tuning
 
@@ -91,13 +90,7 @@ def read_config(path: str | Path, base: FinetuneConfig = FinetuneConfig()) -> Fi
     :class:`FinetuneConfig`'s fields. An unknown key, a wrong type or a value out of range is a ValueError that
     names the file and the key, so a misspelt setting never silently falls back to its default."""
     path = Path(path)
-    text = read_capped(path, 1 << 20).decode("utf-8", "replace")
-    try:
-        values = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'} ({e})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: must hold a table of settings, not {type(values).__name__}")
+    values = read_settings_file(path)
     for key in values:
         if key not in _FIELD_TYPES:
             near = difflib.get_close_matches(key, _FIELD_TYPES, 1)

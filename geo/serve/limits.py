@@ -25,11 +25,11 @@ max_inflight_mb    256          request bodies held at once across all clients (
 from __future__ import annotations
 
 import difflib
-import json
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from geo.core.settings_file import read_settings_file
 
 MB = 1 << 20
 MULTIPART_FRAMING = 1 << 20  # the form's boundaries and headers around its files
@@ -86,22 +86,10 @@ class ServeLimits:
 
 def load_limits(path: Path) -> ServeLimits:
     """The limits in a JSON or TOML file, defaults for the keys it leaves out; LimitsError names the file and key."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LimitsError(f"{path}: cannot read it ({e})") from None
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise LimitsError(f"{path}: a limits file is .json or .toml, not {suffix or 'without a suffix'!r}")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise LimitsError(f"{path}: not valid {suffix[1:].upper()} ({e})") from None
-    if not isinstance(data, dict):
-        raise LimitsError(f"{path}: expected a table of limits (key = value), not {type(data).__name__}")
+    if suffix not in (".json", ".toml"):
+        raise LimitsError(f"{path}: a limits file is .json or .toml, not {suffix or 'without a suffix'!r}")
+    data = read_settings_file(path, LimitsError)
     values = {key: _value(path, key, value) for key, value in data.items()}
     try:
         return ServeLimits(**values)
