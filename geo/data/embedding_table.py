@@ -201,14 +201,10 @@ class EmbeddingTable:
                 reasons[i] = f"embedding has {int(lengths[i])} values, expected {self.dim}"
             else:
                 vec[i] = mat[i]
-        with np.errstate(invalid="ignore", over="ignore"):
-            finite = np.isfinite(vec).all(axis=1)
-            norm = np.linalg.norm(np.where(np.isfinite(vec), vec, 0.0), axis=1)
+        problems = vector_problems(vec)
         for i in range(n):
-            if reasons[i] is None and not finite[i]:
-                reasons[i] = "embedding holds NaN or infinite values"
-            elif reasons[i] is None and norm[i] == 0:
-                reasons[i] = "embedding is a zero vector (no direction to compare)"
+            if reasons[i] is None and problems[i] is not None:
+                reasons[i] = f"embedding {problems[i]}"
             elif reasons[i] is None and ids[i] in seen:
                 reasons[i] = f"duplicate id {ids[i]!r}"
             if reasons[i] is None:
@@ -227,8 +223,24 @@ class EmbeddingTable:
         })
         for c in extras:
             meta[str(c)] = df[c].to_numpy()[ok]
-        emb = vec[ok] / norm[ok, None].astype(np.float32)
-        return EmbeddingPiece(meta, emb.astype(np.float32), errors, n, first, np.flatnonzero(ok))
+        return EmbeddingPiece(meta, unit_rows(vec[ok]), errors, n, first, np.flatnonzero(ok))
+
+
+def vector_problems(vec: np.ndarray) -> list[str | None]:
+    """Why each vector of ``vec`` (its last axis) cannot be compared, or None: the one rule for embeddings that
+    come in from outside (precomputed tables here, JSON rows posted to ``geo serve``)."""
+    rows = vec.reshape(-1, vec.shape[-1]) if vec.ndim > 1 else vec[None]
+    finite = np.isfinite(rows).all(axis=1)
+    norm = np.linalg.norm(np.where(finite[:, None], rows, 0.0).astype(np.float64), axis=1)
+    return [None if f and z > 0 else "holds NaN or infinite values" if not f else
+            "is a zero vector (no direction to compare)" for f, z in zip(finite, norm)]
+
+
+def unit_rows(vec: np.ndarray) -> np.ndarray:
+    """``vec`` scaled to length 1 along its last axis (the norm taken in float64, so large finite values do not
+    overflow it), as float32: how every embedding is stored and searched."""
+    norm = np.linalg.norm(vec.astype(np.float64), axis=-1, keepdims=True)
+    return (vec / norm).astype(np.float32)
 
 
 def _parquet(path: Path) -> pq.ParquetFile:

@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from geo.core.answer import Answer
+from geo.data.embedding_table import unit_rows, vector_problems
 from geo.data.images import ImageLoadError, image_size
 from geo.serve.batcher import Job
 from geo.serve.state import ServeState
@@ -105,9 +106,7 @@ def _unit_rows(v: np.ndarray, rid: str) -> np.ndarray:
     """Each vector of ``v`` ([dim] or [crops, dim]) scaled to length 1, as the index's own embeddings are;
     422 for a non-finite or zero vector, which has no direction to compare (the same rows
     ``geo query --embeddings`` refuses)."""
-    if not np.isfinite(v).all():
-        raise HTTPException(422, f"embedding {rid!r} holds NaN or infinite values")
-    norm = np.linalg.norm(v.astype(np.float64), axis=-1, keepdims=True)
-    if (norm == 0).any():
-        raise HTTPException(422, f"embedding {rid!r} is a zero vector (no direction to compare)")
-    return (v / norm).astype(np.float32)
+    problem = next((p for p in vector_problems(v) if p is not None), None)
+    if problem is not None:
+        raise HTTPException(422, f"embedding {rid!r} {problem}")
+    return unit_rows(v)
