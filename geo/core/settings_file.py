@@ -6,6 +6,7 @@ keys against its own settings. TOML comes from the standard library from Python 
 """
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -37,3 +38,11 @@ def read_settings_file(path: str | Path, error: type[ValueError] = ValueError) -
     if not isinstance(data, dict):
         raise error(f"{path}: must hold a table of settings (key = value), not {type(data).__name__}")
     return data
+
+
+def unknown_setting(path: str | Path, key: str, known: list[str]) -> str:
+    """The message for a key the command does not take: the nearest real one when a spelling is close (``-`` read
+    as ``_``), and every key it takes."""
+    near = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+    return (f"{path}: unknown setting {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+            + f"; known keys: {', '.join(known)}")

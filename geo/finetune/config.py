@@ -8,7 +8,6 @@ set, rarely, in one JSON or TOML file whose keys are this dataclass's fields, ch
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import typing
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from geo.core.settings_file import read_settings_file
+from geo.core.settings_file import read_settings_file, unknown_setting
 
 PARTITIONERS = ("adaptive", "semantic")  # bottomup ranks cells by embeddings, which change while fine-tuning
 
@@ -93,9 +92,7 @@ def read_config(path: str | Path, base: FinetuneConfig = FinetuneConfig()) -> Fi
     values = read_settings_file(path)
     for key in values:
         if key not in _FIELD_TYPES:
-            near = difflib.get_close_matches(key, _FIELD_TYPES, 1)
-            raise ValueError(f"{path}: unknown setting {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-                             + f"; the settings are {', '.join(_FIELD_TYPES)}")
+            raise ValueError(unknown_setting(path, key, list(_FIELD_TYPES)))
     cfg = dataclasses.replace(base, **{k: _typed(path, k, v) for k, v in values.items()})
     if bad := cfg.problems():
         raise ValueError(f"{path}: {bad[0]}")

@@ -24,12 +24,11 @@ max_inflight_mb    256          request bodies held at once across all clients (
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from geo.core.settings_file import read_settings_file
+from geo.core.settings_file import read_settings_file, unknown_setting
 
 MB = 1 << 20
 MULTIPART_FRAMING = 1 << 20  # the form's boundaries and headers around its files
@@ -100,9 +99,7 @@ def load_limits(path: Path) -> ServeLimits:
 def _value(path: Path, key: str, value: Any) -> int | float:
     types = {f.name: f.type for f in fields(ServeLimits)}
     if key not in types:
-        close = difflib.get_close_matches(key.replace("-", "_"), types, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(types)}"
-        raise LimitsError(f"{path}: unknown key {key!r}{hint}")
+        raise LimitsError(unknown_setting(path, key, list(types)))
     wants_int = types[key] == "int"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (wants_int and not isinstance(value, int)):
         raise LimitsError(f"{path}: {key} must be {'an integer' if wants_int else 'a number'}, not {value!r}")
