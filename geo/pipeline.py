@@ -40,7 +40,7 @@ from geo.stages.cells.stage import fit_cells
 from geo.stages.cells.stage import with_photos as cells_with_photos
 from geo.stages.embed import EmbedConfig, check_plan, ingest_embeddings, manifest_fingerprint
 from geo.stages.fusion.stage import FusionModel, SignalStages, fit_fusion, fit_fusion_on_built
-from geo.stages.gallery.stage import GEOCLIP_GALLERY, GpsGallery, fit_gallery
+from geo.stages.gallery.stage import GEOCLIP_GALLERY, GpsGallery, extra_points, fit_gallery
 from geo.stages.gallery.stage import with_photos as gallery_with_photos
 from geo.stages.knn import KnnIndex, fit_knn, read_index
 from geo.store.atomic import atomic_write_parquet, ensure_free_space, restore_interrupted, restored_on_failure
@@ -393,9 +393,7 @@ def _gps_gallery_points(cfg: BuildConfig) -> int:
     """How many points the GPS gallery adds to the photos' places: GeoCLIP's 100K (its default for a GeoCLIP
     backbone), a --gps-gallery file's rows (estimated from its size: a "lat,lon" line is about 20 bytes), or
     none."""
-    gps = cfg.stage_configs.gallery.gps_gallery
-    if gps is None and "gallery" in cfg.stages and cfg.backbone.lower().startswith("geoclip"):
-        gps = GEOCLIP_GALLERY
+    gps = extra_points(cfg.stage_configs.gallery, cfg.backbone)
     if gps is None:
         return 0
     if str(gps) == GEOCLIP_GALLERY:

@@ -127,6 +127,14 @@ def gallery_points(photo_latlon: np.ndarray, extra: str | None, max_points: int 
     return np.concatenate([photo, ext]), src
 
 
+def extra_points(config: GalleryConfig, backbone: str) -> str | None:
+    """The GPS points a gallery adds to the photos' places: the configured file, or GeoCLIP's 100K for GeoCLIP's own
+    backbone (whose location encoder was trained on them)."""
+    if config.gps_gallery is None and backbone.lower().startswith("geoclip"):
+        return GEOCLIP_GALLERY
+    return config.gps_gallery
+
+
 def fit_gallery(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig = GalleryConfig(), backbone: str = "",
                 log: Callable[[str], None] = print, val: np.ndarray | None = None,
                 photos: np.ndarray | None = None) -> "GpsGallery":
@@ -137,8 +145,7 @@ def fit_gallery(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig = Gal
     gallery, or the pipeline's bounded sample of a large one, with ``val`` marking its held-out photographers);
     ``photos`` are every gallery photo's (lat, lon) [n, 2], whose places become the points (default: ``meta``'s).
     """
-    if config.gps_gallery is None and backbone.lower().startswith("geoclip"):
-        config = dataclasses.replace(config, gps_gallery=GEOCLIP_GALLERY)
+    config = dataclasses.replace(config, gps_gallery=extra_points(config, backbone))
     latlon = meta[["lat", "lon"]].to_numpy(np.float64)
     ok = valid_latlon(latlon[:, 0], latlon[:, 1])
     if not ok.any():
