@@ -197,13 +197,21 @@ class KnnIndex:
         Fusion scores a large gallery's held-out photographers against the built
         index: their own photos must not be found.
         """
-        out = copy.copy(self)
         batch = faiss.IDSelectorBatch(np.asarray(rows, np.int64))
-        sel = faiss.IDSelectorNot(batch)
+        return self._selecting(faiss.IDSelectorNot(batch), batch)
+
+    def within(self, rows: np.ndarray) -> "KnnIndex":
+        """The same index, searched as if it held only ``rows`` (a query-time constraint: the photos inside it).
+        An IVF index still visits only its ``nprobe`` nearest lists, so a small set may yield fewer neighbours."""
+        batch = faiss.IDSelectorBatch(np.asarray(rows, np.int64))
+        return self._selecting(batch, batch)
+
+    def _selecting(self, sel, *keep) -> "KnnIndex":
+        out = copy.copy(self)
         ivf = faiss.try_extract_index_ivf(self.index)
         params = (faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe) if ivf is not None
                   else faiss.SearchParameters(sel=sel))
-        out._params = (params, sel, batch)  # the selectors must outlive the parameters that point at them
+        out._params = (params, sel, *keep)  # the selectors must outlive the parameters that point at them
         return out
 
     def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
