@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -167,6 +168,7 @@ class GeoIndex:
         self.knn_params = KnnParams()
         self.constraint: Constraint | None = None  # set on a view of the index through one (see through)
         self._views: dict[str, GeoIndex] = {}
+        self._views_lock = threading.Lock()
 
     def load_stages(self) -> None:
         """Read every built stage now (each is otherwise read on first use)."""
@@ -323,25 +325,33 @@ class GeoIndex:
         (:func:`geo.stages.within.stages_within`); hard or soft, the evidence restricted or reweighted before
         any mode decides (:meth:`_collect`). Views are kept per constraint, so a repeated one costs nothing."""
         key = constraint.label()
-        if key not in self._views:
-            if len(self._views) >= VIEWS_KEPT:
-                self._views.pop(next(iter(self._views)))
-            self._views[key] = self._view(constraint)
-        return self._views[key]
+        with self._views_lock:  # geo serve builds views off the model thread (check_within) while it answers
+            view = self._views.get(key)
+        if view is None:
+            view = self._view(constraint)
+            with self._views_lock:
+                while len(self._views) >= VIEWS_KEPT:
+                    self._views.pop(next(iter(self._views)))
+                self._views[key] = view
+        return view
 
     def _view(self, constraint: Constraint) -> "GeoIndex":
         self.load_stages()  # the view shares the loaded stages (and, once loaded, nothing else is read again)
         view = copy.copy(self)
-        view.__dict__ = {k: v for k, v in self.__dict__.items() if k not in ("sources", "_cell_countries")}
-        view.constraint, view._views = constraint, {}
+        view.__dict__ = {k: v for k, v in self.__dict__.items() if k != "sources"}
+        view.constraint, view._views, view._views_lock = constraint, {}, threading.Lock()
         if constraint.hard:
             inside = stages_within(constraint, self.knn, self.cells, self.gallery)
             view.knn = inside.knn
             view.__dict__.update(cells=inside.cells, gallery=inside.gallery, sources=inside.sources)
         return view
 
+    def check_within(self, mode: str, within: Constraint) -> None:
+        """A ValueError, before anything is searched, for a constraint with no gallery photo inside or one the
+        mode cannot honour (its view of the index is built now: ``geo serve`` calls this off the model thread)."""
+        self.through(within)._check_constrainable(mode)
+
     def _check_constrainable(self, mode: str) -> None:
-        """Refuse, before anything is searched, a constraint the mode cannot honour."""
         if self.constraint is None:
             return
         if mode == "regression":
@@ -501,7 +511,7 @@ class GeoIndex:
             if (m or self.default_mode) not in self.modes:
                 raise ValueError(f"mode {m!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
             if within is not None:  # so is a constraint the mode cannot honour, or one with no photo inside
-                self.through(within)._check_constrainable(m or self.default_mode)
+                self.check_within(m or self.default_mode, within)
         paths = expand_images([str(i) for i in images])
         emb, errors = self.embed(paths, crops=crops)
         good = [i for i in range(len(paths)) if i not in errors]

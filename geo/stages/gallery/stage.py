@@ -287,7 +287,7 @@ class GpsGallery:
         sims, ids = self.index.search(np.ascontiguousarray(q), k, params=self._params[0] if self._params else None)
         found = ids >= 0  # fewer than k where a selector (``within``) keeps fewer points: padding, no score
         return (np.where(found[..., None], self.points[ids], np.nan),
-                np.where(found, self.logit_scale * sims, -np.inf).astype(np.float32))
+                np.where(found, self.logit_scale * np.where(found, sims, 0.0), -np.inf).astype(np.float32))
 
     def within(self, rows: np.ndarray) -> "GpsGallery":
         """The same gallery, searched as if it held only the points ``rows`` (a query-time constraint)."""
