@@ -8,8 +8,8 @@ photographers the bundle never saw. Each query is answered unconstrained, then h
 its true coordinates lie in (Natural Earth shapes, as ``Answer.country``), then soft (``--weights``); queries at
 sea (in no country's shape: their true country is not defined) or in a country where the gallery has no photo
 (an empty constraint) are left out of all of them. Reported per setting: accuracy at 1/25/200/750/2500 km, median
-error, the share of answers inside the true country's constraint (its shape or off its coast: ``COAST_KM``), and the gain over unconstrained at 25 and 200 km with its
-photographer-clustered standard error. Prints one JSON object and a Markdown table.
+error, the share of answers inside the true country's constraint (its shape or off its coast: ``COAST_KM``),
+and the gain over unconstrained at 25 and 200 km with its photographer-clustered standard error. Prints one JSON object and a Markdown table.
 """
 from __future__ import annotations
 

@@ -64,7 +64,8 @@ def test_a_bad_box_says_what_is_wrong(text, match):
 def test_near_a_point_within_a_radius():
     c = Constraint.parse("near:45.76,4.84,50")  # Lyon
     assert c.label() == "near:45.76,4.84,50km"
-    assert c.contains([45.9, 45.19, 48.86], [4.7, 5.72, 2.35]).tolist() == [True, False, False]  # 20 km, Grenoble, Paris
+    # 20 km away, Grenoble, Paris
+    assert c.contains([45.9, 45.19, 48.86], [4.7, 5.72, 2.35]).tolist() == [True, False, False]
     for text, match in (("near:45.76,4.84", "LAT,LON,RADIUS_KM"), ("near:45.76,4.84,-5", "the radius must be"),
                         ("near:95,4.84,5", "latitude 95"), ("near:45.76,4.84,30000", "the radius must be")):
         with pytest.raises(ConstraintError, match=match):

@@ -418,7 +418,8 @@ class GeoIndex:
             return self._calibrated(mode, batch, self._single(mode, batch, sims, rows))
         params = self.fusion.params
         out = []
-        for d in self.fusion.decide(self._collect(self.sources, batch, params)):  # the reranker's answer where it has one
+        # the reranker's answer where it has one
+        for d in self.fusion.decide(self._collect(self.sources, batch, params)):
             p = d.p_within or _p_within(d.mass, params.calibration, d.duplicate)
             basis = "near-duplicate" if d.duplicate else (
                 "prior" if d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
