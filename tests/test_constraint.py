@@ -3,6 +3,7 @@ what it lists inside, the empty constraint, the soft weight between hard and non
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from geo.cli import app
 from geo.data.constraint import Constraint, ConstraintError, constraint_from_options
 from geo.data.countries import country_index
+from geo.query.client import locate_remote
 from geo.query.index import open_index
 from geo.store.embeddings import EmbeddingReader
 from geo.store.predictions import answers_to_frame, to_table
@@ -215,3 +217,8 @@ def test_http_locate_within(built):
         assert bad.status_code == 422 and "unknown country 'Atlantis'" in bad.json()["detail"]
         empty = httpx.post(url + "/locate", params={"within": "AQ"}, json=body, timeout=60)
         assert empty.status_code == 422 and "no gallery photo inside country:ATA" in empty.json()["detail"]
+        soft = Constraint.parse("near:40,-100,2500").weighted(0.3)  # geo query --server sends the label
+        photos = sorted(str(p) for p in (Path(index.knn.paths[0]).parent).glob("*.jpg"))[:2]
+        remote = locate_remote(url, photos, within=soft)
+        assert [a.within for a in remote] == ["near:40,-100,2500km weight=0.3"] * 2
+        assert [(a.lat, a.lon) for a in remote] == [(a.lat, a.lon) for a in index.locate(photos, within=soft)]
