@@ -1,10 +1,11 @@
-"""Query-time constraints (--within, --within-box, --near --radius, --within-weight): parsing, every answer and
-what it lists inside, the empty constraint, the soft weight between hard and none, CLI and HTTP."""
+"""Query-time constraints (--within COUNTRIES | box:S,W,N,E | near:LAT,LON,KM, --within-weight): parsing, every
+answer and what it lists inside, the empty constraint, the soft weight between hard and none, CLI and HTTP."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import faiss
 import httpx
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from geo.data.constraint import Constraint, ConstraintError, constraint_from_opt
 from geo.data.countries import country_index
 from geo.query.client import locate_remote
 from geo.query.index import open_index
+from geo.stages.knn import KnnIndex
 from geo.store.embeddings import EmbeddingReader
 from geo.store.predictions import answers_to_frame, to_table
 from serving import uvicorn_thread
@@ -97,6 +99,20 @@ def test_country_membership_is_country_index_plus_its_coast():
         assert (got[shape]).all() and (idx[got & ~shape] == -1).all(), text  # more only at sea
     pt = Constraint.countries("PT")  # Lisbon's waterfront is water at 1:50m; the mid-Atlantic is not Portugal
     assert pt.contains([38.70, 38.7, 42.0], [-9.14, -20.0, -8.0]).tolist() == [True, False, False]  # ..., Galicia
+
+
+def test_an_ivf_index_searched_within_a_few_rows_still_finds_k_of_them():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(20_000, 32)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(32), 32, 128, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(emb)
+    ivf.add(emb)
+    ivf.nprobe = 8  # 8 of 128 lists would hold about one of 20 rows: the search widens with the share outside
+    index = KnnIndex(ivf, pd.DataFrame({"id": np.arange(20_000).astype(str), "path": "", "lat": 0.0, "lon": 0.0}))
+    rows = np.arange(0, 20_000, 1000)
+    _, found = index.within(rows).search(emb[:5], 10)
+    assert (found >= 0).all() and np.isin(found, rows).all()
 
 
 # ---------------------------------------------------------------- answers from a bundle
