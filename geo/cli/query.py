@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,6 +12,7 @@ from geo.cli.options import Device, EmbeddingColumn, Embeddings, Index, Json
 from geo.core.answer import LOW_EVIDENCE, Answer
 from geo.core.files import one_line
 from geo.core.progress import showing
+from geo.data.constraint import ConstraintError, constraint_from_options
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import expand_images
 from geo.query.client import locate_remote
@@ -32,7 +33,8 @@ def print_human(ans: Answer, top: int = 3) -> None:
     near = (f"  near {ans.place['name']}, {ans.place['admin1'] + ', ' if ans.place['admin1'] else ''}"
             f"{ans.place['cc']}" if ans.place else "")
     typer.echo(f"{name}: {ans.lat:.5f}, {ans.lon:.5f}{near}  [{ans.mode}]  "
-               f"confidence {ans.confidence:.2f} within {ans.confidence_radius_km or 0:g} km")
+               f"confidence {ans.confidence:.2f} within {ans.confidence_radius_km or 0:g} km"
+               + (f"  (kept inside {ans.within})" if ans.within else ""))
     basis = ans.evidence.get("basis")
     if basis == "prior":
         typer.echo(f"    {LOW_EVIDENCE}")
@@ -44,6 +46,16 @@ def print_human(ans: Answer, top: int = 3) -> None:
     for n in ans.neighbors[:top]:
         typer.echo(f"    neighbour {one_line(n['id'])}  sim {n['similarity']:.3f}  at {n['lat']:.4f}, {n['lon']:.4f}"
                    f"  ({n['distance_km']:.1f} km from answer)")
+
+
+# The query-time constraint (geo.data.constraint): answers only inside, or (--within-weight) leaning inside.
+Within = Annotated[Optional[str], typer.Option(
+    "--within", help="Answer only inside what you already know: countries (ISO 3166-1 alpha-2 or alpha-3 codes or "
+    "names, any case, comma-separated: --within PT,ES), a box (--within box:SOUTH,WEST,NORTH,EAST in degrees; "
+    "west > east crosses the antimeridian) or a circle (--within near:LAT,LON,RADIUS_KM).")]
+WithinWeight = Annotated[Optional[float], typer.Option(
+    "--within-weight", help="Make --within soft (fused mode): the mass outside is multiplied by this weight "
+    "(0 < W < 1) instead of removed, for a place you are fairly, not fully, sure of.")]
 
 
 def query_command(
@@ -69,6 +81,8 @@ def query_command(
                                          "loading --index here: no model load, fast for a few photos."),
     token: Optional[str] = typer.Option(None, envvar="GEO_TOKEN", help="The server's token, with --server (or "
                                         "GEO_TOKEN, which keeps it out of the process list)."),
+    within: Within = None,
+    within_weight: WithinWeight = None,
 ) -> None:
     """Locate photos (or precomputed embeddings): coordinates, confidence and the neighbour photos behind the answer.
 
@@ -78,6 +92,8 @@ def query_command(
       geo query photos/ --index my-index --format geojson > answers.geojson
       geo query --embeddings queries.parquet --index my-index --out predictions.parquet
       geo query holiday.jpg --server http://127.0.0.1:8000
+      geo query holiday.jpg --index my-index --within PT
+      geo query holiday.jpg --index my-index --within near:45.76,4.84,50
     """
     output = "json" if as_json else output
     if output not in ("text", "json", "geojson"):
@@ -94,25 +110,36 @@ def query_command(
         fail("--server takes image paths; send precomputed embeddings to the server's /locate as JSON")
     if out is not None and (inside := bundle_containing(out)) is not None:
         fail(f"--out {out} is inside the bundle {inside}: write the answers elsewhere")
+    try:
+        constraint = constraint_from_options(within, within_weight)
+    except ConstraintError as e:
+        fail(str(e))
     truth, answer_mode = None, mode
     if server is not None:
         answers = locate_remote(server, expand_images(list(images)), token=token, mode=mode,
-                                min_confidence=min_confidence, crops=crops)
+                                min_confidence=min_confidence, crops=crops, within=constraint)
     else:
         idx = open_index(index, device=device)
         answer_mode = mode or idx.default_mode
         if embeddings is not None:
             table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
                                    require_coordinates=False)
-            answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence)
+            answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence, within=constraint)
         else:
             with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
-                answers = idx.locate(list(images), mode=mode, crops=crops, min_confidence=min_confidence)
+                answers = idx.locate(list(images), mode=mode, crops=crops, min_confidence=min_confidence,
+                                     within=constraint)
+    _emit(answers, truth, embeddings is not None, output, out, answer_mode, str(server or index))
+
+
+def _emit(answers: list[Answer], truth, by_id: bool, output: str, out: Path | None, mode: str | None,
+          index_id: str) -> None:
+    """Print the answers (text, JSON lines or GeoJSON) and write --out; exit 1 when none could be answered."""
     frame = None
     if out is not None or output == "geojson":
-        ids = [a.id for a in answers] if embeddings is not None else None
+        ids = [a.id for a in answers] if by_id else None
         frame = answers_to_frame(answers, ids, None if truth is None else [tuple(t) for t in truth],
-                                 mode=answer_mode, suite="query", index_id=str(server or index))
+                                 mode=mode, suite="query", index_id=index_id)
     if out is not None:
         (write_geojson if out.suffix.lower() == ".geojson" else write_predictions)(out, frame)
     if output == "geojson":

@@ -53,6 +53,9 @@ class Answer:
     cities: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     abstained: bool = False
+    # the query-time constraint the answer was kept inside (geo.data.constraint.Constraint.label(): "country:PRT",
+    # "box:S,W,N,E", "near:LAT,LON,Rkm", + " weight=W" when soft), None without one
+    within: str | None = None
     id: str | None = None  # the row's id when the query was a precomputed embedding (then ``image`` is None)
 
     @classmethod

@@ -141,3 +141,9 @@ def countries_of(lat, lon) -> list[dict[str, str | None] | None]:
     idx = country_index(lat, lon)
     names, codes = country_names(), country_codes()
     return [None if i < 0 else {"code": codes[i], "name": names[i]} for i in idx.tolist()]
+
+
+def country_rings(country: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(lon, lat) of each ring of one country (an index into :func:`country_names`), as :func:`country_index`
+    tests them: even-odd over all of them; a ring across the antimeridian is unwrapped (longitudes past 180)."""
+    return [(r.lon, r.lat) for r in _shapes().rings if r.country == country]

@@ -12,11 +12,11 @@ from __future__ import annotations
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
-from geo.core.geodesy import EARTH_RADIUS_KM, latlon_to_xyz
+from geo.core.geodesy import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 
 
 @lru_cache(maxsize=1)
@@ -75,3 +75,21 @@ def cities_of(lat, lon) -> list[str | None]:
     """The :func:`city_label` of each point."""
     return [city_label(p) for p in nearest_places(np.atleast_1d(np.asarray(lat, np.float64)),
                                                   np.atleast_1d(np.asarray(lon, np.float64)))]
+
+
+def city_points(labels: Sequence[str]) -> np.ndarray:
+    """[n, 2] lat/lon of the places :func:`city_label` names (the first of equal names; NaN for a label that
+    is no GeoNames place, or without the table): where a city head's classes are, for a constraint's test."""
+    out = np.full((len(labels), 2), np.nan)
+    found = _table()
+    if found is None or not len(labels):
+        return out
+    xyz, _, names = found
+    wanted = {label: i for i, label in enumerate(labels)}
+    for j, (name, admin1, cc) in enumerate(names.tolist()):
+        i = wanted.pop(f"{name}, {admin1}, {cc}", None)
+        if i is not None:
+            out[i] = xyz_to_latlon(xyz[j])
+            if not wanted:
+                break
+    return out

@@ -15,6 +15,7 @@ from typing import Sequence
 import httpx
 
 from geo.core.answer import Answer
+from geo.data.constraint import Constraint
 from geo.data.images import ImageLoadError, read_image_file
 
 
@@ -31,11 +32,13 @@ def _detail(r: httpx.Response) -> str:
 
 def locate_remote(server: str, paths: Sequence[str], *, token: str | None = None, mode: str | None = None,
                   k: int = 50, min_confidence: float | None = None, crops: int = 1, batch: int = 16,
-                  timeout_s: float = 300.0) -> list[Answer]:
+                  timeout_s: float = 300.0, within: Constraint | None = None) -> list[Answer]:
     """Answers for ``paths`` (already expanded) from the server at ``server``, in order."""
     url = server.rstrip("/") + "/locate"
     params = {k_: v for k_, v in (("mode", mode), ("k", k), ("min_confidence", min_confidence), ("crops", crops))
               if v is not None}
+    if within is not None:  # its label reads back as the same constraint (geo.data.constraint.Constraint.parse)
+        params["within"] = within.label()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     answers: list[Answer | None] = [None] * len(paths)
     readable: list[tuple[int, bytes]] = []

@@ -9,7 +9,9 @@ in one place, abstention included.
 """
 from __future__ import annotations
 
+import copy
 import glob
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,8 +30,9 @@ from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
 from geo.core.progress import bar
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, expand_images
+from geo.data.constraint import Constraint
 from geo.data.countries import country_codes, country_index, country_names
-from geo.data.places import city_label, nearest_places
+from geo.data.places import city_label, city_points, nearest_places
 from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.support import DECISION_RADII_KM
@@ -50,10 +53,12 @@ from geo.stages.fusion.signals import (
 from geo.stages.fusion.stage import FusionModel
 from geo.stages.gallery.stage import GpsGallery
 from geo.stages.knn import KnnIndex
+from geo.stages.within import restrict_evidence, stages_within
 from geo.store.bundle import MANIFEST, Bundle, BundleError, open_bundle, read_json
 from geo.store.lock import writer_active
 
 MODES = ("fused", "knn", "gallery", "cells", "regression")
+VIEWS_KEPT = 8  # constrained views of one index kept (a server sees the same few constraints again and again)
 GALLERY_SHOWN = 5
 TOP_CELLS_SHOWN = 5
 
@@ -161,6 +166,9 @@ class GeoIndex:
         self.device = device
         self.knn = _loading(bundle, "knn_index", lambda: KnnIndex.load(bundle))
         self.knn_params = KnnParams()
+        self.constraint: Constraint | None = None  # set on a view of the index through one (see through)
+        self._views: dict[str, GeoIndex] = {}
+        self._views_lock = threading.Lock()
 
     def load_stages(self) -> None:
         """Read every built stage now (each is otherwise read on first use)."""
@@ -239,18 +247,27 @@ class GeoIndex:
     # ------------------------------------------------------------ answering
     def evidence(self, emb: np.ndarray, k: int = 50) -> Evidence:
         """Every built signal for a batch of embeddings, as fusion consumes it."""
-        return collect(self.sources, Batch(emb, k))
+        return self._collect(self.sources, Batch(emb, k), self.fusion.params if self.fusion is not None else None)
+
+    def _collect(self, sources: list[SignalSource], batch: Batch, params: FusionParams | None) -> Evidence:
+        """The sources' evidence, restricted to this view's constraint (``params``: the setting that mixes it)."""
+        ev = collect(sources, batch)
+        return ev if self.constraint is None else restrict_evidence(ev, self.constraint, params)
 
     def locate_embeddings(self, emb: np.ndarray, mode: str | None = None, k: int = 50,
                           min_confidence: float | None = None, names: Sequence[str | None] | None = None,
-                          ids: Sequence[str] | None = None) -> list[Answer]:
+                          ids: Sequence[str] | None = None, within: Constraint | None = None) -> list[Answer]:
         """Answers for embeddings [n, dim] (or [n, crops, dim]); each mode computes only the signals it needs,
-        plus the neighbours and top cells that every answer lists."""
+        plus the neighbours and top cells that every answer lists. ``within``: a query-time constraint
+        (:meth:`through`)."""
         mode = mode or self.default_mode
         if mode not in self.modes:
             raise ValueError(f"mode {mode!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
+        if within is not None:
+            return self.through(within).locate_embeddings(emb, mode, k, min_confidence, names, ids)
+        self._check_constrainable(mode)
         batch = Batch(emb, k)
         sims, rows = knn_search(self.knn, batch)
         decisions = self._decide(mode, batch, sims, rows)
@@ -259,8 +276,7 @@ class GeoIndex:
         lat_lon = (np.array([d.lat for d in decisions]), np.array([d.lon for d in decisions]))
         places = nearest_places(*lat_lon)
         countries = self._countries(country_index(*lat_lon), probs)
-        city_head = self.cells.city_head if self.cells is not None else None
-        cities = city_head.answer_cities(batch.emb) if city_head is not None else [[] for _ in decisions]
+        cities = self._cities(batch.emb, len(decisions))
         out = []
         for i, d in enumerate(decisions):
             r = rows[i][rows[i] >= 0]
@@ -277,12 +293,13 @@ class GeoIndex:
                 evidence={"basis": d.basis, "signals": d.shares,
                           "top_similarity": round(float(sims[i][rows[i] >= 0][0]), 6) if (rows[i] >= 0).any() else None},
                 place=places[i], country=countries[i], city=city_label(places[i]),
-                cities=cities[i],
+                cities=cities[i], within=None if self.constraint is None else self.constraint.label(),
             ).abstain_below(min_confidence))
-        return out
+        return out if self.constraint is None or not self.constraint.hard else self._listed_inside(out)
 
     def locate_table(self, table: EmbeddingTable, mode: str | None = None, k: int = 50,
-                     min_confidence: float | None = None, batch_rows: int = 4096) -> tuple[list[Answer], np.ndarray]:
+                     min_confidence: float | None = None, batch_rows: int = 4096,
+                     within: Constraint | None = None) -> tuple[list[Answer], np.ndarray]:
         """Answers for every row of precomputed query embeddings, in input order (a bad row gets its error),
         and the rows' coordinates [n, 2] where the table has them (NaN elsewhere): the truth for scoring."""
         answers: list[Answer] = []
@@ -291,7 +308,8 @@ class GeoIndex:
             part: list[Answer | None] = [None] * piece.rows
             coords = np.full((piece.rows, 2), np.nan)
             if len(piece.meta):
-                got = self.locate_embeddings(piece.emb, mode, k, min_confidence, ids=piece.meta["id"].tolist())
+                got = self.locate_embeddings(piece.emb, mode, k, min_confidence, ids=piece.meta["id"].tolist(),
+                                             within=within)
                 for pos, a in zip(piece.ok_rows, got):
                     part[pos] = a
                 coords[piece.ok_rows] = piece.meta[["lat", "lon"]].to_numpy(np.float64)
@@ -300,6 +318,81 @@ class GeoIndex:
             answers.extend(part)
             truth.append(coords)
         return answers, np.concatenate(truth) if truth else np.zeros((0, 2))
+
+    # ------------------------------------------------------------ query-time constraints
+    def through(self, constraint: Constraint) -> "GeoIndex":
+        """This index seen through a query-time constraint: hard, its searches restricted to the inside
+        (:func:`geo.stages.within.stages_within`); hard or soft, the evidence restricted or reweighted before
+        any mode decides (:meth:`_collect`). Views are kept per constraint, so a repeated one costs nothing."""
+        key = constraint.label()
+        with self._views_lock:  # geo serve builds views off the model thread (check_within) while it answers
+            view = self._views.get(key)
+        if view is None:
+            view = self._view(constraint)
+            with self._views_lock:
+                while len(self._views) >= VIEWS_KEPT:
+                    self._views.pop(next(iter(self._views)))
+                self._views[key] = view
+        return view
+
+    def _view(self, constraint: Constraint) -> "GeoIndex":
+        self.load_stages()  # the view shares the loaded stages (and, once loaded, nothing else is read again)
+        view = copy.copy(self)
+        view.__dict__ = {k: v for k, v in self.__dict__.items() if k != "sources"}
+        view.constraint, view._views, view._views_lock = constraint, {}, threading.Lock()
+        if constraint.hard:
+            inside = stages_within(constraint, self.knn, self.cells, self.gallery)
+            view.knn = inside.knn
+            view.__dict__.update(cells=inside.cells, gallery=inside.gallery, sources=inside.sources)
+        return view
+
+    def check_within(self, mode: str, within: Constraint) -> None:
+        """A ValueError, before anything is searched, for a constraint with no gallery photo inside or one the
+        mode cannot honour (its view of the index is built now: ``geo serve`` calls this off the model thread)."""
+        self.through(within)._check_constrainable(mode)
+
+    def _check_constrainable(self, mode: str) -> None:
+        if self.constraint is None:
+            return
+        if mode == "regression":
+            raise ValueError(f"mode regression answers one point from a regression and cannot be kept inside "
+                             f"{self.constraint.label()}; use another mode ({', '.join(self.modes)})")
+        tuned = self.fusion is not None and self.fusion.params.mode_fusion.get(mode)
+        if not self.constraint.hard and mode != "fused" and not tuned:
+            raise ValueError(f"--within-weight reweights fusion's evidence, and mode {mode} answers by its own vote "
+                             "here: use the fused mode, or a hard constraint (no --within-weight)")
+
+    def _listed_inside(self, answers: list[Answer]) -> list[Answer]:
+        """Under a hard constraint, the top cells and gallery points answers list are the inside ones too (the
+        answers, alternatives and neighbours already are); one test for all of them."""
+        listed = [(a, f, c) for a in answers for f in ("top_cells", "gallery") for c in getattr(a, f)]
+        inside = self.constraint.contains([c["lat"] for _, _, c in listed], [c["lon"] for _, _, c in listed])
+        for a in answers:
+            a.top_cells, a.gallery = [], []
+        for (a, f, c), ok in zip(listed, inside):
+            if ok:
+                getattr(a, f).append(c)
+        return answers
+
+    def _cities(self, emb: np.ndarray, n: int) -> list[list[dict[str, Any]]]:
+        """The city head's most probable cities per query; under a hard constraint, among those inside it
+        (the head's mass renormalised over them and its "elsewhere" class)."""
+        head = self.cells.city_head if self.cells is not None else None
+        if head is None:
+            return [[] for _ in range(n)]
+        if self.constraint is None or not self.constraint.hard or not head.used:
+            return head.answer_cities(emb)
+        probs = np.where(self._cities_kept, head.probs(emb), 0.0)
+        probs /= probs.sum(axis=1, keepdims=True).clip(min=1e-300)
+        return [[c for c in head.top(p) if c["prob"] > 0] for p in probs]
+
+    @cached_property
+    def _cities_kept(self) -> np.ndarray:
+        """[classes] True for the city head's classes inside this view's constraint ("elsewhere", last, stays)."""
+        points = city_points(self.cells.city_head.cities["city"].tolist())
+        keep = self.constraint.contains(points[:, 0], points[:, 1])
+        keep[-1] = True
+        return keep
 
     @cached_property
     def _cell_countries(self) -> np.ndarray | None:
@@ -325,7 +418,8 @@ class GeoIndex:
             return self._calibrated(mode, batch, self._single(mode, batch, sims, rows))
         params = self.fusion.params
         out = []
-        for d in self.fusion.decide(collect(self.sources, batch)):  # the reranker's answer where it has one
+        # the reranker's answer where it has one
+        for d in self.fusion.decide(self._collect(self.sources, batch, params)):
             p = d.p_within or _p_within(d.mass, params.calibration, d.duplicate)
             basis = "near-duplicate" if d.duplicate else (
                 "prior" if d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
@@ -344,7 +438,7 @@ class GeoIndex:
         tuned = self.fusion.params.mode_fusion.get(mode) if self.fusion is not None else None
         if tuned:
             params = FusionParams.from_dict(tuned)
-            ev = collect([s for s in self.sources if s.spec.name in params.signals], batch)
+            ev = self._collect([s for s in self.sources if s.spec.name in params.signals], batch, params)
             return [_Decision(d.lat, d.lon, 0.0, 25.0, alternatives=d.alternatives, shares=d.shares,
                               basis="prior" if d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
                     for d in decide(ev, params)]
@@ -372,7 +466,7 @@ class GeoIndex:
         if not maps:
             return decisions  # a kNN-only bundle (or one fitted before): the mode's own measure, as before
         # the mode's signal, and kNN's for fusion's own near-duplicate rule (its search is memoised in the batch)
-        ev = collect([s for s in self.sources if s.spec.name in (mode, DUPLICATE_SIGNAL)], batch)
+        ev = self._collect([s for s in self.sources if s.spec.name in (mode, DUPLICATE_SIGNAL)], batch, params)
         mass = mass_near(ev, params, mode, np.array([[d.lat, d.lon] for d in decisions], np.float64))
         for d, m, dup in zip(decisions, mass, near_duplicate(ev, params)):
             d.p_within = _p_within({str(t): float(v) for t, v in zip(THRESHOLDS_KM, m)}, maps, bool(dup))
@@ -387,14 +481,15 @@ class GeoIndex:
                                               np.asarray(sims, float).tolist(), np.asarray(dist, float).tolist())]
 
     def locate(self, images: str | Path | Sequence[str | Path], mode: str | None = None, k: int = 50, crops: int = 1,
-               min_confidence: float | None = None) -> list[Answer]:
+               min_confidence: float | None = None, within: Constraint | None = None) -> list[Answer]:
         """One Answer per photo the arguments (paths, globs or folders; one or a list) expand to, in order, so a
-        caller never checks which it got; a photo that cannot be read gets an Answer with its error."""
+        caller never checks which it got; a photo that cannot be read gets an Answer with its error. ``within``
+        keeps the answers inside a :class:`~geo.data.constraint.Constraint` (hard) or leans them in (soft)."""
         args = [images] if isinstance(images, (str, Path)) else images
-        return self.locate_modes(args, [mode], k, crops, min_confidence)[0]
+        return self.locate_modes(args, [mode], k, crops, min_confidence, within)[0]
 
     def locate_one(self, image: str | Path, mode: str | None = None, k: int = 50, crops: int = 1,
-                   min_confidence: float | None = None) -> Answer:
+                   min_confidence: float | None = None, within: Constraint | None = None) -> Answer:
         """The Answer for exactly one photo: a ValueError, before anything is embedded, when ``image`` is a
         folder or glob that holds no photo or several (``locate`` answers those). A path that does not
         exist or cannot be decoded is one photo: its Answer carries the error, as in ``locate``."""
@@ -405,10 +500,10 @@ class GeoIndex:
             raise ValueError(f"{image}: {len(paths)} photos; locate_one answers exactly one (use locate)")
         if _matches_nothing(paths[0]):
             raise ValueError(f"{image}: no photo there; locate_one answers exactly one")
-        return self.locate_modes(paths, [mode], k, crops, min_confidence)[0][0]
+        return self.locate_modes(paths, [mode], k, crops, min_confidence, within)[0][0]
 
     def locate_modes(self, images: Sequence[str], modes: Sequence[str | None], k: int = 50, crops: int = 1,
-                     min_confidence: float | None = None) -> list[list[Answer]]:
+                     min_confidence: float | None = None, within: Constraint | None = None) -> list[list[Answer]]:
         """One list of answers per mode for the same images, each image decoded and embedded once
         (``geo bench --mode all`` compares every mode at the cost of one embedding pass)."""
         if k < 1:
@@ -416,6 +511,8 @@ class GeoIndex:
         for m in modes:  # an unknown mode or k fails before the photos are embedded
             if (m or self.default_mode) not in self.modes:
                 raise ValueError(f"mode {m!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
+            if within is not None:  # so is a constraint the mode cannot honour, or one with no photo inside
+                self.check_within(m or self.default_mode, within)
         paths = expand_images([str(i) for i in images])
         emb, errors = self.embed(paths, crops=crops)
         good = [i for i in range(len(paths)) if i not in errors]
@@ -424,7 +521,7 @@ class GeoIndex:
             answers = [Answer.failed(p, errors[i]) if i in errors else None for i, p in enumerate(paths)]
             if good:
                 for i, a in zip(good, self.locate_embeddings(emb[good], mode=mode, k=k, min_confidence=min_confidence,
-                                                             names=[paths[i] for i in good])):
+                                                             names=[paths[i] for i in good], within=within)):
                     answers[i] = a
             out.append(answers)
         return out

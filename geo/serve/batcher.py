@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from geo.core.answer import Answer
+from geo.data.constraint import Constraint
 from geo.data.images import ImageLoadError, decode_tensor
 
 log = logging.getLogger("geo.serve")
@@ -52,6 +53,7 @@ class Job:
     crops: int = 1
     embedding: np.ndarray | None = None
     id: str | None = None
+    within: Constraint | None = None  # a query-time constraint (geo.data.constraint)
     future: asyncio.Future = field(default=None, repr=False)  # type: ignore[assignment]
     waiting: bool = False  # counted in the queue's depth: queued, not yet taken into a batch nor given up
 
@@ -203,14 +205,14 @@ class MicroBatcher:
         if decoded:
             for (j, _), e in zip(decoded, self.index.embed_tensors([t for _, t in decoded])):
                 emb[id(j)] = e
-        groups: dict[tuple[str, int, int], list[Job]] = {}
+        groups: dict[tuple[str, int, int, Constraint | None], list[Job]] = {}
         for j in jobs:
             if id(j) in emb:
-                groups.setdefault((j.mode, j.k, emb[id(j)].shape[0]), []).append(j)
-        for (mode, k, _), members in groups.items():
+                groups.setdefault((j.mode, j.k, emb[id(j)].shape[0], j.within), []).append(j)
+        for (mode, k, _, within), members in groups.items():
             answers = self.index.locate_embeddings(
                 np.stack([emb[id(j)] for j in members]), mode=mode, k=k,
-                names=[j.name for j in members], ids=[j.id for j in members])
+                names=[j.name for j in members], ids=[j.id for j in members], within=within)
             for j, a in zip(members, answers):
                 out[id(j)] = a.abstain_below(j.min_confidence)
         return [out[id(j)] for j in jobs]

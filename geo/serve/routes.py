@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from geo.core.answer import Answer
+from geo.data.constraint import Constraint, constraint_from_options
 from geo.eval.report import json_safe
 from geo.serve.batcher import Job, QueueFull
 from geo.serve.inputs import embedding_jobs, image_jobs
@@ -34,10 +35,16 @@ async def locate(request: Request, state: State,
                                              "(default: fused when built)"),
                  k: int = Query(50, ge=1, le=1000, description="neighbours retrieved from the image index"),
                  min_confidence: Optional[float] = Query(None, ge=0, le=1, description="abstain below this"),
-                 crops: int = Query(1, description="test-time crops: 1, 3 or 5")) -> JSONResponse:
+                 crops: int = Query(1, description="test-time crops: 1, 3 or 5"),
+                 within: Optional[str] = Query(None, description="answer only inside: countries (ISO alpha-2 or "
+                                               "alpha-3 codes or names, comma-separated), box:S,W,N,E or "
+                                               "near:LAT,LON,KM (as geo query --within)"),
+                 within_weight: Optional[float] = Query(None, description="soft constraint: the mass outside is "
+                                                        "multiplied by this (0 < w < 1)")) -> JSONResponse:
     mode = state.check_mode(mode)
     if crops not in (1, 3, 5):
         raise HTTPException(422, f"crops must be 1, 3 or 5, not {crops}")
+    constraint = await _constraint(state, mode, within, within_weight)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     with state.batcher.arriving():
         if ctype == "multipart/form-data":
@@ -48,6 +55,8 @@ async def locate(request: Request, state: State,
             raise HTTPException(415, f"send images as multipart/form-data (field 'images') or embeddings as "
                                      f"application/json, not {ctype or 'no content type'!r}")
         jobs = [j for j in items if isinstance(j, Job)]
+        for j in jobs:
+            j.within = constraint
         try:
             futures = state.batcher.submit(jobs) if jobs else []
         except QueueFull as e:
@@ -56,6 +65,19 @@ async def locate(request: Request, state: State,
     state.metrics.images.inc(len(answers))
     state.metrics.image_errors.inc(sum(1 for a in answers if a.error))
     return JSONResponse(json_safe([a.to_dict() for a in answers]))
+
+
+async def _constraint(state: ServeState, mode: str, *options: Any) -> Constraint | None:
+    """The request's query-time constraint, or 422 naming what is wrong (an unknown country, no gallery photo
+    inside, a mode that cannot honour it). Its view of the index is built here, off the event loop, once per
+    constraint; the model thread then finds it ready."""
+    try:
+        constraint = constraint_from_options(*options)
+        if constraint is not None:
+            await asyncio.get_running_loop().run_in_executor(state.io_pool, state.index.check_within, mode, constraint)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+    return constraint
 
 
 async def _answers(state: ServeState, items: list[Job | Answer], jobs: list[Job], futures) -> list[Answer]:

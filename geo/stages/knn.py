@@ -197,13 +197,22 @@ class KnnIndex:
         Fusion scores a large gallery's held-out photographers against the built
         index: their own photos must not be found.
         """
-        out = copy.copy(self)
         batch = faiss.IDSelectorBatch(np.asarray(rows, np.int64))
-        sel = faiss.IDSelectorNot(batch)
+        return self._selecting(faiss.IDSelectorNot(batch), 1.0, batch)
+
+    def within(self, rows: np.ndarray) -> "KnnIndex":
+        """The same index, searched as if it held only ``rows`` (a query-time constraint: the photos inside it).
+        An IVF index visits ``nprobe`` times as many lists as the share of rows inside is small (all of them for a
+        tiny share), so a search still meets about as many candidates as an unconstrained one."""
+        batch = faiss.IDSelectorBatch(np.asarray(rows, np.int64))
+        return self._selecting(batch, self.ntotal / max(len(rows), 1), batch)
+
+    def _selecting(self, sel, widen: float, *keep) -> "KnnIndex":
+        out = copy.copy(self)
         ivf = faiss.try_extract_index_ivf(self.index)
-        params = (faiss.SearchParametersIVF(sel=sel, nprobe=ivf.nprobe) if ivf is not None
-                  else faiss.SearchParameters(sel=sel))
-        out._params = (params, sel, batch)  # the selectors must outlive the parameters that point at them
+        params = (faiss.SearchParametersIVF(sel=sel, nprobe=min(ivf.nlist, int(np.ceil(ivf.nprobe * widen))))
+                  if ivf is not None else faiss.SearchParameters(sel=sel))
+        out._params = (params, sel, *keep)  # the selectors must outlive the parameters that point at them
         return out
 
     def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:

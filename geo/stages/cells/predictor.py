@@ -16,6 +16,7 @@ with a flat posterior is the population prior's answer.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,7 @@ class CellPredictor:
         self.priors = log_priors([t["count"].to_numpy(float) for t in tables])
         self.parents = [_parent_rows(tables[-1], t, n) for t, n in zip(tables[:-1], names[:-1])]
         self._decision = SupportDecision(support, tables[-1]["lat"].to_numpy(float), tables[-1]["lon"].to_numpy(float))
+        self._keep: np.ndarray | None = None  # fine cells a query-time constraint keeps (see within)
 
     def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
         """Write the tables, support spots and heads; returns (files, info) for the pipeline to commit."""
@@ -121,8 +123,24 @@ class CellPredictor:
         return lp, fine_log_posterior(logits, self.priors, c["temperature"], c["alpha"], self.parents, hierarchy)
 
     def fine_probs(self, emb: np.ndarray, scene=None) -> np.ndarray:
-        """The hierarchical (f*) posterior over the finest partition, [n, C]."""
-        return np.exp(self.log_probs(emb, scene)[1])
+        """The hierarchical (f*) posterior over the finest partition, [n, C] (renormalised over the kept cells
+        under a constraint: :meth:`within`)."""
+        probs = np.exp(self.log_probs(emb, scene)[1])
+        if self._keep is None:
+            return probs
+        probs = np.where(self._keep, probs, 0.0)
+        return probs / probs.sum(axis=1, keepdims=True).clip(min=1e-300)
+
+    def within(self, spots: np.ndarray) -> "CellPredictor":
+        """The same heads answering inside a query-time constraint: ``spots`` (a mask over the support spots)
+        are the spots inside it; the fine posterior is renormalised over the cells that keep a spot, and
+        :meth:`decide` chooses among the kept spots alone."""
+        out = copy.copy(self)
+        t = self.tables[-1]
+        out._keep = np.bincount(self.support["cell"].to_numpy(np.int64)[spots], minlength=len(t)) > 0
+        out._decision = SupportDecision(self.support[spots].reset_index(drop=True), t["lat"].to_numpy(float),
+                                        t["lon"].to_numpy(float))
+        return out
 
     def top_cells(self, fine: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
         """The k most probable fine cells of one posterior row, best first, as answers list them."""

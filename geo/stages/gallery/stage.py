@@ -14,6 +14,7 @@ Bundle files (all under ``gallery/``)::
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -229,6 +230,7 @@ class GpsGallery:
         self.info = info
         self.location_encoder = location_encoder
         self.logit_scale = projection.logit_scale.exp().item()
+        self._params = None  # FAISS search parameters (an ID selector: see within)
 
     def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
         """Write the gallery files; returns (files, manifest summary) for the pipeline to commit."""
@@ -282,8 +284,17 @@ class GpsGallery:
         k = max(1, min(int(k), self.index.ntotal))
         q = self.projection.encode(emb, normalize=True)
         q = np.hstack([q, np.ones((len(q), 1), np.float32)])
-        sims, ids = self.index.search(np.ascontiguousarray(q), k)
-        return self.points[ids], (self.logit_scale * sims).astype(np.float32)
+        sims, ids = self.index.search(np.ascontiguousarray(q), k, params=self._params[0] if self._params else None)
+        found = ids >= 0  # fewer than k where a selector (``within``) keeps fewer points: padding, no score
+        return (np.where(found[..., None], self.points[ids], np.nan),
+                np.where(found, self.logit_scale * np.where(found, sims, 0.0), -np.inf).astype(np.float32))
+
+    def within(self, rows: np.ndarray) -> "GpsGallery":
+        """The same gallery, searched as if it held only the points ``rows`` (a query-time constraint)."""
+        out = copy.copy(self)
+        sel = faiss.IDSelectorBatch(np.asarray(rows, np.int64))
+        out._params = (faiss.SearchParameters(sel=sel), sel)  # the selector must outlive the parameters
+        return out
 
 
 def _load(path: Path, kind: type):
