@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from geo.core.answer import Answer
+from geo.stages.cells.region import DEFAULT_COVERAGE
 from geo.eval.report import json_safe
 from geo.serve.batcher import Job, QueueFull
 from geo.serve.inputs import embedding_jobs, image_jobs
@@ -34,7 +35,9 @@ async def locate(request: Request, state: State,
                                              "(default: fused when built)"),
                  k: int = Query(50, ge=1, le=1000, description="neighbours retrieved from the image index"),
                  min_confidence: Optional[float] = Query(None, ge=0, le=1, description="abstain below this"),
-                 crops: int = Query(1, description="test-time crops: 1, 3 or 5")) -> JSONResponse:
+                 crops: int = Query(1, description="test-time crops: 1, 3 or 5"),
+                 coverage: float = Query(DEFAULT_COVERAGE, gt=0, le=1, description="the share of new photos whose "
+                                         "truth the answer's region holds (conformally calibrated)")) -> JSONResponse:
     mode = state.check_mode(mode)
     if crops not in (1, 3, 5):
         raise HTTPException(422, f"crops must be 1, 3 or 5, not {crops}")
@@ -48,6 +51,8 @@ async def locate(request: Request, state: State,
             raise HTTPException(415, f"send images as multipart/form-data (field 'images') or embeddings as "
                                      f"application/json, not {ctype or 'no content type'!r}")
         jobs = [j for j in items if isinstance(j, Job)]
+        for j in jobs:
+            j.coverage = coverage
         try:
             futures = state.batcher.submit(jobs) if jobs else []
         except QueueFull as e:
