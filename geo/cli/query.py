@@ -52,6 +52,18 @@ def print_human(ans: Answer, top: int = 3) -> None:
                    f"  ({n['distance_km']:.1f} km from answer)")
 
 
+def _check_values(output: str, crops: int, min_confidence: float | None, coverage: float) -> None:
+    """The options that take a value from a fixed set or range; NaN fails every comparison."""
+    if output not in ("text", "json", "geojson"):
+        fail(f"--format must be text, json or geojson, not {output!r}")
+    if crops not in (1, 3, 5):
+        fail("--crops must be 1, 3 or 5")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        fail(f"--min-confidence must be a number from 0 to 1, not {min_confidence}")
+    if not 0 < coverage <= 1:
+        fail(f"--coverage must be a number above 0 and at most 1, not {coverage}")
+
+
 def query_command(
     images: Optional[list[str]] = typer.Argument(None, help="Image files, globs or directories."),
     index: Index = None,
@@ -89,14 +101,7 @@ def query_command(
       geo query holiday.jpg --server http://127.0.0.1:8000
     """
     output = "json" if as_json else output
-    if output not in ("text", "json", "geojson"):
-        fail(f"--format must be text, json or geojson, not {output!r}")
-    if crops not in (1, 3, 5):
-        fail("--crops must be 1, 3 or 5")
-    if min_confidence is not None and not 0 <= min_confidence <= 1:  # NaN fails both comparisons
-        fail(f"--min-confidence must be a number from 0 to 1, not {min_confidence}")
-    if not 0 < coverage <= 1:
-        fail(f"--coverage must be a number above 0 and at most 1, not {coverage}")
+    _check_values(output, crops, min_confidence, coverage)
     if bool(images) == (embeddings is not None):
         fail("give image paths or --embeddings PATH: one of the two")
     if (index is None) == (server is None):
