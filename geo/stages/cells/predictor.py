@@ -31,7 +31,7 @@ from geo.stages.cells.calibration import (
     partition_log_probs,
 )
 from geo.stages.cells.cities import CityHead
-from geo.stages.cells.region import REGION_MAP, REPORT_COVERAGES, RegionCells
+from geo.stages.cells.region import REGION_MAP, RegionCells
 from geo.stages.cells.regression import Regression
 from geo.stages.cells.support import DECISION_RADII_KM, SupportDecision, check_support
 from geo.store.atomic import atomic_write_parquet

@@ -46,7 +46,8 @@ def conformal_map(scores: np.ndarray) -> dict[str, Any]:
     k = np.ceil((n + 1) * GRID).astype(np.int64)
     mass = np.where(k <= n, s[np.minimum(k, n) - 1] if n else 1.0, 1.0)
     mass = np.minimum(np.where(np.isfinite(mass), mass, 1.0), 1.0)
-    return {"coverage": GRID.tolist(), "mass": [round(float(m), 6) for m in mass], "photos": int(n)}
+    # stored to 6 decimals, rounded up: a threshold never holds less than the quantile it stands for
+    return {"coverage": GRID.tolist(), "mass": np.minimum(np.ceil(mass * 1e6 - 1e-6) / 1e6, 1.0).tolist(), "photos": int(n)}
 
 
 def mass_threshold(coverage: float, cmap: dict[str, Any] | None) -> tuple[float, bool]:
