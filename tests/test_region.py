@@ -34,9 +34,16 @@ def _world(n, seed, authors=0, dim=16):
 @pytest.fixture(scope="module")
 def fitted():
     meta, emb = _world(1500, seed=0)
-    pred = fit_cells(meta, emb, CellsConfig(tau_min=3, tau_max=[300, 80, 25], max_epochs=20, answer_heads=False),
-                     log=lambda *_: None)
+    pred = fit_cells(meta, emb, CellsConfig(tau_min=3, tau_max=[300, 80, 25], max_epochs=20), log=lambda *_: None)
     return pred, _world(1500, seed=1, authors=1000)  # new photographers, the same world
+
+
+def test_fusions_out_of_fold_fits_make_no_region_map():
+    meta, emb = _world(300, seed=3)
+    pred = fit_cells(meta, emb, CellsConfig(tau_min=3, tau_max=[100, 30], max_epochs=2, crossfit=False,
+                                            answer_heads=False), log=lambda *_: None)
+    assert "region" not in pred.calibration and "region" not in pred.info["calibration"]
+    assert pred.regions(pred.fine_probs(emb[:1]), 0.9)[0]["calibrated"] is False
 
 
 def test_the_conformal_map_takes_the_corrected_quantile_and_never_less_coverage_than_asked():
@@ -113,7 +120,7 @@ def test_semantic_cells_get_areas_and_shapes_from_s2_cells(tmp_path):
 
     meta, emb = _world(500, seed=2)
     pred = fit_cells(meta, emb, CellsConfig(partitioner="semantic", tau_min=5, tau_max=[150, 40], max_epochs=5,
-                                            answer_heads=False, crossfit=False), log=lambda *_: None)
+                                            crossfit=False), log=lambda *_: None)
     rc = RegionCells(pred.tables, pred.names)
     assert rc.semantic and (rc.fine_area > 0).all()
     for k, area in enumerate(rc.areas[:-1]):  # coarser semantic cells are unions of fine ones

@@ -45,8 +45,8 @@ class CellsConfig:
     # Calibrate small galleries on every photo, scored by heads trained without its photographer's fold.
     # Fusion's out-of-fold fits turn it off: its folds are already photographer-disjoint.
     crossfit: bool = True
-    # The coordinate regression and the city head answer users (--mode regression, an answer's cities), not
-    # fusion: fusion's out-of-fold fits leave both out.
+    # The coordinate regression, the city head and the regions' map answer users (--mode regression, an answer's
+    # cities and region), not fusion: fusion's out-of-fold fits leave them out.
     answer_heads: bool = True
 
 
@@ -92,14 +92,16 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
     result = train_heads(emb, cells.rows, cells.cell_latlon, (lat, lon), hc, groups=groups, scene=scene,
                          n_scenes=len(scene_values), val=val)
     val = result.val_index
-    calibration = _calibrate(result, emb, cells, (lat, lon), hc, groups, scene, len(scene_values), config.crossfit)
+    calibration = _calibrate(result, emb, cells, (lat, lon), hc, groups, scene, len(scene_values), config.crossfit,
+                             config.answer_heads)
     log(f"cells: heads trained in {result.seconds:.1f}s ({result.best_epoch + 1} epochs kept), "
         f"T={['%.2f' % t for t in calibration['temperature']]}, alpha={calibration['alpha']:.2f} "
         f"on {calibration['val_photos']} photos from {calibration['source']}"
         + (f" (by {group_col})" if group_col else ""))
-    log("cells: region thresholds (stated coverage: posterior mass) "
-        + ", ".join(f"{c}: {m:.3f}" for c, m in map_summary(calibration["region"])["mass"].items())
-        + f" on {calibration['region']['photos']} photos")
+    if "region" in calibration:
+        log("cells: region thresholds (stated coverage: posterior mass) "
+            + ", ".join(f"{c}: {m:.3f}" for c, m in map_summary(calibration["region"])["mass"].items())
+            + f" on {calibration['region']['photos']} held-out photos")
     info = {
         "partitions": [p.name for p in cells.parts],
         "cells": {p.name: p.n_cells for p in cells.parts},
@@ -109,7 +111,8 @@ def fit_cells(meta: pd.DataFrame, emb: np.ndarray, config: CellsConfig = CellsCo
         "group_column": group_col,
         "photos": int(len(all_lat)),
         "trained_on": int(len(lat)),
-        "calibration": {**calibration, "region": map_summary(calibration["region"])},
+        "calibration": {**calibration, **({"region": map_summary(calibration["region"])} if "region" in calibration
+                                          else {})},
         "train": {"seconds": round(result.seconds, 2), "best_epoch": result.best_epoch,
                   "epochs_run": len(result.history), "val_photos": int(len(val)),
                   "val_loss": result.history[result.best_epoch]["val_loss"], "config": config_dict(hc)},
@@ -188,11 +191,12 @@ def _scenes(meta: pd.DataFrame, column: str | None) -> tuple[np.ndarray | None, 
 
 def _calibrate(result: TrainResult, emb: np.ndarray, cells: _Cells, latlon: tuple[np.ndarray, np.ndarray],
                hc: HeadConfig, groups: np.ndarray | None, scene: np.ndarray | None, n_scenes: int,
-               crossfit: bool) -> dict:
+               crossfit: bool, regions: bool = True) -> dict:
     """Temperatures and the prior's weight, fitted on logits of photos the scoring heads did not train on.
 
     Enough held-out photos (or ``crossfit`` off): those of the held-out photographers, a seeded sample of
-    ``CALIBRATION_PHOTOS`` above. Fewer: every photo, scored by heads cross-fitted without its fold.
+    ``CALIBRATION_PHOTOS`` above. Fewer: every photo, scored by heads cross-fitted without its fold. With
+    ``regions`` (heads that answer users, not fusion's out-of-fold fits), also the regions' conformal map.
     """
     val = result.val_index
     if len(val) >= CALIBRATION_PHOTOS or not crossfit:
@@ -208,6 +212,8 @@ def _calibrate(result: TrainResult, emb: np.ndarray, cells: _Cells, latlon: tupl
     calibration = fit_calibration(logits, cells.rows[calib_rows], priors, parent_rows,
                                   groups[calib_rows] if groups is not None else None)
     calibration["source"] = how
+    if not regions:
+        return calibration
     # the regions' map: split conformal needs the answering heads themselves, on photographers they did not see
     region_rows = val if len(val) <= REGION_PHOTOS else np.sort(np.random.default_rng(0).choice(val, REGION_PHOTOS,
                                                                                               replace=False))
