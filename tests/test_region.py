@@ -148,6 +148,12 @@ def test_predictions_carry_duckdb_friendly_region_columns(fitted, tmp_path):
     assert [r["coverage"] for r in table] == list(REPORT_COVERAGES) and all(r["photos"] == 40 for r in table)
     assert table[2]["observed"] == back["region_hit"][:40].astype(bool).mean()
 
+    from geo.store.geojson import feature_collection  # geo query --format geojson
+
+    drawn = [f for f in feature_collection(back)["features"] if f["properties"]["role"] == "region"]
+    assert len(drawn) == 40 and all(f["geometry"]["type"] == "MultiPolygon" for f in drawn)
+    assert drawn[0]["properties"]["coverage"] == 0.9 and drawn[0]["properties"]["area_km2"] > 0
+
     from geo.eval.sql import run_sql  # geo sql: DuckDB over the predictions file
 
     got = run_sql("SELECT avg(region_hit::INT) AS hit, median(region_area_km2) AS area FROM predictions "
