@@ -136,6 +136,23 @@ def test_precomputed_embeddings_as_json(server, bundle):
     assert got[0]["neighbors"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)  # a gallery photo finds itself
 
 
+def test_the_region_takes_the_stated_coverage_over_http(server, bundle):
+    _, emb = EmbeddingReader(open_bundle(bundle)).take(np.array([0, 5]))
+    regions = {}
+    for coverage in (0.5, 0.95):
+        r = httpx.post(server + f"/locate?mode=knn&coverage={coverage}", headers=AUTH, timeout=60,
+                       json={"embeddings": emb.tolist()})
+        assert r.status_code == 200, r.text
+        regions[coverage] = [a["region"] for a in r.json()]
+    for small, big in zip(regions[0.5], regions[0.95]):
+        assert (small["coverage"], big["coverage"]) == (0.5, 0.95) and small["area_km2"] <= big["area_km2"]
+        assert big["geometry"]["type"] == "MultiPolygon"
+    want = open_index(bundle).locate_embeddings(emb, mode="knn", coverage=0.5)
+    assert [a.region["cells"] for a in want] == [a["cells"] for a in regions[0.5]]
+    r = httpx.post(server + "/locate?coverage=0", headers=AUTH, timeout=60, json={"embeddings": emb.tolist()})
+    assert r.status_code == 422
+
+
 def test_info_metrics_docs_and_thumbnails(server, bundle):
     info = httpx.get(server + "/info", headers=AUTH).json()
     cli = json.loads(CliRunner().invoke(app, ["info", str(bundle), "--json"]).stdout)

@@ -60,6 +60,8 @@ def test_map_page_draws_the_answer_and_the_neighbours(cli_bundle, tmp_path):
             assert len(widths) >= 5 and min(widths) > 0  # thumbnails decoded, served by /gallery/{id}/thumbnail
             assert driver.find_elements(By.CSS_SELECTOR, "#map .cell")  # the top cells' shapes
             assert driver.find_elements(By.CSS_SELECTOR, "#map .ring")  # the p_within circles
+            assert driver.find_elements(By.CSS_SELECTOR, "#map #region")  # the region at the stated coverage
+            assert "Region holding the truth for 90%" in driver.find_element(By.ID, "region-words").text
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             assert not errors, errors  # nothing failed to load: no CDN, no tile server, no font host
             shot = tmp_path / "serve.png"

@@ -28,6 +28,7 @@ from geo.eval.metrics import (
 from geo.eval.published import comparison_table, published_json
 from geo.eval.report import build_report, groups_text, report_text, summary_text
 from geo.data.embedding_table import EmbeddingTable
+from geo.eval.regions import format_region_table, mark_regions, region_table
 from geo.eval.runner import index_id_of, mark_leaks, run_embeddings, run_suite
 from geo.eval.sql import run_sql
 from geo.eval.suites import SUITES, SuiteError, get_suite
@@ -224,11 +225,12 @@ def _suite_command(name: str) -> Callable[..., None]:
         scored = {m: result.summary(distance=distance, ci=ci, exclude_leaks=exclude_leaks, mode=m)
                   for m in result.modes}
         common = dict(crops=crops, out=str(out) if out else None, published=published_json(name))
+        regions = region_table(result.predictions)
         if as_json:
             if mode == "all":
-                print_json(dict(common, mode="all", modes=scored))
+                print_json(dict(common, mode="all", modes=scored, region=regions))
             else:
-                print_json(dict(next(iter(scored.values()), {}), mode=mode, **common))
+                print_json(dict(next(iter(scored.values()), {}), mode=mode, region=regions, **common))
             return
         typer.echo(f"{suite_obj.title}\nmetadata {result.meta}; {distance} distances; "
                    f"mode {', '.join(result.modes) or mode}")
@@ -236,6 +238,8 @@ def _suite_command(name: str) -> Callable[..., None]:
             typer.echo(f"resumed: {result.resumed} answers (photo and mode) taken from {out}")
         typer.echo(_human(next(iter(scored.values())), name, "this index") if len(scored) == 1
                    else _modes_human(scored, name))
+        if regions:
+            typer.echo("\n" + format_region_table(regions))
         if result.missing:
             typer.echo(f"\n{len(result.missing)} photos of the metadata are not in {images} "
                        f"(e.g. {', '.join(result.missing[:3])}); they are excluded from n and counted as misses "
@@ -264,11 +268,16 @@ def _bench(idx: Any, index: Path, suite_obj: Any, images: Path | None, embedding
         result = run_suite(idx, suite_obj, images, meta=meta, modes=modes, crops=crops, limit=limit, out=parquet,
                            progress=progress, index_id=index_id_of(idx, index))
     mark_leaks(idx, result)
+    mark_regions(idx, result.predictions)
+    marked = [c for c in ("leak", "region_hit") if result.predictions[c].notna().any()]
     if geojson:
         write_geojson(out, result.predictions)
-    elif out is not None and result.predictions["leak"].notna().any():  # the file gains the leak column
+    elif out is not None and marked:  # the file gains the leak and region columns
         stored = read_predictions(out)
-        stored["leak"] = stored["query_id"].map(dict(zip(result.predictions["query_id"], result.predictions["leak"])))
+        key = list(zip(result.predictions["query_id"], result.predictions["mode"]))
+        for col in marked + (["region_curve"] if "region_hit" in marked else []):
+            stored[col] = pd.Series(list(zip(stored["query_id"], stored["mode"]))).map(
+                dict(zip(key, result.predictions[col]))).to_numpy()
         write_predictions(out, stored)
     return result
 

@@ -17,6 +17,7 @@ from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import expand_images
 from geo.query.client import locate_remote
 from geo.query.index import open_index
+from geo.stages.cells.region import DEFAULT_COVERAGE
 from geo.store.bundle import bundle_containing
 from geo.store.geojson import feature_collection, write_geojson
 from geo.store.predictions import answers_to_frame, write_predictions
@@ -41,6 +42,11 @@ def print_human(ans: Answer, top: int = 3) -> None:
     elif basis == "near-duplicate" and ans.neighbors:
         typer.echo(f"    a near-duplicate of gallery photo {one_line(ans.neighbors[0]['id'])} "
                    f"(similarity {ans.neighbors[0]['similarity']:.3f}): answered at its spot")
+    if ans.region:
+        r = ans.region
+        typer.echo(f"    region holding the truth for {r['coverage']:.0%} of new photos"
+                   f"{'' if r['calibrated'] else ' (uncalibrated: posterior mass)'}: {r['area_km2']:,.0f} km² in "
+                   f"{len(r['cells'])} cells")
     for alt in ans.alternatives[:3]:
         typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}")
     for n in ans.neighbors[:top]:
@@ -58,6 +64,18 @@ WithinWeight = Annotated[Optional[float], typer.Option(
     "(0 < W < 1) instead of removed, for a place you are fairly, not fully, sure of.")]
 
 
+def _check_values(output: str, crops: int, min_confidence: float | None, coverage: float) -> None:
+    """The options that take a value from a fixed set or range; NaN fails every comparison."""
+    if output not in ("text", "json", "geojson"):
+        fail(f"--format must be text, json or geojson, not {output!r}")
+    if crops not in (1, 3, 5):
+        fail("--crops must be 1, 3 or 5")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        fail(f"--min-confidence must be a number from 0 to 1, not {min_confidence}")
+    if not 0 < coverage <= 1:
+        fail(f"--coverage must be a number above 0 and at most 1, not {coverage}")
+
+
 def query_command(
     images: Optional[list[str]] = typer.Argument(None, help="Image files, globs or directories."),
     index: Index = None,
@@ -69,8 +87,8 @@ def query_command(
                               "panoramas and tall photos, at 3-5x the time."),
     device: Device = "auto",
     output: str = typer.Option("text", "--format", help="text (lines for people) | json (one object per image, "
-                               "as --json) | geojson (one FeatureCollection: answers, alternatives, truth) to "
-                               "drop on a map."),
+                               "as --json) | geojson (one FeatureCollection: answers, alternatives, regions, "
+                               "truth) to drop on a map."),
     as_json: Json = False,
     out: Optional[Path] = typer.Option(None, help="Also write the answers to a file, for many photos: a "
                                        "predictions Parquet (`geo sql` and `geo report` read it), or GeoJSON when "
@@ -79,6 +97,9 @@ def query_command(
                                                    "this confidence: when a wrong answer costs more than none."),
     server: Optional[str] = typer.Option(None, "--server", help="Ask a running `geo serve` at this URL instead of "
                                          "loading --index here: no model load, fast for a few photos."),
+    coverage: float = typer.Option(DEFAULT_COVERAGE, help="The answer's region holds the truth for this share "
+                                   "of new photographers' photos (conformally calibrated at build time): 0.5 for "
+                                   "a small area, 0.95 for a safe one."),
     token: Optional[str] = typer.Option(None, envvar="GEO_TOKEN", help="The server's token, with --server (or "
                                         "GEO_TOKEN, which keeps it out of the process list)."),
     within: Within = None,
@@ -89,19 +110,14 @@ def query_command(
     \b
       geo query holiday.jpg --index my-index
       geo query photos/ --index my-index --json --mode knn
-      geo query photos/ --index my-index --format geojson > answers.geojson
+      geo query photos/ --index my-index --format geojson --coverage 0.8 > answers.geojson
       geo query --embeddings queries.parquet --index my-index --out predictions.parquet
       geo query holiday.jpg --server http://127.0.0.1:8000
       geo query holiday.jpg --index my-index --within PT
       geo query holiday.jpg --index my-index --within near:45.76,4.84,50
     """
     output = "json" if as_json else output
-    if output not in ("text", "json", "geojson"):
-        fail(f"--format must be text, json or geojson, not {output!r}")
-    if crops not in (1, 3, 5):
-        fail("--crops must be 1, 3 or 5")
-    if min_confidence is not None and not 0 <= min_confidence <= 1:  # NaN fails both comparisons
-        fail(f"--min-confidence must be a number from 0 to 1, not {min_confidence}")
+    _check_values(output, crops, min_confidence, coverage)
     if bool(images) == (embeddings is not None):
         fail("give image paths or --embeddings PATH: one of the two")
     if (index is None) == (server is None):
@@ -117,18 +133,20 @@ def query_command(
     truth, answer_mode = None, mode
     if server is not None:
         answers = locate_remote(server, expand_images(list(images)), token=token, mode=mode,
-                                min_confidence=min_confidence, crops=crops, within=constraint)
+                                min_confidence=min_confidence, crops=crops, within=constraint,
+                                coverage=coverage)
     else:
         idx = open_index(index, device=device)
         answer_mode = mode or idx.default_mode
         if embeddings is not None:
             table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
                                    require_coordinates=False)
-            answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence, within=constraint)
+            answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence, within=constraint,
+                                                coverage=coverage)
         else:
             with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
                 answers = idx.locate(list(images), mode=mode, crops=crops, min_confidence=min_confidence,
-                                     within=constraint)
+                                     within=constraint, coverage=coverage)
     _emit(answers, truth, embeddings is not None, output, out, answer_mode, str(server or index))
 
 

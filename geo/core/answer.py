@@ -51,6 +51,9 @@ class Answer:
     city: str | None = None  # "name, admin1, cc" of the GeoNames place within 25 km of the answer, else None
     # the city head's most probable cities [{city, prob}] (its classes: the gallery's cities); [] without one
     cities: list[dict[str, Any]] = field(default_factory=list)
+    # where the photo is at a stated coverage: the fewest km² of cells whose calibrated posterior mass holds the
+    # truth for that share of new photographers' photos (geo.stages.cells.region); {} without cells
+    region: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     abstained: bool = False
     # the query-time constraint the answer was kept inside (geo.data.constraint.Constraint.label(): "country:PRT",
@@ -73,7 +76,7 @@ class Answer:
         """Withhold the coordinates when the confidence is below ``min_confidence`` (None: never)."""
         if min_confidence is not None and self.error is None and (self.confidence or 0.0) < min_confidence:
             self.abstained, self.lat, self.lon, self.place, self.country, self.city = True, None, None, {}, {}, None
-            self.cities = []
+            self.cities, self.region = [], {}
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import pandas as pd
 from geo.core.geodesy import valid_latlon
 from geo.data.places import nearest_places
 from geo.eval.metrics import THRESHOLDS_KM, breakdown, label_accuracies, summarize
+from geo.eval.regions import format_region_table, region_table
 from geo.eval.published import comparison_table
 from geo.stages.fusion.calibration import expected_calibration_error, reliability_table
 from geo.store.atomic import atomic_save_figure, atomic_write_bytes
@@ -96,6 +97,9 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
     calibration = calibration_by_mode(geo_df)
     if calibration:
         out["calibration"] = calibration
+    regions = region_table(df)
+    if regions:  # only a `geo bench` file knows whether each truth lies inside its region
+        out["region"] = regions
     for key, col in (("by_continent", "true_continent"), ("by_country", "true_country")):
         groups = breakdown(d, geo_df[col], ci=False)
         out[key] = {k: v for k, v in groups.items() if v["n"] >= min_group}
@@ -259,6 +263,8 @@ def report_text(a: dict[str, Any], top_n: int = 10) -> str:
                  f"continent: {_pct(a['continent_hit_rate']).strip()}%")
     if "calibration" in a:
         parts.append(calibration_text(a["calibration"]))
+    if "region" in a:
+        parts.append(format_region_table(a["region"]))
     parts.append(photos_text(f"best {top_n}:", a["best"]))
     parts.append(photos_text(f"worst {top_n}:", a["worst"]))
     if a["failed"]:
@@ -423,6 +429,11 @@ def write_html(a: dict[str, Any], pngs: dict[str, Path], path: Path, title: str)
     parts.append("<h2>By country (of the truth, 25 largest)</h2>" + _groups_html(a["by_country"], "country", 25))
     parts.append(f"<p>Predicted country = true country for {_pct(a['country_hit_rate']).strip()}% of photos; "
                  f"continent for {_pct(a['continent_hit_rate']).strip()}%.</p>")
+    if "region" in a:
+        parts.append("<h2>Regions: stated coverage against the share of truths inside</h2>" + _html_table(
+            ["stated", "observed", "photos", "median km²"],
+            [(f"{r['coverage']:.2f}", f"{r['observed']:.3f}", r["photos"], f"{r['median_area_km2']:,.0f}")
+             for r in a["region"]]))
     parts.append("<h2>Best photos</h2>" + _photos_html(a["best"]))
     parts.append("<h2>Worst photos</h2>" + _photos_html(a["worst"]))
     if a["failed"]:

@@ -32,10 +32,12 @@ def _detail(r: httpx.Response) -> str:
 
 def locate_remote(server: str, paths: Sequence[str], *, token: str | None = None, mode: str | None = None,
                   k: int = 50, min_confidence: float | None = None, crops: int = 1, batch: int = 16,
-                  timeout_s: float = 300.0, within: Constraint | None = None) -> list[Answer]:
+                  timeout_s: float = 300.0, within: Constraint | None = None,
+                  coverage: float | None = None) -> list[Answer]:
     """Answers for ``paths`` (already expanded) from the server at ``server``, in order."""
     url = server.rstrip("/") + "/locate"
-    params = {k_: v for k_, v in (("mode", mode), ("k", k), ("min_confidence", min_confidence), ("crops", crops))
+    params = {k_: v for k_, v in (("mode", mode), ("k", k), ("min_confidence", min_confidence), ("crops", crops),
+                                          ("coverage", coverage))
               if v is not None}
     if within is not None:  # its label reads back as the same constraint (geo.data.constraint.Constraint.parse)
         params["within"] = within.label()

@@ -35,6 +35,7 @@ from geo.data.countries import country_codes, country_index, country_names
 from geo.data.places import city_label, city_points, nearest_places
 from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
 from geo.stages.cells.predictor import CellPredictor
+from geo.stages.cells.region import DEFAULT_COVERAGE
 from geo.stages.cells.support import DECISION_RADII_KM
 from geo.stages.fusion.calibration import CALIBRATED_KM, calibrated
 from geo.stages.fusion.posterior import FusionParams, decide, mass_near, near_duplicate
@@ -256,17 +257,15 @@ class GeoIndex:
 
     def locate_embeddings(self, emb: np.ndarray, mode: str | None = None, k: int = 50,
                           min_confidence: float | None = None, names: Sequence[str | None] | None = None,
-                          ids: Sequence[str] | None = None, within: Constraint | None = None) -> list[Answer]:
+                          ids: Sequence[str] | None = None, within: Constraint | None = None,
+                          coverage: float = DEFAULT_COVERAGE) -> list[Answer]:
         """Answers for embeddings [n, dim] (or [n, crops, dim]); each mode computes only the signals it needs,
-        plus the neighbours and top cells that every answer lists. ``within``: a query-time constraint
-        (:meth:`through`)."""
+        plus the neighbours, top cells and region (at the stated ``coverage``) that every answer lists.
+        ``within``: a query-time constraint (:meth:`through`)."""
         mode = mode or self.default_mode
-        if mode not in self.modes:
-            raise ValueError(f"mode {mode!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
-        if k < 1:
-            raise ValueError(f"k must be at least 1, not {k}")
+        self._check(mode, k, coverage)
         if within is not None:
-            return self.through(within).locate_embeddings(emb, mode, k, min_confidence, names, ids)
+            return self.through(within).locate_embeddings(emb, mode, k, min_confidence, names, ids, coverage=coverage)
         self._check_constrainable(mode)
         batch = Batch(emb, k)
         sims, rows = knn_search(self.knn, batch)
@@ -277,6 +276,7 @@ class GeoIndex:
         places = nearest_places(*lat_lon)
         countries = self._countries(country_index(*lat_lon), probs)
         cities = self._cities(batch.emb, len(decisions))
+        regions = self.cells.regions(probs, coverage) if probs is not None else [{} for _ in decisions]
         out = []
         for i, d in enumerate(decisions):
             r = rows[i][rows[i] >= 0]
@@ -294,12 +294,23 @@ class GeoIndex:
                           "top_similarity": round(float(sims[i][rows[i] >= 0][0]), 6) if (rows[i] >= 0).any() else None},
                 place=places[i], country=countries[i], city=city_label(places[i]),
                 cities=cities[i], within=None if self.constraint is None else self.constraint.label(),
+                region=regions[i],
             ).abstain_below(min_confidence))
         return out if self.constraint is None or not self.constraint.hard else self._listed_inside(out)
 
+    def _check(self, mode: str, k: int, coverage: float) -> None:
+        """A mode, k and coverage the bundle can answer with, checked before any photo is embedded."""
+        if mode not in self.modes:
+            raise ValueError(f"mode {mode!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, not {k}")
+        if not 0.0 < coverage <= 1.0:  # NaN fails both comparisons
+            raise ValueError(f"coverage must be a number above 0 and at most 1, not {coverage}")
+
     def locate_table(self, table: EmbeddingTable, mode: str | None = None, k: int = 50,
                      min_confidence: float | None = None, batch_rows: int = 4096,
-                     within: Constraint | None = None) -> tuple[list[Answer], np.ndarray]:
+                     within: Constraint | None = None,
+                     coverage: float = DEFAULT_COVERAGE) -> tuple[list[Answer], np.ndarray]:
         """Answers for every row of precomputed query embeddings, in input order (a bad row gets its error),
         and the rows' coordinates [n, 2] where the table has them (NaN elsewhere): the truth for scoring."""
         answers: list[Answer] = []
@@ -309,7 +320,7 @@ class GeoIndex:
             coords = np.full((piece.rows, 2), np.nan)
             if len(piece.meta):
                 got = self.locate_embeddings(piece.emb, mode, k, min_confidence, ids=piece.meta["id"].tolist(),
-                                             within=within)
+                                             within=within, coverage=coverage)
                 for pos, a in zip(piece.ok_rows, got):
                     part[pos] = a
                 coords[piece.ok_rows] = piece.meta[["lat", "lon"]].to_numpy(np.float64)
@@ -481,15 +492,17 @@ class GeoIndex:
                                               np.asarray(sims, float).tolist(), np.asarray(dist, float).tolist())]
 
     def locate(self, images: str | Path | Sequence[str | Path], mode: str | None = None, k: int = 50, crops: int = 1,
-               min_confidence: float | None = None, within: Constraint | None = None) -> list[Answer]:
+               min_confidence: float | None = None, within: Constraint | None = None,
+               coverage: float = DEFAULT_COVERAGE) -> list[Answer]:
         """One Answer per photo the arguments (paths, globs or folders; one or a list) expand to, in order, so a
         caller never checks which it got; a photo that cannot be read gets an Answer with its error. ``within``
         keeps the answers inside a :class:`~geo.data.constraint.Constraint` (hard) or leans them in (soft)."""
         args = [images] if isinstance(images, (str, Path)) else images
-        return self.locate_modes(args, [mode], k, crops, min_confidence, within)[0]
+        return self.locate_modes(args, [mode], k, crops, min_confidence, within, coverage)[0]
 
     def locate_one(self, image: str | Path, mode: str | None = None, k: int = 50, crops: int = 1,
-                   min_confidence: float | None = None, within: Constraint | None = None) -> Answer:
+                   min_confidence: float | None = None, within: Constraint | None = None,
+                   coverage: float = DEFAULT_COVERAGE) -> Answer:
         """The Answer for exactly one photo: a ValueError, before anything is embedded, when ``image`` is a
         folder or glob that holds no photo or several (``locate`` answers those). A path that does not
         exist or cannot be decoded is one photo: its Answer carries the error, as in ``locate``."""
@@ -500,17 +513,15 @@ class GeoIndex:
             raise ValueError(f"{image}: {len(paths)} photos; locate_one answers exactly one (use locate)")
         if _matches_nothing(paths[0]):
             raise ValueError(f"{image}: no photo there; locate_one answers exactly one")
-        return self.locate_modes(paths, [mode], k, crops, min_confidence, within)[0][0]
+        return self.locate_modes(paths, [mode], k, crops, min_confidence, within, coverage)[0][0]
 
     def locate_modes(self, images: Sequence[str], modes: Sequence[str | None], k: int = 50, crops: int = 1,
-                     min_confidence: float | None = None, within: Constraint | None = None) -> list[list[Answer]]:
+                     min_confidence: float | None = None, within: Constraint | None = None,
+                     coverage: float = DEFAULT_COVERAGE) -> list[list[Answer]]:
         """One list of answers per mode for the same images, each image decoded and embedded once
         (``geo bench --mode all`` compares every mode at the cost of one embedding pass)."""
-        if k < 1:
-            raise ValueError(f"k must be at least 1, not {k}")
-        for m in modes:  # an unknown mode or k fails before the photos are embedded
-            if (m or self.default_mode) not in self.modes:
-                raise ValueError(f"mode {m!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
+        for m in modes:  # an unknown mode, k or coverage fails before the photos are embedded
+            self._check(m or self.default_mode, k, coverage)
             if within is not None:  # so is a constraint the mode cannot honour, or one with no photo inside
                 self.check_within(m or self.default_mode, within)
         paths = expand_images([str(i) for i in images])
@@ -521,7 +532,8 @@ class GeoIndex:
             answers = [Answer.failed(p, errors[i]) if i in errors else None for i, p in enumerate(paths)]
             if good:
                 for i, a in zip(good, self.locate_embeddings(emb[good], mode=mode, k=k, min_confidence=min_confidence,
-                                                             names=[paths[i] for i in good], within=within)):
+                                                             names=[paths[i] for i in good], within=within,
+                                                             coverage=coverage)):
                     answers[i] = a
             out.append(answers)
         return out

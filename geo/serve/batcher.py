@@ -4,7 +4,7 @@ A request puts one job per image on a bounded queue and awaits the jobs'
 futures. One worker task takes the first waiting job, gathers more for at most
 ``max_wait_ms`` (or until ``max_batch``) while other requests are still being
 read, and runs the whole batch on a single model thread: every decoded image through one ``embed_tensors`` call, then one
-``locate_embeddings`` call per distinct (mode, k, crops). While that runs, new
+``locate_embeddings`` call per distinct (mode, k, crops, coverage). While that runs, new
 jobs queue up, so a loaded server forms full batches without waiting at all.
 
 The model thread is the only thread that runs torch or FAISS work: it loads
@@ -31,6 +31,7 @@ import torch
 
 from geo.core.answer import Answer
 from geo.data.constraint import Constraint
+from geo.stages.cells.region import DEFAULT_COVERAGE
 from geo.data.images import ImageLoadError, decode_tensor
 
 log = logging.getLogger("geo.serve")
@@ -51,6 +52,7 @@ class Job:
     min_confidence: float | None
     data: bytes | None = None
     crops: int = 1
+    coverage: float = DEFAULT_COVERAGE  # the region's stated coverage
     embedding: np.ndarray | None = None
     id: str | None = None
     within: Constraint | None = None  # a query-time constraint (geo.data.constraint)
@@ -205,14 +207,14 @@ class MicroBatcher:
         if decoded:
             for (j, _), e in zip(decoded, self.index.embed_tensors([t for _, t in decoded])):
                 emb[id(j)] = e
-        groups: dict[tuple[str, int, int, Constraint | None], list[Job]] = {}
+        groups: dict[tuple[str, int, int, Constraint | None, float], list[Job]] = {}
         for j in jobs:
             if id(j) in emb:
-                groups.setdefault((j.mode, j.k, emb[id(j)].shape[0], j.within), []).append(j)
-        for (mode, k, _, within), members in groups.items():
+                groups.setdefault((j.mode, j.k, emb[id(j)].shape[0], j.within, j.coverage), []).append(j)
+        for (mode, k, _, within, coverage), members in groups.items():
             answers = self.index.locate_embeddings(
                 np.stack([emb[id(j)] for j in members]), mode=mode, k=k,
-                names=[j.name for j in members], ids=[j.id for j in members], within=within)
+                names=[j.name for j in members], ids=[j.id for j in members], within=within, coverage=coverage)
             for j, a in zip(members, answers):
                 out[id(j)] = a.abstain_below(j.min_confidence)
         return [out[id(j)] for j in jobs]

@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from geo.core.answer import Answer
 from geo.data.constraint import Constraint, constraint_from_options
+from geo.stages.cells.region import DEFAULT_COVERAGE
 from geo.eval.report import json_safe
 from geo.serve.batcher import Job, QueueFull
 from geo.serve.inputs import embedding_jobs, image_jobs
@@ -40,7 +41,9 @@ async def locate(request: Request, state: State,
                                                "alpha-3 codes or names, comma-separated), box:S,W,N,E or "
                                                "near:LAT,LON,KM (as geo query --within)"),
                  within_weight: Optional[float] = Query(None, description="soft constraint: the mass outside is "
-                                                        "multiplied by this (0 < w < 1)")) -> JSONResponse:
+                                                        "multiplied by this (0 < w < 1)"),
+                 coverage: float = Query(DEFAULT_COVERAGE, gt=0, le=1, description="the share of new photos whose "
+                                         "truth the answer's region holds (conformally calibrated)")) -> JSONResponse:
     mode = state.check_mode(mode)
     if crops not in (1, 3, 5):
         raise HTTPException(422, f"crops must be 1, 3 or 5, not {crops}")
@@ -57,6 +60,7 @@ async def locate(request: Request, state: State,
         jobs = [j for j in items if isinstance(j, Job)]
         for j in jobs:
             j.within = constraint
+            j.coverage = coverage
         try:
             futures = state.batcher.submit(jobs) if jobs else []
         except QueueFull as e:

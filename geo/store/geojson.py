@@ -5,7 +5,8 @@ Built from the predictions frame (:mod:`geo.store.predictions`), so ``geo query
 Every property is a scalar, because GIS tools turn nested objects into opaque
 text: one Feature per answer (``role: answer``), one per alternative
 (``role: alternative``, its ``rank`` and ``score``) and, where the truth is known,
-one for the truth (``role: truth``, with the answer's ``error_km``). A photo
+one for the truth (``role: truth``, with the answer's ``error_km``), and one MultiPolygon for the answer's region
+(``role: region``: its stated ``coverage``, ``area_km2``, posterior ``mass``, number of ``cells``). A photo
 that could not be located keeps its Feature with a null geometry and its
 ``error``, so counting features still counts every photo. Coordinates are
 [longitude, latitude], as the RFC orders them.
@@ -63,6 +64,13 @@ def feature_collection(df: pd.DataFrame) -> dict[str, Any]:
             features.append({"type": "Feature", "geometry": _point(alt.get("lat"), alt.get("lon")),
                              "properties": {**base, "role": "alternative", "rank": rank,
                                             "score": _num(alt.get("score"))}})
+        region = _parsed(row.get("region"))
+        if region and region.get("geometry"):
+            features.append({"type": "Feature", "geometry": region["geometry"],
+                             "properties": {**base, "role": "region", "coverage": _num(row.get("region_coverage")),
+                                            "area_km2": _num(row.get("region_area_km2")),
+                                            "mass": _num(row.get("region_mass")), "cells": len(region["cells"]),
+                                            "calibrated": bool(region.get("calibrated"))}})
         truth = _point(row.get("true_lat"), row.get("true_lon"))
         if truth is not None:
             features.append({"type": "Feature", "geometry": truth,

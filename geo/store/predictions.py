@@ -34,6 +34,13 @@ Schema (one row per query image; nullable unless noted)::
     pred_city   string     the same for the answer
     within      string     the query-time constraint the answer was kept inside (Answer.within: "country:PRT",
                            "box:S,W,N,E", "near:LAT,LON,Rkm", + " weight=W" when soft); null without one
+    region_coverage float64  the coverage the answer's region was stated for (geo query --coverage; null without cells)
+    region_area_km2 float64  its area
+    region_mass float64    the calibrated posterior mass inside it
+    region_hit  bool       whether the truth lies inside it (filled by `geo bench`, which knows the truth and the cells)
+    region      string     JSON {calibrated, cells, geometry}: its tokens and GeoJSON MultiPolygon
+    region_curve string    JSON list of {coverage, mass, area_km2, cells, hit} at 0.5 / 0.8 / 0.9 / 0.95: the
+                           recall-vs-area table of `geo bench` and `geo report`
 
 Files written before the last columns existed read with them null (the two country columns are filled from
 the coordinates, so any file gets country accuracy).
@@ -101,11 +108,18 @@ SCHEMA = pa.schema(
         # the query-time constraint the answer was kept inside (Answer.within: "country:PRT", "box:S,W,N,E",
         # "near:LAT,LON,Rkm", + " weight=W" when soft); null without one
         pa.field("within", pa.string()),
+        pa.field("region_coverage", pa.float64()),
+        pa.field("region_area_km2", pa.float64()),
+        pa.field("region_mass", pa.float64()),
+        pa.field("region_hit", pa.bool_()),
+        pa.field("region", pa.string()),
+        pa.field("region_curve", pa.string()),
     ],
     metadata={"geo.store.predictions.version": "1"},
 )
 COLUMNS = SCHEMA.names
-_FLOATS = ("true_lat", "true_lon", "pred_lat", "pred_lon", "confidence", "error_km", "confidence_radius_km")
+_FLOATS = ("true_lat", "true_lon", "pred_lat", "pred_lon", "confidence", "error_km", "confidence_radius_km",
+           "region_coverage", "region_area_km2", "region_mass")
 
 
 class PredictionsError(ValueError):
@@ -164,11 +178,22 @@ def answers_to_frame(
             "created": pd.Timestamp(_dt.datetime.now(_dt.timezone.utc)),
             "error": [str(a["error"]) if failed[i] else None for i, a in enumerate(answers)],
             "within": [a.get("within") for a in answers],
+            **_region_columns([a.get("region") or {} for a in answers]),
         }
     )
     for col, values in (extra or {}).items():
         df[col] = list(values)
     return conform(df)
+
+
+def _region_columns(regions: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The region columns of answers' ``region`` dicts (empty: nulls)."""
+    return {"region_coverage": [r.get("coverage", np.nan) for r in regions],
+            "region_area_km2": [r.get("area_km2", np.nan) for r in regions],
+            "region_mass": [r.get("mass", np.nan) for r in regions],
+            "region": [_json_or_none({k: r[k] for k in ("calibrated", "cells", "geometry")}) if r else None
+                       for r in regions],
+            "region_curve": [_json_or_none(r.get("curve")) for r in regions]}
 
 
 def conform(df: pd.DataFrame) -> pd.DataFrame:

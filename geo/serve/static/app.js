@@ -18,6 +18,8 @@
   const circle = (lon, lat, km) => d3.geoCircle().center([lon, lat]).radius(degrees(km)).precision(2)();
   // GeoJSON rings are counter-clockwise; d3-geo's spherical polygons want them clockwise.
   const cellShape = (c) => ({ type: "Polygon", coordinates: [c.polygon.slice().reverse()] });
+  const regionShape = (g) => ({ type: "MultiPolygon",
+    coordinates: g.coordinates.map((poly) => poly.map((ring) => ring.slice().reverse())) });
 
   function words(p) {
     if (p >= 0.9) return "almost certain";
@@ -47,6 +49,8 @@
     el("path", { class: "graticule", d: path(d3.geoGraticule10()) });
     if (land) el("path", { class: "land", d: path(land) });
     if (!answer) return;
+    const region = answer.region && answer.region.geometry ? path(regionShape(answer.region.geometry)) : null;
+    if (region) el("path", { id: "region", class: "region", d: region });
     const maxProb = Math.max(1e-9, ...answer.top_cells.map((c) => c.prob));
     for (const c of answer.top_cells) {
       if (!c.polygon) continue;
@@ -100,6 +104,10 @@
     if (basis === "prior") $("words").textContent += ". Little evidence in this photo: the answer is where the gallery's photos concentrate";
     if (basis === "near-duplicate") $("words").textContent += ". A near-duplicate of a gallery photo: answered at its spot";
     $("words").className = a.confidence < 0.15 || basis === "prior" ? "warn" : "";
+    const r = a.region || {};
+    $("region-words").textContent = r.area_km2 === undefined ? "" : "Region holding the truth for " +
+      pct(r.coverage) + " of new photos" + (r.calibrated ? "" : " (uncalibrated)") + ": " +
+      Math.round(r.area_km2).toLocaleString() + " km² in " + r.cells.length + " cells";
     const tbody = $("pwithin").querySelector("tbody");
     tbody.replaceChildren();
     for (const [km, p] of Object.entries(a.p_within || {})) {

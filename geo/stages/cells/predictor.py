@@ -17,6 +17,7 @@ with a flat posterior is the population prior's answer.
 from __future__ import annotations
 
 import copy
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from geo.stages.cells.calibration import (
     partition_log_probs,
 )
 from geo.stages.cells.cities import CityHead
+from geo.stages.cells.region import REGION_MAP, RegionCells
 from geo.stages.cells.regression import Regression
 from geo.stages.cells.support import DECISION_RADII_KM, SupportDecision, check_support
 from geo.store.atomic import atomic_write_parquet
@@ -99,7 +101,8 @@ class CellPredictor:
         except ValueError as e:
             raise BundleError(str(e)) from None
         model, cfg = load_heads(bundle.path(HEADS_WEIGHTS), bundle.path(HEADS_CONFIG), device)
-        checked(cfg, {"calibration": {"temperature": (float, list), "alpha": float}, "scene_values?": list,
+        checked(cfg, {"calibration": {"temperature": (float, list), "alpha": float, "region?": REGION_MAP},
+                      "scene_values?": list,
                       "scene_column?": (str, type(None))}, bundle.path(HEADS_CONFIG))
         if [len(t) for t in tables] != model.spec["n_classes"]:
             raise BundleError(f"{bundle.path(HEADS_CONFIG)}: head sizes do not match the cell tables")
@@ -151,6 +154,17 @@ class CellPredictor:
                  "lat": float(t["lat"].iat[j]), "lon": float(t["lon"].iat[j]),
                  # semantic cells (level -1) are Voronoi regions clipped to borders: no ring is stored for them
                  "polygon": cell_ring(str(t["token"].iat[j])) if int(t["level"].iat[j]) >= 0 else None} for j in top]
+
+    @cached_property
+    def region_cells(self) -> RegionCells:
+        """The cells' areas, nesting and shapes, which regions are grown over (made on first use)."""
+        return RegionCells(self.tables, self.names)
+
+    def regions(self, fine: np.ndarray, coverage: float) -> list[dict[str, Any]]:
+        """Each fine posterior row's region at a stated coverage (``Answer.region``), through the build's
+        conformal map (a bundle built before it has none: the posterior mass stands for the coverage, and
+        the region says ``calibrated: false``), with its curve at :data:`REPORT_COVERAGES`."""
+        return [self.region_cells.answer(row, coverage, self.calibration.get("region")) for row in fine]
 
     def decide(self, fine_probs: np.ndarray, radii_km=DECISION_RADII_KM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lat, lon, mass within radii_km[0]) per row of fine probabilities [n, C]: the photo spot with most

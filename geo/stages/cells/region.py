@@ -1,0 +1,243 @@
+"""Region answers: the fewest km² of cells that hold the truth at a stated rate, with a conformal guarantee.
+
+A photo's region grows from the cells stage's calibrated fine-cell posterior (f*,
+:meth:`CellPredictor.fine_probs`): fine cells in order of posterior mass per km², while the mass taken
+before a cell is at most a threshold. A coarser cell whose fine cells are all taken is taken whole instead
+of them: the answer names few tokens, and (an adaptive partition leaving out places with few photos) holds
+the photos that land in no fine cell.
+
+The threshold is not the stated coverage: a posterior calibrated for log-likelihood is not calibrated for
+sets. It is fitted by split conformal prediction on photos whose heads did not see their photographer (the
+cells stage's own calibration photos): a photo's *score* is the least threshold whose region holds its true
+place; the threshold for coverage c is the ceil((n + 1) c)-th smallest score, so a new photographer's photo,
+exchangeable with those, lies inside its region with probability at least c. A photo in no cell at all scores
+infinity; the map then asks for more mass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from geo.core import s2
+from geo.core.geodesy import EARTH_RADIUS_KM
+from geo.stages.cells.partition import SEMANTIC_COLUMNS, locate, partitions_from_tables
+
+DEFAULT_COVERAGE = 0.9
+REPORT_COVERAGES = (0.5, 0.8, 0.9, 0.95)  # the levels geo bench and geo report state coverage and area for
+GRID = np.round(np.arange(1, 200) / 200, 3)  # the stated coverages the conformal map holds: 0.005 .. 0.995
+RASTER_LEVEL = 7  # the S2 level (cells of ~60-80 km) semantic cells are drawn on
+SEED_LEVEL = 12  # a semantic cell smaller than a raster cell is drawn as the S2 cell of this level at its seed
+REGION_MAP = {"coverage": [float], "mass": [float], "photos": int}  # its shape in heads.json (geo.store.schema)
+CHUNK = 1024  # posterior rows scored at a time: [rows, fine cells] floats
+
+
+def conformal_map(scores: np.ndarray) -> dict[str, Any]:
+    """The mass threshold for every stated coverage of :data:`GRID`, from calibration photos' scores.
+
+    Split conformal with the finite-sample correction: coverage c takes the ceil((n + 1) c)-th smallest score;
+    where that exceeds n (or is infinite: truth outside every cell) the threshold is 1, the whole posterior.
+    """
+    s = np.sort(np.asarray(scores, np.float64))
+    n = len(s)
+    k = np.ceil((n + 1) * GRID).astype(np.int64)
+    mass = np.where(k <= n, s[np.minimum(k, n) - 1] if n else 1.0, 1.0)
+    mass = np.minimum(np.where(np.isfinite(mass), mass, 1.0), 1.0)
+    # stored to 6 decimals, rounded up: a threshold never holds less than the quantile it stands for
+    return {"coverage": GRID.tolist(), "mass": np.minimum(np.ceil(mass * 1e6 - 1e-6) / 1e6, 1.0).tolist(), "photos": int(n)}
+
+
+def mass_threshold(coverage: float, cmap: dict[str, Any] | None) -> tuple[float, bool]:
+    """(mass threshold, calibrated) for a stated coverage: the map's value at the first grid level at or
+    above it (never less coverage than asked); without a map (an older bundle) the coverage itself."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], not {coverage}")
+    if not cmap or not cmap.get("photos"):
+        return float(coverage), False
+    i = int(np.searchsorted(np.asarray(cmap["coverage"]), coverage - 1e-9))
+    return (float(cmap["mass"][i]) if i < len(cmap["mass"]) else 1.0), True
+
+
+def map_summary(cmap: dict[str, Any]) -> dict[str, Any]:
+    """What the build records of a map in the manifest: its photos and the threshold at the reported levels."""
+    return {"photos": cmap["photos"], "mass": {str(c): mass_threshold(c, cmap)[0] for c in REPORT_COVERAGES}}
+
+
+@dataclass
+class Region:
+    """One photo's region: the cells taken and what an answer says of them."""
+
+    coverage: float  # the stated coverage
+    calibrated: bool  # whether a conformal map set the threshold (else the posterior mass is the coverage)
+    mass: float  # the posterior mass inside
+    area_km2: float
+    cells: list[np.ndarray]  # per partition, coarse to fine, the rows of the cells listed
+    tokens: list[str]
+
+    def to_dict(self, geometry: dict[str, Any] | None) -> dict[str, Any]:
+        return {"coverage": self.coverage, "calibrated": self.calibrated, "mass": round(self.mass, 4),
+                "area_km2": round(self.area_km2, 1), "cells": self.tokens, "geometry": geometry}
+
+
+class RegionCells:
+    """A bundle's cells as areas, nesting and shapes: what regions are grown over and drawn with.
+
+    Regions take fine cells; a coarser cell all of whose fine cells are taken is taken whole, in their place.
+    An adaptive S2 partition leaves out places with fewer than tau_min photos, so a coarse cell can be larger
+    than its fine cells: taken whole, it also holds the photos that land in no fine cell."""
+
+    def __init__(self, tables: list[pd.DataFrame], names: list[str]):
+        self.tables, self.names = tables, names
+        fine = tables[-1]
+        self.semantic = set(SEMANTIC_COLUMNS) <= set(fine.columns)
+        self.tokens = [np.asarray(t["token"].astype(str), dtype=object) for t in tables]
+        self.parents = [pd.Index(t["token"]).get_indexer(fine[f"parent_{n}"]) for t, n in zip(tables[:-1], names[:-1])]
+        self.children = [np.bincount(p, minlength=len(t)) for p, t in zip(self.parents, tables[:-1])]
+        fine_area = self._raster[1] if self.semantic else np.array([_s2_area(t) for t in self.tokens[-1]])
+        self.areas = [np.bincount(p, weights=fine_area, minlength=len(t)) if self.semantic
+                      else np.array([_s2_area(x) for x in self.tokens[k]])
+                      for k, (p, t) in enumerate(zip(self.parents, tables[:-1]))] + [fine_area]
+
+    @property
+    def fine_area(self) -> np.ndarray:
+        return self.areas[-1]
+
+    # ------------------------------------------------------------ shapes
+    @cached_property
+    def _raster(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """Semantic cells drawn on S2 cells of :data:`RASTER_LEVEL`: each fine cell's raster cell ids (the
+        raster cells whose centre it holds; a cell holding none gets the :data:`SEED_LEVEL` cell at its seed)
+        and its area, their sum."""
+        import s2sphere  # ~100K cells once per process, for semantic bundles only
+
+        ids = _level_ids(RASTER_LEVEL)
+        cells = [s2sphere.Cell(s2sphere.CellId(int(c))) for c in ids]
+        centres = [s2sphere.LatLng.from_point(c.get_center()) for c in cells]
+        rows = locate(partitions_from_tables(self.tables, self.names)[-1:],
+                      [c.lat().degrees for c in centres], [c.lng().degrees for c in centres])[:, 0]
+        n = len(self.tables[-1])
+        area = np.bincount(rows[rows >= 0], weights=[c.exact_area() * EARTH_RADIUS_KM ** 2 for c, r in zip(cells, rows)
+                                                     if r >= 0], minlength=n)
+        by_row = np.argsort(rows, kind="stable")
+        members = np.split(ids[by_row], np.searchsorted(rows[by_row], np.arange(n + 1)))[1:-1]
+        fine = self.tables[-1]
+        seeds = s2.parent_ids(s2.leaf_ids(fine["seed_lat"].to_numpy(float), fine["seed_lon"].to_numpy(float)),
+                              SEED_LEVEL)
+        for r in np.flatnonzero(area == 0):
+            members[r], area[r] = seeds[r:r + 1], _s2_area(s2.to_tokens(seeds[r:r + 1])[0])
+        return members, area
+
+    def _polygon(self, k: int, row: int):
+        """The shapely polygon of one cell of partition k ([lon, lat] degrees)."""
+        from shapely.geometry import Polygon
+        from shapely.ops import unary_union
+
+        if not self.semantic:
+            return Polygon(_unwrapped(s2.cell_ring(self.tokens[k][row])))
+        fine = [row] if k == len(self.tables) - 1 else np.flatnonzero(self.parents[k] == row)
+        return unary_union([Polygon(_unwrapped(s2.cell_ring(t))) for f in fine
+                            for t in s2.to_tokens(self._raster[0][f])])
+
+    def geometry(self, region: Region) -> dict[str, Any]:
+        """A GeoJSON MultiPolygon of a region's cells, adjacent cells merged (shapely 2)."""
+        from shapely.geometry import MultiPolygon, mapping
+        from shapely.geometry.polygon import orient
+        from shapely.ops import unary_union
+
+        shape = unary_union([self._polygon(k, int(r)) for k, rows in enumerate(region.cells) for r in rows]).buffer(0)
+        parts = [shape] if shape.geom_type == "Polygon" else [g for g in getattr(shape, "geoms", []) if g.geom_type == "Polygon"]
+        return mapping(MultiPolygon([orient(p, 1.0) for p in parts]))  # RFC 7946: exterior rings counter-clockwise
+
+    # ------------------------------------------------------------ growing regions
+    def ordered(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fine rows in order of mass per km², mass taken before each of them) per posterior row."""
+        order = np.argsort(-(probs / self.fine_area), axis=1, kind="stable")
+        p = np.take_along_axis(probs, order, axis=1)
+        return order, np.cumsum(p, axis=1) - p
+
+    def _taken_at(self, before: np.ndarray) -> list[np.ndarray]:
+        """Per partition, the threshold from which each cell is in the region, [n, cells]: a fine cell's mass
+        before it; a coarser cell's, the largest of its fine cells' (infinite without fine cells)."""
+        out = []
+        for k, parent in enumerate(self.parents):
+            at = np.full((len(before), len(self.children[k])), -np.inf)
+            np.maximum.at(at, (slice(None), parent), before)
+            out.append(np.where(self.children[k] > 0, at, np.inf))
+        return out + [before]
+
+    def scores(self, probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
+        """The conformal score of each photo: the least threshold whose region holds its true place
+        (``truth``: its row in every partition [n, partitions], -1 in none; in no cell at all: infinity)."""
+        truth = np.asarray(truth, np.int64)
+        out = np.full(len(truth), np.inf)
+        for start in range(0, len(truth), CHUNK):
+            order, before = self.ordered(np.asarray(probs[start:start + CHUNK], np.float64))
+            by_cell = np.empty_like(before)
+            np.put_along_axis(by_cell, order, before, axis=1)
+            t, n = truth[start:start + CHUNK], np.arange(len(before))
+            for k, at in enumerate(self._taken_at(by_cell)):
+                ok = t[:, k] >= 0
+                out[start:start + CHUNK][ok] = np.minimum(out[start:start + CHUNK][ok], at[n[ok], t[ok, k]])
+        return out
+
+    def region(self, probs: np.ndarray, coverage: float, cmap: dict[str, Any] | None) -> Region:
+        """The region of one fine posterior row at a stated coverage."""
+        threshold, calibrated = mass_threshold(coverage, cmap)
+        order, before = self.ordered(np.asarray(probs, np.float64)[None])
+        taken = np.zeros(len(self.fine_area), bool)
+        taken[order[0][before[0] <= threshold + 1e-12]] = True
+        cells = self._compact(taken)
+        return Region(float(coverage), calibrated, float(probs[taken].sum()),
+                      float(sum(self.areas[k][r].sum() for k, r in enumerate(cells))), cells,
+                      [t for k, r in enumerate(cells) for t in self.tokens[k][r].tolist()])
+
+    def _compact(self, taken: np.ndarray) -> list[np.ndarray]:
+        """Per partition, the rows listed for these fine cells: the coarsest cell all of whose fine cells are
+        taken replaces them."""
+        covered = np.zeros_like(taken)
+        out = []
+        for k, parent in enumerate(self.parents):
+            whole = (np.bincount(parent[taken], minlength=len(self.children[k])) == self.children[k]) & (self.children[k] > 0)
+            whole &= np.bincount(parent[covered], minlength=len(whole)) < self.children[k]  # not inside a coarser one
+            out.append(np.flatnonzero(whole))
+            covered |= whole[parent]
+        return out + [np.flatnonzero(taken & ~covered)]
+
+    def answer(self, probs: np.ndarray, coverage: float, cmap: dict[str, Any] | None) -> dict[str, Any]:
+        """``Answer.region``: the region at ``coverage`` with its GeoJSON geometry, and the regions at
+        :data:`REPORT_COVERAGES` (coverage, mass, area, cells) that ``geo bench`` scores without the geometry."""
+        region = self.region(probs, coverage, cmap)
+        curve = [self.region(probs, c, cmap).to_dict(None) for c in REPORT_COVERAGES]
+        return {**region.to_dict(self.geometry(region)),
+                "curve": [{k: c[k] for k in ("coverage", "mass", "area_km2", "cells")} for c in curve]}
+
+    def contains(self, cells: list[list[str]], lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+        """Whether each point lies in its region (``cells``: the region's tokens, of any partition): its cell
+        of some partition is listed. Exact for S2 and semantic cells alike, unlike a point-in-polygon test."""
+        rows = locate(partitions_from_tables(self.tables, self.names), lat, lon)
+        own = [[str(self.tokens[k][r]) for k, r in enumerate(row) if r >= 0] for row in rows]
+        return np.array([bool(set(o) & set(c)) for o, c in zip(own, cells)], dtype=bool)
+
+
+def _s2_area(token: str) -> float:
+    import s2sphere  # the cells' exact spherical areas, once per bundle
+
+    return s2sphere.Cell(s2sphere.CellId.from_token(str(token))).exact_area() * EARTH_RADIUS_KM ** 2
+
+
+def _level_ids(level: int) -> np.ndarray:
+    """Every S2 cell id of one level, in Hilbert order."""
+    pos = np.arange(4 ** level, dtype=np.uint64)
+    lsb = np.uint64(1) << np.uint64(2 * (s2.MAX_LEVEL - level))
+    return np.concatenate([(np.uint64(f) << np.uint64(61)) | (pos * (lsb << np.uint64(1))) | lsb for f in range(6)])
+
+
+def _unwrapped(ring: list[list[float]]) -> list[list[float]]:
+    """A ring that crosses the antimeridian with its western longitudes moved past 180, so it stays one shape."""
+    lons = [p[0] for p in ring]
+    if max(lons) - min(lons) <= 180:
+        return ring
+    return [[lo + 360 if lo < 0 else lo, la] for lo, la in ring]
