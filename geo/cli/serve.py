@@ -40,7 +40,7 @@ def serve_command(
                                           "README, 'Serve it'); change them on a GPU, for large uploads or for slow "
                                           "clients. Keys left out keep their defaults."),
 ) -> None:
-    """Serve a bundle over HTTP: POST /locate, a map page at /, /info, /metrics, /healthz, docs at /docs.
+    """Serve a bundle over HTTP: POST /locate, a map page at /, /info, /metrics, /healthz, the OpenAPI schema at /openapi.json.
 
     \b
       geo serve --index my-index                       # http://127.0.0.1:8000/
