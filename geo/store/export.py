@@ -18,10 +18,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
-from geo.store.atomic import atomic_write, atomic_write_parquet, sha256_file
+from geo.store.atomic import atomic_save_npy, atomic_write_parquet, sha256_file
 from geo.store.bundle import Bundle, BundleError
 from geo.store.embeddings import embedding_matrix, listed_shards
 
@@ -50,7 +49,7 @@ def export_embeddings(bundle: Bundle, out: str | os.PathLike, form: str) -> tupl
             atomic_write_parquet(out / f"part-{n:05d}.parquet", table)
         else:
             emb = embedding_matrix(table.column("embedding"))
-            atomic_write(out / "img_emb" / f"img_emb_{n}.npy", lambda tmp, e=emb: _save_npy(tmp, e))
+            atomic_save_npy(out / "img_emb" / f"img_emb_{n}.npy", emb)
             atomic_write_parquet(out / "metadata" / f"metadata_{n}.parquet", meta)
         rows, files = rows + len(table), files + (1 if form == "parquet" else 2)
     return rows, files
@@ -63,8 +62,3 @@ def _read_checked(bundle: Bundle, rel: str):
         raise BundleError(f"{path}: sha256 does not match manifest.json (file altered since the build); "
                           "nothing further is exported")
     return pq.read_table(path)
-
-
-def _save_npy(tmp: str, emb: np.ndarray) -> None:
-    with open(tmp, "wb") as f:  # a file object: np.save given a name would add ".npy" to the temp name
-        np.save(f, np.ascontiguousarray(emb, dtype=np.float32))
