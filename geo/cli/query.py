@@ -13,12 +13,15 @@ from geo.core.answer import LOW_EVIDENCE, Answer
 from geo.core.files import one_line
 from geo.core.progress import showing
 from geo.data.embedding_table import EmbeddingTable
-from geo.data.images import expand_images
+from geo.data.images import SMALL_SIDE, expand_images, small_image
 from geo.query.client import locate_remote
 from geo.query.index import open_index
 from geo.store.bundle import bundle_containing
 from geo.store.geojson import feature_collection, write_geojson
 from geo.store.predictions import answers_to_frame, write_predictions
+
+
+PARTIAL_EXIT = 3  # some inputs failed and the others were answered (README, "Using it")
 
 
 def print_human(ans: Answer, top: int = 3) -> None:
@@ -78,6 +81,9 @@ def query_command(
       geo query photos/ --index my-index --format geojson > answers.geojson
       geo query --embeddings queries.parquet --index my-index --out predictions.parquet
       geo query holiday.jpg --server http://127.0.0.1:8000
+
+    Every input gets its answer or its error. Exit code 0: all answered; 3: some could not be (named on stderr,
+    the others answered); 1: none could; 2: a bad option.
     """
     output = "json" if as_json else output
     if output not in ("text", "json", "geojson"):
@@ -123,8 +129,31 @@ def query_command(
         else:
             print_human(ans)
     sys.stdout.flush()
-    if all(a.error for a in answers):
-        raise typer.Exit(1)
+    _warn_small(answers)
+    _exit_for_failures(answers)
+
+
+def _warn_small(answers: list[Answer]) -> None:
+    """A warning on stderr for each answered photo too small to locate by (under 64 px on its short side)."""
+    for a in answers:
+        size = None if a.error or a.id is not None else small_image(a.image)
+        if size:
+            typer.secho(f"warning: {one_line(a.image)} is {size[0]}x{size[1]} pixels, under {SMALL_SIDE} on its "
+                        "short side: too little to locate it by; its answer leans on the gallery's prior",
+                        fg=typer.colors.YELLOW, err=True)
+
+
+def _exit_for_failures(answers: list[Answer]) -> None:
+    """Exit code 3 when some inputs could not be answered (the others were), 1 when none could, naming them: a
+    script must not take a partial run for a whole one."""
+    failed = [a for a in answers if a.error]
+    if not failed:
+        return
+    named = "; ".join(f"{one_line(a.image if a.id is None else a.id)} ({a.error})" for a in failed[:3])
+    more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+    typer.secho(f"error: {len(failed)} of {len(answers)} inputs could not be answered: {named}{more}",
+                fg=typer.colors.RED, err=True)
+    raise typer.Exit(1 if len(failed) == len(answers) else PARTIAL_EXIT)
 
 
 def register(app: typer.Typer) -> None:
