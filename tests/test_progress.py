@@ -45,3 +45,22 @@ def test_build_shows_fusion_heads_and_gallery_progress_and_quiet_hides_it(tmp_pa
     assert q.exit_code == 0 and "fusion folds" not in q.output and "gallery epoch" not in q.output
     plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c")])
     assert "fusion folds: 100%" in plain.output and "gallery epoch 1:" not in plain.output  # no flood by default
+
+
+def test_off_a_terminal_a_bar_prints_whole_lines_not_redrawn_frames(capsys, monkeypatch):
+    """Why (issue 27, finding 16): tqdm's restarting frames flooded a log file with \\r-joined redraws."""
+    import geo.core.progress as progress
+
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    with showing(bars=True):
+        b = bar(1000, "embed", unit="img")
+        for i in range(1000):
+            b.update()
+            if i in (10, 500):
+                b.set_postfix_str(f"shard {i}")
+        b.close()
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and all(line.startswith("embed: ") for line in lines), err
+    assert len(lines) == 4 and "shard 10" in lines[1] and "shard 500" in lines[2]  # start, 2 labels, end
+    assert lines[-1].startswith("embed: 100% 1000/1000") and "img/s" in lines[-1]
