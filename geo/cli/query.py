@@ -82,8 +82,7 @@ def query_command(
       geo query --embeddings queries.parquet --index my-index --out predictions.parquet
       geo query holiday.jpg --server http://127.0.0.1:8000
 
-    Every input gets its answer or its error. Exit code 0: all answered; 3: some could not be (named on stderr,
-    the others answered); 1: none could; 2: a bad option.
+    Exit code 0: every input answered; 3: some not (named on stderr, the rest answered); 1: none; 2: bad option.
     """
     output = "json" if as_json else output
     if output not in ("text", "json", "geojson"):
@@ -129,8 +128,7 @@ def query_command(
         else:
             print_human(ans)
     sys.stdout.flush()
-    _warn_small(answers)
-    _exit_for_failures(answers)
+    _warn_and_exit(answers)
 
 
 def _warn_small(answers: list[Answer]) -> None:
@@ -143,9 +141,10 @@ def _warn_small(answers: list[Answer]) -> None:
                         fg=typer.colors.YELLOW, err=True)
 
 
-def _exit_for_failures(answers: list[Answer]) -> None:
-    """Exit code 3 when some inputs could not be answered (the others were), 1 when none could, naming them: a
-    script must not take a partial run for a whole one."""
+def _warn_and_exit(answers: list[Answer]) -> None:
+    """The small photos' warnings, then exit code 3 when some inputs could not be answered (the others were), 1
+    when none could, naming them: a script must not take a partial run for a whole one."""
+    _warn_small(answers)
     failed = [a for a in answers if a.error]
     if not failed:
         return
