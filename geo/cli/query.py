@@ -43,7 +43,9 @@ def print_human(ans: Answer, top: int = 3) -> None:
         typer.echo(f"    a near-duplicate of gallery photo {one_line(ans.neighbors[0]['id'])} "
                    f"(similarity {ans.neighbors[0]['similarity']:.3f}): answered at its spot")
     for alt in ans.alternatives[:3]:
-        typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}")
+        own = alt.get("mass", {}).get("25")
+        typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}"
+                   + (f" (mass within 25 km {own:.3f})" if own is not None else ""))
     for n in ans.neighbors[:top]:
         typer.echo(f"    neighbour {one_line(n['id'])}  sim {n['similarity']:.3f}  at {n['lat']:.4f}, {n['lon']:.4f}"
                    f"  ({n['distance_km']:.1f} km from answer)")
