@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from geo.cli.common import fail
-from geo.store.bundle import open_bundle
+from geo.store.bundle import bundle_containing, open_bundle
 from geo.store.export import FORMATS, ExportError, export_embeddings
 
 
@@ -26,6 +26,8 @@ def export_command(index: Path = typer.Argument(..., help="Bundle directory."),
     """
     if form not in FORMATS:
         fail(f"--format must be {' or '.join(FORMATS)}, not {form!r}")
+    if (inside := bundle_containing(out)) is not None:
+        fail(f"{out} is inside the bundle {inside}: export elsewhere")
     bundle = open_bundle(index)
     try:
         rows, files = export_embeddings(bundle, out, form)

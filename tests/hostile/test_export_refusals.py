@@ -13,6 +13,8 @@ def test_an_export_into_a_folder_holding_files_is_refused_and_leaves_them(bundle
     one_line_error(cli("export", bundle, tmp_path / "x", "--format", "csv"), "--format", "clip-retrieval")
     (tmp_path / "file").write_text("")
     one_line_error(cli("export", bundle, tmp_path / "file"), "not an empty folder")
+    one_line_error(cli("export", bundle, bundle / "vectors"), "inside the bundle")  # it would litter the bundle
+    assert not (bundle / "vectors").exists()
 
 
 def test_a_shard_altered_since_the_build_is_refused_not_exported(bundle, tmp_path):
