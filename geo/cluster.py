@@ -19,13 +19,14 @@ imported only here, and only when ``--ray`` is given.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from geo.core.progress import bar as progress_bar, verbose
 from geo.models.backbones import backbone_from_spec
 from geo.models.registry import Backbone
 from geo.stages.embed import EmbedConfig, embed_shard, finished, pending_shards
@@ -48,11 +49,26 @@ def connect(address: str = LOCAL) -> None:
         return
     if address == LOCAL:
         address = os.environ.get("RAY_ADDRESS") or None
+    loud = verbose()
+    if not loud:  # Ray's C++ workers log to stderr (a core_worker "E" line at exit); a user's setting wins
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.INFO if loud else logging.ERROR)
+        _quiet_data(loud)
     except ConnectionError as e:
         raise ClusterError(f"--ray {address}: cannot reach a Ray cluster there ({e}); start one with "
                            "`ray start --head` or give its address") from None
+
+
+def _quiet_data(loud: bool) -> None:
+    """Ray Data's own output (an INFO block per dataset run, its operator bars) only with --verbose: geo's one
+    bar already counts the shards."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = ctx.print_on_execution_start = loud
+    logging.getLogger("ray.data").setLevel(logging.INFO if loud else logging.WARNING)
 
 
 def cluster_gpus() -> int:
@@ -102,8 +118,7 @@ def embed_on_ray(bundle: Bundle, df: pd.DataFrame, cfg: EmbedConfig, device: str
                                    "first_shard": first_shard, "device": "cuda" if gpus else device,
                                    "precision": precision},
             num_gpus=1 if gpus else 0, num_cpus=1)
-        bar = tqdm(total=len(df), initial=done_rows, unit="img", desc=f"embed on Ray ({size} actors)",
-                   disable=not progress)
+        bar = progress_bar(len(df), f"embed on Ray ({size} actors)", unit="img", initial=done_rows, show=progress)
         for row in out.iter_rows():
             bar.update(int(row["rows"]))
         bar.close()

@@ -19,7 +19,7 @@ from geo.cli import app
 # `python -m pytest -m "slow or not slow" --durations=0` (the rest shares one session bundle, `cli_bundle`).
 SLOW_MODULES = {
     "test_add.py", "test_cells_semantic.py", "test_city_head.py", "test_cluster.py", "test_concurrency.py",
-    "test_embeddings_in.py", "test_finetune.py", "test_kill_resume.py", "test_large_gallery.py", "test_leaks.py",
+    "test_embeddings_in.py", "test_export.py", "test_finetune.py", "test_kill_resume.py", "test_large_gallery.py", "test_leaks.py",
     "test_progress.py", "test_serve_browser.py", "test_small_galleries.py",
 }
 SLOW_TESTS = {

@@ -89,6 +89,10 @@ def test_report_compares_modes_given_one_file_per_mode(tmp_path):
     text = _invoke("report", str(tmp_path / "fused.parquet"), str(tmp_path / "knn.parquet"), "--out",
                    str(tmp_path / "rep2"), "--no-ci").stdout
     assert "2 modes in these predictions" in text and "mode fused" in text and "mode knn" in text
+    assert text.startswith("mode fused (2 modes in these predictions: fused, knn; compared below)")
+    assert a["mode"] == "fused" and a["summary"]["n"] == 4 and a["summary"]["acc"]["25"] == 1.0  # fused's, not pooled
+    assert len({r["query_id"] for r in a["worst"]}) == len(a["worst"]) and {r["mode"] for r in a["best"]} == {"fused"}
+    assert "(fused)" in text.split("worst")[1] and "mode fused" in (tmp_path / "rep2" / "report.html").read_text()
     assert "these predictions " not in text.split("published results")[1]  # no pooled row beside GeoCLIP & co
     assert "By mode" in (tmp_path / "rep2" / "report.html").read_text()
     fused, knn = a["calibration"]["fused"]["25"], a["calibration"]["knn"]["25"]  # stated 90 %, right 100 %; 80 %, 0 %

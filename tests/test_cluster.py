@@ -1,6 +1,7 @@
 """`geo build-index --ray`: the same bundle through a local Ray instance (2 CPUs) as in one process."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,31 @@ def test_ray_map_keeps_the_items_order():
 
     items = [-5, 3, -2, 8, -1, 0, 7]
     assert list(ray_map(abs, items)) == [5, 3, 2, 8, 1, 0, 7]
+
+
+@pytest.mark.parametrize("loud", [False, True])
+def test_ray_is_quiet_unless_verbose(monkeypatch, loud):
+    """Why (issue 27, finding 16): --ray printed a core_worker error line and 49 INFO blocks of Ray Data."""
+    import logging
+
+    import ray.data
+
+    from geo import cluster
+    from geo.core.progress import showing
+
+    seen: dict = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.delenv("RAY_BACKEND_LOG_LEVEL", raising=False)
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", not loud)
+    monkeypatch.setattr(ctx, "print_on_execution_start", not loud)
+    with showing(bars=True, verbose=loud):
+        cluster.connect("local")
+    assert seen["log_to_driver"] is False and seen["logging_level"] == (logging.INFO if loud else logging.ERROR)
+    assert ctx.enable_progress_bars is loud and ctx.print_on_execution_start is loud
+    assert ("RAY_BACKEND_LOG_LEVEL" in os.environ) is not loud
+    monkeypatch.setenv("RAY_BACKEND_LOG_LEVEL", "debug")  # the user's own setting is kept
+    with showing(bars=True, verbose=loud):
+        cluster.connect("local")
+    assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "debug"

@@ -60,7 +60,7 @@ def test_query_by_embeddings_writes_predictions_in_input_order(built, tmp_path):
     for mode in ("fused", "knn", "gallery", "cells"):
         preds = tmp_path / f"{mode}.parquet"
         r = invoke("query", "--embeddings", src, "--index", out, "--mode", mode, "--out", preds)
-        assert r.exit_code == 0, r.output
+        assert r.exit_code == 3 and "1 of 5 inputs could not be answered: q2" in r.output, r.output
         p = read_predictions(preds)
         assert p["query_id"].tolist() == ["q0", "q1", "q2", "q3", "q4"]
         assert p["error"].notna().tolist() == [False, False, True, False, False]
@@ -68,7 +68,7 @@ def test_query_by_embeddings_writes_predictions_in_input_order(built, tmp_path):
         assert p.loc[[0, 1, 3, 4], "true_lat"].tolist() == pytest.approx(q.loc[[0, 1, 3, 4], "lat"].tolist())
         assert set(p["mode"].dropna()) == {mode}
     r = invoke("query", "--embeddings", src, "--index", out, "--json", "--mode", "knn")
-    lines = [json.loads(x) for x in r.output.strip().splitlines()]
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
     assert [x["id"] for x in lines] == ["q0", "q1", "q2", "q3", "q4"] and "NaN" in lines[2]["error"]
     index = open_index(out)
     raw = np.stack(q.loc[[0, 1], "embedding"])

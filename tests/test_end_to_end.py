@@ -76,8 +76,9 @@ def test_a_cold_query_imports_neither_timm_nor_torchvision(index_dir, gallery_cs
 def test_query_json_lines_for_many_images_and_a_missing_one(index_dir, gallery_csv):
     paths = pd.read_csv(gallery_csv)["path"].tolist()[:3]
     r = invoke("query", *paths, "/nonexistent/photo.jpg", "--index", index_dir, "--json")
-    assert r.exit_code == 0, r.output
-    lines = [json.loads(x) for x in r.output.strip().splitlines()]
+    assert r.exit_code == 3, r.output  # one input failed, three answered
+    assert "error: 1 of 4 inputs could not be answered: /nonexistent/photo.jpg (file not found)" in r.stderr
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
     assert [x["image"] for x in lines] == [*paths, "/nonexistent/photo.jpg"]
     for x in lines[:3]:
         assert {"lat", "lon", "confidence", "neighbors"} <= x.keys() and x["error"] is None

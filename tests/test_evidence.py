@@ -88,3 +88,19 @@ def test_every_mode_states_a_calibrated_probability_within_the_same_radii(index,
         assert a.confidence == a.p_within["25"] and a.p_within["25"] <= a.p_within["200"] <= a.p_within["750"], mode
     twin = index.locate_one(gallery["path"][7], mode="knn")  # the exact duplicate, in a single mode too
     assert twin.confidence >= 0.9
+
+
+def test_alternatives_carry_their_own_mass_and_ties_are_ordered_by_it(index):
+    """Why (issue 27, finding 18): under the prior alone and a regional decision, every alternative of one region
+    showed one identical score (its mass within 750 km), so three places read as one number."""
+    from geo.stages.fusion.posterior import decide
+
+    emb, _ = index.embed([str(QUERY)])
+    params = dataclasses.replace(_with_weights(index, prior=1.0), decision="region")
+    (d,) = decide(index.evidence(emb[:, 0], 50), params)
+    alts = d.alternatives
+    assert len(alts) >= 3 and all(set(a["mass"]) == {"25", "200", "750"} for a in alts)
+    assert all(a["mass"]["750"] == pytest.approx(a["score"], abs=1e-4) for a in alts)  # region: the 750-km mass
+    keys = [(a["score"], a["mass"]["25"], a["mass"]["200"]) for a in alts]
+    assert keys == sorted(keys, key=lambda k: (-k[0], -k[1], -k[2]))  # ties ordered by the finer masses
+    assert len(set(keys)) > len({k[0] for k in keys})  # some share a score and their own mass tells them apart

@@ -73,23 +73,44 @@ def test_finetuning_lowers_the_held_out_loss(photos, tmp_path):
     assert card["training"]["validation"] > 0 and card["training"]["group_column"] == "owner"
 
 
-def test_checkpoints_are_atomic_and_a_resumed_run_ends_where_an_uninterrupted_one_does(photos, tmp_path):
+def _interrupted(photos: Path, out: Path, cfg: FinetuneConfig, monkeypatch) -> None:
+    """A run killed after its last epoch's checkpoint, before the card: what a resumed run starts from."""
+    import geo.finetune.runner as runner
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "write_card", killed)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(str(photos), out, cfg, log=_quiet)
+
+
+def test_checkpoints_are_atomic_and_a_resumed_run_ends_where_an_uninterrupted_one_does(photos, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        finetune(str(photos), tmp_path / "whole", _cfg(epochs=2), log=_quiet)
-        finetune(str(photos), tmp_path / "parts", _cfg(epochs=1), log=_quiet)
+        whole = finetune(str(photos), tmp_path / "whole", _cfg(epochs=2), log=_quiet)
+        # a finished run leaves the card and the weights, not its 40 MB checkpoint (issue 27, finding 18)
+        assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == ["geo-model.json", "model.safetensors"]
+        _interrupted(photos, tmp_path / "parts", _cfg(epochs=1), monkeypatch)
         assert json.loads((tmp_path / "parts" / "checkpoint" / "state.json").read_text())["history"][-1]["epoch"] == 1
         lines: list[str] = []
-        finetune(str(photos), tmp_path / "parts", _cfg(epochs=2), log=lines.append)
+        parts = finetune(str(photos), tmp_path / "parts", _cfg(epochs=2), log=lines.append)
     assert any("resumed after epoch 1" in x for x in lines)
-    a = load_file(str(tmp_path / "whole" / "checkpoint" / "state.safetensors"))
-    b = load_file(str(tmp_path / "parts" / "checkpoint" / "state.safetensors"))
-    assert a.keys() == b.keys() and any(k.startswith("opt.") for k in a)
+    assert not (tmp_path / "parts" / "checkpoint").exists()
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "parts" / "model.safetensors"))
+    assert a.keys() == b.keys()
     for k in a:
         assert np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6), k
+    assert [h["loss"] for h in whole["validation"]["history"]] == pytest.approx(
+        [h["loss"] for h in parts["validation"]["history"]], abs=1e-5)
     assert not list(tmp_path.rglob("*.tmp"))
-    with pytest.raises(ValueError, match="checkpoint of another run"):
-        finetune(str(photos), tmp_path / "parts", _cfg(epochs=2, smoothing_km=500.0), log=_quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _interrupted(photos, tmp_path / "other", _cfg(epochs=1), monkeypatch)
+        with pytest.raises(ValueError, match="checkpoint of another run"):
+            finetune(str(photos), tmp_path / "other", _cfg(epochs=2, smoothing_km=500.0), log=_quiet)
 
 
 def test_a_finetuned_model_dir_is_a_backbone_for_build_and_query(photos, tmp_path):
@@ -109,7 +130,7 @@ def test_a_finetuned_model_dir_is_a_backbone_for_build_and_query(photos, tmp_pat
                                  "gallery", "--skip", "fusion"])
     assert r.exit_code == 0, r.output
     spec = json.loads((bundle / "manifest.json").read_text())["backbone"]
-    assert spec["name"] == f"finetuned:{(tmp_path / 'model').resolve()}"
+    assert spec["name"] == "finetuned:model"  # its name and sha256, not where it was (issue 27, finding 18)
     assert spec["weights"]["sha256"] == card["weights_sha256"]
     r = CliRunner().invoke(app, ["query", str(photos.parent / "p5.jpg"), "--index", str(bundle), "--json"])
     answer = json.loads(r.stdout)
@@ -117,15 +138,17 @@ def test_a_finetuned_model_dir_is_a_backbone_for_build_and_query(photos, tmp_pat
     assert answer["neighbors"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_regression_and_gps_contrastive_terms_train_with_the_cells(photos, tmp_path):
+def test_regression_and_gps_contrastive_terms_train_with_the_cells(photos, tmp_path, monkeypatch):
     """GeoCLIP's image-to-GPS term (its published location encoder, frozen) and the unit-sphere regression
     term join the cell loss; their heads live in the checkpoint, not in the model a bundle uses."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        _interrupted(photos, tmp_path / "m", _cfg(epochs=1, regression_weight=0.5, contrastive_weight=0.5),
+                     monkeypatch)
+        state = load_file(str(tmp_path / "m" / "checkpoint" / "state.safetensors"))  # the heads live here
         card = finetune(str(photos), tmp_path / "m", _cfg(epochs=1, regression_weight=0.5, contrastive_weight=0.5),
                         log=_quiet)
     assert all(np.isfinite(h["loss"]) for h in card["validation"]["history"])
-    state = load_file(str(tmp_path / "m" / "checkpoint" / "state.safetensors"))
     assert any(k.startswith("heads.proj.") for k in state) and any(k.startswith("heads.xyz.") for k in state)
     assert not any(k.startswith(("proj.", "xyz.")) for k in load_file(str(tmp_path / "m" / "model.safetensors")))
 

@@ -107,3 +107,21 @@ def test_bench_mode_all_embeds_once_and_agrees_with_single_mode_runs(cli_bundle,
     for mode in ("knn", "cells"):
         alone = json.loads(CliRunner().invoke(app, [*base, "--mode", mode]).stdout)
         assert alone["acc"] == every["modes"][mode]["acc"] and alone["median_km"] == every["modes"][mode]["median_km"]
+
+
+def test_a_clean_split_says_0_leaks_and_which_checks_found_none(cli_bundle, tmp_path):
+    _, bundle = cli_bundle
+    queries = sorted((EXAMPLES / "queries").glob("*.jpg"))[:3]
+    truth = pd.read_csv(EXAMPLES / "queries.csv", dtype={"id": str}).set_index("id")
+    meta = tmp_path / "q.csv"
+    pd.DataFrame([(q.stem, str(q), truth.loc[q.stem, "latitude"], truth.loc[q.stem, "longitude"], "nobody")
+                  for q in queries], columns=["id", "path", "latitude", "longitude", "owner"]).to_csv(meta, index=False)
+    base = ["bench", "custom", "--index", str(bundle), "--images", "/", "--meta", str(meta), "--no-ci", "--quiet"]
+    for extra in ([], ["--mode", "all"]):
+        r = CliRunner().invoke(app, [*base, *extra])
+        assert r.exit_code == 0, r.output
+        assert ("leakage: 0 leaks: none of the 3 queries is in or near this gallery (checked: same id, same file, "
+                "near-duplicate, same photographer)") in r.output
+    s = json.loads(CliRunner().invoke(app, [*base, "--json"]).stdout)
+    assert s["leaks"]["n"] == 0 and s["leaks"]["checked"] == ["same id", "same file", "near-duplicate",
+                                                               "same photographer"]

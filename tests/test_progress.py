@@ -45,3 +45,49 @@ def test_build_shows_fusion_heads_and_gallery_progress_and_quiet_hides_it(tmp_pa
     assert q.exit_code == 0 and "fusion folds" not in q.output and "gallery epoch" not in q.output
     plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c")])
     assert "fusion folds: 100%" in plain.output and "gallery epoch 1:" not in plain.output  # no flood by default
+
+
+def test_off_a_terminal_a_bar_prints_whole_lines_not_redrawn_frames(capsys, monkeypatch):
+    """Why (issue 27, finding 16): tqdm's restarting frames flooded a log file with \\r-joined redraws."""
+    import geo.core.progress as progress
+
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    with showing(bars=True):
+        b = bar(1000, "embed", unit="img")
+        for i in range(1000):
+            b.update()
+            if i in (10, 500):
+                b.set_postfix_str(f"shard {i}")
+        b.close()
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and all(line.startswith("embed: ") for line in lines), err
+    assert len(lines) == 2  # the start and the end: no line per update or per label within 10 s
+    assert lines[-1].startswith("embed: 100% 1000/1000") and "img/s" in lines[-1] and "shard 500" in lines[-1]
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a slow loop: each label shows once due
+    with showing(bars=True):
+        b = bar(3, "fusion folds", unit="step")
+        for f in range(3):
+            b.set_postfix_str(f"fold {f + 1}/3")
+            b.update()
+        b.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [x for x in lines if "fold 2/3" in x] and lines[-1].endswith("fold 3/3"), lines
+
+
+def test_a_bar_inside_another_counts_in_its_label(capsys):
+    """Why (issue 27, finding 16): fusion's fold bar sat on "fold 1/3: GPS gallery" for minutes while the fold's own
+    rounds, hidden, ran; now they count in its label."""
+    from geo.core.progress import inside
+
+    with showing(bars=True):
+        outer = bar(3, "fusion folds", unit="step")
+        outer.set_postfix_str("fold 1/3: GPS gallery")
+        with inside(outer, lambda: "fold 1/3: GPS gallery"):
+            inner = bar(40, "gallery rounds (early stopping ends sooner)", unit="round")
+            inner.update(3)
+            inner.set_postfix_str("score 0.5")
+            inner.close()
+        assert outer.postfix == "fold 1/3: GPS gallery, gallery rounds 3/40 (score 0.5)"
+        outer.close()
+    assert "gallery rounds (early" not in capsys.readouterr().err  # no bar of its own

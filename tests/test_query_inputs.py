@@ -18,7 +18,8 @@ def test_a_folder_without_images_gets_its_own_answer(cli_bundle, tmp_path):
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(app, ["query", str(tmp_path / "empty"), str(QUERY), "--index", str(cli_bundle[1]), "--json"])
     answers = [json.loads(line) for line in r.stdout.splitlines()]
-    assert r.exit_code == 0 and len(answers) == 2
+    assert r.exit_code == 3 and len(answers) == 2  # some inputs failed: a documented code, and the line names them
+    assert f"error: 1 of 2 inputs could not be answered: {tmp_path / 'empty'} (a directory" in r.output
     assert answers[0]["image"] == str(tmp_path / "empty") and "no image files" in answers[0]["error"]
     assert answers[1]["error"] is None
 

@@ -55,6 +55,11 @@ def test_limits_come_from_a_json_or_toml_config(cli_bundle, started, tmp_path):
     r = CliRunner().invoke(app, ["serve", "--index", str(cli_bundle[1]), "--config", str(js)])
     assert r.exit_code == 0 and started["limits"] == ServeLimits(queue_size=128, max_images=32, read_timeout_s=7.5)
     assert started["http"].header_timeout_s == 7.5
+    r = CliRunner().invoke(app, ["serve", "--index", str(cli_bundle[1]), "--config", str(js), "--body-timeout-s", "2"])
+    assert r.exit_code == 0 and started["limits"] == ServeLimits(queue_size=128, max_images=32, read_timeout_s=2)
+    assert started["http"].header_timeout_s == 2  # the option wins over the file, for headers and bodies alike
+    r = CliRunner().invoke(app, ["serve", "--index", str(cli_bundle[1]), "--body-timeout-s", "0"])
+    assert r.exit_code == 2 and "--body-timeout-s" in r.output
 
 
 @pytest.mark.parametrize("name,text,says", [

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from geo.cli import bench, build, finetune, info, query, serve
+from geo.cli import bench, build, export, finetune, info, query, serve
 from geo.cli.common import GeoGroup, set_debug
 from geo.core.files import max_bytes
 
@@ -15,6 +15,7 @@ app = typer.Typer(
         "  geo info my-index --verify                      # what a bundle holds, every file's sha256 checked\n\n"
         "  geo serve --index my-index                      # HTTP API and a map page on http://127.0.0.1:8000/\n\n"
         "  geo finetune photos.csv --out my-model          # teach the backbone places; then --backbone my-model\n\n"
+        "  geo export my-index vectors/                    # the embeddings out again (Parquet or clip-retrieval)\n\n"
         "Nothing is fetched or uploaded: models and photos stay on this machine."
     ),
     no_args_is_help=True,
@@ -32,7 +33,7 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show the traceba
     max_bytes()  # a malformed GEO_MAX_FILE_BYTES is one error up front, not one per file
 
 
-for group in (build, query, info, bench, serve, finetune):
+for group in (build, query, info, export, bench, serve, finetune):
     group.register(app)
 
 __all__ = ["app"]

@@ -61,6 +61,13 @@ def _leak_text(leaks: dict[str, Any], per_mode: bool = False) -> str:
     return f"{warning}\n{_without_line(w)}. --exclude-leaks scores only the new ones."
 
 
+def _no_leak_text(leaks: dict[str, Any], n: int) -> str:
+    """The clean split said, not left to silence: 0 leaks among the queries, and which checks found none."""
+    return (f"leakage: 0 leaks: none of the {n} queries is in or near this gallery (checked: "
+            f"{', '.join(leaks['checked'])}" + ("" if "same photographer" in leaks["checked"] else
+                                                "; photographers not compared, as one side names none") + ")")
+
+
 def _without_line(w: dict[str, Any]) -> str:
     without = " ".join(f"{t}km {100 * w['acc'][str(t)]:.2f}%" for t in THRESHOLDS_KM)
     return f"without them (n={w['n']}): {without}, median {w['median_km']:.1f} km"
@@ -71,6 +78,8 @@ def _human(summary: dict[str, Any], suite: str | None, label: str) -> str:
     if summary.get("by_scene"):
         parts.append(groups_text("scene", summary["by_scene"]))
     leaks = summary.get("leaks") or {}
+    if leaks.get("checked") and not leaks.get("n"):
+        parts.append(_no_leak_text(leaks, summary["n_total"]))
     if leaks.get("n"):
         parts.append(_leak_text(leaks))
         label = f"{label} (leaks excluded)" if leaks["excluded"] else f"{label} ({leaks['n']} leaked)"
@@ -88,7 +97,10 @@ def _modes_human(scored: dict[str, dict[str, Any]], suite: str) -> str:
     for m, s in scored.items():
         w = (s.get("leaks") or {}).get("without")
         parts.append(f"[{m}]\n{summary_text(s)}" + (f"\n{_without_line(w)}" if w and w["n"] else ""))
-    leaks = next(iter(scored.values())).get("leaks") or {}
+    first = next(iter(scored.values()))
+    leaks = first.get("leaks") or {}
+    if leaks.get("checked") and not leaks.get("n"):
+        parts.append(_no_leak_text(leaks, first["n_total"]))
     if leaks.get("n"):
         parts.append(_leak_text(leaks, per_mode=True))
     mark = (" (leaks excluded)" if leaks["excluded"] else f" ({leaks['n']} leaked)") if leaks.get("n") else ""

@@ -14,13 +14,16 @@ from geo.core.files import one_line
 from geo.core.progress import showing
 from geo.data.constraint import ConstraintError, constraint_from_options
 from geo.data.embedding_table import EmbeddingTable
-from geo.data.images import expand_images
+from geo.data.images import SMALL_SIDE, expand_images, small_image
 from geo.query.client import locate_remote
 from geo.query.index import open_index
 from geo.stages.cells.region import DEFAULT_COVERAGE
 from geo.store.bundle import bundle_containing
 from geo.store.geojson import feature_collection, write_geojson
 from geo.store.predictions import answers_to_frame, write_predictions
+
+
+PARTIAL_EXIT = 3  # some inputs failed and the others were answered (README, "Using it")
 
 
 def print_human(ans: Answer, top: int = 3) -> None:
@@ -48,7 +51,9 @@ def print_human(ans: Answer, top: int = 3) -> None:
                    f"{'' if r['calibrated'] else ' (uncalibrated: posterior mass)'}: {r['area_km2']:,.0f} km² in "
                    f"{len(r['cells'])} cells")
     for alt in ans.alternatives[:3]:
-        typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}")
+        own = alt.get("mass", {}).get("25")
+        typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}"
+                   + (f" (mass within 25 km {own:.3f})" if own is not None else ""))
     for n in ans.neighbors[:top]:
         typer.echo(f"    neighbour {one_line(n['id'])}  sim {n['similarity']:.3f}  at {n['lat']:.4f}, {n['lon']:.4f}"
                    f"  ({n['distance_km']:.1f} km from answer)")
@@ -115,6 +120,8 @@ def query_command(
       geo query holiday.jpg --server http://127.0.0.1:8000
       geo query holiday.jpg --index my-index --within PT
       geo query holiday.jpg --index my-index --within near:45.76,4.84,50
+
+    Exit code 0: every input answered; 3: some not (named on stderr, the rest answered); 1: none; 2: bad option.
     """
     output = "json" if as_json else output
     _check_values(output, crops, min_confidence, coverage)
@@ -168,8 +175,31 @@ def _emit(answers: list[Answer], truth, by_id: bool, output: str, out: Path | No
         else:
             print_human(ans)
     sys.stdout.flush()
-    if all(a.error for a in answers):
-        raise typer.Exit(1)
+    _warn_and_exit(answers)
+
+
+def _warn_small(answers: list[Answer]) -> None:
+    """A warning on stderr for each answered photo too small to locate by (under 64 px on its short side)."""
+    for a in answers:
+        size = None if a.error or a.id is not None else small_image(a.image)
+        if size:
+            typer.secho(f"warning: {one_line(a.image)} is {size[0]}x{size[1]} pixels, under {SMALL_SIDE} on its "
+                        "short side: too little to locate it by; its answer leans on the gallery's prior",
+                        fg=typer.colors.YELLOW, err=True)
+
+
+def _warn_and_exit(answers: list[Answer]) -> None:
+    """The small photos' warnings, then exit code 3 when some inputs could not be answered (the others were), 1
+    when none could, naming them: a script must not take a partial run for a whole one."""
+    _warn_small(answers)
+    failed = [a for a in answers if a.error]
+    if not failed:
+        return
+    named = "; ".join(f"{one_line(a.image if a.id is None else a.id)} ({a.error})" for a in failed[:3])
+    more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+    typer.secho(f"error: {len(failed)} of {len(answers)} inputs could not be answered: {named}{more}",
+                fg=typer.colors.RED, err=True)
+    raise typer.Exit(1 if len(failed) == len(answers) else PARTIAL_EXIT)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,6 +1,7 @@
 """``geo serve``: keep a bundle and its model warm behind an HTTP API and a map page (``geo[server]``)."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from pathlib import Path
@@ -39,8 +40,13 @@ def serve_command(
                                           "queue, upload and pixel caps, timeouts: the keys are listed in the "
                                           "README, 'Serve it'); change them on a GPU, for large uploads or for slow "
                                           "clients. Keys left out keep their defaults."),
+    body_timeout_s: Optional[float] = typer.Option(None, "--body-timeout-s", min=0.001, help="Seconds a client has to "
+                                                   "send a request's headers, then its body: a stalled or trickled "
+                                                   "upload is answered 408 and its connection closed. Raise it for "
+                                                   "large uploads over slow links. Default 30, or the --config "
+                                                   "key read_timeout_s, which this overrides."),
 ) -> None:
-    """Serve a bundle over HTTP: POST /locate, a map page at /, /info, /metrics, /healthz, docs at /docs.
+    """Serve a bundle over HTTP: POST /locate, a map page at /, /info, /metrics, /healthz, /openapi.json.
 
     \b
       geo serve --index my-index                       # http://127.0.0.1:8000/
@@ -60,6 +66,8 @@ def serve_command(
 
     try:
         limits = load_limits(config) if config is not None else ServeLimits()
+        if body_timeout_s is not None:
+            limits = dataclasses.replace(limits, read_timeout_s=body_timeout_s)
     except LimitsError as e:
         fail(e)
     idx = open_index(index, device=device)

@@ -267,6 +267,22 @@ def _upright_size(im: Image.Image) -> tuple[int, int]:
     return (im.height, im.width) if orientation in (5, 6, 7, 8) else im.size
 
 
+# A photo whose short side is under this many pixels holds too little to place it: it is answered (upscaled like
+# any other) but `geo query` says so, rather than answer a 16x12 thumbnail without a word.
+SMALL_SIDE = 64
+
+
+def small_image(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) of an image file whose short side is under :data:`SMALL_SIDE` pixels, else None (also when
+    its header cannot be read: the answer already says why). Reads the header only."""
+    try:
+        with Image.open(on_disk(path)) as im:
+            size = _upright_size(im)
+    except Exception:  # any decoder's error on a header: not this check's to report
+        return None
+    return size if min(size) < SMALL_SIDE else None
+
+
 def load_tensor(path: str | os.PathLike, pre: Preprocess, crops: int = 1) -> torch.Tensor:
     """float32 normalised [crops, 3, size, size] for one image file, or ImageLoadError."""
     return decode_tensor(read_image_file(path), path, pre, crops)

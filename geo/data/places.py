@@ -36,11 +36,20 @@ def _table() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     return xyz, xyz.astype(np.float32), np.stack([table[c].to_numpy(zero_copy_only=False) for c in text], axis=1)
 
 
+# float32 dot products of unit vectors are exact to a few 1e-7: two places a kilometre or two apart (Hoole and
+# Chester) differ by about 1e-8 in their dot product with a point between them, so float32 alone picked either,
+# depending on the batch the point came in. Every place within this margin of float32's best is re-ranked in
+# float64 (the margin is about 9 km at its widest).
+_MARGIN = 1e-6
+
+
 def nearest_places(lat: np.ndarray, lon: np.ndarray, chunk: int = 64) -> list[dict[str, Any]]:
     """For each point, {name, admin1, cc, distance_km} of the nearest place; {} for a missing point.
 
-    The nearest is the largest dot product of unit vectors: one matrix product per chunk of points, and no
-    index to build.
+    The one nearest-place search behind every output (an answer's ``place`` and ``city``, predictions'
+    ``pred_city``/``true_city``, the report's countries): a point's answer does not depend on the points searched
+    with it. One float32 matrix product per chunk of points shortlists the places near the best, and float64
+    distances choose among them (ties to the first in the table).
     """
     found = _table()
     lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
@@ -52,12 +61,16 @@ def nearest_places(lat: np.ndarray, lon: np.ndarray, chunk: int = 64) -> list[di
     q = latlon_to_xyz(lat[ok], lon[ok])
     for start in range(0, len(ok), chunk):
         part = q[start:start + chunk]
-        best = (part.astype(np.float32) @ xyz32.T).argmax(axis=1)  # float32: half the bytes to stream
-        # the distance from the chord, not arccos of a dot product: exact at a few metres too
-        km = 2 * EARTH_RADIUS_KM * np.arcsin(np.clip(np.linalg.norm(part - xyz[best], axis=1) / 2, 0.0, 1.0))
-        for i, j, d in zip(ok[start:start + chunk], best, km):
+        dots = part.astype(np.float32) @ xyz32.T  # float32: half the bytes to stream
+        near = dots >= dots.max(axis=1, keepdims=True) - _MARGIN
+        for i, p, row in zip(ok[start:start + chunk], part, near):
+            shortlist = np.flatnonzero(row)
+            # the distance from the chord, not arccos of a dot product: exact at a few metres too
+            chord = np.linalg.norm(xyz[shortlist] - p, axis=1)
+            j = shortlist[chord.argmin()]
+            km = 2 * EARTH_RADIUS_KM * np.arcsin(min(chord.min() / 2, 1.0))
             name, admin1, cc = names[j]
-            out[i] = {"name": name, "admin1": admin1, "cc": cc, "distance_km": round(float(d), 1)}
+            out[i] = {"name": name, "admin1": admin1, "cc": cc, "distance_km": round(float(km), 1)}
     return out
 
 

@@ -25,6 +25,7 @@ from geo.data.places import nearest_places
 from geo.eval.metrics import THRESHOLDS_KM, breakdown, label_accuracies, summarize
 from geo.eval.regions import format_region_table, region_table
 from geo.eval.published import comparison_table
+from geo.query.index import MODES
 from geo.stages.fusion.calibration import expected_calibration_error, reliability_table
 from geo.store.atomic import atomic_save_figure, atomic_write_bytes
 from geo.store.predictions import read_predictions
@@ -79,27 +80,46 @@ def _checked(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def mode_order(modes: pd.Series) -> list[str]:
+    """The modes in the predictions, in ``geo query``'s order (fused first), any other after them by name."""
+    have = {str(m) for m in modes.dropna().unique()}
+    return [m for m in MODES if m in have] + sorted(have - set(MODES))
+
+
 def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = True) -> dict[str, Any]:
-    """All numbers of the report. Failed rows (``error`` set, or no usable prediction) are counted, not scored."""
+    """All numbers of the report. Failed rows (``error`` set, or no usable prediction) are counted, not scored.
+
+    Predictions of several modes (one row per photo and mode) are never pooled: the headline (summary, groups,
+    best and worst photos) is the first mode's (fused first, ``mode``), and ``by_mode`` and ``calibration``
+    compare every mode."""
     df = _checked(df)
+    modes = mode_order(df["mode"])
+    out = _analyse_rows(df if len(modes) < 2 else df[df["mode"] == modes[0]], top_n, min_group, ci)
+    out["mode"], out["modes"] = (modes[0] if modes else None), modes
+    scored = df[df["error"].isna() & df["error_km"].notna()]
+    if len(modes) > 1:
+        by_mode = breakdown(scored["error_km"].to_numpy(), scored["mode"], ci=False)
+        out["by_mode"] = {m: by_mode[m] for m in modes if m in by_mode}
+    calibration = calibration_by_mode(scored)
+    if calibration:
+        out["calibration"] = {m: calibration[m] for m in sorted(calibration, key=(modes + sorted(calibration)).index)}
+    regions = region_table(df if len(modes) < 2 else df[df["mode"] == modes[0]])
+    if regions:  # only a `geo bench` file knows whether each truth lies inside its region
+        out["region"] = regions
+    return out
+
+
+def _analyse_rows(df: pd.DataFrame, top_n: int, min_group: int, ci: bool) -> dict[str, Any]:
+    """The report's numbers over rows of one mode (or of predictions that name none)."""
     scored = df[df["error"].isna() & df["error_km"].notna()]
     failed = df[df["error"].notna()]
     geo_df = add_geography(scored)
     d = geo_df["error_km"].to_numpy()
     out: dict[str, Any] = {"summary": summarize(d, n_failed=len(failed), ci=ci)}
     out["summary"].update(label_accuracies(scored))
-    suites = sorted(s for s in df["suite"].dropna().unique())
-    out["suites"] = suites
+    out["suites"] = sorted(s for s in df["suite"].dropna().unique())
     if geo_df["scene"].notna().any():
         out["by_scene"] = breakdown(d, geo_df["scene"], ci=False)
-    if geo_df["mode"].nunique() > 1:  # one file per mode: compare them, never only pool them
-        out["by_mode"] = breakdown(d, geo_df["mode"], ci=False)
-    calibration = calibration_by_mode(geo_df)
-    if calibration:
-        out["calibration"] = calibration
-    regions = region_table(df)
-    if regions:  # only a `geo bench` file knows whether each truth lies inside its region
-        out["region"] = regions
     for key, col in (("by_continent", "true_continent"), ("by_country", "true_country")):
         groups = breakdown(d, geo_df[col], ci=False)
         out[key] = {k: v for k, v in groups.items() if v["n"] >= min_group}
@@ -110,11 +130,12 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
     out["country_hit_rate"] = out["summary"]["country"]["acc"]
     both = geo_df["true_continent"].notna() & geo_df["pred_continent"].notna()
     out["continent_hit_rate"] = float((geo_df.loc[both, "true_continent"] == geo_df.loc[both, "pred_continent"]).mean()) if both.any() else math.nan
-    cols = ["query_id", "path", "error_km", "true_lat", "true_lon", "pred_lat", "pred_lon", "true_country", "pred_country", "confidence"]
+    cols = ["query_id", "mode", "path", "error_km", "true_lat", "true_lon", "pred_lat", "pred_lon", "true_country",
+            "pred_country", "confidence"]
     ranked = geo_df.sort_values("error_km", kind="stable")
     out["best"] = ranked.head(top_n)[cols].to_dict("records")
     out["worst"] = ranked.tail(top_n).iloc[::-1][cols].to_dict("records")
-    out["failed"] = failed[["query_id", "path", "error"]].to_dict("records")
+    out["failed"] = failed[["query_id", "mode", "path", "error"]].to_dict("records")
     out["_frame"] = geo_df
     return out
 
@@ -233,7 +254,7 @@ def groups_text(title: str, groups: dict[str, dict[str, Any]], limit: int | None
 def photos_text(title: str, rows: list[dict[str, Any]]) -> str:
     out = [title]
     for r in rows:
-        out.append(f"  {r['error_km']:9.1f} km  {r['query_id']}  truth {r['true_country'] or '?'} "
+        out.append(f"  {r['error_km']:9.1f} km  {r['query_id']} ({r['mode']})  truth {r['true_country'] or '?'} "
                    f"({r['true_lat']:.3f}, {r['true_lon']:.3f}) -> {r['pred_country'] or '?'} "
                    f"({r['pred_lat']:.3f}, {r['pred_lon']:.3f})")
     return "\n".join(out)
@@ -246,11 +267,18 @@ def _comparison(suite: str, a: dict[str, Any]) -> str:
     return comparison_table(suite, a["summary"], "these predictions")
 
 
+def headline(a: dict[str, Any]) -> str:
+    """Which rows the summary, groups and photos are about: the mode, and the others the comparison holds."""
+    if len(a.get("modes", [])) < 2:
+        return f"mode {a['mode']}" if a.get("mode") else "these predictions"
+    return f"mode {a['mode']} ({len(a['modes'])} modes in these predictions: {', '.join(a['modes'])}; compared below)"
+
+
 def report_text(a: dict[str, Any], top_n: int = 10) -> str:
-    parts = [summary_text(a["summary"])]
+    parts = [headline(a) + "\n" + summary_text(a["summary"])]
     if "by_mode" in a:
-        parts.append(f"{len(a['by_mode'])} modes in these predictions; the lines above pool them, this compares "
-                     f"them:\n" + groups_text("mode", a["by_mode"]))
+        parts.append(f"{len(a['by_mode'])} modes in these predictions, each on its own photos' answers:\n"
+                     + groups_text("mode", a["by_mode"]))
     for suite in a["suites"]:
         table = _comparison(suite, a)
         if table:
@@ -269,7 +297,7 @@ def report_text(a: dict[str, Any], top_n: int = 10) -> str:
     parts.append(photos_text(f"worst {top_n}:", a["worst"]))
     if a["failed"]:
         parts.append(f"{len(a['failed'])} photos could not be read, e.g. "
-                     + "; ".join(f"{f['query_id']}: {f['error']}" for f in a["failed"][:5]))
+                     + "; ".join(f"{f['query_id']} ({f['mode']}): {f['error']}" for f in a["failed"][:5]))
     return "\n\n".join(parts)
 
 
@@ -398,8 +426,8 @@ def _groups_html(groups: dict[str, dict[str, Any]], title: str, limit: int | Non
 
 def _photos_html(rows: list[dict[str, Any]]) -> str:
     return _html_table(
-        ["photo", "id", "error km", "truth", "prediction"],
-        [[_thumb(r["path"]), r["query_id"], f"{r['error_km']:.1f}",
+        ["photo", "id", "mode", "error km", "truth", "prediction"],
+        [[_thumb(r["path"]), r["query_id"], r["mode"], f"{r['error_km']:.1f}",
           f"{r['true_country'] or '?'} ({r['true_lat']:.3f}, {r['true_lon']:.3f})",
           f"{r['pred_country'] or '?'} ({r['pred_lat']:.3f}, {r['pred_lon']:.3f})"] for r in rows],
     )
@@ -410,10 +438,10 @@ def write_html(a: dict[str, Any], pngs: dict[str, Path], path: Path, title: str)
     s = a["summary"]
     parts = [
         f"<h1>{html.escape(title)}</h1>",
-        f"<pre>{html.escape(summary_text(s))}</pre>",
+        f"<pre>{html.escape(headline(a))}\n{html.escape(summary_text(s))}</pre>",
     ]
     if "by_mode" in a:
-        parts.append("<h2>By mode (the summary above pools them)</h2>" + _groups_html(a["by_mode"], "mode"))
+        parts.append("<h2>By mode (each on its own answers)</h2>" + _groups_html(a["by_mode"], "mode"))
     for suite in a["suites"]:
         table = _comparison(suite, a)
         if table:
@@ -464,7 +492,8 @@ def build_report(predictions: str | os.PathLike | Sequence[str | os.PathLike], o
         "map": plot_world_map(frame, out / "errors_map.png"),
         **({"reliability": plot_reliability(a["calibration"], out / "reliability.png")} if "calibration" in a else {}),
     }
-    title = f"geo report: {', '.join(a['suites']) or 'predictions'} ({a['summary']['n']} photos)"
+    title = (f"geo report: {', '.join(a['suites']) or 'predictions'} ({a['summary']['n']} photos"
+             + (f", mode {a['mode']}" if a["mode"] else "") + ")")
     paths = dict(pngs, html=write_html(a, pngs, out / "report.html", title))
     paths["json"] = atomic_write_bytes(out / "report.json",
                                        (json.dumps(json_safe(a), indent=2, default=str) + "\n").encode())

@@ -15,7 +15,7 @@ import pandas as pd
 
 from geo.core.answer import Answer
 from geo.core.progress import bar as progress_bar
-from geo.eval.leaks import NEAR_DUPLICATE, find_leaks, leak_counts
+from geo.eval.leaks import NEAR_DUPLICATE, REASONS, find_leaks, leak_counts
 from geo.eval.metrics import breakdown, label_accuracies, distances_km, summarize
 from geo.eval.suites import Suite, SuiteError, resolve_images
 from geo.data.embedding_table import EmbeddingTable
@@ -36,6 +36,7 @@ class BenchResult:
     predictions: pd.DataFrame  # every located or failed row, in the predictions schema
     missing: list[str] = field(default_factory=list)  # query ids whose image is not on disk
     resumed: int = 0  # rows taken from an earlier run of the same --out
+    leak_checks: list[str] = field(default_factory=list)  # the leak reasons mark_leaks looked for (none: not run)
 
     @property
     def failed(self) -> pd.DataFrame:
@@ -58,7 +59,7 @@ class BenchResult:
         out.update(suite=self.suite, meta=str(self.meta), distance=distance, resumed=self.resumed,
                    missing_ids=self.missing[:20], failed=failed[["query_id", "error"]].head(20).to_dict("records"))
         out["leaks"] = {"n": int(leaked.sum()), "by_reason": leak_counts(preds["leak"]) if leaked.any() else {},
-                        "excluded": exclude_leaks}
+                        "excluded": exclude_leaks, "checked": list(self.leak_checks)}
         if leaked.any() and not exclude_leaks:
             out["leaks"]["without"] = self._score(preds[~leaked], distance, False, n_boot)
         return out
@@ -111,6 +112,7 @@ def mark_leaks(index: Any, result: BenchResult, near_duplicate: float = NEAR_DUP
         if column in reader.columns:
             groups = reader.read_meta([column])[column].to_numpy(dtype=object)
     preds["leak"] = find_leaks(preds, knn.ids, knn.paths, preds["photographer"], groups, near_duplicate)
+    result.leak_checks = [r for r in REASONS if r != "same photographer" or groups is not None]
 
 
 def index_id_of(index: Any, index_dir: str | Path | None) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,11 @@ class Checkpoint:
                                 "choose another --out or delete it")
         restore_trainer(load_file(str(self.state)), trainer)
         return Progress(ck["history"], ck["best"], ck["best_epoch"], ck["waited"])
+
+    def remove(self) -> None:
+        """Drop ``out/checkpoint/`` once the card and weights are written: MODEL_DIR is what a user copies and
+        builds with, and the optimiser's moments doubled its size (40 MB of 60 here) for nothing after the run."""
+        shutil.rmtree(self.out / "checkpoint", ignore_errors=True)
 
     def save(self, trainer: Trainer, progress: Progress) -> None:
         """Both files atomically (temp file + rename): a run killed mid-write leaves the previous epoch's."""

@@ -2,7 +2,7 @@
 
 read_photos (split by photographer) -> load the base -> prepare (pixels, cells) -> Trainer -> resume from the
 checkpoint, or epoch 0, the linear probe (LP-FT) -> epochs until ``cfg.epochs`` or ``cfg.patience`` epochs
-without a better held-out score, each checkpointed -> the card.
+without a better held-out score, each checkpointed -> the card (and the checkpoint removed).
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def _epochs(trainer: Trainer, checkpoint: Checkpoint, progress: Progress, out: P
 
 def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfig(), log: Log = print) -> dict[str, Any]:
     """Fine-tune ``cfg.backbone`` on the manifest's photos into ``out`` (MODEL_DIR); returns the card. A settings
-    problem is a ValueError before anything is read; an ``out`` holding this run's checkpoint resumes it."""
+    problem is a ValueError before anything is read; an ``out`` holding this run's checkpoint (an interrupted run)
+    resumes it, and a finished run removes it."""
     if bad := cfg.problems():
         raise ValueError("; ".join(bad))
     out = Path(out)
@@ -87,4 +88,6 @@ def finetune(manifest: str, out: str | Path, cfg: FinetuneConfig = FinetuneConfi
     else:
         _probe(trainer, progress, out, log)
     _epochs(trainer, checkpoint, progress, out, log)
-    return write_card(out, cfg, bb, data, trainer.trainable, progress, device)
+    card = write_card(out, cfg, bb, data, trainer.trainable, progress, device)
+    checkpoint.remove()  # the run is whole: MODEL_DIR keeps the card and the weights only
+    return card

@@ -1,6 +1,6 @@
 """The HTTP service behind ``geo serve``: one loaded bundle, micro-batched answers, a map page.
 
-Routes (``/docs`` lists them with their schemas):
+Routes (``/openapi.json`` lists them with their schemas; no ``/docs`` page, which would load from a CDN):
 
 * ``POST /locate``: images as multipart (form field ``images``, one or more) or
   JSON ``{"embeddings": [[...], ...], "ids": [...]}`` made by the bundle's
@@ -60,7 +60,9 @@ def create_app(index: Any, limits: ServeLimits = ServeLimits(), token: str | Non
             await state.batcher.stop()
             state.io_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="geo", version="1", lifespan=lifespan,
+    # No /docs or /redoc: FastAPI's pages load Swagger UI and ReDoc from a CDN (blank offline, and a third party
+    # sees every visit); the schema is at /openapi.json for any viewer the user runs themselves.
+    app = FastAPI(title="geo", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Where was this photo taken? Answers from a geo index bundle "
                               f"({index.bundle.root.name}); nothing is fetched or stored.")
     app.state.geo = state

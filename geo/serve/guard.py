@@ -1,6 +1,6 @@
 """The outermost of the app's own layers: metrics for every request, the token, the request body's limits.
 
-It is plain ASGI rather than a route dependency so that it sees every request (static files, /docs,
+It is plain ASGI rather than a route dependency so that it sees every request (static files, /openapi.json,
 unknown paths) and can refuse a body before any of it is read.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from geo.serve.state import ServeState
 
 log = logging.getLogger("geo.serve")
 
-_ROUTES = ("/locate", "/healthz", "/info", "/metrics", "/docs", "/openapi.json", "/")
+_ROUTES = ("/locate", "/healthz", "/info", "/metrics", "/openapi.json", "/")
 
 
 def route_label(path: str) -> str:

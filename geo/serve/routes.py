@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -107,8 +108,27 @@ async def healthz(state: State) -> dict[str, Any]:
 @router.get("/info", summary="What the bundle holds, as `geo info --json`, and the modes it answers in")
 async def info(state: State) -> JSONResponse:
     index = state.index
-    return JSONResponse(json_safe({**index.bundle.summary(sha256_checked=False), "modes": index.modes,
-                                   "default_mode": index.default_mode}))
+    return JSONResponse(json_safe(without_paths({**index.bundle.summary(sha256_checked=False),
+                                                 "modes": index.modes, "default_mode": index.default_mode})))
+
+
+# an absolute path (POSIX, home-relative or with a drive letter), alone or after a backbone kind ("finetuned:",
+# "open_clip:local-dir:")
+_PATH = re.compile(r"(?P<spec>(?:[a-z_][a-z0-9_-]+:)*)(?P<path>(?:[A-Za-z]:[\\/]|/|~[/\\]?).*)", re.DOTALL)
+
+
+def without_paths(value: Any) -> Any:
+    """``value`` with every absolute path cut to its last part (``/home/me/.cache/w.pth`` -> ``w.pth``,
+    ``finetuned:/srv/m`` -> ``finetuned:m``): a client learns which weights answer, not where the server keeps
+    its files or who runs it. The sha256 beside each weights file still identifies it."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    found = _PATH.fullmatch(value) if isinstance(value, str) else None
+    if found:
+        return found["spec"] + found["path"].replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return value
 
 
 @router.get("/metrics", summary="Prometheus metrics")

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from geo.core.progress import bar as progress_bar
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, collate_skip_errors
 from geo.models.registry import Backbone
@@ -109,7 +110,7 @@ def ingest_embeddings(bundle: Bundle, table: EmbeddingTable, cfg: EmbedConfig = 
     Finished shards are not written again, but every piece is still read and
     checked, so a duplicate id is caught against all earlier rows.
     """
-    bar = tqdm(total=table.rows, unit="row", desc="embeddings in", disable=not progress, smoothing=0.1)
+    bar = progress_bar(table.rows, "embeddings in", unit="row", show=progress)
     first = 0
     t0 = time.perf_counter()
     for i, piece in enumerate(table.pieces(cfg.shard_rows, seen), start=first_shard):
@@ -131,7 +132,7 @@ def run_embedding_stage(bundle: Bundle, df: pd.DataFrame, backbone: Backbone, cf
     ``first_shard`` > 0 numbers the shards after a bundle's own (``geo add``).
     """
     todo, done_rows = pending_shards(bundle, len(df), cfg.shard_rows, first_shard)
-    bar = tqdm(total=len(df), initial=done_rows, unit="img", desc="embed", disable=not progress, smoothing=0.1)
+    bar = progress_bar(len(df), "embed", unit="img", initial=done_rows, show=progress)
     for i in todo:
         embed_shard(bundle, df, i, first_shard, backbone, cfg, bar)
     bar.close()

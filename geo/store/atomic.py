@@ -111,6 +111,15 @@ def atomic_write_parquet(path: str | os.PathLike, table) -> Path:
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """A ``.npy`` file; written through a file object, as ``np.save`` given a name adds ".npy" to the temp name."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    return atomic_write(path, write)
+
+
 def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 

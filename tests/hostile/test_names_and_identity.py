@@ -95,6 +95,7 @@ def test_every_query_argument_is_accounted_for(bundle, tmp_path):
     assert len(answers) == 4 and answers[0]["error"] is None
     assert [a["error"] for a in answers[1:]] == ["a directory with no image files in it", "file not found",
                                                  "file not found"]
+    assert r.exit_code == 3 and "error: 3 of 4 inputs could not be answered: " in r.output, r.output  # finding 16
 
 
 @pytest.mark.parametrize("target", ["manifest.json", "index/knn.faiss", "new.parquet", "cells/x.geojson"])

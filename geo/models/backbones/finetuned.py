@@ -2,7 +2,8 @@
 
 ``geo build-index --backbone MODEL_DIR`` (the registry turns a directory holding a card into
 ``finetuned:MODEL_DIR``) rebuilds the base network the card names, then loads every one of its tensors from
-``model.safetensors``; the bundle records that file's sha256 like any other weights.
+``model.safetensors``; the bundle records the model as ``finetuned:NAME`` (the folder's name) and that file's
+sha256 and path like any other weights.
 """
 from __future__ import annotations
 
@@ -45,10 +46,19 @@ def _check_card_sha(card: dict, path: Path) -> None:
                             "(the file changed since `geo finetune` wrote it); copy the model directory again")
 
 
+def _model_dir(spec: str, weights: str | None) -> Path:
+    """The MODEL_DIR: the folder of the weights file a bundle recorded where it holds the card, else ``spec``
+    (``--backbone my-model/``). A bundle names the model ``finetuned:NAME`` (the folder's name, not where it was
+    on the machine that built it) and identifies it by its weights' sha256, which every load checks."""
+    if weights and (Path(weights).parent / MODEL_CARD).exists():
+        return Path(weights).parent
+    return Path(spec)
+
+
 def _load_finetuned(spec: str, weights: str | None, cache_dir: str | None) -> Backbone:
     if not spec:
         raise BackboneError("finetuned: needs the model directory, e.g. --backbone my-model/ (from geo finetune)")
-    root = Path(spec)
+    root = _model_dir(spec, weights)
     card = read_card(root)
     path = Path(weights) if weights else root / card["weights"]
     with warnings.catch_warnings():  # a random-init base warns; every tensor is replaced just below
@@ -61,7 +71,7 @@ def _load_finetuned(spec: str, weights: str | None, cache_dir: str | None) -> Ba
         base.model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise BackboneError(f"{path}: does not fit {card['base']!r} ({str(e).splitlines()[0]})") from None
-    return Backbone(f"finetuned:{root.resolve()}", base.dim, base.preprocess, base.model,
+    return Backbone(f"finetuned:{root.resolve().name}", base.dim, base.preprocess, base.model,
                     file_weights(path, source=f"geo finetune of {card['base']}"))
 
 

@@ -228,6 +228,17 @@ Rescore = Callable[[Evidence, FusionParams, np.ndarray, list[np.ndarray]],
                    tuple[np.ndarray, np.ndarray, list[dict[str, float]]]]
 
 
+# An alternative's own posterior mass within these radii: under a regional decision every candidate of one region
+# has the same score (its mass within 750 km), so the score alone named three places with one number.
+ALTERNATIVE_MASS_KM = (25, 200, 750)
+
+
+def _best_first(score: np.ndarray, masses: np.ndarray) -> np.ndarray:
+    """Candidates best first: by score, ties by the mass within the finest radius, then the next (``masses``
+    [thresholds, candidates]), then candidate order."""
+    return np.lexsort((*(-masses[k] for k in reversed(range(len(masses)))), -score))
+
+
 def decide(ev: Evidence, p: FusionParams, alternatives: int = 5, rerank: Rescore | None = None) -> list[Decision]:
     """The answer per query, its alternatives (other places, not the same spot again) and what carried it:
     each signal's share of the posterior mass within :data:`SHARE_KM` of the answer.
@@ -250,13 +261,14 @@ def decide(ev: Evidence, p: FusionParams, alternatives: int = 5, rerank: Rescore
     near = cos_km(25.0)
     out = []
     for i, b in enumerate(best):
-        order = np.argsort(-score[i], kind="stable")
         alts, taken = [], [int(b)]
-        for j in order[1:]:
+        for j in _best_first(score[i], masses[i]):
             if len(alts) >= alternatives or not np.isfinite(score[i, j]):
                 break
-            if (c[i, j, taken] < near).all():  # alternatives are other places, not the same spot again
-                alts.append({"lat": float(pts[i, j, 0]), "lon": float(pts[i, j, 1]), "score": round(float(score[i, j]), 5)})
+            if j != b and (c[i, j, taken] < near).all():  # other places, not the same spot again
+                alts.append({"lat": float(pts[i, j, 0]), "lon": float(pts[i, j, 1]), "score": round(float(score[i, j]), 5),
+                             "mass": {str(t): round(float(masses[i, k, j]), 5) for k, t in enumerate(THRESHOLDS_KM)
+                                      if t in ALTERNATIVE_MASS_KM}})
                 taken.append(int(j))
         out.append(Decision(float(pts[i, b, 0]), float(pts[i, b, 1]),
                             {str(t): float(masses[i, k, b]) for k, t in enumerate(THRESHOLDS_KM)},

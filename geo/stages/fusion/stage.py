@@ -26,7 +26,7 @@ import pandas as pd
 from geo.core.geodesy import THRESHOLDS_KM
 from geo.core.knn_vote import kde_vote
 from geo.core.priors import population_prior
-from geo.core.progress import bar, showing
+from geo.core.progress import bar, inside, showing
 from geo.core.splits import group_column, group_folds, validation_mask
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.stage import CellsConfig, fit_cells
@@ -186,16 +186,18 @@ def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarra
     steps = 2 + (stages.cells is not None) + (stages.gallery is not None)  # knn, [cells], [gallery], scoring
     log(f"fusion: {len(folds)} photographer folds, each fitting every signal again on the others' photos")
     progress = bar(len(folds) * steps, "fusion folds", unit="step")
+    now = {"label": ""}
     for f, (held, train) in enumerate(folds):
         def step(what: str) -> None:
-            progress.set_postfix_str(f"fold {f + 1}/{len(folds)}: {what} ({len(train)} fit, {len(held)} scored)")
+            now["label"] = f"fold {f + 1}/{len(folds)}: {what} ({len(train)} fit, {len(held)} scored)"
+            progress.set_postfix_str(now["label"])
 
         step("kNN")
         tmeta, temb = meta.iloc[train].reset_index(drop=True), emb[train]
         knn = KnnIndex.from_arrays(temb, tmeta)
         progress.update()
         cells: CellPredictor | None = None
-        with showing(False, False):  # the folds' own epochs would bury the fold bar
+        with showing(True, False), inside(progress, lambda: now["label"]):  # the folds' epochs count in its label
             if stages.cells is not None:
                 step("cell heads")
                 cells = fit_cells(tmeta, temb, dataclasses.replace(stages.cells, crossfit=False, answer_heads=False), log=quiet)
