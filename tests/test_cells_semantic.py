@@ -103,10 +103,10 @@ def test_points_outside_every_cell_country_take_the_nearest_seed():
 
 def test_coastal_photos_stay_with_their_country():
     rng = np.random.default_rng(2)
-    # Nice's harbour: photos on the water's edge, some of which the 1:50m coastline puts at sea
+    # Nice: photos in town, and some from a boat 35 km out, beyond the 25 km the country lookup gives the coast
     lat, lon = rng.normal(43.69, 0.01, 60), rng.normal(7.27, 0.02, 60)
-    lat = np.concatenate([lat, rng.normal(43.60, 0.005, 10)])
-    lon = np.concatenate([lon, rng.normal(7.25, 0.005, 10)])
+    lat = np.concatenate([lat, rng.normal(43.40, 0.005, 10)])
+    lon = np.concatenate([lon, rng.normal(7.45, 0.005, 10)])
     assert (country_index(lat[60:], lon[60:]) < 0).all()  # the premise: these are "at sea" for the shapes
     cells = semantic_cells(lat, lon, 5, [100])
     assert cells[0].n_cells == 1 and cells[0].tokens() == ["250-0"]  # one French cell, no "sea" cell
