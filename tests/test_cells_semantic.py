@@ -112,6 +112,31 @@ def test_coastal_photos_stay_with_their_country():
     assert cells[0].n_cells == 1 and cells[0].tokens() == ["250-0"]  # one French cell, no "sea" cell
 
 
+def test_a_semantic_build_tests_each_photo_s_country_once(monkeypatch):
+    from geo.data import countries
+
+    tested, real = [], countries._country_index
+    monkeypatch.setattr(countries, "_country_index", lambda lat, lon: tested.append(len(lat)) or real(lat, lon))
+    lat, lon = _twin_photos(per_town=40)
+    rng = np.random.default_rng(0)
+    emb = (latlon_to_xyz(lat, lon) @ rng.normal(size=(3, 16))).astype(np.float32)
+    meta = pd.DataFrame({"id": [f"p{i}" for i in range(len(lat))], "lat": lat, "lon": lon})
+    config = CellsConfig(partitioner="semantic", tau_min=5, tau_max=[100, 30], max_epochs=2, crossfit=False,
+                         answer_heads=False)
+    fit_cells(meta.iloc[::2], emb[::2], config, log=lambda *_: None, photos=(lat, lon))  # heads on a sample
+    assert tested == [len(lat)]  # the partitioner, the photos' cells and the sample's: one test of every photo
+
+
+def test_the_sample_s_rows_read_from_the_gallery_s_equal_locating_it():
+    from geo.stages.cells.stage import _rows_at
+
+    lat, lon = _twin_photos()
+    parts = P.build_partitions(lat, lon, 5, [100, 30], partitioner="semantic")
+    probe_lat, probe_lon = np.concatenate([lat[::3], [48.0, 0.0]]), np.concatenate([lon[::3], [8.2, 0.0]])
+    np.testing.assert_array_equal(_rows_at(parts, probe_lat, probe_lon, (lat, lon, P.locate(parts, lat, lon))),
+                                  P.locate(parts, probe_lat, probe_lon))  # two probes are not gallery photos
+
+
 def test_same_seed_same_cells():
     lat, lon = _twin_photos(per_town=60, seed=3)
     a = semantic_cells(lat, lon, 5, [200, 40], seed=0)
