@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,9 @@ SHAPES = Path(__file__).resolve().parents[1] / "serve" / "static" / "vendor" / "
 CHUNK = 200_000  # points per pass: a shapely point each, and the tree's (point, ring) pairs
 COAST_KM = 25.0  # a point in no shape but this near one takes its country (the 1:50m coast cuts off harbours)
 KM_PER_DEGREE = EARTH_RADIUS_KM * np.pi / 180
+# GEOS builds a prepared polygon's edge index on its first test, which is not safe from two threads at once
+# (geo serve answers from several); the tests hold this lock, and uncontended it costs nothing.
+_PREPARED = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ def _decode_arcs(topo: dict) -> list[np.ndarray]:
     restarted at each arc: a loop of 2,000 small cumsums cost a cold query 0.2 s)."""
     scale, shift = np.array(topo["transform"]["scale"]), np.array(topo["transform"]["translate"])
     lengths = np.fromiter((len(a) for a in topo["arcs"]), np.int64, len(topo["arcs"]))
-    flat = np.array([p for a in topo["arcs"] for p in a], np.float64)
+    flat = np.fromiter(chain.from_iterable(chain.from_iterable(topo["arcs"])), np.float64).reshape(-1, 2)
     total = np.cumsum(flat, axis=0)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     before = np.where(starts[:, None] > 0, total[np.maximum(starts - 1, 0)], 0.0)
@@ -63,17 +68,23 @@ def _ring(arcs: list[np.ndarray], refs: list[int]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _crosses_antimeridian(xy: np.ndarray) -> bool:
-    """A jump of more than 180 degrees between neighbours, other than along a pole (Antarctica's ring runs
-    from -180 to 180 and comes back along latitude -90, a true edge in the plane)."""
-    jump = np.abs(np.diff(xy[:, 0])) > 180
+def _unwrapped(rings: list[np.ndarray]) -> list[np.ndarray]:
+    """The rings that cross the antimeridian made continuous (longitudes past 180). A ring crosses where
+    neighbours jump by more than 180 degrees, other than along a pole (Antarctica's ring runs from -180 to
+    180 and comes back along latitude -90, a true edge in the plane). Found over all rings at once: a
+    numpy pass per ring cost a cold query 30 ms."""
+    xy = np.concatenate(rings)
+    which = np.repeat(np.arange(len(rings)), [len(r) for r in rings])
+    jump = (np.abs(np.diff(xy[:, 0])) > 180) & (which[1:] == which[:-1])
     polar = (np.abs(xy[:-1, 1]) > 89.9) & (np.abs(xy[1:, 1]) > 89.9)
-    return bool((jump & ~polar).any())
+    for k in np.unique(which[1:][jump & ~polar]).tolist():
+        rings[k][:, 0] = np.rad2deg(np.unwrap(np.deg2rad(rings[k][:, 0])))
+    return rings
 
 
 @functools.cache
 def _shapes() -> _Shapes:
-    """Read once per process (about 0.1 s for 1,600 rings and 100K vertices); every lookup shares it."""
+    """Read once per process (0.1-0.2 s for 1,600 rings and 100K vertices); every lookup shares it."""
     topo = json.loads(SHAPES.read_text())
     arcs = _decode_arcs(topo)
     names, codes, rings, owner = [], [], [], []
@@ -83,19 +94,18 @@ def _shapes() -> _Shapes:
             continue
         names.append(g.get("properties", {}).get("name", "?"))
         codes.append(str(g["id"]) if g.get("id") is not None else None)
-        for refs in (refs for polygon in polygons for refs in polygon):
-            xy = _ring(arcs, refs)
-            if _crosses_antimeridian(xy):  # make it continuous (longitudes past 180)
-                xy[:, 0] = np.rad2deg(np.unwrap(np.deg2rad(xy[:, 0])))
-            rings.append(xy)
-            owner.append(len(names) - 1)
+        rings += [_ring(arcs, refs) for polygon in polygons for refs in polygon]
+        owner += [len(names) - 1] * sum(len(polygon) for polygon in polygons)
+    rings = _unwrapped(rings)
     edges = shapely.linearrings(np.concatenate(rings), indices=np.repeat(np.arange(len(rings)), [len(r) for r in rings]))
-    filled = shapely.make_valid(shapely.polygons(edges))  # two rings of the 1:50m shapes cross themselves
+    # two rings cross themselves: GEOS tests a point against them by crossings, as the even-odd rule wants
+    filled = shapely.polygons(edges)
     lo, hi = shapely.bounds(filled)[:, 0], shapely.bounds(filled)[:, 2]
     east, west = np.flatnonzero(lo < -180), np.flatnonzero(hi > 180)  # the copies a turn away
     polygons = np.concatenate([filled, shapely.transform(filled[east], lambda c: c + [360, 0]),
                                shapely.transform(filled[west], lambda c: c - [360, 0])])
     ring = np.concatenate([np.arange(len(filled)), east, west])
+    shapely.prepare(polygons)  # each polygon indexes its edges on its first test: then a test is O(log n)
     return _Shapes(names, codes, polygons, ring, np.asarray(owner, np.int64)[ring], shapely.STRtree(polygons))
 
 
@@ -117,8 +127,12 @@ def _country_index(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     shapes = _shapes()
     out = np.full(len(lat), -1, np.int64)
     ok = np.flatnonzero(np.isfinite(lat) & np.isfinite(lon))
-    points = shapely.points((lon[ok] + 180) % 360 - 180, lat[ok])
-    at, hit = shapes.tree.query(points, predicate="intersects")
+    x, y = (lon[ok] + 180) % 360 - 180, lat[ok]
+    points = shapely.points(x, y)
+    with _PREPARED:
+        at, hit = shapes.tree.query(points)  # the rings whose box holds the point; then the exact test
+        inside = shapely.intersects_xy(shapes.polygons[hit], x[at], y[at])
+    at, hit = at[inside], hit[inside]
     # even-odd per country: a ring counts once per point (a point on the antimeridian may touch a ring and its copy)
     at_ring = np.unique(at * len(shapes.ring) + shapes.ring[hit])
     at, ring = at_ring // len(shapes.ring), at_ring % len(shapes.ring)
@@ -128,26 +142,28 @@ def _country_index(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     first = np.unique(odd // n, return_index=True)[1]  # on a shared border, the first country of the list
     out[ok[odd[first] // n]] = odd[first] % n
     sea = np.flatnonzero(out[ok] < 0)
-    out[ok[sea]] = _coastal(points[sea], lat[ok][sea], shapes)
+    out[ok[sea]] = _coastal(points[sea], x[sea], y[sea], shapes)
     return out
 
 
-def _coastal(points: np.ndarray, lat: np.ndarray, shapes: _Shapes) -> np.ndarray:
+def _coastal(points: np.ndarray, x: np.ndarray, y: np.ndarray, shapes: _Shapes) -> np.ndarray:
     """The country of the nearest ring within :data:`COAST_KM` of each point (-1: none that near).
 
     The 1:50m coastline cuts off harbours, beaches and estuaries (Lisbon, San Francisco's Marina), which are
-    not at sea. The tree is searched in degrees, within the radius that covers COAST_KM along a parallel (a
-    degree of longitude shrinks with the cosine of the latitude), and each candidate's nearest point is then
-    measured in km on the sphere."""
+    not at sea. Candidates are the rings within the box of COAST_KM around the point in degrees (a degree
+    of longitude shrinks with the cosine of the latitude), and each one's nearest point is then measured
+    in km on the sphere."""
     out = np.full(len(points), -1, np.int64)
     if not len(points):
         return out
-    reach = COAST_KM / KM_PER_DEGREE / np.maximum(np.cos(np.radians(lat)), 0.01)
-    at, hit = shapes.tree.query(points, predicate="dwithin", distance=reach)
-    if not len(at):
-        return out
-    near = shapely.get_point(shapely.shortest_line(points[at], shapes.polygons[hit]), 1)
-    km = haversine_km(lat[at], shapely.get_x(points[at]), shapely.get_y(near), shapely.get_x(near))
+    north = COAST_KM / KM_PER_DEGREE
+    east = north / np.maximum(np.cos(np.radians(y)), 0.01)
+    with _PREPARED:
+        at, hit = shapes.tree.query(shapely.box(x - east, y - north, x + east, y + north))
+        near = shapely.dwithin(shapes.polygons[hit], points[at], east[at])
+        at, hit = at[near], hit[near]
+        spot = shapely.get_point(shapely.shortest_line(points[at], shapes.polygons[hit]), 1)
+    km = haversine_km(y[at], x[at], shapely.get_y(spot), shapely.get_x(spot))
     order = np.lexsort((km, at))  # by point, nearest first
     at, hit, km = at[order], hit[order], km[order]
     first = np.unique(at, return_index=True)[1]
