@@ -6,7 +6,7 @@ import torch
 from geo.models.efficientnet_lite import EfficientNetLite0
 from geo.data.images import Preprocess
 from geo.models.registry import Backbone, BackboneError, register_backbone
-from geo.models.weights import file_weights, map_in_order, probe_dim, read_state_dict
+from geo.models.weights import file_weights, map_in_order, read_state_dict
 
 
 def _load_efficientnet_lite0(spec: str, weights: str | None, cache_dir: str | None) -> Backbone:
@@ -43,7 +43,8 @@ def _load_efficientnet_lite0(spec: str, weights: str | None, cache_dir: str | No
                   "classifier.bias": torch.empty(1000)}
     model.load_state_dict(map_in_order(read_state_dict(weights), timm_names, weights), strict=True)
     pre = Preprocess(size=224, resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
-    return Backbone("efficientnet_lite0", probe_dim(model, pre.size), pre, model, file_weights(weights, source))
+    # the width is the architecture's (1280): probing it with a forward pass cost every cold query one more
+    return Backbone("efficientnet_lite0", model.num_features, pre, model, file_weights(weights, source))
 
 
 
