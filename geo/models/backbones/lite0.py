@@ -42,7 +42,9 @@ def _load_efficientnet_lite0(spec: str, weights: str | None, cache_dir: str | No
     # The file keeps the 1000-way ImageNet classifier last; it is mapped by position and then dropped.
     timm_names = {**model.state_dict(), "classifier.weight": torch.empty(1000, model.num_features, device="meta"),
                   "classifier.bias": torch.empty(1000, device="meta")}
-    model.load_state_dict(map_in_order(read_state_dict(weights), timm_names, weights), strict=True, assign=True)
+    mapped = map_in_order(read_state_dict(weights), timm_names, weights)
+    # assigned as they are, the file's transposed (TF-layout) tensors would make every convolution slower
+    model.load_state_dict({k: v.contiguous() for k, v in mapped.items()}, strict=True, assign=True)
     pre = Preprocess(size=224, resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     # the width is the architecture's (1280): probing it with a forward pass cost every cold query one more
     return Backbone("efficientnet_lite0", model.num_features, pre, model, file_weights(weights, source))
