@@ -104,7 +104,8 @@ def by_mode(index: GeoIndex, files: list[str]) -> None:
 
 def by_part(index: GeoIndex, files: list[str], mode: str | None) -> None:
     bb = index.backbone
-    pixels = [t.reshape(-1, *t.shape[-3:]) for _, t, _ in (ImageDataset(files, bb.preprocess)[i] for i in range(len(files)))]
+    decoded = ImageDataset(files, bb.preprocess)
+    pixels = [t.reshape(-1, *t.shape[-3:]) for _, t, _ in (decoded[i] for i in range(len(files)))]
     rows: list[dict[str, tuple[float, float]]] = []
     with PartClock() as clock:
         for f, x in [(files[0], pixels[0])] + list(zip(files, pixels)):  # the first query warms up

@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 import json
 import threading
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +97,8 @@ def _shapes() -> _Shapes:
         rings += [_ring(arcs, refs) for polygon in polygons for refs in polygon]
         owner += [len(names) - 1] * sum(len(polygon) for polygon in polygons)
     rings = _unwrapped(rings)
-    edges = shapely.linearrings(np.concatenate(rings), indices=np.repeat(np.arange(len(rings)), [len(r) for r in rings]))
+    which = np.repeat(np.arange(len(rings)), [len(r) for r in rings])
+    edges = shapely.linearrings(np.concatenate(rings), indices=which)
     # two rings cross themselves: GEOS tests a point against them by crossings, as the even-odd rule wants
     filled = shapely.polygons(edges)
     lo, hi = shapely.bounds(filled)[:, 0], shapely.bounds(filled)[:, 2]
