@@ -1,29 +1,91 @@
-"""Warm single-image latency of each query mode against kNN-only, on one bundle, in one run.
+"""Warm single-image latency: each query mode against kNN-only, or one mode's query broken down by part.
 
     python benchmarks/bench_query.py --index /tmp/dev-all --images ../shared/data/im2gps3k-dev/images
+    python benchmarks/bench_query.py --index B --images examples/osv5m/queries --parts [--mode fused]
 
 Goal (issue 5): a fused query costs at most 10 % more than a kNN-only one on the default backbone.
 Both include decoding and the forward pass, as a user's `locate_one(path)` does; the modes are
 interleaved photo by photo so machine load affects them alike.
+
+``--parts`` (issue 25): the query's own time split into decode, forward, country, places, cells, decide,
+neighbours and the rest (building the answer), each by the functions that do it (the outermost timed
+call counts, so nothing is counted twice), against a bare forward pass of the same photo's pixels timed
+right after each query, and the answer alone (``locate_embeddings`` on that forward's embedding). Goal:
+warm ``locate_one`` <= 1.25x the bare forward, the answer's assembly (everything but decode and forward)
+<= 3 ms. The median wall time, the median CPU time (``process_time``,
+which leaves out time spent descheduled, but counts torch's worker threads spinning after the forward) and
+the least wall time over the photos (on a shared machine, the closest to what the part costs alone).
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import geo
+import geo.query.index as query_index
+from geo.data.images import ImageDataset
+from geo.query.index import GeoIndex
+from geo.stages.cells.cities import CityHead
+from geo.stages.cells.predictor import CellPredictor
+
+PARTS = {  # part -> the (owner, attribute) functions that do it
+    "decode": [(ImageDataset, "__getitem__")],
+    "forward": [(GeoIndex, "embed_tensors")],
+    "decide": [(GeoIndex, "_decide"), (query_index, "knn_search"), (query_index, "gallery_search")],
+    "cells": [(query_index, "cell_probs"), (CellPredictor, "top_cells")],
+    "country": [(query_index, "country_index"), (GeoIndex, "_countries")],
+    "places": [(query_index, "nearest_places"), (query_index, "city_label"), (CityHead, "answer_cities")],
+    "neighbours": [(GeoIndex, "_neighbours")],
+}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--index", required=True)
-    ap.add_argument("--images", default="../shared/data/im2gps3k-dev/images")
-    ap.add_argument("--n", type=int, default=40)
-    args = ap.parse_args()
-    index = geo.open_index(args.index)
-    files = [str(f) for f in sorted(Path(args.images).glob("*.jpg"))[: args.n]]
+class PartClock:
+    """Wraps the functions of :data:`PARTS` with a clock (wall and CPU seconds per part, outermost call only)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self._depth = 0
+        self._saved: list[tuple[object, str, object]] = []
+
+    def __enter__(self) -> "PartClock":
+        for part, funcs in PARTS.items():
+            for owner, name in funcs:
+                fn = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+                self._saved.append((owner, name, fn))
+                setattr(owner, name, self._timed(part, fn))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, fn in reversed(self._saved):
+            setattr(owner, name, fn)
+
+    def reset(self) -> None:
+        self.wall.clear()
+        self.cpu.clear()
+
+    def _timed(self, part: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.wall[part] += time.perf_counter() - wall
+                self.cpu[part] += time.process_time() - cpu
+                self._depth -= 1
+        return timed
+
+
+def by_mode(index: GeoIndex, files: list[str]) -> None:
     modes = index.modes
     for m in modes:  # warm: model, heads, gallery, caches
         index.locate_one(files[0], mode=m)
@@ -38,6 +100,55 @@ def main() -> None:
     for m in modes:
         med = statistics.median(times[m])
         print(f"  {m:8s} {med:8.2f} ms   x{med / knn:.3f} of knn")
+
+
+def by_part(index: GeoIndex, files: list[str], mode: str | None) -> None:
+    bb = index.backbone
+    decoded = ImageDataset(files, bb.preprocess)
+    pixels = [t.reshape(-1, *t.shape[-3:]) for _, t, _ in (decoded[i] for i in range(len(files)))]
+    rows: list[dict[str, tuple[float, float]]] = []
+    with PartClock() as clock:
+        for f, x in [(files[0], pixels[0])] + list(zip(files, pixels)):  # the first query warms up
+            clock.reset()
+            wall, cpu = time.perf_counter(), time.process_time()
+            index.locate_one(f, mode=mode)
+            total = (time.perf_counter() - wall, time.process_time() - cpu)
+            wall, cpu = time.perf_counter(), time.process_time()
+            emb = bb.embed(x)  # the bare forward pass on the same pixels, right after
+            bare = (time.perf_counter() - wall, time.process_time() - cpu)
+            row = {p: (clock.wall[p], clock.cpu[p]) for p in PARTS}
+            wall, cpu = time.perf_counter(), time.process_time()
+            index.locate_embeddings(emb, mode=mode)  # the answer alone, from the embedding, once more
+            row["answer from embedding"] = (time.perf_counter() - wall, time.process_time() - cpu)
+            row["rest"] = tuple(t - sum(row[p][k] for p in PARTS) for k, t in enumerate(total))
+            row["assembly"] = tuple(t - row["decode"][k] - row["forward"][k] for k, t in enumerate(total))
+            rows.append(row | {"query": total, "bare forward": bare})
+    rows = rows[1:]
+    med = {name: [statistics.median(r[name][k] * 1e3 for r in rows) for k in (0, 1)] for name in rows[0]}
+    least = {name: min(r[name][0] * 1e3 for r in rows) for name in rows[0]}
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"{len(rows)} photos, warm locate_one(path, mode={mode or index.default_mode}), ms; load average {load}")
+    print("| part | median wall | median cpu | least wall |\n|---|---|---|---|")
+    for name in [*PARTS, "rest", "assembly", "answer from embedding", "query", "bare forward"]:
+        print(f"| {name} | {med[name][0]:.2f} | {med[name][1]:.2f} | {least[name]:.2f} |")
+    ratios = [r["query"][0] / r["bare forward"][0] for r in rows]
+    print(f"query / bare forward: median {statistics.median(ratios):.3f} (wall, photo by photo)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--index", required=True)
+    ap.add_argument("--images", default="../shared/data/im2gps3k-dev/images")
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--parts", action="store_true", help="one mode's query by part, against the bare forward")
+    ap.add_argument("--mode", default=None, help="with --parts: the mode (default: the bundle's)")
+    args = ap.parse_args()
+    index = geo.open_index(args.index)
+    files = [str(f) for f in sorted(Path(args.images).glob("*.jpg"))[: args.n]]
+    if args.parts:
+        by_part(index, files, args.mode)
+    else:
+        by_mode(index, files)
 
 
 if __name__ == "__main__":

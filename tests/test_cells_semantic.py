@@ -103,13 +103,38 @@ def test_points_outside_every_cell_country_take_the_nearest_seed():
 
 def test_coastal_photos_stay_with_their_country():
     rng = np.random.default_rng(2)
-    # Nice's harbour: photos on the water's edge, some of which the 1:50m coastline puts at sea
+    # Nice: photos in town, and some from a boat 35 km out, beyond the 25 km the country lookup gives the coast
     lat, lon = rng.normal(43.69, 0.01, 60), rng.normal(7.27, 0.02, 60)
-    lat = np.concatenate([lat, rng.normal(43.60, 0.005, 10)])
-    lon = np.concatenate([lon, rng.normal(7.25, 0.005, 10)])
+    lat = np.concatenate([lat, rng.normal(43.40, 0.005, 10)])
+    lon = np.concatenate([lon, rng.normal(7.45, 0.005, 10)])
     assert (country_index(lat[60:], lon[60:]) < 0).all()  # the premise: these are "at sea" for the shapes
     cells = semantic_cells(lat, lon, 5, [100])
     assert cells[0].n_cells == 1 and cells[0].tokens() == ["250-0"]  # one French cell, no "sea" cell
+
+
+def test_a_semantic_build_tests_each_photo_s_country_once(monkeypatch):
+    from geo.data import countries
+
+    tested, real = [], countries._country_index
+    monkeypatch.setattr(countries, "_country_index", lambda lat, lon: tested.append(len(lat)) or real(lat, lon))
+    lat, lon = _twin_photos(per_town=40)
+    rng = np.random.default_rng(0)
+    emb = (latlon_to_xyz(lat, lon) @ rng.normal(size=(3, 16))).astype(np.float32)
+    meta = pd.DataFrame({"id": [f"p{i}" for i in range(len(lat))], "lat": lat, "lon": lon})
+    config = CellsConfig(partitioner="semantic", tau_min=5, tau_max=[100, 30], max_epochs=2, crossfit=False,
+                         answer_heads=False)
+    fit_cells(meta.iloc[::2], emb[::2], config, log=lambda *_: None, photos=(lat, lon))  # heads on a sample
+    assert tested == [len(lat)]  # the partitioner, the photos' cells and the sample's: one test of every photo
+
+
+def test_the_sample_s_rows_read_from_the_gallery_s_equal_locating_it():
+    from geo.stages.cells.stage import _rows_at
+
+    lat, lon = _twin_photos()
+    parts = P.build_partitions(lat, lon, 5, [100, 30], partitioner="semantic")
+    probe_lat, probe_lon = np.concatenate([lat[::3], [48.0, 0.0]]), np.concatenate([lon[::3], [8.2, 0.0]])
+    np.testing.assert_array_equal(_rows_at(parts, probe_lat, probe_lon, (lat, lon, P.locate(parts, lat, lon))),
+                                  P.locate(parts, probe_lat, probe_lon))  # two probes are not gallery photos
 
 
 def test_same_seed_same_cells():

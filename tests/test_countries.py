@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from geo.data.countries import countries_of
+from geo.data.countries import countries_of, country_index
 from geo.eval.metrics import label_accuracy
 from geo.store.predictions import answers_to_frame
 
@@ -24,6 +24,37 @@ def test_known_places(lat, lon, name):
 @pytest.mark.parametrize("lat,lon", [(0.0, 0.0), (30.0, -40.0), (-40.0, -120.0), (52.0, -179.0)])
 def test_a_point_at_sea_has_no_country(lat, lon):
     assert countries_of([lat], [lon]) == [None]
+
+
+COASTAL = [  # places the 1:50m coastline leaves at sea: (lat, lon, name)
+    (38.708, -9.136, "Portugal"),  # Lisbon
+    (37.8037, -122.4368, "United States of America"),  # San Francisco's Marina
+    (36.9741, -122.0308, "United States of America"),  # Santa Cruz, CA
+    (36.5552, -121.9233, "United States of America"),  # Carmel
+    (41.354, -71.966, "United States of America"),  # Mystic, coastal Connecticut
+    (44.3876, -68.2039, "United States of America"),  # Bar Harbor, Maine
+    (43.60, 7.25, "France"),  # off Nice, 10 km out
+]
+
+
+@pytest.mark.parametrize("lat,lon,name", COASTAL)
+def test_a_coastal_place_the_shapes_cut_off_takes_the_nearest_country(lat, lon, name):
+    assert countries_of([lat], [lon])[0]["name"] == name
+
+
+def test_the_coast_reaches_25_km_out_and_no_further():
+    # due west of Cabo da Roca (about -9.50): 24 km out is Portugal's, 29 km out is sea
+    assert countries_of([38.7, 38.7], [-9.75, -9.80]) == [{"code": "620", "name": "Portugal"}, None]
+
+
+def test_many_points_at_once_answer_as_one_at_a_time():
+    rng = np.random.default_rng(0)
+    lat = np.concatenate([[c[0] for c in COASTAL], np.degrees(np.arcsin(rng.uniform(-1, 1, 300))), [np.nan]])
+    lon = np.concatenate([[c[1] for c in COASTAL], rng.uniform(-180, 180, 300), [2.35]])
+    together = country_index(lat, lon)
+    assert together[-1] == -1 and (together >= 0).sum() > 80  # a missing coordinate has none; a third is land
+    assert together.tolist() == [int(country_index([a], [b])[0]) for a, b in zip(lat, lon)]
+    assert country_index([], []).tolist() == []
 
 
 def test_codes_are_iso_numeric_and_many_points_at_once():

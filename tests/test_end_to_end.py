@@ -61,12 +61,13 @@ def test_gallery_photo_finds_itself(index_dir, gallery_csv):
 
 def test_a_cold_query_imports_neither_timm_nor_torchvision(index_dir, gallery_csv):
     """Issue 15 item 7: the default backbone and the decoder are plain torch + Pillow; importing timm
-    (which imports torchvision and torch._dynamo) cost 2.3 s of every cold `geo query`."""
+    (which imports torchvision and torch._dynamo) cost 2.3 s of every cold `geo query`. Issue 25: nor httpx,
+    which only `geo query --server` needs (0.1 s)."""
     photo = pd.read_csv(gallery_csv)["path"].iloc[0]
     code = ("import sys; from geo.cli import app\n"
             "try: app(['query', sys.argv[1], '--index', sys.argv[2], '--json'])\n"
             "except SystemExit as e: assert e.code in (0, None), e.code\n"
-            "print(sorted(m for m in ('timm', 'torchvision', 'sklearn', 'scipy') if m in sys.modules))")
+            "print(sorted(m for m in ('timm', 'torchvision', 'sklearn', 'scipy', 'httpx') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code, photo, str(index_dir)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[0])["lat"] is not None

@@ -15,8 +15,9 @@ constraint (nothing outside survives); a weight in (0, 1) is a soft prior: the p
 multiplied by it. :meth:`Constraint.label` is the short text answers and predictions carry in their ``within``
 field, and it parses back to the same constraint.
 
-A point in no country's shape within :data:`COAST_KM` of a chosen country's counts as in it: at 1:50m a city's
-waterfront is often water, and a gallery's coastal photos would otherwise be outside every country.
+A point is in a country when :func:`geo.data.countries.country_index` says so: the one country lookup, whose
+coast rule (a point in no shape but within 25 km of one takes the nearest's country) keeps a city's
+waterfront, often water at 1:50m, inside its country.
 """
 from __future__ import annotations
 
@@ -30,13 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from geo.core.geodesy import EARTH_RADIUS_KM, haversine_km
-from geo.data.countries import country_codes, country_index, country_names, country_rings
+from geo.data.countries import country_codes, country_index, country_names
 
 ISO_TABLE = Path(__file__).with_name("iso3166.csv")
-# A point in no country's shape within this of a country's coast counts as in it: the 1:50m coastlines miss
-# harbours, beaches and piers (13 % of a realistic gallery's photos lie in no shape, half of them within 2 km).
-COAST_KM = 25.0
-_COAST_DEGREES = COAST_KM / 111.2  # a degree of latitude; one of longitude is shorter, so never more than COAST_KM
 
 
 class ConstraintError(ValueError):
@@ -88,49 +85,6 @@ def _country(word: str) -> _Country:
         raise ConstraintError(f"--within: unknown country {word!r}{hint}; give an ISO 3166-1 alpha-2 or alpha-3 code "
                               "(PT, PRT) or a name (Portugal)")
     return found
-
-
-@functools.lru_cache(maxsize=32)
-def _prepared_rings(shapes: tuple[int, ...]) -> list:
-    """The countries' rings as prepared shapely polygons: a point test in log time of the ring's vertices (a
-    query tests every candidate point, and the plain even-odd test of :func:`country_index` costs points x
-    vertices, seconds for a batch inside a large country)."""
-    import shapely
-
-    rings = [shapely.Polygon(np.column_stack(r)) for s in shapes for r in country_rings(s)]
-    for ring in rings:
-        shapely.prepare(ring)
-    return rings
-
-
-def _in_countries(shapes: tuple[int, ...], lat: np.ndarray, lon: np.ndarray, coast_degrees: float) -> np.ndarray:
-    """Even-odd over the countries' rings, as :func:`country_index`, plus the points in no country within
-    ``coast_degrees`` of one of the rings; each distinct point tested once (a batch's candidates repeat: the
-    same gallery photos, cells and prior points)."""
-    import shapely
-
-    points, back = np.unique(np.column_stack([lat, lon]), axis=0, return_inverse=True)
-    y = points[:, 0]
-    count = np.zeros(len(points), np.int64)
-    coast = np.zeros(len(points), bool)
-    for ring in _prepared_rings(shapes):
-        x0, y0, x1, y1 = ring.bounds
-        inside = np.zeros(len(points), bool)
-        for shift in (0.0, 360.0, -360.0):  # an unwrapped ring may reach past +-180: try the point a turn away
-            if shift and not (x1 > 180 if shift > 0 else x0 < -180):
-                continue
-            x = points[:, 1] + shift
-            near = np.flatnonzero((x >= x0 - coast_degrees) & (x <= x1 + coast_degrees) & (y >= y0 - coast_degrees)
-                                  & (y <= y1 + coast_degrees))
-            if near.size:
-                inside[near] |= shapely.contains_xy(ring, x[near], y[near])
-                coast[near] |= shapely.dwithin(ring, shapely.points(x[near], y[near]), coast_degrees)
-        count += inside
-    inside = count % 2 == 1
-    offshore = np.flatnonzero(coast & ~inside)
-    if offshore.size:  # near the coast and in no other country's shape either: at sea, off this one's coast
-        inside[offshore] = country_index(points[offshore, 0], points[offshore, 1]) < 0
-    return inside[back.ravel()]
 
 
 def _numbers(text: str, count: int, what: str, option: str) -> list[float]:
@@ -231,7 +185,7 @@ class Constraint:
         lon = np.atleast_1d(np.asarray(lon, np.float64))
         ok = np.isfinite(lat) & np.isfinite(lon)
         if self.kind == "country":
-            return ok & _in_countries(self.shapes, np.where(ok, lat, 0.0), np.where(ok, lon, 0.0), _COAST_DEGREES)
+            return ok & np.isin(country_index(np.where(ok, lat, 0.0), np.where(ok, lon, 0.0)), self.shapes)
         if self.kind == "box":
             s, w, n, e = self.box
             across = (lon >= w) | (lon <= e) if w > e else (lon >= w) & (lon <= e)

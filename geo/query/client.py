@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
-
-import httpx
+from typing import TYPE_CHECKING, Sequence
 
 from geo.core.answer import Answer
 from geo.data.constraint import Constraint
 from geo.data.images import ImageLoadError, read_image_file
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class ServerError(RuntimeError):
@@ -49,6 +50,8 @@ def locate_remote(server: str, paths: Sequence[str], *, token: str | None = None
             readable.append((i, read_image_file(p)))
         except ImageLoadError as e:
             answers[i] = Answer.failed(p, e.reason)
+    import httpx  # here, not at the top: only --server needs it, and it cost every cold `geo query` 0.1 s
+
     with httpx.Client(timeout=timeout_s) as client:
         for start in range(0, len(readable), batch):
             part = readable[start:start + batch]

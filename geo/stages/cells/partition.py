@@ -206,8 +206,10 @@ def _check_taus(tau_min: int, tau_max: list[int]) -> None:
 
 def build_partitions(lat: np.ndarray, lon: np.ndarray, tau_min: int, tau_max: list[int],
                      partitioner: str = "adaptive", emb: np.ndarray | None = None, names: list[str] | None = None,
-                     min_level: int = 2, max_level: int = 30, seed: int = 0) -> list[Partition]:
-    """Partitions coarse -> fine (``tau_max`` sorted descending), nested by construction."""
+                     min_level: int = 2, max_level: int = 30, seed: int = 0,
+                     country: np.ndarray | None = None) -> list[Partition]:
+    """Partitions coarse -> fine (``tau_max`` sorted descending), nested by construction. ``country``: the
+    photos' :func:`geo.data.countries.country_index`, when the caller has it (semantic cells need it)."""
     if partitioner not in PARTITIONERS:
         raise ValueError(f"unknown partitioner {partitioner!r}; choose one of {', '.join(PARTITIONERS)}")
     if partitioner == "bottomup" and emb is None:
@@ -219,7 +221,7 @@ def build_partitions(lat: np.ndarray, lon: np.ndarray, tau_min: int, tau_max: li
         raise ValueError(f"{len(names)} partition names for {len(tau_max)} tau_max values")
     if partitioner == "semantic":
         return [Partition(n, np.empty(0, np.uint64), semantic=c)
-                for n, c in zip(names, semantic_cells(lat, lon, tau_min, tau_max, seed))]
+                for n, c in zip(names, semantic_cells(lat, lon, tau_min, tau_max, seed, country))]
     leaf = s2.leaf_ids(lat, lon)
     if partitioner == "adaptive":
         cells = [adaptive_cells(leaf, tau_min, t, min_level, max_level) for t in tau_max]
@@ -232,17 +234,18 @@ def build_partitions(lat: np.ndarray, lon: np.ndarray, tau_min: int, tau_max: li
     return [Partition(n, c) for n, c in zip(names, cells)]
 
 
-def locate(partitions: list[Partition], lat, lon) -> np.ndarray:
+def locate(partitions: list[Partition], lat, lon, country: np.ndarray | None = None) -> np.ndarray:
     """Each coordinate's row in every partition, int64 [n, partitions], -1 where it lies in none.
 
     S2 partitions look up the leaf id (computed once); semantic ones the nearest seed (found once, for the
-    seeds are the same in every partition of a build)."""
+    seeds are the same in every partition of a build), from ``country`` (the points'
+    :func:`geo.data.countries.country_index`) when the caller has it."""
     lat, lon = np.asarray(lat, np.float64).ravel(), np.asarray(lon, np.float64).ravel()
     leaf = seeds = None
     out = np.empty((len(lat), len(partitions)), np.int64)
     for k, p in enumerate(partitions):
         if p.semantic is not None:
-            seeds = p.semantic.seed_rows(lat, lon) if seeds is None else seeds
+            seeds = p.semantic.seed_rows(lat, lon, country) if seeds is None else seeds
             out[:, k] = p.semantic.rows(lat, lon, seeds)
         else:
             leaf = s2.leaf_ids(lat, lon) if leaf is None else leaf

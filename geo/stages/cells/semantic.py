@@ -78,13 +78,14 @@ class SemanticCells:
             out.append(f"{stem}-{seen[stem] - 1}")
         return out
 
-    def seed_rows(self, lat, lon) -> np.ndarray:
-        """The nearest seed of each point's own country; of any country where its country has none. int64 [n]."""
+    def seed_rows(self, lat, lon, country: np.ndarray | None = None) -> np.ndarray:
+        """The nearest seed of each point's own country; of any country where its country has none. int64 [n].
+        ``country``: the points' :func:`country_index`, when the caller has it (a build tests each photo once)."""
         lat, lon = np.asarray(lat, np.float64).ravel(), np.asarray(lon, np.float64).ravel()
         out = np.full(len(lat), -1, np.int64)
         if not len(lat) or not len(self.group):
             return out
-        return nearest_seed(latlon_to_xyz(lat, lon), country_index(lat, lon),
+        return nearest_seed(latlon_to_xyz(lat, lon), country_index(lat, lon) if country is None else country,
                             latlon_to_xyz(self.seed_lat, self.seed_lon), self.country)
 
     def rows(self, lat, lon, seeds: np.ndarray | None = None) -> np.ndarray:
@@ -211,13 +212,14 @@ def _merge(seed_xyz: np.ndarray, seed_country: np.ndarray, counts: np.ndarray, t
 
 
 def semantic_cells(lat: np.ndarray, lon: np.ndarray, tau_min: int, tau_max: list[int],
-                   seed: int = 0) -> list[SemanticCells]:
-    """One :class:`SemanticCells` per ``tau_max`` (sorted descending: coarse -> fine), nested by construction."""
+                   seed: int = 0, country: np.ndarray | None = None) -> list[SemanticCells]:
+    """One :class:`SemanticCells` per ``tau_max`` (sorted descending: coarse -> fine), nested by construction.
+    ``country``: the photos' :func:`country_index`, when the caller has it (it locates the same photos next)."""
     lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
     if not len(lat):
         raise ValueError("semantic partitioner: no photos")
     rng = np.random.default_rng(seed)
-    xyz, country = latlon_to_xyz(lat, lon), country_index(lat, lon)
+    xyz, country = latlon_to_xyz(lat, lon), country_index(lat, lon) if country is None else np.asarray(country)
     home = _coastal_countries(xyz, country)
     seeds, seed_country = [], []
     for c in np.unique(home):
