@@ -237,12 +237,12 @@ def no_worse_than_restrictions(ev: Evidence, p: FusionParams, truth: np.ndarray,
                     "restriction_scores": {m: round(v, 4) for m, v in means.items()}}
 
 
-BACKED_OFF_MODES = ("cells", "gallery")
+BACKED_OFF_MODES = ("knn", "cells", "gallery")
 
 
 def tune_backed_off_modes(ev: Evidence, truth: np.ndarray, groups: np.ndarray | None,
                           singles: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """For the cells and gallery modes: their signal and the prior alone, tuned like the fused mode (the same
+    """For the kNN, cells and gallery modes: their signal and the prior alone, tuned like the fused mode (the same
     grid and one-SE back-off), so the mode answers from its signal only where that beats the constant guess
     on other photographers. Updates ``singles`` with the backed-off answers; returns the params (as dicts) and
     each mode's out-of-fold accuracy."""
