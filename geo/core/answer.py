@@ -51,6 +51,9 @@ class Answer:
     city: str | None = None  # "name, admin1, cc" of the GeoNames place within 25 km of the answer, else None
     # the city head's most probable cities [{city, prob}] (its classes: the gallery's cities); [] without one
     cities: list[dict[str, Any]] = field(default_factory=list)
+    # the trip this photo was located with (geo query --trip: its photos' times bound how far apart they can
+    # be); None when it was answered alone (evidence["trip"] then says why) or trips were not asked for
+    trip: str | None = None
     error: str | None = None
     abstained: bool = False
     id: str | None = None  # the row's id when the query was a precomputed embedding (then ``image`` is None)
