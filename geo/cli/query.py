@@ -16,6 +16,7 @@ from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import expand_images
 from geo.query.client import locate_remote
 from geo.query.index import open_index
+from geo.query.trip import Travel
 from geo.store.bundle import bundle_containing
 from geo.store.geojson import feature_collection, write_geojson
 from geo.store.predictions import answers_to_frame, write_predictions
@@ -39,6 +40,12 @@ def print_human(ans: Answer, top: int = 3) -> None:
     elif basis == "near-duplicate" and ans.neighbors:
         typer.echo(f"    a near-duplicate of gallery photo {one_line(ans.neighbors[0]['id'])} "
                    f"(similarity {ans.neighbors[0]['similarity']:.3f}): answered at its spot")
+    how = ans.evidence.get("trip") or {}
+    if ans.trip is not None:
+        typer.echo(f"    with its trip {one_line(ans.trip)}: photo {how['order'] + 1} of {how['photos']}"
+                   + (f", {how['moved_km']:.0f} km from its answer alone" if how["moved_km"] else ""))
+    elif "alone" in how:
+        typer.echo(f"    {how['alone']}")
     for alt in ans.alternatives[:3]:
         typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}")
     for n in ans.neighbors[:top]:
@@ -69,6 +76,12 @@ def query_command(
                                          "loading --index here: no model load, fast for a few photos."),
     token: Optional[str] = typer.Option(None, envvar="GEO_TOKEN", help="The server's token, with --server (or "
                                         "GEO_TOKEN, which keeps it out of the process list)."),
+    trip: bool = typer.Option(False, "--trip", help="Locate each trip's photos together, in the order they were "
+                              "taken: photos hours apart cannot be continents apart. Photos: one trip per folder, "
+                              "times from EXIF; --embeddings: a trip column (else the photographer's) and a time "
+                              "column (taken, time, ...). Photos without a time are answered alone."),
+    speed_kmh: float = typer.Option(Travel.speed_kmh, "--speed-kmh", help="With --trip: the fastest travel "
+                                    "between two photos (default a plane's)."),
 ) -> None:
     """Locate photos (or precomputed embeddings): coordinates, confidence and the neighbour photos behind the answer.
 
@@ -78,6 +91,7 @@ def query_command(
       geo query photos/ --index my-index --format geojson > answers.geojson
       geo query --embeddings queries.parquet --index my-index --out predictions.parquet
       geo query holiday.jpg --server http://127.0.0.1:8000
+      geo query trips/iceland/ --index my-index --trip
     """
     output = "json" if as_json else output
     if output not in ("text", "json", "geojson"):
@@ -92,6 +106,11 @@ def query_command(
         fail("give --index DIR (answer here) or --server URL (ask a running `geo serve`): one of the two")
     if server is not None and embeddings is not None:
         fail("--server takes image paths; send precomputed embeddings to the server's /locate as JSON")
+    if trip and server is not None:
+        fail("--trip locates a trip's photos together here: give --index DIR, not --server")
+    if not speed_kmh > 0:
+        fail(f"--speed-kmh must be a positive number, not {speed_kmh}")
+    travel = Travel(speed_kmh=speed_kmh) if trip else None
     if out is not None and (inside := bundle_containing(out)) is not None:
         fail(f"--out {out} is inside the bundle {inside}: write the answers elsewhere")
     truth, answer_mode = None, mode
@@ -104,10 +123,11 @@ def query_command(
         if embeddings is not None:
             table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
                                    require_coordinates=False)
-            answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence)
+            answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence, trip=travel)
         else:
             with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
-                answers = idx.locate(list(images), mode=mode, crops=crops, min_confidence=min_confidence)
+                answers = idx.locate(list(images), mode=mode, crops=crops, min_confidence=min_confidence,
+                                     trip=travel)
     frame = None
     if out is not None or output == "geojson":
         ids = [a.id for a in answers] if embeddings is not None else None

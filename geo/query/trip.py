@@ -1,22 +1,28 @@
 """Trips located together: photos taken hours apart cannot be continents apart.
 
-A trip is a photographer's photos in time order. Each photo's fused posterior (the mixture of
-:mod:`geo.stages.fusion.posterior`, the same one its own answer comes from) is evaluated at a few
-candidate spots: the photo's own best spots and those of its neighbours in time (a photo whose own
-evidence missed the place its trip was at can still be put there, if its posterior has any mass near it).
-A hidden Markov chain over those spots, along the time order, is solved by forward-backward:
+A trip is a photographer's photos in time order (``geo query --trip``). A hidden Markov chain runs along it,
+solved by forward-backward:
 
-* the emission of a spot is the photo's posterior mass near it (the mean over 1/25/200/750/2500 km: a
-  density smoothed at every scale);
-* the transition between two consecutive photos ``dt`` hours and ``d`` km apart is ``infeasible``
-  (a small number, not zero: a wrong clock must not break the trip) when ``d > speed_kmh * dt +
-  slack_km``, the most a plane covers; otherwise ``1 - local_weight + local_weight * exp(-d / (local_km +
-  ground_kmh * dt))``: most legs are travelled on the ground, so nearby spots are favoured, softly.
+* a photo's states are the support points of its own fused posterior (the mixture of
+  :mod:`geo.stages.fusion.posterior` its answer alone comes from: neighbours, gallery points, cell spots,
+  the prior's points), emitting their posterior mass, plus the other photos' answers alone, emitting
+  ``doubt * ANYWHERE``: with the chance ``doubt`` that its own answer is not even within 750 km
+  (1 - its calibrated ``p_within["750"]``), the photo's evidence misled it and it can be wherever its trip
+  was (a hotel room, a misleading scene);
+* near-duplicates (a burst: photos at least :data:`DUPLICATE_COS` similar) say one thing once: each of
+  ``k`` of them emits its posterior to the power ``1/k``, so six shots of a room do not outvote one of the sea;
+* the transition between two consecutive photos ``dt`` hours and ``d`` km apart is ``infeasible`` (a
+  small number, not zero: a wrong clock must not break the trip) when ``d > speed_kmh * dt + slack_km``,
+  the most a plane covers; otherwise ``1 - local_weight + local_weight * exp(-d / (local_km + ground_kmh *
+  dt))``: most legs are travelled on the ground, so nearby places are favoured, softly.
 
-Each photo's answer is then chosen from its marginal exactly as fusion chooses from a posterior (the
-spot with most marginal mass within the tuned decision's thresholds); its ``p_within`` is the marginal
-mass within 25/200/750 km of it: the trip's joint belief, not calibrated like a single photo's.
+Each photo's answer is chosen from its marginal as fusion chooses from a posterior (the candidate with
+most marginal mass within the tuned decision's thresholds); where that is within :data:`REACH_KM` of its
+answer alone, the trip agrees on the place and the photo's own answer stands (legs never tell spots that
+close apart). ``p_within`` is the marginal mass within 25/200/750 km of the answer: the trip's joint
+belief, not calibrated like a single photo's (benchmarks/RESULTS.md measures how far off it is).
 Photos without a time, and the only timed photo of a trip, are answered alone and say so.
+The constants were chosen on trips of 3-4 photos (benchmarks/eval_trips.py), not on those it reports.
 """
 from __future__ import annotations
 
@@ -43,11 +49,8 @@ from geo.stages.fusion.posterior import (
 from geo.stages.fusion.signals import Evidence
 
 ALTERNATIVES = 5
-# A photo may also be where its trip's other photos were answered: its emission there is its own mass within
-# about REACH_KM (an exponential kernel) or, as far as its answer is in doubt, ANYWHERE, so that a trip can
-# pull back a photo whose own evidence put no mass near the trip (a misleading scene, a hotel room).
-REACH_KM = 25.0
-ANYWHERE = 0.1
+REACH_KM = 25.0   # the trip decides places, the photo the spot within this; also the smoothing of a burst's power
+ANYWHERE = 0.3    # a photo's emission at its trip's other answers, per unit of doubt in its own
 DUPLICATE_COS = 0.9  # photos of one trip at least this similar are one burst: their evidence counts once
 NO_TIME = "no time taken (EXIF DateTimeOriginal or a time column): answered alone"
 ONLY_TIMED = "the only photo of its trip with a time: answered alone"
@@ -166,18 +169,16 @@ class _Posterior:
         self.mass = [mass[i, keep[i]] for i in range(len(ev))]
         self.candidate = [candidates(ev, params)[i, keep[i]] for i in range(len(ev))]
 
-
     def states(self, i: int, others: np.ndarray, doubt: float,
                share: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Photo ``i``'s states: its support points, then ``others`` (its trip's other answers) [k, 2]; their
-        emissions, the photo's posterior raised to ``share`` (its evidence share), and which of them its
-        decision may answer. The support points are a sample of the posterior weighted by their mass, so its
-        power is each mass times the smoothed density there to the ``share - 1``. At another answer it is
-        the smoothed density, or, with the chance ``doubt`` that the photo's evidence misled it, the
-        :data:`ANYWHERE` of a photo that says nothing of its place."""
+        emissions, raised to ``share`` (its evidence share), and which of them its decision may answer. The
+        support points are a sample of the posterior weighted by their mass, so the posterior's power there is
+        each mass times the density around it (smoothed over :data:`REACH_KM`) to the ``share - 1``; at
+        another answer the photo is only where its evidence misled it: ``doubt * ANYWHERE``."""
         pts, mass = self.points[i], self.mass[i]
         density = np.exp(-_km(pts, pts) / REACH_KM) @ mass
-        near = (1.0 - doubt) * (np.exp(-_km(others, pts) / REACH_KM) @ mass) + doubt * ANYWHERE
+        near = np.full(len(others), doubt * ANYWHERE)
         return (np.concatenate([pts, others]), np.concatenate([mass * density ** (share - 1.0), near ** share]),
                 np.concatenate([self.candidate[i], np.ones(len(others), bool)]))
 
@@ -194,8 +195,8 @@ def _solve(posterior: _Posterior, rows: np.ndarray, hours: np.ndarray, own: np.n
            shares: np.ndarray, travel: Travel, decision: str) -> list[TripAnswer]:
     """Forward-backward over one trip's photos (``rows`` in time order, ``own`` their answers alone); each
     photo's emissions raised to its evidence share; each photo's answer from its marginal."""
-    built = [posterior.states(int(r), np.delete(own, k, axis=0), float(doubt[k]), float(shares[k]))
-             for k, r in enumerate(rows)]
+    built = [posterior.states(int(r), np.unique(np.delete(own, k, axis=0), axis=0), float(doubt[k]),
+                              float(shares[k])) for k, r in enumerate(rows)]
     states, emit, candidate = (list(x) for x in zip(*built))
     legs = [travel.transition(_km(states[i], states[i + 1]), float(hours[i + 1] - hours[i]))
             for i in range(len(rows) - 1)]
@@ -208,8 +209,8 @@ def _solve(posterior: _Posterior, rows: np.ndarray, hours: np.ndarray, own: np.n
         b = legs[i] @ (emit[i + 1] * beta[0])
         beta.insert(0, b / b.sum())
     u = np.asarray(DECISIONS[decision], np.float64)
-    return [_answer(s, a * b / (a * b).sum(), c, u / u.sum(), o) for s, a, b, c, o in zip(states, alpha, beta, candidate,
-                                                                                     own)]
+    return [_answer(s, a * b / (a * b).sum(), c, u / u.sum(), o)
+            for s, a, b, c, o in zip(states, alpha, beta, candidate, own)]
 
 
 def _km(a: np.ndarray, b: np.ndarray) -> np.ndarray:

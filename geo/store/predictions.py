@@ -32,6 +32,7 @@ Schema (one row per query image; nullable unless noted)::
     pred_country string    the country the answer lies in, by the same shapes
     true_city   string     "name, admin1, cc" of the GeoNames place within 25 km of the truth (geo.data.places)
     pred_city   string     the same for the answer
+    trip        string     the trip the answer was located with (`geo query --trip`); null when located alone
 
 Files written before the last columns existed read with them null (the two country columns are filled from
 the coordinates, so any file gets country accuracy).
@@ -96,6 +97,7 @@ SCHEMA = pa.schema(
         pa.field("pred_country", pa.string()),
         pa.field("true_city", pa.string()),
         pa.field("pred_city", pa.string()),
+        pa.field("trip", pa.string()),
     ],
     metadata={"geo.store.predictions.version": "1"},
 )
@@ -158,6 +160,7 @@ def answers_to_frame(
             "index_id": index_id,
             "created": pd.Timestamp(_dt.datetime.now(_dt.timezone.utc)),
             "error": [str(a["error"]) if failed[i] else None for i, a in enumerate(answers)],
+            "trip": [a.get("trip") for a in answers],
         }
     )
     for col, values in (extra or {}).items():
