@@ -137,3 +137,25 @@ def test_geo_query_trip_locates_a_folder_as_one_trip_and_writes_the_trip_column(
     assert all(json.loads(line)["trip"] is None for line in plain.output.splitlines())
     bad = CliRunner().invoke(app, ["query", str(folder), "--index", str(cli_bundle[1]), "--trip", "--mode", "knn"])
     assert bad.exit_code == 2 and "fused" in bad.output
+
+
+def test_geo_query_trip_reads_trips_and_times_from_an_embeddings_table(cli_bundle, tmp_path):
+    """Rows of one `trip` are located together in the order of their `taken` column, whatever the row order;
+    a row without a time is answered alone; a table without a time column is refused in one line."""
+    shards = sorted((cli_bundle[1] / "embeddings").glob("part-*.parquet"))
+    rows = pd.read_parquet(shards[0]).head(4)
+    table = pd.DataFrame({"id": [f"q{i}" for i in range(4)], "embedding": list(rows["embedding"]),
+                          "trip": ["t", "t", "t", "u"],
+                          "taken": ["2024-05-01 12:00", "2024-05-01 10:00", None, "2024-05-02 09:00"]})
+    path = tmp_path / "q.parquet"
+    table.to_parquet(path)
+    r = CliRunner().invoke(app, ["query", "--embeddings", str(path), "--index", str(cli_bundle[1]), "--trip",
+                                 "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    got = {a["id"]: a for a in map(json.loads, r.output.splitlines())}
+    assert got["q1"]["evidence"]["trip"]["order"] == 0 and got["q0"]["evidence"]["trip"]["order"] == 1
+    assert got["q0"]["trip"] == got["q1"]["trip"] == "t"
+    assert got["q2"]["evidence"]["trip"] == {"alone": NO_TIME} and got["q3"]["evidence"]["trip"] == {"alone": ONLY_TIMED}
+    table.drop(columns="taken").to_parquet(path)
+    bad = CliRunner().invoke(app, ["query", "--embeddings", str(path), "--index", str(cli_bundle[1]), "--trip"])
+    assert bad.exit_code == 2 and "time column" in bad.output

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -106,11 +106,7 @@ def query_command(
         fail("give --index DIR (answer here) or --server URL (ask a running `geo serve`): one of the two")
     if server is not None and embeddings is not None:
         fail("--server takes image paths; send precomputed embeddings to the server's /locate as JSON")
-    if trip and server is not None:
-        fail("--trip locates a trip's photos together here: give --index DIR, not --server")
-    if not speed_kmh > 0:
-        fail(f"--speed-kmh must be a positive number, not {speed_kmh}")
-    travel = Travel(speed_kmh=speed_kmh) if trip else None
+    travel = _travel(trip, speed_kmh, server)
     if out is not None and (inside := bundle_containing(out)) is not None:
         fail(f"--out {out} is inside the bundle {inside}: write the answers elsewhere")
     truth, answer_mode = None, mode
@@ -118,16 +114,8 @@ def query_command(
         answers = locate_remote(server, expand_images(list(images)), token=token, mode=mode,
                                 min_confidence=min_confidence, crops=crops)
     else:
-        idx = open_index(index, device=device)
-        answer_mode = mode or idx.default_mode
-        if embeddings is not None:
-            table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
-                                   require_coordinates=False)
-            answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence, trip=travel)
-        else:
-            with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
-                answers = idx.locate(list(images), mode=mode, crops=crops, min_confidence=min_confidence,
-                                     trip=travel)
+        answers, truth, answer_mode = _locate_here(index, device, images, embeddings, embedding_column, mode, crops,
+                                                   min_confidence, travel)
     frame = None
     if out is not None or output == "geojson":
         ids = [a.id for a in answers] if embeddings is not None else None
@@ -145,6 +133,30 @@ def query_command(
     sys.stdout.flush()
     if all(a.error for a in answers):
         raise typer.Exit(1)
+
+
+def _travel(trip: bool, speed_kmh: float, server: Optional[str]) -> Optional[Travel]:
+    """The travel model of --trip (None without it); --trip is answered here, where the posteriors are."""
+    if trip and server is not None:
+        fail("--trip locates a trip's photos together here: give --index DIR, not --server")
+    if not speed_kmh > 0:
+        fail(f"--speed-kmh must be a positive number, not {speed_kmh}")
+    return Travel(speed_kmh=speed_kmh) if trip else None
+
+
+def _locate_here(index: Path, device: str, images: Optional[list[str]], embeddings: Optional[Path],
+                 embedding_column: str, mode: Optional[str], crops: int, min_confidence: Optional[float],
+                 travel: Optional[Travel]) -> tuple[list[Answer], Any, str]:
+    """(answers, truth of an embeddings table or None, the mode that answered) from the bundle at ``index``."""
+    idx = open_index(index, device=device)
+    if embeddings is not None:
+        table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
+                               require_coordinates=False)
+        answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence, trip=travel)
+        return answers, truth, mode or idx.default_mode
+    with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
+        answers = idx.locate(list(images), mode=mode, crops=crops, min_confidence=min_confidence, trip=travel)
+    return answers, None, mode or idx.default_mode
 
 
 def register(app: typer.Typer) -> None:
