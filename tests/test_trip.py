@@ -133,6 +133,11 @@ def test_geo_query_trip_locates_a_folder_as_one_trip_and_writes_the_trip_column(
         assert answers[name]["trip"] == str(folder) and answers[name]["evidence"]["trip"]["photos"] == 3
     assert answers["p3.jpg"]["trip"] is None and answers["p3.jpg"]["evidence"]["trip"] == {"alone": NO_TIME}
     assert sorted(pd.read_parquet(out)["trip"].fillna("-")) == ["-"] + [str(folder)] * 3
+    geojson = CliRunner().invoke(app, ["query", str(folder), "--index", str(cli_bundle[1]), "--trip", "--format",
+                                       "geojson"])
+    answers_on_map = [f["properties"] for f in json.loads(geojson.output)["features"]
+                      if f["properties"]["role"] == "answer"]
+    assert sorted(p["trip"] or "-" for p in answers_on_map) == ["-"] + [str(folder)] * 3
     plain = CliRunner().invoke(app, ["query", str(folder), "--index", str(cli_bundle[1]), "--json"])
     assert all(json.loads(line)["trip"] is None for line in plain.output.splitlines())
     bad = CliRunner().invoke(app, ["query", str(folder), "--index", str(cli_bundle[1]), "--trip", "--mode", "knn"])
