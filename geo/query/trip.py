@@ -54,6 +54,7 @@ ANYWHERE = 0.3    # a photo's emission at its trip's other answers, per unit of 
 DUPLICATE_COS = 0.9  # photos of one trip at least this similar are one burst: their evidence counts once
 NO_TIME = "no time taken (EXIF DateTimeOriginal or a time column): answered alone"
 ONLY_TIMED = "the only photo of its trip with a time: answered alone"
+NO_TRIP = "in no trip (its trip column is empty): answered alone"
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,6 @@ class Trips:
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.hours):
             raise ValueError(f"{len(self.ids)} trip ids but {len(self.hours)} times")
-
-    def take(self, rows: Sequence[int]) -> "Trips":
-        return Trips([self.ids[i] for i in rows], np.asarray(self.hours, np.float64)[list(rows)], self.travel)
 
 
 def trips_from_photos(paths: Sequence[str], travel: Travel) -> Trips:
@@ -144,7 +142,7 @@ def locate_trips(ev: Evidence, params: FusionParams, own: np.ndarray, doubt: np.
             answer.note = {"id": trip, "photos": len(rows), "order": order,
                            "moved_km": round(float(haversine_km(own[i, 0], own[i, 1], answer.lat, answer.lon)), 3)}
             out[i] = answer
-    return [a if a is not None else TripAnswer({"alone": "in no trip"}) for a in out]
+    return [a if a is not None else TripAnswer({"alone": NO_TRIP}) for a in out]
 
 
 def _groups(ids: Sequence[str | None], hours: np.ndarray) -> dict[str, np.ndarray]:
@@ -167,7 +165,8 @@ class _Posterior:
         keep = np.isfinite(ev.points[..., 0]) & (mass > 0)
         self.points = [ev.points[i, keep[i]] for i in range(len(ev))]
         self.mass = [mass[i, keep[i]] for i in range(len(ev))]
-        self.candidate = [candidates(ev, params)[i, keep[i]] for i in range(len(ev))]
+        allowed = candidates(ev, params)
+        self.candidate = [allowed[i, keep[i]] for i in range(len(ev))]
 
     def states(self, i: int, others: np.ndarray, doubt: float,
                share: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
