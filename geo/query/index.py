@@ -254,8 +254,7 @@ class GeoIndex:
             raise ValueError(f"mode {mode!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
-        if trips is not None and mode != "fused":
-            raise ValueError(f"trips are located on the fused posterior; mode {mode!r} cannot locate them")
+        _check_trip_mode(mode, trips is not None)
         batch = Batch(emb, k)
         sims, rows = knn_search(self.knn, batch)
         decisions = self._decide(mode, batch, sims, rows, trips)
@@ -429,6 +428,7 @@ class GeoIndex:
         for m in modes:  # an unknown mode or k fails before the photos are embedded
             if (m or self.default_mode) not in self.modes:
                 raise ValueError(f"mode {m!r} is not available in {self.bundle.root}; built: {', '.join(self.modes)}")
+            _check_trip_mode(m or self.default_mode, trip is not None)
         paths = expand_images([str(i) for i in images])
         emb, errors = self.embed(paths, crops=crops)
         good = [i for i in range(len(paths)) if i not in errors]
@@ -442,6 +442,12 @@ class GeoIndex:
                     answers[i] = a
             out.append(answers)
         return out
+
+
+def _check_trip_mode(mode: str, trips: bool) -> None:
+    """Trips are located on the fused posterior: another mode with trips is refused."""
+    if trips and mode != "fused":
+        raise ValueError(f"trips are located on the fused posterior; mode {mode!r} cannot locate them")
 
 
 def _with_trips(decisions: list[_Decision], ev: Evidence, params: FusionParams, emb: np.ndarray,
