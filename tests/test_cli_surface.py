@@ -17,7 +17,9 @@ _spec.loader.exec_module(surface)
 def test_option_budget():
     opts = surface.command_options()
     assert len(opts["geo build-index"]) <= 20, opts["geo build-index"]
-    assert sum(map(len, opts.values())) <= 90, opts
+    # issue 23 cut 124 options to 87; issues 26 and 27 asked for seven by name (--coverage, --within,
+    # --within-weight, --trip, --speed-kmh, --body-timeout-s, geo export --format). Anything more goes to --config.
+    assert sum(map(len, opts.values())) <= 94, opts
 
 
 def test_shared_options_read_the_same_everywhere():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -12,12 +12,13 @@ from geo.cli.options import Device, EmbeddingColumn, Embeddings, Index, Json
 from geo.core.answer import LOW_EVIDENCE, Answer
 from geo.core.files import one_line
 from geo.core.progress import showing
-from geo.data.constraint import ConstraintError, constraint_from_options
+from geo.data.constraint import Constraint, ConstraintError, constraint_from_options
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import SMALL_SIDE, expand_images, small_image
 from geo.query.client import locate_remote
 from geo.query.index import open_index
 from geo.stages.cells.region import DEFAULT_COVERAGE
+from geo.query.trip import Travel
 from geo.store.bundle import bundle_containing
 from geo.store.geojson import feature_collection, write_geojson
 from geo.store.predictions import answers_to_frame, write_predictions
@@ -50,6 +51,12 @@ def print_human(ans: Answer, top: int = 3) -> None:
         typer.echo(f"    region holding the truth for {r['coverage']:.0%} of new photos"
                    f"{'' if r['calibrated'] else ' (uncalibrated: posterior mass)'}: {r['area_km2']:,.0f} km² in "
                    f"{len(r['cells'])} cells")
+    how = ans.evidence.get("trip") or {}
+    if ans.trip is not None:
+        typer.echo(f"    with its trip {one_line(ans.trip)}: photo {how['order'] + 1} of {how['photos']}"
+                   + (f", {how['moved_km']:.0f} km from its answer alone" if how["moved_km"] else ""))
+    elif "alone" in how:
+        typer.echo(f"    {how['alone']}")
     for alt in ans.alternatives[:3]:
         own = alt.get("mass", {}).get("25")
         typer.echo(f"    alternative {alt['lat']:.4f}, {alt['lon']:.4f}  score {alt['score']:.3f}"
@@ -109,6 +116,12 @@ def query_command(
                                         "GEO_TOKEN, which keeps it out of the process list)."),
     within: Within = None,
     within_weight: WithinWeight = None,
+    trip: bool = typer.Option(False, "--trip", help="Locate each trip's photos together, in the order they were "
+                              "taken: photos hours apart cannot be continents apart. Photos: one trip per folder, "
+                              "times from EXIF; --embeddings: a trip column (else the photographer's) and a time "
+                              "column (taken, time, ...). Photos without a time are answered alone."),
+    speed_kmh: float = typer.Option(Travel.speed_kmh, "--speed-kmh", help="With --trip: the fastest travel "
+                                    "between two photos (default a plane's)."),
 ) -> None:
     """Locate photos (or precomputed embeddings): coordinates, confidence and the neighbour photos behind the answer.
 
@@ -120,6 +133,7 @@ def query_command(
       geo query holiday.jpg --server http://127.0.0.1:8000
       geo query holiday.jpg --index my-index --within PT
       geo query holiday.jpg --index my-index --within near:45.76,4.84,50
+      geo query trips/iceland/ --index my-index --trip
 
     Exit code 0: every input answered; 3: some not (named on stderr, the rest answered); 1: none; 2: bad option.
     """
@@ -131,6 +145,7 @@ def query_command(
         fail("give --index DIR (answer here) or --server URL (ask a running `geo serve`): one of the two")
     if server is not None and embeddings is not None:
         fail("--server takes image paths; send precomputed embeddings to the server's /locate as JSON")
+    travel = _travel(trip, speed_kmh, server)
     if out is not None and (inside := bundle_containing(out)) is not None:
         fail(f"--out {out} is inside the bundle {inside}: write the answers elsewhere")
     try:
@@ -143,17 +158,8 @@ def query_command(
                                 min_confidence=min_confidence, crops=crops, within=constraint,
                                 coverage=coverage)
     else:
-        idx = open_index(index, device=device)
-        answer_mode = mode or idx.default_mode
-        if embeddings is not None:
-            table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
-                                   require_coordinates=False)
-            answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence, within=constraint,
-                                                coverage=coverage)
-        else:
-            with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
-                answers = idx.locate(list(images), mode=mode, crops=crops, min_confidence=min_confidence,
-                                     within=constraint, coverage=coverage)
+        answers, truth, answer_mode = _locate_here(index, device, images, embeddings, embedding_column, mode, crops,
+                                                   min_confidence, travel, constraint, coverage)
     _emit(answers, truth, embeddings is not None, output, out, answer_mode, str(server or index))
 
 
@@ -200,6 +206,33 @@ def _warn_and_exit(answers: list[Answer]) -> None:
     typer.secho(f"error: {len(failed)} of {len(answers)} inputs could not be answered: {named}{more}",
                 fg=typer.colors.RED, err=True)
     raise typer.Exit(1 if len(failed) == len(answers) else PARTIAL_EXIT)
+
+
+def _travel(trip: bool, speed_kmh: float, server: Optional[str]) -> Optional[Travel]:
+    """The travel model of --trip (None without it); --trip is answered here, where the posteriors are."""
+    if trip and server is not None:
+        fail("--trip locates a trip's photos together here: give --index DIR, not --server")
+    if not speed_kmh > 0:
+        fail(f"--speed-kmh must be a positive number, not {speed_kmh}")
+    return Travel(speed_kmh=speed_kmh) if trip else None
+
+
+def _locate_here(index: Path, device: str, images: Optional[list[str]], embeddings: Optional[Path],
+                 embedding_column: str, mode: Optional[str], crops: int, min_confidence: Optional[float],
+                 travel: Optional[Travel], constraint: Optional[Constraint],
+                 coverage: float) -> tuple[list[Answer], Any, str]:
+    """(answers, truth of an embeddings table or None, the mode that answered) from the bundle at ``index``."""
+    idx = open_index(index, device=device)
+    if embeddings is not None:
+        table = EmbeddingTable(embeddings, embedding_column, dim=int(idx.bundle.manifest["dim"]),
+                               require_coordinates=False)
+        answers, truth = idx.locate_table(table, mode=mode, min_confidence=min_confidence, within=constraint,
+                                          coverage=coverage, trip=travel)
+        return answers, truth, mode or idx.default_mode
+    with showing(bars=sys.stderr.isatty()):  # a bar for many photos, in a terminal only
+        answers = idx.locate(list(images), mode=mode, crops=crops, min_confidence=min_confidence, within=constraint,
+                             coverage=coverage, trip=travel)
+    return answers, None, mode or idx.default_mode
 
 
 def register(app: typer.Typer) -> None:

@@ -54,6 +54,9 @@ class Answer:
     # where the photo is at a stated coverage: the fewest km² of cells whose calibrated posterior mass holds the
     # truth for that share of new photographers' photos (geo.stages.cells.region); {} without cells
     region: dict[str, Any] = field(default_factory=dict)
+    # the trip this photo was located with (geo query --trip: its photos' times bound how far apart they can
+    # be); None when it was answered alone (evidence["trip"] then says why) or trips were not asked for
+    trip: str | None = None
     error: str | None = None
     abstained: bool = False
     # the query-time constraint the answer was kept inside (geo.data.constraint.Constraint.label(): "country:PRT",

@@ -34,6 +34,7 @@ from geo.data.constraint import Constraint
 from geo.data.countries import country_codes, country_index, country_names
 from geo.data.places import city_label, city_points, nearest_places
 from geo.models.backbones import Backbone, BackboneError, backbone_from_spec
+from geo.query.trip import Travel, Trips, locate_trips, trips_from_photos, trips_from_table
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.region import DEFAULT_COVERAGE
 from geo.stages.cells.support import DECISION_RADII_KM
@@ -76,6 +77,7 @@ class _Decision:
     alternatives: list[dict[str, float]] = field(default_factory=list)
     shares: dict[str, float] = field(default_factory=dict)  # what carried the answer (the mode's own signal: 1.0)
     basis: str = "image"
+    trip: dict[str, Any] = field(default_factory=dict)  # how its trip placed it (geo.query.trip); {} without --trip
 
 
 def _p_within(mass: dict[str, float], maps: dict[str, dict[str, list[float]]], duplicate: bool) -> dict[str, float]:
@@ -258,18 +260,21 @@ class GeoIndex:
     def locate_embeddings(self, emb: np.ndarray, mode: str | None = None, k: int = 50,
                           min_confidence: float | None = None, names: Sequence[str | None] | None = None,
                           ids: Sequence[str] | None = None, within: Constraint | None = None,
-                          coverage: float = DEFAULT_COVERAGE) -> list[Answer]:
+                          coverage: float = DEFAULT_COVERAGE, trips: Trips | None = None) -> list[Answer]:
         """Answers for embeddings [n, dim] (or [n, crops, dim]); each mode computes only the signals it needs,
         plus the neighbours, top cells and region (at the stated ``coverage``) that every answer lists.
-        ``within``: a query-time constraint (:meth:`through`)."""
+        ``within``: a query-time constraint (:meth:`through`). With ``trips`` (fused mode only), the photos of
+        each trip are located together (:mod:`geo.query.trip`)."""
         mode = mode or self.default_mode
         self._check(mode, k, coverage)
+        _check_trip_mode(mode, trips is not None)
         if within is not None:
-            return self.through(within).locate_embeddings(emb, mode, k, min_confidence, names, ids, coverage=coverage)
+            return self.through(within).locate_embeddings(emb, mode, k, min_confidence, names, ids,
+                                                          coverage=coverage, trips=trips)
         self._check_constrainable(mode)
         batch = Batch(emb, k)
         sims, rows = knn_search(self.knn, batch)
-        decisions = self._decide(mode, batch, sims, rows)
+        decisions = self._decide(mode, batch, sims, rows, trips)
         probs = cell_probs(self.cells, batch) if self.cells is not None else None
         gallery = gallery_search(self.gallery, batch) if self.gallery is not None and mode in ("gallery", "fused") else None
         lat_lon = (np.array([d.lat for d in decisions]), np.array([d.lon for d in decisions]))
@@ -291,10 +296,11 @@ class GeoIndex:
                     {"lat": float(la), "lon": float(lo), "score": round(float(sc), 4)}
                     for sc, (la, lo) in zip(gallery[1][i, :GALLERY_SHOWN], gallery[0][i, :GALLERY_SHOWN])],
                 evidence={"basis": d.basis, "signals": d.shares,
-                          "top_similarity": round(float(sims[i][rows[i] >= 0][0]), 6) if (rows[i] >= 0).any() else None},
+                          "top_similarity": round(float(sims[i][rows[i] >= 0][0]), 6) if (rows[i] >= 0).any() else None,
+                          **({"trip": d.trip} if d.trip else {})},
                 place=places[i], country=countries[i], city=city_label(places[i]),
                 cities=cities[i], within=None if self.constraint is None else self.constraint.label(),
-                region=regions[i],
+                region=regions[i], trip=d.trip.get("id"),
             ).abstain_below(min_confidence))
         return out if self.constraint is None or not self.constraint.hard else self._listed_inside(out)
 
@@ -309,18 +315,21 @@ class GeoIndex:
 
     def locate_table(self, table: EmbeddingTable, mode: str | None = None, k: int = 50,
                      min_confidence: float | None = None, batch_rows: int = 4096,
-                     within: Constraint | None = None,
-                     coverage: float = DEFAULT_COVERAGE) -> tuple[list[Answer], np.ndarray]:
+                     within: Constraint | None = None, coverage: float = DEFAULT_COVERAGE,
+                     trip: Travel | None = None) -> tuple[list[Answer], np.ndarray]:
         """Answers for every row of precomputed query embeddings, in input order (a bad row gets its error),
-        and the rows' coordinates [n, 2] where the table has them (NaN elsewhere): the truth for scoring."""
+        and the rows' coordinates [n, 2] where the table has them (NaN elsewhere): the truth for scoring.
+        With ``trip``, the table's trips (:func:`geo.query.trip.trips_from_table`) are located together, the
+        table read as one piece so that no trip is cut."""
         answers: list[Answer] = []
         truth = []
-        for piece in table.pieces(batch_rows):
+        for piece in table.pieces(max(table.rows, 1) if trip is not None else batch_rows):
             part: list[Answer | None] = [None] * piece.rows
             coords = np.full((piece.rows, 2), np.nan)
             if len(piece.meta):
                 got = self.locate_embeddings(piece.emb, mode, k, min_confidence, ids=piece.meta["id"].tolist(),
-                                             within=within, coverage=coverage)
+                                             within=within, coverage=coverage,
+                                             trips=None if trip is None else trips_from_table(piece.meta, trip))
                 for pos, a in zip(piece.ok_rows, got):
                     part[pos] = a
                 coords[piece.ok_rows] = piece.meta[["lat", "lon"]].to_numpy(np.float64)
@@ -424,18 +433,19 @@ class GeoIndex:
             out.append({"code": codes[c], "name": names[c], "probability": p})
         return out
 
-    def _decide(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray) -> list[_Decision]:
+    def _decide(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray,
+                trips: Trips | None = None) -> list[_Decision]:
         if mode != "fused":
             return self._calibrated(mode, batch, self._single(mode, batch, sims, rows))
         params = self.fusion.params
+        ev = self._collect(self.sources, batch, params)
         out = []
-        # the reranker's answer where it has one
-        for d in self.fusion.decide(self._collect(self.sources, batch, params)):
+        for d in self.fusion.decide(ev):  # the reranker's answer where it has one
             p = d.p_within or _p_within(d.mass, params.calibration, d.duplicate)
             basis = "near-duplicate" if d.duplicate else (
                 "prior" if d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
             out.append(_Decision(d.lat, d.lon, p["25"], 25.0, p, d.alternatives, d.shares, basis))
-        return out
+        return out if trips is None else _with_trips(out, ev, params, batch.pooled, trips)
 
     def _single(self, mode: str, batch: Batch, sims: np.ndarray, rows: np.ndarray) -> list[_Decision]:
         """A single mode's answers with its own, uncalibrated confidence. The cells and gallery modes mix in
@@ -493,12 +503,13 @@ class GeoIndex:
 
     def locate(self, images: str | Path | Sequence[str | Path], mode: str | None = None, k: int = 50, crops: int = 1,
                min_confidence: float | None = None, within: Constraint | None = None,
-               coverage: float = DEFAULT_COVERAGE) -> list[Answer]:
+               coverage: float = DEFAULT_COVERAGE, trip: Travel | None = None) -> list[Answer]:
         """One Answer per photo the arguments (paths, globs or folders; one or a list) expand to, in order, so a
         caller never checks which it got; a photo that cannot be read gets an Answer with its error. ``within``
-        keeps the answers inside a :class:`~geo.data.constraint.Constraint` (hard) or leans them in (soft)."""
+        keeps the answers inside a :class:`~geo.data.constraint.Constraint` (hard) or leans them in (soft). With
+        ``trip``, each folder's photos are one trip, located together in the order of their EXIF times."""
         args = [images] if isinstance(images, (str, Path)) else images
-        return self.locate_modes(args, [mode], k, crops, min_confidence, within, coverage)[0]
+        return self.locate_modes(args, [mode], k, crops, min_confidence, within, coverage, trip)[0]
 
     def locate_one(self, image: str | Path, mode: str | None = None, k: int = 50, crops: int = 1,
                    min_confidence: float | None = None, within: Constraint | None = None,
@@ -517,23 +528,45 @@ class GeoIndex:
 
     def locate_modes(self, images: Sequence[str], modes: Sequence[str | None], k: int = 50, crops: int = 1,
                      min_confidence: float | None = None, within: Constraint | None = None,
-                     coverage: float = DEFAULT_COVERAGE) -> list[list[Answer]]:
+                     coverage: float = DEFAULT_COVERAGE, trip: Travel | None = None) -> list[list[Answer]]:
         """One list of answers per mode for the same images, each image decoded and embedded once
         (``geo bench --mode all`` compares every mode at the cost of one embedding pass)."""
         for m in modes:  # an unknown mode, k or coverage fails before the photos are embedded
             self._check(m or self.default_mode, k, coverage)
+            _check_trip_mode(m or self.default_mode, trip is not None)
             if within is not None:  # so is a constraint the mode cannot honour, or one with no photo inside
                 self.check_within(m or self.default_mode, within)
         paths = expand_images([str(i) for i in images])
         emb, errors = self.embed(paths, crops=crops)
         good = [i for i in range(len(paths)) if i not in errors]
+        trips = None if trip is None else trips_from_photos([paths[i] for i in good], trip)
         out = []
         for mode in modes:
             answers = [Answer.failed(p, errors[i]) if i in errors else None for i, p in enumerate(paths)]
             if good:
                 for i, a in zip(good, self.locate_embeddings(emb[good], mode=mode, k=k, min_confidence=min_confidence,
                                                              names=[paths[i] for i in good], within=within,
-                                                             coverage=coverage)):
+                                                             coverage=coverage, trips=trips)):
                     answers[i] = a
             out.append(answers)
         return out
+
+
+def _check_trip_mode(mode: str, trips: bool) -> None:
+    """Trips are located on the fused posterior: another mode with trips is refused."""
+    if trips and mode != "fused":
+        raise ValueError(f"trips are located on the fused posterior; mode {mode!r} cannot locate them")
+
+
+def _with_trips(decisions: list[_Decision], ev: Evidence, params: FusionParams, emb: np.ndarray,
+                trips: Trips) -> list[_Decision]:
+    """The fused decisions with each trip's photos located together; a photo answered alone keeps its own
+    answer, and every photo says how its trip placed it (``trip``)."""
+    own = np.array([[d.lat, d.lon] for d in decisions], np.float64)
+    doubt = np.array([1.0 - d.p_within.get("750", 0.0) for d in decisions])
+    for d, t in zip(decisions, locate_trips(ev, params, own, doubt, emb, trips)):
+        d.trip = t.note
+        if t.lat is not None:
+            d.lat, d.lon, d.p_within, d.alternatives = t.lat, t.lon, t.p_within, t.alternatives
+            d.confidence, d.radius_km = t.p_within["25"], 25.0
+    return decisions

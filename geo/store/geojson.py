@@ -51,7 +51,8 @@ def feature_collection(df: pd.DataFrame) -> dict[str, Any]:
     """The FeatureCollection for a predictions frame (rows in order)."""
     features: list[dict[str, Any]] = []
     for row in df.to_dict("records"):
-        base = {"query_id": _text(row.get("query_id")), "path": _text(row.get("path")), "mode": _text(row.get("mode"))}
+        base = {"query_id": _text(row.get("query_id")), "path": _text(row.get("path")), "mode": _text(row.get("mode")),
+                "trip": _text(row.get("trip"))}
         p_within = _parsed(row.get("p_within")) or {}
         answer = {**base, "role": "answer", "confidence": _num(row.get("confidence")),
                   "confidence_radius_km": _num(row.get("confidence_radius_km")),

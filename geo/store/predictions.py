@@ -41,6 +41,7 @@ Schema (one row per query image; nullable unless noted)::
     region      string     JSON {calibrated, cells, geometry}: its tokens and GeoJSON MultiPolygon
     region_curve string    JSON list of {coverage, mass, area_km2, cells, hit} at 0.5 / 0.8 / 0.9 / 0.95: the
                            recall-vs-area table of `geo bench` and `geo report`
+    trip        string     the trip the answer was located with (`geo query --trip`); null when located alone
 
 Files written before the last columns existed read with them null (the two country columns are filled from
 the coordinates, so any file gets country accuracy).
@@ -114,6 +115,7 @@ SCHEMA = pa.schema(
         pa.field("region_hit", pa.bool_()),
         pa.field("region", pa.string()),
         pa.field("region_curve", pa.string()),
+        pa.field("trip", pa.string()),
     ],
     metadata={"geo.store.predictions.version": "1"},
 )
@@ -179,6 +181,7 @@ def answers_to_frame(
             "error": [str(a["error"]) if failed[i] else None for i, a in enumerate(answers)],
             "within": [a.get("within") for a in answers],
             **_region_columns([a.get("region") or {} for a in answers]),
+            "trip": [a.get("trip") for a in answers],
         }
     )
     for col, values in (extra or {}).items():
