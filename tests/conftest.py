@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from geo.cli import app
+from synthetic import textured as _textured
 
 # The slow part: whole builds with training, fine-tuning, Ray, a browser, kill-and-resume, 30-s soaks. Chosen from
 # `python -m pytest -m "slow or not slow" --durations=0` (the rest shares one session bundle, `cli_bundle`).
@@ -35,18 +34,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in SLOW_MODULES or getattr(item, "originalname", item.name) in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
-
-
-def _textured(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A photo-like RGB image (smooth gradients + blocks + noise) so resizes and crops are non-trivial."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([128 + 100 * np.sin(x / (17 + 5 * seed) + c) * np.cos(y / (23 + 3 * seed) - c) for c in range(3)], -1)
-    for _ in range(6):
-        x0, y0 = rng.integers(0, width), rng.integers(0, height)
-        base[y0:y0 + height // 4, x0:x0 + width // 4] = rng.integers(0, 256, 3)
-    base += rng.normal(0, 8, base.shape)
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from geo.core.geodesy import latlon_to_xyz
 from geo.data.images import Preprocess
@@ -53,3 +54,15 @@ def config_file(path: Path, settings: dict) -> Path:
     """A `geo build-index --config` file: the tuned constants a fast test build shrinks (shards, epochs)."""
     path.write_text(json.dumps(settings))
     return path
+
+
+def textured(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image (smooth gradients + blocks + noise) so resizes and crops are non-trivial."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([128 + 100 * np.sin(x / (17 + 5 * seed) + c) * np.cos(y / (23 + 3 * seed) - c) for c in range(3)], -1)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        base[y0:y0 + height // 4, x0:x0 + width // 4] = rng.integers(0, 256, 3)
+    base += rng.normal(0, 8, base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")

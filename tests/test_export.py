@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import _textured as textured
-from synthetic import CITIES, DIM, config_file, write_embeddings  # noqa: F401  (registers the toy24 backbone)
+from synthetic import CITIES, DIM, config_file, textured, write_embeddings  # noqa: F401  (registers the toy24 backbone)
 from typer.testing import CliRunner
 
 from geo.cli import app
