@@ -18,10 +18,16 @@ from geo.models.heads import head_logits
 from geo.stages.cells.partition import locate, partitions_from_tables
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.region import map_summary
+from geo.stages.cells.calibration import log_priors
 from geo.stages.cells.stage import _region_map
 from geo.store.bundle import open_bundle
 from geo.store.embeddings import EmbeddingReader
 from geo.store.lock import writing
+
+
+def _log_priors(pred) -> list:
+    """The cells' log priors from their photo counts, as the stage computes them before its region map."""
+    return log_priors([t["count"].to_numpy(float) for t in pred.tables])
 
 
 def main() -> None:
@@ -38,7 +44,7 @@ def main() -> None:
     rows = locate(partitions_from_tables(pred.tables, pred.names), meta["lat"], meta["lon"])
     cells = SimpleNamespace(rows=rows, tables=pred.tables, parts=[SimpleNamespace(name=n) for n in pred.names])
     logits, _ = head_logits(pred.model, emb[val], None)
-    pred.calibration["region"] = _region_map(cells, logits, val, pred.parents, pred.calibration)
+    pred.calibration["region"] = _region_map(cells, logits, val, _log_priors(pred), pred.parents, pred.calibration)
     pred.info["calibration"] = {**pred.info["calibration"], "region": map_summary(pred.calibration["region"])}
     print(pred.info["calibration"]["region"])
     with writing(b.root):

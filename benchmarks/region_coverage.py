@@ -20,6 +20,7 @@ from geo.core.splits import validation_mask
 from geo.query.index import open_index
 from geo.stages.cells.partition import locate, partitions_from_tables
 from geo.stages.cells.region import REPORT_COVERAGES, mass_threshold
+from geo.stages.cells.calibration import log_priors
 from geo.stages.cells.stage import _region_map
 from geo.store.embeddings import EmbeddingReader
 
@@ -30,6 +31,11 @@ def interval(hit: np.ndarray, groups: np.ndarray, draws: int = 2000) -> list[flo
     n, h = np.bincount(inv), np.bincount(inv, weights=hit)
     pick = np.random.default_rng(0).integers(0, len(n), (draws, len(n)))
     return np.percentile(h[pick].sum(1) / n[pick].sum(1), [2.5, 97.5]).round(4).tolist()
+
+
+def _log_priors(pred) -> list:
+    """The cells' log priors from their photo counts, as the stage computes them before its region map."""
+    return log_priors([t["count"].to_numpy(float) for t in pred.tables])
 
 
 def main() -> None:
@@ -54,7 +60,7 @@ def main() -> None:
     rows = locate(parts, meta["lat"], meta["lon"])
     cells = SimpleNamespace(rows=rows, tables=pred.tables, parts=[SimpleNamespace(name=n) for n in pred.names])
     flat = [np.zeros((len(val), len(t))) for t in pred.tables]
-    prior_map = _region_map(cells, flat, val, pred.parents, {**pred.calibration, "alpha": 0.0})
+    prior_map = _region_map(cells, flat, val, _log_priors(pred), pred.parents, {**pred.calibration, "alpha": 0.0})
     prior = np.exp(pred.priors[-1])
     prior_scores = rc.scores(np.tile(prior, (len(q), 1)), truth)
     groups = q[a.group].astype(str).to_numpy()

@@ -183,9 +183,9 @@ class Constraint:
         """[n] True for the points inside (a missing coordinate is never inside)."""
         lat = np.atleast_1d(np.asarray(lat, np.float64))
         lon = np.atleast_1d(np.asarray(lon, np.float64))
+        if self.kind == "country":  # a missing coordinate is in no country (-1)
+            return np.isin(country_index(lat, lon), self.shapes)
         ok = np.isfinite(lat) & np.isfinite(lon)
-        if self.kind == "country":
-            return ok & np.isin(country_index(np.where(ok, lat, 0.0), np.where(ok, lon, 0.0)), self.shapes)
         if self.kind == "box":
             s, w, n, e = self.box
             across = (lon >= w) | (lon <= e) if w > e else (lon >= w) & (lon <= e)

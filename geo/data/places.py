@@ -63,14 +63,16 @@ def nearest_places(lat: np.ndarray, lon: np.ndarray, chunk: int = 64) -> list[di
         part = q[start:start + chunk]
         dots = part.astype(np.float32) @ xyz32.T  # float32: half the bytes to stream
         near = dots >= dots.max(axis=1, keepdims=True) - _MARGIN
-        for i, p, row in zip(ok[start:start + chunk], part, near):
-            shortlist = np.flatnonzero(row)
-            # the distance from the chord, not arccos of a dot product: exact at a few metres too
-            chord = np.linalg.norm(xyz[shortlist] - p, axis=1)
-            j = shortlist[chord.argmin()]
-            km = 2 * EARTH_RADIUS_KM * np.arcsin(min(chord.min() / 2, 1.0))
+        best = dots.argmax(axis=1)
+        for r in np.flatnonzero(near.sum(axis=1) > 1):  # places within float32's error: ranked in float64
+            shortlist = np.flatnonzero(near[r])
+            best[r] = shortlist[np.linalg.norm(xyz[shortlist] - part[r], axis=1).argmin()]
+        # the distance from the chord, not arccos of a dot product: exact at a few metres too
+        chord = np.linalg.norm(xyz[best] - part, axis=1)
+        km = 2 * EARTH_RADIUS_KM * np.arcsin(np.minimum(chord / 2, 1.0))
+        for i, j, d in zip(ok[start:start + chunk], best, km):
             name, admin1, cc = names[j]
-            out[i] = {"name": name, "admin1": admin1, "cc": cc, "distance_km": round(float(km), 1)}
+            out[i] = {"name": name, "admin1": admin1, "cc": cc, "distance_km": round(float(d), 1)}
     return out
 
 
@@ -81,7 +83,11 @@ CITY_KM = 25.0
 
 def city_label(place: dict[str, Any]) -> str | None:
     """"name, admin1, cc" of a :func:`nearest_places` result within :data:`CITY_KM`, else None."""
-    return f"{place['name']}, {place['admin1']}, {place['cc']}" if place and place["distance_km"] <= CITY_KM else None
+    return _label(place["name"], place["admin1"], place["cc"]) if place and place["distance_km"] <= CITY_KM else None
+
+
+def _label(name: str, admin1: str, cc: str) -> str:
+    return f"{name}, {admin1}, {cc}"
 
 
 def cities_of(lat, lon) -> list[str | None]:
@@ -100,7 +106,7 @@ def city_points(labels: Sequence[str]) -> np.ndarray:
     xyz, _, names = found
     wanted = {label: i for i, label in enumerate(labels)}
     for j, (name, admin1, cc) in enumerate(names.tolist()):
-        i = wanted.pop(f"{name}, {admin1}, {cc}", None)
+        i = wanted.pop(_label(name, admin1, cc), None)
         if i is not None:
             out[i] = xyz_to_latlon(xyz[j])
             if not wanted:

@@ -94,7 +94,8 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
     compare every mode."""
     df = _checked(df)
     modes = mode_order(df["mode"])
-    out = _analyse_rows(df if len(modes) < 2 else df[df["mode"] == modes[0]], top_n, min_group, ci)
+    head = df if len(modes) < 2 else df[df["mode"] == modes[0]]
+    out = _analyse_rows(head, top_n, min_group, ci)
     out["mode"], out["modes"] = (modes[0] if modes else None), modes
     scored = df[df["error"].isna() & df["error_km"].notna()]
     if len(modes) > 1:
@@ -102,8 +103,8 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
         out["by_mode"] = {m: by_mode[m] for m in modes if m in by_mode}
     calibration = calibration_by_mode(scored)
     if calibration:
-        out["calibration"] = {m: calibration[m] for m in sorted(calibration, key=(modes + sorted(calibration)).index)}
-    regions = region_table(df if len(modes) < 2 else df[df["mode"] == modes[0]])
+        out["calibration"] = {m: calibration[m] for m in mode_order(pd.Series(list(calibration)))}
+    regions = region_table(head)
     if regions:  # only a `geo bench` file knows whether each truth lies inside its region
         out["region"] = regions
     return out

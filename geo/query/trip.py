@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from geo.core.geodesy import THRESHOLDS_KM, haversine_km
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km, pairwise_haversine_km, unit_vectors
 from geo.core.names import find_column
 from geo.core.splits import group_column
 from geo.data.taken import TRIP_COLUMNS, column_hours, photo_hours, time_column
@@ -186,7 +186,7 @@ def _evidence_shares(emb: np.ndarray) -> np.ndarray:
     """[n] each photo's share of the evidence it repeats: 1 / the number of the trip's photos (itself
     included) at least :data:`DUPLICATE_COS` similar. A burst of near-duplicates says once what one of
     them says; multiplied as if independent, six shots of a hotel room would outvote the one of the sea."""
-    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
+    unit = unit_vectors(emb)
     return 1.0 / (unit @ unit.T >= DUPLICATE_COS).sum(axis=1).clip(min=1)
 
 
@@ -213,7 +213,8 @@ def _solve(posterior: _Posterior, rows: np.ndarray, hours: np.ndarray, own: np.n
 
 
 def _km(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return haversine_km(a[:, None, 0], a[:, None, 1], b[None, :, 0], b[None, :, 1])
+    """[len(a), len(b)] km between (lat, lon) rows."""
+    return pairwise_haversine_km(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
 
 
 def _answer(states: np.ndarray, marginal: np.ndarray, candidate: np.ndarray, u: np.ndarray,

@@ -17,7 +17,7 @@ with a flat posterior is the population prior's answer.
 from __future__ import annotations
 
 import copy
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -161,7 +161,7 @@ class CellPredictor:
         return [{"partition": self.names[-1], "token": token[j], "prob": round(float(fine[j]), 5),
                  "lat": lat[j], "lon": lon[j],
                  # semantic cells (level -1) are Voronoi regions clipped to borders: no ring is stored for them
-                 "polygon": [list(p) for p in _ring(token[j])] if level[j] >= 0 else None} for j in top]
+                 "polygon": [list(p) for p in cell_ring(token[j])] if level[j] >= 0 else None} for j in top]
 
     @cached_property
     def region_cells(self) -> RegionCells:
@@ -178,12 +178,6 @@ class CellPredictor:
         """(lat, lon, mass within radii_km[0]) per row of fine probabilities [n, C]: the photo spot with most
         posterior mass within the radii in turn."""
         return self._decision.decide(fine_probs, radii_km)
-
-
-@lru_cache(maxsize=1 << 16)
-def _ring(token: str) -> tuple[tuple[float, float], ...]:
-    """An S2 cell's ring, memoised: s2sphere takes 0.1 ms a cell, and answers list the popular cells again."""
-    return tuple(map(tuple, cell_ring(token)))
 
 
 def _read_table(path, what: str) -> pd.DataFrame:

@@ -244,12 +244,12 @@ def _calibrate(result: TrainResult, emb: np.ndarray, cells: _Cells, latlon: tupl
     region_rows = val if len(val) <= REGION_PHOTOS else np.sort(np.random.default_rng(0).choice(val, REGION_PHOTOS,
                                                                                               replace=False))
     region_logits, _ = head_logits(result.model, emb[region_rows], scene[region_rows] if scene is not None else None)
-    calibration["region"] = _region_map(cells, region_logits, region_rows, parent_rows, calibration)
+    calibration["region"] = _region_map(cells, region_logits, region_rows, priors, parent_rows, calibration)
     return calibration
 
 
-def _region_map(cells: _Cells, logits: list[np.ndarray], calib_rows: np.ndarray, parent_rows: list[np.ndarray],
-                calibration: dict) -> dict:
+def _region_map(cells: _Cells, logits: list[np.ndarray], calib_rows: np.ndarray, priors: list[np.ndarray],
+                parent_rows: list[np.ndarray], calibration: dict) -> dict:
     """The regions' conformal map (:mod:`geo.stages.cells.region`): the held-out photographers' photos
     (``calib_rows``, their ``logits`` from the heads that answer queries), each scored by its calibrated
     posterior against its true cells.
@@ -259,7 +259,6 @@ def _region_map(cells: _Cells, logits: list[np.ndarray], calib_rows: np.ndarray,
     0.9 -> 0.947 against 0.519 and 0.924 without; benchmarks/RESULTS.md), so the map takes the photos as they are."""
     truth = cells.rows[calib_rows]
     region_cells = RegionCells(cells.tables, [p.name for p in cells.parts])
-    priors = log_priors([t["count"].to_numpy(float) for t in cells.tables])
     scores = [np.zeros(0)] + [region_cells.scores(np.exp(fine_log_posterior(
         [z[s:s + CHUNK] for z in logits], priors, calibration["temperature"], calibration["alpha"], parent_rows)),
         truth[s:s + CHUNK]) for s in range(0, len(calib_rows), CHUNK)]
