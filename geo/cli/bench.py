@@ -73,15 +73,20 @@ def _without_line(w: dict[str, Any]) -> str:
     return f"without them (n={w['n']}): {without}, median {w['median_km']:.1f} km"
 
 
+def _leak_parts(leaks: dict[str, Any], n_total: int, per_mode: bool = False) -> list[str]:
+    """What a run says of leakage: that the checks found none, or the leaks (once, whatever the modes)."""
+    if leaks.get("n"):
+        return [_leak_text(leaks, per_mode=per_mode)]
+    return [_no_leak_text(leaks, n_total)] if leaks.get("checked") else []
+
+
 def _human(summary: dict[str, Any], suite: str | None, label: str) -> str:
     parts = [summary_text(summary)]
     if summary.get("by_scene"):
         parts.append(groups_text("scene", summary["by_scene"]))
     leaks = summary.get("leaks") or {}
-    if leaks.get("checked") and not leaks.get("n"):
-        parts.append(_no_leak_text(leaks, summary["n_total"]))
+    parts += _leak_parts(leaks, summary["n_total"])
     if leaks.get("n"):
-        parts.append(_leak_text(leaks))
         label = f"{label} (leaks excluded)" if leaks["excluded"] else f"{label} ({leaks['n']} leaked)"
     table = comparison_table(suite, summary, label) if suite else ""
     if table:
@@ -99,10 +104,7 @@ def _modes_human(scored: dict[str, dict[str, Any]], suite: str) -> str:
         parts.append(f"[{m}]\n{summary_text(s)}" + (f"\n{_without_line(w)}" if w and w["n"] else ""))
     first = next(iter(scored.values()))
     leaks = first.get("leaks") or {}
-    if leaks.get("checked") and not leaks.get("n"):
-        parts.append(_no_leak_text(leaks, first["n_total"]))
-    if leaks.get("n"):
-        parts.append(_leak_text(leaks, per_mode=True))
+    parts += _leak_parts(leaks, first["n_total"], per_mode=True)
     mark = (" (leaks excluded)" if leaks["excluded"] else f" ({leaks['n']} leaked)") if leaks.get("n") else ""
     table = comparison_table(suite, None, more={f"this index, {m}{mark}": s for m, s in scored.items()})
     if table:

@@ -204,15 +204,11 @@ class KnnIndex:
         """The same index, searched as if it held only ``rows`` (a query-time constraint: the photos inside it).
         An IVF index visits ``nprobe`` times as many lists as the share of rows inside is small (all of them for a
         tiny share), so a search still meets about as many candidates as an unconstrained one."""
-        batch = faiss.IDSelectorBatch(np.asarray(rows, np.int64))
-        return self._selecting(batch, self.ntotal / max(len(rows), 1), batch)
+        return self._selecting(faiss.IDSelectorBatch(np.asarray(rows, np.int64)), self.ntotal / max(len(rows), 1))
 
     def _selecting(self, sel, widen: float, *keep) -> "KnnIndex":
         out = copy.copy(self)
-        ivf = faiss.try_extract_index_ivf(self.index)
-        params = (faiss.SearchParametersIVF(sel=sel, nprobe=min(ivf.nlist, int(np.ceil(ivf.nprobe * widen))))
-                  if ivf is not None else faiss.SearchParameters(sel=sel))
-        out._params = (params, sel, *keep)  # the selectors must outlive the parameters that point at them
+        out._params = selected(self.index, sel, widen, *keep)
         return out
 
     def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
@@ -369,3 +365,13 @@ def _median_latency_ms(index, queries: np.ndarray, k: int = 50) -> float:
         index.search(q[None], min(k, index.ntotal))
         times.append((time.perf_counter() - t) * 1e3)
     return float(np.median(times))
+
+
+def selected(index, sel, widen: float = 1.0, *keep) -> tuple:
+    """(FAISS search parameters that search ``index`` through the ID selector ``sel``, then ``sel`` and ``keep``:
+    the selectors must outlive the parameters that point at them). An IVF index visits ``widen`` times as many
+    lists (at most all of them)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    params = (faiss.SearchParametersIVF(sel=sel, nprobe=min(ivf.nlist, int(np.ceil(ivf.nprobe * widen))))
+              if ivf is not None else faiss.SearchParameters(sel=sel))
+    return (params, sel, *keep)

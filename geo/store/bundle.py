@@ -224,20 +224,26 @@ class Bundle:
 
     def verify(self, hashes: bool = True) -> int:
         """Refuse a bundle whose files are missing, truncated or (with ``hashes``) altered; returns the files checked."""
-        for rel, meta in self.manifest.get("files", {}).items():
-            p = self.root / rel
-            if not p.exists():
-                raise BundleError(f"{p}: listed in {MANIFEST} but missing")
-            try:
-                size = regular_size(p, cap=NO_CAP)  # a FIFO or device is refused here, never opened
-            except FileRefused as e:
-                raise BundleError(f"{p}: {e.reason}; {MANIFEST} says {meta['bytes']} bytes") from None
-            if size != meta["bytes"]:
-                raise BundleError(f"{p}: {size} bytes, {MANIFEST} says {meta['bytes']} (truncated or altered)"
-                                  + (INTERRUPTED_ADD if (self.root / ROLLBACK_DIR / rel).exists() else ""))
-            if hashes and sha256_file(p) != meta["sha256"]:
-                raise BundleError(f"{p}: sha256 does not match {MANIFEST} (file altered since the build)")
+        for rel in self.manifest.get("files", {}):
+            self.check_file(rel, hashes)
         return len(self.manifest.get("files", {}))
+
+    def check_file(self, rel: str, hashes: bool = True) -> Path:
+        """One listed file's path, once it is present, a regular file of its recorded size and (with ``hashes``)
+        its recorded sha256; else a BundleError naming it."""
+        meta, p = self.manifest["files"][rel], self.root / rel
+        if not p.exists():
+            raise BundleError(f"{p}: listed in {MANIFEST} but missing")
+        try:
+            size = regular_size(p, cap=NO_CAP)  # a FIFO or device is refused here, never opened
+        except FileRefused as e:
+            raise BundleError(f"{p}: {e.reason}; {MANIFEST} says {meta['bytes']} bytes") from None
+        if size != meta["bytes"]:
+            raise BundleError(f"{p}: {size} bytes, {MANIFEST} says {meta['bytes']} (truncated or altered)"
+                              + (INTERRUPTED_ADD if (self.root / ROLLBACK_DIR / rel).exists() else ""))
+        if hashes and sha256_file(p) != meta["sha256"]:
+            raise BundleError(f"{p}: sha256 does not match {MANIFEST} (file altered since the build)")
+        return p
 
 
 def _check_format(manifest: Any, mpath: Path) -> dict[str, Any]:

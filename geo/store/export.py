@@ -10,8 +10,9 @@ same vectors, ids, coordinates and extra columns (a photographer column among th
   ``OUT/metadata/metadata_N.parquet`` (the same metadata columns, row for row), N numbering the shards from 0:
   what autofaiss and clip-retrieval's back end index.
 
-Only the shards the manifest lists are read, each checked against its recorded sha256 first, so a damaged
-bundle is refused rather than exported; every file goes through :mod:`geo.store.atomic`.
+Only the shards the manifest lists are read, each checked against its recorded size and sha256 first
+(:meth:`Bundle.check_file`, as ``geo info --verify`` checks every file), so a damaged bundle is refused rather than
+exported; every file goes through :mod:`geo.store.atomic`.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from geo.store.atomic import atomic_save_npy, atomic_write_parquet, sha256_file
-from geo.store.bundle import Bundle, BundleError
+from geo.store.atomic import atomic_save_npy, atomic_write_parquet
+from geo.store.bundle import Bundle
 from geo.store.embeddings import embedding_matrix, listed_shards
 
 FORMATS = ("parquet", "clip-retrieval")
@@ -36,29 +37,19 @@ def export_embeddings(bundle: Bundle, out: str | os.PathLike, form: str) -> tupl
 
     ``out`` must be missing or empty: a part left from another export would be read back with these.
     """
-    if form not in FORMATS:
+    if form not in FORMATS:  # geo export's --format checks it first, with its own words
         raise ValueError(f"an export's format is one of {', '.join(FORMATS)}, not {form!r}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out}: exists and is not an empty folder (an export writes a folder of its own)")
     rows = files = 0
     for n, rel in enumerate(listed_shards(bundle)):
-        table = _read_checked(bundle, rel)
-        meta = table.drop_columns(["embedding"])
+        table = pq.read_table(bundle.check_file(rel))  # a damaged shard is refused before anything of it is written
         if form == "parquet":
             atomic_write_parquet(out / f"part-{n:05d}.parquet", table)
         else:
-            emb = embedding_matrix(table.column("embedding"))
-            atomic_save_npy(out / "img_emb" / f"img_emb_{n}.npy", emb)
-            atomic_write_parquet(out / "metadata" / f"metadata_{n}.parquet", meta)
+            atomic_save_npy(out / "img_emb" / f"img_emb_{n}.npy", embedding_matrix(table.column("embedding")))
+            atomic_write_parquet(out / "metadata" / f"metadata_{n}.parquet", table.drop_columns(["embedding"]))
         rows, files = rows + len(table), files + (1 if form == "parquet" else 2)
     return rows, files
 
-
-def _read_checked(bundle: Bundle, rel: str):
-    """A listed shard's table, once its bytes are the ones the manifest records."""
-    path = bundle.path(rel)
-    if sha256_file(path) != bundle.manifest["files"][rel]["sha256"]:
-        raise BundleError(f"{path}: sha256 does not match manifest.json (file altered since the build); "
-                          "nothing further is exported")
-    return pq.read_table(path)

@@ -41,6 +41,7 @@ from geo.models.location import (
     save_module,
 )
 from geo.stages.gallery.train import TUNED, TrainConfig, train_gallery
+from geo.stages.knn import selected
 from geo.store.atomic import atomic_write_faiss, atomic_write_json, atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError
 from geo.store.schema import read_checked
@@ -292,8 +293,7 @@ class GpsGallery:
     def within(self, rows: np.ndarray) -> "GpsGallery":
         """The same gallery, searched as if it held only the points ``rows`` (a query-time constraint)."""
         out = copy.copy(self)
-        sel = faiss.IDSelectorBatch(np.asarray(rows, np.int64))
-        out._params = (faiss.SearchParameters(sel=sel), sel)  # the selector must outlive the parameters
+        out._params = selected(self.index, faiss.IDSelectorBatch(np.asarray(rows, np.int64)))
         return out
 
 
