@@ -9,11 +9,16 @@ finder set aside, so ``import geo`` finds that tree.
 
     python benchmarks/bench_cold_start.py --index B --photo examples/osv5m/queries/1373307973052511.jpg \
         --tree before=/tmp/before --tree after=. --rounds 5
+
+Beside the wall time it reports each process's CPU time (user + sys, from the children's rusage): on a
+busy machine wall time waits for other people's work, CPU time much less. ``benchmarks/bench_cold_steps.py``
+breaks one cold query down by step.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -26,10 +31,12 @@ BOOT = ("import sys; sys.path.insert(0, {tree!r}); "
         "from geo.cli import app; app()")
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    t = time.perf_counter()
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + sys) of one process."""
+    r0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def main() -> None:
@@ -40,19 +47,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree) or {"after": "."}
-    runs: dict[str, list[float]] = {"import torch": []} | {f"geo query ({n})": [] for n in trees}
+    runs: dict[str, list[tuple[float, float]]] = {"import torch": []} | {f"geo query ({n})": [] for n in trees}
     for _ in range(args.rounds):
         runs["import torch"].append(timed([sys.executable, "-c", "import torch"], dict(os.environ)))
         for name, path in trees.items():
             cmd = [sys.executable, "-c", BOOT.format(tree=os.path.abspath(path)), "query", args.photo,
                    "--index", args.index]
             runs[f"geo query ({name})"].append(timed(cmd, dict(os.environ)))
-    base = statistics.median(runs["import torch"])
+    base = [statistics.median(r[i] for r in runs["import torch"]) for i in (0, 1)]
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; medians of {args.rounds}, seconds")
-    print("| process | median | ratio to import torch | runs |\n|---|---|---|---|")
+    print("| process | median | ratio to import torch | CPU (user + sys) | ratio | runs (wall) |\n|---|---|---|---|---|---|")
     for name, ts in runs.items():
-        med = statistics.median(ts)
-        print(f"| `{name}` | {med:.2f} | {med / base:.2f}x | {' '.join(f'{t:.2f}' for t in sorted(ts))} |")
+        wall, cpu = (statistics.median(r[i] for r in ts) for i in (0, 1))
+        print(f"| `{name}` | {wall:.2f} | {wall / base[0]:.2f}x | {cpu:.2f} | {cpu / base[1]:.2f}x | "
+              f"{' '.join(f'{w:.2f}' for w, _ in sorted(ts))} |")
 
 
 if __name__ == "__main__":
