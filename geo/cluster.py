@@ -40,7 +40,8 @@ class ClusterError(RuntimeError):
 
 
 def connect(address: str = LOCAL) -> None:
-    """Join the Ray cluster at ``address`` (``local``: start one on this machine, or use ``RAY_ADDRESS`` when set)."""
+    """Join the Ray cluster at ``address``: ``HOST:PORT``, ``ray://HOST:PORT`` or ``local`` (Ray's own lookup:
+    ``RAY_ADDRESS``, else a cluster ``ray start`` made on this machine, else a new one here)."""
     try:
         import ray
     except ImportError:
@@ -130,7 +131,8 @@ def ray_map(fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
     (so a driver merging shard indexes never holds more than that many results)."""
     import ray
 
-    task = ray.remote(_call)
+    # named for what it runs (fill_shard, list_sizes), not "_call", in Ray's task lists, logs and dashboard
+    task = ray.remote(_call).options(name=getattr(getattr(fn, "func", fn), "__name__", "_call"))
     fn_ref = ray.put(fn)  # shipped once (a partial may carry a trained index), not once per item
     window = max(1, int(ray.cluster_resources().get("CPU", 1)))
     refs = [task.remote(fn_ref, x) for x in items[:window]]

@@ -93,6 +93,19 @@ def test_ray_map_keeps_the_items_order():
     assert list(ray_map(abs, items)) == [5, 3, 2, 8, 1, 0, 7]
 
 
+def test_ray_map_names_its_tasks_for_the_work_they_do():
+    """Why (issue 25): on a cluster, Ray's task lists and worker logs showed every FAISS task as `_call`."""
+    import functools
+
+    from geo.cluster import ray_map
+
+    def _task_name(shard: str, _: object = None) -> str:  # nested: shipped by value, the workers cannot import tests
+        return f"{shard}:{ray.get_runtime_context().get_task_name()}"
+
+    assert list(ray_map(_task_name, ["a"])) == ["a:_task_name"]
+    assert list(ray_map(functools.partial(_task_name, _=1), ["b", "c"])) == ["b:_task_name", "c:_task_name"]
+
+
 @pytest.mark.parametrize("loud", [False, True])
 def test_ray_is_quiet_unless_verbose(monkeypatch, loud):
     """Why (issue 27, finding 16): --ray printed a core_worker error line and 49 INFO blocks of Ray Data."""

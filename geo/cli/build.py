@@ -70,8 +70,9 @@ def build_index_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what each stage would build and need (memory, "
                                  "disk) from the input's size, and stop: before a long build."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Embed shards and fill FAISS on a Ray cluster: 'local' "
-                                      "starts one here (or joins RAY_ADDRESS), else the cluster's address. --out "
-                                      "must be on storage every node mounts. pip install \"geo\\[ray]\"."),
+                                      "(RAY_ADDRESS's cluster, else one `ray start` made here, else a new one here), "
+                                      "HOST:PORT (from one of its nodes) or ray://HOST:10001. --out must be on "
+                                      "storage every node mounts. pip install \"geo\\[ray]\"."),
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
