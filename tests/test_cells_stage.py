@@ -151,3 +151,24 @@ def test_a_regression_that_does_not_transfer_answers_the_prior():
     prior = population_prior(lat, lon)
     plat, plon = reg.predict(emb[300:])
     assert haversine_km(plat, plon, prior[0], prior[1]).max() < 1e-6
+
+
+def test_the_ridge_from_fold_moments_is_the_ridge_on_the_rows_themselves(monkeypatch):
+    """The regression solves every out-of-fold ridge from per-fold sums taken a block of rows at a time (no
+    float64 copy of the gallery); with blocks smaller than a fold, the weights must equal a ridge fitted
+    directly on the training rows."""
+    from geo.stages.cells import regression as R
+
+    monkeypatch.setattr(R, "CHUNK", 7)
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(60, 5)).astype(np.float32)
+    y = rng.normal(size=(60, 3))
+    fold = np.arange(60) % 3
+    moments = R._moments(emb, y, fold, 3)
+    fit = fold != 0
+    x = emb[fit].astype(np.float64)
+    xc, yc = x - x.mean(0), y[fit] - y[fit].mean(0)
+    want = np.linalg.solve(xc.T @ xc + 2.0 * np.eye(5), xc.T @ yc)
+    w, b = (R._total(moments) - moments[0]).ridge(2.0)
+    assert np.allclose(w, want, atol=1e-10)
+    assert np.allclose(b, y[fit].mean(0) - x.mean(0) @ want, atol=1e-10)

@@ -213,3 +213,23 @@ def test_a_model_that_cannot_be_loaded_is_recorded_by_name_and_images_are_refuse
     assert r.exit_code == 2 and "geo query --embeddings" in r.output and "somebody-elses-model" in r.output
     r = invoke("query", "--embeddings", src, "--index", out, "--mode", "knn", "--json")
     assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 20
+
+
+def test_unit_rows_in_blocks_equal_one_division_and_survive_huge_values(monkeypatch):
+    """Ingest normalises a piece a block of rows at a time (a float64 copy of a whole 50K x 1280 piece was
+    most of a build's peak memory); the result must be the one-division result, and values whose squares
+    overflow float32 must still normalise."""
+    from geo.data import embedding_table as T
+
+    monkeypatch.setattr(T, "NORM_ROWS", 3)
+    rng = np.random.default_rng(0)
+    vec = rng.normal(size=(10, 4)).astype(np.float32)
+    vec[4] *= np.float32(1e30)
+    out = T.unit_rows(vec)
+    want = (vec / np.linalg.norm(vec.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
+    assert out.dtype == np.float32 and np.array_equal(out, want)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
+    bad = vec.copy()
+    bad[2, 1], bad[7] = np.nan, 0.0
+    problems = T.vector_problems(bad)
+    assert [i for i, p in enumerate(problems) if p] == [2, 7] and "NaN" in problems[2] and "zero" in problems[7]

@@ -223,7 +223,21 @@ class EmbeddingTable:
         })
         for c in extras:
             meta[str(c)] = df[c].to_numpy()[ok]
-        return EmbeddingPiece(meta, unit_rows(vec[ok]), errors, n, first, np.flatnonzero(ok))
+        return EmbeddingPiece(meta, unit_rows(vec if ok.all() else vec[ok]), errors, n, first, np.flatnonzero(ok))
+
+
+NORM_ROWS = 8192  # rows per float64 block when norms are taken: [NORM_ROWS, dim] at a time, never a copy of a piece
+
+
+def _norms(rows: np.ndarray) -> np.ndarray:
+    """float64 [n] lengths of ``rows`` [n, dim], non-finite rows counted as 0, a block of rows at a time (a 50K x
+    1280 piece in float64 at once is 0.5 GB, and ingesting one held 13x its bytes)."""
+    out = np.empty(len(rows))
+    for s in range(0, len(rows), NORM_ROWS):
+        block = rows[s:s + NORM_ROWS].astype(np.float64)
+        block[~np.isfinite(block).all(axis=1)] = 0.0
+        out[s:s + NORM_ROWS] = np.linalg.norm(block, axis=1)
+    return out
 
 
 def vector_problems(vec: np.ndarray) -> list[str | None]:
@@ -231,16 +245,21 @@ def vector_problems(vec: np.ndarray) -> list[str | None]:
     come in from outside (precomputed tables here, JSON rows posted to ``geo serve``)."""
     rows = vec.reshape(-1, vec.shape[-1]) if vec.ndim > 1 else vec[None]
     finite = np.isfinite(rows).all(axis=1)
-    norm = np.linalg.norm(np.where(finite[:, None], rows, 0.0).astype(np.float64), axis=1)
+    norm = _norms(rows)
     return [None if f and z > 0 else "holds NaN or infinite values" if not f else
             "is a zero vector (no direction to compare)" for f, z in zip(finite, norm)]
 
 
 def unit_rows(vec: np.ndarray) -> np.ndarray:
     """``vec`` scaled to length 1 along its last axis (the norm taken in float64, so large finite values do not
-    overflow it), as float32: how every embedding is stored and searched."""
-    norm = np.linalg.norm(vec.astype(np.float64), axis=-1, keepdims=True)
-    return (vec / norm).astype(np.float32)
+    overflow it), as float32: how every embedding is stored and searched. Divided a block of rows at a time,
+    in float64 as the norm, so the result is the same as one division of the whole."""
+    rows = vec.reshape(-1, vec.shape[-1]) if vec.ndim > 1 else vec[None]
+    out = np.empty(rows.shape, np.float32)
+    for s in range(0, len(rows), NORM_ROWS):
+        block = rows[s:s + NORM_ROWS].astype(np.float64)
+        out[s:s + NORM_ROWS] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out.reshape(vec.shape)
 
 
 def _parquet(path: Path) -> pq.ParquetFile:

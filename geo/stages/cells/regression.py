@@ -76,39 +76,95 @@ def _blend(raw: np.ndarray, prior_xyz: np.ndarray | None, weight: float) -> np.n
     return out
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    mx, my = x.mean(axis=0), y.mean(axis=0)
-    xc = x - mx
-    w = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - my))
-    return w, my - mx @ w
+CHUNK = 8192  # rows per float64 block: the statistics pass holds [CHUNK, dim], never a float64 copy of the gallery
 
 
-def _out_of_fold(x: np.ndarray, y: np.ndarray, fold: np.ndarray, alpha_per_photo: float) -> np.ndarray:
+@dataclass
+class _Moments:
+    """Sums over a set of photos from which a centred ridge is solved without the photos themselves:
+    n, sum x, sum x x^T, sum y, sum x y^T (float64; dim x dim is 13 MB at 1280-d)."""
+
+    n: float
+    sx: np.ndarray
+    sxx: np.ndarray
+    sy: np.ndarray
+    sxy: np.ndarray
+
+    def __sub__(self, other: "_Moments") -> "_Moments":
+        return _Moments(self.n - other.n, self.sx - other.sx, self.sxx - other.sxx, self.sy - other.sy,
+                        self.sxy - other.sxy)
+
+    def ridge(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """(weight [dim, 3], bias [3]) of the ridge on centred data: (Xc'Xc + alpha I) w = Xc'Yc."""
+        mx, my = self.sx / self.n, self.sy / self.n
+        xx = self.sxx - self.n * np.outer(mx, mx)
+        xy = self.sxy - self.n * np.outer(mx, my)
+        w = np.linalg.solve(xx + alpha * np.eye(len(mx)), xy)
+        return w, my - mx @ w
+
+
+def _moments(emb: np.ndarray, y: np.ndarray, fold: np.ndarray, folds: int) -> list[_Moments]:
+    """Each fold's moments, in one pass over the embeddings a float64 block at a time: the 15 out-of-fold
+    ridges (folds x alphas) then cost solves of [dim, dim], not passes over a float64 copy of the gallery."""
+    d = emb.shape[1]
+    out = [_Moments(0.0, np.zeros(d), np.zeros((d, d)), np.zeros(3), np.zeros((d, 3))) for _ in range(folds)]
+    for s in range(0, len(emb), CHUNK):
+        x, yc, fc = emb[s:s + CHUNK].astype(np.float64), y[s:s + CHUNK], fold[s:s + CHUNK]
+        for f, m in enumerate(out):
+            sel = fc == f
+            if sel.any():
+                xf, yf = x[sel], yc[sel]
+                m.n += float(sel.sum())
+                m.sx += xf.sum(axis=0)
+                m.sxx += xf.T @ xf
+                m.sy += yf.sum(axis=0)
+                m.sxy += xf.T @ yf
+    return out
+
+
+def _predict(emb: np.ndarray, rows: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Raw predictions for ``rows`` of ``emb``, a float64 block at a time."""
+    return np.concatenate([emb[rows[s:s + CHUNK]].astype(np.float64) @ w + b for s in range(0, len(rows), CHUNK)]
+                          or [np.zeros((0, 3))])
+
+
+def _out_of_fold(emb: np.ndarray, moments: list[_Moments], fold: np.ndarray, alpha_per_photo: float) -> np.ndarray:
     """Raw (unnormalised) predictions for every photo from ridges fitted without its fold."""
-    raw = np.zeros_like(y)
-    for f in np.unique(fold):
-        fit = fold != f
-        w, b = _ridge(x[fit], y[fit], alpha_per_photo * fit.sum())
-        raw[~fit] = x[~fit] @ w + b
+    total = _total(moments)
+    raw = np.zeros((len(emb), 3))
+    for f, m in enumerate(moments):
+        rest = total - m
+        if m.n == 0 or rest.n == 0:
+            continue
+        held = np.flatnonzero(fold == f)
+        raw[held] = _predict(emb, held, *rest.ridge(alpha_per_photo * rest.n))
     return raw
+
+
+def _total(moments: list[_Moments]) -> _Moments:
+    total = moments[0]
+    for m in moments[1:]:
+        total = _Moments(total.n + m.n, total.sx + m.sx, total.sxx + m.sxx, total.sy + m.sy, total.sxy + m.sxy)
+    return total
 
 
 def fit_regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np.ndarray | None = None,
                    seed: int = 0) -> Regression:
     """Ridge onto unit vectors, its strength and its weight against the prior chosen out of fold over whole
     ``groups`` (photographers; rows at random without them), then refitted on every photo."""
-    x, y = emb.astype(np.float64), latlon_to_xyz(lat, lon)
-    info: dict[str, Any] = {"photos": int(len(x))}
-    n_groups = len(np.unique(np.asarray(groups).astype(str))) if groups is not None else len(x)
-    if n_groups < FOLDS or len(x) < 2 * FOLDS:  # too few photographers to score out of fold: no claims, no say
-        info.update({"alpha": ALPHAS[0] * len(x), "shrink": {"weight": 1.0, "prior": [float(v) for v in
-                                                                                    population_prior(lat, lon)]}})
-        w, b = _ridge(x, y, info["alpha"])
+    y, n = latlon_to_xyz(lat, lon), len(emb)
+    info: dict[str, Any] = {"photos": int(n)}
+    n_groups = len(np.unique(np.asarray(groups).astype(str))) if groups is not None else n
+    if n_groups < FOLDS or n < 2 * FOLDS:  # too few photographers to score out of fold: no claims, no say
+        info.update({"alpha": ALPHAS[0] * n, "shrink": {"weight": 1.0, "prior": [float(v) for v in
+                                                                               population_prior(lat, lon)]}})
+        w, b = _moments(emb, y, np.zeros(n, np.int64), 1)[0].ridge(info["alpha"])
         return Regression(w, b, info)
-    fold = group_folds(len(x), groups, FOLDS, seed)
+    fold = group_folds(n, groups, FOLDS, seed)
+    moments = _moments(emb, y, fold, FOLDS)
     tried = []
     for a in ALPHAS:
-        raw = _out_of_fold(x, y, fold, a)
+        raw = _out_of_fold(emb, moments, fold, a)
         tried.append((float(np.median(haversine_km(*xyz_to_latlon(raw), lat, lon))), a, raw))
     _, a, raw = min(tried, key=lambda t: t[0])
     # each photo's prior is its training folds' (the answer a bundle without that photo would give)
@@ -121,19 +177,19 @@ def fit_regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np
         hits[s] = (np.mean([err <= t for t in THRESHOLDS_KM], axis=0), err)
     best = max(SHRINK, key=lambda s: (hits[s][0].mean(), -s))
     diff = hits[best][0] - hits[0.0][0]
-    by_group = pd.Series(diff).groupby(np.asarray(groups).astype(str) if groups is not None else np.arange(len(x))).sum()
-    se = by_group.std(ddof=1) * np.sqrt(len(by_group)) / len(x) if len(by_group) > 1 else np.inf
+    by_group = pd.Series(diff).groupby(np.asarray(groups).astype(str) if groups is not None else np.arange(n)).sum()
+    se = by_group.std(ddof=1) * np.sqrt(len(by_group)) / n if len(by_group) > 1 else np.inf
     weight = float(best) if diff.mean() > se else 0.0
     err = hits[weight][1]
     info.update({
-        "alpha": a * len(x),
+        "alpha": a * n,
         "shrink": {"weight": weight, "prior": [float(v) for v in population_prior(lat, lon)],
                    "held_out_score": round(float(hits[weight][0].mean()), 4),
                    "unshrunk_score": round(float(hits[1.0][0].mean()), 4),
                    "prior_score": round(float(hits[0.0][0].mean()), 4)},
-        "held_out": int(len(x)), "held_out_median_km": round(float(np.median(err)), 1),
+        "held_out": int(n), "held_out_median_km": round(float(np.median(err)), 1),
         "held_out_acc": {str(t): round(float(np.mean(err <= t)), 4) for t in THRESHOLDS_KM},
     })
     info["p_within"] = {t: info["held_out_acc"][t] for t in CALIBRATED_KM}
-    w, b = _ridge(x, y, info["alpha"])
+    w, b = _total(moments).ridge(info["alpha"])
     return Regression(w, b, info)

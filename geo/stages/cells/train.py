@@ -140,24 +140,43 @@ def _prototype_init(model: CellHeads, emb: np.ndarray, rows: np.ndarray, targets
     photographers before it learns places; the centroid of a cell's photos
     (minus the gallery mean, which every ImageNet feature shares) is the
     estimate that needs no fitting. ``rows`` are the training photos of
-    ``emb``: each cell's sum is one sparse product over them, so no copy of
-    the embeddings is made (sum of x - mu over a cell = sum of x - count * mu).
+    ``emb``: their sums (sum of x - mu over a cell = sum of x - count * mu)
+    are taken a float64 block of rows at a time, so no copy of the embeddings is made.
     """
-    from scipy import sparse  # scikit-learn's dependency; only the build trains heads
-
-    mu = emb[rows].mean(0) if len(rows) < len(emb) else emb.mean(0)
-    for p, head in enumerate(model.heads):
-        label = targets[rows, p]
-        ok = label >= 0
-        n_cells = head.weight.shape[0]
-        onehot = sparse.csr_matrix((np.ones(int(ok.sum())), (label[ok], rows[ok])), shape=(n_cells, len(emb)))
-        counts = np.asarray(onehot.sum(axis=1)).ravel()
-        sums = np.asarray(onehot @ emb, np.float64) - counts[:, None] * mu[None, :]
-        norms = np.linalg.norm(sums, axis=1, keepdims=True)
-        w = np.where(norms > 0, sums / np.maximum(norms, 1e-12), 0.0) * scale
+    sums, counts, total = _cell_sums(emb, rows, targets, [head.weight.shape[0] for head in model.heads])
+    mu = total / max(len(rows), 1)
+    for head, s, c in zip(model.heads, sums, counts):
+        centred = s - c[:, None] * mu[None, :]
+        norms = np.linalg.norm(centred, axis=1, keepdims=True)
+        w = np.where(norms > 0, centred / np.maximum(norms, 1e-12), 0.0) * scale
         head.weight.zero_()
         head.weight[:, : emb.shape[1]] = torch.from_numpy(w).float()
         head.bias.copy_(torch.from_numpy(-(w @ mu)).float())
+
+
+SUM_ROWS = 8192  # rows per float64 block of the prototype sums: [SUM_ROWS, dim] at a time, whatever the gallery
+
+
+def _cell_sums(emb: np.ndarray, rows: np.ndarray, targets: np.ndarray,
+               n_cells: list[int]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """(per partition: each cell's float64 sum of its photos' embeddings, their counts; the sum of all
+    ``rows``), one pass over ``emb`` a block at a time."""
+    from scipy import sparse  # scikit-learn's dependency; only the build trains heads
+
+    sums = [np.zeros((k, emb.shape[1])) for k in n_cells]
+    counts = [np.zeros(k) for k in n_cells]
+    total = np.zeros(emb.shape[1])
+    for s in range(0, len(rows), SUM_ROWS):
+        block = rows[s:s + SUM_ROWS]
+        x = emb[block].astype(np.float64)
+        total += x.sum(axis=0)
+        for p, k in enumerate(n_cells):
+            label = targets[block, p]
+            ok = label >= 0
+            onehot = sparse.csr_matrix((np.ones(int(ok.sum())), (label[ok], np.flatnonzero(ok))), shape=(k, len(block)))
+            sums[p] += onehot @ x
+            counts[p] += np.bincount(label[ok], minlength=k)
+    return sums, counts, total
 
 
 def smoothed_targets(pxyz: torch.Tensor, cxyz: torch.Tensor, smoothing_km: float) -> torch.Tensor:
