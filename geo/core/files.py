@@ -124,3 +124,19 @@ def on_disk(name: str | os.PathLike) -> str:
     raw = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), s.encode("utf-8", "surrogateescape"))
     candidate = os.fsdecode(raw)
     return candidate if os.path.lexists(candidate) else s
+
+
+PARQUET_BUFFER = 1 << 20  # bytes a Parquet column is read ahead by, page by page
+
+
+def streamed_parquet(path: str | os.PathLike):
+    """A ``pyarrow.parquet.ParquetFile`` that reads its pages through a 1 MiB buffer, without pre-buffering.
+
+    Why: pyarrow's default reads the whole column chunk of a row group before the first batch comes. A
+    147K x 1280 embedding file written as one row group (what pandas and most writers make) is then 0.75 GB
+    held by Arrow's pool while a build reads 50K rows of it: measured 1.81 GB peak against 1.07 GB streamed,
+    the same batches.
+    """
+    import pyarrow.parquet as pq  # not at import: a cold ``geo query`` reads no Parquet
+
+    return pq.ParquetFile(path, buffer_size=PARQUET_BUFFER, pre_buffer=False)

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from geo.core.files import NO_CAP, FileRefused, regular_size
+from geo.core.files import NO_CAP, FileRefused, regular_size, streamed_parquet
 from geo.core.names import find_column
 from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS, as_text
 
@@ -153,7 +153,7 @@ class EmbeddingTable:
         """
         for part in self.parts:
             try:
-                pf = pq.ParquetFile(part.meta)
+                pf = streamed_parquet(part.meta)
                 if part.npy is not None:
                     emb = np.load(part.npy, mmap_mode="r", allow_pickle=False)
                     if emb.ndim != 2 or emb.shape[0] != pf.metadata.num_rows:

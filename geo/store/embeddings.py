@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from geo.core.files import streamed_parquet
 from geo.store.atomic import atomic_write_json, atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError, read_json
 
@@ -118,7 +119,7 @@ def shard_pieces(shard: Path, columns: list[str] | None = None, batch_rows: int 
     """One shard's (metadata batch, float32 [n, dim] or None) pieces: what a cluster task reads of its shard."""
     cols = None if columns is None else list(dict.fromkeys([*columns, *(["embedding"] if embeddings else [])]))
     try:
-        pf = pq.ParquetFile(shard)
+        pf = streamed_parquet(shard)
         for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
             emb = embedding_matrix(batch.column("embedding")) if embeddings else None
             meta = batch.drop_columns(["embedding"]) if "embedding" in batch.schema.names else batch
