@@ -7,7 +7,7 @@ mode does not use is an empty list or dict, never a missing key.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -83,7 +83,19 @@ class Answer:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON fields of ``geo query --json``: ``image`` for a photo, ``id`` for a precomputed embedding."""
-        d = asdict(self)
-        d.pop("image" if self.id is not None else "id")
-        return d
+        """The JSON fields of ``geo query --json``: ``image`` for a photo, ``id`` for a precomputed embedding.
+
+        A copy the caller may change: its dicts, lists and tuples are new, their leaves (numbers, strings) shared.
+        ``dataclasses.asdict`` made the same copy through ``copy.deepcopy`` of every leaf, 5 ms an answer (most
+        of it the 50 neighbours): more than the rest of a served answer's JSON."""
+        skip = "image" if self.id is not None else "id"
+        return {f.name: _copied(getattr(self, f.name)) for f in fields(self) if f.name != skip}
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with every dict, list and tuple in it copied (what :meth:`Answer.to_dict` hands out)."""
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value
