@@ -172,14 +172,15 @@ def test_predictions_carry_duckdb_friendly_region_columns(fitted, tmp_path):
     assert got["hit"].iat[0] == pytest.approx(table[2]["observed"]) and got["area"].iat[0] > 0
 
 
-def test_an_answers_dict_is_a_copy_the_caller_may_change():
+def test_an_answers_dict_is_plain_json_data_the_caller_may_change():
     geometry = {"type": "MultiPolygon", "coordinates": [(((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 0.0)),)]}
-    a = Answer(image="q.jpg", lat=1.0, lon=2.0, neighbors=[{"id": "p", "similarity": 0.5}],
-               region={"cells": ["89c"], "geometry": geometry})
+    a = Answer(image="q.jpg", lat=1.0, lon=2.0, confidence=float("nan"), neighbors=[{"id": "p", "similarity": 0.5}],
+               region={"cells": ["89c"], "geometry": geometry}, p_within={"25": np.float32(0.25)})
     d = a.to_dict()
-    assert "id" not in d and d["image"] == "q.jpg" and d["region"] == a.region and d["neighbors"] == a.neighbors
+    assert "id" not in d and d["image"] == "q.jpg" and d["neighbors"] == a.neighbors and d["confidence"] is None
+    assert d["region"]["geometry"]["coordinates"] == [[[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]]]
+    assert type(d["p_within"]["25"]) is float and json.loads(json.dumps(d, allow_nan=False)) == d
     d["neighbors"][0]["id"] = "changed"
     d["region"]["cells"].append("x")
     assert a.neighbors[0]["id"] == "p" and a.region["cells"] == ["89c"]
-    assert d["region"]["geometry"]["coordinates"] == geometry["coordinates"]  # tuples stay tuples, as asdict left them
     assert Answer(image=None, id="r").to_dict()["id"] == "r" and "image" not in Answer(image=None, id="r").to_dict()
