@@ -4,7 +4,7 @@
 
 Measures, in one run on one machine:
 
-* bare forward: the backbone alone in this process on the same photos, in batches of 4, 8 and 16
+* bare forward: the backbone alone, in a process of its own, on the same photos, in batches of 4, 8 and 16
   (`--forward-batches`): decode, preprocess and one forward pass a batch, nothing else (no search, no
   answer). The headline is the batching server's rate at concurrency 8 over the fastest of them, before or
   after the servers (issue 25: at least 0.9);
@@ -44,20 +44,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from serving import free_port, wait_healthy  # noqa: E402
 
 from geo.data.images import decode_tensor, expand_images  # noqa: E402
-from geo.query.index import open_index  # noqa: E402
 
 
 def bare_forward(bundle: Path, blobs: list[tuple[str, bytes]], n: int, batch: int) -> tuple[float, float]:
     """(photos per second, CPU ms a photo) through the backbone alone, ``batch`` uploads a forward pass (decoded
-    and preprocessed as the server does, one thread), after one warm-up batch: the floor under any server's cost."""
+    and preprocessed as the server does), after one warm-up pass over every photo (the first pass of a process
+    cost 5x the next here, as the server's first requests do): the floor under any server's cost. Run in a
+    process of its own (:func:`bare_forward_process`) that loads nothing else: no FAISS, no stages."""
     import torch
 
-    bb = open_index(bundle).backbone
+    from geo.models.backbones import backbone_from_spec
+
+    bb = backbone_from_spec(json.loads((bundle / "manifest.json").read_text())["backbone"])
 
     def forward(part: list[tuple[str, bytes]]) -> None:
         bb.embed(torch.cat([decode_tensor(data, name, bb.preprocess) for name, data in part]))
 
-    forward(blobs[:batch])
+    for start in range(0, len(blobs), batch):
+        forward(blobs[start:start + batch])
     todo = [blobs[i % len(blobs)] for i in range(n)]
     t0, cpu0 = time.perf_counter(), time.process_time()
     for start in range(0, n, batch):
@@ -65,11 +69,22 @@ def bare_forward(bundle: Path, blobs: list[tuple[str, bytes]], n: int, batch: in
     return n / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / n
 
 
+def bare_forward_process(bundle: Path, images: Path, n: int, batch: int) -> tuple[float, float]:
+    """:func:`bare_forward` in a fresh process, as the server is one."""
+    out = subprocess.run([sys.executable, __file__, "--bundle", str(bundle), "--images", str(images),
+                          "--bare", str(n), "--bare-forward", str(batch)], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return got["per_s"], got["cpu_ms"]
+
+
 def bare(bundle: Path, photos: list[str], n: int, batch: int) -> tuple[float, float]:
-    """(photos per second, CPU ms a photo) through GeoIndex.locate, ``batch`` photos per call, after one warm-up
-    call."""
+    """(photos per second, CPU ms a photo) through GeoIndex.locate, ``batch`` photos per call, after a warm-up
+    pass over every photo."""
+    from geo.query.index import open_index
+
     idx = open_index(bundle)
-    idx.locate(photos[:batch])
+    for start in range(0, len(photos), batch):
+        idx.locate(photos[start:start + batch])
     todo = [photos[i % len(photos)] for i in range(n)]
     t0, cpu0 = time.perf_counter(), time.process_time()
     for start in range(0, n, batch):
@@ -230,6 +245,7 @@ def main() -> None:
     ap.add_argument("--bare", type=int, default=320, help="photos per bare measurement")
     ap.add_argument("--forward-batches", default="4,8,16", help="batch sizes of the bare forward (the headline takes "
                     "the fastest; 4 is about the batch the server forms at concurrency 8)")
+    ap.add_argument("--bare-forward", type=int, metavar="BATCH", help=argparse.SUPPRESS)  # bare_forward_process
     ap.add_argument("--out", type=Path, default=Path("/tmp/geo-serve-bench.json"))
     args = ap.parse_args()
     if args.memory:
@@ -239,6 +255,10 @@ def main() -> None:
         ap.error("--images is needed (or --memory N)")
     photos = expand_images([str(args.images)])
     blobs = [(Path(p).name, Path(p).read_bytes()) for p in photos]
+    if args.bare_forward:
+        rate, cpu = bare_forward(args.bundle, blobs, args.bare, args.bare_forward)
+        print(json.dumps({"per_s": rate, "cpu_ms": cpu}))
+        return
     levels = [int(x) for x in args.levels.split(",")]
     result = _measure(args, photos, blobs, levels)
     args.out.write_text(json.dumps(result, indent=2))
@@ -258,13 +278,13 @@ def _measure(args, photos: list[str], blobs: list[tuple[str, bytes]], levels: li
 
     sizes = [int(b) for b in args.forward_batches.split(",")]
     for b in sizes:
-        bare_row("forward (before)", b, bare_forward(args.bundle, blobs, args.bare, b))
+        bare_row("forward (before)", b, bare_forward_process(args.bundle, args.images, args.bare, b))
     bare_row("GeoIndex.locate", 1, bare(args.bundle, photos, args.bare // 2, 1))
     bare_row("GeoIndex.locate", 16, bare(args.bundle, photos, args.bare, 16))
     result["server"] = [row for m in args.max_batches.split(",")
                         for row in serve(args.bundle, int(m), blobs, levels, args.requests, args.seconds)]
     for b in sizes:
-        bare_row("forward (after)", b, bare_forward(args.bundle, blobs, args.bare, b))
+        bare_row("forward (after)", b, bare_forward_process(args.bundle, args.images, args.bare, b))
     result["load_after"] = os.getloadavg()
     return result
 

@@ -7,7 +7,8 @@
 loop then turns the answers into JSON. This script times each of those on batches of --batch photos in
 one process (the same calls on a fresh ``Batch``, so nothing is memoised from the full call), medians over
 --repeats batches of different photos, and prints ms a photo. "rest of locate" is the full
-``locate_embeddings`` less its timed parts: top cells, neighbours, the Answer records.
+``locate_embeddings`` less its timed parts: top cells, neighbours, the Answer records. Wall and CPU time are
+both given: on a shared machine the CPU time of this process's threads is the steadier of the two.
 """
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ from geo.query.index import open_index
 from geo.stages.fusion.signals import Batch, cell_probs, gallery_search, knn_search
 
 
-def one_batch(idx: Any, blobs: list[tuple[str, bytes]], mode: str, coverage: float) -> dict[str, float]:
-    """Seconds of each part for one batch of uploads."""
-    took: dict[str, float] = {}
+def one_batch(idx: Any, blobs: list[tuple[str, bytes]], mode: str, coverage: float) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds of each part for one batch of uploads (CPU: every thread of this process, torch's and
+    FAISS's workers too: what the part takes from the cores a server's forward pass needs)."""
+    took: dict[str, tuple[float, float]] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        took[name] = took.get(name, 0.0) + time.perf_counter() - t0
+        took[name] = (time.perf_counter() - t0, time.process_time() - c0)
         return out
 
     pre = idx.backbone.preprocess
@@ -57,8 +59,8 @@ def one_batch(idx: Any, blobs: list[tuple[str, bytes]], mode: str, coverage: flo
     timed("  cities (head)", lambda: idx._cities(batch.emb, len(decisions)))
     if probs is not None:
         timed("  regions", lambda: idx.cells.regions(probs, coverage))
-    parts = sum(v for k, v in took.items() if k.startswith("  "))
-    took["  rest of locate"] = took["locate_embeddings (all)"] - parts
+    parts = [v for k, v in took.items() if k.startswith("  ")]
+    took["  rest of locate"] = tuple(a - sum(p[i] for p in parts) for i, a in enumerate(took["locate_embeddings (all)"]))
     return took
 
 
@@ -80,15 +82,16 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     runs = [one_batch(idx, b, mode, args.coverage) for b in batches][1:]  # the first warms every part
     load.append(os.getloadavg()[0])
-    ms = {k: 1000 * statistics.median(r[k] for r in runs) / args.batch for k in runs[0]}
+    ms = {k: [1000 * statistics.median(r[k][i] for r in runs) / args.batch for i in (0, 1)] for k in runs[0]}
     print(f"{args.batch} photos a batch, median of {args.repeats} batches, mode {mode}, torch threads "
           f"{torch.get_num_threads()}, load average {load[0]:.2f} before, {load[1]:.2f} after\n")
-    print("| part | ms a photo | / forward |\n|---|---|---|")
-    for k, v in ms.items():
-        print(f"| {k} | {v:.2f} | {v / ms['forward']:.1%} |")
-    rest = ms["locate_embeddings (all)"] + ms["JSON (to_dict, json_safe, dumps)"]
-    print(f"\nanswer (locate_embeddings + JSON) over forward: {rest / ms['forward']:.1%}; "
-          f"over decode + forward: {rest / (ms['forward'] + ms['decode + preprocess']):.1%}")
+    print("| part | wall ms a photo | CPU ms a photo | CPU / forward's |\n|---|---|---|---|")
+    for k, (wall, cpu) in ms.items():
+        print(f"| {k} | {wall:.2f} | {cpu:.2f} | {cpu / ms['forward'][1]:.1%} |")
+    answer = [ms["locate_embeddings (all)"][i] + ms["JSON (to_dict, json_safe, dumps)"][i] for i in (0, 1)]
+    base = [ms["forward"][i] + ms["decode + preprocess"][i] for i in (0, 1)]
+    print(f"\nanswer (locate_embeddings + JSON) over decode + forward: wall {answer[0] / base[0]:.1%}, "
+          f"CPU {answer[1] / base[1]:.1%}")
 
 
 if __name__ == "__main__":
