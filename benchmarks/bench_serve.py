@@ -15,7 +15,11 @@ Measures, in one run on one machine:
   requests (one photo each, multipart, as `curl -F images=@x.jpg` sends them) or --seconds, whichever ends first;
 * the bare forward again after the servers, so that a change in the machine's load shows.
 
-The machine's 1-minute load average is recorded beside every number.
+The machine's 1-minute load average is recorded beside every number. On a loaded machine the bare forward
+and the server do not see the same machine even seconds apart, so the server also reports where its model
+thread's time went (``geo_model_seconds``): decode, forward and answer per photo, and the share of the
+wall clock its decode and forward filled, which is the server's rate over its own bare forward in the same
+process and moment (1.0: nothing but the forward pass limits it).
 
 Every request must answer 200 with coordinates; the script fails otherwise. The client is one asyncio
 process on the same cores, so it competes with the server (its share of the machine's CPU is
@@ -123,11 +127,15 @@ async def load(url: str, blobs: list[tuple[str, bytes]], concurrency: int, reque
             "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1)}
 
 
-def _batch_totals(url: str) -> tuple[float, float]:
-    """(images, batches) the server's model thread has run so far, from /metrics."""
+_TOTALS = ("geo_batch_size_sum", "geo_batch_size_count", 'geo_model_seconds_total{part="decode"}',
+           'geo_model_seconds_total{part="forward"}', 'geo_model_seconds_total{part="answer"}')
+
+
+def _batch_totals(url: str) -> tuple[float, ...]:
+    """(images, batches, decode s, forward s, answer s) the server's model thread has run so far, from /metrics."""
     got = {line.split()[0]: float(line.split()[1]) for line in httpx.get(url + "/metrics").text.splitlines()
-           if line.startswith(("geo_batch_size_sum", "geo_batch_size_count"))}
-    return got.get("geo_batch_size_sum", 0.0), got.get("geo_batch_size_count", 0.0)
+           if line.startswith(_TOTALS)}
+    return tuple(got.get(k, 0.0) for k in _TOTALS)
 
 
 def serve(bundle: Path, max_batch: int, blobs, levels, requests: int, seconds: float) -> list[dict]:
@@ -144,10 +152,14 @@ def serve(bundle: Path, max_batch: int, blobs, levels, requests: int, seconds: f
         for c in levels:
             before, cpu = _batch_totals(url), _cpu_s(proc.pid)
             row = asyncio.run(load(url, blobs, c, requests, seconds))
-            images, batches = (a - b for a, b in zip(_batch_totals(url), before))
+            images, batches, decode, forward, answer = (a - b for a, b in zip(_batch_totals(url), before))
             loop_s, all_s = (1000 * (a - b) / max(row["requests"], 1) for a, b in zip(_cpu_s(proc.pid), cpu))
             row.update(max_batch=max_batch, mean_batch=round(images / max(batches, 1), 1), load=_load(),
-                       server_cpu_ms=round(all_s, 1), event_loop_cpu_ms=round(loop_s, 1))
+                       server_cpu_ms=round(all_s, 1), event_loop_cpu_ms=round(loop_s, 1),
+                       model_ms={k: round(1000 * v / max(images, 1), 2) for k, v in
+                                 (("decode", decode), ("forward", forward), ("answer", answer))},
+                       # the model thread's own decode + forward rate, in this run and process, over the server's:
+                       own_forward_share=round((decode + forward) / row["wall_s"], 3))
             print(json.dumps(row), flush=True)
             rows.append(row)
         return rows
@@ -297,11 +309,14 @@ def _print(result: dict) -> None:
     for r in result["bare"]:
         print(f"| {r['what']} | {r['batch']} | {r['per_s']:.1f} | {r['cpu_ms']} | {r['load']:.2f} |")
     print("\n| max_batch | concurrency | requests | errors | mean batch | p50 ms | p99 ms | req/s | "
-          "vs best bare forward | server CPU ms/req (event loop) | client CPU | load |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "vs best bare forward | model thread ms a photo: decode / forward / answer | its decode + forward share "
+          "of the wall | server CPU ms/req (event loop) | client CPU | load |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["server"]:
+        m = r["model_ms"]
         print(f"| {r['max_batch']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['mean_batch']} | "
               f"{r['p50_ms']} | {r['p99_ms']} | {r['req_per_s']} | {r['req_per_s'] / forward:.2f}x | "
+              f"{m['decode']} / {m['forward']} / {m['answer']} | {r['own_forward_share']:.2f} | "
               f"{r['server_cpu_ms']} ({r['event_loop_cpu_ms']}) | {100 * r['client_cpu_share']:.0f}% | "
               f"{r['load']:.2f} |")
     at8 = [r for r in result["server"] if r["max_batch"] > 1 and r["concurrency"] == 8]
