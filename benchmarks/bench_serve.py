@@ -1,14 +1,25 @@
-"""`geo serve` under load: latency and throughput over loopback, against the bare `GeoIndex.locate` in the same run.
+"""`geo serve` under load: latency and throughput over loopback, against a bare batched forward in the same run.
 
     python benchmarks/bench_serve.py --bundle /tmp/srv/bundle --images /work/shared/data/osv5m-sample/images
 
 Measures, in one run on one machine:
 
+* bare forward: the backbone alone, in a process of its own, on the same photos, in batches of 4, 8 and 16
+  (`--forward-batches`): decode, preprocess and one forward pass a batch, nothing else (no search, no
+  answer). The headline is the batching server's rate at concurrency 8 over the fastest of them, before or
+  after the servers (issue 25: at least 0.9);
 * bare: `GeoIndex.locate` in this process on the same photos, one photo per call (what a naive
-  per-request server does) and 16 per call (the best batching this backbone allows);
+  per-request server does) and 16 per call;
 * the server (`geo serve` as its own process) with micro-batching (max_batch 16) and without
-  (max_batch 1, both set through `--config`), each at concurrency 1, 8 and 32: up to --requests requests (one photo each,
-  multipart, as `curl -F images=@x.jpg` sends them) or --seconds, whichever ends first.
+  (max_batch 1, both set through `--config`; `--max-batches`), each at concurrency 1, 8 and 32: up to --requests
+  requests (one photo each, multipart, as `curl -F images=@x.jpg` sends them) or --seconds, whichever ends first;
+* the bare forward again after the servers, so that a change in the machine's load shows.
+
+The machine's 1-minute load average is recorded beside every number. On a loaded machine the bare forward
+and the server do not see the same machine even seconds apart, so the server also reports where its model
+thread's time went (``geo_model_seconds``): decode, forward and answer per photo, and the share of the
+wall clock its decode and forward filled, which is the server's rate over its own bare forward in the same
+process and moment (1.0: nothing but the forward pass limits it).
 
 Every request must answer 200 with coordinates; the script fails otherwise. The client is one asyncio
 process on the same cores, so it competes with the server (its share of the machine's CPU is
@@ -36,19 +47,61 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from serving import free_port, wait_healthy  # noqa: E402
 
-from geo.data.images import expand_images  # noqa: E402
-from geo.query.index import open_index  # noqa: E402
+from geo.data.images import decode_tensor, expand_images  # noqa: E402
 
 
-def bare(bundle: Path, photos: list[str], n: int, batch: int) -> float:
-    """Photos per second through GeoIndex.locate, ``batch`` photos per call, after one warm-up call."""
+def bare_forward(bundle: Path, blobs: list[tuple[str, bytes]], n: int, batch: int) -> tuple[float, float]:
+    """(photos per second, CPU ms a photo) through the backbone alone, ``batch`` uploads a forward pass (decoded
+    and preprocessed as the server does): the floor under any server's cost. Run in a process of its own
+    (:func:`bare_forward_process`) that loads nothing else (no FAISS, no stages), on a thread of its own as the
+    server's model thread runs it, and timed on a second pass over the same ``n`` photos: on this loaded machine
+    a process's first pass ran at a third of the next one's rate (the server is warmed the same way by the
+    concurrency-1 level before concurrency 8), and a worker thread's passes ran 1.35x the main thread's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as model_thread:
+        return model_thread.submit(_bare_forward, bundle, blobs, n, batch).result()
+
+
+def _bare_forward(bundle: Path, blobs: list[tuple[str, bytes]], n: int, batch: int) -> tuple[float, float]:
+    import torch
+
+    from geo.models.backbones import backbone_from_spec
+
+    bb = backbone_from_spec(json.loads((bundle / "manifest.json").read_text())["backbone"])
+    todo = [blobs[i % len(blobs)] for i in range(max(n, len(blobs)))]
+
+    def one_pass() -> tuple[float, float]:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        for start in range(0, len(todo), batch):
+            bb.embed(torch.cat([decode_tensor(data, name, bb.preprocess) for name, data in todo[start:start + batch]]))
+        return len(todo) / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / len(todo)
+
+    one_pass()
+    return one_pass()
+
+
+def bare_forward_process(bundle: Path, images: Path, n: int, batch: int) -> tuple[float, float]:
+    """:func:`bare_forward` in a fresh process, as the server is one."""
+    out = subprocess.run([sys.executable, __file__, "--bundle", str(bundle), "--images", str(images),
+                          "--bare", str(n), "--bare-forward", str(batch)], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return got["per_s"], got["cpu_ms"]
+
+
+def bare(bundle: Path, photos: list[str], n: int, batch: int) -> tuple[float, float]:
+    """(photos per second, CPU ms a photo) through GeoIndex.locate, ``batch`` photos per call, after a warm-up
+    pass over every photo."""
+    from geo.query.index import open_index
+
     idx = open_index(bundle)
-    idx.locate(photos[:batch])
+    for start in range(0, len(photos), batch):
+        idx.locate(photos[start:start + batch])
     todo = [photos[i % len(photos)] for i in range(n)]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for start in range(0, n, batch):
         idx.locate(todo[start:start + batch])
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / n
 
 
 async def load(url: str, blobs: list[tuple[str, bytes]], concurrency: int, requests: int, seconds: float) -> dict:
@@ -82,6 +135,17 @@ async def load(url: str, blobs: list[tuple[str, bytes]], concurrency: int, reque
             "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1)}
 
 
+_TOTALS = ("geo_batch_size_sum", "geo_batch_size_count", 'geo_model_seconds_total{part="decode"}',
+           'geo_model_seconds_total{part="forward"}', 'geo_model_seconds_total{part="answer"}')
+
+
+def _batch_totals(url: str) -> tuple[float, ...]:
+    """(images, batches, decode s, forward s, answer s) the server's model thread has run so far, from /metrics."""
+    got = {line.split()[0]: float(line.split()[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+           if line.startswith(_TOTALS)}
+    return tuple(got.get(k, 0.0) for k in _TOTALS)
+
+
 def serve(bundle: Path, max_batch: int, blobs, levels, requests: int, seconds: float) -> list[dict]:
     port = free_port()
     limits = Path(tempfile.mkdtemp(prefix="geo-bench-serve-")) / "limits.json"
@@ -94,17 +158,39 @@ def serve(bundle: Path, max_batch: int, blobs, levels, requests: int, seconds: f
         wait_healthy(url, proc)
         rows = []
         for c in levels:
+            before, cpu = _batch_totals(url), _cpu_s(proc.pid)
             row = asyncio.run(load(url, blobs, c, requests, seconds))
-            row["max_batch"] = max_batch
-            batches = [line for line in httpx.get(url + "/metrics").text.splitlines()
-                       if line.startswith(("geo_batch_size_sum", "geo_batch_size_count"))]
-            row["batch_metrics_cumulative"] = batches
+            images, batches, decode, forward, answer = (a - b for a, b in zip(_batch_totals(url), before))
+            loop_s, all_s = (1000 * (a - b) / max(row["requests"], 1) for a, b in zip(_cpu_s(proc.pid), cpu))
+            row.update(max_batch=max_batch, mean_batch=round(images / max(batches, 1), 1), load=_load(),
+                       server_cpu_ms=round(all_s, 1), event_loop_cpu_ms=round(loop_s, 1),
+                       model_ms={k: round(1000 * v / max(images, 1), 2) for k, v in
+                                 (("decode", decode), ("forward", forward), ("answer", answer))},
+                       # the model thread's own decode + forward rate, in this run and process, over the server's:
+                       own_forward_share=round((decode + forward) / row["wall_s"], 3))
             print(json.dumps(row), flush=True)
             rows.append(row)
         return rows
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) of a process's main thread, its event loop in `geo serve`, and of all its
+    threads (the model thread, torch's and FAISS's workers) so far, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(stat: Path) -> float:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    return used(Path(f"/proc/{pid}/task/{pid}/stat")), used(Path(f"/proc/{pid}/stat"))
+
+
+def _load() -> float:
+    """The 1-minute load average now (the machine is shared: every number is reported beside it)."""
+    return round(os.getloadavg()[0], 2)
 
 
 def _rss_mb(pid: int) -> tuple[float, float]:
@@ -172,9 +258,15 @@ def main() -> None:
     ap.add_argument("--memory", type=int, metavar="N", help="instead: peak RSS under N parallel maximal requests "
                     "(16 noise JPEGs of about 19 MB each), against the README's bound")
     ap.add_argument("--side", type=int, default=4100, help="--memory: the noise JPEGs' side in pixels")
-    ap.add_argument("--requests", type=int, default=1000, help="requests per concurrency level (at most)")
+    ap.add_argument("--requests", type=int, default=300, help="requests per concurrency level (at most)")
     ap.add_argument("--seconds", type=float, default=120.0, help="time per concurrency level (at most)")
     ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--max-batches", default="16,1", help="server settings to run (max_batch), in order")
+    ap.add_argument("--bare", type=int, default=320, help="photos per bare measurement")
+    ap.add_argument("--forward-batches", default="4,8,16", help="batch sizes of the bare forward (the headline takes "
+                    "the fastest; 4 is about the batch the server forms at concurrency 8)")
+    ap.add_argument("--no-locate", action="store_true", help="skip the bare GeoIndex.locate rows")
+    ap.add_argument("--bare-forward", type=int, metavar="BATCH", help=argparse.SUPPRESS)  # bare_forward_process
     ap.add_argument("--out", type=Path, default=Path("/tmp/geo-serve-bench.json"))
     args = ap.parse_args()
     if args.memory:
@@ -184,27 +276,65 @@ def main() -> None:
         ap.error("--images is needed (or --memory N)")
     photos = expand_images([str(args.images)])
     blobs = [(Path(p).name, Path(p).read_bytes()) for p in photos]
+    if args.bare_forward:
+        rate, cpu = bare_forward(args.bundle, blobs, args.bare, args.bare_forward)
+        print(json.dumps({"per_s": rate, "cpu_ms": cpu}))
+        return
     levels = [int(x) for x in args.levels.split(",")]
-    load_before = os.getloadavg()
-    result = {"load_before": load_before, "photos": len(photos), "bundle": str(args.bundle)}
-    result["bare_batch1_per_s"] = round(bare(args.bundle, photos, 200, 1), 2)
-    result["bare_batch16_per_s"] = round(bare(args.bundle, photos, 320, 16), 2)
-    print(json.dumps({k: result[k] for k in ("bare_batch1_per_s", "bare_batch16_per_s")}), flush=True)
-    result["server"] = (serve(args.bundle, 16, blobs, levels, args.requests, args.seconds)
-                        + serve(args.bundle, 1, blobs, levels, args.requests, args.seconds))
-    result["load_after"] = os.getloadavg()
+    result = _measure(args, photos, blobs, levels)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nload average before {load_before[0]:.2f}, after {result['load_after'][0]:.2f}")
-    print(f"bare GeoIndex.locate: {result['bare_batch1_per_s']:.1f} photos/s one per call, "
-          f"{result['bare_batch16_per_s']:.1f} photos/s 16 per call\n")
-    print("| max_batch | concurrency | requests | errors | p50 ms | p99 ms | req/s | vs bare batch-1 | client CPU |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in result["server"]:
-        print(f"| {r['max_batch']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | "
-              f"{r['p99_ms']} | {r['req_per_s']} | {r['req_per_s'] / result['bare_batch1_per_s']:.2f}x | "
-              f"{100 * r['client_cpu_share']:.0f}% |")
+    _print(result)
     if any(r["errors"] for r in result["server"]):
         raise SystemExit("errors under load: " + "; ".join(e for r in result["server"] for e in r["first_errors"]))
+
+
+def _measure(args, photos: list[str], blobs: list[tuple[str, bytes]], levels: list[int]) -> dict:
+    """Bare forward (before and after the servers, to bracket them), bare locate, then each server setting."""
+    result: dict = {"load_before": os.getloadavg(), "photos": len(photos), "bundle": str(args.bundle), "bare": []}
+
+    def bare_row(what: str, batch: int, measured: tuple[float, float]) -> None:
+        result["bare"].append({"what": what, "batch": batch, "per_s": round(measured[0], 2),
+                               "cpu_ms": round(measured[1], 1), "load": _load()})
+        print(json.dumps(result["bare"][-1]), flush=True)
+
+    sizes = [int(b) for b in args.forward_batches.split(",")]
+    for b in sizes:
+        bare_row("forward (before)", b, bare_forward_process(args.bundle, args.images, args.bare, b))
+    if not args.no_locate:
+        bare_row("GeoIndex.locate", 1, bare(args.bundle, photos, args.bare // 2, 1))
+        bare_row("GeoIndex.locate", 16, bare(args.bundle, photos, args.bare, 16))
+    result["server"] = [row for m in args.max_batches.split(",")
+                        for row in serve(args.bundle, int(m), blobs, levels, args.requests, args.seconds)]
+    for b in sizes:
+        bare_row("forward (after)", b, bare_forward_process(args.bundle, args.images, args.bare, b))
+    result["load_after"] = os.getloadavg()
+    return result
+
+
+def _print(result: dict) -> None:
+    """The markdown tables RESULTS.md quotes, and the headline ratio."""
+    forward = max(r["per_s"] for r in result["bare"] if r["what"].startswith("forward"))
+    print(f"\nload average before {result['load_before'][0]:.2f}, after {result['load_after'][0]:.2f}\n")
+    print("| bare | photos a call | photos/s | CPU ms a photo | load |\n|---|---|---|---|---|")
+    for r in result["bare"]:
+        print(f"| {r['what']} | {r['batch']} | {r['per_s']:.1f} | {r['cpu_ms']} | {r['load']:.2f} |")
+    print("\n| max_batch | concurrency | requests | errors | mean batch | p50 ms | p99 ms | req/s | "
+          "vs best bare forward | model thread ms a photo: decode / forward / answer | its decode + forward share "
+          "of the wall | server CPU ms/req (event loop) | client CPU | load |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["server"]:
+        m = r["model_ms"]
+        print(f"| {r['max_batch']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['mean_batch']} | "
+              f"{r['p50_ms']} | {r['p99_ms']} | {r['req_per_s']} | {r['req_per_s'] / forward:.2f}x | "
+              f"{m['decode']} / {m['forward']} / {m['answer']} | {r['own_forward_share']:.2f} | "
+              f"{r['server_cpu_ms']} ({r['event_loop_cpu_ms']}) | {100 * r['client_cpu_share']:.0f}% | "
+              f"{r['load']:.2f} |")
+    at8 = [r for r in result["server"] if r["max_batch"] > 1 and r["concurrency"] == 8]
+    if at8:
+        cpu = min(r["cpu_ms"] for r in result["bare"] if r["what"].startswith("forward"))
+        print(f"\nheadline: server at concurrency 8 / best bare batched forward = {at8[0]['req_per_s'] / forward:.2f} "
+              f"(issue 25: >= 0.9); in CPU, the bare forward's {cpu} ms a photo / the server's "
+              f"{at8[0]['server_cpu_ms']} ms a request = {cpu / at8[0]['server_cpu_ms']:.2f}")
 
 
 if __name__ == "__main__":

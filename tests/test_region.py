@@ -115,6 +115,17 @@ def test_every_answer_region_is_valid_geojson_with_a_positive_area(fitted):
         assert inside == geom.buffer(1e-6).contains(Point(lo, la)) or not inside  # cells and drawing agree
 
 
+def test_a_batch_of_regions_is_what_each_row_gives_alone_and_a_repeated_region_is_drawn_once(fitted):
+    pred, (_, emb) = fitted
+    probs = pred.fine_probs(emb[:6])
+    probs = np.concatenate([probs, probs[:2]])  # two photos again: the same regions
+    cmap = pred.calibration["region"]
+    batch = RegionCells(pred.tables, pred.names).answers(probs, 0.9, cmap)
+    alone = [RegionCells(pred.tables, pred.names).answer(row, 0.9, cmap) for row in probs]
+    assert json.dumps(batch) == json.dumps(alone)  # the same cells, areas, curves and drawing, to the digit
+    assert batch[6]["geometry"] is batch[0]["geometry"]  # the union was made once
+
+
 def test_semantic_cells_get_areas_and_shapes_from_s2_cells(tmp_path):
     from shapely.geometry import shape
 
@@ -159,3 +170,17 @@ def test_predictions_carry_duckdb_friendly_region_columns(fitted, tmp_path):
     got = run_sql("SELECT avg(region_hit::INT) AS hit, median(region_area_km2) AS area FROM predictions "
                   "WHERE region_coverage = 0.9", [tmp_path / "p.parquet"], None)
     assert got["hit"].iat[0] == pytest.approx(table[2]["observed"]) and got["area"].iat[0] > 0
+
+
+def test_an_answers_dict_is_plain_json_data_the_caller_may_change():
+    geometry = {"type": "MultiPolygon", "coordinates": [(((0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 0.0)),)]}
+    a = Answer(image="q.jpg", lat=1.0, lon=2.0, confidence=float("nan"), neighbors=[{"id": "p", "similarity": 0.5}],
+               region={"cells": ["89c"], "geometry": geometry}, p_within={"25": np.float32(0.25)})
+    d = a.to_dict()
+    assert "id" not in d and d["image"] == "q.jpg" and d["neighbors"] == a.neighbors and d["confidence"] is None
+    assert d["region"]["geometry"]["coordinates"] == [[[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]]]
+    assert type(d["p_within"]["25"]) is float and json.loads(json.dumps(d, allow_nan=False)) == d
+    d["neighbors"][0]["id"] = "changed"
+    d["region"]["cells"].append("x")
+    assert a.neighbors[0]["id"] == "p" and a.region["cells"] == ["89c"]
+    assert Answer(image=None, id="r").to_dict()["id"] == "r" and "image" not in Answer(image=None, id="r").to_dict()

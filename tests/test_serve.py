@@ -169,6 +169,9 @@ def test_info_metrics_docs_and_thumbnails(server, bundle):
                    "geo_batch_size_count", "geo_queue_depth", "geo_images_total", "geo_image_errors_total",
                    "geo_body_bytes_in_flight"):
         assert series in text, series
+    spent = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+             if line.startswith("geo_model_seconds_total{")}
+    assert set(spent) == {"decode", "forward", "answer"} and all(v > 0 for v in spent.values())  # where its time went
 
     assert "/locate" in httpx.get(server + "/openapi.json", headers=AUTH).json()["paths"]
     for page in ("/docs", "/redoc"):  # FastAPI's pages load from a CDN: none is served (issue 27, finding 15)

@@ -16,10 +16,10 @@ from typer.exceptions import Abort, Exit, TyperException
 
 from geo.cluster import ClusterError
 from geo.core.files import FileRefused
+from geo.core.plain import json_safe
 from geo.data.embedding_table import EmbeddingTableError
 from geo.data.images import ImageLoadError
 from geo.data.manifest import ManifestError
-from geo.eval.report import json_safe
 from geo.eval.sql import SqlError
 from geo.eval.suites import SuiteError
 from geo.models.registry import BackboneError

@@ -7,8 +7,10 @@ mode does not use is an empty list or dict, never a missing key.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from geo.core.plain import json_safe
 
 
 PRIOR_ONLY = 0.75  # the prior's share of the mass around an answer above which the photo said little
@@ -83,7 +85,10 @@ class Answer:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON fields of ``geo query --json``: ``image`` for a photo, ``id`` for a precomputed embedding."""
-        d = asdict(self)
-        d.pop("image" if self.id is not None else "id")
-        return d
+        """The JSON fields of ``geo query --json``: ``image`` for a photo, ``id`` for a precomputed embedding.
+
+        Plain JSON data (:func:`~geo.core.plain.json_safe`: NaN as null, tuples as lists), a copy the caller may
+        change, made in one walk: ``dataclasses.asdict`` and then ``json_safe`` walked an answer twice, the first
+        through ``copy.deepcopy`` of every leaf, 5 ms an answer (most of it the 50 neighbours)."""
+        skip = "image" if self.id is not None else "id"
+        return json_safe({f.name: getattr(self, f.name) for f in fields(self) if f.name != skip})

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from geo.core.geodesy import valid_latlon
+from geo.core.plain import json_safe
 from geo.data.places import nearest_places
 from geo.eval.metrics import THRESHOLDS_KM, breakdown, label_accuracies, summarize
 from geo.eval.regions import format_region_table, region_table
@@ -499,16 +500,3 @@ def build_report(predictions: str | os.PathLike | Sequence[str | os.PathLike], o
     paths["json"] = atomic_write_bytes(out / "report.json",
                                        (json.dumps(json_safe(a), indent=2, default=str) + "\n").encode())
     return a, paths
-
-
-def json_safe(o: Any) -> Any:
-    """Copy with NaN as null and numpy scalars as Python ones (strict JSON has no NaN)."""
-    if isinstance(o, float):
-        return None if math.isnan(o) else o
-    if isinstance(o, dict):
-        return {str(k): json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [json_safe(v) for v in o]
-    if isinstance(o, np.generic):
-        return json_safe(o.item())
-    return o

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
         self.on_batch = on_batch
+        self.on_part: Callable[[str, float], None] | None = None  # (part, seconds) of each batch, on the model thread
         self._queue: asyncio.Queue[Job] | None = None
         self._waiting = 0  # jobs still wanted and not yet in a batch; a timed-out request's jobs leave at once
         self._arriving = 0  # requests being read that will submit jobs: only they are worth waiting for
@@ -189,6 +191,16 @@ class MicroBatcher:
                 if not j.future.done():
                     j.future.set_result(a)
 
+    @contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        """Report the seconds a part of the batch took (``geo_model_seconds``: where the model thread's time goes)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.on_part is not None:
+                self.on_part(part, time.perf_counter() - t0)
+
     def run_batch(self, jobs: list[Job]) -> list[Answer]:
         """Decode the image jobs, embed them in one forward pass, then answer each (mode, k, crops) group with
         one search; an image that cannot be decoded gets its error."""
@@ -196,17 +208,25 @@ class MicroBatcher:
         emb: dict[int, np.ndarray] = {id(j): np.asarray(j.embedding, np.float32).reshape(-1, j.embedding.shape[-1])
                                       for j in jobs if j.data is None}
         decoded: list[tuple[Job, torch.Tensor]] = []
-        for j in jobs:
-            if j.data is not None:
-                try:
-                    decoded.append((j, decode_tensor(j.data, j.name or "upload", self.preprocess, j.crops)))
-                except ImageLoadError as e:
-                    out[id(j)] = Answer.failed(j.name, e.reason)
-                except Exception as e:  # a decoder bug costs one image, not the batch
-                    out[id(j)] = Answer.failed(j.name, f"unexpected {type(e).__name__}: {e}")
+        with self._timed("decode"):
+            for j in jobs:
+                if j.data is not None:
+                    try:
+                        decoded.append((j, decode_tensor(j.data, j.name or "upload", self.preprocess, j.crops)))
+                    except ImageLoadError as e:
+                        out[id(j)] = Answer.failed(j.name, e.reason)
+                    except Exception as e:  # a decoder bug costs one image, not the batch
+                        out[id(j)] = Answer.failed(j.name, f"unexpected {type(e).__name__}: {e}")
         if decoded:
-            for (j, _), e in zip(decoded, self.index.embed_tensors([t for _, t in decoded])):
-                emb[id(j)] = e
+            with self._timed("forward"):
+                for (j, _), e in zip(decoded, self.index.embed_tensors([t for _, t in decoded])):
+                    emb[id(j)] = e
+        with self._timed("answer"):
+            self._answer(jobs, emb, out)
+        return [out[id(j)] for j in jobs]
+
+    def _answer(self, jobs: list[Job], emb: dict[int, np.ndarray], out: dict[int, Answer]) -> None:
+        """Each (mode, k, crops, constraint, coverage) group's answers into ``out``, one search a group."""
         groups: dict[tuple[str, int, int, Constraint | None, float], list[Job]] = {}
         for j in jobs:
             if id(j) in emb:
@@ -217,4 +237,3 @@ class MicroBatcher:
                 names=[j.name for j in members], ids=[j.id for j in members], within=within, coverage=coverage)
             for j, a in zip(members, answers):
                 out[id(j)] = a.abstain_below(j.min_confidence)
-        return [out[id(j)] for j in jobs]

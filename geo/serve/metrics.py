@@ -17,7 +17,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
-    """Request counts by route and status, per-image errors, latency, batch sizes, queue depth, bodies in flight."""
+    """Request counts by route and status, per-image errors, latency, batch sizes, the model thread's time per part,
+    queue depth, bodies in flight."""
 
     def __init__(self, queue_depth: Callable[[], int], body_bytes: Callable[[], int]):
         self.registry = CollectorRegistry()
@@ -30,6 +31,9 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("geo_batch_size", "Images per micro-batch (one forward pass, one FAISS search)",
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
+        self.model_seconds = Counter("geo_model_seconds", "Seconds the model thread spent per part of its batches: "
+                                     "decode (and preprocess), forward, answer (search, fusion, places, regions)",
+                                     ("part",), registry=self.registry)
         self.queue = Gauge("geo_queue_depth", "Images waiting for the model", registry=self.registry)
         self.queue.set_function(queue_depth)
         self.body_bytes = Gauge("geo_body_bytes_in_flight", "Bytes of request bodies being read or answered "

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from geo.core.answer import Answer
+from geo.core.plain import json_safe
 from geo.data.constraint import Constraint, constraint_from_options
 from geo.stages.cells.region import DEFAULT_COVERAGE
-from geo.eval.report import json_safe
 from geo.serve.batcher import Job, QueueFull
 from geo.serve.inputs import embedding_jobs, image_jobs
 from geo.serve.metrics import CONTENT_TYPE
@@ -69,7 +69,7 @@ async def locate(request: Request, state: State,
     answers = await _answers(state, items, jobs, futures)
     state.metrics.images.inc(len(answers))
     state.metrics.image_errors.inc(sum(1 for a in answers if a.error))
-    return JSONResponse(json_safe([a.to_dict() for a in answers]))
+    return JSONResponse([a.to_dict() for a in answers])  # to_dict is plain JSON data already
 
 
 async def _constraint(state: ServeState, mode: str, *options: Any) -> Constraint | None:

@@ -60,6 +60,7 @@ class ServeState:
         inflight = Inflight(limits.max_inflight_bytes)
         metrics = Metrics(batcher.depth, lambda: inflight.held)
         batcher.on_batch = metrics.batch_size.observe
+        batcher.on_part = lambda part, seconds: metrics.model_seconds.labels(part).inc(seconds)
         return cls(index, limits, token, batcher, metrics, Thumbnails(index.knn.ids, index.knn.paths),
                    ThreadPoolExecutor(limits.io_threads, thread_name_prefix="geo-io"), inflight)
 

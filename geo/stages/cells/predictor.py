@@ -172,7 +172,7 @@ class CellPredictor:
         """Each fine posterior row's region at a stated coverage (``Answer.region``), through the build's
         conformal map (a bundle built before it has none: the posterior mass stands for the coverage, and
         the region says ``calibrated: false``), with its curve at :data:`REPORT_COVERAGES`."""
-        return [self.region_cells.answer(row, coverage, self.calibration.get("region")) for row in fine]
+        return self.region_cells.answers(fine, coverage, self.calibration.get("region"))
 
     def decide(self, fine_probs: np.ndarray, radii_km=DECISION_RADII_KM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lat, lon, mass within radii_km[0]) per row of fine probabilities [n, C]: the photo spot with most
