@@ -1,6 +1,7 @@
 """Gallery stage time, where it goes, and its held-out accuracy.
 
     python benchmarks/bench_gallery_train.py --realistic /tmp/gal200k [--set location_lr=0 ...]
+    python benchmarks/bench_gallery_train.py --round-cost 2560 2       # training rounds alone, random data
     python benchmarks/bench_gallery_train.py [--n 100000 --dim 512 --epochs 40]      # bench_cells' synthetic set
 
 ``--realistic DIR``: ``benchmarks/realistic.py``'s gallery.parquet and queries.parquet (queries by
@@ -11,7 +12,8 @@ point (``--mode gallery``), % within each threshold. Times are wall and process 
 load average beside them: the training rounds, the per-round validation, the gallery's encoding, the rest.
 The same script runs an older checkout's code (``PYTHONPATH=/old/tree``) for a before/after pair.
 
-Without ``--realistic``: bench_cells.synthetic_gallery's embeddings, and a bare baseline timed in the same
+``--round-cost PHOTOS ROUNDS``: training rounds alone, with their losses and a weight checksum (two versions
+that train alike print the same). Without either: bench_cells.synthetic_gallery's embeddings, and a bare baseline timed in the same
 run (one forward + backward of both modules over every photo, no queue, no validation).
 """
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -101,10 +102,30 @@ def realistic(folder: Path, config: GalleryConfig) -> dict:
     return {"photos": len(meta_all), "train_sample": len(meta), "queries": len(qmeta),
             "stage_wall_s": round(wall, 1), "stage_cpu_s": round(cpu, 1), "parts_wall_cpu_s": parts,
             "load_before": load_before, "load_after": load(), "rounds": train.get("epochs_run"),
-            "best_round": train.get("best_epoch"), "steps": train.get("steps"),
+            "best_round": train.get("best_epoch"),
             "val_score": round(train.get("val", {}).get("score", float("nan")), 4),
             "accuracy": {f"{t}km": round(100 * float(np.mean(err <= t)), 1) for t in THRESHOLDS_KM},
             "median_km": round(float(np.median(err)), 1)}
+
+
+def round_cost(photos: int, rounds: int, config: GalleryConfig) -> dict:
+    """Training rounds alone (no validation) on random 512-d embeddings at random places: the per-step cost of the
+    code on the path, and its losses and a weight checksum, so two versions' training can be compared exactly."""
+    cfg = config.train_config("synthetic-512", 512)
+    torch.manual_seed(cfg.seed)
+    loc, proj = build_modules(cfg, 512)
+    rng = np.random.default_rng(0)
+    n = 2 * photos
+    emb = rng.standard_normal((n, 512)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    latlon = np.stack([rng.uniform(-60, 70, n), rng.uniform(-180, 180, n)], 1)
+    trainer = gallery_train._Contrastive(loc, proj, emb, latlon, cfg, torch.device("cpu"))
+    load_before = load()
+    w, c = time.perf_counter(), time.process_time()
+    losses = [trainer.round(rng.permutation(n)[:photos]) for _ in range(rounds)]
+    return {"photos_per_round": photos, "rounds": rounds, "wall_s": round(time.perf_counter() - w, 1),
+            "cpu_s": round(time.process_time() - c, 1), "load_before": load_before, "load_after": load(),
+            "losses": [round(x, 6) for x in losses], "weight_sum": float(proj.mlp[0].weight.detach().sum())}
 
 
 def bare_epoch_seconds(emb: np.ndarray, latlon: np.ndarray, config: GalleryConfig) -> float:
@@ -145,14 +166,20 @@ def synthetic(n: int, dim: int, config: GalleryConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--realistic", type=Path, default=None, help="folder with realistic.py's gallery/queries.parquet")
+    ap.add_argument("--round-cost", type=int, nargs=2, default=None, metavar=("PHOTOS", "ROUNDS"),
+                    help="time ROUNDS training rounds of PHOTOS photos alone (random data)")
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=GalleryConfig().epochs, help="most training rounds")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a GalleryConfig field")
     ap.add_argument("--label", default="", help="a name for this run in the printed JSON")
     args = ap.parse_args(argv)
-    config = dataclasses.replace(GalleryConfig(), **{k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)})
-    out = realistic(args.realistic, config) if args.realistic else synthetic(args.n, args.dim, config)
-    print(json.dumps({"label": args.label, "code": os.environ.get("PYTHONPATH", ""), "set": args.set, **out}),
+    config = dataclasses.replace(GalleryConfig(), epochs=args.epochs, **{k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)})
+    if args.round_cost:
+        out = round_cost(*args.round_cost, config)
+    else:
+        out = realistic(args.realistic, config) if args.realistic else synthetic(args.n, args.dim, config)
+    print(json.dumps({"label": args.label, "code": gallery_train.__file__, "set": args.set, **out}),
           flush=True)
 
 
