@@ -177,3 +177,26 @@ def test_each_epoch_reports_its_time_and_what_is_left(capsys):
     # off a terminal the bar is whole lines (its start, every 10 s, its end): done, ETA, rate
     assert "0/3 [" in bar and "3/3 [" in bar and "<00:0" in bar and "round/s" in bar
     assert [line.split(":")[0] for line in lines] == ["gallery epoch 1", "gallery epoch 2", "gallery epoch 3"]
+
+
+@pytest.mark.parametrize("location_lr", [0.0, 1e-3])
+def test_a_frozen_location_encoder_is_encoded_once_for_validation(monkeypatch, location_lr):
+    """By default the location encoder is frozen: it leaves training as it started and the validation candidates are
+    encoded once for every round; a training encoder changes and its candidates are encoded again each round."""
+    import torch
+
+    from geo.models.location import LocationEncoder
+    from geo.stages.gallery.train import build_modules, train_gallery
+
+    assert GalleryConfig().location_lr == 0.0
+    meta, emb, _ = city_data(n_per=10)
+    cfg = dataclasses.replace(SMALL, epochs=3, patience=10, location_lr=location_lr).train_config("test", emb.shape[1])
+    torch.manual_seed(cfg.seed)
+    start = build_modules(cfg, emb.shape[1])[0].state_dict()
+    calls = []
+    encode = LocationEncoder.encode
+    monkeypatch.setattr(LocationEncoder, "encode", lambda self, *a, **k: calls.append(1) or encode(self, *a, **k))
+    result = train_gallery(emb, meta[["lat", "lon"]].to_numpy(), meta["AUTHOR"].to_numpy(), cfg, log=lambda *_: None)
+    same = all(torch.equal(v, start[k]) for k, v in result.location_encoder.state_dict().items())
+    assert result.metrics["epochs_run"] == 3
+    assert (same, len(calls)) == ((True, 1) if location_lr == 0 else (False, 4))  # the start's check and 3 rounds'
