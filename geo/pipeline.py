@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geo.core.files import NO_CAP, FileRefused, on_disk, read_capped, regular_size
+from geo.core.memory import map_large_blocks, release_unused
 from geo.core.runtime import matmul_flops
 from geo.core.sizes import human_bytes
 from geo.core.splits import group_column, training_rows, validation_mask
@@ -130,6 +131,7 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
             raise ManifestError(f"{man.source}: nothing to index, {len(man.errors)} inputs rejected"
                                 + (f" ({reasons}{', ...' if len(man.errors) > 3 else ''})" if reasons else "")
                                 + "; no bundle was written")
+    map_large_blocks()
     with writing(cfg.out, log):
         return _build(cfg, man, executor, log, progress)
 
@@ -214,6 +216,7 @@ def _embed_input(bundle: Bundle, source: EmbeddingInput, executor: Executor, bac
     files, info = source.embed(bundle, executor, backbone, cfg, progress, first_shard, seen)
     bundle.commit("embeddings", files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
                   replace=STAGE_FOLDERS["embeddings"])
+    release_unused()
     failed = write_errors(bundle, source.rejected, keep_earlier=first_shard > 0)
     bundle.manifest["counts"] = {"manifest_rows": rows_before + source.total, "ok": info["ok"], "failed": failed}
     bundle.save()
@@ -238,6 +241,7 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
     if (manifest is None) == (embeddings is None):
         raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
     open_bundle(root, verify=False)  # refused before the lock when it is no bundle at all
+    map_large_blocks()
     with writing(root, log):
         restore_interrupted(root)  # a killed addition's rewritten files, before the sizes are checked
         bundle = open_bundle(root)
@@ -531,6 +535,7 @@ def _fit_and_commit(bundle: Bundle, stage: str, fit: Callable[[], Any]) -> None:
     files, info = fit().save(bundle)
     bundle.commit(stage, files, {**info, "stage_seconds": round(time.perf_counter() - t0, 2)},
                   replace=STAGE_FOLDERS[stage])
+    release_unused()  # what the stage freed, given back before the next one starts
 
 
 def _fit_trained(bundle: Bundle, trained: list[str], data: TrainingData, configs: StageConfigs, log: Log) -> None:

@@ -282,9 +282,11 @@ def _lists(column: pa.ChunkedArray, where: Path,
             or not (pa.types.is_floating(arr.type.value_type) or pa.types.is_integer(arr.type.value_type)):
         raise EmbeddingTableError(f"{where}: column {name!r} is {arr.type}, not a list of floats")
     lengths = pc.fill_null(pc.list_value_length(arr), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_fixed_size_list(arr.type) and arr.null_count == 0:  # one [rows, dim] view of Arrow's buffer
+        values = arr.flatten()  # zero-copy for a fixed-size list; list_flatten + cast copied a piece twice
+        values = values if values.type == pa.float32() else values.cast(pa.float32())
+        return values.to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size), lengths
     flat = pc.list_flatten(arr).cast(pa.float32()).to_numpy(zero_copy_only=False)
-    if pa.types.is_fixed_size_list(arr.type) and arr.null_count == 0:  # one [rows, dim] view, no per-row arrays
-        return flat.reshape(len(arr), arr.type.list_size), lengths
     out: list[np.ndarray | None] = []
     pos = 0
     for n in lengths:

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from geo.core.memory import release_unused
 from geo.core.progress import bar as progress_bar
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, collate_skip_errors
@@ -120,6 +121,8 @@ def ingest_embeddings(bundle: Bundle, table: EmbeddingTable, cfg: EmbedConfig = 
                 "seconds": round(time.perf_counter() - t0, 3), "errors": piece.errors})
         first += piece.rows
         bar.update(piece.rows)
+        del piece
+        release_unused()  # each piece's Arrow and NumPy buffers go back before the next is read
         t0 = time.perf_counter()
     bar.close()
     return finished(bundle)

@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from geo.core.memory import release_unused
 from geo.core.sizes import default_memory, human_bytes, index_budget, parse_bytes
 from geo.store.atomic import atomic_write_faiss, atomic_write_json
 from geo.store.bundle import Bundle, BundleError
@@ -303,6 +304,8 @@ def fit_knn(reader: EmbeddingReader, config: KnnConfig = KnnConfig(), log: Calla
     for part in mapper(functools.partial(fill_shard, empty), shards):
         part = faiss.deserialize_index(part)
         index.merge_from(part, 0 if plan.kind == "flat" else index.ntotal)  # flat indices number rows themselves
+        del part
+        release_unused()  # a shard's filled copy and its bytes, given back before the next shard's
     build_s = time.perf_counter() - t0
 
     queries = reader.sample(min(1000, n), seed=1)

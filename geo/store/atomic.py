@@ -105,10 +105,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n").encode())
 
 
-def atomic_write_parquet(path: str | os.PathLike, table) -> Path:
+def atomic_write_parquet(path: str | os.PathLike, table, row_group_size: int | None = None) -> Path:
+    """A Parquet file (zstd). ``row_group_size``: rows per row group (pyarrow's default: up to 1M, one
+    group for a shard), what a reader and the writer hold at once."""
     import pyarrow.parquet as pq
 
-    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size))
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -97,11 +97,17 @@ def committed_schema(bundle: Bundle) -> pa.Schema | None:
     return pq.read_schema(bundle.path(listed[0])) if listed else None
 
 
+SHARD_ROW_GROUP = 8192  # rows per row group of a shard: writing and reading one holds ~40 MB at 1280-d, not the shard
+# Rows per piece read from the shards: pyarrow holds about three times a batch while reading it, so a build's
+# passes over the shards (FAISS training sample, fill, recall, the training sample) held ~1 GB at 65,536 rows.
+PIECE_ROWS = 8192
+
+
 def write_shard(bundle: Bundle, i: int, rows: pd.DataFrame, emb: np.ndarray, stats: dict[str, Any]) -> Path:
     """Parquet first, then the marker: a crash between the two leaves a shard that is redone, never half-counted.
     The rows take the schema of the shards already committed (an addition's match the bundle's)."""
     part = shard_path(bundle, i)
-    atomic_write_parquet(part, to_table(rows, emb, committed_schema(bundle)))
+    atomic_write_parquet(part, to_table(rows, emb, committed_schema(bundle)), row_group_size=SHARD_ROW_GROUP)
     atomic_write_json(marker_path(part), {"shard": i, "ok": len(rows), **stats})
     return part
 
@@ -114,7 +120,7 @@ def embedding_matrix(column) -> np.ndarray:
     return np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
 
 
-def shard_pieces(shard: Path, columns: list[str] | None = None, batch_rows: int = 65536,
+def shard_pieces(shard: Path, columns: list[str] | None = None, batch_rows: int = PIECE_ROWS,
                  embeddings: bool = True) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None]]:
     """One shard's (metadata batch, float32 [n, dim] or None) pieces: what a cluster task reads of its shard."""
     cols = None if columns is None else list(dict.fromkeys([*columns, *(["embedding"] if embeddings else [])]))
@@ -150,7 +156,7 @@ class EmbeddingReader:
     def count(self) -> int:
         return sum(pq.ParquetFile(s).metadata.num_rows for s in self.shards)
 
-    def iter(self, columns: list[str] | None = None, batch_rows: int = 65536,
+    def iter(self, columns: list[str] | None = None, batch_rows: int = PIECE_ROWS,
              embeddings: bool = True) -> Iterator[tuple[pa.RecordBatch, np.ndarray | None]]:
         """(metadata batch, float32 [n, dim] or None) pieces of at most ``batch_rows`` rows."""
         for shard in self.shards:
