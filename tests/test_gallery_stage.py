@@ -188,7 +188,7 @@ def test_a_frozen_location_encoder_is_encoded_once_for_validation(monkeypatch, l
     from geo.models.location import LocationEncoder
     from geo.stages.gallery.train import build_modules, train_gallery
 
-    assert GalleryConfig().location_lr == 0.0
+    assert GalleryConfig().encoder_lr == 0.0 and GalleryConfig(init="random").encoder_lr > 0  # frozen only from GeoCLIP
     meta, emb, _ = city_data(n_per=10)
     cfg = dataclasses.replace(SMALL, epochs=3, patience=10, location_lr=location_lr).train_config("test", emb.shape[1])
     torch.manual_seed(cfg.seed)

@@ -32,6 +32,9 @@ KM_PER_DEG = 111.195
 VAL_THRESHOLDS_KM = tuple(float(t) for t in THRESHOLDS_KM[1:])  # 1 km is beyond a gallery point's reach
 
 
+RANDOM_INIT_LOCATION_LR = 1e-5  # the rate every encoder trained at before freezing became the default
+
+
 @dataclass
 class TrainConfig:
     """What a build may change about the gallery's training (``geo build-index --gallery-*``, tests, benchmarks).
@@ -53,10 +56,18 @@ class TrainConfig:
     round_photos: int = 10_000
     batch_size: int = 256
     lr: float = 1e-3  # AdamW learning rate of the image projection
-    # Learning rate of the location encoder; 0 (the default) freezes it: GeoCLIP's encoder then costs one forward a
-    # step and the validation candidates are encoded once, at no loss of held-out accuracy (benchmarks/RESULTS.md,
-    # "Cheaper training at the 1M build's sample").
-    location_lr: float = 0.0
+    # Learning rate of the location encoder; 0 freezes it. None: frozen from GeoCLIP's weights (one forward a
+    # step, validation candidates encoded once, no loss of held-out accuracy: benchmarks/RESULTS.md, "Cheaper
+    # training at the 1M build's sample"), trained at RANDOM_INIT_LOCATION_LR from a random start (frozen
+    # random features would be all the gallery ever had).
+    location_lr: float | None = None
+
+    @property
+    def encoder_lr(self) -> float:
+        """The location encoder's learning rate this config means (``location_lr`` with None resolved)."""
+        if self.location_lr is not None:
+            return self.location_lr
+        return 0.0 if self.init == "geoclip" else RANDOM_INIT_LOCATION_LR
     hidden: int = 1024  # hidden width of the image projection MLP
     dropout: float = 0.2  # in the image projection: regularises small galleries
     jitter_km: float = 10.0  # std of the GPS jitter on training places: a place's surroundings are positives too
@@ -250,8 +261,8 @@ class _Contrastive:
         _, loc_id = np.unique(np.round(latlon, 3), axis=0, return_inverse=True)
         self.ids = torch.from_numpy(loc_id.reshape(-1)).to(dev)
         params = [{"params": list(proj.parameters()), "lr": config.lr}]
-        if config.location_lr > 0:
-            params.append({"params": list(loc.parameters()), "lr": config.location_lr})
+        if config.encoder_lr > 0:
+            params.append({"params": list(loc.parameters()), "lr": config.encoder_lr})
         else:
             loc.requires_grad_(False)
         self.opt = torch.optim.AdamW(params, weight_decay=TUNED.weight_decay)
@@ -261,7 +272,7 @@ class _Contrastive:
 
     def round(self, order: np.ndarray) -> float:
         """One training round over these training rows, in batches; its mean loss."""
-        self.loc.train(self.config.location_lr > 0)
+        self.loc.train(self.config.encoder_lr > 0)
         self.proj.train()
         order_t = torch.from_numpy(order).to(self.dev)
         # A lone photo has no in-batch negative to learn from: a batch of one is skipped.
@@ -278,7 +289,7 @@ class _Contrastive:
         """A frozen encoder's features of these batches' jittered places (drawn in step order, as the steps would),
         from one forward without a graph: large batches use the CPU better than 256-row ones. None for each batch
         while the encoder trains: its step encodes its places through the graph."""
-        if self.config.location_lr > 0:
+        if self.config.encoder_lr > 0:
             return [None] * len(batches)
         jittered = [jitter(self.g[idx], self.config.jitter_km, self.gen) for idx in batches]
         with torch.no_grad():
