@@ -121,9 +121,9 @@ def fit_city_head(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, val: np.nda
                             "photos": int(len(emb)), "epochs": len(result.history)}
     temperature = 1.0
     if held.any():
-        (z,), _ = head_logits(result.model, emb[held])  # float32 [held, classes]: 0.37 GB at 29K x 3,164
-        temperature = _temperature(z, target[held])
-        info.update(_held_out_scores(z, target, held, [*cities, ELSEWHERE],
+        nll, top1, top1_city = _held_out_pass(result.model, emb, np.flatnonzero(held), target)
+        temperature = float(TEMPERATURES[int(np.argmin(nll))])
+        info.update(_held_out_scores(top1, top1_city, target, held, [*cities, ELSEWHERE],
                                      groups[held] if groups is not None else None))
     else:
         info.update({"used": False, "not_used_because": "no held-out photographers to check it against"})
@@ -133,30 +133,35 @@ def fit_city_head(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, val: np.nda
     return CityHead(result.model.cpu().eval(), table, temperature, info)
 
 
-TEMPERATURE_ROWS = 4096  # held-out rows per float64 block of the likelihood
+HELD_OUT_ROWS = 4096  # held-out rows scored at a time: [rows, classes] logits, never all of them at once
 
 
-def _temperature(z: np.ndarray, truth: np.ndarray) -> float:
-    """The :data:`TEMPERATURES` entry with the least held-out negative log-likelihood, summed a float64 block of
-    rows at a time: whole [held, classes] float64 copies (logits, scaled, exponentiated) were 2.2 GB of a
-    150K build's peak for 29K held-out photos and 3,164 classes."""
+def _held_out_pass(model: CellHeads, emb: np.ndarray, rows: np.ndarray,
+                   target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over the held-out ``rows`` a block at a time: (each :data:`TEMPERATURES` entry's summed negative
+    log-likelihood (float64), each photo's top class, its top city). Whole [held, classes] logits and their
+    float64 copies were 3 GB of a 150K build's peak (29K held-out photos, 3,164 classes)."""
     nll = np.zeros(len(TEMPERATURES))
-    for r in range(0, len(z), TEMPERATURE_ROWS):
-        block, rows = z[r:r + TEMPERATURE_ROWS].astype(np.float64), truth[r:r + TEMPERATURE_ROWS]
+    top1, top1_city = np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
+    for r in range(0, len(rows), HELD_OUT_ROWS):
+        block = rows[r:r + HELD_OUT_ROWS]
+        (z,), _ = head_logits(model, emb[block])
+        top1[r:r + len(block)], top1_city[r:r + len(block)] = z.argmax(axis=1), z[:, :-1].argmax(axis=1)
+        z64, truth = z.astype(np.float64), target[block]
         for k, t in enumerate(TEMPERATURES):
-            s = block / t
+            s = z64 / t
             s -= s.max(axis=1, keepdims=True)
-            nll[k] += float(np.sum(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(s)), rows]))
-    return float(TEMPERATURES[int(np.argmin(nll / max(len(z), 1)))])
+            nll[k] += float(np.sum(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(s)), truth]))
+    return nll, top1, top1_city
 
 
-def _held_out_scores(z: np.ndarray, target: np.ndarray, held: np.ndarray, classes: list[str],
-                     groups: np.ndarray | None) -> dict[str, Any]:
+def _held_out_scores(top1: np.ndarray, top1_city: np.ndarray, target: np.ndarray, held: np.ndarray,
+                     classes: list[str], groups: np.ndarray | None) -> dict[str, Any]:
     """Held-out top-1 against always answering the training photos' commonest class, and whether the gain
     exceeds one photographer-clustered standard error of the per-photo difference (else: not used)."""
     truth = target[held]
     majority = int(np.bincount(target[~held], minlength=len(classes)).argmax())
-    hit = (z.argmax(axis=1) == truth).astype(np.float64)
+    hit = (top1 == truth).astype(np.float64)
     base = (truth == majority).astype(np.float64)
     gain, se = float(hit.mean() - base.mean()), clustered_se(hit - base, groups)
     in_city = truth < len(classes) - 1
@@ -167,7 +172,7 @@ def _held_out_scores(z: np.ndarray, target: np.ndarray, held: np.ndarray, classe
         "majority_class": classes[majority],
         "clustered_se": round(se, 4) if np.isfinite(se) else None,
         "held_out_in_a_city": int(in_city.sum()),
-        "held_out_city_acc": round(float(np.mean(z[in_city, :-1].argmax(axis=1) == truth[in_city])), 4)
+        "held_out_city_acc": round(float(np.mean(top1_city[in_city] == truth[in_city])), 4)
         if in_city.any() else None,
         "used": bool(gain > se),
     }
