@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import tempfile
 import time
@@ -119,7 +120,8 @@ def round_cost(photos: int, rounds: int, config: GalleryConfig) -> dict:
     emb = rng.standard_normal((n, 512)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     latlon = np.stack([rng.uniform(-60, 70, n), rng.uniform(-180, 180, n)], 1)
-    trainer = gallery_train._Contrastive(loc, proj, emb, latlon, cfg, torch.device("cpu"))
+    rows = (np.arange(n),) if "rows" in inspect.signature(gallery_train._Contrastive).parameters else ()  # before: none
+    trainer = gallery_train._Contrastive(loc, proj, emb, *rows, latlon, cfg, torch.device("cpu"))
     load_before = load()
     w, c = time.perf_counter(), time.process_time()
     losses = [trainer.round(rng.permutation(n)[:photos]) for _ in range(rounds)]
