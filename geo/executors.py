@@ -4,7 +4,7 @@ Two parts of a build can spread out: making the embedding shards and filling
 the FAISS index shard by shard. An :class:`Executor` does both. The build picks
 one from ``--ray`` (:func:`executor_for`) before anything runs, the way
 clip-retrieval picks its distributor once; stages never ask which one it is:
-they take the executor's ``map`` as a plain callable.
+they take the executor's ``mapper`` as a plain callable (None: this process does the work itself).
 """
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ class Executor(Protocol):
               first_shard: int) -> tuple[list[Path], dict[str, Any]]:
         """Embed every row not yet in a finished shard; (every finished shard's files, the stage's info)."""
 
-    def map(self, fn: Callable[[Any], Any], items: list) -> Iterable[Any]:
-        """``map(fn, items)``, results in the items' order."""
+    mapper: Mapper | None
+    """``mapper(fn, items)`` spreads per-shard work and returns results in the items' order; None: this process
+    does it itself, with nothing to serialise (a local kNN fill adds each shard straight into the index)."""
 
 
 class LocalExecutor:
@@ -44,8 +45,7 @@ class LocalExecutor:
               first_shard: int) -> tuple[list[Path], dict[str, Any]]:
         return run_embedding_stage(bundle, rows, backbone, cfg, progress, first_shard)
 
-    def map(self, fn: Callable[[Any], Any], items: list) -> Iterable[Any]:
-        return map(fn, items)
+    mapper = None
 
 
 LOCAL = LocalExecutor()

@@ -466,7 +466,7 @@ def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = 
                log: Log = print, executor: Executor = LOCAL, disk: dict[str, int] | None = None) -> None:
     """Fit, save and commit the stages after the embeddings that ``stages`` names and the bundle lacks (or ``force``).
 
-    The kNN index is filled shard by shard through ``executor.map``; cells and gallery are fitted on the training
+    The kNN index is filled shard by shard (through ``executor.mapper`` on a cluster); cells and gallery are fitted on the training
     sample; fusion is re-tuned whenever a signal it mixes changed. ``disk`` (the plan's bytes per stage) is
     checked against the free space before each stage starts."""
     configs = configs.resolved()
@@ -479,7 +479,7 @@ def run_stages(bundle: Bundle, configs: StageConfigs, stages: tuple[str, ...] = 
 
     reader = EmbeddingReader(bundle)
     if wanted("knn_index"):
-        _fit_and_commit(bundle, "knn_index", lambda: fit_knn(reader, configs.knn, log=log, mapper=executor.map))
+        _fit_and_commit(bundle, "knn_index", lambda: fit_knn(reader, configs.knn, log=log, mapper=executor.mapper))
     trained = [s for s in ("cells", "gallery") if wanted(s)]
     retune = wanted("fusion") or (bool(trained) and "fusion" in stages)  # retune whenever a signal changed
     if not trained and not retune:
