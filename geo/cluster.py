@@ -162,10 +162,6 @@ class RayExecutor:
         """The actors load the bundle's backbone themselves; the driver's copy (``backbone``) only made its spec."""
         return embed_on_ray(bundle, rows, cfg, self.device, self.precision, progress, first_shard)
 
-    @property
-    def mapper(self) -> Callable[[Callable[[Any], Any], list], Iterator[Any]]:
-        """Per-shard work as Ray tasks (:class:`geo.executors.Executor`)."""
-        return self.map
-
-    def map(self, fn: Callable[[Any], Any], items: list) -> Iterator[Any]:
+    def mapper(self, fn: Callable[[Any], Any], items: list) -> Iterator[Any]:
+        """Per-shard work as Ray tasks (:class:`geo.executors.Executor`), results in the items' order."""
         return ray_map(fn, items)

@@ -17,6 +17,8 @@ out-of-fold hit rates within 25 / 200 / 750 km are the mode's stated confidence,
 """
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +92,10 @@ class _Moments:
     sy: np.ndarray
     sxy: np.ndarray
 
+    def __add__(self, other: "_Moments") -> "_Moments":
+        return _Moments(self.n + other.n, self.sx + other.sx, self.sxx + other.sxx, self.sy + other.sy,
+                        self.sxy + other.sxy)
+
     def __sub__(self, other: "_Moments") -> "_Moments":
         return _Moments(self.n - other.n, self.sx - other.sx, self.sxx - other.sxx, self.sy - other.sy,
                         self.sxy - other.sxy)
@@ -142,10 +148,7 @@ def _out_of_fold(emb: np.ndarray, moments: list[_Moments], fold: np.ndarray, alp
 
 
 def _total(moments: list[_Moments]) -> _Moments:
-    total = moments[0]
-    for m in moments[1:]:
-        total = _Moments(total.n + m.n, total.sx + m.sx, total.sxx + m.sxx, total.sy + m.sy, total.sxy + m.sxy)
-    return total
+    return functools.reduce(operator.add, moments)
 
 
 def fit_regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np.ndarray | None = None,

@@ -61,6 +61,12 @@ class TrainConfig:
     # training at the 1M build's sample"), trained at RANDOM_INIT_LOCATION_LR from a random start (frozen
     # random features would be all the gallery ever had).
     location_lr: float | None = None
+    hidden: int = 1024  # hidden width of the image projection MLP
+    dropout: float = 0.2  # in the image projection: regularises small galleries
+    jitter_km: float = 10.0  # std of the GPS jitter on training places: a place's surroundings are positives too
+    patience: int = 6  # rounds without a better held-out score before stopping
+    seed: int = 0  # the split, the initialisation, the batches and the jitter
+    device: str = "auto"  # 'auto' (cuda when present), 'cpu' or 'cuda'
 
     @property
     def encoder_lr(self) -> float:
@@ -68,12 +74,6 @@ class TrainConfig:
         if self.location_lr is not None:
             return self.location_lr
         return 0.0 if self.init == "geoclip" else RANDOM_INIT_LOCATION_LR
-    hidden: int = 1024  # hidden width of the image projection MLP
-    dropout: float = 0.2  # in the image projection: regularises small galleries
-    jitter_km: float = 10.0  # std of the GPS jitter on training places: a place's surroundings are positives too
-    patience: int = 6  # rounds without a better held-out score before stopping
-    seed: int = 0  # the split, the initialisation, the batches and the jitter
-    device: str = "auto"  # 'auto' (cuda when present), 'cpu' or 'cuda'
 
 
 @dataclass(frozen=True)
