@@ -125,6 +125,30 @@ def test_clip_retrieval_output_reads_as_the_same_rows(tmp_path):
         EmbeddingTable(tmp_path)
 
 
+def test_pieces_are_the_same_whatever_size_the_batches_are_decoded_in(tmp_path, monkeypatch):
+    """A piece is decoded a batch at a time (READ_ROWS) into one matrix; batches that straddle pieces, parts and
+    bad rows (a null, a wrong length) give the same pieces as decoding each piece whole."""
+    import geo.data.embedding_table as et
+
+    df = synthetic_gallery(27)
+    df.at[4, "embedding"] = None
+    df.at[11, "embedding"] = np.ones(DIM + 2, np.float32)
+    (tmp_path / "t").mkdir()
+    write_embeddings(df.iloc[:16], tmp_path / "t" / "a.parquet")
+    write_embeddings(df.iloc[16:], tmp_path / "t" / "b.parquet")
+
+    def read(batch: int) -> list:
+        monkeypatch.setattr(et, "READ_ROWS", batch)
+        return list(EmbeddingTable(tmp_path / "t").pieces(7))
+
+    whole, small = read(1 << 20), read(3)
+    assert [p.rows for p in small] == [p.rows for p in whole] == [7, 7, 2, 7, 4]  # a part's last piece is short
+    for a, b in zip(whole, small):
+        assert a.meta.equals(b.meta) and np.array_equal(a.emb, b.emb) and a.errors == b.errors
+    assert [e["reason"] for p in small for e in p.errors] == [
+        "row 5: no embedding (null)", f"row 12: embedding has {DIM + 2} values, expected {DIM}"]
+
+
 def test_unusable_sources_are_refused_by_name(tmp_path):
     with pytest.raises(EmbeddingTableError, match="no such file"):
         EmbeddingTable(tmp_path / "nope.parquet")

@@ -40,6 +40,7 @@ from geo.core.names import find_column
 from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS, as_text
 
 DEFAULT_COLUMN = "embedding"
+READ_ROWS = 8192  # input rows decoded at a time; a piece (a shard's worth) is assembled from such batches
 _CLIP_EMB = re.compile(r"^img_emb_(\d+)\.npy$")
 _CLIP_META = re.compile(r"^metadata_(\d+)\.parquet$")
 
@@ -137,64 +138,68 @@ class EmbeddingTable:
 
     def _first_dim(self) -> int:
         """The dimension of the first usable embedding: what every row must then have."""
-        for _, _, lengths in self._raw(4096):
-            ok = lengths > 0
-            if ok.any():
-                return int(lengths[ok][0])
+        for part in self.parts:
+            for _, _, lengths in self._batches(part, 4096):
+                ok = lengths > 0
+                if ok.any():
+                    return int(lengths[ok][0])
         raise EmbeddingTableError(f"{self.path}: no row holds an embedding")
 
     # ------------------------------------------------------------ reading
-    def _raw(self, rows: int) -> Iterator[tuple[pd.DataFrame, list[np.ndarray | None] | np.ndarray, np.ndarray]]:
-        """(metadata, embeddings, lengths) per batch; lengths -1 for a null embedding. The batch is validated
-        and converted here, so that a damaged part (undecodable text) is named like any other unreadable one.
-
-        Parquet embeddings come as a list of per-row arrays (any length, so a
-        wrong one can be reported); clip-retrieval's as a 2-D array.
-        """
+    def _raw(self, rows: int) -> Iterator[tuple[pd.DataFrame, np.ndarray, np.ndarray]]:
+        """(metadata, float32 [n, dim] embeddings, lengths) per piece of at most ``rows`` input rows, a part's
+        last piece shorter. A piece is decoded :data:`READ_ROWS` rows at a time into its one matrix (a row of
+        another length, or null, stays zero: its length says so), so Arrow never holds more than a batch:
+        decoding a 50K x 1280 piece whole held 4.5x its bytes at once."""
         for part in self.parts:
-            try:
-                pf = streamed_parquet(part.meta)
+            yield from _regrouped(self._batches(part, min(rows, READ_ROWS)), rows, self.dim)
+
+    def _batches(self, part: _Part, rows: int) -> Iterator[tuple[pd.DataFrame, list[np.ndarray | None] | np.ndarray,
+                                                                  np.ndarray]]:
+        """One part's (metadata, embeddings, lengths) per batch; lengths -1 for a null embedding. The batch is
+        validated and converted here, so that a damaged part (undecodable text) is named like any other
+        unreadable one. Parquet embeddings come as a list of per-row arrays (any length, so a wrong one can be
+        reported) or, from a fixed-size list, one matrix; clip-retrieval's as a 2-D array."""
+        try:
+            pf = streamed_parquet(part.meta)
+            if part.npy is not None:
+                emb = np.load(part.npy, mmap_mode="r", allow_pickle=False)
+                if emb.ndim != 2 or emb.shape[0] != pf.metadata.num_rows:
+                    raise EmbeddingTableError(f"{part.npy}: shape {emb.shape} does not pair with "
+                                              f"{part.meta.name}'s {pf.metadata.num_rows} rows")
+            start = 0
+            for batch in pf.iter_batches(batch_size=rows):
+                table = pa.Table.from_batches([batch])
+                table.validate(full=True)  # text that is not UTF-8 fails here, named, not in a later use
                 if part.npy is not None:
-                    emb = np.load(part.npy, mmap_mode="r", allow_pickle=False)
-                    if emb.ndim != 2 or emb.shape[0] != pf.metadata.num_rows:
-                        raise EmbeddingTableError(f"{part.npy}: shape {emb.shape} does not pair with "
-                                                  f"{part.meta.name}'s {pf.metadata.num_rows} rows")
-                start = 0
-                for batch in pf.iter_batches(batch_size=rows):
-                    table = pa.Table.from_batches([batch])
-                    table.validate(full=True)  # text that is not UTF-8 fails here, named, not in a later use
-                    if part.npy is not None:
-                        mat = np.asarray(emb[start:start + len(table)])
-                        start += len(table)
-                        yield table.to_pandas(), mat, np.full(len(table), mat.shape[1])
-                    else:
-                        yield (table.drop_columns([self.column]).to_pandas(), *_lists(table.column(self.column), part.meta,
-                                                                          self.column))
-            except (pa.ArrowException, OSError, ValueError) as e:
-                if isinstance(e, EmbeddingTableError):
-                    raise
-                raise EmbeddingTableError(f"{part.npy or part.meta}: cannot read ({e})") from None
+                    mat = np.asarray(emb[start:start + len(table)])
+                    start += len(table)
+                    yield table.to_pandas(), mat, np.full(len(table), mat.shape[1])
+                else:
+                    yield (table.drop_columns([self.column]).to_pandas(),
+                           *_lists(table.column(self.column), part.meta, self.column))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            if isinstance(e, EmbeddingTableError):
+                raise
+            raise EmbeddingTableError(f"{part.npy or part.meta}: cannot read ({e})") from None
 
     def pieces(self, rows: int = 50_000, seen: set[str] | None = None) -> Iterator[EmbeddingPiece]:
         """Valid rows and error rows, ``rows`` input rows at a time, in input order; ids in ``seen`` (a bundle's,
         when adding to it) count as duplicates."""
         seen = set() if seen is None else set(seen)
         first = 0
-        for df, mat, lengths in self._raw(rows):
-            yield self._validate(df, mat, lengths, first, seen)
+        for df, vec, lengths in self._raw(rows):
+            yield self._validate(df, vec, lengths, first, seen)
             first += len(df)
 
-    def _validate(self, df: pd.DataFrame, mat, lengths: np.ndarray, first: int, seen: set[str]) -> EmbeddingPiece:
+    def _validate(self, df: pd.DataFrame, vec: np.ndarray, lengths: np.ndarray, first: int,
+                  seen: set[str]) -> EmbeddingPiece:
         n = len(df)
         reasons: list[str | None] = [None] * n
         ids = _ids(df, self.id_col, self.path_col, first)
         lat, lon = (_coordinate(df, col, n) for col in (self.lat_col, self.lon_col))
         for i in range(n):
             reasons[i] = _coordinate_problem(lat[1][i], lon[1][i], self.require_coordinates, lat[0][i], lon[0][i])
-        # a matrix of the right width (clip-retrieval's .npy, a fixed-size list column) is used as it is: a copy
-        # of a 50K x 1280 piece is 0.25 GB of a build's peak; ragged lists are copied row by row
-        whole = isinstance(mat, np.ndarray) and mat.ndim == 2 and mat.shape[1] == self.dim
-        vec = np.asarray(mat, np.float32) if whole else np.zeros((n, self.dim), np.float32)
         for i in range(n):
             if reasons[i] is not None:
                 continue
@@ -202,8 +207,6 @@ class EmbeddingTable:
                 reasons[i] = "no embedding (null)"
             elif lengths[i] != self.dim:
                 reasons[i] = f"embedding has {int(lengths[i])} values, expected {self.dim}"
-            elif not whole:
-                vec[i] = mat[i]
         problems = vector_problems(vec)
         for i in range(n):
             if reasons[i] is None and problems[i] is not None:
@@ -226,7 +229,42 @@ class EmbeddingTable:
         })
         for c in extras:
             meta[str(c)] = df[c].to_numpy()[ok]
-        return EmbeddingPiece(meta, unit_rows(vec if ok.all() else vec[ok]), errors, n, first, np.flatnonzero(ok))
+        # every row valid (the usual case): normalised in place, no second copy of the piece
+        unit = unit_rows(vec, out=vec) if ok.all() else unit_rows(vec[ok])
+        return EmbeddingPiece(meta, unit, errors, n, first, np.flatnonzero(ok))
+
+
+def _regrouped(batches: Iterator[tuple[pd.DataFrame, list[np.ndarray | None] | np.ndarray, np.ndarray]], rows: int,
+               dim: int) -> Iterator[tuple[pd.DataFrame, np.ndarray, np.ndarray]]:
+    """Batches gathered into pieces of ``rows`` rows (the last one shorter), each piece's embeddings copied into
+    one float32 [n, dim] matrix as its batches arrive; a row whose length is not ``dim`` stays zero."""
+    frames: list[pd.DataFrame] = []
+    lens: list[np.ndarray] = []
+    vec, filled = np.zeros((rows, dim), np.float32), 0
+    for df, mat, lengths in batches:
+        at = 0
+        while at < len(df):
+            take = min(len(df) - at, rows - filled)
+            _fill(vec[filled:filled + take], mat, lengths, at, dim)
+            frames.append(df.iloc[at:at + take])
+            lens.append(lengths[at:at + take])
+            filled, at = filled + take, at + take
+            if filled == rows:
+                yield pd.concat(frames, ignore_index=True), vec, np.concatenate(lens)
+                frames, lens, vec, filled = [], [], np.zeros((rows, dim), np.float32), 0
+    if filled:
+        yield pd.concat(frames, ignore_index=True), vec[:filled], np.concatenate(lens)
+
+
+def _fill(dst: np.ndarray, mat: list[np.ndarray | None] | np.ndarray, lengths: np.ndarray, at: int, dim: int) -> None:
+    """Rows ``at``.. of a batch's embeddings into ``dst`` (as many as it holds), those of length ``dim`` only."""
+    fits = lengths[at:at + len(dst)] == dim
+    if isinstance(mat, np.ndarray):
+        if mat.shape[1] == dim:
+            dst[fits] = mat[at:at + len(dst)][fits]
+        return
+    for i in np.flatnonzero(fits):
+        dst[i] = mat[at + i]
 
 
 NORM_ROWS = 8192  # rows per float64 block when norms are taken: [NORM_ROWS, dim] at a time, never a copy of a piece
@@ -253,12 +291,13 @@ def vector_problems(vec: np.ndarray) -> list[str | None]:
             "is a zero vector (no direction to compare)" for f, z in zip(finite, norm)]
 
 
-def unit_rows(vec: np.ndarray) -> np.ndarray:
+def unit_rows(vec: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``vec`` scaled to length 1 along its last axis (the norm taken in float64, so large finite values do not
     overflow it), as float32: how every embedding is stored and searched. Divided a block of rows at a time,
-    in float64 as the norm, so the result is the same as one division of the whole."""
+    in float64 as the norm, so the result is the same as one division of the whole. ``out``: where to write
+    it (``vec`` itself, when it is float32 and its rows are not needed again)."""
     rows = vec.reshape(-1, vec.shape[-1]) if vec.ndim > 1 else vec[None]
-    out = np.empty(rows.shape, np.float32)
+    out = np.empty(rows.shape, np.float32) if out is None else out.reshape(rows.shape)
     for s in range(0, len(rows), NORM_ROWS):
         block = rows[s:s + NORM_ROWS].astype(np.float64)
         out[s:s + NORM_ROWS] = block / np.linalg.norm(block, axis=1, keepdims=True)
