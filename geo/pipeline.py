@@ -524,7 +524,9 @@ class TrainingData:
                    str(bundle.manifest.get("backbone", {}).get("name", "")))
         if sample:
             rows = training_rows(reader.count, configs.train_photos, SPLIT_SEED)
-            data.meta, data.emb = reader.take(rows)
+            # a large gallery's sample feeds only the heads and the gallery, a batch at a time: float16 halves
+            # what every trained stage holds (fusion refits stages on a small one's, in float32)
+            data.meta, data.emb = reader.take(rows, dtype=np.float16 if _large(reader, configs) else np.float32)
             data.val = held if rows is None else held[rows]
         return data
 

@@ -67,6 +67,17 @@ def test_training_is_reproducible():
     assert a.scene_values == [0, 1, 2]
 
 
+def test_a_float16_sample_trains_the_heads_as_float32_does():
+    """A large build holds its training sample in float16 (geo.core.memory.compact_rows): every stage of fit_cells
+    (heads, calibration, regression, city head) casts a batch at a time, so the heads match float32's closely."""
+    meta, emb, _ = _gallery(300)
+    cfg = CellsConfig(tau_min=3, tau_max=[100, 30], seed=1, max_epochs=5)
+    full = fit_cells(meta, emb, cfg, log=lambda *_: None)
+    half = fit_cells(meta, emb.astype(np.float16), cfg, log=lambda *_: None)
+    a, b = (np.exp(p.log_probs(emb[:100])[0][-1]) for p in (full, half))
+    assert np.abs(a - b).max() < 0.05 and (a.argmax(1) == b.argmax(1)).mean() > 0.95
+
+
 def test_scene_conditioned_heads_use_the_scene():
     """Paris and New York photos look alike here, but Paris ones are labelled indoor and New York ones urban:
     only heads that read the scene can tell them apart, so the true label must beat the swapped one."""

@@ -200,3 +200,18 @@ def test_a_frozen_location_encoder_is_encoded_once_for_validation(monkeypatch, l
     same = all(torch.equal(v, start[k]) for k, v in result.location_encoder.state_dict().items())
     assert result.metrics["epochs_run"] == 3
     assert (same, len(calls)) == ((True, 1) if location_lr == 0 else (False, 4))  # the start's check and 3 rounds'
+
+
+def test_a_float16_sample_trains_the_gallery_as_float32_does():
+    """A large build holds its training sample in float16 (geo.core.memory.compact_rows); training casts each batch
+    to float32, so the result is the float32 sample's to float16's rounding, not a different model."""
+    from geo.stages.gallery.train import train_gallery
+
+    meta, emb, _ = city_data(n_per=20)
+    cfg = dataclasses.replace(SMALL, epochs=3, patience=10).train_config("test", emb.shape[1])
+    latlon, groups = meta[["lat", "lon"]].to_numpy(), meta["AUTHOR"].to_numpy()
+    full = train_gallery(emb, latlon, groups, cfg, log=lambda *_: None)
+    half = train_gallery(emb.astype(np.float16), latlon, groups, cfg, log=lambda *_: None)
+    assert half.metrics["epochs_run"] == full.metrics["epochs_run"] == 3
+    a, b = (r.image_projection.encode(emb, normalize=True) for r in (full, half))
+    assert np.abs(a - b).max() < 0.02 and not np.array_equal(a, b)

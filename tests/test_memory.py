@@ -42,3 +42,12 @@ def test_the_real_allocator_keeps_arrays_intact_across_a_release():
     a = np.arange(1 << 20, dtype=np.float64)
     memory.release_unused()
     assert a.sum() == (1 << 20) * ((1 << 20) - 1) / 2
+
+
+def test_compact_rows_keeps_a_float16_sample_and_makes_anything_else_float32():
+    half = np.ones((4, 3), np.float16)[:, ::-1]  # a strided view: made contiguous, not widened
+    out = memory.compact_rows(half)
+    assert out.dtype == np.float16 and out.flags.c_contiguous
+    assert memory.compact_rows(np.ones((4, 3))).dtype == np.float32
+    same = np.ones((4, 3), np.float32)
+    assert memory.compact_rows(same) is same

@@ -7,12 +7,17 @@ FAISS lists and NumPy blocks land in heaps that are never trimmed. Arrow's pool 
 it freed, too. At 150K x 1280, RSS after the kNN stage was 1.6 GB above what live objects held, and every
 later stage added to it. So a build pins the threshold at 1 MiB (big blocks are mapped and unmapped as
 they are freed) and trims the heaps and Arrow's pool after each stage.
+
+A large build also holds its training sample in float16 (:func:`compact_rows`): the cell heads and the GPS
+gallery read it a batch at a time, cast to float32, so half the bytes are held through every trained stage.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
 import sys
+
+import numpy as np
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 MMAP_THRESHOLD = 1 << 20
@@ -44,3 +49,9 @@ def release_unused() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def compact_rows(emb: np.ndarray) -> np.ndarray:
+    """``emb`` contiguous, as float16 if it is (a large build's training sample: its consumers cast a batch at a
+    time) and float32 otherwise. Never a float32 copy of a float16 sample: that would undo what it saves."""
+    return np.ascontiguousarray(emb, dtype=np.float16 if emb.dtype == np.float16 else np.float32)

@@ -169,8 +169,10 @@ class EmbeddingReader:
         """
         return self.take(None, columns)
 
-    def take(self, rows: np.ndarray | None, columns: list[str] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
-        """Metadata and float32 embeddings of the given row numbers (sorted, unique; None: every row), streamed."""
+    def take(self, rows: np.ndarray | None, columns: list[str] | None = None,
+             dtype: type = np.float32) -> tuple[pd.DataFrame, np.ndarray]:
+        """Metadata and embeddings (float32, or ``dtype``: a large build's float16 training sample) of the given
+        row numbers (sorted, unique; None: every row), streamed: each piece is cast as it is copied in."""
         total = self.count
         keep = np.arange(total) if rows is None else np.asarray(rows, np.int64)
         if len(keep) and (keep.min() < 0 or keep.max() >= total or np.any(np.diff(keep) <= 0)):
@@ -180,7 +182,7 @@ class EmbeddingReader:
             pick = keep[np.searchsorted(keep, start):np.searchsorted(keep, start + len(emb))] - start
             start += len(emb)
             if out is None:
-                out = np.empty((len(keep), emb.shape[1]), np.float32)
+                out = np.empty((len(keep), emb.shape[1]), dtype)
             out[filled:filled + len(pick)] = emb[pick]
             filled += len(pick)
             metas.append(pa.Table.from_batches([meta]).take(pa.array(pick)))

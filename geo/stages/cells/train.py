@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from geo.core.geodesy import EARTH_RADIUS_KM, latlon_to_xyz
+from geo.core.memory import compact_rows
 from geo.core.progress import bar
 from geo.core.runtime import resolve_device
 from geo.core.splits import validation_mask
@@ -76,7 +77,7 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
         np.random.default_rng(config.seed).choice(val, VAL_LOSS_PHOTOS, replace=False))
     model = CellHeads(emb.shape[1], [len(c[0]) for c in cell_latlon], config.head, config.hidden,
                       config.dropout, n_scenes)
-    x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).to(dev)
+    x = torch.from_numpy(compact_rows(emb)).to(dev)  # a float16 sample stays so; each batch is cast to float32
     y = torch.from_numpy(np.asarray(targets, dtype=np.int64)).to(dev)
     s = torch.from_numpy(np.asarray(scene if scene is not None else np.full(n, -1), dtype=np.int64)).to(dev)
     pxyz = torch.from_numpy(latlon_to_xyz(*photo_latlon)).float().to(dev)
@@ -105,7 +106,7 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
         # Epoch 0 only scores the initial (prototype) heads: on a small gallery they can beat any trained epoch.
         for b in range(0, len(perm) if epoch else 0, batch_size):
             idx = perm[b:b + batch_size]
-            loss = _loss(model, x[idx], y[idx], s[idx], pxyz[idx], cxyz, config.smoothing_km, n_scenes)
+            loss = _loss(model, x[idx].float(), y[idx], s[idx], pxyz[idx], cxyz, config.smoothing_km, n_scenes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -113,7 +114,7 @@ def train_heads(emb: np.ndarray, targets: np.ndarray, cell_latlon: list[tuple[np
         model.eval()
         with torch.no_grad():
             # Validation is always scored against hard labels: the number early stopping compares across runs.
-            vloss = float(_loss(model, x[val_t], y[val_t], s[val_t], pxyz[val_t], cxyz, 0.0, n_scenes))
+            vloss = float(_loss(model, x[val_t].float(), y[val_t], s[val_t], pxyz[val_t], cxyz, 0.0, n_scenes))
         history.append({"epoch": epoch, "train_loss": total / max(len(perm), 1), "val_loss": vloss})
         progress.update()
         progress.set_postfix_str(f"val loss {vloss:.4g}")

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
+from geo.core.memory import compact_rows
 from geo.core.priors import photos_within
 from geo.core.progress import bar, detail
 from geo.core.runtime import resolve_device
@@ -177,7 +178,7 @@ def train_gallery(emb: np.ndarray, latlon: np.ndarray, groups: np.ndarray | None
     the validation candidates so early stopping sees the same choice queries will.
     ``val``: bool [n], the held-out photographers (default: the shared validation mask over ``groups``).
     """
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    emb = compact_rows(emb)  # a float16 sample stays so: batches and the validation photos are cast to float32
     latlon = np.asarray(latlon, dtype=np.float64)
     if emb.ndim != 2 or latlon.shape != (len(emb), 2):
         raise ValueError(f"train_gallery: emb {emb.shape} and latlon {latlon.shape} do not pair up")
@@ -231,7 +232,7 @@ class _Validation:
             pick = rng.choice(len(extra_latlon), min(len(extra_latlon), TUNED.val_gallery_max), replace=False)
             cand = np.concatenate([cand, np.asarray(extra_latlon, np.float64)[pick]])
         bias = TUNED.prior_weight * log_density(cand, latlon[tr], TUNED.prior_radius_km)
-        return cls(torch.from_numpy(emb[va_rows]).to(dev), latlon[va_rows], cand, torch.from_numpy(bias).to(dev))
+        return cls(torch.from_numpy(emb[va_rows]).float().to(dev), latlon[va_rows], cand, torch.from_numpy(bias).to(dev))
 
     def score(self, loc: LocationEncoder, proj: ImageProjection) -> dict[str, float]:
         """Held-out accuracies and their mean (``score``, what early stopping maximises)."""
@@ -302,7 +303,7 @@ class _Contrastive:
     def step(self, idx: torch.Tensor, locf: torch.Tensor | None = None) -> float:
         """One image-to-GPS InfoNCE step against the batch's places (features ``locf``, or encoded here from the
         next jitter draw while the encoder trains) and the queue; its loss."""
-        img = F.normalize(self.proj(self.x[self.rows[idx]]), dim=1)
+        img = F.normalize(self.proj(self.x[self.rows[idx]].float()), dim=1)
         if locf is None:
             locf = F.normalize(self.loc(jitter(self.g[idx], self.config.jitter_km, self.gen)), dim=1)
         logits = self.proj.logit_scale.exp() * img @ torch.cat([locf, self.queue]).T
