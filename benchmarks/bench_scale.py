@@ -9,7 +9,9 @@ and 9 (continent, region, city), plus a photographer's style and noise, so neigh
 the GPS gallery all have something to find, and photos of unseen photographers are harder.
 
 Each size is built with the real command (``geo build-index --embeddings``) one stage at a time,
-each stage in its own process, so every stage gets its wall time and its peak RSS (from wait4).
+each stage in its own process, so every stage gets its wall time and its peak RSS (from wait4); with
+``--one-command``, as a user runs it instead: one process for every stage, whose peak RSS is what the user's
+machine must hold (issue 25: at 1M x 512 at most 2x the embeddings).
 Then: the bundle's bytes, fused accuracy on 1,000 queries by photographers the gallery never saw,
 and the warm latency of one query from a precomputed embedding. Results go to OUT/results.json
 and a markdown table on stdout.
@@ -42,6 +44,7 @@ STAGE_RUNS = [("embeddings+knn", ["--skip", "cells", "--skip", "gallery", "--ski
               ("cells", ["--skip", "gallery", "--skip", "fusion"]),
               ("gallery", ["--skip", "fusion"]),
               ("fusion", ["--force", "fusion"])]  # the bundle recorded --skip fusion: --force un-skips it
+ONE_COMMAND = [("one command", [])]
 
 
 def _directions(ids: np.ndarray, level: int, dim: int) -> np.ndarray:
@@ -100,7 +103,7 @@ def run(cmd: list[str]) -> tuple[float, int, int]:
     return wall, (peak[-1] * 1024 if peak else 0), proc.returncode
 
 
-def bench(n: int, dim: int, out: Path, queries: int) -> dict:
+def bench(n: int, dim: int, out: Path, queries: int, runs: list[tuple[str, list[str]]]) -> dict:
     src, bundle = out / f"emb-{n}", out / f"bundle-{n}"
     if not src.exists():
         write(synthesize(n, dim, seed=0), src)
@@ -109,7 +112,7 @@ def bench(n: int, dim: int, out: Path, queries: int) -> dict:
         write(synthesize(queries, dim, seed=1, authors_offset=10_000), qdir)  # photographers no gallery has
     row: dict = {"n": n, "dim": dim, "embedding_bytes": n * dim * 4, "stages": {}}
     geo = [sys.executable, "-c", "from geo.cli import app; app()"]
-    for stage, skip in STAGE_RUNS:
+    for stage, skip in runs:
         wall, rss, code = run([*geo, "build-index", "--embeddings", str(src), "--backbone", f"synthetic-{dim}",
                                "--group", "AUTHOR", "--out", str(bundle), "-q", *skip])
         row["stages"][stage] = {"seconds": round(wall, 1), "peak_rss": rss, "ok": code == 0}
@@ -142,19 +145,22 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=Path("/tmp/geo-scale"))
+    ap.add_argument("--one-command", action="store_true", help="build each size in one process, as a user does "
+                    "(the default: one process per stage)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     load = open("/proc/loadavg").read().split()[:3]
+    runs = ONE_COMMAND if args.one_command else STAGE_RUNS
     results = []
     for n in args.sizes:  # written after each size, so a long run's finished sizes survive an interruption
-        results.append(bench(n, args.dim, args.out, args.queries))
+        results.append(bench(n, args.dim, args.out, args.queries, runs))
         results[-1]["load_after"] = open("/proc/loadavg").read().split()[:3]
         (args.out / "results.json").write_text(json.dumps({"load_start": load, "results": results}, indent=2))
     gib = 1 << 30
     print(f"load at start {' '.join(load)}; {os.cpu_count()} cores\n")
-    print("| photos | total s | " + " | ".join(f"{s} s / GiB" for s, _ in STAGE_RUNS)
+    print("| photos | total s | " + " | ".join(f"{s} s / GiB" for s, _ in runs)
           + " | peak RSS / embeddings | bundle GiB | index | recall@10 | warm query ms | fused 25/200/750/2500 km |")
-    print("|---" * (7 + len(STAGE_RUNS)) + "|")
+    print("|---" * (7 + len(runs)) + "|")
     for r in results:
         stages = " | ".join(f"{v['seconds']} / {v['peak_rss'] / gib:.2f}" + ("" if v["ok"] else " (failed)")
                             for v in r["stages"].values())
