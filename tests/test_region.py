@@ -7,8 +7,10 @@ import pytest
 
 from geo.core.answer import Answer
 from geo.core.geodesy import latlon_to_xyz
+from geo.store.bundle import BundleError
+from geo.store.schema import checked
 from geo.stages.cells.partition import locate, partitions_from_tables
-from geo.stages.cells.region import GRID, REPORT_COVERAGES, RegionCells, conformal_map, mass_threshold
+from geo.stages.cells.region import GRID, REGION_MAP, REPORT_COVERAGES, RegionCells, conformal_map, mass_threshold
 from geo.stages.cells.stage import CellsConfig, _own_counts, fit_cells
 
 CENTRES = [(48.8, 2.3), (40.7, -74.0), (35.7, 139.7), (-33.9, 151.2), (-22.9, -43.2), (30.0, 31.2)]
@@ -86,6 +88,11 @@ def test_a_map_binned_by_confidence_holds_the_stated_rate_overall_and_within_eac
     assert mass_threshold(0.9, binned, 0.99)[0] < mass_threshold(0.9, binned, 0.01)[0]
     # an older map (no bins) answers every photo with its one threshold, whatever its confidence
     assert mass_threshold(0.9, one, 0.99) == mass_threshold(0.9, one) == mass_threshold(0.9, one, 0.01)
+    # heads.json holds either shape; a binned map whose bins are not lists of numbers does not load
+    stored = json.loads(json.dumps(binned))
+    assert checked(stored, REGION_MAP, "heads.json") and checked(json.loads(json.dumps(one)), REGION_MAP, "heads.json")
+    with pytest.raises(BundleError, match="bin_mass"):
+        checked({**stored, "bin_mass": [0.5, 0.9]}, REGION_MAP, "heads.json")
 
 
 def test_a_map_of_few_photos_or_tied_confidences_has_no_bins():
