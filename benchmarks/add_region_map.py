@@ -1,4 +1,5 @@
-"""Give a bundle built before region maps its cells stage's map, without refitting the heads (a measurement shortcut).
+"""Give a bundle the cells stage's current region map, without refitting the heads (a measurement shortcut): a bundle
+built before region maps, or before their confidence bins.
 
     python benchmarks/add_region_map.py BUNDLE [--group AUTHOR]
 
@@ -18,16 +19,10 @@ from geo.models.heads import head_logits
 from geo.stages.cells.partition import locate, partitions_from_tables
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.region import map_summary
-from geo.stages.cells.calibration import log_priors
-from geo.stages.cells.stage import _region_map
+from geo.stages.cells.stage import _region_map, region_rows_of
 from geo.store.bundle import open_bundle
 from geo.store.embeddings import EmbeddingReader
 from geo.store.lock import writing
-
-
-def _log_priors(pred) -> list:
-    """The cells' log priors from their photo counts, as the stage computes them before its region map."""
-    return log_priors([t["count"].to_numpy(float) for t in pred.tables])
 
 
 def main() -> None:
@@ -42,9 +37,12 @@ def main() -> None:
     if len(val) != b.stage("cells")["train"]["val_photos"]:
         raise SystemExit(f"{a.bundle}: these are not the photographers its heads held out")
     rows = locate(partitions_from_tables(pred.tables, pred.names), meta["lat"], meta["lon"])
-    cells = SimpleNamespace(rows=rows, tables=pred.tables, parts=[SimpleNamespace(name=n) for n in pred.names])
-    logits, _ = head_logits(pred.model, emb[val], None)
-    pred.calibration["region"] = _region_map(cells, logits, val, _log_priors(pred), pred.parents, pred.calibration)
+    cells = SimpleNamespace(rows=rows, all_rows=rows, tables=pred.tables,
+                            parts=[SimpleNamespace(name=n) for n in pred.names])
+    rows_fit = region_rows_of(val)  # the photos the cells stage fits its map on
+    logits, _ = head_logits(pred.model, emb[rows_fit], None)
+    groups = meta[a.group].astype(str).to_numpy()
+    pred.calibration["region"] = _region_map(cells, logits, rows_fit, pred.parents, pred.calibration, groups)
     pred.info["calibration"] = {**pred.info["calibration"], "region": map_summary(pred.calibration["region"])}
     print(pred.info["calibration"]["region"])
     with writing(b.root):

@@ -143,13 +143,15 @@ def _offsets(rng: np.random.Generator, lat: np.ndarray, lon: np.ndarray, km: np.
     return np.clip(lat + dlat, -89.9, 89.9), (lon + dlon + 180) % 360 - 180
 
 
-def bursts(base: pd.DataFrame, photos: int, recipe: Recipe, rng: np.random.Generator) -> pd.DataFrame:
-    """One row per burst: anchor photo, photographer, place, scene, signal and finest scale revealed, size."""
+def bursts(base: pd.DataFrame, photos: int, recipe: Recipe, rng: np.random.Generator,
+           anchors: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per burst: anchor photo, photographer, place, scene, signal and finest scale revealed, size
+    (``anchors``: the rows of ``base`` a burst may start from; default every row)."""
     sizes = rng.geometric(1 / recipe.burst_mean, int(photos / recipe.burst_mean * 1.3) + 16)
     sizes = sizes[:np.searchsorted(np.cumsum(sizes), photos) + 1]
     sizes[-1] -= int(sizes.sum() - photos)
     n = len(sizes)
-    anchor = rng.integers(0, len(base), n)
+    anchor = rng.integers(0, len(base), n) if anchors is None else np.asarray(anchors)[rng.integers(0, len(anchors), n)]
     trip_p, trip_km = (np.array(x) for x in zip(*recipe.trips))
     km = trip_km[rng.choice(len(trip_p), n, p=trip_p / trip_p.sum())]
     lat, lon = _offsets(rng, base["LAT"].to_numpy()[anchor], base["LON"].to_numpy()[anchor], km)
@@ -193,9 +195,10 @@ def _unit_noise(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def embed_bursts(b: pd.DataFrame, recipe: Recipe, seed: int) -> np.ndarray:
-    """Each burst's shared embedding (before its photos' own noise), not normalised, [len(b), dim]."""
-    dim, rng = recipe.dim, np.random.default_rng([seed, 3])
+def embed_bursts(b: pd.DataFrame, recipe: Recipe, seed: int, draw_seed: int | None = None) -> np.ndarray:
+    """Each burst's shared embedding (before its photos' own noise), not normalised, [len(b), dim]: directions
+    seeded by ``seed``, noise by ``draw_seed`` (default ``seed``)."""
+    dim, rng = recipe.dim, np.random.default_rng([seed if draw_seed is None else draw_seed, 3])
     keys = place_keys(b["lat"].to_numpy(), b["lon"].to_numpy())
     gain = np.where(b["signal"], b["strength"], 0.0).astype(np.float32)[:, None]
     emb = recipe.climate_weight * gain * climate(b["lat"].to_numpy(), b["lon"].to_numpy(), dim, seed)
@@ -209,13 +212,16 @@ def embed_bursts(b: pd.DataFrame, recipe: Recipe, seed: int) -> np.ndarray:
     return emb
 
 
-def generate(photos: int, seed: int = 0, recipe: Recipe = Recipe(), base: pd.DataFrame | None = None) -> pd.DataFrame:
+def generate(photos: int, seed: int = 0, recipe: Recipe = Recipe(), base: pd.DataFrame | None = None,
+             anchors: np.ndarray | None = None, draw_seed: int | None = None) -> pd.DataFrame:
     """``photos`` synthetic photos: id, lat, lon, AUTHOR, embedding (L2-normalised float32) and the
-    generator's own truth (burst, scene, signal, finest scale revealed) as extra columns."""
+    generator's own truth (burst, scene, signal, finest scale revealed) as extra columns. ``anchors``: the
+    base rows bursts start from (:func:`bursts`); ``draw_seed``: another seed for every draw but the directions
+    (default ``seed``), so photos made with it share a testbed's embedding space but none of its noise."""
     base = load_yfcc() if base is None else base
-    rng = np.random.default_rng(seed)
-    b = bursts(base, photos, recipe, rng)
-    shared = embed_bursts(b, recipe, seed)
+    rng = np.random.default_rng(seed if draw_seed is None else draw_seed)
+    b = bursts(base, photos, recipe, rng, anchors)
+    shared = embed_bursts(b, recipe, seed, draw_seed)
     which = np.repeat(np.arange(len(b)), b["size"].to_numpy())
     lat, lon = _offsets(rng, b["lat"].to_numpy()[which], b["lon"].to_numpy()[which], np.full(len(which), 0.03))
     emb = shared[which] + recipe.noise_weight * recipe.own_noise * _unit_noise(rng, len(which), recipe.dim)
@@ -248,6 +254,16 @@ def split_by_photographer(df: pd.DataFrame, queries: int, seed: int = 0) -> tupl
     return df[~q].reset_index(drop=True), df[q].reset_index(drop=True)
 
 
+def unseen_queries(gallery: Path, photos: int, seed: int, recipe: Recipe) -> pd.DataFrame:
+    """More queries for a testbed: ``photos`` photos by the YFCC photographers its gallery lacks (its queries'
+    and those never drawn), in its embedding space (its ``seed``) with draws of their own (``seed + 1``)."""
+    base = load_yfcc()
+    seen = set(pq.read_table(gallery, columns=["AUTHOR"]).column(0).to_pylist())
+    anchors = np.flatnonzero(~base["AUTHOR"].astype(str).isin(seen).to_numpy())
+    out = generate(photos, seed, recipe, base, anchors, draw_seed=seed + 1)
+    return out.assign(id=[f"u{seed}-{i:07d}" for i in range(len(out))])
+
+
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
     """One Parquet file, the embedding as a fixed-size list of float32 (what ``--embeddings`` reads)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,8 +283,16 @@ def main() -> None:
     ap.add_argument("--no-signal-share", type=float, default=Recipe.no_signal_share)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True, help="folder for gallery.parquet and queries.parquet")
+    ap.add_argument("--unseen-by", type=Path, help="a testbed's gallery.parquet: write only queries.parquet, --photos "
+                    "photos by every YFCC photographer absent from it (same --seed and --dim as that testbed)")
     args = ap.parse_args()
     recipe = Recipe(dim=args.dim, no_signal_share=args.no_signal_share)
+    if args.unseen_by:
+        queries = unseen_queries(args.unseen_by, args.photos, args.seed, recipe)
+        write_parquet(queries, args.out / "queries.parquet")
+        print(f"queries: {len(queries):,} photos by {queries['AUTHOR'].nunique():,} photographers absent from "
+              f"{args.unseen_by} -> {args.out / 'queries.parquet'}")
+        return
     gallery, queries = split_by_photographer(generate(args.photos, args.seed, recipe), args.queries, args.seed)
     write_parquet(gallery, args.out / "gallery.parquet")
     write_parquet(queries, args.out / "queries.parquet")

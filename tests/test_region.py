@@ -7,9 +7,11 @@ import pytest
 
 from geo.core.answer import Answer
 from geo.core.geodesy import latlon_to_xyz
+from geo.store.bundle import BundleError
+from geo.store.schema import checked
 from geo.stages.cells.partition import locate, partitions_from_tables
-from geo.stages.cells.region import GRID, REPORT_COVERAGES, RegionCells, conformal_map, mass_threshold
-from geo.stages.cells.stage import CellsConfig, fit_cells
+from geo.stages.cells.region import GRID, REGION_MAP, REPORT_COVERAGES, RegionCells, conformal_map, mass_threshold
+from geo.stages.cells.stage import CellsConfig, _own_counts, fit_cells
 
 CENTRES = [(48.8, 2.3), (40.7, -74.0), (35.7, 139.7), (-33.9, 151.2), (-22.9, -43.2), (30.0, 31.2)]
 
@@ -59,6 +61,60 @@ def test_the_conformal_map_takes_the_corrected_quantile_and_never_less_coverage_
     assert mass_threshold(0.8, None) == (0.8, False)  # an older bundle: the posterior mass, said to be uncalibrated
     with pytest.raises(ValueError, match="coverage"):
         mass_threshold(0.0, cmap)
+
+
+def _confidence_scores(n, seed):
+    """Photos whose conformal score depends on the posterior's confidence: a confident photo's truth lies early."""
+    rng = np.random.default_rng(seed)
+    top = rng.random(n)
+    return rng.random(n) ** (1 + 6 * top), top
+
+
+def test_a_map_binned_by_confidence_holds_the_stated_rate_overall_and_within_each_bin():
+    scores, top = _confidence_scores(20_000, seed=0)
+    binned, one = conformal_map(scores, top), conformal_map(scores)
+    assert len(binned["top"]) == 4 and len(binned["bin_mass"]) == 5 and "top" not in one
+    assert binned["mass"] == one["mass"]  # the one threshold for every photo is kept (older readers, the manifest)
+    new, new_top = _confidence_scores(20_000, seed=1)  # new photos from the same law
+    fifth = np.searchsorted(np.quantile(new_top, [0.2, 0.4, 0.6, 0.8]), new_top, side="right")
+    for c in (0.5, 0.9):
+        held = new <= np.array([mass_threshold(c, binned, t)[0] for t in new_top]) + 1e-12
+        plain = new <= mass_threshold(c, one)[0] + 1e-12
+        assert abs(held.mean() - c) < 0.015 and abs(plain.mean() - c) < 0.015
+        by_fifth = np.array([held[fifth == k].mean() for k in range(5)])
+        plain_by_fifth = np.array([plain[fifth == k].mean() for k in range(5)])
+        assert np.abs(by_fifth - c).max() < 0.05 < np.abs(plain_by_fifth - c).max()
+    # a confident photo gets a smaller region than an uncertain one at the same stated coverage
+    assert mass_threshold(0.9, binned, 0.99)[0] < mass_threshold(0.9, binned, 0.01)[0]
+    # an older map (no bins) answers every photo with its one threshold, whatever its confidence
+    assert mass_threshold(0.9, one, 0.99) == mass_threshold(0.9, one) == mass_threshold(0.9, one, 0.01)
+    # heads.json holds either shape; a binned map whose bins are not lists of numbers does not load
+    stored = json.loads(json.dumps(binned))
+    assert checked(stored, REGION_MAP, "heads.json") and checked(json.loads(json.dumps(one)), REGION_MAP, "heads.json")
+    with pytest.raises(BundleError, match="bin_mass"):
+        checked({**stored, "bin_mass": [0.5, 0.9]}, REGION_MAP, "heads.json")
+
+
+def test_a_map_of_few_photos_or_tied_confidences_has_no_bins():
+    scores, top = _confidence_scores(1_500, seed=0)
+    assert "top" not in conformal_map(scores, top)  # under 2 bins of 500 photos on each half
+    scores, _ = _confidence_scores(20_000, seed=0)
+    assert "top" not in conformal_map(scores, np.full(20_000, 0.3))  # the prior alone: every photo as confident
+
+
+def test_held_out_photos_are_scored_without_their_own_photographers_gallery_photos():
+    from types import SimpleNamespace
+
+    rows = np.array([[0, 0], [0, 1], [1, 2], [1, 2], [0, 1], [-1, -1]])  # 6 training photos, 2 partitions
+    cells = SimpleNamespace(rows=rows, all_rows=np.zeros((12, 2)), tables=[pd.DataFrame(index=range(2)),
+                                                                            pd.DataFrame(index=range(3))])
+    groups = np.array(["a", "b", "a", "a", "c", "a"])
+    own, photographer = _own_counts(cells, np.array([2, 0]), groups)  # the map's photos: both a's
+    assert own.shape == (1, 3) and photographer.tolist() == [0, 0]
+    # a's photos in each fine cell, all four of them (not only the map's two), x2: the heads saw half the gallery
+    assert own.toarray().tolist() == [[2.0, 0.0, 4.0]]
+    own, photographer = _own_counts(cells, np.array([2, 4]), None)  # no photographers: each photo its own
+    assert own.toarray().tolist() == [[0.0, 0.0, 2.0], [0.0, 2.0, 0.0]] and photographer.tolist() == [0, 1]
 
 
 def test_the_truth_lies_inside_at_the_stated_rate_for_new_photographers(fitted):

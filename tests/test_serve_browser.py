@@ -18,6 +18,7 @@ from serving import geo_serve
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 QUERY = Path(__file__).resolve().parents[1] / "examples" / "osv5m" / "queries" / "1373307973052511.jpg"
+OTHER = QUERY.with_name("143017044806579.jpg")  # another photo: choosing the same file again fires no change
 
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="no browser: apt-get install chromium chromium-driver")
@@ -37,6 +38,7 @@ def test_map_page_draws_the_answer_and_the_neighbours(cli_bundle, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -69,5 +71,9 @@ def test_map_page_draws_the_answer_and_the_neighbours(cli_bundle, tmp_path):
             assert shot.stat().st_size > 10_000
             if os.environ.get("GEO_SCREENSHOT"):
                 shutil.copy(shot, os.environ["GEO_SCREENSHOT"])
+            # the page's coverage control asks the server for the region at another coverage
+            Select(driver.find_element(By.ID, "coverage")).select_by_value("0.5")
+            driver.find_element(By.ID, "file").send_keys(str(OTHER))
+            _wait(lambda: "for 50%" in driver.find_element(By.ID, "region-words").text)
         finally:
             driver.quit()

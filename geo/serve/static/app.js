@@ -148,9 +148,10 @@
     status("locating " + file.name + " …");
     const body = new FormData();
     body.append("images", file, file.name);
-    const mode = $("mode").value;
+    const query = new URLSearchParams({ coverage: $("coverage").value });
+    if ($("mode").value) query.set("mode", $("mode").value);
     try {
-      const r = await fetch("locate" + (mode ? "?mode=" + encodeURIComponent(mode) : ""), { method: "POST", body: body });
+      const r = await fetch("locate?" + query, { method: "POST", body: body });
       const data = await r.json();
       if (!r.ok) { status("server said " + r.status + ": " + (data.detail || JSON.stringify(data)), true); return; }
       show(data[0]);
