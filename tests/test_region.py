@@ -102,6 +102,20 @@ def test_a_map_of_few_photos_or_tied_confidences_has_no_bins():
     assert "top" not in conformal_map(scores, np.full(20_000, 0.3))  # the prior alone: every photo as confident
 
 
+def test_the_map_scored_a_block_of_photos_at_a_time_is_the_map_of_all_at_once(monkeypatch):
+    """The stage scores its held-out photos REGION_BLOCK at a time (their logits whole were a 150K build's peak);
+    a photo's score does not depend on its block, so any block size gives the same map."""
+    import geo.stages.cells.stage as stage
+
+    meta, emb = _world(1200, seed=4)
+    cfg = CellsConfig(tau_min=3, tau_max=[300, 80, 25], max_epochs=3)
+    maps = []
+    for block in (1 << 20, 37):
+        monkeypatch.setattr(stage, "REGION_BLOCK", block)
+        maps.append(fit_cells(meta, emb, cfg, log=lambda *_: None).calibration["region"])
+    assert maps[0]["photos"] > 2 * 37 and json.dumps(maps[0], sort_keys=True) == json.dumps(maps[1], sort_keys=True)
+
+
 def test_held_out_photos_are_scored_without_their_own_photographers_gallery_photos():
     from types import SimpleNamespace
 
