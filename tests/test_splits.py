@@ -40,3 +40,16 @@ def test_clustered_standard_error_sees_photographers_move_together():
     assert clustered_se(d, groups) > 5 * clustered_se(d)   # independent-photo SE understates the noise
     independent = rng.choice([-1.0, 1.0], 400)
     assert clustered_se(independent, np.arange(400)) == pytest.approx(clustered_se(independent), rel=0.01)
+
+
+def test_clustered_se_is_the_textbook_sandwich_over_photographers_in_any_order():
+    """sqrt(G / (G - 1) * sum over photographers of (their summed deviation)^2) / n, photos in any order (the
+    sums run over the photos sorted by photographer, never a dense [photos, photographers] one-hot)."""
+    rng = np.random.default_rng(5)
+    d, groups = rng.normal(size=500), rng.choice([f"p{i}" for i in range(60)], 500)
+    dev = d - d.mean()
+    sums = [dev[groups == g].sum() for g in np.unique(groups)]
+    want = np.sqrt(60 / 59 * np.sum(np.square(sums))) / 500
+    assert clustered_se(d, groups) == pytest.approx(want, rel=1e-12)
+    perm = rng.permutation(500)
+    assert clustered_se(d[perm], groups[perm]) == pytest.approx(want, rel=1e-12)

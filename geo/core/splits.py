@@ -98,9 +98,11 @@ def clustered_se_rows(d: np.ndarray, groups: np.ndarray | None = None) -> np.nda
     g = int(inv.max()) + 1
     if g < 2:
         return np.full(len(d), np.inf)
-    onehot = np.zeros((n, g))
-    onehot[np.arange(n), inv] = 1.0
-    sums = (d - d.mean(axis=1, keepdims=True)) @ onehot  # each setting's summed deviation per photographer
+    # each setting's summed deviation per photographer, summed over the photos sorted by photographer: a dense
+    # [photos, photographers] one-hot was 6 GB of a 1M build's peak (40K held-out photos, 20K photographers)
+    order = np.argsort(inv, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(inv[order]) != 0])
+    sums = np.add.reduceat((d - d.mean(axis=1, keepdims=True))[:, order], starts, axis=1)
     return np.sqrt(g / (g - 1) * (sums ** 2).sum(axis=1)) / n
 
 
