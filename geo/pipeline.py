@@ -34,7 +34,7 @@ from geo.data.manifest import ManifestError, ManifestResult, read_manifest
 from geo.executors import LOCAL, Executor, executor_for
 from geo.models.backbones import BackboneError, backbone_from_spec, load_backbone
 from geo.models.registry import Backbone
-from geo.plan import StagePlan, check, default_memory, index_budget, plan_build
+from geo.plan import StagePlan, check, default_memory, index_budget, plan_build, process_peak
 from geo.settings import StageConfigs, build_record, from_dict, recorded
 from geo.stages.cells.predictor import CellPredictor
 from geo.stages.cells.stage import fit_cells
@@ -421,7 +421,9 @@ def dry_run(cfg: BuildConfig, log: Log = print) -> list[StagePlan]:
     plans = plan_stages(cfg, n, dim, matmul_flops())
     for p in plans:
         log(p.line())
-    log(f"memory budget {human_bytes(cfg.memory)} (--memory)")
+    worst = max(plans, key=lambda p: p.memory)
+    log(f"one process: peak ~{human_bytes(process_peak(plans))} (the process itself and the {worst.stage} stage); "
+        f"memory budget {human_bytes(cfg.memory)} (--memory)")
     check(plans, cfg.memory)
     return plans
 

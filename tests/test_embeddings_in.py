@@ -219,6 +219,7 @@ def test_dry_run_plans_every_stage_and_the_memory_budget_is_enforced(built, tmp_
     for stage in ("embeddings", "knn_index", "cells", "gallery", "fusion"):
         assert f"{stage}:" in r.output, stage
     assert "Flat for 120 x 24 vectors" in r.output and "memory budget" in r.output
+    assert "one process: peak ~" in r.output  # the stages run in one process: its peak is what must fit
     chosen = [line for line in r.output.splitlines() if line.strip().endswith("chosen")]
     assert len(chosen) == 1 and chosen[0].split()[0] == "Flat" and "build ~" in chosen[0]  # autofaiss-style table
     assert not target.exists()  # a dry run builds nothing
@@ -257,3 +258,19 @@ def test_unit_rows_in_blocks_equal_one_division_and_survive_huge_values(monkeypa
     bad[2, 1], bad[7] = np.nan, 0.0
     problems = T.vector_problems(bad)
     assert [i for i, p in enumerate(problems) if p] == [2, 7] and "NaN" in problems[2] and "zero" in problems[7]
+
+
+def test_the_plan_predicts_one_process_peak_from_its_largest_stage():
+    """--dry-run's peak is the process itself plus its largest stage (they run one at a time and hand back what
+    they freed), so it grows with the gallery; benchmarks/RESULTS.md compares it with measured builds."""
+    from geo.plan import PROCESS_BYTES, plan_build, process_peak
+
+    def plans(n: int) -> list:
+        return plan_build(n, 512, "64GB", 100_000, 100_000, 40, 50_000, 3, 10_000, 2_000,
+                          ("knn_index", "cells", "gallery", "fusion"), 200_000)
+
+    small, big = plans(20_000), plans(1_000_000)
+    assert process_peak(big) == PROCESS_BYTES + max(p.memory for p in big)
+    assert process_peak(small) < process_peak(big)
+    # a 1M x 512 IVF-Flat index (2 GB) is held by the kNN stage and again by fusion's scoring
+    assert max(big, key=lambda p: p.memory).stage in ("knn_index", "fusion") and process_peak(big) > 2 * 2**30
