@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
-import pandas as pd
 
 from geo.core.progress import bar as progress_bar, verbose
 from geo.models.backbones import backbone_from_spec
 from geo.models.registry import Backbone
 from geo.stages.embed import EmbedConfig, embed_shard, finished, pending_shards
 from geo.store.bundle import Bundle, open_bundle
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LOCAL = "local"
 

@@ -9,14 +9,15 @@ they take the executor's ``mapper`` as a plain callable (None: this process does
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from geo.cluster import RayExecutor
 from geo.models.registry import Backbone
 from geo.stages.embed import EmbedConfig, run_embedding_stage
 from geo.store.bundle import Bundle
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Mapper = Callable[[Callable[[Any], Any], list], Iterable[Any]]
 Log = Callable[[str], None]

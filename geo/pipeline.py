@@ -17,10 +17,9 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -48,6 +47,9 @@ from geo.store.atomic import atomic_write_parquet, ensure_free_space, restore_in
 from geo.store.bundle import Bundle, BundleError, open_bundle
 from geo.store.embeddings import EmbeddingReader, drop_unlisted_shards, marker_path, shard_errors, write_shard
 from geo.store.lock import writing
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ERRORS_FILE = "errors.parquet"
 # Below this many photos, cell heads, a location encoder and fusion weights would be fitted to noise;
@@ -101,6 +103,8 @@ def write_errors(bundle: Bundle, manifest_errors: list[dict], keep_earlier: bool
     Image and embedding failures come from the shards' markers; rejected manifest rows from the caller,
     and with ``keep_earlier`` (``geo add``) also those an earlier build or addition recorded.
     """
+    import pandas as pd
+
     earlier: list[dict] = []
     if keep_earlier and bundle.path(ERRORS_FILE).exists():
         old = pq.read_table(bundle.path(ERRORS_FILE)).to_pandas()
@@ -277,6 +281,8 @@ def _same_content(new: pd.DataFrame, indexed: pd.DataFrame) -> list[tuple[str, s
     """(new id, indexed id) for each new photo whose file holds the bytes of a photo the bundle indexed (found by
     sha256; only files of a size in common are read). Indexed photos no longer on disk cannot be compared."""
     def sizes(paths: pd.Series) -> pd.Series:
+        import pandas as pd
+
         def size(p: str) -> int:
             try:
                 return regular_size(on_disk(p))

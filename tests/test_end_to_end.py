@@ -59,19 +59,34 @@ def test_gallery_photo_finds_itself(index_dir, gallery_csv):
         assert haversine_km(ans.lat, ans.lon, row["latitude"], row["longitude"]) <= 0.01, mode
 
 
+def _cold_query_modules(photo: str, index_dir, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh process has imported after one `geo query PHOTO --index ... --json` (which
+    must answer)."""
+    code = ("import json, sys; from geo.cli import app\n"
+            "try: app(['query', sys.argv[1], '--index', sys.argv[2], '--json'])\n"
+            "except SystemExit as e: assert e.code in (0, None), e.code\n"
+            "print(json.dumps(sorted(m for m in sys.argv[3:] if m in sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code, photo, str(index_dir), *modules], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["lat"] is not None
+    return json.loads(r.stdout.splitlines()[-1])
+
+
 def test_a_cold_query_imports_neither_timm_nor_torchvision(index_dir, gallery_csv):
     """Issue 15 item 7: the default backbone and the decoder are plain torch + Pillow; importing timm
     (which imports torchvision and torch._dynamo) cost 2.3 s of every cold `geo query`. Issue 25: nor httpx,
     which only `geo query --server` needs (0.1 s)."""
     photo = pd.read_csv(gallery_csv)["path"].iloc[0]
-    code = ("import sys; from geo.cli import app\n"
-            "try: app(['query', sys.argv[1], '--index', sys.argv[2], '--json'])\n"
-            "except SystemExit as e: assert e.code in (0, None), e.code\n"
-            "print(sorted(m for m in ('timm', 'torchvision', 'sklearn', 'scipy', 'httpx') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code, photo, str(index_dir)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.splitlines()[0])["lat"] is not None
-    assert r.stdout.splitlines()[-1] == "[]"
+    assert _cold_query_modules(photo, index_dir, ("timm", "torchvision", "sklearn", "scipy", "httpx")) == []
+
+
+def test_a_cold_query_imports_no_pandas(index_dir, gallery_csv):
+    """Issue 25 item 2: the query side reads its tables as numpy columns (geo.core.tables); pandas cost a cold
+    `geo query` 0.25 s to import, and pyarrow imports it behind `to_numpy` and `pq.read_table` (pyarrow.dataset).
+    Nor pyarrow.compute, which only --embeddings input needs."""
+    photo = pd.read_csv(gallery_csv)["path"].iloc[0]
+    assert _cold_query_modules(photo, index_dir, ("pandas", "pyarrow.dataset", "pyarrow.compute")) == []
 
 
 def test_query_json_lines_for_many_images_and_a_missing_one(index_dir, gallery_csv):

@@ -16,7 +16,7 @@ def test_a_point_between_two_close_places_gets_the_nearest_alone_or_in_any_batch
     rng = np.random.default_rng(0)
     lat, lon = 53.19 + rng.normal(0, 0.01, 200), -2.88 + rng.normal(0, 0.015, 200)  # Chester and Hoole
     batch = places.nearest_places(lat, lon)
-    exact = [names[np.linalg.norm(xyz - q, axis=1).argmin(), 0] for q in latlon_to_xyz(lat, lon)]
+    exact = [names[0][int(np.linalg.norm(xyz - q, axis=1).argmin())].as_py() for q in latlon_to_xyz(lat, lon)]
     assert {"Chester", "Hoole"} <= set(exact)
     assert [p["name"] for p in batch] == exact
     for i in range(0, 200, 7):  # alone, and in a batch with faraway points before it

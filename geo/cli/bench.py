@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-import pandas as pd
 import typer
 
 from geo.cli.common import fail, print_json
@@ -272,6 +271,8 @@ def _bench(idx: Any, index: Path, suite_obj: Any, images: Path | None, embedding
            out: Path | None, progress: bool) -> Any:
     """Answer the suite's photos (or its precomputed embeddings), mark the leaks and keep the answers in ``out``
     (a predictions Parquet, resumed, which gains the leak column; or GeoJSON)."""
+    import pandas as pd
+
     geojson = out is not None and out.suffix.lower() == ".geojson"
     parquet = None if geojson else out
     modes = idx.modes if mode == "all" else [mode]
@@ -318,6 +319,8 @@ def sql(
       geo sql "SELECT scene, median(error_km) FROM predictions GROUP BY 1" -p preds.parquet
       geo sql "SELECT stage, reason, count(*) FROM errors GROUP BY ALL" --bundle my-index
     """
+    import pandas as pd
+
     if not predictions and bundle is None:
         predictions = [Path("predictions.parquet")]
     df = run_sql(query, predictions, bundle)

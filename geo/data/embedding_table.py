@@ -27,17 +27,18 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geo.core.files import NO_CAP, FileRefused, regular_size, streamed_parquet
 from geo.core.names import find_column
 from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS, as_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_COLUMN = "embedding"
 READ_ROWS = 8192  # input rows decoded at a time; a piece (a shard's worth) is assembled from such batches
@@ -194,6 +195,8 @@ class EmbeddingTable:
 
     def _validate(self, df: pd.DataFrame, vec: np.ndarray, lengths: np.ndarray, first: int,
                   seen: set[str]) -> EmbeddingPiece:
+        import pandas as pd
+
         n = len(df)
         reasons: list[str | None] = [None] * n
         ids = _ids(df, self.id_col, self.path_col, first)
@@ -316,6 +319,8 @@ def _lists(column: pa.ChunkedArray, where: Path,
            name: str) -> tuple[list[np.ndarray | None] | np.ndarray, np.ndarray]:
     """Per-row float arrays of a list column (any length; a fixed-size list without nulls: one [rows, dim]
     matrix) and their lengths (-1 for null)."""
+    import pyarrow.compute as pc  # 50 ms to import: only --embeddings input needs it, not a query of photos
+
     arr = column.combine_chunks()
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type)) \
             or not (pa.types.is_floating(arr.type.value_type) or pa.types.is_integer(arr.type.value_type)):
@@ -346,6 +351,8 @@ def _ids(df: pd.DataFrame, id_col: str | None, path_col: str | None, first: int)
 
 def _coordinate(df: pd.DataFrame, col: str | None, n: int) -> tuple[list, np.ndarray]:
     """(raw values for messages, float64 values: NaN where missing, non-numeric or boolean)."""
+    import pandas as pd
+
     if col is None:
         return [None] * n, np.full(n, np.nan)
     raw = df[col]

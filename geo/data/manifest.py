@@ -18,16 +18,18 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from geo.core.files import FileRefused, printable, regular_size
 from geo.core.geodesy import valid_latlon
 from geo.core.names import find_column
 from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS, as_text
 from geo.data.images import IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _UNNAMED = re.compile(r"^Unnamed: \d+$")  # pandas' name for a CSV's header-less index column
 _GPS_IFD = 0x8825
@@ -61,6 +63,8 @@ def read_manifest(source: str | os.PathLike, image_root: str | os.PathLike | Non
 
 # ---------------------------------------------------------------- tables
 def _read_table(src: Path) -> pd.DataFrame:
+    import pandas as pd
+
     if not src.exists():
         raise ManifestError(f"{src}: manifest not found")
     try:
@@ -91,6 +95,8 @@ def _degrees(df: pd.DataFrame, chosen: str, aliases: tuple[str, ...], src: Path)
     this coordinate (``lat`` and ``latitude``) the two must agree: the rule that picks one is not allowed
     to hide a disagreement.
     """
+    import pandas as pd
+
     col = df[chosen]
     if pd.api.types.is_bool_dtype(col) or any(isinstance(v, (bool, np.bool_)) for v in col.head(1000)):
         raise ManifestError(f"{src}: column {chosen!r} holds true/false values, not degrees")
@@ -108,6 +114,8 @@ def _degrees(df: pd.DataFrame, chosen: str, aliases: tuple[str, ...], src: Path)
 
 
 def _normalise_table(df: pd.DataFrame, src: Path, root: Path) -> ManifestResult:
+    import pandas as pd
+
     cols = list(df.columns)
     id_col, path_col = find_column(cols, ID_COLUMNS), find_column(cols, PATH_COLUMNS)
     lat_col, lon_col = find_column(cols, LAT_COLUMNS), find_column(cols, LON_COLUMNS)
@@ -164,6 +172,8 @@ def _resolve(value: str, root: str) -> str:
 
 
 def _coord_problem(lat: Any, lon: Any) -> str:
+    import pandas as pd
+
     for name, v, lim in (("latitude", lat, 90), ("longitude", lon, 180)):
         f = pd.to_numeric(pd.Series([v]), errors="coerce").iloc[0]
         if not np.isfinite(f):
@@ -181,6 +191,8 @@ def _error(path: str, reason: str) -> dict:
 def _read_exif_folder(folder: Path) -> ManifestResult:
     """Every image below ``folder`` with EXIF GPS. A file reached twice (symlinks) is indexed once; a name
     that is not UTF-8 is kept with its bytes escaped (:func:`~geo.core.files.printable`)."""
+    import pandas as pd
+
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise ManifestError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below")

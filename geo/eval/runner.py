@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from geo.core.answer import Answer
 from geo.core.progress import bar as progress_bar
@@ -21,6 +19,9 @@ from geo.eval.suites import Suite, SuiteError, resolve_images
 from geo.data.embedding_table import EmbeddingTable
 from geo.store.embeddings import EmbeddingReader
 from geo.store.predictions import ShardedWriter, answers_to_frame, conform, write_predictions
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class Locator(Protocol):
@@ -52,6 +53,8 @@ class BenchResult:
         """The field's metrics, for one ``mode``'s rows (all rows when None: a one-mode run). Leaked queries
         (the ``leak`` column, see :mod:`geo.eval.leaks`) are scored with the rest and also left out in
         ``leaks.without``; ``exclude_leaks`` scores only the new ones."""
+        import pandas as pd
+
         preds = self.predictions if mode is None else self.predictions[self.predictions["mode"] == mode]
         leaked = preds["leak"].notna() if "leak" in preds.columns else pd.Series(False, index=preds.index)
         out = self._score(preds[~leaked] if exclude_leaks else preds, distance, ci, n_boot)
@@ -83,6 +86,8 @@ def run_embeddings(index: Any, table: EmbeddingTable, *, modes: Sequence[str | N
     A row whose embedding or coordinates are unusable is a failed query with its
     reason (counted, never dropped from the denominator silently).
     """
+    import pandas as pd
+
     frames = []
     for mode in dict.fromkeys(m or index.default_mode for m in modes):
         answers, truth = index.locate_table(table, mode=mode)
@@ -146,6 +151,7 @@ def run_suite(
     already in ``out`` or its shards is not located again, so adding a mode to
     an earlier run only computes the new mode.
     """
+    import pandas as pd
     images = Path(images)
     modes = list(dict.fromkeys(m or index.default_mode for m in modes))
     rows, meta_path = suite.load(images, Path(meta) if meta else None)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Iterable
 
 from geo.core.files import NO_CAP, FileRefused, regular_size
 from geo.store.bundle import BundleError, open_bundle
 from geo.store.embeddings import EmbeddingReader
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class SqlError(ValueError):

@@ -15,16 +15,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import pandas as pd
 
 from geo.core.geodesy import valid_latlon
 from geo.core.names import find_column
 from geo.core.splits import group_column
 from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS
 from geo.data.images import IMAGE_EXTENSIONS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 S3_SCENES = {0: "indoor", 1: "natural", 2: "urban"}
 
@@ -40,6 +42,8 @@ def shared_data_dir() -> Path:
 
 
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    import pandas as pd
+
     try:
         return pd.read_csv(path, **kwargs)
     except FileNotFoundError:
@@ -55,6 +59,8 @@ def _need(df: pd.DataFrame, cols: list[str], path: Path, fmt: str) -> None:
 
 
 def _frame(path: Path, ids, rel, lat, lon, scene=None, country=None, photographer=None) -> pd.DataFrame:
+    import pandas as pd
+
     n = len(ids)
     df = pd.DataFrame(
         {
@@ -80,6 +86,8 @@ def _frame(path: Path, ids, rel, lat, lon, scene=None, country=None, photographe
 
 
 def read_geoestimation(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     df = _read_csv(path, dtype={"IMG_ID": str})
     _need(df, ["IMG_ID", "LAT", "LON"], path, "GeoEstimation (IMG_ID,AUTHOR,LAT,LON,S3_Label,...)")
     scene = None
@@ -106,6 +114,8 @@ def read_osv5m(path: Path) -> pd.DataFrame:
 
 def read_custom(path: Path) -> pd.DataFrame:
     """Any manifest: the GeoEstimation format, or a CSV with an id/path and lat/lon columns."""
+    import pandas as pd
+
     head = _read_csv(path, nrows=0)
     if {"IMG_ID", "LAT", "LON"} <= set(head.columns):
         return read_geoestimation(path)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import pandas as pd
 import torch
 
 from geo.core.geodesy import latlon_to_xyz
@@ -25,6 +24,9 @@ from geo.finetune.config import FinetuneConfig
 from geo.models.backbones import Backbone
 from geo.stages.cells.partition import Partition, build_partitions, cell_table, default_taus, locate
 from geo.stages.cells.train import smoothed_targets
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Log = Callable[[str], None]
 MIN_PHOTOS = 8

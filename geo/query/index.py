@@ -419,8 +419,8 @@ class GeoIndex:
         """The country of each fine cell's centre (the photos' mean), for the country's probability."""
         if self.cells is None:
             return None
-        fine = self.cells.tables[-1]
-        return country_index(fine["lat"].to_numpy(np.float64), fine["lon"].to_numpy(np.float64))
+        fine = self.cells.columns[-1]
+        return country_index(fine["lat"].astype(np.float64), fine["lon"].astype(np.float64))
 
     def _countries(self, idx: np.ndarray, probs: np.ndarray | None) -> list[dict[str, Any]]:
         """Each answer's country, with the cell heads' probability mass on it when the bundle has cells."""

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import pandas as pd
 
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km, pairwise_haversine_km, unit_vectors
 from geo.core.names import find_column
@@ -47,6 +46,9 @@ from geo.stages.fusion.posterior import (
     signal_weights,
 )
 from geo.stages.fusion.signals import Evidence
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ALTERNATIVES = 5
 REACH_KM = 25.0   # the trip decides places, the photo the spot within this; also the smoothing of a burst's power
@@ -101,6 +103,8 @@ def trips_from_photos(paths: Sequence[str], travel: Travel) -> Trips:
 def trips_from_table(meta: pd.DataFrame, travel: Travel) -> Trips:
     """Rows of an embeddings table: a ``trip`` column, else the photographer's (AUTHOR, owner, ...), else one
     trip; the time from the table's time column (``taken``, ``time``, ...). No time column is an error."""
+    import pandas as pd
+
     when = time_column(meta.columns)
     if when is None:
         raise ValueError("locating trips needs a time column (taken, time, timestamp, datetime, date_taken or "
@@ -147,6 +151,8 @@ def locate_trips(ev: Evidence, params: FusionParams, own: np.ndarray, doubt: np.
 
 def _groups(ids: Sequence[str | None], hours: np.ndarray) -> dict[str, np.ndarray]:
     """Trip id -> its timed photos' rows in time order (ties in input order)."""
+    import pandas as pd
+
     frame = pd.DataFrame({"trip": list(ids), "hours": hours, "row": np.arange(len(hours))})
     frame = frame[frame["trip"].notna() & np.isfinite(frame["hours"])].sort_values(["trip", "hours", "row"],
                                                                                    kind="stable")

@@ -15,10 +15,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -29,6 +28,9 @@ from geo.data.images import ImageDataset, collate_skip_errors
 from geo.models.registry import Backbone
 from geo.store.bundle import Bundle, BundleError, read_json
 from geo.store.embeddings import finished_shards, marker_path, shard_path, write_shard
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STAGE = "embeddings"
 
@@ -45,6 +47,8 @@ class EmbedConfig:
 
 def manifest_fingerprint(df: pd.DataFrame) -> str:
     """Identity of the rows to embed; resuming against a different manifest is refused."""
+    import pandas as pd
+
     h = hashlib.sha256()
     for col in ("id", "path", "lat", "lon"):
         h.update(pd.util.hash_pandas_object(df[col], index=False).to_numpy().tobytes())

@@ -18,17 +18,20 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import faiss
 import numpy as np
-import pandas as pd
 
 from geo.core.memory import release_unused
 from geo.core.sizes import default_memory, human_bytes, index_budget, parse_bytes
+from geo.core.tables import as_text
 from geo.store.atomic import atomic_write_faiss, atomic_write_json
 from geo.store.bundle import Bundle, BundleError
 from geo.store.embeddings import EmbeddingReader, shard_pieces
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STAGE = "knn_index"
 INDEX_FILE = "index/knn.faiss"
@@ -155,17 +158,21 @@ def gpu_count() -> int:
 
 
 class KnnIndex:
-    """A FAISS inner-product index over L2-normalised embeddings and its rows' metadata, in FAISS id order."""
+    """A FAISS inner-product index over L2-normalised embeddings and its rows' metadata, in FAISS id order.
 
-    def __init__(self, index, meta: pd.DataFrame, infos: dict[str, Any] | None = None):
-        if index.ntotal != len(meta):
-            raise BundleError(f"kNN index holds {index.ntotal} vectors for {len(meta)} embedding rows "
+    ``meta``: the rows' ``id``, ``path``, ``lat`` and ``lon``, a DataFrame or numpy columns (:mod:`geo.core.tables`:
+    what :meth:`load` reads, without pandas)."""
+
+    def __init__(self, index, meta: Any, infos: dict[str, Any] | None = None):
+        rows = len(meta["id"])
+        if index.ntotal != rows:
+            raise BundleError(f"kNN index holds {index.ntotal} vectors for {rows} embedding rows "
                               "(index and shards are out of step; rebuild with --force knn_index)")
         self.index = index
-        self.ids = meta["id"].astype(str).to_numpy()
-        self.paths = meta["path"].astype(str).to_numpy()
-        self.lat = meta["lat"].to_numpy(np.float64)
-        self.lon = meta["lon"].to_numpy(np.float64)
+        self.ids = as_text(meta["id"])
+        self.paths = as_text(meta["path"])
+        self.lat = np.asarray(meta["lat"], np.float64)
+        self.lon = np.asarray(meta["lon"], np.float64)
         self.infos = infos or {}
         self._params = None  # FAISS search parameters (an ID selector: see excluding)
 
@@ -222,7 +229,7 @@ class KnnIndex:
     def load(cls, bundle: Bundle, use_gpu: bool | None = None, mmap: bool | None = None) -> "KnnIndex":
         """Read the index (onto the GPU(s) when FAISS has any and ``use_gpu`` is not False; memory-mapped when
         ``mmap``, or by default when it is bigger than half the memory budget) and the rows' metadata."""
-        return cls(read_index(bundle, use_gpu, mmap), EmbeddingReader(bundle).read_meta(META_COLUMNS),
+        return cls(read_index(bundle, use_gpu, mmap), EmbeddingReader(bundle).read_columns(META_COLUMNS),
                    bundle.stage(STAGE))
 
 
@@ -339,7 +346,7 @@ def fit_knn(reader: EmbeddingReader, config: KnnConfig = KnnConfig(), log: Calla
     }
     log(f"faiss: {infos['ntotal']:,} vectors, recall@{k} {infos[f'recall@{k}']}, "
         f"median query {infos['median_query_ms']} ms")
-    return KnnIndex(index, reader.read_meta(META_COLUMNS), infos)
+    return KnnIndex(index, reader.read_columns(META_COLUMNS), infos)
 
 
 def _exact_neighbours(queries: np.ndarray, k: int, reader: EmbeddingReader) -> np.ndarray:

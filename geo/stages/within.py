@@ -48,7 +48,7 @@ def stages_within(constraint: Constraint, knn: Any, cells: Any | None, gallery: 
     gallery_in = None if gallery is None else gallery.within(
         np.flatnonzero(constraint.contains(gallery.points[:, 0], gallery.points[:, 1])))
     cells_in = None if cells is None else cells.within(
-        constraint.contains(cells.support["lat"].to_numpy(float), cells.support["lon"].to_numpy(float)))
+        constraint.contains(cells.spots["lat"].astype(float), cells.spots["lon"].astype(float)))
     return StagesWithin(knn_in, cells_in, gallery_in,
                         sources_for(knn_in, cells_in, gallery_in, knn.lat[rows], knn.lon[rows]))
 

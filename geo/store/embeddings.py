@@ -15,16 +15,19 @@ needs the whole gallery in memory unless it asks for it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geo.core.files import streamed_parquet
+from geo.core.tables import Columns, arrow_columns, read_parquet
 from geo.store.atomic import atomic_write_json, atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError, read_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SHARD_DIR = "embeddings"
 
@@ -189,10 +192,18 @@ class EmbeddingReader:
         return pa.concat_tables(metas).to_pandas(), out
 
     def read_meta(self, columns: list[str] | None = None) -> pd.DataFrame:
-        """Metadata columns of every row (None: all of them), without the embeddings (what the query side keeps)."""
+        """Metadata columns of every row (None: all of them), without the embeddings."""
+        return self._meta_table(columns).to_pandas()
+
+    def read_columns(self, columns: list[str] | None = None) -> Columns:
+        """:meth:`read_meta` as numpy columns (:mod:`geo.core.tables`): what the query side keeps, read without
+        pandas."""
+        return arrow_columns(self._meta_table(columns))
+
+    def _meta_table(self, columns: list[str] | None) -> pa.Table:
         if columns is None:
             columns = self.columns
-        return pa.concat_tables([pq.read_table(s, columns=columns) for s in self.shards], promote_options="default").to_pandas()
+        return pa.concat_tables([read_parquet(s, columns) for s in self.shards], promote_options="default")
 
     def sample(self, rows: int, seed: int = 0) -> np.ndarray:
         """A seeded uniform sample of the embeddings, read shard by shard."""

@@ -17,11 +17,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from geo.store.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _RADII = ("1", "25", "200", "750", "2500")
 

@@ -62,10 +62,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -77,6 +76,9 @@ from geo.data.countries import country_index, country_names
 from geo.data.places import cities_of
 from geo.data.columns import ID_COLUMNS, LAT_COLUMNS, LON_COLUMNS, PATH_COLUMNS
 from geo.store.atomic import atomic_write_parquet
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA = pa.schema(
     [
@@ -153,6 +155,8 @@ def answers_to_frame(
     optional columns (``scene``, ``country``) per answer. The country columns are
     filled from the coordinates by :func:`conform`.
     """
+    import pandas as pd
+
     answers = [a.to_dict() if isinstance(a, Answer) else a for a in answers]
     n = len(answers)
     ids = list(query_ids) if query_ids is not None else [
@@ -205,6 +209,8 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     ``error_km`` is recomputed here so that no file can carry a distance that
     disagrees with its own coordinates.
     """
+    import pandas as pd
+
     df = df.copy()
     for col in COLUMNS:
         if col not in df.columns:
@@ -241,6 +247,8 @@ def write_predictions(path: str | os.PathLike, df: pd.DataFrame) -> Path:
 
 def read_predictions(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
     """Read one or more predictions files (or directories of them) into one DataFrame."""
+    import pandas as pd
+
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
@@ -280,6 +288,8 @@ def _read_part(f: Path) -> pd.DataFrame:
 def _check_confidence(df: pd.DataFrame, path: Path, column: str = "confidence") -> None:
     """Refuse a confidence outside [0, 1] (or not a number): scored or reported as given, -3 or 7 would skew
     every calibration figure. An empty cell (NaN) stays allowed: no confidence reported, or no answer."""
+    import pandas as pd
+
     if column not in df.columns:
         return
     raw = df[column]
@@ -337,6 +347,8 @@ class ShardedWriter:
 
     def finish(self) -> pd.DataFrame:
         """Merge the previous output and all shards into ``out``; returns all rows."""
+        import pandas as pd
+
         sources = ([self.out] if self.out.exists() else []) + self._shards()
         df = read_predictions(sources) if sources else conform(pd.DataFrame(columns=COLUMNS))
         df = df.drop_duplicates(["query_id", "mode"], keep="last").reset_index(drop=True)
@@ -378,6 +390,8 @@ def read_scored_file(path: str | os.PathLike, columns: Mapping[str, str | None] 
     reproduced. Rows with missing, non-numeric or out-of-range coordinates
     are an error that names them, never silently skipped.
     """
+    import pandas as pd
+
     path = Path(path)
     try:
         regular_size(path, cap=NO_CAP)

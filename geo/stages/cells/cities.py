@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from geo.core.splits import clustered_se
+from geo.core.tables import Columns, read_columns
 from geo.data.places import cities_of
 from geo.models.heads import CellHeads, head_logits, load_heads, save_heads
 from geo.stages.cells.train import HeadConfig, train_heads
@@ -48,7 +48,7 @@ CITY_LR = 1e-2  # a single linear layer over unit-norm embeddings: the cell head
 @dataclass
 class CityHead:
     model: CellHeads
-    cities: pd.DataFrame  # class (row order), city ("name, admin1, cc"; ELSEWHERE last), photos
+    cities: Columns  # class (row order), city ("name, admin1, cc"; ELSEWHERE last), photos: numpy columns
     temperature: float
     info: dict[str, Any]
 
@@ -80,7 +80,7 @@ class CityHead:
         return [{"city": names[j], "prob": round(float(named[j]), 4)} for j in best]
 
     def save(self, bundle: Bundle) -> list[str]:
-        atomic_write_parquet(bundle.path(CITY_TABLE), pa.Table.from_pandas(self.cities, preserve_index=False))
+        atomic_write_parquet(bundle.path(CITY_TABLE), pa.table(self.cities))
         save_heads(self.model, bundle.path(CITY_WEIGHTS), bundle.path(CITY_CONFIG), {"temperature": self.temperature})
         return [CITY_WEIGHTS, CITY_CONFIG, CITY_TABLE]
 
@@ -89,10 +89,10 @@ class CityHead:
         model, cfg = load_heads(bundle.path(CITY_WEIGHTS), bundle.path(CITY_CONFIG))
         checked(cfg, {"temperature": float}, bundle.path(CITY_CONFIG))
         try:
-            cities = pd.read_parquet(bundle.path(CITY_TABLE))
+            cities = read_columns(bundle.path(CITY_TABLE))
         except (OSError, ValueError) as e:
             raise BundleError(f"{bundle.path(CITY_TABLE)}: cannot read the city table ({e})") from None
-        if model.spec["n_classes"] != [len(cities)] or "temperature" not in cfg:
+        if "city" not in cities or model.spec["n_classes"] != [len(cities["city"])] or "temperature" not in cfg:
             raise BundleError(f"{bundle.path(CITY_CONFIG)}: the city head does not match {CITY_TABLE}")
         return cls(model, cities, float(cfg["temperature"]), info)
 
@@ -128,8 +128,8 @@ def fit_city_head(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, val: np.nda
     else:
         info.update({"used": False, "not_used_because": "no held-out photographers to check it against"})
     info["temperature"] = round(temperature, 4)
-    table = pd.DataFrame({"class": np.arange(n_classes, dtype=np.int32), "city": [*cities, ELSEWHERE],
-                          "photos": np.bincount(target[~held], minlength=n_classes).astype(np.int64)})
+    table = {"class": np.arange(n_classes, dtype=np.int32), "city": np.array([*cities, ELSEWHERE], dtype=object),
+             "photos": np.bincount(target[~held], minlength=n_classes).astype(np.int64)}
     return CityHead(result.model.cpu().eval(), table, temperature, info)
 
 

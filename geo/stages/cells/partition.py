@@ -30,13 +30,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from geo.core import s2
 from geo.core.geodesy import latlon_to_xyz, xyz_to_latlon
+from geo.core.tables import positions
 from geo.stages.cells.semantic import SemanticCells, semantic_cells
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PARTITIONERS = ("adaptive", "bottomup", "semantic")
 SEMANTIC_COLUMNS = ["seed_lat", "seed_lon", "country"]  # the finest semantic table's: its cells' Voronoi seeds
@@ -296,6 +300,8 @@ def cell_table(part: Partition, rows: np.ndarray, lat: np.ndarray, lon: np.ndarr
     lat/lon are the spherical mean of the cell's photos (Class2GPS): where
     the photos are, not the cell centre, and safe across the antimeridian.
     """
+    import pandas as pd  # the build's: a query reads the tables as numpy columns
+
     n_cells = part.n_cells
     inside = rows >= 0
     counts = np.bincount(rows[inside], minlength=n_cells)
@@ -323,24 +329,25 @@ def cell_table(part: Partition, rows: np.ndarray, lat: np.ndarray, lon: np.ndarr
     return table
 
 
-def partitions_from_tables(tables: list[pd.DataFrame], names: list[str]) -> list[Partition]:
-    """The partitions a bundle's cell tables (coarse -> fine) describe: what ``geo add`` assigns new photos with.
+def partitions_from_tables(tables: list[Any], names: list[str]) -> list[Partition]:
+    """The partitions a bundle's cell tables (coarse -> fine; DataFrames or numpy columns, :mod:`geo.core.tables`)
+    describe: what ``geo add`` assigns new photos with.
 
     S2 tables name their cells by token; semantic ones keep the seeds in the finest table and each coarser
     partition as the finest table's ``parent_<name>`` column."""
     fine = tables[-1]
-    if not set(SEMANTIC_COLUMNS) <= set(fine.columns):
-        return [Partition(n, s2.from_tokens(t["token"].tolist())) for n, t in zip(names, tables)]
-    seed_lat, seed_lon = fine["seed_lat"].to_numpy(np.float64), fine["seed_lon"].to_numpy(np.float64)
-    country = fine["country"].to_numpy(np.int64)
+    if not set(SEMANTIC_COLUMNS) <= set(fine):
+        return [Partition(n, s2.from_tokens(np.asarray(t["token"]).tolist())) for n, t in zip(names, tables)]
+    seed_lat, seed_lon = np.asarray(fine["seed_lat"], np.float64), np.asarray(fine["seed_lon"], np.float64)
+    country = np.asarray(fine["country"], np.int64)
     parts = []
     for n, t in zip(names[:-1], tables[:-1]):
-        group = pd.Index(t["token"]).get_indexer(fine[f"parent_{n}"])
+        group = positions(t["token"], fine[f"parent_{n}"])
         if (group < 0).any():
             raise ValueError(f"cell table {n!r}: the finest table names parents it does not hold")
         parts.append(Partition(n, np.empty(0, np.uint64), semantic=SemanticCells(seed_lat, seed_lon, country, group)))
     return parts + [Partition(names[-1], np.empty(0, np.uint64),
-                              semantic=SemanticCells(seed_lat, seed_lon, country, np.arange(len(fine))))]
+                              semantic=SemanticCells(seed_lat, seed_lon, country, np.arange(len(seed_lat))))]
 
 
 # ------------------------------------------------------------ published partitions
@@ -350,6 +357,8 @@ def read_geoestimation_csv(path: str | Path) -> Partition:
     ``hex_id`` is read as a string: tokens such as ``8747c`` or ``0f`` are not numbers.
     Rows keep the file's class labels.
     """
+    import pandas as pd  # the build's: a query never reads a published partition
+
     path = Path(path)
     try:
         df = pd.read_csv(path, skiprows=2, dtype={"hex_id": str})

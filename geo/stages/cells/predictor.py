@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import copy
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from geo.core.s2 import cell_ring
+from geo.core.tables import Columns, columns_of, positions, read_columns
 from geo.models.heads import CellHeads, head_logits, load_heads, save_heads
 from geo.stages.cells.calibration import (
     fine_log_posterior,
@@ -39,6 +39,9 @@ from geo.store.atomic import atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError
 from geo.store.schema import checked
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 STAGE = "cells"
 SUPPORT_FILE = "cells/support.parquet"
 HEADS_WEIGHTS = "heads/heads.safetensors"
@@ -46,24 +49,44 @@ HEADS_CONFIG = "heads/heads.json"
 
 
 class CellPredictor:
-    """Heads + cell tables, ready to turn embeddings into cell posteriors; ``info`` is the stage's manifest record."""
+    """Heads + cell tables, ready to turn embeddings into cell posteriors; ``info`` is the stage's manifest record.
 
-    def __init__(self, tables: list[pd.DataFrame], names: list[str], model: CellHeads, calibration: dict,
-                 scene_values: list, support: pd.DataFrame, info: dict[str, Any] | None = None,
+    The tables and support spots (DataFrames from a fit, numpy columns from :meth:`load`) are kept as numpy
+    columns (``columns``, ``spots``: what answers read, so a query never imports pandas); ``tables`` and
+    ``support`` give them as DataFrames, made on first use, for the build's and ``geo add``'s work."""
+
+    def __init__(self, tables: list[Any], names: list[str], model: CellHeads, calibration: dict,
+                 scene_values: list, support: Any, info: dict[str, Any] | None = None,
                  scene_column: str | None = None, regression: Regression | None = None,
                  city_head: CityHead | None = None):
-        self.tables, self.names, self.model = tables, names, model
+        self.columns: list[Columns] = [columns_of(t) for t in tables]
+        self.spots: Columns = columns_of(support)
+        self.names, self.model = names, model
         self.regression = regression  # the coordinate regression (--mode regression); None in older bundles
         self.city_head = city_head  # None when the gallery has fewer than two cities with enough photos
         self.calibration = calibration
         self.scene_values = scene_values
-        self.support = support
         self.info = info or {}
         self.scene_column = scene_column
-        self.priors = log_priors([t["count"].to_numpy(float) for t in tables])
-        self.parents = [_parent_rows(tables[-1], t, n) for t, n in zip(tables[:-1], names[:-1])]
-        self._decision = SupportDecision(support, tables[-1]["lat"].to_numpy(float), tables[-1]["lon"].to_numpy(float))
+        fine = self.columns[-1]
+        self.priors = log_priors([t["count"].astype(float) for t in self.columns])
+        self.parents = [_parent_rows(fine, t, n) for t, n in zip(self.columns[:-1], names[:-1])]
+        self._decision = SupportDecision(self.spots, fine["lat"].astype(float), fine["lon"].astype(float))
         self._keep: np.ndarray | None = None  # fine cells a query-time constraint keeps (see within)
+
+    @cached_property
+    def tables(self) -> list[pd.DataFrame]:
+        """The cell tables as DataFrames, coarse to fine (made on first use: answers read :attr:`columns`)."""
+        import pandas as pd
+
+        return [pd.DataFrame(t) for t in self.columns]
+
+    @cached_property
+    def support(self) -> pd.DataFrame:
+        """The support spots as a DataFrame (made on first use: answers read :attr:`spots`)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.spots)
 
     def save(self, bundle: Bundle) -> tuple[list[str], dict[str, Any]]:
         """Write the tables, support spots and heads; returns (files, info) for the pipeline to commit."""
@@ -97,14 +120,14 @@ class CellPredictor:
                               "`geo build-index ... --force cells`")
         support = _read_table(support_path, "support spots")
         try:
-            check_support(support, len(tables[-1]), str(support_path))
+            check_support(support, len(tables[-1]["token"]), str(support_path))
         except ValueError as e:
             raise BundleError(str(e)) from None
         model, cfg = load_heads(bundle.path(HEADS_WEIGHTS), bundle.path(HEADS_CONFIG), device)
         checked(cfg, {"calibration": {"temperature": (float, list), "alpha": float, "region?": REGION_MAP},
                       "scene_values?": list,
                       "scene_column?": (str, type(None))}, bundle.path(HEADS_CONFIG))
-        if [len(t) for t in tables] != model.spec["n_classes"]:
+        if [len(t["token"]) for t in tables] != model.spec["n_classes"]:
             raise BundleError(f"{bundle.path(HEADS_CONFIG)}: head sizes do not match the cell tables")
         regression = Regression.load(bundle, info["regression"]) if "regression" in info else None
         city = CityHead.load(bundle, info["city_head"]) if info.get("city_head") else None
@@ -139,17 +162,17 @@ class CellPredictor:
         are the spots inside it; the fine posterior is renormalised over the cells that keep a spot, and
         :meth:`decide` chooses among the kept spots alone."""
         out = copy.copy(self)
-        t = self.tables[-1]
-        out._keep = np.bincount(self.support["cell"].to_numpy(np.int64)[spots], minlength=len(t)) > 0
-        out._decision = SupportDecision(self.support[spots].reset_index(drop=True), t["lat"].to_numpy(float),
-                                        t["lon"].to_numpy(float))
+        t = self.columns[-1]
+        out._keep = np.bincount(self.spots["cell"].astype(np.int64)[spots], minlength=len(t["lat"])) > 0
+        out._decision = SupportDecision({k: v[spots] for k, v in self.spots.items()}, t["lat"].astype(float),
+                                        t["lon"].astype(float))
         return out
 
     @cached_property
     def _fine_cells(self) -> tuple[list[str], list[float], list[float], list[int]]:
         """The fine table's token, lat, lon and level as Python lists: an answer's top cells read five rows,
         and five pandas lookups per field cost a warm query more than its country and place together."""
-        t = self.tables[-1]
+        t = self.columns[-1]
         return (t["token"].astype(str).tolist(), t["lat"].astype(float).tolist(), t["lon"].astype(float).tolist(),
                 t["level"].astype(int).tolist())
 
@@ -166,7 +189,7 @@ class CellPredictor:
     @cached_property
     def region_cells(self) -> RegionCells:
         """The cells' areas, nesting and shapes, which regions are grown over (made on first use)."""
-        return RegionCells(self.tables, self.names)
+        return RegionCells(self.columns, self.names)
 
     def regions(self, fine: np.ndarray, coverage: float) -> list[dict[str, Any]]:
         """Each fine posterior row's region at a stated coverage (``Answer.region``), through the build's
@@ -180,18 +203,18 @@ class CellPredictor:
         return self._decision.decide(fine_probs, radii_km)
 
 
-def _read_table(path, what: str) -> pd.DataFrame:
+def _read_table(path, what: str) -> Columns:
     try:
-        return pd.read_parquet(path)
+        return read_columns(path)
     except (FileNotFoundError, OSError) as e:
         raise BundleError(f"{path}: cannot read {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def _parent_rows(fine: pd.DataFrame, coarse: pd.DataFrame, coarse_name: str) -> np.ndarray:
+def _parent_rows(fine: Columns, coarse: Columns, coarse_name: str) -> np.ndarray:
     col = f"parent_{coarse_name}"
-    if col not in fine.columns:
+    if col not in fine:
         raise BundleError(f"fine cell table has no {col} column (cells stage built without hierarchy)")
-    pos = pd.Index(coarse["token"]).get_indexer(fine[col])
+    pos = positions(coarse["token"], fine[col])
     if (pos < 0).any():
         raise BundleError(f"fine cell table names parents missing from partition {coarse_name!r}")
     return pos

@@ -31,10 +31,10 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from geo.core import s2
 from geo.core.geodesy import EARTH_RADIUS_KM
+from geo.core.tables import Columns, columns_of, positions
 from geo.stages.cells.partition import SEMANTIC_COLUMNS, locate, partitions_from_tables
 
 DEFAULT_COVERAGE = 0.9
@@ -136,21 +136,24 @@ class RegionCells:
 
     Regions take fine cells; a coarser cell all of whose fine cells are taken is taken whole, in their place.
     An adaptive S2 partition leaves out places with fewer than tau_min photos, so a coarse cell can be larger
-    than its fine cells: taken whole, it also holds the photos that land in no fine cell."""
+    than its fine cells: taken whole, it also holds the photos that land in no fine cell.
 
-    def __init__(self, tables: list[pd.DataFrame], names: list[str]):
-        self.tables, self.names = tables, names
+    ``tables``: the cell tables, coarse to fine, as DataFrames or numpy columns (:mod:`geo.core.tables`)."""
+
+    def __init__(self, tables: list[Any], names: list[str]):
+        self.tables: list[Columns] = [columns_of(t) for t in tables]
+        self.names = names
         self._polygons: dict[tuple[int, int], Any] = {}  # (partition, row) -> shapely polygon (immutable, shared)
         self._shapes: OrderedDict[tuple[tuple[int, ...], ...], dict[str, Any]] = OrderedDict()  # see geometry
-        fine = tables[-1]
-        self.semantic = set(SEMANTIC_COLUMNS) <= set(fine.columns)
-        self.tokens = [np.asarray(t["token"].astype(str), dtype=object) for t in tables]
-        self.parents = [pd.Index(t["token"]).get_indexer(fine[f"parent_{n}"]) for t, n in zip(tables[:-1], names[:-1])]
-        self.children = [np.bincount(p, minlength=len(t)) for p, t in zip(self.parents, tables[:-1])]
+        fine = self.tables[-1]
+        self.semantic = set(SEMANTIC_COLUMNS) <= set(fine)
+        self.tokens = [t["token"].astype(str).astype(object) for t in self.tables]
+        self.parents = [positions(t["token"], fine[f"parent_{n}"]) for t, n in zip(self.tables[:-1], names[:-1])]
+        self.children = [np.bincount(p, minlength=len(k)) for p, k in zip(self.parents, self.tokens[:-1])]
         fine_area = self._raster[1] if self.semantic else np.array([_s2_area(t) for t in self.tokens[-1]])
-        self.areas = [np.bincount(p, weights=fine_area, minlength=len(t)) if self.semantic
+        self.areas = [np.bincount(p, weights=fine_area, minlength=len(self.tokens[k])) if self.semantic
                       else np.array([_s2_area(x) for x in self.tokens[k]])
-                      for k, (p, t) in enumerate(zip(self.parents, tables[:-1]))] + [fine_area]
+                      for k, p in enumerate(self.parents)] + [fine_area]
 
     @property
     def fine_area(self) -> np.ndarray:
@@ -169,13 +172,13 @@ class RegionCells:
         centres = [s2sphere.LatLng.from_point(c.get_center()) for c in cells]
         rows = locate(partitions_from_tables(self.tables, self.names)[-1:],
                       [c.lat().degrees for c in centres], [c.lng().degrees for c in centres])[:, 0]
-        n = len(self.tables[-1])
+        n = len(self.tokens[-1])
         area = np.bincount(rows[rows >= 0], weights=[c.exact_area() * EARTH_RADIUS_KM ** 2 for c, r in zip(cells, rows)
                                                      if r >= 0], minlength=n)
         by_row = np.argsort(rows, kind="stable")
         members = np.split(ids[by_row], np.searchsorted(rows[by_row], np.arange(n + 1)))[1:-1]
         fine = self.tables[-1]
-        seeds = s2.parent_ids(s2.leaf_ids(fine["seed_lat"].to_numpy(float), fine["seed_lon"].to_numpy(float)),
+        seeds = s2.parent_ids(s2.leaf_ids(fine["seed_lat"].astype(float), fine["seed_lon"].astype(float)),
                               SEED_LEVEL)
         for r in np.flatnonzero(area == 0):
             members[r], area[r] = seeds[r:r + 1], _s2_area(s2.to_tokens(seeds[r:r + 1])[0])

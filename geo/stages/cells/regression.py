@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from safetensors.torch import load_file
 
@@ -155,6 +154,8 @@ def fit_regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np
                    seed: int = 0) -> Regression:
     """Ridge onto unit vectors, its strength and its weight against the prior chosen out of fold over whole
     ``groups`` (photographers; rows at random without them), then refitted on every photo."""
+    import pandas as pd
+
     y, n = latlon_to_xyz(lat, lon), len(emb)
     info: dict[str, Any] = {"photos": int(n)}
     n_groups = len(np.unique(np.asarray(groups).astype(str))) if groups is not None else n

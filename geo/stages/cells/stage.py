@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import pandas as pd
 
 from geo.core.geodesy import latlon_to_xyz, valid_latlon, xyz_to_latlon
 from geo.core.splits import group_column, group_folds
@@ -23,6 +22,9 @@ from geo.stages.cells.region import CHUNK, RegionCells, conformal_map, map_summa
 from geo.stages.cells.regression import Regression, fit_regression
 from geo.stages.cells.support import support_points
 from geo.stages.cells.train import HeadConfig, TrainResult, config_dict, train_heads
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CROSSFIT_FOLDS = 3
 REGION_PHOTOS = 20_000  # held-out photos the regions' conformal map is fitted on: its quantiles' error ~0.2 %

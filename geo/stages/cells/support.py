@@ -15,11 +15,15 @@ published mean.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-import pandas as pd
 
 from geo.core import s2
 from geo.core.geodesy import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPOT_LEVEL = 13  # S2 level-13 cells are ~1 km across: finer than every benchmark radius above 1 km
 SUPPORT_BUDGET = 16_384  # bounds a query's work on MP-16-sized partitions (12,893 fine cells -> 1 spot each)
@@ -34,6 +38,8 @@ def support_points(lat: np.ndarray, lon: np.ndarray, fine_rows: np.ndarray, fine
 
     ``fine_rows``: each photo's fine-cell row (-1: in none, ignored).
     """
+    import pandas as pd  # the build's work: a query only reads the spots
+
     n_cells = len(fine_table)
     inside = fine_rows >= 0
     xyz = latlon_to_xyz(lat[inside], lon[inside])
@@ -65,26 +71,28 @@ def support_points(lat: np.ndarray, lon: np.ndarray, fine_rows: np.ndarray, fine
     return table
 
 
-def check_support(support: pd.DataFrame, n_cells: int, where: str) -> None:
-    """Every fine cell needs a spot, or its posterior mass would vanish from the decision."""
-    missing = {"cell", "lat", "lon", "count"} - set(support.columns)
+def check_support(support: Any, n_cells: int, where: str) -> None:
+    """Every fine cell needs a spot, or its posterior mass would vanish from the decision (``support``: a
+    DataFrame or numpy columns, :mod:`geo.core.tables`)."""
+    missing = {"cell", "lat", "lon", "count"} - set(support)
     if missing:
         raise ValueError(f"{where}: support table lacks columns {sorted(missing)}")
-    cells = support["cell"].to_numpy()
+    cells = np.asarray(support["cell"])
     if len(cells) and (cells.min() < 0 or cells.max() >= n_cells):
         raise ValueError(f"{where}: support names cells outside 0..{n_cells - 1}")
-    if len(np.unique(cells)) != n_cells or (support["count"].to_numpy() <= 0).any():
+    if len(np.unique(cells)) != n_cells or (np.asarray(support["count"]) <= 0).any():
         raise ValueError(f"{where}: every fine cell needs at least one support spot with a positive count")
 
 
 class SupportDecision:
     """The Bayes answer for 'within r km' scores: the spot with most posterior mass within each radius in turn."""
 
-    def __init__(self, support: pd.DataFrame, cell_lat: np.ndarray, cell_lon: np.ndarray):
-        self.cell = support["cell"].to_numpy(np.int64)
-        self.lat, self.lon = support["lat"].to_numpy(float), support["lon"].to_numpy(float)
+    def __init__(self, support: Any, cell_lat: np.ndarray, cell_lon: np.ndarray):
+        """``support``: the spots' ``cell``, ``lat``, ``lon`` and ``count`` (a DataFrame or numpy columns)."""
+        self.cell = np.asarray(support["cell"], np.int64)
+        self.lat, self.lon = np.asarray(support["lat"], float), np.asarray(support["lon"], float)
         self.xyz = latlon_to_xyz(self.lat, self.lon)
-        count = support["count"].to_numpy(float)
+        count = np.asarray(support["count"], float)
         self.share = count / np.bincount(self.cell, weights=count, minlength=len(cell_lat))[self.cell]
         self.spots_per_cell = np.bincount(self.cell, minlength=len(cell_lat))
         self.cell_xyz = latlon_to_xyz(cell_lat, cell_lon)

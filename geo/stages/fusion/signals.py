@@ -207,8 +207,8 @@ class CellsSignal:
         probs = cell_probs(self.cells, batch)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :CELLS_WIDTH]
         p = np.take_along_axis(probs, order, axis=1).astype(np.float64)
-        t = self.cells.tables[-1]
-        lat, lon = t["lat"].to_numpy(np.float64)[order], t["lon"].to_numpy(np.float64)[order]
+        t = self.cells.columns[-1]
+        lat, lon = t["lat"].astype(np.float64)[order], t["lon"].astype(np.float64)[order]
         zero = p <= 0  # an underflowed cell is no candidate
         return SignalEvidence(np.stack([np.where(zero, np.nan, lat), np.where(zero, np.nan, lon)], -1), p)
 

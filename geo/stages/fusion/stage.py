@@ -18,10 +18,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import pandas as pd
 
 from geo.core.geodesy import THRESHOLDS_KM
 from geo.core.knn_vote import kde_vote
@@ -55,6 +54,9 @@ from geo.stages.knn import KnnIndex
 from geo.store.atomic import atomic_write_json
 from geo.store.bundle import Bundle
 from geo.store.schema import checked, read_checked
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STAGE = "fusion"
 FUSION_FILE = "fusion/fusion.json"

@@ -19,19 +19,18 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import faiss
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from geo.core.geodesy import valid_latlon
 from geo.core.priors import photos_within
 from geo.core.runtime import resolve_device
 from geo.core.names import find_column
 from geo.core.splits import group_column
+from geo.core.tables import read_columns
 from geo.data.columns import LAT_COLUMNS, LON_COLUMNS
 from geo.models.location import (
     ImageProjection,
@@ -45,6 +44,9 @@ from geo.stages.knn import selected
 from geo.store.atomic import atomic_write_faiss, atomic_write_json, atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError
 from geo.store.schema import read_checked
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 GALLERY_DIR = "gallery"
 FILES = {
@@ -93,6 +95,8 @@ def resolve_image_init(backbone_name: str, dim: int) -> str:
 
 def read_gps_csv(path: str | Path) -> np.ndarray:
     """float64 [n, 2] valid (lat, lon) rows of a CSV; columns lat/lon in any case, or latitude/longitude."""
+    import pandas as pd  # the build's: a query reads no GPS file
+
     path = geoclip_gallery_csv() if str(path) == GEOCLIP_GALLERY else Path(path)
     try:
         df = pd.read_csv(path)
@@ -263,12 +267,13 @@ class GpsGallery:
         ppath = root / FILES["points"]
         if not ppath.exists():
             raise BundleError(f"{ppath}: missing")
-        tab = pq.read_table(ppath).to_pandas()
-        if index.ntotal != len(tab) or index.d != proj.out_dim + 1:
-            raise BundleError(f"{fpath}: {index.ntotal} points of dim {index.d}, but {ppath.name} has {len(tab)} rows "
+        tab = read_columns(ppath)
+        rows = len(tab["lat"])
+        if index.ntotal != rows or index.d != proj.out_dim + 1:
+            raise BundleError(f"{fpath}: {index.ntotal} points of dim {index.d}, but {ppath.name} has {rows} rows "
                               f"and the projection gives {proj.out_dim}-d features (+1 prior column)")
-        points = tab[["lat", "lon"]].to_numpy(np.float64)
-        return cls(proj, index, points, tab["source"].to_numpy(), info, loc)
+        points = np.stack([tab["lat"], tab["lon"]], 1).astype(np.float64)
+        return cls(proj, index, points, tab["source"], info, loc)
 
     def search(self, emb: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(latlon [n, k, 2], scores [n, k]) of the k best gallery points per embedding.
