@@ -241,6 +241,8 @@ def _regrouped(batches: Iterator[tuple[pd.DataFrame, list[np.ndarray | None] | n
                dim: int) -> Iterator[tuple[pd.DataFrame, np.ndarray, np.ndarray]]:
     """Batches gathered into pieces of ``rows`` rows (the last one shorter), each piece's embeddings copied into
     one float32 [n, dim] matrix as its batches arrive; a row whose length is not ``dim`` stays zero."""
+    import pandas as pd  # the build's input side only: a cold query never imports pandas
+
     frames: list[pd.DataFrame] = []
     lens: list[np.ndarray] = []
     vec, filled = np.zeros((rows, dim), np.float32), 0
