@@ -64,6 +64,20 @@ def test_a_teleporting_outlier_is_pulled_back_to_its_trip():
     assert at(unbounded[2]) == TOKYO
 
 
+def test_each_photo_states_the_most_confident_calibrated_photo_of_its_trip_not_the_joint_mass():
+    """The outlier moved to Paris holds 0.3 of its own mass there, its mates 0.8: it states 0.8 within 25 km,
+    what the best single photo supports, not the chain's near-certainty; through a calibration map that halves
+    every mass, 0.4. A photo kept at its own answer states what it would alone."""
+    p = [0.8, 0.8, 0.3, 0.8, 0.8]
+    got = locate(p, [0, 1, 2, 3, 4])
+    assert got[2].p_within == {"25": 0.8, "200": 0.8, "750": 0.8} and got[0].p_within["25"] == 0.8
+    half = {t: {"x": [0.0, 1.0], "y": [0.0, 0.5]} for t in ("25", "200", "750")}
+    params = FusionParams({"cells": SignalParams(1.0)}, calibration=half)
+    calibrated = locate_trips(evidence(p), params, alone(p), np.full(5, 0.5), distinct(5),
+                              Trips(["t"] * 5, np.arange(5.0), Travel()))
+    assert at(calibrated[2]) == PARIS and calibrated[2].p_within["25"] == pytest.approx(0.4)
+
+
 def test_a_photo_with_no_mass_near_its_trip_is_pulled_back_when_its_answer_is_in_doubt():
     """Its own posterior is all Tokyo; only the chance that its evidence misled it lets the trip place it. A
     photo whose answer is certain (doubt 0) keeps it, even against the trip."""
