@@ -19,7 +19,7 @@ from geo.query.trip import NO_TIME, ONLY_TIMED, Travel, Trips, locate_trips, tri
 from geo.stages.fusion.posterior import FusionParams, SignalParams
 from geo.stages.fusion.signals import Evidence, SignalEvidence, SignalSpec
 
-PARIS, TOKYO = (48.8566, 2.3522), (35.6762, 139.6503)
+PARIS, TOKYO, NEW_YORK = (48.8566, 2.3522), (35.6762, 139.6503), (40.7128, -74.006)
 SPEC = SignalSpec("cells", "probs")
 PARAMS = FusionParams({"cells": SignalParams(1.0)})
 
@@ -76,6 +76,25 @@ def test_each_photo_states_the_most_confident_calibrated_photo_of_its_trip_not_t
     calibrated = locate_trips(evidence(p), params, alone(p), np.full(5, 0.5), distinct(5),
                               Trips(["t"] * 5, np.arange(5.0), Travel()))
     assert at(calibrated[2]) == PARIS and calibrated[2].p_within["25"] == pytest.approx(0.4)
+
+
+def test_a_photo_surer_of_its_place_than_its_trip_is_of_another_keeps_it_unless_no_plane_could_get_there():
+    """Four photos a day apart lean Paris (0.6, else New York); the last says Tokyo (0.7, else Paris). The chain,
+    preferring short legs, puts it in Paris; no photo of the trip is as sure of Paris (0.6) as it is of Tokyo
+    (0.7), and a day is time enough to fly, so it stays in Tokyo. An hour after Paris it cannot be in Tokyo,
+    and is not."""
+    pts = np.tile(np.array([PARIS, TOKYO, NEW_YORK], np.float64), (5, 1, 1))
+    score = np.array([[0.6, 0.0, 0.4]] * 4 + [[0.3, 0.7, 0.0]], np.float64)
+    ev = Evidence([SPEC], {"cells": SignalEvidence(pts, score)})
+    own = np.array([PARIS] * 4 + [TOKYO], np.float64)
+
+    def last(hours):
+        return locate_trips(ev, PARAMS, own, np.full(5, 0.5), distinct(5), Trips(["t"] * 5, np.asarray(hours, float)))[4]
+
+    day = last([0, 24, 48, 72, 96])
+    assert at(day) == TOKYO and day.p_within["25"] == pytest.approx(0.7)
+    assert (day.alternatives[0]["lat"], day.alternatives[0]["lon"]) == PARIS
+    assert at(last([0, 1, 2, 3, 4])) == PARIS
 
 
 def test_a_photo_with_no_mass_near_its_trip_is_pulled_back_when_its_answer_is_in_doubt():
