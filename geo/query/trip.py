@@ -5,10 +5,11 @@ solved by forward-backward:
 
 * a photo's states are the support points of its own fused posterior (the mixture of
   :mod:`geo.stages.fusion.posterior` its answer alone comes from: neighbours, gallery points, cell spots,
-  the prior's points), emitting their posterior mass, plus the other photos' answers alone, emitting
-  ``doubt * ANYWHERE``: with the chance ``doubt`` that its own answer is not even within 750 km
-  (1 - its calibrated ``p_within["750"]``), the photo's evidence misled it and it can be wherever its trip
-  was (a hotel room, a misleading scene);
+  the prior's points), emitting their posterior mass, plus its trip-mates' places (their answers alone and
+  each one's :data:`MATE_PLACES` most probable support points), emitting ``doubt * ANYWHERE`` times the
+  place's weight: with the chance ``doubt`` that its own answer is not even within 750 km (1 - its
+  calibrated ``p_within["750"]``), the photo's evidence misled it and it can be where its trip was (a hotel
+  room, a misleading scene), also where a mate's evidence points though the mate's answer went elsewhere;
 * near-duplicates (a burst: photos at least :data:`DUPLICATE_COS` similar) say one thing once: each of
   ``k`` of them emits its posterior to the power ``1/k``, so six shots of a room do not outvote one of the sea;
 * the transition between two consecutive photos ``dt`` hours and ``d`` km apart is ``infeasible`` (a
@@ -16,18 +17,23 @@ solved by forward-backward:
   the most a plane covers; otherwise ``1 - local_weight + local_weight * exp(-d / (local_km + ground_kmh *
   dt))``: most legs are travelled on the ground, so nearby places are favoured, softly.
 
-Each photo's answer is chosen from its marginal as fusion chooses from a posterior (the candidate with
-most marginal mass within the tuned decision's thresholds); where that is within :data:`REACH_KM` of its
-answer alone, the trip agrees on the place and the photo's own answer stands (legs never tell spots that
-close apart). ``p_within`` is NOT the marginal's mass (the chain multiplies photos that are not independent,
-so its mass within 25 km stated 0.79 where 0.38 held): it is the most confident single-photo statement the
-trip makes about the answer, the highest calibrated ``p_within`` (fusion's build-time maps, out of fold) that
-any photo of the trip, itself included, gives that spot from its own posterior (:func:`_confidence`). A
-photo kept at its own answer so states at least what it stated alone; one moved to a mate's place states
-what that mate's evidence supports. No trip is needed to calibrate it, so it holds for galleries without
-trips (benchmarks/RESULTS.md: stated against observed).
+The chain proposes, the calibrated confidence disposes. The chain's place for a photo is chosen from its
+marginal as fusion chooses from a posterior (the candidate with most marginal mass within the tuned
+decision's thresholds); where that is within :data:`REACH_KM` of its answer alone, the trip agrees on the
+place and the photo's own answer stands (legs never tell spots that close apart). Its ``p_within`` is NOT
+the marginal's mass (the chain multiplies posteriors as if they were independent likelihoods, and its mass
+within 25 km stated 0.79 where 0.38 held): it is the most confident single-photo statement the trip makes
+about the place, the highest calibrated ``p_within`` (fusion's build-time maps, out of fold) that any photo
+of the trip, itself included, gives it from its own posterior (:func:`_confidence`). No trip is needed to
+calibrate that, so it holds for galleries without trips (benchmarks/RESULTS.md: stated against observed).
+The photo keeps its answer alone where its trip states at least as much there (mean over 25/200/750 km) and
+a plane could fly it from and to its neighbours' answers (:func:`_answers`); so a photo sure of its spot is
+not moved to a place the evidence backs less, and a kept answer that breaks the speed bound with its
+neighbours' gives way to the chain's place.
 Photos without a time, and the only timed photo of a trip, are answered alone and say so.
-The constants were chosen on trips of 3-4 photos (benchmarks/eval_trips.py), not on those it reports.
+The chain's constants were chosen on trips of 3-4 photos of one testbed; the choice between the photo's
+answer and the chain's, :func:`_confidence` and :data:`MATE_PLACES` on that testbed's trips of every size,
+and measured on a second (benchmarks/RESULTS.md, "Trips located together").
 """
 from __future__ import annotations
 
@@ -286,8 +292,8 @@ def _choose(places: list[dict[str, float]], own: np.ndarray, reachable: bool, co
     """The photo's answer: the chain's best place, unless the photo's answer alone is ``reachable`` and its trip
     is at least as confident (mean calibrated ``p_within`` over 25/200/750 km, :func:`_confidence`) in it. The
     chain weighs every photo's posterior as if its mass were a likelihood; a photo sure of its spot must not be
-    moved to a trip-mate's place the calibrated evidence backs less (on the tuning trips of >= 5 photos this kept
-    1 km from falling and added 1.5 points at 25 km and 1.8 at 200). The other places follow as alternatives."""
+    moved to a trip-mate's place the calibrated evidence backs less (without this, 1 km fell by 1.7 points on the
+    tuning trips of >= 5 photos). The other places follow as alternatives."""
     chain = places[0]
     at_chain, at_own = confidence((chain["lat"], chain["lon"])), confidence((float(own[0]), float(own[1])))
     if not reachable or np.mean(list(at_own.values())) < np.mean(list(at_chain.values())):
