@@ -89,7 +89,8 @@ def test_a_photo_surer_of_its_place_than_its_trip_is_of_another_keeps_it_unless_
     own = np.array([PARIS] * 4 + [TOKYO], np.float64)
 
     def last(hours):
-        return locate_trips(ev, PARAMS, own, np.full(5, 0.5), distinct(5), Trips(["t"] * 5, np.asarray(hours, float)))[4]
+        trips = Trips(["t"] * 5, np.asarray(hours, float))
+        return locate_trips(ev, PARAMS, own, np.full(5, 0.5), distinct(5), trips)[4]
 
     day = last([0, 24, 48, 72, 96])
     assert at(day) == TOKYO and day.p_within["25"] == pytest.approx(0.7)

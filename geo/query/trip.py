@@ -6,7 +6,8 @@ solved by forward-backward:
 * a photo's states are the support points of its own fused posterior (the mixture of
   :mod:`geo.stages.fusion.posterior` its answer alone comes from: neighbours, gallery points, cell spots,
   the prior's points), emitting their posterior mass, plus its trip-mates' places (their answers alone and
-  each one's :data:`MATE_PLACES` most probable support points), emitting ``doubt * ANYWHERE`` times the
+  the :data:`MATE_PLACES` most probable support points of the :data:`MATE_PHOTOS` nearest in time), emitting
+  ``doubt * ANYWHERE`` times the
   place's weight: with the chance ``doubt`` that its own answer is not even within 750 km (1 - its
   calibrated ``p_within["750"]``), the photo's evidence misled it and it can be where its trip was (a hotel
   room, a misleading scene), also where a mate's evidence points though the mate's answer went elsewhere;
@@ -63,6 +64,7 @@ ALTERNATIVES = 5
 REACH_KM = 25.0   # the trip decides places, the photo the spot within this; also the smoothing of a burst's power
 ANYWHERE = 0.3    # a photo's emission at its trip's other answers, per unit of doubt in its own
 MATE_PLACES = 10  # each trip-mate's most probable support points a photo may take, beside the mate's answer
+MATE_PHOTOS = 10  # ... from this many of its mates, the nearest in time
 DUPLICATE_COS = 0.9  # photos of one trip at least this similar are one burst: their evidence counts once
 Confidence = Callable[[tuple[float, float]], dict[str, float]]  # a place -> the trip's p_within there
 NO_TIME = "no time taken (EXIF DateTimeOriginal or a time column): answered alone"
@@ -211,13 +213,15 @@ def _evidence_shares(emb: np.ndarray) -> np.ndarray:
     return 1.0 / (unit @ unit.T >= DUPLICATE_COS).sum(axis=1).clip(min=1)
 
 
-def _mates_places(posterior: _Posterior, rows: np.ndarray, own: np.ndarray,
+def _mates_places(posterior: _Posterior, rows: np.ndarray, hours: np.ndarray, own: np.ndarray,
                   k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The places photo ``k`` of a trip may take from its mates: their answers alone (weight 1) and each mate's
-    :data:`MATE_PLACES` most probable support points (weight: mass over the mate's most probable), each place
-    once at its highest weight, so a photo can be where a mate's evidence points even when the mate's own
-    answer went elsewhere."""
-    tops = [posterior.top(int(r)) for j, r in enumerate(rows) if j != k]
+    """The places photo ``k`` of a trip may take from its mates: their answers alone (weight 1) and the
+    :data:`MATE_PLACES` most probable support points (weight: mass over the mate's most probable) of its
+    :data:`MATE_PHOTOS` mates nearest in time, each place once at its highest weight, so a photo can be where a
+    mate's evidence points even when the mate's own answer went elsewhere. Only the nearest mates' points, so
+    that a long trip's chain does not grow with the square of its length."""
+    near = [j for j in np.argsort(np.abs(hours - hours[k]), kind="stable") if j != k][:MATE_PHOTOS]
+    tops = [posterior.top(int(rows[j])) for j in near]
     places = np.concatenate([np.delete(own, k, axis=0), *(t[0] for t in tops)])
     weight = np.concatenate([np.ones(len(own) - 1), *(t[1] for t in tops)])
     unique, which = np.unique(places, axis=0, return_inverse=True)
@@ -230,7 +234,7 @@ def _solve(posterior: _Posterior, rows: np.ndarray, hours: np.ndarray, own: np.n
            shares: np.ndarray, travel: Travel, decision: str) -> list[list[dict[str, float]]]:
     """Forward-backward over one trip's photos (``rows`` in time order, ``own`` their answers alone); each
     photo's emissions raised to its evidence share; each photo's places from its marginal (:func:`_answer`)."""
-    built = [posterior.states(int(r), *_mates_places(posterior, rows, own, k), float(doubt[k]), float(shares[k]))
+    built = [posterior.states(int(r), *_mates_places(posterior, rows, hours, own, k), float(doubt[k]), float(shares[k]))
              for k, r in enumerate(rows)]
     states, emit, candidate = (list(x) for x in zip(*built))
     legs = [travel.transition(_km(states[i], states[i + 1]), float(hours[i + 1] - hours[i]))
@@ -305,7 +309,8 @@ def _choose(places: list[dict[str, float]], own: np.ndarray, reachable: bool, co
 def _reachable(at: np.ndarray, hours: np.ndarray, travel: Travel) -> np.ndarray:
     """[n] True where both legs of a photo's answer (``at``, in time order) are flights a plane could make: from
     the answer before it and to the one after it (:meth:`Travel.transition`'s hard bound)."""
-    leg = haversine_km(at[:-1, 0], at[:-1, 1], at[1:, 0], at[1:, 1]) <= travel.speed_kmh * np.diff(hours) + travel.slack_km
+    bound = travel.speed_kmh * np.diff(hours) + travel.slack_km
+    leg = haversine_km(at[:-1, 0], at[:-1, 1], at[1:, 0], at[1:, 1]) <= bound
     return np.concatenate([[True], leg]) & np.concatenate([leg, [True]])
 
 
