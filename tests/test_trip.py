@@ -98,6 +98,20 @@ def test_a_photo_surer_of_its_place_than_its_trip_is_of_another_keeps_it_unless_
     assert at(last([0, 1, 2, 3, 4])) == PARIS
 
 
+def test_a_photo_in_doubt_can_be_where_its_mates_evidence_agrees_though_their_answers_went_elsewhere():
+    """Half an hour apart: the first photo says Paris (0.5) or New York (0.45), the last Tokyo (0.5) or New York
+    (0.45); the middle one sees none of them. Paris then Tokyo in an hour is no flight, New York fits all three:
+    the middle photo takes New York from its mates' second places (it is none of their answers), and so do they.
+    Without mates' places it could only take their answers, which cannot both hold."""
+    sydney, cape_town, lima = (-33.87, 151.21), (-33.92, 18.42), (-12.05, -77.04)
+    pts = np.array([[PARIS, NEW_YORK, TOKYO], [sydney, cape_town, lima], [TOKYO, NEW_YORK, PARIS]], np.float64)
+    ev = Evidence([SPEC], {"cells": SignalEvidence(pts, np.array([[0.5, 0.45, 0.05], [0.4, 0.3, 0.3],
+                                                                  [0.5, 0.45, 0.05]]))})
+    got = locate_trips(ev, PARAMS, pts[:, 0], np.array([0.5, 0.6, 0.5]), distinct(3),
+                       Trips(["t"] * 3, np.array([0.0, 0.5, 1.0])))
+    assert [at(a) for a in got] == [NEW_YORK] * 3 and got[1].p_within["25"] == pytest.approx(0.45)
+
+
 def test_a_photo_with_no_mass_near_its_trip_is_pulled_back_when_its_answer_is_in_doubt():
     """Its own posterior is all Tokyo; only the chance that its evidence misled it lets the trip place it. A
     photo whose answer is certain (doubt 0) keeps it, even against the trip."""

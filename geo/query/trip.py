@@ -7,10 +7,10 @@ solved by forward-backward:
   :mod:`geo.stages.fusion.posterior` its answer alone comes from: neighbours, gallery points, cell spots,
   the prior's points), emitting their posterior mass, plus its trip-mates' places (their answers alone and
   the :data:`MATE_PLACES` most probable support points of the :data:`MATE_PHOTOS` nearest in time), emitting
-  ``doubt * ANYWHERE`` times the
-  place's weight: with the chance ``doubt`` that its own answer is not even within 750 km (1 - its
-  calibrated ``p_within["750"]``), the photo's evidence misled it and it can be where its trip was (a hotel
-  room, a misleading scene), also where a mate's evidence points though the mate's answer went elsewhere;
+  ``doubt * ANYWHERE`` times the place's weight: with the chance ``doubt`` that its own answer is not even
+  within 750 km (1 - its calibrated ``p_within["750"]``), the photo's evidence misled it and it can be where
+  its trip was (a hotel room, a misleading scene), also where a mate's evidence points though the mate's
+  answer went elsewhere;
 * near-duplicates (a burst: photos at least :data:`DUPLICATE_COS` similar) say one thing once: each of
   ``k`` of them emits its posterior to the power ``1/k``, so six shots of a room do not outvote one of the sea;
 * the transition between two consecutive photos ``dt`` hours and ``d`` km apart is ``infeasible`` (a
