@@ -33,6 +33,7 @@ from geo.core.geodesy import THRESHOLDS_KM, haversine_km
 from geo.core.splits import clustered_se
 from geo.query.index import open_index
 from geo.query.trip import Travel, Trips
+from geo.stages.fusion.calibration import reliability_table
 
 STOP_KM = 50.0
 
@@ -132,7 +133,9 @@ def main() -> None:
     for t in ("25", "200", "750"):
         stated = [np.array([a.p_within.get(t, np.nan) for a in got]) for got in (alone, joint)]
         print(f"p_within {t} km: alone states {np.nanmean(stated[0]):.3f} (observed {np.mean(err[0] <= int(t)):.3f}), "
-              f"with the trip {np.nanmean(stated[1]):.3f} (observed {np.mean(err[1] <= int(t)):.3f})")
+              f"with the trip {np.nanmean(stated[1]):.3f} (observed {np.mean(err[1] <= int(t)):.3f}); with the trip "
+              f"by stated bin: " + "  ".join(f"{r['bin']} n={r['n']} {r['predicted']:.2f}->{r['observed']:.2f}"
+                                            for r in reliability_table(stated[1], err[1] <= int(t))))
     print(f"time: alone {mid - start:.1f} s, with trips {end - mid:.1f} s for {len(q)} photos")
 
 

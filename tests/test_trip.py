@@ -19,7 +19,7 @@ from geo.query.trip import NO_TIME, ONLY_TIMED, Travel, Trips, locate_trips, tri
 from geo.stages.fusion.posterior import FusionParams, SignalParams
 from geo.stages.fusion.signals import Evidence, SignalEvidence, SignalSpec
 
-PARIS, TOKYO = (48.8566, 2.3522), (35.6762, 139.6503)
+PARIS, TOKYO, NEW_YORK = (48.8566, 2.3522), (35.6762, 139.6503), (40.7128, -74.006)
 SPEC = SignalSpec("cells", "probs")
 PARAMS = FusionParams({"cells": SignalParams(1.0)})
 
@@ -62,6 +62,54 @@ def test_a_teleporting_outlier_is_pulled_back_to_its_trip():
     assert got[2].note["id"] == "t" and got[2].note["order"] == 2 and got[2].note["photos"] == 5
     unbounded = locate(p, [0, 1, 2, 3, 4], travel=Travel(speed_kmh=1e6, local_weight=0.0))
     assert at(unbounded[2]) == TOKYO
+
+
+def test_each_photo_states_the_most_confident_calibrated_photo_of_its_trip_not_the_joint_mass():
+    """The outlier moved to Paris holds 0.3 of its own mass there, its mates 0.8: it states 0.8 within 25 km,
+    what the best single photo supports, not the chain's near-certainty; through a calibration map that halves
+    every mass, 0.4. A photo kept at its own answer states what it would alone."""
+    p = [0.8, 0.8, 0.3, 0.8, 0.8]
+    got = locate(p, [0, 1, 2, 3, 4])
+    assert got[2].p_within == {"25": 0.8, "200": 0.8, "750": 0.8} and got[0].p_within["25"] == 0.8
+    half = {t: {"x": [0.0, 1.0], "y": [0.0, 0.5]} for t in ("25", "200", "750")}
+    params = FusionParams({"cells": SignalParams(1.0)}, calibration=half)
+    calibrated = locate_trips(evidence(p), params, alone(p), np.full(5, 0.5), distinct(5),
+                              Trips(["t"] * 5, np.arange(5.0), Travel()))
+    assert at(calibrated[2]) == PARIS and calibrated[2].p_within["25"] == pytest.approx(0.4)
+
+
+def test_a_photo_surer_of_its_place_than_its_trip_is_of_another_keeps_it_unless_no_plane_could_get_there():
+    """Four photos a day apart lean Paris (0.6, else New York); the last says Tokyo (0.7, else Paris). The chain,
+    preferring short legs, puts it in Paris; no photo of the trip is as sure of Paris (0.6) as it is of Tokyo
+    (0.7), and a day is time enough to fly, so it stays in Tokyo. An hour after Paris it cannot be in Tokyo,
+    and is not."""
+    pts = np.tile(np.array([PARIS, TOKYO, NEW_YORK], np.float64), (5, 1, 1))
+    score = np.array([[0.6, 0.0, 0.4]] * 4 + [[0.3, 0.7, 0.0]], np.float64)
+    ev = Evidence([SPEC], {"cells": SignalEvidence(pts, score)})
+    own = np.array([PARIS] * 4 + [TOKYO], np.float64)
+
+    def last(hours):
+        trips = Trips(["t"] * 5, np.asarray(hours, float))
+        return locate_trips(ev, PARAMS, own, np.full(5, 0.5), distinct(5), trips)[4]
+
+    day = last([0, 24, 48, 72, 96])
+    assert at(day) == TOKYO and day.p_within["25"] == pytest.approx(0.7)
+    assert (day.alternatives[0]["lat"], day.alternatives[0]["lon"]) == PARIS
+    assert at(last([0, 1, 2, 3, 4])) == PARIS
+
+
+def test_a_photo_in_doubt_can_be_where_its_mates_evidence_agrees_though_their_answers_went_elsewhere():
+    """Half an hour apart: the first photo says Paris (0.5) or New York (0.45), the last Tokyo (0.5) or New York
+    (0.45); the middle one sees none of them. Paris then Tokyo in an hour is no flight, New York fits all three:
+    the middle photo takes New York from its mates' second places (it is none of their answers), and so do they.
+    Without mates' places it could only take their answers, which cannot both hold."""
+    sydney, cape_town, lima = (-33.87, 151.21), (-33.92, 18.42), (-12.05, -77.04)
+    pts = np.array([[PARIS, NEW_YORK, TOKYO], [sydney, cape_town, lima], [TOKYO, NEW_YORK, PARIS]], np.float64)
+    ev = Evidence([SPEC], {"cells": SignalEvidence(pts, np.array([[0.5, 0.45, 0.05], [0.4, 0.3, 0.3],
+                                                                  [0.5, 0.45, 0.05]]))})
+    got = locate_trips(ev, PARAMS, pts[:, 0], np.array([0.5, 0.6, 0.5]), distinct(3),
+                       Trips(["t"] * 3, np.array([0.0, 0.5, 1.0])))
+    assert [at(a) for a in got] == [NEW_YORK] * 3 and got[1].p_within["25"] == pytest.approx(0.45)
 
 
 def test_a_photo_with_no_mass_near_its_trip_is_pulled_back_when_its_answer_is_in_doubt():
