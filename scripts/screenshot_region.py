@@ -13,33 +13,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _until(predicate, timeout: float = 120.0, what: str = "the page"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except httpx.HTTPError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} did not get there in {timeout:g} s")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from serving import geo_serve, wait_until  # noqa: E402  (the tests' own: `geo serve` on a free loopback port)
 
 
 def _driver(profile: Path):
@@ -69,10 +49,10 @@ def screenshot(url: str, photo: Path, coverage: float, view: str, out: Path) -> 
         driver = _driver(Path(tmp) / "profile")
         try:
             driver.get(url + "/")
-            _until(lambda: driver.execute_script("return document.querySelectorAll('#map path.land').length"))
+            wait_until(lambda: driver.execute_script("return document.querySelectorAll('#map path.land').length"), 120)
             Select(driver.find_element(By.ID, "coverage")).select_by_value(f"{coverage:g}")
             driver.find_element(By.ID, "file").send_keys(str(photo.resolve()))
-            _until(lambda: driver.find_elements(By.CSS_SELECTOR, "#map #region"), what="the region")
+            wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#map #region"), 120, "the region")
             if view == "zoom":
                 driver.find_element(By.ID, "view-zoom").click()
             time.sleep(0.5)  # the photo's thumbnail decodes
@@ -93,21 +73,8 @@ def main() -> None:
     ap.add_argument("--view", default="world", choices=("world", "zoom"))
     ap.add_argument("--out", type=Path, default=Path("docs/region.png"))
     a = ap.parse_args()
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-c", "from geo.cli import app; app()", "serve", "--index", str(a.index),
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _until(lambda: server.poll() is None and httpx.get(url + "/healthz", timeout=2).status_code == 200,
-               what="geo serve")
+    with geo_serve(a.index) as url:
         words = screenshot(url, a.photo, a.coverage, a.view, a.out)
-    finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
     print(f"{a.out}: {a.out.stat().st_size:,} bytes; {words}")
 
 

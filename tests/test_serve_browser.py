@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-from serving import geo_serve
+from serving import geo_serve, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -22,16 +21,6 @@ OTHER = QUERY.with_name("143017044806579.jpg")  # another photo: choosing the sa
 
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="no browser: apt-get install chromium chromium-driver")
-
-
-def _wait(predicate, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError("the page did not get there in time")
 
 
 def test_map_page_draws_the_answer_and_the_neighbours(cli_bundle, tmp_path):
@@ -50,13 +39,13 @@ def test_map_page_draws_the_answer_and_the_neighbours(cli_bundle, tmp_path):
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         try:
             driver.get(url + "/")
-            _wait(lambda: driver.execute_script("return document.querySelectorAll('#map path.land').length"))
+            wait_until(lambda: driver.execute_script("return document.querySelectorAll('#map path.land').length"))
             driver.find_element(By.ID, "file").send_keys(str(QUERY))
-            marker = _wait(lambda: driver.find_elements(By.ID, "answer-marker"))[0]
+            marker = wait_until(lambda: driver.find_elements(By.ID, "answer-marker"))[0]
             assert float(marker.get_attribute("r")) > 0
             coords = driver.find_element(By.ID, "coords").text
             assert "(fused)" in coords and "," in coords
-            widths = _wait(lambda: (w := driver.execute_script(
+            widths = wait_until(lambda: (w := driver.execute_script(
                 "return [...document.querySelectorAll('.neighbour img')].map(i => i.complete ? i.naturalWidth : 0)"))
                 and all(w) and w)
             assert len(widths) >= 5 and min(widths) > 0  # thumbnails decoded, served by /gallery/{id}/thumbnail
@@ -74,6 +63,6 @@ def test_map_page_draws_the_answer_and_the_neighbours(cli_bundle, tmp_path):
             # the page's coverage control asks the server for the region at another coverage
             Select(driver.find_element(By.ID, "coverage")).select_by_value("0.5")
             driver.find_element(By.ID, "file").send_keys(str(OTHER))
-            _wait(lambda: "for 50%" in driver.find_element(By.ID, "region-words").text)
+            wait_until(lambda: "for 50%" in driver.find_element(By.ID, "region-words").text)
         finally:
             driver.quit()
