@@ -396,7 +396,7 @@ def plan_stages(cfg: BuildConfig, n: int, dim: int, flops: float | None = None) 
     c = cfg.stage_configs
     return plan_build(n, dim, c.knn.ram_budget, c.knn.exact_max, c.gallery.max_points, c.gallery.epochs,
                       c.gallery.round_photos, c.fusion.folds, c.fusion.single_split_above, c.fusion.max_queries,
-                      cfg.stages, c.train_photos, flops, _gps_gallery_points(cfg))
+                      cfg.stages, c.train_photos, cfg.embed.shard_rows, flops, _gps_gallery_points(cfg))
 
 
 def _gps_gallery_points(cfg: BuildConfig) -> int:

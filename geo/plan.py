@@ -16,19 +16,19 @@ from dataclasses import dataclass, field
 
 from geo.core.sizes import SAFE_SHARE, default_memory, human_bytes, index_budget, parse_bytes
 from geo.stages.cells.partition import default_taus
+from geo.stages.cells.train import VAL_LOSS_PHOTOS
 from geo.stages.knn import TRAIN_PER_LIST, index_candidates, plan_index
 from geo.store.bundle import BundleError
 
 
 GALLERY_POINT_BYTES = 513 * 4  # a gallery point's encoded vector (512-d features and its prior column)
 POINT_ROW_BYTES = 48  # its row in gallery/points.parquet (lat, lon, source), uncompressed
-# What one build process holds, fitted to the one-command builds of benchmarks/RESULTS.md ("The plan against the
-# measured peak"): 147K x 1280 and 1M x 512, each stage's peak within 25 % at both sizes.
+# What one build process holds, fitted to the one-command builds of benchmarks/RESULTS.md ("The one-command
+# build's memory, final"): 147K x 1280 and 1M x 512, each stage's peak within 11 % at both sizes.
 PROCESS_BYTES = 650_000_000  # the process before any data: torch, FAISS, Arrow, shapely
-SHARD_ROWS = 50_000  # rows a shard holds (EmbedConfig.shard_rows): ingest and the kNN stage hold one or two
 META_ROW_BYTES = 100  # every photo's coordinates and photographer, held by the trained stages and fusion
 CELLS_PER_SQRT_PHOTO = 11  # adaptive cells grow like sqrt(n) (default_taus): 4.2K at 147K, 10.2K at 1M
-HEADS_WORKING = 3 * 10_000 * 4  # the heads' validation: 10,000 photos' logits over every cell, about 3 copies
+HEADS_WORKING = 3 * VAL_LOSS_PHOTOS * 4  # bytes per cell of the heads' validation: its photos' logits, ~3 copies
 STAGE_OVERHEAD = 400_000_000  # loaded stages, evidence, allocator slack: what no formula above names
 
 
@@ -48,12 +48,13 @@ class StagePlan:
 
 def plan_build(n: int, dim: int, ram_budget: str | int | None, exact_max: int, gallery_points: int, gallery_rounds: int,
                round_photos: int, fusion_folds: int, single_split_above: int, max_queries: int,
-               stages: tuple[str, ...], train_photos: int, flops: float | None = None,
+               stages: tuple[str, ...], train_photos: int, shard_rows: int, flops: float | None = None,
                extra_points: int = 0) -> list[StagePlan]:
-    """The plan of every stage for ``n`` embeddings of ``dim`` floats; with ``flops`` (this machine's speed, for
+    """The plan of every stage for ``n`` embeddings of ``dim`` floats, written ``shard_rows`` to a shard (ingest
+    holds one, the kNN stage two); with ``flops`` (this machine's speed, for
     ``--dry-run``), the kNN plan also prices every candidate index. ``extra_points``: the GPS gallery's own
     points beside the photos' places (GeoCLIP's 100K, or a --gps-gallery file's rows)."""
-    emb, shard = n * dim * 4, min(n, SHARD_ROWS) * dim * 4
+    emb, shard = n * dim * 4, min(n, shard_rows) * dim * 4
     # a shard decoded, as a matrix, normalised in place and written
     out = [StagePlan("embeddings", f"{n:,} x {dim} float32 in Parquet shards", 3 * shard + STAGE_OVERHEAD // 2, emb)]
     if "knn_index" in stages:

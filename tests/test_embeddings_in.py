@@ -267,7 +267,7 @@ def test_the_plan_predicts_one_process_peak_from_its_largest_stage():
 
     def plans(n: int) -> list:
         return plan_build(n, 512, "64GB", 100_000, 100_000, 40, 50_000, 3, 10_000, 2_000,
-                          ("knn_index", "cells", "gallery", "fusion"), 200_000)
+                          ("knn_index", "cells", "gallery", "fusion"), 200_000, 50_000)
 
     small, big = plans(20_000), plans(1_000_000)
     assert process_peak(big) == PROCESS_BYTES + max(p.memory for p in big)
