@@ -90,9 +90,13 @@ class Travel:
                 and self.local_km > 0 and 0 <= self.local_weight <= 1):
             raise ValueError(f"impossible travel model {self}: speeds and distances positive, weights in 0..1")
 
+    def reach_km(self, dt_h: float | np.ndarray) -> float | np.ndarray:
+        """The farthest a leg of ``dt_h`` hours (a number or an array) can go: the hard bound of every leg."""
+        return self.speed_kmh * dt_h + self.slack_km
+
     def transition(self, d_km: np.ndarray, dt_h: float) -> np.ndarray:
         """Leg weights for distances ``d_km`` covered in ``dt_h`` hours."""
-        feasible = d_km <= self.speed_kmh * dt_h + self.slack_km
+        feasible = d_km <= self.reach_km(dt_h)
         near = np.exp(-d_km / (self.local_km + self.ground_kmh * dt_h))
         return np.where(feasible, 1.0 - self.local_weight + self.local_weight * near, self.infeasible)
 
@@ -314,9 +318,8 @@ def _choose(places: list[dict[str, float]], own: np.ndarray, reachable: bool, co
 
 def _reachable(at: np.ndarray, hours: np.ndarray, travel: Travel) -> np.ndarray:
     """[n] True where both legs of a photo's answer (``at``, in time order) are flights a plane could make: from
-    the answer before it and to the one after it (:meth:`Travel.transition`'s hard bound)."""
-    bound = travel.speed_kmh * np.diff(hours) + travel.slack_km
-    leg = haversine_km(at[:-1, 0], at[:-1, 1], at[1:, 0], at[1:, 1]) <= bound
+    the answer before it and to the one after it (:meth:`Travel.reach_km`)."""
+    leg = haversine_km(at[:-1, 0], at[:-1, 1], at[1:, 0], at[1:, 1]) <= travel.reach_km(np.diff(hours))
     return np.concatenate([[True], leg]) & np.concatenate([leg, [True]])
 
 
