@@ -9,7 +9,7 @@ wrote). Every scorer is fitted on two photographer folds and ranks the third's c
 compared, photo by photo, with the mixture's answer (share = mean of the five accuracies; gain ± one
 photographer-clustered SE). ``--slow`` adds one classifier per threshold and the listwise softmax models
 (tens of minutes on two cores). The shipped reranker is the "region then spot, 750 km" row
-(``geo.stages.fusion.rerank``; REGION_KM).
+(``geo.stages.fusion.rerank``; REGION_KMS).
 """
 from __future__ import annotations
 

@@ -395,7 +395,8 @@ def plan_stages(cfg: BuildConfig, n: int, dim: int, flops: float | None = None) 
     the FAISS candidates priced too: what ``--dry-run`` prints)."""
     c = cfg.stage_configs
     return plan_build(n, dim, c.knn.ram_budget, c.knn.exact_max, c.gallery.max_points, c.gallery.epochs,
-                      c.gallery.round_photos, c.fusion.folds, c.fusion.single_split_above, c.fusion.max_queries,
+                      c.gallery.round_photos, c.fusion.folds, c.fusion.single_split_above,
+                      max(c.fusion.max_queries, c.fusion.rerank_queries),  # what the large path scores
                       cfg.stages, c.train_photos, cfg.embed.shard_rows, flops, _gps_gallery_points(cfg))
 
 

@@ -22,6 +22,7 @@ from geo.store.bundle import BundleError
 
 
 GALLERY_POINT_BYTES = 513 * 4  # a gallery point's encoded vector (512-d features and its prior column)
+RERANK_QUERY_BYTES = 16 << 10  # the reranker's design rows of one scored photo: ~60 candidates x ~60 float32 features
 POINT_ROW_BYTES = 48  # its row in gallery/points.parquet (lat, lon, source), uncompressed
 # What one build process holds, fitted to the one-command builds of benchmarks/RESULTS.md ("The one-command
 # build's memory, final"): 147K x 1280 and 1M x 512, each stage's peak within 11 % at both sizes.
@@ -108,7 +109,7 @@ def _trained_plans(n: int, dim: int, stages: tuple[str, ...], train_photos: int,
             how = (f"~{max_queries:,} photos of held-out photographers scored against the built stages "
                    "without them (no refit), then a grid over the signals")
             memory = index + n * META_ROW_BYTES + 2 * min(n, gallery_points) * GALLERY_POINT_BYTES \
-                + max_queries * dim * 4 + STAGE_OVERHEAD
+                + max_queries * (dim * 4 + RERANK_QUERY_BYTES) + STAGE_OVERHEAD
         out.append(StagePlan("fusion", how, memory, 1 << 20))
     return out
 

@@ -215,3 +215,22 @@ def test_a_float16_sample_trains_the_gallery_as_float32_does():
     assert half.metrics["epochs_run"] == full.metrics["epochs_run"] == 3
     a, b = (r.image_projection.encode(emb, normalize=True) for r in (full, half))
     assert np.abs(a - b).max() < 0.02 and not np.array_equal(a, b)
+
+
+def test_new_photos_encode_only_their_new_places(monkeypatch):
+    """``geo add`` and fusion's held-out scoring rebuild the gallery over another set of places: the places the
+    built gallery already holds keep their features (the encoder is not run on them again), the new ones are
+    encoded, and the index is the one a full re-encode gives."""
+    meta, emb, _ = city_data(n_per=10)
+    gal = fit_gallery(meta, emb, dataclasses.replace(SMALL, epochs=0), "test", log=lambda *_: None)
+    more = meta[["lat", "lon"]].to_numpy()[:4] + 0.5  # four places the gallery has not seen
+    places = np.concatenate([meta[["lat", "lon"]].to_numpy()[5:], more])  # and five of its own gone
+    encoded = []
+    encode = type(gal.location_encoder).encode
+    monkeypatch.setattr(type(gal.location_encoder), "encode",
+                        lambda self, latlon, **kw: encoded.append(len(latlon)) or encode(self, latlon, **kw))
+    grown = gallery_with_photos(gal, places)
+    assert encoded == [4]
+    full = encode(gal.location_encoder, grown.points, normalize=True)
+    vectors = grown.index.reconstruct_n(0, grown.index.ntotal)
+    np.testing.assert_allclose(vectors[:, :-1], full, rtol=0, atol=1e-6)

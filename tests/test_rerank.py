@@ -1,13 +1,15 @@
 """Fusion's reranker: candidates within the top cells scored by a learned function, with the mixture's back-off."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
-from geo.stages.fusion.posterior import FusionParams, SignalParams, decide
+from geo.stages.fusion.posterior import FusionParams, SignalParams, closeness, decide, near_duplicate, signal_coverages
+from geo.stages.fusion import rerank as R
 from geo.stages.fusion.rerank import Reranker
 from geo.stages.fusion.signals import CELLS, KNN, PRIOR, Evidence, SignalEvidence
 from geo.stages.fusion.stage import FusionModel, _tuned
@@ -148,9 +150,11 @@ def test_trees_predict_as_scikit_learn_does_and_survive_json():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2000, 6)).astype(np.float32)
     y = np.sin(x[:, 0]) + (x[:, 1] > 0.3) * x[:, 2] + rng.normal(0, 0.1, 2000)
+    x[::7, 1] = np.nan  # missing values take the side the fit chose for them
     model = HistGradientBoostingRegressor(max_iter=30, max_leaf_nodes=15, early_stopping=False).fit(x, y)
     trees = Trees.from_sklearn(model)
     np.testing.assert_allclose(trees.predict(x), model.predict(x), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(trees.predict(x[:1]), model.predict(x[:1]), rtol=0, atol=1e-9)
     again = Trees.from_dict(json.loads(json.dumps(trees.to_dict())))
     np.testing.assert_array_equal(again.predict(x), trees.predict(x))
     assert Reranker.from_dict(json.loads(json.dumps(Reranker(trees, ["f"] * 6).to_dict()))).trees.depth == trees.depth
@@ -179,3 +183,39 @@ def test_a_reranker_fitted_on_other_signals_leaves_the_answer_to_the_mixture(inf
     ev, _, _ = world(100, seed=7)
     without_cells = Evidence([KNN, PRIOR], {n: ev.signals[n] for n in ("knn", "prior")})
     assert informative.decide(without_cells) == decide(without_cells, informative.params)
+
+
+def test_the_answer_rule_is_chosen_out_of_fold_and_kept_in_the_file(informative):
+    """The ranker's own pick (0 km) or the mixture's spot near it (750 km): the build records which scored better
+    on other photographers, the file keeps it, and a file from before the choice reads as the 750-km rule."""
+    r = informative.reranker
+    assert r.region_km in (0.0, 750.0) and informative.params.rerank["region_km"] == r.region_km
+    assert Reranker.from_dict(r.to_dict()).region_km == r.region_km
+    old = {k: v for k, v in r.to_dict().items() if k != "region_km"}
+    assert Reranker.from_dict(old).region_km == 750.0
+    ev, truth, _ = world(200, seed=5)
+    own = FusionModel(informative.params, reranker=dataclasses.replace(r, region_km=0.0)).decide(ev)
+    near = FusionModel(informative.params, reranker=dataclasses.replace(r, region_km=750.0)).decide(ev)
+    p = informative.params
+    c = closeness(ev)
+    x, allowed, mixture, _ = R.design(ev, p, c, signal_coverages(ev, p, c))
+    score = np.full(allowed.shape, -np.inf)
+    score[allowed] = r.trees.predict(x[allowed])
+    top = ev.points[np.arange(len(ev)), score.argmax(axis=1)]
+    dup = near_duplicate(ev, p)
+    assert np.allclose(_answers(own)[~dup], top[~dup])  # the ranker's own best candidate answers
+    assert any((a.lat, a.lon) != (b.lat, b.lon) for a, b in zip(own, near))
+
+
+def test_the_mixture_is_tuned_on_its_rows_and_the_reranker_on_every_scored_photo():
+    """A large gallery scores more photos than the mixture's grid needs: the grid sees ``tune_rows`` only (the
+    same weights as tuning on those photos alone), the ranker all of them, and the report says both counts."""
+    ev, truth, groups = world(600, seed=0)
+    sub = np.flatnonzero(np.isin(groups, [f"a{i}" for i in range(0, 150, 2)]))
+    singles = {"knn": ev.signals["knn"].latlon[sub, 0], "cells": ev.signals["cells"].latlon[sub, 0]}
+    quiet = lambda *_: None  # noqa: E731
+    both = _tuned(ev, singles, truth, groups, {}, 0.0, quiet, sub)
+    alone = _tuned(ev.take(sub), singles, truth[sub], groups[sub], {}, 0.0, quiet)
+    assert both.params.signals == alone.params.signals
+    assert both.report["n_validation"] == len(sub) and both.report["n_reranker"] == len(ev)
+    assert both.params.rerank["queries"] == len(ev)

@@ -18,9 +18,9 @@ the cells the heads trust. Here, per query:
   relative to the query's best candidate, the query's own evidence (top
   similarity, how concentrated each signal is), the candidate's source, rank
   and own mass, and the mixture's score, rank and distance to its answer;
-* one gradient-boosted regressor scores it, and its best candidate names the
-  region: the answer is the candidate with the most mixture score within
-  :data:`REGION_KM` of it.
+* one gradient-boosted regressor scores it, and its best candidate answers, or
+  names the region and the answer is the candidate with the most mixture score
+  within 750 km of it: whichever rule (:data:`REGION_KMS`) scores better out of fold.
 
 Why one regressor on "the share of the thresholds met": the field's score,
 and fusion's objective, is the mean of the accuracies at 1/25/200/750/2500 km;
@@ -33,13 +33,13 @@ linear score would need hand-made products for. ``p_within`` at 25/200/750 km
 maps the ranker's score of the answer to how often such answers were that
 close (isotonic, on cross-fitted scores of other photographers).
 
-Why the ranker picks the region and the mixture the spot: out of fold on
-``benchmarks/realistic.py`` every learned scorer tried (this regressor, a
-larger one, one classifier per threshold, listwise softmax models) moved
-answers into the right region (+1.5 to +2 points at 750 km) but chose worse
-spots inside it (-0.5 to -1.5 at 25-200 km), where the mixture's kNN-weighted
-fine mass is already the best estimate. Taking the mixture's best spot inside
-the ranker's region keeps both gains (benchmarks/RESULTS.md, issue 24).
+Why two answer rules: on ``benchmarks/realistic.py`` at 10.5K photos (2,100
+scored photos) every learned scorer moved answers into the right region
+(+1.5 to +2 points at 750 km) but chose worse spots inside it, where the
+mixture's kNN-weighted fine mass was the better estimate; at 150K with 4,000
+to 12,000 scored photos the ranker's own pick beat that rule by 0.1-0.3 share
+points (benchmarks/RESULTS.md, issue 24). How much the ranker can be trusted
+with the spot depends on how much it saw, so the build measures both.
 
 It is fitted on fusion's out-of-fold evidence (whole photographers per fold),
 cross-fitted again by photographer to measure it, and kept only where it beats
@@ -72,10 +72,13 @@ TOP_CELLS = 5
 CELL_REACH_KM = 200.0
 OUTSIDE = 3
 CHUNK = 512  # queries per feature block: [chunk, candidates, features] stays a few tens of MB
-TRAIN_PER_QUERY = 48  # candidates per query the regressor is fitted on (a seeded sample, the mixture's answer kept)
+TRAIN_PER_QUERY = 24  # candidates per query the regressor is fitted on (a seeded sample, the mixture's answer kept);
+# at 6,000 queries 24 gave the same out-of-fold gain as 48 (+1.82 against +1.85 points) in 0.6x the time
 FOLDS = 3
 PEAK_KM = (25, 750)
-REGION_KM = 750.0  # the ranker's pick names a region this wide; the mixture picks the spot inside it
+# The answer rules tried out of fold: the ranker's own pick (0), or the mixture's best spot within this many km
+# of it (the ranker names the region). The better on the gallery's photographers is kept.
+REGION_KMS = (0.0, 750.0)
 
 
 @dataclass
@@ -86,15 +89,18 @@ class Reranker:
     features: list[str]
     calibration: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    region_km: float = 750.0  # 0: the ranker's pick answers; else the mixture's best spot this near it
 
     def to_dict(self) -> dict[str, Any]:
         return {"features": self.features, "calibration": self.calibration, "summary": self.summary,
                 "trees": self.trees.to_dict(), "top_cells": TOP_CELLS, "cell_reach_km": CELL_REACH_KM,
-                "outside": OUTSIDE, "region_km": REGION_KM}
+                "outside": OUTSIDE, "region_km": self.region_km}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Reranker":
-        return cls(Trees.from_dict(d["trees"]), list(d["features"]), d.get("calibration", {}), d.get("summary", {}))
+        """The stored ranker; bundles from before the rule was chosen out of fold used the 750-km region."""
+        return cls(Trees.from_dict(d["trees"]), list(d["features"]), d.get("calibration", {}), d.get("summary", {}),
+                   float(d.get("region_km", 750.0)))
 
 
 def feature_names(names: list[str]) -> list[str]:
@@ -196,8 +202,9 @@ def _sample(d: _Rows, keep: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(pick[keep[d.query[pick]]])
 
 
-def _fit(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[Trees, np.ndarray]:
-    """(the regressor's trees, each feature's share of the split gain)."""
+def _fit(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[Any, Trees, np.ndarray]:
+    """(the fitted scikit-learn model, its trees as arrays, each feature's share of the split gain). The model
+    scores the build's own cross-fit (compiled, ~10x the arrays' speed on 100K+ rows); the arrays are stored."""
     from sklearn.ensemble import HistGradientBoostingRegressor  # build time only; the query side walks arrays
     from threadpoolctl import threadpool_limits
 
@@ -209,7 +216,7 @@ def _fit(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[Trees, np.ndarray]:
     for pr in model._predictors:
         nodes = pr[0].nodes[pr[0].nodes["is_leaf"] == 0]
         np.add.at(gain, nodes["feature_idx"], nodes["gain"])
-    return Trees.from_sklearn(model), gain / max(gain.sum(), 1e-12)
+    return model, Trees.from_sklearn(model), gain / max(gain.sum(), 1e-12)
 
 
 def _best(d: _Rows, score: np.ndarray, n: int) -> np.ndarray:
@@ -219,29 +226,37 @@ def _best(d: _Rows, score: np.ndarray, n: int) -> np.ndarray:
     return order[first]
 
 
-def _in_region(d: _Rows, region: np.ndarray, n: int) -> np.ndarray:
-    """[n] flat row of each query's answer: the mixture's best candidate within REGION_KM of ``region`` (the
-    ranker's pick, a flat row per query; itself when nothing else is that close)."""
+def _in_region(d: _Rows, region: np.ndarray, n: int, region_km: float) -> np.ndarray:
+    """[n] flat row of each query's answer: the mixture's best candidate within ``region_km`` of ``region`` (the
+    ranker's pick, a flat row per query; itself when nothing else is that close, or ``region_km`` is 0)."""
+    if region_km <= 0:
+        return region
     centre = d.latlon[region[d.query]]
-    near = haversine_km(d.latlon[:, 0], d.latlon[:, 1], centre[:, 0], centre[:, 1]) <= REGION_KM
+    near = haversine_km(d.latlon[:, 0], d.latlon[:, 1], centre[:, 0], centre[:, 1]) <= region_km
     spot = _best(d, np.where(near, d.mixed, -np.inf), n)
     return np.where(np.isfinite(d.mixed[spot]) & (d.query[spot] == np.arange(n)), spot, region)
 
 
-def _accuracy(km: np.ndarray) -> dict[str, float]:
+def accuracy_km(km: np.ndarray) -> dict[str, float]:
+    """The field's accuracies (fractions) and the median error of these errors in km."""
     return {**{str(t): round(float(np.mean(km <= t)), 4) for t in THRESHOLDS_KM}, "median_km": round(float(np.median(km)), 1)}
 
 
 def fit_reranker(ev: Evidence, p: FusionParams, truth: np.ndarray, groups: np.ndarray | None,
-                 log: Callable[[str], None] = print, seed: int = 0) -> tuple[Reranker | None, dict[str, Any]]:
-    """The ranker fitted on out-of-fold evidence, or None where it does not beat the mixture ``p`` out of fold.
+                 log: Callable[[str], None] = print,
+                 seed: int = 0) -> tuple[Reranker | None, dict[str, Any], np.ndarray]:
+    """(the ranker fitted on out-of-fold evidence, or None where it does not beat the mixture ``p`` out of fold;
+    its report; each query's cross-fitted answer's km to the truth: the ranker's where kept, else the mixture's).
 
     Its own measure is cross-fitted by photographer (``groups``): each fold's
-    queries are ranked by a model fitted on the other photographers'. It is
-    kept only where its per-photo share of thresholds met beats the mixture's
-    by more than one clustered standard error; near-duplicates keep the
-    mixture's answer (the out-of-fold data never shows one).
+    queries are ranked by a model fitted on the other photographers'. The
+    answer rule (:data:`REGION_KMS`) is the one with the higher cross-fitted
+    share. It is kept only where its per-photo share of thresholds met beats
+    the mixture's by more than one clustered standard error; near-duplicates
+    keep the mixture's answer (the out-of-fold data never shows one).
     """
+    from threadpoolctl import threadpool_limits  # scikit-learn's; build time only
+
     n = len(ev)
     d = _rows(ev, p, truth)
     y = d.share()
@@ -252,26 +267,30 @@ def fit_reranker(ev: Evidence, p: FusionParams, truth: np.ndarray, groups: np.nd
         held = fold[d.query] == f
         train = _sample(d, (fold != f) & ~dup, seed)
         if held.any() and len(train):
-            trees, _ = _fit(d.x[train], y[train], seed)
-            pred[held] = trees.predict(d.x[held])
+            model, _, _ = _fit(d.x[train], y[train], seed)
+            with threadpool_limits(1):
+                pred[held] = model.predict(d.x[held])
     mixture = _best(d, d.mixture.astype(np.float64), n)
     ranked = _best(d, pred, n)
-    chosen = np.where(dup, mixture, _in_region(d, ranked, n))
+    rules = {km: np.where(dup, mixture, _in_region(d, ranked, n, km)) for km in REGION_KMS}
+    region_km = max(rules, key=lambda km: y[rules[km]].mean())
+    chosen = rules[region_km]
     diff = y[chosen] - y[mixture]
     gain, se = float(diff.mean()), clustered_se(diff, groups)
-    report = {"mixture": _accuracy(d.km[mixture]), "reranked": _accuracy(d.km[chosen]),
-              "gain": round(gain, 4), "se": round(se, 4), "candidates_per_query": round(len(y) / max(n, 1), 1)}
-    log(f"fusion reranker out of fold: share of thresholds met {100 * y[mixture].mean():.1f}% -> "
-        f"{100 * y[chosen].mean():.1f}% (+{100 * gain:.1f} +- {100 * se:.1f} points)")
+    report = {"mixture": accuracy_km(d.km[mixture]), "reranked": accuracy_km(d.km[chosen]),
+              "gain": round(gain, 4), "se": round(se, 4), "candidates_per_query": round(len(y) / max(n, 1), 1),
+              "region_km": region_km, "queries": int(n)}
+    log(f"fusion reranker out of fold ({n:,} photos): share of thresholds met {100 * y[mixture].mean():.1f}% -> "
+        f"{100 * y[chosen].mean():.1f}% ({100 * gain:+.1f} +- {100 * se:.1f} points)")
     if not gain > se:
         log("fusion reranker: not clearly better than the mixture on other photographers; the mixture answers")
-        return None, {**report, "used": False}
-    trees, importance = _fit(d.x[(s := _sample(d, ~dup, seed))], y[s], seed)
+        return None, {**report, "used": False}, d.km[mixture]
+    _, trees, importance = _fit(d.x[(s := _sample(d, ~dup, seed))], y[s], seed)
     names = feature_names(ev.names)
     calib, ece = _calibration(pred[ranked[~dup]], d.km[chosen[~dup]], fold[~dup])
     top = [names[i] for i in np.argsort(-importance)[:3]]
     summary = {**report, "used": True, "ece": ece, "leans_on": top}
-    return Reranker(trees, names, calib, summary), summary
+    return Reranker(trees, names, calib, summary, region_km), summary, d.km[chosen]
 
 
 def _calibration(score: np.ndarray, km: np.ndarray,
@@ -312,9 +331,12 @@ def _rescore_chunk(r: Reranker, ev: Evidence, p: FusionParams, c: np.ndarray,
     rows = np.arange(len(best))
     region = score.argmax(axis=1)
     top = score[rows, region]
-    inside = allowed & (c[rows, region, :] >= cos_km(REGION_KM))
-    spot = np.where(inside, mixed, -np.inf).argmax(axis=1)
-    spot = np.where(np.isfinite(mixed[rows, spot]) & inside[rows, spot], spot, region)
+    if r.region_km > 0:
+        inside = allowed & (c[rows, region, :] >= cos_km(r.region_km))
+        spot = np.where(inside, mixed, -np.inf).argmax(axis=1)
+        spot = np.where(np.isfinite(mixed[rows, spot]) & inside[rows, spot], spot, region)
+    else:
+        spot = region
     score[rows, spot] = np.nextafter(top, np.inf)  # the answer first; alternatives follow in the ranker's order
     dup = near_duplicate(ev, p)
     score[dup] = mixed[dup]

@@ -40,7 +40,7 @@ from geo.stages.fusion.signals import (
     sources_for,
     specs_for,
 )
-from geo.stages.fusion.rerank import Reranker, fit_reranker, fits, rescorer
+from geo.stages.fusion.rerank import Reranker, accuracy_km, fit_reranker, fits, rescorer
 from geo.stages.fusion.tuning import (
     accuracy,
     calibrate_modes,
@@ -69,7 +69,12 @@ class FusionConfig:
     folds: int = 3
     seed: int = 0
     k: int = 50  # neighbours per query, as `geo query` retrieves by default
-    max_queries: int = 2000  # scored photos per fold (a seeded sample beyond)
+    max_queries: int = 2000  # scored photos per fold (a seeded sample beyond); the mixture's grid is tuned on these
+    # Large galleries: held-out photos scored for the reranker (the mixture is tuned on max_queries of them).
+    # Out of fold at 150K its gain over the mixture was +0.9 +- 0.5 share points on 2,000 photos (backed off),
+    # +0.8 +- 0.3 on 4,000 and +1.0 +- 0.3 on 8,000: a ranker of ~80 features needs more photos than a grid
+    # of ten weights (benchmarks/RESULTS.md, issue 24).
+    rerank_queries: int = 6000
     # Up to this many photos, fusion refits the signal stages in memory on photographer folds (fit_fusion);
     # above, it scores about max_queries photos of the held-out photographers against the built stages
     # without them (fit_fusion_on_built), so tuning costs no stage fit at all however large the gallery
@@ -222,17 +227,19 @@ def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarra
 
 
 def score(batch: Batch, knn: KnnIndex, cells: CellPredictor | None, gallery: GpsGallery | None,
-          lat: np.ndarray, lon: np.ndarray) -> tuple[Evidence, dict[str, np.ndarray]]:
-    """Every signal's evidence for these photos, and each single mode's answer [n, 2] (what fusion must beat)."""
+          lat: np.ndarray, lon: np.ndarray, singles_for: np.ndarray | None = None) -> tuple[Evidence, dict[str, np.ndarray]]:
+    """Every signal's evidence for these photos, and each single mode's answer [n, 2] (what fusion must beat)
+    for the rows ``singles_for`` (default all: the cells' own answer costs ~6 ms a photo)."""
     ev = collect(sources_for(knn, cells, gallery, lat, lon), batch)
-    sims, nbr = knn_search(knn, batch)
+    rows = np.arange(len(batch)) if singles_for is None else np.asarray(singles_for)
+    sims, nbr = (a[rows] for a in knn_search(knn, batch))
     singles = {"knn": np.array([[v.lat, v.lon] for v in (
         kde_vote(knn.lat[r[r >= 0]], knn.lon[r[r >= 0]], s[r >= 0]) for s, r in zip(sims, nbr))])}
     if gallery is not None:
-        singles["gallery"] = ev.signals["gallery"].latlon[:, 0]
+        singles["gallery"] = ev.signals["gallery"].latlon[rows, 0]
     if cells is not None:
-        singles["cells"] = np.stack(cells.decide(cell_probs(cells, batch))[:2], -1)
-        singles["prior"] = np.broadcast_to(population_prior(lat, lon), (len(batch), 2))
+        singles["cells"] = np.stack(cells.decide(cell_probs(cells, batch)[rows])[:2], -1)
+        singles["prior"] = np.broadcast_to(population_prior(lat, lon), (len(rows), 2))
     return ev, singles
 
 
@@ -266,7 +273,9 @@ def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callabl
     """
     col = group_column(meta.columns, config.group_column)
     groups = meta[col].astype(str).to_numpy() if col else None
-    rows = holdout_rows(held, groups, config.max_queries, config.seed)
+    rows = holdout_rows(held, groups, max(config.rerank_queries, config.max_queries), config.seed)
+    tune_rows = np.flatnonzero(np.isin(rows, holdout_rows(np.isin(np.arange(len(meta)), rows), groups,
+                                                          config.max_queries, config.seed)))
     saved = {"group_column": col, "folds": 1, "seed": config.seed, "how": "built stages, held-out photographers"}
     if len(rows) < 20:
         log(f"fusion: {len(rows)} held-out photos are too few to tune; default weights, no calibration")
@@ -284,27 +293,32 @@ def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callabl
     built_cells = cells_with_photos(cells(), lat[rest], lon[rest]) if cells is not None else None
     built_gallery = (gallery_with_photos(gallery(), np.stack([lat[rest], lon[rest]], -1))
                      if gallery is not None else None)
-    ev, singles = score(batch, index, built_cells, built_gallery, lat[rest], lon[rest])
+    ev, singles = score(batch, index, built_cells, built_gallery, lat[rest], lon[rest], singles_for=tune_rows)
     t1 = time.perf_counter()
     return _tuned(ev, singles, np.stack([lat[rows], lon[rows]], -1),
-                  groups[rows] if groups is not None else None, saved, t1 - t0, log)
+                  groups[rows] if groups is not None else None, saved, t1 - t0, log, tune_rows)
 
 
 def _tuned(ev: Evidence, singles: dict[str, np.ndarray], truth: np.ndarray, groups: np.ndarray | None,
-           saved: dict[str, Any], signal_seconds: float, log: Callable[[str], None]) -> FusionModel:
+           saved: dict[str, Any], signal_seconds: float, log: Callable[[str], None],
+           tune_rows: np.ndarray | None = None) -> FusionModel:
+    """The mixture tuned on ``tune_rows`` of the scored photos (default all; ``singles`` are theirs), the
+    reranker fitted on all of them; every mode's validation reported on the same ``tune_rows``."""
     t1 = time.perf_counter()
-    params, report = tune(ev, truth, groups, log=log)
-    params.mode_fusion, report["backed_off_modes"] = tune_backed_off_modes(ev, truth, groups, singles)
-    params, chosen = no_worse_than_restrictions(ev, params, truth, log)
+    sub = np.arange(len(ev)) if tune_rows is None else np.asarray(tune_rows)
+    tev, ttruth, tgroups = ev.take(sub), truth[sub], groups[sub] if groups is not None else None
+    params, report = tune(tev, ttruth, tgroups, log=log)
+    params.mode_fusion, report["backed_off_modes"] = tune_backed_off_modes(tev, ttruth, tgroups, singles)
+    params, chosen = no_worse_than_restrictions(tev, params, ttruth, log)
     report.update(chosen)
-    params.mode_calibration, report["mode_ece"] = calibrate_modes(ev, params, singles, truth)
-    reranker, report["rerank"] = fit_reranker(ev, params, truth, groups, log)
+    params.mode_calibration, report["mode_ece"] = calibrate_modes(tev, params, singles, ttruth)
+    reranker, report["rerank"], answer_km = fit_reranker(ev, params, truth, groups, log)
     params.rerank = report["rerank"]
     if reranker is not None:
-        report["mixture_validation"], report["validation"] = report["validation"], report["rerank"]["reranked"]
+        report["mixture_validation"], report["validation"] = report["validation"], accuracy_km(answer_km[sub])
     report["seconds"] = {"out_of_fold_signals": round(signal_seconds, 2), "tuning": round(time.perf_counter() - t1, 2)}
-    report["single_modes"] = {m: accuracy(p, truth) for m, p in singles.items()}
-    report["n_validation"] = int(len(truth))
+    report["single_modes"] = {m: accuracy(p, ttruth) for m, p in singles.items()}
+    report["n_validation"], report["n_reranker"] = int(len(sub)), int(len(ev))
     for m, a in {**report["single_modes"], "fused": report["validation"]}.items():
         log(f"fusion out-of-fold {m:>8}: " + " ".join(f"{t}km {100 * a[t]:.1f}%" for t in map(str, THRESHOLDS_KM))
             + f"  median {a['median_km']:.0f} km")

@@ -49,16 +49,35 @@ class Trees:
                    pad("missing_go_to_left", bool), pad("value", np.float64), depth)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """[rows] predictions for features [rows, F]: every tree walked at once, one level per step."""
-        x = np.asarray(x, np.float64)
-        t = np.arange(len(self.feature))[:, None]
-        rows = np.arange(len(x))[None, :]
-        node = np.zeros((len(self.feature), len(x)), np.int64)
+        """[rows] predictions for features [rows, F]: every tree walked at once, one level per step.
+
+        Nodes are addressed flat (tree * width + node) and a leaf's children are itself, so a level is four
+        1-d takes and a comparison: a query's ~60 candidates through 100 trees in well under a millisecond."""
+        x = np.asarray(x)
+        flat = self._flat()
+        n_trees, width = self.feature.shape
+        node = np.repeat(np.arange(n_trees, dtype=np.int64)[:, None] * width, len(x), axis=1)  # [trees, rows]
+        cols = (np.arange(len(x), dtype=np.int64) * x.shape[1])[None, :]
+        xs, nan = x.ravel(), bool(np.isnan(x).any())
         for _ in range(self.depth):
-            v = x[rows, self.feature[t, node]]
-            go_left = np.where(np.isnan(v), self.missing_left[t, node], v <= self.threshold[t, node])
-            node = np.where(self.leaf[t, node], node, np.where(go_left, self.left[t, node], self.right[t, node]))
-        return self.baseline + self.value[t, node].sum(axis=0)
+            v = xs.take(cols + flat["feature"].take(node))
+            go_left = v <= flat["threshold"].take(node)
+            if nan:
+                go_left = np.where(np.isnan(v), flat["missing_left"].take(node), go_left)
+            node = np.where(go_left, flat["left"].take(node), flat["right"].take(node))
+        return self.baseline + flat["value"].take(node).sum(axis=0)
+
+    def _flat(self) -> dict[str, np.ndarray]:
+        """The arrays raveled, children as flat indices, leaves pointing at themselves (made once)."""
+        if getattr(self, "_flat_cache", None) is None:
+            n_trees, width = self.feature.shape
+            base = np.arange(n_trees, dtype=np.int64)[:, None] * width
+            me = base + np.arange(width)[None, :]
+            self._flat_cache = {"feature": self.feature.ravel(), "threshold": self.threshold.ravel(),
+                                "missing_left": self.missing_left.ravel(), "value": self.value.ravel(),
+                                "left": np.where(self.leaf, me, base + self.left).ravel(),
+                                "right": np.where(self.leaf, me, base + self.right).ravel()}
+        return self._flat_cache
 
     def to_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "depth": self.depth,

@@ -1,0 +1,61 @@
+"""Warm fused latency from precomputed embeddings: several bundles, interleaved query by query.
+
+    python benchmarks/bench_fused_latency.py --index before=B0 --index after=B --embeddings Q.parquet [--n 300]
+
+Issue 24: a warm fused query with the reranker answering within 10 % of the mixture's, at 150K photos. The
+image model is left out (both bundles would run the same forward pass): each query's embedding goes through
+``GeoIndex.locate_embeddings`` of every bundle in turn, the order rotating from query to query, so machine
+load touches all of them alike. Prints, per bundle, the median and 90th-percentile wall time and CPU time in
+ms, the median's ratio to the first bundle's, and the load average before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from geo.query.index import open_index
+
+
+def _query_embeddings(path: str, n: int) -> np.ndarray:
+    col = pq.read_table(path, columns=["embedding"]).column("embedding").slice(0, n)
+    return np.stack(col.to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--index", action="append", required=True, help="NAME=BUNDLE (repeat; the first is the base)")
+    ap.add_argument("--embeddings", required=True, help="queries' Parquet with an embedding column")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--mode", default="fused")
+    a = ap.parse_args()
+    bundles = dict(s.split("=", 1) for s in a.index)
+    indexes = {name: open_index(path) for name, path in bundles.items()}
+    emb = _query_embeddings(a.embeddings, a.n)
+    for ix in indexes.values():  # warm: first-query caches (country shapes, places, the heads' tables)
+        ix.locate_embeddings(emb[:2], mode=a.mode)
+    wall = {name: [] for name in indexes}
+    cpu = {name: [] for name in indexes}
+    load0 = os.getloadavg()[0]
+    names = list(indexes)
+    for i, e in enumerate(emb):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t, c = time.perf_counter(), time.process_time()
+            indexes[name].locate_embeddings(e[None], mode=a.mode)
+            wall[name].append(1e3 * (time.perf_counter() - t))
+            cpu[name].append(1e3 * (time.process_time() - c))
+    base = statistics.median(wall[names[0]])
+    print(f"{len(emb)} queries, mode {a.mode}, load average {load0:.2f} -> {os.getloadavg()[0]:.2f}")
+    print("| bundle | median ms | p90 ms | median CPU ms | ratio to " + names[0] + " |\n|---|---|---|---|---|")
+    for name in names:
+        w = sorted(wall[name])
+        print(f"| {name} | {statistics.median(w):.2f} | {w[int(0.9 * len(w))]:.2f} | "
+              f"{statistics.median(cpu[name]):.2f} | {statistics.median(w) / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
