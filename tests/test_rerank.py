@@ -212,10 +212,10 @@ def test_the_mixture_is_tuned_on_its_rows_and_the_reranker_on_every_scored_photo
     same weights as tuning on those photos alone), the ranker all of them, and the report says both counts."""
     ev, truth, groups = world(600, seed=0)
     sub = np.flatnonzero(np.isin(groups, [f"a{i}" for i in range(0, 150, 2)]))
-    singles = {"knn": ev.signals["knn"].latlon[sub, 0], "cells": ev.signals["cells"].latlon[sub, 0]}
+    singles = {"knn": ev.signals["knn"].latlon[:, 0], "cells": ev.signals["cells"].latlon[:, 0]}
     quiet = lambda *_: None  # noqa: E731
     both = _tuned(ev, singles, truth, groups, {}, 0.0, quiet, sub)
-    alone = _tuned(ev.take(sub), singles, truth[sub], groups[sub], {}, 0.0, quiet)
+    alone = _tuned(ev.take(sub), {m: v[sub] for m, v in singles.items()}, truth[sub], groups[sub], {}, 0.0, quiet)
     assert both.params.signals == alone.params.signals
     assert both.report["n_validation"] == len(sub) and both.report["n_reranker"] == len(ev)
     assert both.params.rerank["queries"] == len(ev)

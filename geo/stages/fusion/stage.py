@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from geo.core.geodesy import THRESHOLDS_KM
-from geo.core.knn_vote import kde_vote
 from geo.core.priors import population_prior
 from geo.core.progress import bar, inside, showing
 from geo.core.splits import group_column, group_folds, validation_mask
@@ -34,7 +33,6 @@ from geo.stages.fusion.posterior import Decision, FusionParams, decide
 from geo.stages.fusion.signals import (
     Batch,
     Evidence,
-    cell_probs,
     collect,
     knn_search,
     sources_for,
@@ -227,20 +225,12 @@ def out_of_fold(meta: pd.DataFrame, emb: np.ndarray, folds: list[tuple[np.ndarra
 
 
 def score(batch: Batch, knn: KnnIndex, cells: CellPredictor | None, gallery: GpsGallery | None,
-          lat: np.ndarray, lon: np.ndarray, singles_for: np.ndarray | None = None) -> tuple[Evidence, dict[str, np.ndarray]]:
-    """Every signal's evidence for these photos, and each single mode's answer [n, 2] (what fusion must beat)
-    for the rows ``singles_for`` (default all: the cells' own answer costs ~6 ms a photo)."""
+          lat: np.ndarray, lon: np.ndarray) -> tuple[Evidence, dict[str, np.ndarray]]:
+    """Every signal's evidence for these photos, and the prior mode's answer [n, 2]. The other single modes'
+    answers, what fusion must beat, are each signal with the prior tuned like the fused mode (what those
+    modes answer at query time), from :func:`tune_backed_off_modes`."""
     ev = collect(sources_for(knn, cells, gallery, lat, lon), batch)
-    rows = np.arange(len(batch)) if singles_for is None else np.asarray(singles_for)
-    sims, nbr = (a[rows] for a in knn_search(knn, batch))
-    singles = {"knn": np.array([[v.lat, v.lon] for v in (
-        kde_vote(knn.lat[r[r >= 0]], knn.lon[r[r >= 0]], s[r >= 0]) for s, r in zip(sims, nbr))])}
-    if gallery is not None:
-        singles["gallery"] = ev.signals["gallery"].latlon[rows, 0]
-    if cells is not None:
-        singles["cells"] = np.stack(cells.decide(cell_probs(cells, batch)[rows])[:2], -1)
-        singles["prior"] = np.broadcast_to(population_prior(lat, lon), (len(rows), 2))
-    return ev, singles
+    return ev, {"prior": np.broadcast_to(population_prior(lat, lon), (len(batch), 2))}
 
 
 def holdout_rows(held: np.ndarray, groups: np.ndarray | None, max_queries: int, seed: int) -> np.ndarray:
@@ -293,7 +283,7 @@ def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callabl
     built_cells = cells_with_photos(cells(), lat[rest], lon[rest]) if cells is not None else None
     built_gallery = (gallery_with_photos(gallery(), np.stack([lat[rest], lon[rest]], -1))
                      if gallery is not None else None)
-    ev, singles = score(batch, index, built_cells, built_gallery, lat[rest], lon[rest], singles_for=tune_rows)
+    ev, singles = score(batch, index, built_cells, built_gallery, lat[rest], lon[rest])
     t1 = time.perf_counter()
     return _tuned(ev, singles, np.stack([lat[rows], lon[rows]], -1),
                   groups[rows] if groups is not None else None, saved, t1 - t0, log, tune_rows)
@@ -302,11 +292,12 @@ def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callabl
 def _tuned(ev: Evidence, singles: dict[str, np.ndarray], truth: np.ndarray, groups: np.ndarray | None,
            saved: dict[str, Any], signal_seconds: float, log: Callable[[str], None],
            tune_rows: np.ndarray | None = None) -> FusionModel:
-    """The mixture tuned on ``tune_rows`` of the scored photos (default all; ``singles`` are theirs), the
-    reranker fitted on all of them; every mode's validation reported on the same ``tune_rows``."""
+    """The mixture tuned on ``tune_rows`` of the scored photos (default all), the reranker fitted on all of
+    them; every mode's validation reported on the same ``tune_rows``."""
     t1 = time.perf_counter()
     sub = np.arange(len(ev)) if tune_rows is None else np.asarray(tune_rows)
     tev, ttruth, tgroups = ev.take(sub), truth[sub], groups[sub] if groups is not None else None
+    singles = {m: v[sub] for m, v in singles.items()}
     params, report = tune(tev, ttruth, tgroups, log=log)
     params.mode_fusion, report["backed_off_modes"] = tune_backed_off_modes(tev, ttruth, tgroups, singles)
     params, chosen = no_worse_than_restrictions(tev, params, ttruth, log)
