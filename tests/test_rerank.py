@@ -219,3 +219,16 @@ def test_the_mixture_is_tuned_on_its_rows_and_the_reranker_on_every_scored_photo
     assert both.params.signals == alone.params.signals
     assert both.report["n_validation"] == len(sub) and both.report["n_reranker"] == len(ev)
     assert both.params.rerank["queries"] == len(ev)
+
+
+def test_the_build_says_which_rule_answers_and_on_how_many_photos(informative):
+    from geo.stages.fusion.posterior import learned_summary
+
+    words = learned_summary(informative.params, 0.9)
+    assert f"out of fold on {informative.params.rerank['queries']:,} photos" in words
+    own = dataclasses.replace(informative.params, rerank={**informative.params.rerank, "region_km": 0.0})
+    near = dataclasses.replace(informative.params, rerank={**informative.params.rerank, "region_km": 750.0})
+    assert "its best candidate answers" in learned_summary(own, 0.9)
+    assert "within 750 km of it answers" in learned_summary(near, 0.9)
+    old = {k: v for k, v in informative.params.rerank.items() if k not in ("region_km", "queries")}
+    assert "within 750 km of it answers" in learned_summary(dataclasses.replace(informative.params, rerank=old), 0.9)

@@ -308,6 +308,10 @@ def _rerank_words(r: dict[str, Any]) -> str:
     if not r.get("used"):
         return ("\n  a learned reranker of the candidates within the top cells did not clearly beat this mixture on "
                 f"photographers it had not seen ({change}); the mixture answers.")
+    region = r.get("region_km", 750.0)  # bundles from before the rule was chosen used 750 km
+    rule = ("its best candidate answers" if not region else
+            f"its best candidate names the region, the mixture's best spot within {region:.0f} km of it answers")
     return (f"\n  a learned reranker picks the answer among ~{r['candidates_per_query']:.0f} candidates per photo "
-            f"within the heads' top cells: out of fold {change}; it leans most on {', '.join(r['leans_on'])}.")
+            f"within the heads' top cells ({rule}): out of fold{f' on {n:,} photos' if (n := r.get('queries')) else ''} "
+            f"{change}; it leans most on {', '.join(r['leans_on'])}.")
 
