@@ -13,6 +13,7 @@ from geo.stages.gallery.stage import (
     FILES,
     GalleryConfig,
     GpsGallery,
+    encode_points,
     fit_gallery,
     gallery_points,
     resolve_image_init,
@@ -217,12 +218,14 @@ def test_a_float16_sample_trains_the_gallery_as_float32_does():
     assert np.abs(a - b).max() < 0.02 and not np.array_equal(a, b)
 
 
-def test_new_photos_encode_only_their_new_places(monkeypatch):
-    """``geo add`` and fusion's held-out scoring rebuild the gallery over another set of places: the places the
-    built gallery already holds keep their features (the encoder is not run on them again), the new ones are
-    encoded, and the index is the one a full re-encode gives."""
+def test_new_photos_encode_only_their_new_places(monkeypatch, tmp_path):
+    """``geo add`` and fusion's held-out scoring rebuild a saved gallery over another set of places: the places
+    it already holds keep their features (the encoder is not run on them again), the new ones are encoded,
+    and the index is the one a full re-encode gives."""
     meta, emb, _ = city_data(n_per=10)
-    gal = fit_gallery(meta, emb, dataclasses.replace(SMALL, epochs=0), "test", log=lambda *_: None)
+    bundle = Bundle.create_or_resume(tmp_path, {"name": "test"}, emb.shape[1])
+    build_gallery(bundle, meta, emb, dataclasses.replace(SMALL, epochs=0))
+    gal = GpsGallery.load(bundle, with_location_encoder=True)
     more = meta[["lat", "lon"]].to_numpy()[:4] + 0.5  # four places the gallery has not seen
     places = np.concatenate([meta[["lat", "lon"]].to_numpy()[5:], more])  # and five of its own gone
     encoded = []
@@ -231,6 +234,7 @@ def test_new_photos_encode_only_their_new_places(monkeypatch):
                         lambda self, latlon, **kw: encoded.append(len(latlon)) or encode(self, latlon, **kw))
     grown = gallery_with_photos(gal, places)
     assert encoded == [4]
-    full = encode(gal.location_encoder, grown.points, normalize=True)
     vectors = grown.index.reconstruct_n(0, grown.index.ntotal)
-    np.testing.assert_allclose(vectors[:, :-1], full, rtol=0, atol=1e-6)
+    everything = encode_points(gal.location_encoder, gal.projection, grown.points, places,
+                               dataclasses.replace(SMALL, epochs=0))  # every place encoded, as before
+    np.testing.assert_allclose(vectors, everything.reconstruct_n(0, everything.ntotal), rtol=0, atol=1e-6)

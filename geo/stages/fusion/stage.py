@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from geo.core.geodesy import THRESHOLDS_KM
+from geo.core.memory import release_unused
 from geo.core.priors import population_prior
 from geo.core.progress import bar, inside, showing
 from geo.core.splits import group_column, group_folds, validation_mask
@@ -284,6 +285,10 @@ def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callabl
     built_gallery = (gallery_with_photos(gallery(), np.stack([lat[rest], lon[rest]], -1))
                      if gallery is not None else None)
     ev, singles = score(batch, index, built_cells, built_gallery, lat[rest], lon[rest])
+    # the stages (the gallery's index alone is ~0.5 GB at 150K) and the batch's memos (its cell posterior is
+    # [photos, fine cells]) are not needed by the tuning, whose grid is fusion's own peak
+    del batch, index, built_cells, built_gallery
+    release_unused()
     t1 = time.perf_counter()
     return _tuned(ev, singles, np.stack([lat[rows], lon[rows]], -1),
                   groups[rows] if groups is not None else None, saved, t1 - t0, log, tune_rows)

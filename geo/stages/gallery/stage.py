@@ -187,46 +187,48 @@ def fit_gallery(meta: pd.DataFrame, emb: np.ndarray, config: GalleryConfig = Gal
 
 
 def encode_points(location_encoder: LocationEncoder, projection: ImageProjection, points: np.ndarray,
-                  photo_latlon: np.ndarray, config: GalleryConfig,
-                  known: tuple[np.ndarray, np.ndarray] | None = None) -> faiss.Index:
+                  photo_latlon: np.ndarray, config: GalleryConfig, known: "GpsGallery | None" = None) -> faiss.Index:
     """The searchable gallery: each point's location feature and, in one extra column, its log photo prior.
 
     [q, 1] . [p, b / s] = cos + b / s, so s * IP = logit + log prior: one inner-product
-    search gives the model's logits plus the photo-density prior. ``known``: (points, their features) this
-    same encoder already gave (a built gallery's); only the other points are encoded (the encoder is ~60 %
-    of a 250K-point gallery's encoding on a CPU).
+    search gives the model's logits plus the photo-density prior. ``known``: a gallery built by this same
+    encoder; the points it holds are copied from its index, only the others are encoded (the encoder is
+    ~60 % of a 250K-point gallery's encoding on a CPU). The vectors are written into one matrix, a block
+    at a time, so the features exist once beside the index's own copy.
     """
-    def encode(latlon: np.ndarray) -> np.ndarray:
-        out = location_encoder.to(resolve_device(config.device)).encode(latlon, normalize=True)
+    rows = _rows_in(points, known.points) if known is not None else np.full(len(points), -1)
+    new = np.flatnonzero(rows < 0)
+    feats = None
+    if len(new) or known is None:
+        feats = location_encoder.to(resolve_device(config.device)).encode(points[new], normalize=True)
         location_encoder.cpu()
-        return out
-
-    feats = _known_features(points, known)
-    if feats is None:
-        feats = encode(points)
-    elif len(todo := np.flatnonzero(np.isnan(feats[:, 0]))):
-        feats[todo] = encode(points[todo])
+    dim = feats.shape[1] if feats is not None else known.index.d - 1
+    vectors = np.empty((len(points), dim + 1), np.float32)
+    if feats is not None:
+        vectors[new, :dim] = feats
+        del feats
+    hit = np.flatnonzero(rows >= 0)
+    for b in range(0, len(hit), 16384):
+        vectors[hit[b:b + 16384]] = known.index.reconstruct_batch(rows[hit[b:b + 16384]])
     logit_scale = projection.logit_scale.exp().item()
     log_prior = TUNED.prior_weight * np.log1p(
         photos_within(points, photo_latlon, TUNED.prior_radius_km, seed=config.seed)).astype(np.float32)
-    index = faiss.IndexFlatIP(feats.shape[1] + 1)
-    index.add(np.ascontiguousarray(np.hstack([feats, (log_prior / logit_scale)[:, None]]), np.float32))
+    vectors[:, dim] = log_prior / logit_scale
+    index = faiss.IndexFlatIP(dim + 1)
+    index.add(vectors)
     return index
 
 
-def _known_features(points: np.ndarray, known: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
-    """[len(points), d] float32: the feature of each point found (exactly) among ``known``'s, NaN rows elsewhere."""
-    if known is None or not len(known[0]):
-        return None
+def _rows_in(points: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """[len(points)] the row of each point in ``known`` (the same coordinates, exactly), -1 where absent."""
+    if not len(known):
+        return np.full(len(points), -1)
     key = np.dtype((np.void, 16))  # a point's two float64 coordinates as one sortable key
-    have = np.ascontiguousarray(known[0], np.float64).view(key).ravel()
+    have = np.ascontiguousarray(known, np.float64).view(key).ravel()
     want = np.ascontiguousarray(points, np.float64).view(key).ravel()
     order = np.argsort(have)
     pos = np.minimum(np.searchsorted(have[order], want), len(have) - 1)
-    hit = have[order][pos] == want
-    feats = np.full((len(points), known[1].shape[1]), np.nan, np.float32)
-    feats[hit] = known[1][order[pos[hit]]]
-    return feats
+    return np.where(have[order][pos] == want, order[pos], -1)
 
 
 # what a load and `geo add` read of gallery.json (the rest is the build's record, shown by `geo info`)
@@ -243,9 +245,7 @@ def with_photos(gallery: "GpsGallery", photo_latlon: np.ndarray) -> "GpsGallery"
     latlon = np.asarray(photo_latlon, np.float64)
     latlon = latlon[valid_latlon(latlon[:, 0], latlon[:, 1])]
     points, sources = gallery_points(latlon, config.gps_gallery, config.max_points, config.seed)
-    built = gallery.index.reconstruct_n(0, gallery.index.ntotal)[:, :-1]  # the features, less the prior column
-    index = encode_points(gallery.location_encoder, gallery.projection, points, latlon, config,
-                          known=(gallery.points, built))
+    index = encode_points(gallery.location_encoder, gallery.projection, points, latlon, config, known=gallery)
     info = {**gallery.info, "n_points": int(len(points)),
             "sources": {str(s): int(n) for s, n in zip(*np.unique(sources.astype(str), return_counts=True))}}
     return GpsGallery(gallery.projection, index, points, sources, info, gallery.location_encoder)
