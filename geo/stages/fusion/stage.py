@@ -71,7 +71,7 @@ class FusionConfig:
     max_queries: int = 2000  # scored photos per fold (a seeded sample beyond); the mixture's grid is tuned on these
     # Large galleries: held-out photos scored for the reranker (the mixture is tuned on max_queries of them).
     # Out of fold at 150K its gain over the mixture was +0.9 +- 0.5 share points on 2,000 photos (backed off),
-    # +0.8 +- 0.3 on 4,000 and +1.0 +- 0.3 on 8,000: a ranker of ~80 features needs more photos than a grid
+    # +0.8 +- 0.3 on 4,000 and +1.0 +- 0.3 on 8,000: a ranker of ~60 features needs more photos than a grid
     # of ten weights (benchmarks/RESULTS.md, issue 24).
     rerank_queries: int = 6000
     # Up to this many photos, fusion refits the signal stages in memory on photographer folds (fit_fusion);
@@ -265,8 +265,9 @@ def fit_fusion_on_built(meta: pd.DataFrame, held: np.ndarray, query_emb: Callabl
     col = group_column(meta.columns, config.group_column)
     groups = meta[col].astype(str).to_numpy() if col else None
     rows = holdout_rows(held, groups, max(config.rerank_queries, config.max_queries), config.seed)
-    tune_rows = np.flatnonzero(np.isin(rows, holdout_rows(np.isin(np.arange(len(meta)), rows), groups,
-                                                          config.max_queries, config.seed)))
+    scored = np.zeros(len(meta), bool)
+    scored[rows] = True  # the grid's photos: about max_queries of these, whole photographers (positions in rows)
+    tune_rows = np.flatnonzero(np.isin(rows, holdout_rows(scored, groups, config.max_queries, config.seed)))
     saved = {"group_column": col, "folds": 1, "seed": config.seed, "how": "built stages, held-out photographers"}
     if len(rows) < 20:
         log(f"fusion: {len(rows)} held-out photos are too few to tune; default weights, no calibration")
