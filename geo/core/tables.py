@@ -70,7 +70,7 @@ def positions(keys: Any, wanted: Any) -> np.ndarray:
     return np.fromiter((row.get(w, -1) for w in wanted), np.int64, len(wanted))
 
 
-def as_text(values: Any) -> np.ndarray:
+def text_objects(values: Any) -> np.ndarray:
     """Values as an object array of Python ``str`` (ids and paths, whatever type a table stored them as): what
     pandas' ``astype(str).to_numpy()`` gives, without a fixed-width copy of a column of long paths."""
     a = np.asarray(values)

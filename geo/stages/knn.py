@@ -25,7 +25,7 @@ import numpy as np
 
 from geo.core.memory import release_unused
 from geo.core.sizes import default_memory, human_bytes, index_budget, parse_bytes
-from geo.core.tables import as_text
+from geo.core.tables import text_objects
 from geo.store.atomic import atomic_write_faiss, atomic_write_json
 from geo.store.bundle import Bundle, BundleError
 from geo.store.embeddings import EmbeddingReader, shard_pieces
@@ -169,8 +169,8 @@ class KnnIndex:
             raise BundleError(f"kNN index holds {index.ntotal} vectors for {rows} embedding rows "
                               "(index and shards are out of step; rebuild with --force knn_index)")
         self.index = index
-        self.ids = as_text(meta["id"])
-        self.paths = as_text(meta["path"])
+        self.ids = text_objects(meta["id"])
+        self.paths = text_objects(meta["path"])
         self.lat = np.asarray(meta["lat"], np.float64)
         self.lon = np.asarray(meta["lon"], np.float64)
         self.infos = infos or {}

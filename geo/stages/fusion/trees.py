@@ -8,6 +8,7 @@ numpy step per tree level.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,7 @@ class Trees:
         Nodes are addressed flat (tree * width + node) and a leaf's children are itself, so a level is four
         1-d takes and a comparison: a query's ~60 candidates through 100 trees in well under a millisecond."""
         x = np.asarray(x)
-        flat = self._flat()
+        flat = self._flat
         n_trees, width = self.feature.shape
         node = np.repeat(np.arange(n_trees, dtype=np.int64)[:, None] * width, len(x), axis=1)  # [trees, rows]
         cols = (np.arange(len(x), dtype=np.int64) * x.shape[1])[None, :]
@@ -67,17 +68,16 @@ class Trees:
             node = np.where(go_left, flat["left"].take(node), flat["right"].take(node))
         return self.baseline + flat["value"].take(node).sum(axis=0)
 
+    @cached_property
     def _flat(self) -> dict[str, np.ndarray]:
         """The arrays raveled, children as flat indices, leaves pointing at themselves (made once)."""
-        if getattr(self, "_flat_cache", None) is None:
-            n_trees, width = self.feature.shape
-            base = np.arange(n_trees, dtype=np.int64)[:, None] * width
-            me = base + np.arange(width)[None, :]
-            self._flat_cache = {"feature": self.feature.ravel(), "threshold": self.threshold.ravel(),
-                                "missing_left": self.missing_left.ravel(), "value": self.value.ravel(),
-                                "left": np.where(self.leaf, me, base + self.left).ravel(),
-                                "right": np.where(self.leaf, me, base + self.right).ravel()}
-        return self._flat_cache
+        n_trees, width = self.feature.shape
+        base = np.arange(n_trees, dtype=np.int64)[:, None] * width
+        me = base + np.arange(width)[None, :]
+        return {"feature": self.feature.ravel(), "threshold": self.threshold.ravel(),
+                "missing_left": self.missing_left.ravel(), "value": self.value.ravel(),
+                "left": np.where(self.leaf, me, base + self.left).ravel(),
+                "right": np.where(self.leaf, me, base + self.right).ravel()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "depth": self.depth,

@@ -30,7 +30,7 @@ from geo.core.priors import photos_within
 from geo.core.runtime import resolve_device
 from geo.core.names import find_column
 from geo.core.splits import group_column
-from geo.core.tables import read_columns
+from geo.core.tables import positions, read_columns
 from geo.data.columns import LAT_COLUMNS, LON_COLUMNS
 from geo.models.location import (
     ImageProjection,
@@ -196,7 +196,7 @@ def encode_points(location_encoder: LocationEncoder, projection: ImageProjection
     ~60 % of a 250K-point gallery's encoding on a CPU). The vectors are written into one matrix, a block
     at a time, so the features exist once beside the index's own copy.
     """
-    rows = _rows_in(points, known.points) if known is not None else np.full(len(points), -1)
+    rows = positions(_keys(known.points), _keys(points)) if known is not None else np.full(len(points), -1)
     new = np.flatnonzero(rows < 0)
     feats = None
     if len(new) or known is None:
@@ -219,16 +219,9 @@ def encode_points(location_encoder: LocationEncoder, projection: ImageProjection
     return index
 
 
-def _rows_in(points: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """[len(points)] the row of each point in ``known`` (the same coordinates, exactly), -1 where absent."""
-    if not len(known):
-        return np.full(len(points), -1)
-    key = np.dtype((np.void, 16))  # a point's two float64 coordinates as one sortable key
-    have = np.ascontiguousarray(known, np.float64).view(key).ravel()
-    want = np.ascontiguousarray(points, np.float64).view(key).ravel()
-    order = np.argsort(have)
-    pos = np.minimum(np.searchsorted(have[order], want), len(have) - 1)
-    return np.where(have[order][pos] == want, order[pos], -1)
+def _keys(points: np.ndarray) -> np.ndarray:
+    """A point's two coordinates as one hashable value, equal only where both are (gallery points are unique)."""
+    return np.asarray(points, np.float64) @ np.array([1.0, 1.0j])
 
 
 # what a load and `geo add` read of gallery.json (the rest is the build's record, shown by `geo info`)
