@@ -14,7 +14,7 @@ from geo.stages.fusion.rerank import Reranker
 from geo.stages.fusion.signals import CELLS, KNN, PRIOR, Evidence, SignalEvidence
 from geo.stages.fusion.stage import FusionModel, _tuned
 from geo.stages.fusion.trees import Trees
-from geo.store.bundle import Bundle
+from geo.store.bundle import Bundle, BundleError
 
 
 def _offset(pts: np.ndarray, km: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -232,3 +232,14 @@ def test_the_build_says_which_rule_answers_and_on_how_many_photos(informative):
     assert "within 750 km of it answers" in learned_summary(near, 0.9)
     old = {k: v for k, v in informative.params.rerank.items() if k not in ("region_km", "queries")}
     assert "within 750 km of it answers" in learned_summary(dataclasses.replace(informative.params, rerank=old), 0.9)
+
+
+def test_a_damaged_rerank_file_is_refused_naming_the_file_and_field(informative, tmp_path):
+    b = _bundle_with(informative, tmp_path / "b")
+    path = tmp_path / "b" / "fusion" / "rerank.json"
+    for field, bad in (("region_km", "far"), ("features", "f")):
+        stored = json.loads(path.read_text())
+        path.write_text(json.dumps({**stored, field: bad}))
+        with pytest.raises(BundleError, match=f"rerank.json.*{field}"):
+            FusionModel.load(b)
+        path.write_text(json.dumps(stored))

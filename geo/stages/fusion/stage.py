@@ -110,7 +110,7 @@ class FusionModel:
         if stored:
             checked_params(stored["params"], bundle.path(FUSION_FILE), "params")
         params = checked_params(info.get("params"), bundle.root, "stages.fusion.params")
-        reranker = (Reranker.from_dict(read_checked(bundle.path(RERANK_FILE), dict))
+        reranker = (Reranker.from_dict(read_checked(bundle.path(RERANK_FILE), RERANK_SCHEMA))
                     if RERANK_FILE in bundle.manifest.get("files", {}) else None)
         return cls(params, {k: v for k, v in stored.items() if k != "params"}, reranker=reranker)
 
@@ -121,6 +121,8 @@ class FusionModel:
         return decide(ev, self.params, rerank=rescorer(self.reranker) if use else None)
 
 
+# rerank.json as load reads it; its trees are arrays of Trees' fields (region_km: absent before the rule was chosen)
+RERANK_SCHEMA = {"trees": dict, "features": [str], "calibration?": dict, "summary?": dict, "region_km?": float}
 _SIGNAL_SCHEMA = {"weight": float, "temperature?": float, "top_k?": int}
 PARAMS_SCHEMA = {"signals": {"*": _SIGNAL_SCHEMA}, "duplicate_similarity?": float, "decision?": str,
                  "calibration?": dict, "mode_calibration?": dict, "mode_fusion?": dict, "rerank?": dict}
