@@ -116,6 +116,28 @@ def test_the_map_scored_a_block_of_photos_at_a_time_is_the_map_of_all_at_once(mo
     assert maps[0]["photos"] > 2 * 37 and json.dumps(maps[0], sort_keys=True) == json.dumps(maps[1], sort_keys=True)
 
 
+def test_calibration_and_validation_scored_in_blocks_match_all_photos_at_once(monkeypatch):
+    """The heads' validation loss (VAL_BLOCK) and the temperature and alpha search (CALIBRATION_BLOCK) hold a
+    block of photos' [photos, cells] arrays at a time (all at once they were a 150K build's cells peak): the same
+    temperatures, alpha and likelihood, and the same validation losses up to float summation order."""
+    import geo.stages.cells.calibration as calibration
+    import geo.stages.cells.train as train
+
+    meta, emb = _world(1200, seed=4)
+    cfg = CellsConfig(tau_min=3, tau_max=[300, 80, 25], max_epochs=3)
+    fitted = []
+    for block in (1 << 20, 37):
+        monkeypatch.setattr(calibration, "CALIBRATION_BLOCK", block)
+        monkeypatch.setattr(train, "VAL_BLOCK", block)
+        fitted.append(fit_cells(meta, emb, cfg, log=lambda *_: None))
+    whole, blocks = (f.info for f in fitted)
+    assert whole["calibration"]["val_photos"] > 2 * 37
+    for key in ("temperature", "alpha", "val_nll_fine"):
+        assert whole["calibration"][key] == blocks["calibration"][key], key
+    assert whole["train"]["best_epoch"] == blocks["train"]["best_epoch"]
+    assert whole["train"]["val_loss"] == pytest.approx(blocks["train"]["val_loss"], rel=1e-6)
+
+
 def test_held_out_photos_are_scored_without_their_own_photographers_gallery_photos():
     from types import SimpleNamespace
 

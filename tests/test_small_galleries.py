@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from geo.cli import app
 from geo.models.heads import CellHeads
-from geo.stages.cells.train import _loss
+from geo.stages.cells.train import _loss, _val_loss
 from geo.store.bundle import open_bundle
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "osv5m"
@@ -49,6 +49,26 @@ def test_a_batch_with_no_photo_in_any_cell_is_a_zero_loss_not_a_crash():
                  torch.randn(5, 3)], 0.0, 0)
     assert float(loss) == 0.0 and loss.requires_grad
     loss.backward()  # a training step over it changes nothing
+
+
+def test_the_validation_loss_scored_in_blocks_is_the_loss_of_all_photos_at_once(monkeypatch):
+    """Early stopping's number, scored a block of photos at a time to bound memory, is the hard-label loss of
+    every validation photo together: photos outside a partition's cells and unknown scenes left out alike."""
+    import geo.stages.cells.train as train
+
+    torch.manual_seed(0)
+    model = CellHeads(8, [3, 5], n_scenes=4).eval()
+    x, y, s = torch.randn(50, 8), torch.stack([torch.randint(-1, 3, (50,)), torch.randint(-1, 5, (50,))], 1), \
+        torch.randint(-1, 4, (50,))
+    rows = torch.arange(3, 47)
+    with torch.no_grad():
+        whole = float(_loss(model, x[rows], y[rows], s[rows], None, None, 0.0, 4))
+    monkeypatch.setattr(train, "VAL_BLOCK", 7)
+    assert _val_loss(model, x, y, s, rows, 4) == pytest.approx(whole, rel=1e-6)
+    no_scenes = CellHeads(8, [3, 5]).eval()
+    with torch.no_grad():
+        whole = float(_loss(no_scenes, x[rows], y[rows], s[rows], None, None, 0.0, 0))
+    assert _val_loss(no_scenes, x, y, s, rows, 0) == pytest.approx(whole, rel=1e-6)
 
 
 def test_a_folder_without_gps_is_refused_before_any_model_load_and_leaves_no_bundle(tmp_path, monkeypatch):
