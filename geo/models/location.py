@@ -240,10 +240,12 @@ def _batched_features(module: nn.Module, x: np.ndarray, batch: int, normalize: b
     """Run ``module`` in eval mode over float32 rows of ``x`` in batches; float32 [N, out_dim] on the CPU."""
     device = next(module.parameters()).device
     was_training = module.training
-    module.eval()
+    if was_training:  # ``train()`` walks every submodule: a warm query's projection is already in eval mode
+        module.eval()
     out = []
     for i in range(0, len(x), batch):
         f = module(torch.from_numpy(x[i:i + batch]).to(device))
         out.append((nn.functional.normalize(f, dim=1) if normalize else f).float().cpu().numpy())
-    module.train(was_training)
+    if was_training:
+        module.train()
     return np.concatenate(out) if out else np.zeros((0, module.out_dim), np.float32)
