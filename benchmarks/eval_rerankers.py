@@ -8,8 +8,10 @@ against the built stages without them (computed once and kept in ``--evidence``,
 wrote). Every scorer is fitted on two photographer folds and ranks the third's candidates; each row is
 compared, photo by photo, with the mixture's answer (share = mean of the five accuracies; gain ± one
 photographer-clustered SE). ``--slow`` adds one classifier per threshold and the listwise softmax models
-(tens of minutes on two cores). The shipped reranker is the "region then spot, 750 km" row
-(``geo.stages.fusion.rerank``; REGION_KMS).
+(tens of minutes on two cores). The build keeps the best of the regressor's own pick and "region then spot"
+at 200 and 750 km (``geo.stages.fusion.rerank``; REGION_KMS), then backs off to the constant guess below a
+score threshold chosen out of fold (the "+ constant guess" rows: each fold's photos switched by the threshold
+the other folds chose).
 """
 from __future__ import annotations
 
@@ -55,14 +57,15 @@ def held_out_evidence(bundle: str, group: str, max_queries: int) -> tuple:
 class Bench:
     def __init__(self, ev, truth, groups, params):
         self.n, self.groups = len(ev), groups
-        self.d = R._rows(ev, params, truth)
+        self.d, self.fallback_km = R._rows(ev, params, truth)
         self.y = self.d.share()
         self.mix = R._best(self.d, self.d.mixture.astype(float), self.n)
         self.fold = group_folds(self.n, groups, 3, 0)
         self.dup = R.near_duplicate(ev, params)
 
-    def line(self, name: str, rows: np.ndarray, t0: float | None = None) -> None:
-        km, y = self.d.km[rows], self.y[rows]
+    def line(self, name: str, rows: np.ndarray, t0: float | None = None, km: np.ndarray | None = None) -> None:
+        km = self.d.km[rows] if km is None else km
+        y = R.share_met(km)
         acc = " | ".join(f"{100 * np.mean(km <= t):.1f}" for t in THRESHOLDS_KM)
         gain = "" if t0 is None else (f" | {100 * (y - self.y[self.mix]).mean():+.2f} ± "
                                       f"{100 * clustered_se(y - self.y[self.mix], self.groups):.2f} ({time.time() - t0:.0f} s)")
@@ -167,8 +170,14 @@ def main() -> None:
     t0 = time.time()
     shipped = b.crossfit(_regressor(b))
     b.line("regressor on share", b.chosen(shipped), t0)
-    for reach in (25, 200, 750):
-        b.line(f"region then spot, {reach} km", b.within(R._best(b.d, shipped, b.n), reach), t0)
+    top = shipped[R._best(b.d, shipped, b.n)]
+    for reach in (0, 200, 750):
+        rows = b.within(R._best(b.d, shipped, b.n), reach) if reach else b.chosen(shipped)
+        if reach:
+            b.line(f"region then spot, {reach} km", rows, t0)
+        _, backed = R._backoff(top, b.d.km[rows], b.fallback_km, b.fold, b.dup)
+        b.line(f"{'own pick' if not reach else f'{reach} km'} + constant guess below a score ({100 * backed.mean():.0f}%)",
+               rows, t0, np.where(backed, b.fallback_km, b.d.km[rows]))
     t0 = time.time()
     b.line("larger regressor", b.chosen(b.crossfit(_regressor(b, max_iter=300, learning_rate=0.05, max_leaf_nodes=31,
                                                               min_samples_leaf=100, l2_regularization=1.0))), t0)

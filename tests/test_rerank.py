@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
-from geo.stages.fusion.posterior import FusionParams, SignalParams, closeness, decide, near_duplicate, signal_coverages
+from geo.stages.fusion.posterior import (
+    FusionParams,
+    SignalParams,
+    closeness,
+    decide,
+    learned_summary,
+    near_duplicate,
+    signal_coverages,
+)
 from geo.stages.fusion import rerank as R
 from geo.stages.fusion.rerank import Reranker
 from geo.stages.fusion.signals import CELLS, KNN, PRIOR, Evidence, SignalEvidence
@@ -186,10 +194,10 @@ def test_a_reranker_fitted_on_other_signals_leaves_the_answer_to_the_mixture(inf
 
 
 def test_the_answer_rule_is_chosen_out_of_fold_and_kept_in_the_file(informative):
-    """The ranker's own pick (0 km) or the mixture's spot near it (750 km): the build records which scored better
-    on other photographers, the file keeps it, and a file from before the choice reads as the 750-km rule."""
+    """The ranker's own pick (0 km) or the mixture's spot near it (200 or 750 km): the build records which scored
+    better on other photographers, the file keeps it, and a file from before the choice reads as the 750-km rule."""
     r = informative.reranker
-    assert r.region_km in (0.0, 750.0) and informative.params.rerank["region_km"] == r.region_km
+    assert r.region_km in R.REGION_KMS and informative.params.rerank["region_km"] == r.region_km
     assert Reranker.from_dict(r.to_dict()).region_km == r.region_km
     old = {k: v for k, v in r.to_dict().items() if k != "region_km"}
     assert Reranker.from_dict(old).region_km == 750.0
@@ -222,8 +230,6 @@ def test_the_mixture_is_tuned_on_its_rows_and_the_reranker_on_every_scored_photo
 
 
 def test_the_build_says_which_rule_answers_and_on_how_many_photos(informative):
-    from geo.stages.fusion.posterior import learned_summary
-
     words = learned_summary(informative.params, 0.9)
     assert f"out of fold on {informative.params.rerank['queries']:,} photos" in words
     own = dataclasses.replace(informative.params, rerank={**informative.params.rerank, "region_km": 0.0})
@@ -243,3 +249,53 @@ def test_a_damaged_rerank_file_is_refused_naming_the_file_and_field(informative,
         with pytest.raises(BundleError, match=f"rerank.json.*{field}"):
             FusionModel.load(b)
         path.write_text(json.dumps(stored))
+
+
+def world_with_blank_photos(n: int, seed: int, blank: float = 0.35) -> tuple[Evidence, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`world` where a share of the photos carry no location signal (indoor, generic: neighbours and cells
+    anywhere, top similarity 0.3) and are taken, like most photos, around one hub; the prior lists its weighted
+    points and then, weightless, the best constant guesses at 750 and 2500 km (the hub), as ``PriorSignal`` does.
+    (evidence, truth, photographers, blank mask)."""
+    ev, truth, groups = world(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    hub = np.array([48.0, 5.0])
+    is_blank = rng.random(n) < blank
+    k = int(is_blank.sum())
+    truth[is_blank] = _offset(np.repeat(hub[None], k, 0), rng.uniform(0, 900, k), rng)
+    knn, cells = ev.signals["knn"], ev.signals["cells"]
+    anywhere = lambda shape: np.stack([rng.uniform(-50, 60, shape), rng.uniform(-170, 170, shape)], -1)  # noqa: E731
+    knn.latlon[is_blank], knn.score[is_blank] = anywhere((k, knn.width)), 0.3 + rng.normal(0, 0.01, (k, knn.width))
+    cells.latlon[is_blank] = anywhere((k, cells.width))
+    prior = ev.signals["prior"]
+    ev.signals["prior"] = SignalEvidence(np.concatenate([prior.latlon, np.repeat(hub[None, None], n, 0).repeat(2, 1)], 1),
+                                         np.concatenate([prior.score, np.zeros((n, 2))], 1))
+    return ev, truth, groups, is_blank
+
+
+def test_photos_without_evidence_are_answered_by_the_constant_guess(tmp_path):
+    """Where even the ranker's best candidate scores low (no usable evidence), the threshold chosen out of fold
+    hands the photo to the prior's constant guess at 750 km; photos with evidence keep the ranker's answer. The
+    file keeps the threshold, and one from before it never backs off."""
+    ev, truth, groups, _ = world_with_blank_photos(900, seed=0)
+    model = _fitted(ev, truth, groups)
+    r = model.reranker
+    assert r is not None and r.backoff_below is not None and model.params.rerank["backoff_share"] > 0.2
+    new, new_truth, _, blank = world_with_blank_photos(400, seed=1)
+    got = _answers(model.decide(new))
+    at_hub = np.all(np.isclose(got, [48.0, 5.0]), axis=1)
+    assert at_hub[blank].mean() > 0.9 and at_hub[~blank].mean() < 0.05
+    never = FusionModel(model.params, reranker=dataclasses.replace(r, backoff_below=None))
+    without = _hits(_answers(never.decide(new)), new_truth)
+    assert _hits(got, new_truth)[750] > without[750] + 0.1
+    stored = r.to_dict()
+    assert Reranker.from_dict(json.loads(json.dumps(stored))).backoff_below == r.backoff_below
+    assert Reranker.from_dict({k: v for k, v in stored.items() if k != "backoff_below"}).backoff_below is None
+    assert "the best constant guess answers" in learned_summary(model.params, 0.9)
+    assert FusionModel.load(_bundle_with(model, tmp_path / "b")).decide(new) == model.decide(new)
+
+
+def test_without_a_weightless_anchor_there_is_no_constant_guess_to_back_off_to(informative):
+    ev, _, _ = world(50, seed=8)
+    assert R.backoff_pick(ev) is None  # world's prior points all carry weight
+    with_anchor, _, _, _ = world_with_blank_photos(50, seed=8)
+    assert R.backoff_pick(with_anchor) == with_anchor.blocks()[-1].stop - 2

@@ -15,6 +15,8 @@ from geo.core.geodesy import EARTH_RADIUS_KM, cos_km, latlon_to_xyz, xyz_to_latl
 # Up to this many point-photo pairs, counts are exact dot products of unit vectors in blocks (no index to build,
 # and scikit-learn stays unimported on the query side); beyond, a ball tree.
 DENSE_PAIRS = 50_000_000
+# The radii of the best constant guesses that follow the prior's weighted points (:func:`prior_summary`), in order.
+ANCHOR_KMS = (750.0, 2500.0)
 
 
 def photos_within(points: np.ndarray, photos: np.ndarray, radius_km: float, max_photos: int = 50_000,
@@ -79,5 +81,6 @@ def prior_summary(lat: np.ndarray, lon: np.ndarray, max_points: int = 64) -> tup
     sums = np.stack([np.bincount(inv, weights=xyz[:, a], minlength=len(cells)) for a in range(3)], 1)
     plat, plon = xyz_to_latlon(sums)
     counts = np.bincount(inv, minlength=len(cells)).astype(np.float64)
-    anchors = np.stack([population_prior(lat, lon, r) for r in (750.0, 2500.0)])
-    return np.concatenate([np.stack([plat, plon], -1), anchors]), np.concatenate([counts / counts.sum(), [0.0, 0.0]])
+    anchors = np.stack([population_prior(lat, lon, r) for r in ANCHOR_KMS])
+    return (np.concatenate([np.stack([plat, plon], -1), anchors]),
+            np.concatenate([counts / counts.sum(), np.zeros(len(ANCHOR_KMS))]))

@@ -311,6 +311,9 @@ def _rerank_words(r: dict[str, Any]) -> str:
     region = r.get("region_km", 750.0)  # bundles from before the rule was chosen used 750 km
     rule = ("its best candidate answers" if not region else
             f"its best candidate names the region, the mixture's best spot within {region:.0f} km of it answers")
+    if r.get("backoff_share"):
+        rule += (f"; where even its best scores low ({100 * r['backoff_share']:.0f}% of photos), the best constant "
+                 "guess answers")
     return (f"\n  a learned reranker picks the answer among ~{r['candidates_per_query']:.0f} candidates per photo "
             f"within the heads' top cells ({rule}): out of fold{f' on {n:,} photos' if (n := r.get('queries')) else ''} "
             f"{change}; it leans most on {', '.join(r['leans_on'])}.")

@@ -20,7 +20,10 @@ the cells the heads trust. Here, per query:
   and own mass, and the mixture's score, rank and distance to its answer;
 * one gradient-boosted regressor scores it, and its best candidate answers, or
   names the region and the answer is the candidate with the most mixture score
-  within 750 km of it: whichever rule (:data:`REGION_KMS`) scores better out of fold.
+  within 200 or 750 km of it: whichever rule (:data:`REGION_KMS`) scores better out of fold;
+* where even its best candidate scores below a threshold learned out of fold,
+  the photo shows no usable evidence and the best constant guess answers (the
+  candidate with the most prior mass within 750 km: what fusion backs off to).
 
 Why one regressor on "the share of the thresholds met": the field's score,
 and fusion's objective, is the mean of the accuracies at 1/25/200/750/2500 km;
@@ -33,7 +36,16 @@ linear score would need hand-made products for. ``p_within`` at 25/200/750 km
 maps the ranker's score of the answer to how often such answers were that
 close (isotonic, on cross-fitted scores of other photographers).
 
-Why two answer rules: on ``benchmarks/realistic.py`` at 10.5K photos (2,100
+Why the constant guess below a score: a quarter of a realistic gallery's photos
+(indoor, generic) carry no location signal. For them any spot the image
+evidence names is a random gallery place, right within 750 km about as often
+as the prior's density there (23.6 % on benchmarks/realistic.py at 150K), while
+the one place with the most photos around it is right for 30.8 %. The ranker
+scores those photos' candidates low but, fitted on every photo at once, still
+picks among them; the threshold, chosen out of fold (each fold's photos
+switched by the other folds' threshold), hands them to the constant guess.
+
+Why more than one answer rule: on ``benchmarks/realistic.py`` at 10.5K photos (2,100
 scored photos) every learned scorer moved answers into the right region
 (+1.5 to +2 points at 750 km) but chose worse spots inside it, where the
 mixture's kNN-weighted fine mass was the better estimate; at 150K with 4,000
@@ -53,6 +65,7 @@ from typing import Any, Callable
 import numpy as np
 
 from geo.core.geodesy import EARTH_RADIUS_KM, THRESHOLDS_KM, cos_km, haversine_km
+from geo.core.priors import ANCHOR_KMS
 from geo.core.splits import clustered_se, group_folds
 from geo.stages.fusion.calibration import CALIBRATED_KM, expected_calibration_error, fit_isotonic
 from geo.stages.fusion.posterior import (
@@ -65,7 +78,7 @@ from geo.stages.fusion.posterior import (
     signal_coverages,
     signal_mass,
 )
-from geo.stages.fusion.signals import CELLS, DUPLICATE_SIGNAL, GALLERY, KNN, Evidence
+from geo.stages.fusion.signals import BACKOFF_SIGNAL, CELLS, DUPLICATE_SIGNAL, GALLERY, KNN, Evidence
 from geo.stages.fusion.trees import Trees
 
 TOP_CELLS = 5
@@ -78,7 +91,10 @@ FOLDS = 3
 PEAK_KM = (25, 750)
 # The answer rules tried out of fold: the ranker's own pick (0), or the mixture's best spot within this many km
 # of it (the ranker names the region). The better on the gallery's photographers is kept.
-REGION_KMS = (0.0, 750.0)
+REGION_KMS = (0.0, 200.0, 750.0)
+# The back-off threshold tried: these quantiles of the ranker's best score per photo (0: never back off).
+BACKOFF_QUANTILES = np.linspace(0.0, 0.5, 26)
+BACKOFF_KM = 750.0  # the constant guess: the candidate with most prior mass within this distance (the prior's answer)
 
 
 @dataclass
@@ -90,17 +106,21 @@ class Reranker:
     calibration: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     region_km: float = 750.0  # 0: the ranker's pick answers; else the mixture's best spot this near it
+    backoff_below: float | None = None  # below this best score the constant guess answers (None: never)
 
     def to_dict(self) -> dict[str, Any]:
         return {"features": self.features, "calibration": self.calibration, "summary": self.summary,
                 "trees": self.trees.to_dict(), "top_cells": TOP_CELLS, "cell_reach_km": CELL_REACH_KM,
-                "outside": OUTSIDE, "region_km": self.region_km}
+                "outside": OUTSIDE, "region_km": self.region_km,
+                **({} if self.backoff_below is None else {"backoff_below": self.backoff_below})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Reranker":
-        """The stored ranker; bundles from before the rule was chosen out of fold used the 750-km region."""
+        """The stored ranker; bundles from before the rule was chosen out of fold used the 750-km region, and
+        those from before the back-off threshold never back off."""
+        below = d.get("backoff_below")
         return cls(Trees.from_dict(d["trees"]), list(d["features"]), d.get("calibration", {}), d.get("summary", {}),
-                   float(d.get("region_km", 750.0)))
+                   float(d.get("region_km", 750.0)), None if below is None else float(below))
 
 
 def feature_names(names: list[str]) -> list[str]:
@@ -174,23 +194,47 @@ class _Rows:
     latlon: np.ndarray  # [rows, 2] the candidate's place
 
     def share(self) -> np.ndarray:
-        return np.mean([self.km <= t for t in THRESHOLDS_KM], axis=0)
+        return share_met(self.km)
 
 
-def _rows(ev: Evidence, p: FusionParams, truth: np.ndarray) -> _Rows:
-    """The out-of-fold queries' candidates and features, computed a chunk of queries at a time."""
-    parts = []
+def share_met(km: np.ndarray) -> np.ndarray:
+    """Per answer, the share of the field's thresholds it is within (the objective the ranker regresses)."""
+    return np.mean([km <= t for t in THRESHOLDS_KM], axis=0)
+
+
+def backoff_pick(ev: Evidence) -> int | None:
+    """The candidate column of the best constant guess at :data:`BACKOFF_KM`: the prior's weightless anchor
+    (:data:`geo.core.priors.ANCHOR_KMS`, after its weighted points; the same for every query). None where the
+    evidence has no such anchor. Not the candidate with most prior mass: the prior's few dozen points are too
+    coarse for that (on the 150K testbed it named kNN spots, 0.12 share points worse than the anchor)."""
+    if BACKOFF_SIGNAL not in ev.names:
+        return None
+    b = ev.blocks()[ev.names.index(BACKOFF_SIGNAL)]
+    col = b.stop - len(ANCHOR_KMS) + ANCHOR_KMS.index(BACKOFF_KM)
+    weightless = ev.signals[BACKOFF_SIGNAL].score[:, col - b.start] == 0 if col >= b.start else np.zeros(1, bool)
+    return col if weightless.all() else None
+
+
+def _rows(ev: Evidence, p: FusionParams, truth: np.ndarray) -> tuple[_Rows, np.ndarray | None]:
+    """(the out-of-fold queries' candidates and features, [n] km from each query's constant guess to its truth),
+    computed a chunk of queries at a time."""
+    parts, fallback = [], []
     for r0 in range(0, len(ev), CHUNK):
         rows = np.arange(r0, min(r0 + CHUNK, len(ev)))
         sub = ev.take(rows)
         c = closeness(sub)
-        x, allowed, best, mixed = design(sub, p, c, signal_coverages(sub, p, c))
+        covered = signal_coverages(sub, p, c)
+        x, allowed, best, mixed = design(sub, p, c, covered)
         q, j = np.nonzero(allowed)
         pts = sub.points[q, j]
         km = haversine_km(pts[:, 0], pts[:, 1], truth[rows[q], 0], truth[rows[q], 1])
         parts.append(_Rows(x[q, j], rows[q], km, best[q] == j, mixed[q, j], pts))
-    return _Rows(*(np.concatenate([getattr(pt, f) for pt in parts])
-                   for f in ("x", "query", "km", "mixture", "mixed", "latlon")))
+        if (col := backoff_pick(sub)) is not None:
+            guess = sub.points[:, col]
+            fallback.append(haversine_km(guess[:, 0], guess[:, 1], truth[rows, 0], truth[rows, 1]))
+    return (_Rows(*(np.concatenate([getattr(pt, f) for pt in parts])
+                    for f in ("x", "query", "km", "mixture", "mixed", "latlon"))),
+            np.concatenate(fallback) if fallback else None)
 
 
 def _sample(d: _Rows, keep: np.ndarray, seed: int) -> np.ndarray:
@@ -258,7 +302,7 @@ def fit_reranker(ev: Evidence, p: FusionParams, truth: np.ndarray, groups: np.nd
     from threadpoolctl import threadpool_limits  # scikit-learn's; build time only
 
     n = len(ev)
-    d = _rows(ev, p, truth)
+    d, fallback_km = _rows(ev, p, truth)
     y = d.share()
     dup = near_duplicate(ev, p)
     fold = group_folds(n, groups, FOLDS, seed)
@@ -275,11 +319,13 @@ def fit_reranker(ev: Evidence, p: FusionParams, truth: np.ndarray, groups: np.nd
     rules = {km: np.where(dup, mixture, _in_region(d, ranked, n, km)) for km in REGION_KMS}
     region_km = max(rules, key=lambda km: y[rules[km]].mean())
     chosen = rules[region_km]
-    diff = y[chosen] - y[mixture]
+    below, backed = _backoff(pred[ranked], d.km[chosen], fallback_km, fold, dup)
+    km = np.where(backed, fallback_km, d.km[chosen]) if fallback_km is not None else d.km[chosen]
+    diff = share_met(km) - y[mixture]
     gain, se = float(diff.mean()), clustered_se(diff, groups)
-    report = {"mixture": accuracy_km(d.km[mixture]), "reranked": accuracy_km(d.km[chosen]),
+    report = {"mixture": accuracy_km(d.km[mixture]), "reranked": accuracy_km(km),
               "gain": round(gain, 4), "se": round(se, 4), "candidates_per_query": round(len(y) / max(n, 1), 1),
-              "region_km": region_km, "queries": int(n)}
+              "region_km": region_km, "backoff_share": round(float(backed.mean()), 4), "queries": int(n)}
     log(f"fusion reranker out of fold ({n:,} photos): share of thresholds met {100 * y[mixture].mean():.1f}% -> "
         f"{100 * y[chosen].mean():.1f}% ({100 * gain:+.1f} +- {100 * se:.1f} points)")
     if not gain > se:
@@ -287,10 +333,36 @@ def fit_reranker(ev: Evidence, p: FusionParams, truth: np.ndarray, groups: np.nd
         return None, {**report, "used": False}, d.km[mixture]
     _, trees, importance = _fit(d.x[(s := _sample(d, ~dup, seed))], y[s], seed)
     names = feature_names(ev.names)
-    calib, ece = _calibration(pred[ranked[~dup]], d.km[chosen[~dup]], fold[~dup])
+    calib, ece = _calibration(pred[ranked[~dup]], km[~dup], fold[~dup])
     top = [names[i] for i in np.argsort(-importance)[:3]]
     summary = {**report, "used": True, "ece": ece, "leans_on": top}
-    return Reranker(trees, names, calib, summary, region_km), summary, d.km[chosen]
+    return Reranker(trees, names, calib, summary, region_km, below), summary, km
+
+
+def _backoff(top: np.ndarray, answer_km: np.ndarray, fallback_km: np.ndarray | None, fold: np.ndarray,
+             dup: np.ndarray) -> tuple[float | None, np.ndarray]:
+    """(the best-score threshold below which the constant guess answers, fitted on every photo; [n] True where a
+    photo is backed off out of fold: each fold's photos by the threshold the other folds chose). None and no
+    photo where the guess never scores more; near-duplicates are never backed off."""
+    backed = np.zeros(len(top), bool)
+    if fallback_km is None:
+        return None, backed
+    gain = share_met(fallback_km) - share_met(answer_km)
+    for f in np.unique(fold):
+        other = (fold != f) & ~dup
+        if (below := _threshold(top[other], gain[other])) is not None:
+            backed |= (fold == f) & ~dup & (top < below)
+    return _threshold(top[~dup], gain[~dup]), backed
+
+
+def _threshold(top: np.ndarray, gain: np.ndarray) -> float | None:
+    """The score among :data:`BACKOFF_QUANTILES` of ``top`` below which backing off gains most share in total,
+    or None where no threshold gains."""
+    if not len(top):
+        return None
+    totals = {float(t): float(gain[top < t].sum()) for t in np.quantile(top, BACKOFF_QUANTILES)}
+    best = max(totals, key=totals.get)
+    return best if totals[best] > 0 else None
 
 
 def _calibration(score: np.ndarray, km: np.ndarray,
@@ -337,8 +409,10 @@ def _rescore_chunk(r: Reranker, ev: Evidence, p: FusionParams, c: np.ndarray,
         spot = np.where(np.isfinite(mixed[rows, spot]) & inside[rows, spot], spot, region)
     else:
         spot = region
-    score[rows, spot] = np.nextafter(top, np.inf)  # the answer first; alternatives follow in the ranker's order
     dup = near_duplicate(ev, p)
+    if r.backoff_below is not None and (guess := backoff_pick(ev)) is not None:
+        spot = np.where((top < r.backoff_below) & ~dup, guess, spot)  # no usable evidence: the constant guess
+    score[rows, spot] = np.nextafter(top, np.inf)  # the answer first; alternatives follow in the ranker's order
     score[dup] = mixed[dup]
     out = np.where(dup, best, spot)
     maps = [(t, r.calibration[t]) for t in CALIBRATED_KM if t in r.calibration]

@@ -121,8 +121,10 @@ class FusionModel:
         return decide(ev, self.params, rerank=rescorer(self.reranker) if use else None)
 
 
-# rerank.json as load reads it; its trees are arrays of Trees' fields (region_km: absent before the rule was chosen)
-RERANK_SCHEMA = {"trees": dict, "features": [str], "calibration?": dict, "summary?": dict, "region_km?": float}
+# rerank.json as load reads it; its trees are arrays of Trees' fields (region_km: absent before the rule was chosen;
+# backoff_below: absent where the ranker never backs off to the constant guess, and in files from before)
+RERANK_SCHEMA = {"trees": dict, "features": [str], "calibration?": dict, "summary?": dict, "region_km?": float,
+                 "backoff_below?": float}
 _SIGNAL_SCHEMA = {"weight": float, "temperature?": float, "top_k?": int}
 PARAMS_SCHEMA = {"signals": {"*": _SIGNAL_SCHEMA}, "duplicate_similarity?": float, "decision?": str,
                  "calibration?": dict, "mode_calibration?": dict, "mode_fusion?": dict, "rerank?": dict}
