@@ -284,6 +284,7 @@ def test_photos_without_evidence_are_answered_by_the_constant_guess(tmp_path):
     got = _answers(model.decide(new))
     at_hub = np.all(np.isclose(got, [48.0, 5.0]), axis=1)
     assert at_hub[blank].mean() > 0.9 and at_hub[~blank].mean() < 0.05
+    assert [d.constant for d in model.decide(new)] == at_hub.tolist()  # the answer says it rests on the prior
     never = FusionModel(model.params, reranker=dataclasses.replace(r, backoff_below=None))
     without = _hits(_answers(never.decide(new)), new_truth)
     assert _hits(got, new_truth)[750] > without[750] + 0.1

@@ -443,7 +443,7 @@ class GeoIndex:
         for d in self.fusion.decide(ev):  # the reranker's answer where it has one
             p = d.p_within or _p_within(d.mass, params.calibration, d.duplicate)
             basis = "near-duplicate" if d.duplicate else (
-                "prior" if d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
+                "prior" if d.constant or d.shares.get(BACKOFF_SIGNAL, 0.0) >= PRIOR_ONLY else "image")
             out.append(_Decision(d.lat, d.lon, p["25"], 25.0, p, d.alternatives, d.shares, basis))
         return out if trips is None else _with_trips(out, ev, params, batch.pooled, trips)
 

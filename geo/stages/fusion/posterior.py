@@ -98,6 +98,7 @@ class Decision:
     shares: dict[str, float] = field(default_factory=dict)  # each signal's part of the mass within SHARE_KM
     duplicate: bool = False         # a near-duplicate neighbour took all the weight
     p_within: dict[str, float] = field(default_factory=dict)  # the reranker's calibrated p_within, when it answered
+    constant: bool = False          # the reranker found no usable evidence: the best constant guess answered
 
 
 SHARE_KM = 750  # the region: where even a weak image signal and the prior both put mass
@@ -225,7 +226,7 @@ def decide_batch(ev: Evidence, p: FusionParams, covered: list[np.ndarray] | None
 
 
 Rescore = Callable[[Evidence, FusionParams, np.ndarray, list[np.ndarray]],
-                   tuple[np.ndarray, np.ndarray, list[dict[str, float]]]]
+                   tuple[np.ndarray, np.ndarray, list[dict[str, float]], np.ndarray]]
 
 
 # An alternative's own posterior mass within these radii: under a regional decision every candidate of one region
@@ -245,13 +246,14 @@ def decide(ev: Evidence, p: FusionParams, alternatives: int = 5, rerank: Rescore
 
     ``rerank`` (:func:`geo.stages.fusion.rerank.rescorer`) re-scores the
     candidates from the mixture's closeness and coverages: it picks the answer
-    and orders the alternatives, and gives ``p_within``."""
+    and orders the alternatives, gives ``p_within`` and says which answers are its constant guess."""
     c = closeness(ev)
     covered = signal_coverages(ev, p, c)
     best, score, masses = decide_batch(ev, p, covered=covered)
     p_within: list[dict[str, float]] = [{} for _ in best]
+    constant = np.zeros(len(best), bool)
     if rerank is not None:
-        best, score, p_within = rerank(ev, p, c, covered)
+        best, score, p_within, constant = rerank(ev, p, c, covered)
     w = signal_weights(ev, p)
     k_share = THRESHOLDS_KM.index(SHARE_KM)
     parts = np.stack([cov[np.arange(len(best)), k_share, best] for cov in covered], axis=1) * w  # [n, signals]
@@ -274,7 +276,7 @@ def decide(ev: Evidence, p: FusionParams, alternatives: int = 5, rerank: Rescore
                             {str(t): float(masses[i, k, b]) for k, t in enumerate(THRESHOLDS_KM)},
                             float(score[i, b]), alts,
                             {n: round(float(parts[i, j]), 4) for j, n in enumerate(ev.names)}, bool(dup[i]),
-                            p_within[i]))
+                            p_within[i], bool(constant[i])))
     return out
 
 

@@ -384,21 +384,23 @@ def _calibration(score: np.ndarray, km: np.ndarray,
     return calib, ece
 
 
-def rescorer(r: Reranker) -> Callable[..., tuple[np.ndarray, np.ndarray, list[dict[str, float]]]]:
+Rescored = tuple[np.ndarray, np.ndarray, list[dict[str, float]], np.ndarray]
+
+
+def rescorer(r: Reranker) -> Callable[..., Rescored]:
     """The query side's reranking for :func:`geo.stages.fusion.posterior.decide`: (ev, params, closeness,
-    coverages) -> (best [n], scores [n, m], calibrated ``p_within`` per query; empty where the mixture kept the
-    answer, a near-duplicate), a chunk of queries at a time so the features stay a few tens of MB."""
-    def rescore(ev: Evidence, p: FusionParams, c: np.ndarray,
-                covered: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
+    coverages) -> (best [n], scores [n, m], calibrated ``p_within`` per query, empty where the mixture kept the
+    answer, a near-duplicate; [n] True where the constant guess answered), a chunk of queries at a time so the
+    features stay a few tens of MB."""
+    def rescore(ev: Evidence, p: FusionParams, c: np.ndarray, covered: list[np.ndarray]) -> Rescored:
         parts = [_rescore_chunk(r, ev.take(rows), p, c[rows], [cv[rows] for cv in covered])
                  for rows in (np.arange(r0, min(r0 + CHUNK, len(ev))) for r0 in range(0, len(ev), CHUNK))]
-        return (np.concatenate([b for b, _, _ in parts]), np.concatenate([s for _, s, _ in parts]),
-                [x for _, _, pw in parts for x in pw])
+        return (np.concatenate([b for b, _, _, _ in parts]), np.concatenate([s for _, s, _, _ in parts]),
+                [x for _, _, pw, _ in parts for x in pw], np.concatenate([k for _, _, _, k in parts]))
     return rescore
 
 
-def _rescore_chunk(r: Reranker, ev: Evidence, p: FusionParams, c: np.ndarray,
-                   covered: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
+def _rescore_chunk(r: Reranker, ev: Evidence, p: FusionParams, c: np.ndarray, covered: list[np.ndarray]) -> Rescored:
     x, allowed, best, mixed = design(ev, p, c, covered)
     score = np.full(allowed.shape, -np.inf)
     score[allowed] = r.trees.predict(x[allowed])
@@ -412,14 +414,16 @@ def _rescore_chunk(r: Reranker, ev: Evidence, p: FusionParams, c: np.ndarray,
     else:
         spot = region
     dup = near_duplicate(ev, p)
+    constant = np.zeros(len(best), bool)
     if r.backoff_below is not None and (guess := backoff_pick(ev)) is not None:
-        spot = np.where((top < r.backoff_below) & ~dup, guess, spot)  # no usable evidence: the constant guess
+        constant = (top < r.backoff_below) & ~dup  # no usable evidence: the constant guess answers
+        spot = np.where(constant, guess, spot)
     score[rows, spot] = np.nextafter(top, np.inf)  # the answer first; alternatives follow in the ranker's order
     score[dup] = mixed[dup]
     out = np.where(dup, best, spot)
     maps = [(t, r.calibration[t]) for t in CALIBRATED_KM if t in r.calibration]
     return out, score, [{} if dup[i] else {t: round(float(np.interp(top[i], m["x"], m["y"])), 4) for t, m in maps}
-                        for i in range(len(out))]
+                        for i in range(len(out))], constant
 
 
 def fits(r: Reranker, ev: Evidence) -> bool:
