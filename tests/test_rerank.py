@@ -300,3 +300,15 @@ def test_without_a_weightless_anchor_there_is_no_constant_guess_to_back_off_to(i
     assert R.backoff_pick(ev) is None  # world's prior points all carry weight
     with_anchor, _, _, _ = world_with_blank_photos(50, seed=8)
     assert R.backoff_pick(with_anchor) == with_anchor.blocks()[-1].stop - 2
+
+
+def test_the_build_log_states_the_share_of_the_answers_it_keeps():
+    """The build's line 'share of thresholds met A% -> B%' gives B for the answers kept, back-offs included."""
+    import re
+
+    ev, truth, groups, _ = world_with_blank_photos(900, seed=0)
+    lines: list[str] = []
+    reranker, report, km = R.fit_reranker(ev, _fitted(ev, truth, groups).params, truth, groups, log=lines.append)
+    assert reranker is not None and report["backoff_share"] > 0
+    shown = float(re.search(r"-> ([\d.]+)%", lines[0]).group(1))
+    assert shown == pytest.approx(100 * R.share_met(km).mean(), abs=0.05)

@@ -297,7 +297,8 @@ def fit_reranker(ev: Evidence, p: FusionParams, truth: np.ndarray, groups: np.nd
     Its own measure is cross-fitted by photographer (``groups``): each fold's
     queries are ranked by a model fitted on the other photographers'. The
     answer rule (:data:`REGION_KMS`) is the one with the higher cross-fitted
-    share. It is kept only where its per-photo share of thresholds met beats
+    share, then the back-off to the constant guess below a score (:func:`_backoff`,
+    nested out of fold). It is kept only where its per-photo share of thresholds met beats
     the mixture's by more than one clustered standard error; near-duplicates
     keep the mixture's answer (the out-of-fold data never shows one).
     """
@@ -329,7 +330,7 @@ def fit_reranker(ev: Evidence, p: FusionParams, truth: np.ndarray, groups: np.nd
               "gain": round(gain, 4), "se": round(se, 4), "candidates_per_query": round(len(y) / max(n, 1), 1),
               "region_km": region_km, "backoff_share": round(float(backed.mean()), 4), "queries": int(n)}
     log(f"fusion reranker out of fold ({n:,} photos): share of thresholds met {100 * y[mixture].mean():.1f}% -> "
-        f"{100 * y[chosen].mean():.1f}% ({100 * gain:+.1f} +- {100 * se:.1f} points)")
+        f"{100 * share_met(km).mean():.1f}% ({100 * gain:+.1f} +- {100 * se:.1f} points)")
     if not gain > se:
         log("fusion reranker: not clearly better than the mixture on other photographers; the mixture answers")
         return None, {**report, "used": False}, d.km[mixture]
