@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from geo.core.geodesy import THRESHOLDS_KM, haversine_km
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km, thresholds_met
 from geo.core.splits import clustered_se, group_folds
 from geo.stages.fusion import rerank as R
 from geo.stages.fusion.stage import FusionModel
@@ -65,7 +65,7 @@ class Bench:
 
     def line(self, name: str, rows: np.ndarray, t0: float | None = None, km: np.ndarray | None = None) -> None:
         km = self.d.km[rows] if km is None else km
-        y = R.share_met(km)
+        y = thresholds_met(km)
         acc = " | ".join(f"{100 * np.mean(km <= t):.1f}" for t in THRESHOLDS_KM)
         gain = "" if t0 is None else (f" | {100 * (y - self.y[self.mix]).mean():+.2f} ± "
                                       f"{100 * clustered_se(y - self.y[self.mix], self.groups):.2f} ({time.time() - t0:.0f} s)")

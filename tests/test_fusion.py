@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import geo
 from geo.cli import app
-from geo.core.geodesy import THRESHOLDS_KM, cos_km, haversine_km
+from geo.core.geodesy import THRESHOLDS_KM, cos_km, haversine_km, thresholds_met
 from geo.stages.fusion.posterior import FusionParams, SignalParams, closeness, decide
 from geo.stages.fusion.signals import (
     CELLS,
@@ -171,6 +171,13 @@ def test_closeness_agrees_with_haversine_at_every_threshold():
     d = haversine_km(p[:, None, 0], p[:, None, 1], p[None, :, 0], p[None, :, 1])
     for t in THRESHOLDS_KM:
         assert np.array_equal(c[:200, :200] >= cos_km(t), d <= t), t
+
+
+def test_the_share_of_thresholds_met_is_the_mean_of_the_five_accuracies():
+    km = np.array([0.5, 1.0, 24.0, 199.0, 751.0, 2600.0, np.nan])
+    assert thresholds_met(km).tolist() == [1.0, 1.0, 0.8, 0.6, 0.2, 0.0, 0.0]  # NaN (no answer) meets none
+    errors = np.random.default_rng(0).uniform(0, 3000, 500)
+    assert thresholds_met(errors).mean() == pytest.approx(np.mean([np.mean(errors <= t) for t in THRESHOLDS_KM]))
 
 
 def test_the_grid_is_scored_as_decide_batch_answers_each_setting():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from geo.core.geodesy import THRESHOLDS_KM, haversine_km
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km, thresholds_met
 from geo.stages.fusion.posterior import (
     FusionParams,
     SignalParams,
@@ -311,4 +311,4 @@ def test_the_build_log_states_the_share_of_the_answers_it_keeps():
     reranker, report, km = R.fit_reranker(ev, _fitted(ev, truth, groups).params, truth, groups, log=lines.append)
     assert reranker is not None and report["backoff_share"] > 0
     shown = float(re.search(r"-> ([\d.]+)%", lines[0]).group(1))
-    assert shown == pytest.approx(100 * R.share_met(km).mean(), abs=0.05)
+    assert shown == pytest.approx(100 * thresholds_met(km).mean(), abs=0.05)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from geo.core.geodesy import THRESHOLDS_KM, haversine_km, latlon_to_xyz, unit_vectors, xyz_to_latlon
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km, latlon_to_xyz, thresholds_met, unit_vectors, xyz_to_latlon
 from geo.core.priors import population_prior
 from geo.core.splits import group_folds
 from geo.stages.fusion.calibration import CALIBRATED_KM
@@ -178,7 +178,7 @@ def fit_regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np
     hits = {}
     for s in SHRINK:
         err = haversine_km(*xyz_to_latlon(_blend(raw, prior_xyz, s)), lat, lon)
-        hits[s] = (np.mean([err <= t for t in THRESHOLDS_KM], axis=0), err)
+        hits[s] = (thresholds_met(err), err)
     best = max(SHRINK, key=lambda s: (hits[s][0].mean(), -s))
     diff = hits[best][0] - hits[0.0][0]
     by_group = pd.Series(diff).groupby(np.asarray(groups).astype(str) if groups is not None else np.arange(n)).sum()

@@ -225,8 +225,9 @@ def decide_batch(ev: Evidence, p: FusionParams, covered: list[np.ndarray] | None
     return score.argmax(axis=1), score, masses
 
 
-Rescore = Callable[[Evidence, FusionParams, np.ndarray, list[np.ndarray]],
-                   tuple[np.ndarray, np.ndarray, list[dict[str, float]], np.ndarray]]
+# (best [n], scores [n, m], p_within per query, [n] True where the constant guess answered)
+Rescored = tuple[np.ndarray, np.ndarray, list[dict[str, float]], np.ndarray]
+Rescore = Callable[[Evidence, FusionParams, np.ndarray, list[np.ndarray]], Rescored]
 
 
 # An alternative's own posterior mass within these radii: under a regional decision every candidate of one region

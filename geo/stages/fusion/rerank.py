@@ -23,7 +23,7 @@ the cells the heads trust. Here, per query:
   within 200 or 750 km of it: whichever rule (:data:`REGION_KMS`) scores better out of fold;
 * where even its best candidate scores below a threshold learned out of fold,
   the photo shows no usable evidence and the best constant guess answers (the
-  candidate with the most prior mass within 750 km: what fusion backs off to).
+  prior's 750-km anchor: the gallery photo with most gallery photos within 750 km).
 
 Why one regressor on "the share of the thresholds met": the field's score,
 and fusion's objective, is the mean of the accuracies at 1/25/200/750/2500 km;
@@ -66,12 +66,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from geo.core.geodesy import EARTH_RADIUS_KM, THRESHOLDS_KM, cos_km, haversine_km
+from geo.core.geodesy import EARTH_RADIUS_KM, THRESHOLDS_KM, cos_km, haversine_km, thresholds_met
 from geo.core.priors import ANCHOR_KMS
 from geo.core.splits import clustered_se, group_folds
 from geo.stages.fusion.calibration import CALIBRATED_KM, expected_calibration_error, fit_isotonic
 from geo.stages.fusion.posterior import (
     FusionParams,
+    Rescored,
     SignalParams,
     candidates,
     closeness,
@@ -96,7 +97,7 @@ PEAK_KM = (25, 750)
 REGION_KMS = (0.0, 200.0, 750.0)
 # The back-off threshold tried: these quantiles of the ranker's best score per photo (0: never back off).
 BACKOFF_QUANTILES = np.linspace(0.0, 0.5, 26)
-BACKOFF_KM = 750.0  # the constant guess: the candidate with most prior mass within this distance (the prior's answer)
+BACKOFF_KM = 750.0  # the constant guess: the prior's anchor for this radius (geo.core.priors.ANCHOR_KMS)
 
 
 @dataclass
@@ -196,12 +197,7 @@ class _Rows:
     latlon: np.ndarray  # [rows, 2] the candidate's place
 
     def share(self) -> np.ndarray:
-        return share_met(self.km)
-
-
-def share_met(km: np.ndarray) -> np.ndarray:
-    """Per answer, the share of the field's thresholds it is within (the objective the ranker regresses)."""
-    return np.mean([km <= t for t in THRESHOLDS_KM], axis=0)
+        return thresholds_met(self.km)
 
 
 def backoff_pick(ev: Evidence) -> int | None:
@@ -324,13 +320,13 @@ def fit_reranker(ev: Evidence, p: FusionParams, truth: np.ndarray, groups: np.nd
     chosen = rules[region_km]
     below, backed = _backoff(pred[ranked], d.km[chosen], fallback_km, fold, dup)
     km = np.where(backed, fallback_km, d.km[chosen]) if fallback_km is not None else d.km[chosen]
-    diff = share_met(km) - y[mixture]
+    diff = thresholds_met(km) - y[mixture]
     gain, se = float(diff.mean()), clustered_se(diff, groups)
     report = {"mixture": accuracy_km(d.km[mixture]), "reranked": accuracy_km(km),
               "gain": round(gain, 4), "se": round(se, 4), "candidates_per_query": round(len(y) / max(n, 1), 1),
               "region_km": region_km, "backoff_share": round(float(backed.mean()), 4), "queries": int(n)}
     log(f"fusion reranker out of fold ({n:,} photos): share of thresholds met {100 * y[mixture].mean():.1f}% -> "
-        f"{100 * share_met(km).mean():.1f}% ({100 * gain:+.1f} +- {100 * se:.1f} points)")
+        f"{100 * thresholds_met(km).mean():.1f}% ({100 * gain:+.1f} +- {100 * se:.1f} points)")
     if not gain > se:
         log("fusion reranker: not clearly better than the mixture on other photographers; the mixture answers")
         return None, {**report, "used": False}, d.km[mixture]
@@ -350,7 +346,7 @@ def _backoff(top: np.ndarray, answer_km: np.ndarray, fallback_km: np.ndarray | N
     backed = np.zeros(len(top), bool)
     if fallback_km is None:
         return None, backed
-    gain = share_met(fallback_km) - share_met(answer_km)
+    gain = thresholds_met(fallback_km) - thresholds_met(answer_km)
     for f in np.unique(fold):
         other = (fold != f) & ~dup
         if (below := _threshold(top[other], gain[other])) is not None:
@@ -383,9 +379,6 @@ def _calibration(score: np.ndarray, km: np.ndarray,
             prob[m] = np.interp(score[m], c["x"], c["y"])
         ece[t] = round(expected_calibration_error(prob, hit), 4)
     return calib, ece
-
-
-Rescored = tuple[np.ndarray, np.ndarray, list[dict[str, float]], np.ndarray]
 
 
 def rescorer(r: Reranker) -> Callable[..., Rescored]:

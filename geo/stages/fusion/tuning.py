@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from geo.core.geodesy import THRESHOLDS_KM, haversine_km
+from geo.core.geodesy import THRESHOLDS_KM, haversine_km, thresholds_met
 from geo.core.splits import clustered_se, within_one_se
 from geo.stages.fusion.calibration import (
     CALIBRATED_KM,
@@ -94,8 +94,7 @@ def duplicate_threshold(ev: Evidence, quantile: float = 1.0, margin: float = 0.0
 
 def share_met(points: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """[n, m]: the share of the thresholds an answer at each candidate would meet (NaN padding meets none)."""
-    d = haversine_km(points[..., 0], points[..., 1], truth[:, None, 0], truth[:, None, 1])
-    return np.mean([d <= t for t in THRESHOLDS_KM], axis=0)
+    return thresholds_met(haversine_km(points[..., 0], points[..., 1], truth[:, None, 0], truth[:, None, 1]))
 
 
 def score_grid(ev: Evidence, truth: np.ndarray, settings: list[FusionParams], chunk: int = 256) -> np.ndarray:
