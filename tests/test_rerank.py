@@ -243,7 +243,7 @@ def test_the_build_says_which_rule_answers_and_on_how_many_photos(informative):
 def test_a_damaged_rerank_file_is_refused_naming_the_file_and_field(informative, tmp_path):
     b = _bundle_with(informative, tmp_path / "b")
     path = tmp_path / "b" / "fusion" / "rerank.json"
-    for field, bad in (("region_km", "far"), ("features", "f")):
+    for field, bad in (("region_km", "far"), ("features", "f"), ("backoff_below", "low")):
         stored = json.loads(path.read_text())
         path.write_text(json.dumps({**stored, field: bad}))
         with pytest.raises(BundleError, match=f"rerank.json.*{field}"):
