@@ -166,6 +166,28 @@ def test_exif_orientation_applied_on_both_paths(tmp_path, textured):
     assert (fast - slow).abs().mean() < 0.02  # a wrong rotation would differ by ~0.5
 
 
+def test_tensor_path_pixels_are_pillows_in_every_orientation(tmp_path, textured):
+    """libjpeg-turbo straight into numpy (the tensor path) gives exactly Pillow's upright pixels: all eight EXIF
+    orientations, greyscale, and a broken EXIF block (read as upright, as Pillow's transpose leaves it)."""
+    cases = {f"o{o}.jpg": (textured(130, 100), o) for o in range(1, 9)} | {"grey.jpg": (textured(100, 131).convert("L"), 6)}
+    for name, (im, orientation) in cases.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        im.save(tmp_path / name, quality=90, exif=exif)
+    (tmp_path / "badexif.jpg").write_bytes((tmp_path / "o1.jpg").read_bytes().replace(b"Exif\x00\x00", b"Exif\x00\x00\xff", 1))
+    for name in [*cases, "badexif.jpg"]:
+        path = tmp_path / name
+        assert torch.equal(load_tensor(path, PRE), _whole_image_path(path, 1)), name
+
+
+def test_truncated_jpeg_on_the_tensor_path_is_named(make_image, tmp_path):
+    data = open(make_image("a.jpg", 100, 80, quality=95), "rb").read()  # shorter side under 2 x resize
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="truncated"):
+        load_tensor(bad, PRE)
+
+
 def test_huge_aspect_ratio(tmp_path, textured):
     p = tmp_path / "strip.png"
     textured(6000, 12).save(p)
@@ -183,7 +205,7 @@ def test_animated_gif_first_frame(tmp_path):
 # ---------------------------------------------------------------- geometry, the two resamplers, datasets
 def _whole_image_path(path, crops: int):
     """The tensor path (whole image resized as a tensor) forced on any image."""
-    return _tensor_resized(_decode_pil(str(path), Image.open(path)), PRE, crops)
+    return _tensor_resized(np.array(_decode_pil(str(path), Image.open(path))), PRE, crops)
 
 
 def test_tensor_path_is_exactly_the_torchvision_decoder_it_replaced(tmp_path, textured):
