@@ -30,3 +30,18 @@ def test_the_city_label_agrees_with_the_place():
     (place,) = places.nearest_places(lat, lon)
     assert place["name"] == "Hoole"
     assert places.cities_of(lat, lon) == [places.city_label(place)] == ["Hoole, England, GB"]
+
+
+def test_the_latitude_band_search_is_the_whole_tables_nearest():
+    """Anywhere on the globe (poles, the antimeridian, mid-ocean, Antarctica's interior, where the nearest place
+    is thousands of kilometres off and the band widens), the nearest place is the one a scan of all of them finds."""
+    xyz, _, names = places._table()
+    rng = np.random.default_rng(1)
+    lat = np.r_[np.degrees(np.arcsin(rng.uniform(-1, 1, 300))), 90.0, -90.0, -85.0, 0.0, 51.5, -48.9]
+    lon = np.r_[rng.uniform(-180, 180, 300), 0.0, 0.0, 40.0, -150.0, -0.12, -123.4]
+    found = places.nearest_places(lat, lon)
+    for q, place in zip(latlon_to_xyz(lat, lon), found):
+        km = np.linalg.norm(xyz - q, axis=1)
+        j = int(km.argmin())
+        assert place["name"] == names[0][j].as_py() and place["cc"] == names[2][j].as_py()
+    assert max(p["distance_km"] for p in found) > 1000  # some points needed the band widened many times

@@ -44,15 +44,46 @@ def _table() -> tuple[np.ndarray, np.ndarray, tuple[Any, Any, Any]] | None:
 # depending on the batch the point came in. Every place within this margin of float32's best is re-ranked in
 # float64 (the margin is about 9 km at its widest).
 _MARGIN = 1e-6
+# A place more than an angle away in latitude is more than that angle away on the sphere, so the search reads the
+# places of a latitude band first (0.5 degrees each side, a few thousand places where they are densest, not 144K)
+# and widens it fourfold until the nearest found is inside the band by more than the margin's 9 km: every place
+# nearer, or within the margin, is then in the band, and the answer is the whole table's. 0.9 ms -> 0.1 ms a point.
+_BAND = np.radians(0.5)
+_EDGE = 10.0 / EARTH_RADIUS_KM
 
 
-def nearest_places(lat: np.ndarray, lon: np.ndarray, chunk: int = 64) -> list[dict[str, Any]]:
+@lru_cache(maxsize=1)
+def _by_latitude() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the table's rows ordered by latitude, their z (the sine of latitude), their float32 unit vectors)."""
+    xyz, xyz32, _ = _table()
+    order = np.argsort(xyz[:, 2], kind="stable")
+    return order, xyz[order, 2], np.ascontiguousarray(xyz32[order])
+
+
+def _nearest_row(q: np.ndarray, xyz: np.ndarray) -> int:
+    """The table row of the place nearest to the unit vector ``q`` (ties to the first in the table)."""
+    order, z, xyz32 = _by_latitude()
+    lat, band, q32 = float(np.arcsin(np.clip(q[2], -1.0, 1.0))), _BAND, q.astype(np.float32)
+    while True:
+        lo = int(np.searchsorted(z, np.sin(max(lat - band, -np.pi / 2)), "left"))
+        hi = int(np.searchsorted(z, np.sin(min(lat + band, np.pi / 2)), "right"))
+        whole = lo == 0 and hi == len(z)
+        if hi > lo:
+            dots = xyz32[lo:hi] @ q32
+            rows = np.sort(order[lo + np.flatnonzero(dots >= dots.max() - _MARGIN)])  # in table order
+            best = int(rows[np.linalg.norm(xyz[rows] - q, axis=1).argmin()])
+            if whole or 2 * np.arcsin(min(np.linalg.norm(xyz[best] - q) / 2, 1.0)) + _EDGE < band:
+                return best
+        band *= 4
+
+
+def nearest_places(lat: np.ndarray, lon: np.ndarray) -> list[dict[str, Any]]:
     """For each point, {name, admin1, cc, distance_km} of the nearest place; {} for a missing point.
 
     The one nearest-place search behind every output (an answer's ``place`` and ``city``, predictions'
-    ``pred_city``/``true_city``, the report's countries): a point's answer does not depend on the points searched
-    with it. One float32 matrix product per chunk of points shortlists the places near the best, and float64
-    distances choose among them (ties to the first in the table).
+    ``pred_city``/``true_city``, the report's countries): each point is searched alone, so its answer does not
+    depend on the points searched with it. float32 dot products shortlist the places near the best, and float64
+    distances choose among them.
     """
     found = _table()
     lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
@@ -60,22 +91,13 @@ def nearest_places(lat: np.ndarray, lon: np.ndarray, chunk: int = 64) -> list[di
     ok = np.flatnonzero(np.isfinite(lat) & np.isfinite(lon))
     if found is None or not ok.size:
         return out
-    xyz, xyz32, names = found
-    q = latlon_to_xyz(lat[ok], lon[ok])
-    for start in range(0, len(ok), chunk):
-        part = q[start:start + chunk]
-        dots = part.astype(np.float32) @ xyz32.T  # float32: half the bytes to stream
-        near = dots >= dots.max(axis=1, keepdims=True) - _MARGIN
-        best = dots.argmax(axis=1)
-        for r in np.flatnonzero(near.sum(axis=1) > 1):  # places within float32's error: ranked in float64
-            shortlist = np.flatnonzero(near[r])
-            best[r] = shortlist[np.linalg.norm(xyz[shortlist] - part[r], axis=1).argmin()]
+    xyz, _, names = found
+    for i, q in zip(ok.tolist(), latlon_to_xyz(lat[ok], lon[ok])):
+        j = _nearest_row(q, xyz)
         # the distance from the chord, not arccos of a dot product: exact at a few metres too
-        chord = np.linalg.norm(xyz[best] - part, axis=1)
-        km = 2 * EARTH_RADIUS_KM * np.arcsin(np.minimum(chord / 2, 1.0))
-        for i, j, d in zip(ok[start:start + chunk], best.tolist(), km):
-            name, admin1, cc = (column[j].as_py() for column in names)
-            out[i] = {"name": name, "admin1": admin1, "cc": cc, "distance_km": round(float(d), 1)}
+        km = 2 * EARTH_RADIUS_KM * np.arcsin(min(float(np.linalg.norm(xyz[j] - q)) / 2, 1.0))
+        name, admin1, cc = (column[j].as_py() for column in names)
+        out[i] = {"name": name, "admin1": admin1, "cc": cc, "distance_km": round(float(km), 1)}
     return out
 
 
