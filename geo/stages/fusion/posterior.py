@@ -170,14 +170,30 @@ def closeness(ev: Evidence) -> np.ndarray:
     """
     pts = ev.points
     xyz = latlon_to_xyz(pts[..., 0], pts[..., 1])  # float64: cos(1 km / R) is 1 - 1.2e-8
-    return np.nan_to_num(np.einsum("nid,njd->nij", xyz, xyz), nan=-2.0)  # NaN padding is never within reach
+    # matmul, not einsum: BLAS is 5x faster here, 0.2 ms of a warm query (the same products to 1e-15)
+    return np.nan_to_num(xyz @ xyz.transpose(0, 2, 1), nan=-2.0)  # NaN padding is never within reach
+
+
+# float32 elements of one block of :func:`coverage`'s masks [queries, thresholds, candidates, points]: 32 MB
+COVERAGE_BLOCK = 1 << 23
+_COS_T = np.array([cos_km(t) for t in THRESHOLDS_KM])[:, None, None]
 
 
 def coverage(c: np.ndarray, block: slice, mass: np.ndarray) -> np.ndarray:
-    """[n, thresholds, m]: one signal's mass within each threshold of every candidate (``c`` from :func:`closeness`)."""
+    """[n, thresholds, m]: one signal's mass within each threshold of every candidate (``c`` from :func:`closeness`).
+
+    Every threshold's mask in one comparison and one product per block of queries: one call per threshold cost
+    a warm query 0.9 ms in call overheads alone."""
     cb = c[:, :, block]
-    m = mass[:, :, None].astype(np.float32)
-    return np.stack([(cb >= cos_km(t)).astype(np.float32) @ m for t in THRESHOLDS_KM], axis=1)[..., 0]
+    n, m, k = cb.shape
+    t = len(THRESHOLDS_KM)
+    out = np.empty((n, t, m), np.float32)
+    step = max(1, COVERAGE_BLOCK // max(1, t * m * k))
+    for r0 in range(0, n, step):
+        rows = slice(r0, r0 + step)
+        within = (cb[rows, None] >= _COS_T).astype(np.float32).reshape(-1, t * m, k)
+        out[rows] = (within @ mass[rows, :, None].astype(np.float32)).reshape(-1, t, m)
+    return out
 
 
 def signal_coverages(ev: Evidence, p: FusionParams, c: np.ndarray) -> list[np.ndarray]:
@@ -192,8 +208,8 @@ def mass_near(ev: Evidence, p: FusionParams, name: str, answers: np.ndarray) -> 
     spec = ev.specs[ev.names.index(name)]
     e = ev.signals[name]
     mass = signal_mass(spec, e.score, p.signals.get(name, SignalParams(1.0)))
-    c = np.einsum("nd,nmd->nm", latlon_to_xyz(answers[:, 0], answers[:, 1]),
-                  latlon_to_xyz(ev.points[:, block, 0], ev.points[:, block, 1]))
+    c = (latlon_to_xyz(ev.points[:, block, 0], ev.points[:, block, 1])
+         @ latlon_to_xyz(answers[:, 0], answers[:, 1])[:, :, None])[..., 0]
     c = np.nan_to_num(c, nan=-2.0)
     return np.stack([(mass * (c >= cos_km(t))).sum(axis=1) for t in THRESHOLDS_KM], axis=1)
 
@@ -209,19 +225,20 @@ def candidates(ev: Evidence, p: FusionParams) -> np.ndarray:
 
 
 def decide_batch(ev: Evidence, p: FusionParams, covered: list[np.ndarray] | None = None,
-                 c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 c: np.ndarray | None = None, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(best candidate [n], candidate scores [n, m], posterior mass within each threshold [n, T, m]).
 
     ``covered`` (each signal's :func:`coverage`) may be passed in when many
-    settings share the signals' masses, as in tuning.
+    settings share the signals' masses, as in tuning; ``w`` (:func:`signal_weights`) when the caller needs it too.
     """
     if covered is None:
         covered = signal_coverages(ev, p, closeness(ev) if c is None else c)
-    w = signal_weights(ev, p)
+    if w is None:
+        w = signal_weights(ev, p)
     masses = sum(cov * w[:, b, None, None].astype(np.float32) for b, cov in enumerate(covered))
     u = np.tile(np.asarray(DECISIONS[p.decision], np.float32), (len(ev), 1))
     u[near_duplicate(ev, p)] = DECISIONS["all"]  # a near-duplicate is answered at its spot, not just its region
-    score = np.where(candidates(ev, p), np.einsum("ntm,nt->nm", masses, u / u.sum(axis=1, keepdims=True)), -np.inf)
+    score = np.where(candidates(ev, p), ((u / u.sum(axis=1, keepdims=True))[:, None, :] @ masses)[:, 0], -np.inf)
     return score.argmax(axis=1), score, masses
 
 
@@ -250,12 +267,12 @@ def decide(ev: Evidence, p: FusionParams, alternatives: int = 5, rerank: Rescore
     and orders the alternatives, gives ``p_within`` and says which answers are its constant guess."""
     c = closeness(ev)
     covered = signal_coverages(ev, p, c)
-    best, score, masses = decide_batch(ev, p, covered=covered)
+    w = signal_weights(ev, p)
+    best, score, masses = decide_batch(ev, p, covered=covered, w=w)
     p_within: list[dict[str, float]] = [{} for _ in best]
     constant = np.zeros(len(best), bool)
     if rerank is not None:
         best, score, p_within, constant = rerank(ev, p, c, covered)
-    w = signal_weights(ev, p)
     k_share = THRESHOLDS_KM.index(SHARE_KM)
     parts = np.stack([cov[np.arange(len(best)), k_share, best] for cov in covered], axis=1) * w  # [n, signals]
     parts /= parts.sum(axis=1, keepdims=True).clip(min=1e-12)
