@@ -50,41 +50,49 @@ from serving import free_port, wait_healthy  # noqa: E402
 from geo.data.images import decode_tensor, expand_images  # noqa: E402
 
 
-def bare_forward(bundle: Path, blobs: list[tuple[str, bytes]], n: int, batch: int) -> tuple[float, float]:
+def bare_forward(bundle: Path, blobs: list[tuple[str, bytes]], n: int, batch: int, cores: int = 0) -> tuple[float, float]:
     """(photos per second, CPU ms a photo) through the backbone alone, ``batch`` uploads a forward pass (decoded
     and preprocessed as the server does): the floor under any server's cost. Run in a process of its own
     (:func:`bare_forward_process`) that loads nothing else (no FAISS, no stages), on a thread of its own as the
     server's model thread runs it, and timed on a second pass over the same ``n`` photos: on this loaded machine
     a process's first pass ran at a third of the next one's rate (the server is warmed the same way by the
-    concurrency-1 level before concurrency 8), and a worker thread's passes ran 1.35x the main thread's."""
+    concurrency-1 level before concurrency 8), and a worker thread's passes ran 1.35x the main thread's.
+
+    ``cores`` > 0: that many threads instead, each forwarding every ``cores``-th batch on one core, side by
+    side, as the server's model threads run on a CPU (the stricter floor: the same layout without a server)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1) as model_thread:
-        return model_thread.submit(_bare_forward, bundle, blobs, n, batch).result()
+    from geo.serve.batcher import _one_core
+
+    threads = max(cores, 1)
+    with ThreadPoolExecutor(threads, initializer=_one_core if cores else None) as pool:
+        from geo.models.backbones import backbone_from_spec
+
+        bb = pool.submit(backbone_from_spec, json.loads((bundle / "manifest.json").read_text())["backbone"]).result()
+        todo = [blobs[i % len(blobs)] for i in range(max(n, len(blobs)))]
+        starts = list(range(0, len(todo), batch))
+
+        def share(k: int) -> None:
+            import torch
+
+            for start in starts[k::threads]:
+                bb.embed(torch.cat([decode_tensor(data, name, bb.preprocess) for name, data in todo[start:start + batch]]))
+
+        def one_pass() -> tuple[float, float]:
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            for f in [pool.submit(share, k) for k in range(threads)]:
+                f.result()
+            return len(todo) / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / len(todo)
+
+        one_pass()
+        return one_pass()
 
 
-def _bare_forward(bundle: Path, blobs: list[tuple[str, bytes]], n: int, batch: int) -> tuple[float, float]:
-    import torch
-
-    from geo.models.backbones import backbone_from_spec
-
-    bb = backbone_from_spec(json.loads((bundle / "manifest.json").read_text())["backbone"])
-    todo = [blobs[i % len(blobs)] for i in range(max(n, len(blobs)))]
-
-    def one_pass() -> tuple[float, float]:
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        for start in range(0, len(todo), batch):
-            bb.embed(torch.cat([decode_tensor(data, name, bb.preprocess) for name, data in todo[start:start + batch]]))
-        return len(todo) / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / len(todo)
-
-    one_pass()
-    return one_pass()
-
-
-def bare_forward_process(bundle: Path, images: Path, n: int, batch: int) -> tuple[float, float]:
+def bare_forward_process(bundle: Path, images: Path, n: int, batch: int, cores: int = 0) -> tuple[float, float]:
     """:func:`bare_forward` in a fresh process, as the server is one."""
     out = subprocess.run([sys.executable, __file__, "--bundle", str(bundle), "--images", str(images),
-                          "--bare", str(n), "--bare-forward", str(batch)], capture_output=True, text=True, check=True)
+                          "--bare", str(n), "--bare-forward", str(batch), "--bare-cores", str(cores)],
+                         capture_output=True, text=True, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     return got["per_s"], got["cpu_ms"]
 
@@ -146,10 +154,10 @@ def _batch_totals(url: str) -> tuple[float, ...]:
     return tuple(got.get(k, 0.0) for k in _TOTALS)
 
 
-def serve(bundle: Path, max_batch: int, blobs, levels, requests: int, seconds: float) -> list[dict]:
+def serve(bundle: Path, max_batch: int, model_threads: int, blobs, levels, requests: int, seconds: float) -> list[dict]:
     port = free_port()
     limits = Path(tempfile.mkdtemp(prefix="geo-bench-serve-")) / "limits.json"
-    limits.write_text(json.dumps({"max_batch": max_batch, "queue_size": 256}))
+    limits.write_text(json.dumps({"max_batch": max_batch, "queue_size": 256, "model_threads": model_threads}))
     proc = subprocess.Popen([sys.executable, "-c", "from geo.cli import app; app()", "serve", "--index", str(bundle),
                              "--port", str(port), "--config", str(limits)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -162,7 +170,7 @@ def serve(bundle: Path, max_batch: int, blobs, levels, requests: int, seconds: f
             row = asyncio.run(load(url, blobs, c, requests, seconds))
             images, batches, decode, forward, answer = (a - b for a, b in zip(_batch_totals(url), before))
             loop_s, all_s = (1000 * (a - b) / max(row["requests"], 1) for a, b in zip(_cpu_s(proc.pid), cpu))
-            row.update(max_batch=max_batch, mean_batch=round(images / max(batches, 1), 1), load=_load(),
+            row.update(max_batch=max_batch, model_threads=model_threads, mean_batch=round(images / max(batches, 1), 1), load=_load(),
                        server_cpu_ms=round(all_s, 1), event_loop_cpu_ms=round(loop_s, 1),
                        model_ms={k: round(1000 * v / max(images, 1), 2) for k, v in
                                  (("decode", decode), ("forward", forward), ("answer", answer))},
@@ -267,6 +275,9 @@ def main() -> None:
                     "the fastest; 4 is about the batch the server forms at concurrency 8)")
     ap.add_argument("--no-locate", action="store_true", help="skip the bare GeoIndex.locate rows")
     ap.add_argument("--bare-forward", type=int, metavar="BATCH", help=argparse.SUPPRESS)  # bare_forward_process
+    ap.add_argument("--bare-cores", type=int, default=0, help=argparse.SUPPRESS)  # bare_forward_process
+    ap.add_argument("--model-threads", default="0", help="server settings to run (model_threads: 0 one per core, "
+                    "1 one thread on every core), in order, for each --max-batches")
     ap.add_argument("--out", type=Path, default=Path("/tmp/geo-serve-bench.json"))
     args = ap.parse_args()
     if args.memory:
@@ -277,7 +288,7 @@ def main() -> None:
     photos = expand_images([str(args.images)])
     blobs = [(Path(p).name, Path(p).read_bytes()) for p in photos]
     if args.bare_forward:
-        rate, cpu = bare_forward(args.bundle, blobs, args.bare, args.bare_forward)
+        rate, cpu = bare_forward(args.bundle, blobs, args.bare, args.bare_forward, args.bare_cores)
         print(json.dumps({"per_s": rate, "cpu_ms": cpu}))
         return
     levels = [int(x) for x in args.levels.split(",")]
@@ -298,43 +309,51 @@ def _measure(args, photos: list[str], blobs: list[tuple[str, bytes]], levels: li
         print(json.dumps(result["bare"][-1]), flush=True)
 
     sizes = [int(b) for b in args.forward_batches.split(",")]
+    cores = len(os.sched_getaffinity(0))
     for b in sizes:
         bare_row("forward (before)", b, bare_forward_process(args.bundle, args.images, args.bare, b))
+        bare_row(f"forward, {cores} batches side by side (before)", b,
+                 bare_forward_process(args.bundle, args.images, args.bare, b, cores))
     if not args.no_locate:
         bare_row("GeoIndex.locate", 1, bare(args.bundle, photos, args.bare // 2, 1))
         bare_row("GeoIndex.locate", 16, bare(args.bundle, photos, args.bare, 16))
-    result["server"] = [row for m in args.max_batches.split(",")
-                        for row in serve(args.bundle, int(m), blobs, levels, args.requests, args.seconds)]
+    result["server"] = [row for m in args.max_batches.split(",") for t in args.model_threads.split(",")
+                        for row in serve(args.bundle, int(m), int(t), blobs, levels, args.requests, args.seconds)]
     for b in sizes:
         bare_row("forward (after)", b, bare_forward_process(args.bundle, args.images, args.bare, b))
+        bare_row(f"forward, {cores} batches side by side (after)", b,
+                 bare_forward_process(args.bundle, args.images, args.bare, b, cores))
     result["load_after"] = os.getloadavg()
     return result
 
 
 def _print(result: dict) -> None:
-    """The markdown tables RESULTS.md quotes, and the headline ratio."""
-    forward = max(r["per_s"] for r in result["bare"] if r["what"].startswith("forward"))
+    """The markdown tables RESULTS.md quotes, and the headline ratios: against the best bare batched forward on
+    every core (issue 25's floor) and against the best bare forward of one batch a core side by side."""
+    forward = max(r["per_s"] for r in result["bare"] if r["what"].startswith("forward ("))
+    side = max((r["per_s"] for r in result["bare"] if "side by side" in r["what"]), default=float("nan"))
     print(f"\nload average before {result['load_before'][0]:.2f}, after {result['load_after'][0]:.2f}\n")
     print("| bare | photos a call | photos/s | CPU ms a photo | load |\n|---|---|---|---|---|")
     for r in result["bare"]:
         print(f"| {r['what']} | {r['batch']} | {r['per_s']:.1f} | {r['cpu_ms']} | {r['load']:.2f} |")
-    print("\n| max_batch | concurrency | requests | errors | mean batch | p50 ms | p99 ms | req/s | "
-          "vs best bare forward | model thread ms a photo: decode / forward / answer | its decode + forward share "
-          "of the wall | server CPU ms/req (event loop) | client CPU | load |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| max_batch | model threads | concurrency | requests | errors | mean batch | p50 ms | p99 ms | req/s | "
+          "vs best bare forward (side by side) | model threads' ms a photo: decode / forward / answer | their decode + "
+          "forward time over the wall | server CPU ms/req (event loop) | client CPU | load |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["server"]:
         m = r["model_ms"]
-        print(f"| {r['max_batch']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['mean_batch']} | "
-              f"{r['p50_ms']} | {r['p99_ms']} | {r['req_per_s']} | {r['req_per_s'] / forward:.2f}x | "
+        print(f"| {r['max_batch']} | {r['model_threads'] or 'one a core'} | {r['concurrency']} | {r['requests']} | "
+              f"{r['errors']} | {r['mean_batch']} | {r['p50_ms']} | {r['p99_ms']} | {r['req_per_s']} | "
+              f"{r['req_per_s'] / forward:.2f}x ({r['req_per_s'] / side:.2f}x) | "
               f"{m['decode']} / {m['forward']} / {m['answer']} | {r['own_forward_share']:.2f} | "
               f"{r['server_cpu_ms']} ({r['event_loop_cpu_ms']}) | {100 * r['client_cpu_share']:.0f}% | "
               f"{r['load']:.2f} |")
-    at8 = [r for r in result["server"] if r["max_batch"] > 1 and r["concurrency"] == 8]
-    if at8:
-        cpu = min(r["cpu_ms"] for r in result["bare"] if r["what"].startswith("forward"))
-        print(f"\nheadline: server at concurrency 8 / best bare batched forward = {at8[0]['req_per_s'] / forward:.2f} "
-              f"(issue 25: >= 0.9); in CPU, the bare forward's {cpu} ms a photo / the server's "
-              f"{at8[0]['server_cpu_ms']} ms a request = {cpu / at8[0]['server_cpu_ms']:.2f}")
+    cpu = min(r["cpu_ms"] for r in result["bare"] if r["what"].startswith("forward"))
+    for r in (r for r in result["server"] if r["max_batch"] > 1 and r["concurrency"] == 8):
+        print(f"\nheadline, model_threads {r['model_threads']}: server at concurrency 8 / best bare batched forward = "
+              f"{r['req_per_s'] / forward:.2f} (issue 25: >= 0.9), / best bare forward side by side = "
+              f"{r['req_per_s'] / side:.2f}; in CPU, the bare forward's {cpu} ms a photo / the server's "
+              f"{r['server_cpu_ms']} ms a request = {cpu / r['server_cpu_ms']:.2f}")
 
 
 if __name__ == "__main__":

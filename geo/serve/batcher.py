@@ -1,26 +1,28 @@
-"""Micro-batching: concurrent requests share one forward pass and one FAISS search.
+"""Micro-batching: concurrent requests share forward passes and FAISS searches.
 
 A request puts one job per image on a bounded queue and awaits the jobs'
-futures. One worker task takes the first waiting job, gathers more for at most
+futures. Each worker task takes the first waiting job, gathers more for at most
 ``max_wait_ms`` (or until ``max_batch``) while other requests are still being
-read, and runs the whole batch on a single model thread: every decoded image through one ``embed_tensors`` call, then one
-``locate_embeddings`` call per distinct (mode, k, crops, coverage). While that runs, new
-jobs queue up, so a loaded server forms full batches without waiting at all.
+read, and runs the whole batch on a model thread of its own: every decoded image through one
+``embed_tensors`` call, then one ``locate_embeddings`` call per distinct (mode, k, crops, coverage). While
+that runs, new jobs queue up, so a loaded server forms full batches without waiting at all.
 
-The model thread is the only thread that runs torch or FAISS work: it loads
-the backbone, decodes the uploads, embeds and searches. That is measured, not
-taste: with libgomp every thread that runs a parallel ATen op gets its own
-OpenMP team, and once a second thread (a decode pool, say) has one, the
-forward pass of EfficientNet-Lite0 on this 2-core machine goes from 38 to
-63-69 ms and stays there (benchmarks/RESULTS.md, "Serving"). Decoding costs
-2.7 ms a photo here against 38 ms of forward pass. A full queue refuses a
-request at once (the server answers 503 with ``Retry-After``) instead of
-letting latency grow without bound.
+Only model threads run torch or FAISS work: they load the backbone, decode the uploads, embed and search.
+On a CPU there is one per core, each running its ops on one core (``torch.set_num_threads(1)`` and FAISS's
+OpenMP likewise, per thread), so two batches run side by side instead of one batch across both cores: on
+the 2-core machine EfficientNet-Lite0 forwards 29.0 photos/s as two single-core batches against 22.3 as one
+two-core batch (a forward's small convolutions leave a second core half idle). What must not happen is two
+threads each with a multi-core OpenMP team: with libgomp every thread that runs a parallel ATen op gets its
+own team, and two two-thread teams on two cores took a forward pass from 38 to 63-69 ms and kept it there
+(benchmarks/RESULTS.md, "Serving"). A GPU keeps one model thread: the device batches, not the cores. A full
+queue refuses a request at once (the server answers 503 with ``Retry-After``) instead of letting latency
+grow without bound.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from geo.core.answer import Answer
+from geo.core.runtime import resolve_device
 from geo.data.constraint import Constraint
 from geo.stages.cells.region import DEFAULT_COVERAGE
 from geo.data.images import ImageLoadError, decode_tensor
@@ -70,11 +73,12 @@ class MicroBatcher:
     """The queue and the worker that drains it; ``run_batch`` is the model work (swappable in tests)."""
 
     def __init__(self, index: Any, max_batch: int = 16, max_wait_ms: float = 5.0, queue_size: int = 64,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, model_threads: int = 1):
         """``index`` is a GeoIndex (or anything with its ``backbone``, ``embed_tensors`` and
-        ``locate_embeddings``); its backbone is loaded on the model thread here, once."""
-        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch and queue_size must be at least 1 and max_wait_ms at least 0")
+        ``locate_embeddings``); its backbone is loaded on a model thread here, once. ``model_threads``
+        (:func:`model_threads_for`): batches run side by side, each on one core when there are several."""
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0 or model_threads < 1:
+            raise ValueError("max_batch, queue_size and model_threads must be at least 1 and max_wait_ms at least 0")
         self.index = index
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -84,8 +88,10 @@ class MicroBatcher:
         self._queue: asyncio.Queue[Job] | None = None
         self._waiting = 0  # jobs still wanted and not yet in a batch; a timed-out request's jobs leave at once
         self._arriving = 0  # requests being read that will submit jobs: only they are worth waiting for
-        self._task: asyncio.Task | None = None
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="geo-model")
+        self._tasks: list[asyncio.Task] = []
+        self.model_threads = model_threads
+        self._model_thread = ThreadPoolExecutor(model_threads, thread_name_prefix="geo-model",
+                                                initializer=_one_core if model_threads > 1 else None)
         self.preprocess = self.on_model_thread(lambda: index.backbone.preprocess)
 
     def on_model_thread(self, fn: Callable[[], Any]) -> Any:
@@ -95,13 +101,14 @@ class MicroBatcher:
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._queue = asyncio.Queue()  # bounded by the count of jobs still wanted (``_waiting``), not by slots
-        self._task = asyncio.create_task(self._worker(), name="geo-batcher")
+        self._tasks = [asyncio.create_task(self._worker(), name=f"geo-batcher-{i}") for i in range(self.model_threads)]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
         self._model_thread.shutdown(wait=True, cancel_futures=True)
@@ -237,3 +244,24 @@ class MicroBatcher:
                 names=[j.name for j in members], ids=[j.id for j in members], within=within, coverage=coverage)
             for j, a in zip(members, answers):
                 out[id(j)] = a.abstain_below(j.min_confidence)
+
+
+def model_threads_for(index: Any, asked: int = 0) -> int:
+    """How many batches run side by side: ``asked`` when set, else one per CPU core this process may use on a
+    CPU, and one on a GPU."""
+    if asked:
+        return asked
+    if resolve_device(getattr(index, "device", "auto")).type != "cpu":  # without loading the backbone here
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _one_core() -> None:
+    """A model thread's ops on one core: torch's and FAISS's OpenMP thread counts are per calling thread."""
+    torch.set_num_threads(1)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+    except ImportError:  # a stand-in index in tests
+        pass

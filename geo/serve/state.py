@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 
-from geo.serve.batcher import MicroBatcher
+from geo.serve.batcher import MicroBatcher, model_threads_for
 from geo.serve.limits import ServeLimits
 from geo.serve.metrics import Metrics
 from geo.serve.thumbnails import Thumbnails
@@ -56,7 +56,8 @@ class ServeState:
     @classmethod
     def for_index(cls, index: Any, limits: ServeLimits, token: str | None) -> "ServeState":
         """Everything but the batcher's worker task, which starts with the app (it needs the running loop)."""
-        batcher = MicroBatcher(index, limits.max_batch, limits.max_wait_ms, limits.queue_size)
+        batcher = MicroBatcher(index, limits.max_batch, limits.max_wait_ms, limits.queue_size,
+                               model_threads=model_threads_for(index, limits.model_threads))
         inflight = Inflight(limits.max_inflight_bytes)
         metrics = Metrics(batcher.depth, lambda: inflight.held)
         batcher.on_batch = metrics.batch_size.observe

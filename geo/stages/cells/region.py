@@ -25,6 +25,7 @@ no region is smaller than one cell).
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
@@ -145,6 +146,7 @@ class RegionCells:
         self.names = names
         self._polygons: dict[tuple[int, int], Any] = {}  # (partition, row) -> shapely polygon (immutable, shared)
         self._shapes: OrderedDict[tuple[tuple[int, ...], ...], dict[str, Any]] = OrderedDict()  # see geometry
+        self._shapes_lock = threading.Lock()
         fine = self.tables[-1]
         self.semantic = set(SEMANTIC_COLUMNS) <= set(fine)
         self.tokens = [t["token"].astype(str).astype(object) for t in self.tables]
@@ -207,13 +209,16 @@ class RegionCells:
         a region's cost (4 ms for a hundred cells); the same cells always give the same shape, so the last
         :data:`SHAPES_KEPT` are remembered and handed out shared: read them, do not change them."""
         key = tuple(tuple(rows.tolist()) for rows in region.cells)
-        shape = self._shapes.get(key)
-        if shape is None:
-            shape = self._shapes[key] = self._merged(region.cells)
+        with self._shapes_lock:  # `geo serve` answers batches on several model threads
+            shape = self._shapes.get(key)
+            if shape is not None:
+                self._shapes.move_to_end(key)
+                return shape
+        shape = self._merged(region.cells)
+        with self._shapes_lock:
+            self._shapes[key] = shape
             if len(self._shapes) > SHAPES_KEPT:
                 self._shapes.popitem(last=False)
-        else:
-            self._shapes.move_to_end(key)
         return shape
 
     def _merged(self, cells: list[np.ndarray]) -> dict[str, Any]:
