@@ -25,6 +25,7 @@ no region is smaller than one cell).
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -98,11 +99,11 @@ def mass_threshold(coverage: float, cmap: dict[str, Any] | None, top: float | No
         raise ValueError(f"coverage must be in (0, 1], not {coverage}")
     if not cmap or not cmap.get("photos"):
         return float(coverage), False
-    i = int(np.searchsorted(np.asarray(cmap["coverage"]), coverage - 1e-9))
+    i = bisect.bisect_left(cmap["coverage"], coverage - 1e-9)  # sorted lists: numpy would copy them every call
     if i >= len(cmap["mass"]):
         return 1.0, True
     if top is not None and cmap.get("bin_mass"):
-        return float(cmap["bin_mass"][int(np.searchsorted(cmap["top"], top, side="right"))][i]), True
+        return float(cmap["bin_mass"][bisect.bisect_right(cmap["top"], top)][i]), True
     return float(cmap["mass"][i]), True
 
 
@@ -266,26 +267,38 @@ class RegionCells:
                ordered: tuple[np.ndarray, np.ndarray] | None = None) -> Region:
         """The region of one fine posterior row at a stated coverage (``ordered``: the row's :meth:`ordered`,
         when the caller grows several regions of it)."""
-        threshold, calibrated = mass_threshold(coverage, cmap, float(np.max(probs)))
-        order, before = ordered or self.ordered(np.asarray(probs, np.float64)[None])
-        taken = np.zeros(len(self.fine_area), bool)
-        taken[order[0][before[0] <= threshold + 1e-12]] = True
-        cells = self._compact(taken)
-        return Region(float(coverage), calibrated, float(probs[taken].sum()),
-                      float(sum(self.areas[k][r].sum() for k, r in enumerate(cells))), cells,
-                      [t for k, r in enumerate(cells) for t in self.tokens[k][r].tolist()])
+        return self.regions_at(probs, [coverage], cmap, ordered)[0]
 
-    def _compact(self, taken: np.ndarray) -> list[np.ndarray]:
-        """Per partition, the rows listed for these fine cells: the coarsest cell all of whose fine cells are
-        taken replaces them."""
-        covered = np.zeros_like(taken)
+    def regions_at(self, probs: np.ndarray, coverages: list[float], cmap: dict[str, Any] | None,
+                   ordered: tuple[np.ndarray, np.ndarray] | None = None) -> list[Region]:
+        """:meth:`region` at each of several coverages of one row, grown and compacted together (an answer
+        grows four: one pass over the cells for all of them, not one each)."""
+        top = float(np.max(probs))
+        thresholds = [mass_threshold(c, cmap, top) for c in coverages]
+        order, before = ordered or self.ordered(np.asarray(probs, np.float64)[None])
+        taken = np.zeros((len(coverages), len(self.fine_area)), bool)
+        for row, (threshold, _) in zip(taken, thresholds):
+            row[order[0][before[0] <= threshold + 1e-12]] = True
+        probs = np.asarray(probs)
         out = []
+        for c, (_, calibrated), mask, cells in zip(coverages, thresholds, taken, self._compact(taken)):
+            out.append(Region(float(c), calibrated, float(probs[mask].sum()),
+                              float(sum(self.areas[k][r].sum() for k, r in enumerate(cells))), cells,
+                              [t for k, r in enumerate(cells) for t in self.tokens[k][r].tolist()]))
+        return out
+
+    def _compact(self, taken: np.ndarray) -> list[list[np.ndarray]]:
+        """Per region (a row of ``taken`` [regions, fine cells]) and partition, the rows listed for these fine
+        cells: the coarsest cell all of whose fine cells are taken replaces them."""
+        covered = np.zeros_like(taken)
+        per_partition = []
         for k, parent in enumerate(self.parents):
-            whole = (np.bincount(parent[taken], minlength=len(self.children[k])) == self.children[k]) & (self.children[k] > 0)
-            whole &= np.bincount(parent[covered], minlength=len(whole)) < self.children[k]  # not inside a coarser one
-            out.append(np.flatnonzero(whole))
-            covered |= whole[parent]
-        return out + [np.flatnonzero(taken & ~covered)]
+            whole = (_per_parent(taken, parent, len(self.children[k])) == self.children[k]) & (self.children[k] > 0)
+            whole &= _per_parent(covered, parent, len(self.children[k])) < self.children[k]  # not in a coarser one
+            per_partition.append(_rows_of(whole))
+            covered |= whole[:, parent]
+        per_partition.append(_rows_of(taken & ~covered))
+        return [list(rows) for rows in zip(*per_partition)]
 
     def answers(self, probs: np.ndarray, coverage: float, cmap: dict[str, Any] | None) -> list[dict[str, Any]]:
         """:meth:`answer` for every row of a posterior batch [n, C], sorted in one call."""
@@ -298,7 +311,8 @@ class RegionCells:
         :data:`REPORT_COVERAGES` (coverage, mass, area, cells) that ``geo bench`` scores without the geometry
         (``ordered``: the row's :meth:`ordered`, when the caller sorted a batch)."""
         ordered = ordered or self.ordered(np.asarray(probs, np.float64)[None])  # one sort for every coverage below
-        grown = {c: self.region(probs, c, cmap, ordered) for c in {coverage, *REPORT_COVERAGES}}
+        levels = sorted({coverage, *REPORT_COVERAGES})
+        grown = dict(zip(levels, self.regions_at(probs, levels, cmap, ordered)))
         region, curve = grown[coverage], [grown[c].to_dict(None) for c in REPORT_COVERAGES]
         return {**region.to_dict(self.geometry(region)),
                 "curve": [{k: c[k] for k in ("coverage", "mass", "area_km2", "cells")} for c in curve]}
@@ -330,3 +344,15 @@ def _unwrapped(ring: list[list[float]]) -> list[list[float]]:
     if max(lons) - min(lons) <= 180:
         return ring
     return [[lo + 360 if lo < 0 else lo, la] for lo, la in ring]
+
+
+def _per_parent(mask: np.ndarray, parent: np.ndarray, size: int) -> np.ndarray:
+    """[regions, parents]: how many of each parent's fine cells each row of ``mask`` [regions, fine] holds."""
+    n = len(mask)
+    return np.bincount((np.arange(n)[:, None] * size + parent)[mask], minlength=n * size).reshape(n, size)
+
+
+def _rows_of(mask: np.ndarray) -> list[np.ndarray]:
+    """The column indices set in each row of a 2-D mask."""
+    r, c = np.nonzero(mask)
+    return np.split(c, np.searchsorted(r, np.arange(1, len(mask))))
