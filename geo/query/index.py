@@ -345,7 +345,7 @@ class GeoIndex:
         (:func:`geo.stages.within.stages_within`); hard or soft, the evidence restricted or reweighted before
         any mode decides (:meth:`_collect`). Views are kept per constraint, so a repeated one costs nothing."""
         key = constraint.label()
-        with self._views_lock:  # geo serve builds views off the model thread (check_within) while it answers
+        with self._views_lock:  # geo serve builds views off the model threads (check_within) while it answers
             view = self._views.get(key)
         if view is None:
             view = self._view(constraint)
@@ -368,7 +368,7 @@ class GeoIndex:
 
     def check_within(self, mode: str, within: Constraint) -> None:
         """A ValueError, before anything is searched, for a constraint with no gallery photo inside or one the
-        mode cannot honour (its view of the index is built now: ``geo serve`` calls this off the model thread)."""
+        mode cannot honour (its view of the index is built now: ``geo serve`` calls this off the model threads)."""
         self.through(within)._check_constrainable(mode)
 
     def _check_constrainable(self, mode: str) -> None:

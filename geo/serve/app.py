@@ -47,7 +47,7 @@ __all__ = ["create_app", "header_deadline_protocol", "LimitsError", "ServeLimits
 
 def create_app(index: Any, limits: ServeLimits = ServeLimits(), token: str | None = None) -> FastAPI:
     """The FastAPI app over a :class:`~geo.query.index.GeoIndex` (its backbone is loaded here, once, on the
-    model thread: see :mod:`geo.serve.batcher` for why one thread does all torch work); ``token``, when given,
+    model thread: see :mod:`geo.serve.batcher` for why only model threads do torch work); ``token``, when given,
     is required on every route but /healthz."""
     state = ServeState.for_index(index, limits, token)
 

@@ -47,7 +47,7 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One uploaded image (its bytes, decoded on the model thread) or one precomputed embedding
+    """One uploaded image (its bytes, decoded on a model thread) or one precomputed embedding
     ([dim] or [crops, dim])."""
 
     name: str | None
@@ -84,7 +84,7 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
         self.on_batch = on_batch
-        self.on_part: Callable[[str, float], None] | None = None  # (part, seconds) of each batch, on the model thread
+        self.on_part: Callable[[str, float], None] | None = None  # (part, seconds) of each batch, on its model thread
         self._queue: asyncio.Queue[Job] | None = None
         self._waiting = 0  # jobs still wanted and not yet in a batch; a timed-out request's jobs leave at once
         self._arriving = 0  # requests being read that will submit jobs: only they are worth waiting for
@@ -95,7 +95,7 @@ class MicroBatcher:
         self.preprocess = self.on_model_thread(lambda: index.backbone.preprocess)
 
     def on_model_thread(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the model thread and wait for it (startup work that touches torch)."""
+        """Run ``fn`` on a model thread and wait for it (startup work that touches torch)."""
         return self._model_thread.submit(fn).result()
 
     # ------------------------------------------------------------ lifecycle
@@ -200,7 +200,7 @@ class MicroBatcher:
 
     @contextmanager
     def _timed(self, part: str) -> Iterator[None]:
-        """Report the seconds a part of the batch took (``geo_model_seconds``: where the model thread's time goes)."""
+        """Report the seconds a part of the batch took (``geo_model_seconds``: where the model threads' time goes)."""
         t0 = time.perf_counter()
         try:
             yield

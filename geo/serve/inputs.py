@@ -2,7 +2,7 @@
 
 Images come as multipart (form field ``images``): the part's content type (415), its size (413) and the
 pixel count in its header (422, the decompression-bomb guard) are checked here, on the event loop;
-decoding happens on the model thread. Embeddings come as JSON ``{"embeddings": [...], "ids": [...]}``.
+decoding happens on a model thread. Embeddings come as JSON ``{"embeddings": [...], "ids": [...]}``.
 A failure that concerns one item (an unreadable image, a vector of the wrong length) becomes that item's
 answer with its ``error``; one that concerns the request is an HTTP error.
 """
@@ -52,7 +52,7 @@ async def image_jobs(state: ServeState, request: Request, mode: str, k: int, min
 
 def _image_job(state: ServeState, name: str, data: bytes, mode: str, k: int, min_confidence: float | None,
                crops: int) -> Job | Answer:
-    """The header only (PIL, microseconds): pixels are decoded on the model thread."""
+    """The header only (PIL, microseconds): pixels are decoded on a model thread."""
     try:
         w, h = image_size(data, name)
     except ImageLoadError as e:

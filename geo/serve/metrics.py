@@ -17,7 +17,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
-    """Request counts by route and status, per-image errors, latency, batch sizes, the model thread's time per part,
+    """Request counts by route and status, per-image errors, latency, batch sizes, the model threads' time per part,
     queue depth, bodies in flight."""
 
     def __init__(self, queue_depth: Callable[[], int], body_bytes: Callable[[], int]):
@@ -31,7 +31,7 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("geo_batch_size", "Images per micro-batch (one forward pass, one FAISS search)",
                                     buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.model_seconds = Counter("geo_model_seconds", "Seconds the model thread spent per part of its batches: "
+        self.model_seconds = Counter("geo_model_seconds", "Seconds the model threads spent per part of their batches: "
                                      "decode (and preprocess), forward, answer (search, fusion, places, regions)",
                                      ("part",), registry=self.registry)
         self.queue = Gauge("geo_queue_depth", "Images waiting for the model", registry=self.registry)

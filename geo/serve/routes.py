@@ -75,7 +75,7 @@ async def locate(request: Request, state: State,
 async def _constraint(state: ServeState, mode: str, *options: Any) -> Constraint | None:
     """The request's query-time constraint, or 422 naming what is wrong (an unknown country, no gallery photo
     inside, a mode that cannot honour it). Its view of the index is built here, off the event loop, once per
-    constraint; the model thread then finds it ready."""
+    constraint; a model thread then finds it ready."""
     try:
         constraint = constraint_from_options(*options)
         if constraint is not None:
