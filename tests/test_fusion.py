@@ -173,6 +173,23 @@ def test_closeness_agrees_with_haversine_at_every_threshold():
         assert np.array_equal(c[:200, :200] >= cos_km(t), d <= t), t
 
 
+def test_coverage_in_blocks_is_each_thresholds_mass_within_reach(monkeypatch):
+    """Every threshold in one product, a block of queries at a time (the block as small as one query or all of
+    them at once): a candidate's coverage is the mass of the points within each threshold of it."""
+    from geo.stages.fusion import posterior
+
+    rng = np.random.default_rng(1)
+    pts = rng.normal(size=(7, 60, 3))
+    pts[:, :30] = pts[:, :1] + rng.normal(0, 0.01, (7, 30, 3))  # a cluster: every threshold counts something
+    pts /= np.linalg.norm(pts, axis=-1, keepdims=True)
+    c, mass, block = pts @ pts.transpose(0, 2, 1), rng.random((7, 25)), slice(20, 45)
+    want = np.stack([((c[:, :, block] >= cos_km(t)) * mass[:, None, :]).sum(-1) for t in THRESHOLDS_KM], 1)
+    for elements in (1, 5 * 60 * 25 * 3, 1 << 23):  # a query a block, three, all seven
+        monkeypatch.setattr(posterior, "COVERAGE_BLOCK", elements)
+        got = posterior.coverage(c, block, mass)
+        assert got.shape == (7, len(THRESHOLDS_KM), 60) and np.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_the_share_of_thresholds_met_is_the_mean_of_the_five_accuracies():
     km = np.array([0.5, 1.0, 24.0, 199.0, 751.0, 2600.0, np.nan])
     assert thresholds_met(km).tolist() == [1.0, 1.0, 0.8, 0.6, 0.2, 0.0, 0.0]  # NaN (no answer) meets none

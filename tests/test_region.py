@@ -191,6 +191,18 @@ def test_regions_grow_with_the_stated_coverage_and_list_coarse_cells_for_whole_p
     assert (rows[:, -1] < 0).any() and inside[rows[:, -1] < 0].any()  # some photos in no fine cell are held
 
 
+def test_regions_grown_together_are_each_coverages_region_alone(fitted):
+    pred, (_, emb) = fitted
+    rc, cmap = pred.region_cells, pred.calibration["region"]
+    levels = [0.3, 0.5, 0.8, 0.9, 0.99, 1.0]
+    for row in pred.fine_probs(emb[:4]):
+        together = rc.regions_at(row, levels, cmap)
+        alone = [rc.regions_at(row, [c], cmap)[0] for c in levels]
+        assert [(r.coverage, r.calibrated, r.mass, r.area_km2, r.tokens) for r in together] == \
+            [(r.coverage, r.calibrated, r.mass, r.area_km2, r.tokens) for r in alone]
+        assert len({len(r.tokens) for r in together}) > 1  # the levels are not all the same region
+
+
 def test_every_answer_region_is_valid_geojson_with_a_positive_area(fitted):
     from shapely.geometry import Point, shape
 

@@ -268,3 +268,33 @@ def test_abandoned_uploads_log_no_traceback(hostile):
     time.sleep(0.5)
     text = log.read_text()
     assert "Traceback" not in text and "Exception in ASGI" not in text, text[-3000:]
+
+
+def test_model_threads_are_one_per_core_on_a_cpu_unless_asked_and_each_runs_on_one_core(monkeypatch):
+    import os
+    import threading
+
+    import torch
+
+    from geo.serve.batcher import model_threads_for
+
+    class _Index:
+        device = "cpu"
+
+        class backbone:  # noqa: N801 (stands in for a loaded backbone)
+            preprocess = None
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2}, raising=False)
+    assert model_threads_for(_Index()) == 3 and model_threads_for(_Index(), asked=1) == 1
+    seen = []
+
+    def probe():
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+
+    batcher = MicroBatcher(_Index(), model_threads=2)
+    try:
+        for _ in range(4):
+            batcher.on_model_thread(probe)
+    finally:
+        asyncio.run(batcher.stop())
+    assert {n for _, n in seen} == {1} and threading.get_ident() not in {t for t, _ in seen}
