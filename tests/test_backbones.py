@@ -116,7 +116,8 @@ def test_timm_random_init_warns_and_weights_file_round_trip(tmp_path):
     # seeded: a second build (the query side) gets the same random weights
     with pytest.warns(UserWarning):
         assert np.allclose(load_backbone("timm:test_efficientnet", device="cpu").embed(x), rand.embed(x))
-    sd = {k: v * 1.5 if v.is_floating_point() else v for k, v in rand.model.state_dict().items()}
+    # a backbone keeps its convolutions channels-last (Backbone.__post_init__): safetensors wants them packed
+    sd = {k: (v * 1.5 if v.is_floating_point() else v).contiguous() for k, v in rand.model.state_dict().items()}
     sd["classifier.weight"] = torch.zeros(3, 8)  # a checkpoint with a head is accepted: the head is dropped
     path = tmp_path / "w.safetensors"
     save_file(sd, str(path))
@@ -189,8 +190,9 @@ def test_backbone_from_spec_refuses_other_weights(tmp_path):
     with pytest.warns(UserWarning):
         rand = load_backbone("timm:test_efficientnet", device="cpu")
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    save_file(rand.model.state_dict(), str(a))
-    save_file({k: v + 1 if v.is_floating_point() else v for k, v in rand.model.state_dict().items()}, str(b))
+    save_file({k: v.contiguous() for k, v in rand.model.state_dict().items()}, str(a))  # packed: see above
+    save_file({k: (v + 1 if v.is_floating_point() else v).contiguous() for k, v in rand.model.state_dict().items()},
+              str(b))
     spec = load_backbone("timm:test_efficientnet", device="cpu", weights=str(a)).spec()
     assert backbone_from_spec(spec, device="cpu").spec()["weights"]["sha256"] == spec["weights"]["sha256"]
     with pytest.raises(BackboneError, match="not the weights the index was built with"):

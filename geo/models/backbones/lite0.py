@@ -43,8 +43,10 @@ def _load_efficientnet_lite0(spec: str, weights: str | None, cache_dir: str | No
     timm_names = {**model.state_dict(), "classifier.weight": torch.empty(1000, model.num_features, device="meta"),
                   "classifier.bias": torch.empty(1000, device="meta")}
     mapped = map_in_order(read_state_dict(weights), timm_names, weights)
-    # assigned as they are, the file's transposed (TF-layout) tensors would make every convolution slower
-    model.load_state_dict({k: v.contiguous() for k, v in mapped.items()}, strict=True, assign=True)
+    # assigned as they are, the file's transposed (TF-layout) tensors would make every convolution slower; the
+    # convolutions' weights are laid out channels-last at once, as Backbone keeps them (one copy, not two)
+    model.load_state_dict({k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v.contiguous()
+                           for k, v in mapped.items()}, strict=True, assign=True)
     pre = Preprocess(size=224, resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     # the width is the architecture's (1280): probing it with a forward pass cost every cold query one more
     return Backbone("efficientnet_lite0", model.num_features, pre, model, file_weights(weights, source))
