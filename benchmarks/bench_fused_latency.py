@@ -7,6 +7,13 @@ image model is left out (both bundles would run the same forward pass): each que
 ``GeoIndex.locate_embeddings`` of every bundle in turn, the order rotating from query to query, so machine
 load touches all of them alike. Prints, per bundle, the median and 90th-percentile wall time and CPU time in
 ms, the median's ratio to the first bundle's, and the load average before and after.
+
+    python benchmarks/bench_fused_latency.py --index B --embeddings Q.parquet --parts
+
+``--parts`` (issue 25): one bundle's answer split by part (the kNN and gallery searches, decide, cells, the
+region, country, places, neighbours, the rest), each part's own time as ``bench_query.py --parts`` clocks
+it. On a bundle of real size this is where a query's time beyond its forward pass goes; a 60-photo bundle
+hides the searches' scans and the region's union of a hundred cells.
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
+
+from bench_query import PARTS, PartClock
 
 from geo.query.index import open_index
 
@@ -32,12 +41,16 @@ def main() -> None:
     ap.add_argument("--embeddings", required=True, help="queries' Parquet with an embedding column")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--mode", default="fused")
+    ap.add_argument("--parts", action="store_true", help="the first bundle's answer by part")
     a = ap.parse_args()
     bundles = dict(s.split("=", 1) for s in a.index)
     indexes = {name: open_index(path) for name, path in bundles.items()}
     emb = _query_embeddings(a.embeddings, a.n)
     for ix in indexes.values():  # warm: first-query caches (country shapes, places, the heads' tables)
         ix.locate_embeddings(emb[:2], mode=a.mode)
+    if a.parts:
+        by_part(next(iter(indexes.values())), emb, a.mode)
+        return
     wall = {name: [] for name in indexes}
     cpu = {name: [] for name in indexes}
     load0 = os.getloadavg()[0]
@@ -55,6 +68,25 @@ def main() -> None:
         w = sorted(wall[name])
         print(f"| {name} | {statistics.median(w):.2f} | {w[int(0.9 * len(w))]:.2f} | "
               f"{statistics.median(cpu[name]):.2f} | {statistics.median(w) / base:.3f} |")
+
+
+def by_part(index, emb: np.ndarray, mode: str) -> None:
+    """Median wall and CPU ms of each part of ``locate_embeddings``, one query at a time."""
+    rows = []
+    with PartClock() as clock:
+        for e in emb:
+            clock.reset()
+            t, c = time.perf_counter(), time.process_time()
+            index.locate_embeddings(e[None], mode=mode)
+            total = (time.perf_counter() - t, time.process_time() - c)
+            row = {p: (clock.wall[p], clock.cpu[p]) for p in PARTS}
+            row["rest"] = tuple(x - sum(row[p][k] for p in PARTS) for k, x in enumerate(total))
+            rows.append(row | {"answer": total})
+    print(f"{len(rows)} queries, mode {mode}, load average {os.getloadavg()[0]:.2f}; ms")
+    print("| part | median wall | median cpu |\n|---|---|---|")
+    for name in [p for p in PARTS if any(r[p][0] for r in rows)] + ["rest", "answer"]:
+        print(f"| {name} | {statistics.median(1e3 * r[name][0] for r in rows):.2f} | "
+              f"{statistics.median(1e3 * r[name][1] for r in rows):.2f} |")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ Goal (issue 5): a fused query costs at most 10 % more than a kNN-only one on the
 Both include decoding and the forward pass, as a user's `locate_one(path)` does; the modes are
 interleaved photo by photo so machine load affects them alike.
 
-``--parts`` (issue 25): the query's own time split into decode, forward, country, places, cells, decide,
-neighbours and the rest (building the answer), each by the functions that do it (the outermost timed
-call counts, so nothing is counted twice), against a bare forward pass of the same photo's pixels timed
+``--parts`` (issue 25): the query's own time split into decode, forward, the kNN and gallery searches,
+decide, cells, the region, country, places, neighbours and the rest (building the answer), each by the
+functions that do it (a part's own time: one called inside another is taken out of the outer one, so
+nothing is counted twice), against a bare forward pass of the same photo's pixels timed
 right after each query, the same network as a user of timm runs it (a copy in the default NCHW layout: geo keeps
 its convolutions channels-last, 13-27 % faster here), and the answer alone (``locate_embeddings`` on that
 forward's embedding). Goal:
@@ -37,12 +38,17 @@ from geo.data.images import ImageDataset
 from geo.query.index import GeoIndex
 from geo.stages.cells.cities import CityHead
 from geo.stages.cells.predictor import CellPredictor
+from geo.stages.gallery.stage import GpsGallery
+from geo.stages.knn import KnnIndex
 
 PARTS = {  # part -> the (owner, attribute) functions that do it
     "decode": [(ImageDataset, "__getitem__")],
     "forward": [(GeoIndex, "embed_tensors")],
-    "decide": [(GeoIndex, "_decide"), (query_index, "knn_search"), (query_index, "gallery_search")],
-    "cells": [(query_index, "cell_probs"), (CellPredictor, "top_cells")],
+    "knn search": [(KnnIndex, "search")],
+    "gallery search": [(GpsGallery, "search")],
+    "decide": [(GeoIndex, "_decide")],
+    "cells": [(CellPredictor, "fine_probs"), (CellPredictor, "top_cells")],
+    "region": [(CellPredictor, "regions")],
     "country": [(query_index, "country_index"), (GeoIndex, "_countries")],
     "places": [(query_index, "nearest_places"), (query_index, "city_label"), (CityHead, "answer_cities")],
     "neighbours": [(GeoIndex, "_neighbours")],
@@ -50,12 +56,13 @@ PARTS = {  # part -> the (owner, attribute) functions that do it
 
 
 class PartClock:
-    """Wraps the functions of :data:`PARTS` with a clock (wall and CPU seconds per part, outermost call only)."""
+    """Wraps the functions of :data:`PARTS` with a clock: wall and CPU seconds per part, each part's own time (a
+    part called inside another, such as the gallery search inside decide, is taken out of the outer one)."""
 
     def __init__(self) -> None:
         self.wall: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
-        self._depth = 0
+        self._open: list[tuple[str, list[float]]] = []  # parts running now, outermost first, with their inner time
         self._saved: list[tuple[object, str, object]] = []
 
     def __enter__(self) -> "PartClock":
@@ -77,16 +84,22 @@ class PartClock:
     def _timed(self, part: str, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            if self._depth:
+            if any(p == part for p, _ in self._open):  # a part within itself counts once
                 return fn(*args, **kwargs)
-            self._depth += 1
+            inner = [0.0, 0.0]
+            self._open.append((part, inner))
             wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.wall[part] += time.perf_counter() - wall
-                self.cpu[part] += time.process_time() - cpu
-                self._depth -= 1
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                self._open.pop()
+                self.wall[part] += wall - inner[0]
+                self.cpu[part] += cpu - inner[1]
+                if self._open:
+                    outer = self._open[-1][1]
+                    outer[0] += wall
+                    outer[1] += cpu
         return timed
 
 
