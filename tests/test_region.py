@@ -230,6 +230,41 @@ def test_a_batch_of_regions_is_what_each_row_gives_alone_and_a_repeated_region_i
     assert batch[6]["geometry"] is batch[0]["geometry"]  # the union was made once
 
 
+def test_a_region_is_drawn_as_the_union_of_its_cells(fitted):
+    """The drawing is its cells merged: the shape of shapely's plain union of the cells' polygons (up to
+    floating-point noding at the seams, 1e-12 of its area), valid, in no more pieces than cells, and wound as
+    RFC 7946 says (exteriors counter-clockwise, holes clockwise)."""
+    import shapely
+    from shapely.geometry import shape
+
+    pred, (_, emb) = fitted
+    rc, cmap = RegionCells(pred.tables, pred.names), pred.calibration["region"]
+    merged = 0
+    for row in pred.fine_probs(emb[:8]):
+        region = rc.regions_at(row, [0.9], cmap)[0]
+        polygons = [rc._polygon(k, int(r)) for k, rows in enumerate(region.cells) for r in rows]
+        drawn, plain = shape(rc.geometry(region)), shapely.unary_union(polygons)
+        assert drawn.is_valid and drawn.symmetric_difference(plain).area <= 1e-12 * plain.area
+        parts = shapely.get_parts(drawn)
+        assert len(parts) <= len(polygons)
+        assert all(p.exterior.is_ccw and not any(h.is_ccw for h in p.interiors) for p in parts)
+        merged += len(parts) < len(polygons)
+    assert merged  # some region had neighbouring cells to merge
+
+
+def test_a_shape_becomes_the_geojson_shapely_mapping_gives_once_wound_counter_clockwise():
+    from shapely.geometry import MultiPolygon, Polygon, mapping
+    from shapely.geometry.polygon import orient
+
+    from geo.stages.cells.region import _geojson_multipolygon
+
+    clockwise = Polygon([(0, 0), (0, 4), (4, 4), (4, 0)], [[(1, 1), (2, 1), (2, 2), (1, 2)]])  # its hole turns ccw
+    triangle = Polygon([(10, 0), (11, 0), (11, 1)])
+    for shape in (clockwise, triangle, MultiPolygon([clockwise, triangle]), Polygon()):
+        parts = [] if shape.is_empty else list(getattr(shape, "geoms", [shape]))
+        assert _geojson_multipolygon(shape) == mapping(MultiPolygon([orient(p, 1.0) for p in parts]))
+
+
 def test_semantic_cells_get_areas_and_shapes_from_s2_cells(tmp_path):
     from shapely.geometry import shape
 

