@@ -226,14 +226,15 @@ class RegionCells:
         """The union of a region's cells as a GeoJSON MultiPolygon.
 
         A region at 0.9 lists about 140 cells of several S2 levels in a couple of dozen separate pieces:
-        ``disjoint_subset_union_all`` merges each piece on its own (6.2 ms against ``unary_union``'s 8.2 ms on
-        the realistic testbed, GeoJSON included; the shapes differ by at most 1e-17 of their area, floating-point
-        noding at the seams where a coarse cell meets finer ones). ``buffer(0)`` keeps the result valid."""
+        ``disjoint_subset_union_all`` merges each piece on its own (5.3 ms against 7.8 with ``unary_union`` and
+        ``buffer(0)`` on the realistic testbed, GeoJSON included; the shapes differ by at most 1e-17 of their area,
+        floating-point noding at the seams where a coarse cell meets finer ones). The union is valid on every region of the
+        testbed; ``buffer(0)`` repairs one that is not (0.15 ms to check, 0.6 ms to run on every region)."""
         import shapely
 
         shape = shapely.disjoint_subset_union_all(
-            [self._polygon(k, int(r)) for k, rows in enumerate(cells) for r in rows]).buffer(0)
-        return _geojson_multipolygon(shape)
+            [self._polygon(k, int(r)) for k, rows in enumerate(cells) for r in rows])
+        return _geojson_multipolygon(shape if shape.is_valid else shape.buffer(0))
 
     # ------------------------------------------------------------ growing regions
     def ordered(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
