@@ -143,19 +143,25 @@ class CellPredictor:
 
     def log_probs(self, emb: np.ndarray, scene=None, hierarchy: bool = True) -> tuple[list[np.ndarray], np.ndarray]:
         """(per-partition log probs, fine log probs) for a batch; ``hierarchy=False`` gives finest-only."""
-        logits, _ = head_logits(self.model, np.asarray(emb, dtype=np.float32), self.scene_codes(scene))
+        logits = self._logits(emb, scene)
         c = self.calibration
-        lp = partition_log_probs(logits, self.priors, c["temperature"], c["alpha"])
-        return lp, fine_log_posterior(logits, self.priors, c["temperature"], c["alpha"], self.parents, hierarchy)
+        return partition_log_probs(logits, self.priors, c["temperature"], c["alpha"]), self._fine_log(logits, hierarchy)
 
     def fine_probs(self, emb: np.ndarray, scene=None) -> np.ndarray:
         """The hierarchical (f*) posterior over the finest partition, [n, C] (renormalised over the kept cells
-        under a constraint: :meth:`within`)."""
-        probs = np.exp(self.log_probs(emb, scene)[1])
+        under a constraint: :meth:`within`). Every query needs it, and not the per-partition posteriors."""
+        probs = np.exp(self._fine_log(self._logits(emb, scene)))
         if self._keep is None:
             return probs
         probs = np.where(self._keep, probs, 0.0)
         return probs / probs.sum(axis=1, keepdims=True).clip(min=1e-300)
+
+    def _logits(self, emb: np.ndarray, scene) -> list[np.ndarray]:
+        return head_logits(self.model, np.asarray(emb, dtype=np.float32), self.scene_codes(scene))[0]
+
+    def _fine_log(self, logits: list[np.ndarray], hierarchy: bool = True) -> np.ndarray:
+        c = self.calibration
+        return fine_log_posterior(logits, self.priors, c["temperature"], c["alpha"], self.parents, hierarchy)
 
     def within(self, spots: np.ndarray) -> "CellPredictor":
         """The same heads answering inside a query-time constraint: ``spots`` (a mask over the support spots)
