@@ -79,9 +79,7 @@ def by_part(index, emb: np.ndarray, mode: str) -> None:
             t, c = time.perf_counter(), time.process_time()
             index.locate_embeddings(e[None], mode=mode)
             total = (time.perf_counter() - t, time.process_time() - c)
-            row = {p: (clock.wall[p], clock.cpu[p]) for p in PARTS}
-            row["rest"] = tuple(x - sum(row[p][k] for p in PARTS) for k, x in enumerate(total))
-            rows.append(row | {"answer": total})
+            rows.append(clock.row(total) | {"answer": total})
     print(f"{len(rows)} queries, mode {mode}, load average {os.getloadavg()[0]:.2f}; ms")
     print("| part | median wall | median cpu |\n|---|---|---|")
     for name in [p for p in PARTS if any(r[p][0] for r in rows)] + ["rest", "answer"]:

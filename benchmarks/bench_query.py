@@ -81,6 +81,12 @@ class PartClock:
         self.wall.clear()
         self.cpu.clear()
 
+    def row(self, total: tuple[float, float]) -> dict[str, tuple[float, float]]:
+        """(wall, CPU) seconds of each part since :meth:`reset`, and the ``rest`` of ``total`` that no part took."""
+        row = {p: (self.wall[p], self.cpu[p]) for p in PARTS}
+        row["rest"] = tuple(t - sum(row[p][k] for p in PARTS) for k, t in enumerate(total))
+        return row
+
     def _timed(self, part: str, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
@@ -140,11 +146,10 @@ def by_part(index: GeoIndex, files: list[str], mode: str | None) -> None:
             with torch.inference_mode():
                 plain(x.to(bb.dtype))
             nchw = (time.perf_counter() - wall, time.process_time() - cpu)
-            row = {p: (clock.wall[p], clock.cpu[p]) for p in PARTS}
+            row = clock.row(total)  # before the answer below adds to the parts
             wall, cpu = time.perf_counter(), time.process_time()
             index.locate_embeddings(emb, mode=mode)  # the answer alone, from the embedding, once more
             row["answer from embedding"] = (time.perf_counter() - wall, time.process_time() - cpu)
-            row["rest"] = tuple(t - sum(row[p][k] for p in PARTS) for k, t in enumerate(total))
             row["assembly"] = tuple(t - row["decode"][k] - row["forward"][k] for k, t in enumerate(total))
             rows.append(row | {"query": total, "bare forward": bare, "plain NCHW forward": nchw})
     rows = rows[1:]

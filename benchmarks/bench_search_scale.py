@@ -49,17 +49,18 @@ def main() -> None:
     ap.add_argument("--points", default="10500,100000", help="index sizes, comma-separated")
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
+    sizes = [int(p) for p in args.points.split(",")]
     rng = np.random.default_rng(0)
     print(f"load average {os.getloadavg()[0]:.2f}; one query at a time, median ms")
     print("| index | vectors | ms | recall@32 |\n|---|---|---|---|")
     for dim, k, what in ((513, 32, "gallery Flat"), (1280, 50, "kNN Flat (Lite0)")):
         centres = rng.standard_normal((2000, dim), dtype=np.float32)
         q = _clustered(rng, centres, args.queries)
-        for n in (int(p) for p in args.points.split(",")):
+        for n in sizes:
             flat = faiss.IndexFlatIP(dim)
             flat.add(_clustered(rng, centres, n))
             print(f"| {what} | {n:,} x {dim} | {one_query_ms(flat, q, k):.2f} | exact |", flush=True)
-            if dim == 513 and n == max(int(p) for p in args.points.split(",")):
+            if dim == 513 and n == max(sizes):
                 _approximate(flat, q, n, dim)
             del flat
 
@@ -76,7 +77,8 @@ def _approximate(flat: faiss.IndexFlatIP, q: np.ndarray, n: int, dim: int) -> No
     print(f"| IVF{nlist},Flat (built in {time.perf_counter() - t:.1f} s) | | | |")
     for nprobe in (8, 16, 32):
         p = faiss.SearchParametersIVF(nprobe=nprobe)
-        print(f"| ... nprobe {nprobe} | {n:,} x {dim} | {one_query_ms(ivf, q, 32, p):.2f} | {recall(ivf, q, truth, 32, p):.4f} |")
+        print(f"| ... nprobe {nprobe} | {n:,} x {dim} | {one_query_ms(ivf, q, 32, p):.2f} | "
+              f"{recall(ivf, q, truth, 32, p):.4f} |")
     hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efConstruction = 80
     t = time.perf_counter()
@@ -84,7 +86,8 @@ def _approximate(flat: faiss.IndexFlatIP, q: np.ndarray, n: int, dim: int) -> No
     print(f"| HNSW32 (built in {time.perf_counter() - t:.1f} s) | | | |")
     for ef in (64, 128):
         p = faiss.SearchParametersHNSW(efSearch=ef)
-        print(f"| ... efSearch {ef} | {n:,} x {dim} | {one_query_ms(hnsw, q, 32, p):.2f} | {recall(hnsw, q, truth, 32, p):.4f} |")
+        print(f"| ... efSearch {ef} | {n:,} x {dim} | {one_query_ms(hnsw, q, 32, p):.2f} | "
+              f"{recall(hnsw, q, truth, 32, p):.4f} |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Measures, in one run on one machine:
   per-request server does) and 16 per call;
 * the server (`geo serve` as its own process) with micro-batching (max_batch 16) and without
   (max_batch 1, both set through `--config`; `--max-batches`), each at concurrency 1, 8 and 32: up to --requests
-  requests (one photo each, multipart, as `curl -F images=@x.jpg` sends them, from a lean raw-socket client) or --seconds, whichever ends first;
+  requests (one photo each, multipart, as `curl -F images=@x.jpg` sends them, from a lean raw-socket client)
+  or --seconds, whichever ends first;
 * the bare forward again after the servers, so that a change in the machine's load shows.
 
 The machine's 1-minute load average is recorded beside every number. On a loaded machine the bare forward

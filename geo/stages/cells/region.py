@@ -227,9 +227,9 @@ class RegionCells:
 
         A region at 0.9 lists about 140 cells of several S2 levels in a couple of dozen separate pieces:
         ``disjoint_subset_union_all`` merges each piece on its own (5.3 ms against 7.8 with ``unary_union`` and
-        ``buffer(0)`` on the realistic testbed, GeoJSON included; the shapes differ by at most 1e-17 of their area,
-        floating-point noding at the seams where a coarse cell meets finer ones). The union is valid on every region of the
-        testbed; ``buffer(0)`` repairs one that is not (0.15 ms to check, 0.6 ms to run on every region)."""
+        ``buffer(0)`` on the realistic testbed, GeoJSON included; the shapes differ by at most 1e-17 of their
+        area, floating-point noding at the seams where a coarse cell meets finer ones). The union was valid on
+        every region of the testbed; ``buffer(0)`` repairs one that is not (0.15 ms to check, 0.6 ms to run)."""
         import shapely
 
         shape = shapely.disjoint_subset_union_all(
