@@ -281,15 +281,17 @@ def decide(ev: Evidence, p: FusionParams, alternatives: int = 5, rerank: Rescore
     near = cos_km(25.0)
     out = []
     for i, b in enumerate(best):
-        alts, taken = [], [int(b)]
-        for j in _best_first(score[i], masses[i]):
-            if len(alts) >= alternatives or not np.isfinite(score[i, j]):
+        alts = []
+        apart = c[i, :, b] < near  # [m] candidates 25 km or more from every place taken so far
+        finite = np.isfinite(score[i])
+        for j in _best_first(score[i], masses[i]).tolist():
+            if len(alts) >= alternatives or not finite[j]:
                 break
-            if j != b and (c[i, j, taken] < near).all():  # other places, not the same spot again
+            if j != b and apart[j]:  # other places, not the same spot again
                 alts.append({"lat": float(pts[i, j, 0]), "lon": float(pts[i, j, 1]), "score": round(float(score[i, j]), 5),
                              "mass": {str(t): round(float(masses[i, k, j]), 5) for k, t in enumerate(THRESHOLDS_KM)
                                       if t in ALTERNATIVE_MASS_KM}})
-                taken.append(int(j))
+                apart &= c[i, :, j] < near
         out.append(Decision(float(pts[i, b, 0]), float(pts[i, b, 1]),
                             {str(t): float(masses[i, k, b]) for k, t in enumerate(THRESHOLDS_KM)},
                             float(score[i, b]), alts,
