@@ -188,6 +188,8 @@ def test_coverage_in_blocks_is_each_thresholds_mass_within_reach(monkeypatch):
         monkeypatch.setattr(posterior, "COVERAGE_BLOCK", elements)
         got = posterior.coverage(c, block, mass)
         assert got.shape == (7, len(THRESHOLDS_KM), 60) and np.allclose(got, want, rtol=1e-6, atol=1e-7)
+    empty = posterior.coverage(c[:0], block, mass[:0])  # a batch with no query left (every row refused)
+    assert empty.shape == (0, len(THRESHOLDS_KM), 60) and empty.dtype == np.float32
 
 
 def test_the_share_of_thresholds_met_is_the_mean_of_the_five_accuracies():
