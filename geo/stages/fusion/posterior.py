@@ -246,7 +246,8 @@ def decide_batch(ev: Evidence, p: FusionParams, covered: list[np.ndarray] | None
 
 # (best [n], scores [n, m], p_within per query, [n] True where the constant guess answered)
 Rescored = tuple[np.ndarray, np.ndarray, list[dict[str, float]], np.ndarray]
-Rescore = Callable[[Evidence, FusionParams, np.ndarray, list[np.ndarray]], Rescored]
+# (evidence, setting, closeness, coverages, the mixture's (best [n], scores [n, m]) from :func:`decide_batch`)
+Rescore = Callable[[Evidence, FusionParams, np.ndarray, list[np.ndarray], tuple[np.ndarray, np.ndarray]], Rescored]
 
 
 # An alternative's own posterior mass within these radii: under a regional decision every candidate of one region
@@ -274,7 +275,7 @@ def decide(ev: Evidence, p: FusionParams, alternatives: int = 5, rerank: Rescore
     p_within: list[dict[str, float]] = [{} for _ in best]
     constant = np.zeros(len(best), bool)
     if rerank is not None:
-        best, score, p_within, constant = rerank(ev, p, c, covered)
+        best, score, p_within, constant = rerank(ev, p, c, covered, (best, score))
     k_share = THRESHOLDS_KM.index(SHARE_KM)
     parts = np.stack([cov[np.arange(len(best)), k_share, best] for cov in covered], axis=1) * w  # [n, signals]
     parts /= parts.sum(axis=1, keepdims=True).clip(min=1e-12)
