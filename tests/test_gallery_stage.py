@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -238,3 +239,39 @@ def test_new_photos_encode_only_their_new_places(monkeypatch, tmp_path):
     everything = encode_points(gal.location_encoder, gal.projection, grown.points, places,
                                dataclasses.replace(SMALL, epochs=0))  # every place encoded, as before
     np.testing.assert_allclose(vectors, everything.reconstruct_n(0, everything.ntotal), rtol=0, atol=1e-6)
+
+
+def test_a_gallery_above_the_exact_size_is_searched_through_ivf(monkeypatch, tmp_path):
+    """Above EXACT_POINTS the gallery is an IVF index visiting a quarter of its lists: recorded in gallery.json,
+    kept by a save and load, exact when it visits every list, widened under a constraint, and grown by
+    ``geo add`` (which copies the known points' vectors out of it)."""
+    from geo.stages.gallery import stage
+
+    monkeypatch.setattr(stage, "EXACT_POINTS", 50)
+    meta, emb, city = city_data()
+    bundle = Bundle.create_or_resume(tmp_path, {"name": "test"}, emb.shape[1])
+    info = build_gallery(bundle, meta, emb, dataclasses.replace(SMALL, epochs=1))
+    assert (info["index"], info["nprobe"]) == ("IVF8,Flat", 2)  # sqrt(120) ~ 8 lists, a quarter visited
+    gal = GpsGallery.load(bundle, with_location_encoder=True)
+    ivf = faiss.extract_index_ivf(gal.index)
+    assert (ivf.nlist, ivf.nprobe) == (8, 2)
+
+    vectors = gal.index.reconstruct_n(0, gal.index.ntotal)
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    q = np.hstack([gal.projection.encode(emb, normalize=True), np.ones((len(emb), 1), np.float32)])
+    ivf.nprobe = ivf.nlist
+    np.testing.assert_allclose(gal.index.search(q, 5)[0], exact.search(q, 5)[0], rtol=0, atol=1e-5)
+    ivf.nprobe = 2
+
+    tokyo = np.flatnonzero(haversine_km(gal.points[:, 0], gal.points[:, 1], *CITIES[2]) < 100)
+    latlon, scores = gal.within(tokyo).search(emb[city == 0], k=5)  # Paris photos, Tokyo's points only
+    assert np.isfinite(scores).all()  # every list visited: five points found for every photo
+    assert (haversine_km(latlon[..., 0], latlon[..., 1], *CITIES[2]) < 100).all()
+
+    grown = gallery_with_photos(gal, np.concatenate([meta[["lat", "lon"]].to_numpy(), CITIES + 1.0]))
+    assert grown.index.ntotal == 123 and grown.info["index"] == "IVF8,Flat" and grown.info["n_points"] == 123
+    # the known places' features copied out of the IVF index (their prior column counts the new photos too)
+    row = {tuple(p): i for i, p in enumerate(grown.points.tolist())}
+    kept = grown.index.reconstruct_batch(np.array([row[tuple(p)] for p in gal.points.tolist()]))
+    np.testing.assert_allclose(kept[:, :-1], vectors[:, :-1], rtol=0, atol=1e-6)
