@@ -38,7 +38,8 @@ def main() -> None:
             if key in seen or not any(len(r) for r in region.cells):
                 continue
             seen.add(key)
-            polygons = shapely.get_parts([cells._polygon(k, int(r)) for k, rows in enumerate(region.cells) for r in rows])
+            polygons = shapely.get_parts([cells._polygon(k, int(r))
+                                          for k, rows in enumerate(region.cells) for r in rows])
             t0 = time.perf_counter()
             union = shapely.disjoint_subset_union_all(polygons)
             t1 = time.perf_counter()
