@@ -198,9 +198,16 @@ def coverage(c: np.ndarray, block: slice, mass: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, t, m), np.float32)
 
 
-def signal_coverages(ev: Evidence, p: FusionParams, c: np.ndarray) -> list[np.ndarray]:
-    return [coverage(c, block, signal_mass(s, ev.signals[s.name].score, p.signals.get(s.name, SignalParams(0.0))))
-            for s, block in zip(ev.specs, ev.blocks())]
+def signal_masses(ev: Evidence, p: FusionParams) -> list[np.ndarray]:
+    """Each signal's :func:`signal_mass` over its own points, in ``ev``'s order."""
+    return [signal_mass(s, ev.signals[s.name].score, p.signals.get(s.name, SignalParams(0.0))) for s in ev.specs]
+
+
+def signal_coverages(ev: Evidence, p: FusionParams, c: np.ndarray,
+                     masses: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Each signal's :func:`coverage` (``masses``: its :func:`signal_masses`, where the caller has them)."""
+    masses = signal_masses(ev, p) if masses is None else masses
+    return [coverage(c, block, mass) for mass, block in zip(masses, ev.blocks())]
 
 
 def mass_near(ev: Evidence, p: FusionParams, name: str, answers: np.ndarray) -> np.ndarray:
@@ -246,8 +253,11 @@ def decide_batch(ev: Evidence, p: FusionParams, covered: list[np.ndarray] | None
 
 # (best [n], scores [n, m], p_within per query, [n] True where the constant guess answered)
 Rescored = tuple[np.ndarray, np.ndarray, list[dict[str, float]], np.ndarray]
-# (evidence, setting, closeness, coverages, the mixture's (best [n], scores [n, m]) from :func:`decide_batch`)
-Rescore = Callable[[Evidence, FusionParams, np.ndarray, list[np.ndarray], tuple[np.ndarray, np.ndarray]], Rescored]
+# What the mixture computed for a batch: its answer [n] and scores [n, m] (:func:`decide_batch`), and each signal's
+# own mass over its points (:func:`signal_masses`)
+Mixed = tuple[np.ndarray, np.ndarray, list[np.ndarray]]
+# (evidence, setting, closeness, coverages, the mixture's :data:`Mixed`)
+Rescore = Callable[[Evidence, FusionParams, np.ndarray, list[np.ndarray], Mixed], Rescored]
 
 
 # An alternative's own posterior mass within these radii: under a regional decision every candidate of one region
@@ -269,13 +279,14 @@ def decide(ev: Evidence, p: FusionParams, alternatives: int = 5, rerank: Rescore
     candidates from the mixture's closeness and coverages: it picks the answer
     and orders the alternatives, gives ``p_within`` and says which answers are its constant guess."""
     c = closeness(ev)
-    covered = signal_coverages(ev, p, c)
+    own = signal_masses(ev, p)
+    covered = signal_coverages(ev, p, c, own)
     w = signal_weights(ev, p)
     best, score, masses = decide_batch(ev, p, covered=covered, w=w)
     p_within: list[dict[str, float]] = [{} for _ in best]
     constant = np.zeros(len(best), bool)
     if rerank is not None:
-        best, score, p_within, constant = rerank(ev, p, c, covered, (best, score))
+        best, score, p_within, constant = rerank(ev, p, c, covered, (best, score, own))
     k_share = THRESHOLDS_KM.index(SHARE_KM)
     parts = np.stack([cov[np.arange(len(best)), k_share, best] for cov in covered], axis=1) * w  # [n, signals]
     parts /= parts.sum(axis=1, keepdims=True).clip(min=1e-12)

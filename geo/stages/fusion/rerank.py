@@ -72,14 +72,14 @@ from geo.core.splits import clustered_se, group_folds
 from geo.stages.fusion.calibration import CALIBRATED_KM, expected_calibration_error, fit_isotonic
 from geo.stages.fusion.posterior import (
     FusionParams,
+    Mixed,
     Rescored,
-    SignalParams,
     candidates,
     closeness,
     decide_batch,
     near_duplicate,
     signal_coverages,
-    signal_mass,
+    signal_masses,
 )
 from geo.stages.fusion.signals import BACKOFF_SIGNAL, CELLS, DUPLICATE_SIGNAL, GALLERY, KNN, Evidence
 from geo.stages.fusion.trees import Trees
@@ -157,13 +157,15 @@ def pool(ev: Evidence, p: FusionParams, c: np.ndarray, best: np.ndarray) -> tupl
 
 
 def design(ev: Evidence, p: FusionParams, c: np.ndarray, covered: list[np.ndarray],
-           mixture: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+           mixture: Mixed | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(features [n, m, F] float32, allowed [n, m], the mixture's answer [n], its scores [n, m]).
 
     ``c`` and ``covered`` are the mixture's :func:`closeness` and
-    :func:`signal_coverages`, ``mixture`` its (answer, scores) from :func:`decide_batch` where the caller has
-    them (a query's decision has: computing them again cost 0.35 ms of its answer on the realistic testbed)."""
-    best, score = mixture if mixture is not None else decide_batch(ev, p, covered=covered)[:2]
+    :func:`signal_coverages`, ``mixture`` its answer, scores and signal masses where the caller has them (a
+    query's decision has: computing them again cost 0.7 ms of its answer on the realistic testbed)."""
+    if mixture is None:
+        mixture = (*decide_batch(ev, p, covered=covered)[:2], signal_masses(ev, p))
+    best, score, masses = mixture
     n, m = score.shape
     rows = np.arange(n)
     allowed, inside = pool(ev, p, c, best)
@@ -172,7 +174,7 @@ def design(ev: Evidence, p: FusionParams, c: np.ndarray, covered: list[np.ndarra
     keep = [i * len(THRESHOLDS_KM) + THRESHOLDS_KM.index(t) for i in range(len(covered)) for t in PEAK_KM]
     src = _column(ev, lambda i, e: np.full(e.width, float(i)))
     rank = _column(ev, lambda i, e: np.arange(e.width, dtype=np.float64))
-    own = _column(ev, lambda i, e: signal_mass(ev.specs[i], e.score, p.signals.get(ev.specs[i].name, SignalParams(0.0))))
+    own = np.concatenate(masses, axis=-1)
     fs = np.where(np.isfinite(score), score, 0.0)
     fs_rel = fs / np.maximum(fs.max(axis=1, keepdims=True), 1e-12)
     frank = np.argsort(np.argsort(-score, axis=1, kind="stable"), axis=1)
@@ -384,13 +386,12 @@ def _calibration(score: np.ndarray, km: np.ndarray,
 
 def rescorer(r: Reranker) -> Callable[..., Rescored]:
     """The query side's reranking for :func:`geo.stages.fusion.posterior.decide`: (ev, params, closeness,
-    coverages, the mixture's answer and scores) -> (best [n], scores [n, m], calibrated ``p_within`` per query, empty where the mixture kept the
-    answer, a near-duplicate; [n] True where the constant guess answered), a chunk of queries at a time so the
-    features stay a few tens of MB."""
-    def rescore(ev: Evidence, p: FusionParams, c: np.ndarray, covered: list[np.ndarray],
-                mixture: tuple[np.ndarray, np.ndarray]) -> Rescored:
+    coverages, what the mixture computed) -> (best [n], scores [n, m], calibrated ``p_within`` per query, empty
+    where the mixture kept the answer, a near-duplicate; [n] True where the constant guess answered), a chunk of
+    queries at a time so the features stay a few tens of MB."""
+    def rescore(ev: Evidence, p: FusionParams, c: np.ndarray, covered: list[np.ndarray], mixture: Mixed) -> Rescored:
         parts = [_rescore_chunk(r, ev.take(rows), p, c[rows], [cv[rows] for cv in covered],
-                                (mixture[0][rows], mixture[1][rows]))
+                                (mixture[0][rows], mixture[1][rows], [m[rows] for m in mixture[2]]))
                  for rows in (np.arange(r0, min(r0 + CHUNK, len(ev))) for r0 in range(0, len(ev), CHUNK))]
         return (np.concatenate([b for b, _, _, _ in parts]), np.concatenate([s for _, s, _, _ in parts]),
                 [x for _, _, pw, _ in parts for x in pw], np.concatenate([k for _, _, _, k in parts]))
@@ -398,7 +399,7 @@ def rescorer(r: Reranker) -> Callable[..., Rescored]:
 
 
 def _rescore_chunk(r: Reranker, ev: Evidence, p: FusionParams, c: np.ndarray, covered: list[np.ndarray],
-                   mixture: tuple[np.ndarray, np.ndarray]) -> Rescored:
+                   mixture: Mixed) -> Rescored:
     x, allowed, best, mixed = design(ev, p, c, covered, mixture)
     score = np.full(allowed.shape, -np.inf)
     score[allowed] = r.trees.predict(x[allowed])
