@@ -52,32 +52,38 @@ class Trees:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """[rows] predictions for features [rows, F]: every tree walked at once, one level per step.
 
-        Nodes are addressed flat (tree * width + node) and a leaf's children are itself, so a level is four
-        1-d takes and a comparison: a query's ~60 candidates through 100 trees in well under a millisecond."""
+        Nodes are addressed flat (tree * width + node), so a level is a few 1-d takes and a comparison, over the
+        (tree, row) pairs not yet at a leaf: the deepest tree sets ``depth``, but most pairs stop well before it
+        (0.58 against 0.82 ms for a query's ~60 candidates through 100 trees when every pair walked every level)."""
         x = np.asarray(x)
         flat = self._flat
         n_trees, width = self.feature.shape
-        node = np.repeat(np.arange(n_trees, dtype=np.int64)[:, None] * width, len(x), axis=1)  # [trees, rows]
-        cols = (np.arange(len(x), dtype=np.int64) * x.shape[1])[None, :]
+        rows = len(x)
+        node = np.repeat(np.arange(n_trees, dtype=np.int64) * width, rows)  # [trees * rows], tree-major
+        cols = np.tile(np.arange(rows, dtype=np.int64) * x.shape[1], n_trees)
         xs, nan = x.ravel(), bool(np.isnan(x).any())
+        walking = np.flatnonzero(~flat["leaf"].take(node))
         for _ in range(self.depth):
-            v = xs.take(cols + flat["feature"].take(node))
-            go_left = v <= flat["threshold"].take(node)
+            if not len(walking):
+                break
+            at = node.take(walking)
+            v = xs.take(cols.take(walking) + flat["feature"].take(at))
+            go_left = v <= flat["threshold"].take(at)
             if nan:
-                go_left = np.where(np.isnan(v), flat["missing_left"].take(node), go_left)
-            node = np.where(go_left, flat["left"].take(node), flat["right"].take(node))
-        return self.baseline + flat["value"].take(node).sum(axis=0)
+                go_left = np.where(np.isnan(v), flat["missing_left"].take(at), go_left)
+            at = np.where(go_left, flat["left"].take(at), flat["right"].take(at))
+            node[walking] = at
+            walking = walking[~flat["leaf"].take(at)]
+        return self.baseline + flat["value"].take(node).reshape(n_trees, rows).sum(axis=0)
 
     @cached_property
     def _flat(self) -> dict[str, np.ndarray]:
-        """The arrays raveled, children as flat indices, leaves pointing at themselves (made once)."""
+        """The arrays raveled, children as flat indices (made once)."""
         n_trees, width = self.feature.shape
         base = np.arange(n_trees, dtype=np.int64)[:, None] * width
-        me = base + np.arange(width)[None, :]
-        return {"feature": self.feature.ravel(), "threshold": self.threshold.ravel(),
+        return {"feature": self.feature.ravel(), "threshold": self.threshold.ravel(), "leaf": self.leaf.ravel(),
                 "missing_left": self.missing_left.ravel(), "value": self.value.ravel(),
-                "left": np.where(self.leaf, me, base + self.left).ravel(),
-                "right": np.where(self.leaf, me, base + self.right).ravel()}
+                "left": (base + self.left).ravel(), "right": (base + self.right).ravel()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline, "depth": self.depth,
