@@ -26,6 +26,7 @@ no region is smaller than one cell).
 from __future__ import annotations
 
 import bisect
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -168,16 +169,10 @@ class RegionCells:
         """Semantic cells drawn on S2 cells of :data:`RASTER_LEVEL`: each fine cell's raster cell ids (the
         raster cells whose centre it holds; a cell holding none gets the :data:`SEED_LEVEL` cell at its seed)
         and its area, their sum."""
-        import s2sphere  # ~100K cells once per process, for semantic bundles only
-
-        ids = _level_ids(RASTER_LEVEL)
-        cells = [s2sphere.Cell(s2sphere.CellId(int(c))) for c in ids]
-        centres = [s2sphere.LatLng.from_point(c.get_center()) for c in cells]
-        rows = locate(partitions_from_tables(self.tables, self.names)[-1:],
-                      [c.lat().degrees for c in centres], [c.lng().degrees for c in centres])[:, 0]
+        ids, lat, lon, cell_area = _raster_cells(RASTER_LEVEL)
+        rows = locate(partitions_from_tables(self.tables, self.names)[-1:], lat, lon)[:, 0]
         n = len(self.tokens[-1])
-        area = np.bincount(rows[rows >= 0], weights=[c.exact_area() * EARTH_RADIUS_KM ** 2 for c, r in zip(cells, rows)
-                                                     if r >= 0], minlength=n)
+        area = np.bincount(rows[rows >= 0], weights=cell_area[rows >= 0], minlength=n)
         by_row = np.argsort(rows, kind="stable")
         members = np.split(ids[by_row], np.searchsorted(rows[by_row], np.arange(n + 1)))[1:-1]
         fine = self.tables[-1]
@@ -335,6 +330,23 @@ def _s2_area(token: str) -> float:
     import s2sphere  # the cells' exact spherical areas, once per bundle
 
     return s2sphere.Cell(s2sphere.CellId.from_token(str(token))).exact_area() * EARTH_RADIUS_KM ** 2
+
+
+@functools.cache
+def _raster_cells(level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every S2 cell of one level: ids, centre latitudes and longitudes (degrees), exact areas (km²), read-only.
+    s2sphere takes 14 s for the ~100K cells of level 7, and they are the same for every semantic bundle: once per
+    process (a build draws its regions while calibrating, then again for the bundle; tests build many)."""
+    import s2sphere  # for semantic bundles only
+
+    ids = _level_ids(level)
+    cells = [s2sphere.Cell(s2sphere.CellId(int(c))) for c in ids]
+    centres = [s2sphere.LatLng.from_point(c.get_center()) for c in cells]
+    out = (ids, np.array([c.lat().degrees for c in centres]), np.array([c.lng().degrees for c in centres]),
+           np.array([c.exact_area() * EARTH_RADIUS_KM ** 2 for c in cells]))
+    for a in out:
+        a.flags.writeable = False
+    return out
 
 
 def _level_ids(level: int) -> np.ndarray:
