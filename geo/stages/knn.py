@@ -81,7 +81,7 @@ def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> I
     """
     if n <= exact_max:
         return IndexPlan("flat", "Flat", n, dim, 0, 0, n * dim * 4)
-    nlist, quantizer, centroids = _ivf_layout(n, dim)
+    nlist, quantizer, centroids = ivf_layout(n, dim)
     ivf_flat = _ivf_flat_bytes(n, dim, centroids)
     if ivf_flat <= ram_budget:
         return IndexPlan("ivf_flat", f"{quantizer},Flat", n, dim, nlist, 0, ivf_flat)
@@ -96,7 +96,7 @@ def plan_index(n: int, dim: int, ram_budget: int, exact_max: int = 100_000) -> I
     )
 
 
-def _ivf_layout(n: int, dim: int) -> tuple[int, str, int]:
+def ivf_layout(n: int, dim: int) -> tuple[int, str, int]:
     """(nlist ~ sqrt(n) as a power of two, the factory's quantizer part, the quantizer's bytes)."""
     nlist = int(2 ** round(math.log2(math.sqrt(max(n, 1)))))
     hnsw = nlist >= HNSW_NLIST
@@ -139,7 +139,7 @@ def index_candidates(n: int, dim: int, ram_budget: int, flops: float) -> list[In
     exact = 2 * 1000 * n * dim
     out = [IndexCandidate("Flat", n * dim * 4, (exact + n * dim) / flops, 2 * n * dim / flops * 1e3,
                           n * dim * 4 <= ram_budget)]
-    nlist, quantizer, centroids = _ivf_layout(n, dim)
+    nlist, quantizer, centroids = ivf_layout(n, dim)
     train = 2 * KMEANS_ITERATIONS * nlist * TRAIN_PER_LIST * nlist * dim
     assign = 2 * 2 * n * nlist * dim
     probe_ms = 2 * (nlist + ESTIMATE_NPROBE * n / nlist) * dim / flops * 1e3

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from geo.models.location import (
     save_module,
 )
 from geo.stages.gallery.train import TUNED, TrainConfig, train_gallery
-from geo.stages.knn import TRAIN_PER_LIST, selected
+from geo.stages.knn import TRAIN_PER_LIST, ivf_layout, selected
 from geo.store.atomic import atomic_write_faiss, atomic_write_json, atomic_write_parquet
 from geo.store.bundle import Bundle, BundleError
 from geo.store.schema import read_checked
@@ -230,15 +229,16 @@ def encode_points(location_encoder: LocationEncoder, projection: ImageProjection
 
 def gallery_index(vectors: np.ndarray, seed: int = 0) -> faiss.Index:
     """The searchable index over the gallery's vectors: exact up to :data:`EXACT_POINTS` points, above them
-    IVF-Flat with about sqrt(n) lists (a power of two, k-means on a seeded sample as the kNN index trains), a
-    search visiting :data:`PROBE_SHARE` of them. Its direct map lets ``geo add`` copy a known point's vector out."""
+    IVF-Flat laid out as the kNN index is (:func:`~geo.stages.knn.ivf_layout`: about sqrt(n) lists, k-means on a
+    seeded sample), a search visiting :data:`PROBE_SHARE` of them. Its direct map lets ``geo add`` copy a known
+    point's vector out."""
     n, dim = vectors.shape
     if n <= EXACT_POINTS:
         index = faiss.IndexFlatIP(dim)
         index.add(vectors)
         return index
-    nlist = int(2 ** round(math.log2(math.sqrt(n))))
-    index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    nlist, quantizer, _ = ivf_layout(n, dim)
+    index = faiss.index_factory(dim, f"{quantizer},Flat", faiss.METRIC_INNER_PRODUCT)
     sample = np.sort(np.random.default_rng(seed).choice(n, min(n, TRAIN_PER_LIST * nlist), replace=False))
     index.cp.seed = seed
     index.train(vectors[sample])
@@ -250,8 +250,9 @@ def gallery_index(vectors: np.ndarray, seed: int = 0) -> faiss.Index:
 
 def index_info(index: faiss.Index) -> dict[str, Any]:
     """What gallery.json records of the index: its kind and, for IVF, its lists and how many a search visits."""
-    ivf = faiss.try_extract_index_ivf(index)
-    return {"index": "Flat"} if ivf is None else {"index": f"IVF{ivf.nlist},Flat", "nprobe": int(ivf.nprobe)}
+    ivf = faiss.try_extract_index_ivf(index)  # built by gallery_index for its size: the layout names it
+    return {"index": "Flat"} if ivf is None else {"index": f"{ivf_layout(index.ntotal, index.d)[1]},Flat",
+                                                  "nprobe": int(ivf.nprobe)}
 
 
 def _keys(points: np.ndarray) -> np.ndarray:
