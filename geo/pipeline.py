@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geo.core.files import NO_CAP, FileRefused, on_disk, read_capped, regular_size
-from geo.core.memory import map_large_blocks, release_unused
+from geo.core.memory import map_large_blocks, own_garbage_only, release_unused
 from geo.core.runtime import matmul_flops
 from geo.core.sizes import human_bytes
 from geo.core.splits import group_column, training_rows, validation_mask
@@ -136,7 +136,7 @@ def build_index(cfg: BuildConfig, log: Log = print, progress: bool = True) -> Bu
                                 + (f" ({reasons}{', ...' if len(man.errors) > 3 else ''})" if reasons else "")
                                 + "; no bundle was written")
     map_large_blocks()
-    with writing(cfg.out, log):
+    with writing(cfg.out, log), own_garbage_only():
         return _build(cfg, man, executor, log, progress)
 
 
@@ -246,7 +246,7 @@ def add_photos(root: str | Path, manifest: str | None = None, embeddings: str | 
         raise ValueError("give either a manifest (photos) or --embeddings (precomputed), not both or neither")
     open_bundle(root, verify=False)  # refused before the lock when it is no bundle at all
     map_large_blocks()
-    with writing(root, log):
+    with writing(root, log), own_garbage_only():
         restore_interrupted(root)  # a killed addition's rewritten files, before the sizes are checked
         bundle = open_bundle(root)
         bundle.stage("knn_index")
@@ -467,7 +467,8 @@ def build_from_embeddings(root: str | Path, backbone: dict[str, Any], meta: pd.D
                   replace=STAGE_FOLDERS["embeddings"])
     bundle.manifest["counts"] = {"ok": len(meta), "failed": 0}
     bundle.save()
-    run_stages(bundle, configs, stages, (), log)
+    with own_garbage_only():
+        run_stages(bundle, configs, stages, (), log)
     return bundle
 
 

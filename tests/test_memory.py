@@ -51,3 +51,43 @@ def test_compact_rows_keeps_a_float16_sample_and_makes_anything_else_float32():
     assert memory.compact_rows(np.ones((4, 3))).dtype == np.float32
     same = np.ones((4, 3), np.float32)
     assert memory.compact_rows(same) is same
+
+
+class Node:
+    """An object in a reference cycle: only the garbage collector frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_a_block_collects_only_its_own_garbage_and_what_it_froze_is_collected_after():
+    import gc
+    import weakref
+
+    before = Node()
+    old = weakref.ref(before)
+    with memory.own_garbage_only():
+        assert gc.get_freeze_count() > 0
+        made = Node()
+        new = weakref.ref(made)
+        del before, made
+        memory.release_unused()
+        assert new() is None  # garbage the block made is collected inside it
+        assert old() is not None  # what was alive when it began is left alone until it ends
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert old() is None  # and then collected, not lost
+
+
+def test_nested_blocks_share_one_freeze_and_an_error_still_lifts_it():
+    import gc
+
+    try:
+        with memory.own_garbage_only():
+            with memory.own_garbage_only():
+                pass
+            assert gc.get_freeze_count() > 0  # the inner block's end leaves the outer one's freeze
+            raise RuntimeError("a failed build")
+    except RuntimeError:
+        pass
+    assert gc.get_freeze_count() == 0
