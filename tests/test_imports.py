@@ -95,8 +95,9 @@ import numpy, pandas, pyarrow, pyarrow.parquet, pyarrow.compute, torch, torchvis
 import open_clip, sklearn.neighbors, sklearn.isotonic, scipy.sparse, safetensors.torch, s2sphere, tqdm.auto
 import duckdb, matplotlib, geographiclib.geodesic
 assert not any(m == "geo" or m.startswith("geo.") for m in sys.modules)
-bad = []
-for module in sys.argv[1:]:
+
+
+def start(module):  # a child that imports the module first and alone, and a pipe for its traceback
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -108,10 +109,21 @@ for module in sys.argv[1:]:
             os.write(write, traceback.format_exc().encode()[-3000:])
             os._exit(1)
     os.close(write)
+    return module, pid, read
+
+
+def failure(module, pid, read):
     with os.fdopen(read, "rb") as f:
         err = f.read().decode()
-    if os.waitpid(pid, 0)[1] != 0:
-        bad.append(module + ":\\n" + err)
+    return module + ":\\n" + err if os.waitpid(pid, 0)[1] != 0 else None
+
+
+running, bad = [], []
+for module in sys.argv[1:]:  # one child per core at a time
+    if len(running) >= (os.cpu_count() or 1):
+        bad.append(failure(*running.pop(0)))
+    running.append(start(module))
+bad = [b for b in bad + [failure(*r) for r in running] if b]
 print("\\n\\n".join(bad))
 sys.exit(1 if bad else 0)
 """
