@@ -44,3 +44,36 @@ def test_parent_of_a_cell_is_its_ancestor():
 def test_bad_tokens_are_refused_by_name(bad):
     with pytest.raises(ValueError, match="not an S2 cell token"):
         s2.from_tokens([bad])
+
+
+def _s2sphere_geometry(ids):
+    cells = [s2sphere.Cell(s2sphere.CellId(int(c))) for c in ids]
+    centres = [s2sphere.LatLng.from_point(c.get_center()) for c in cells]
+    return ([c.lat().degrees for c in centres], [c.lng().degrees for c in centres], [c.exact_area() for c in cells])
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 7, 13, 30])
+def test_cell_centres_and_exact_areas_match_s2sphere(level):
+    """Every level's cells, the edge points' included: equal, not close (the semantic raster and the regions'
+    areas are computed here and were computed by s2sphere before)."""
+    lat, lon = _points(400, seed=level)
+    ids = s2.parent_ids(s2.leaf_ids(lat, lon), level)
+    if level <= 7:  # and a spread of the level's cells in order
+        ids = np.unique(np.r_[ids, s2.level_ids(level)[:: 4 ** level // 16 or 1]])
+    ours = s2.cell_geometry(ids)
+    assert [a.tolist() for a in ours] == [list(r) for r in _s2sphere_geometry(ids)]
+
+
+def test_level_ids_are_every_cell_of_the_level_in_order():
+    ids = s2.level_ids(3)
+    assert len(ids) == 6 * 4 ** 3 and (np.diff(ids) > 0).all() and (s2.levels_of(ids) == 3).all()
+    first = s2sphere.CellId.from_face_pos_level(0, 0, 3)
+    assert s2.to_tokens(ids[[0, 1, -1]]) == [c.to_token() for c in (first, first.next(), s2sphere.CellId.end(3).prev())]
+
+
+def test_cells_of_mixed_levels_get_their_own_geometry():
+    lat, lon = _points(300, seed=7)
+    leaf = s2.leaf_ids(lat, lon)
+    levels = np.random.default_rng(7).integers(0, 31, len(leaf))
+    ids = np.array([s2.parent_ids(leaf[k:k + 1], int(v))[0] for k, v in enumerate(levels)])
+    assert [a.tolist() for a in s2.cell_geometry(ids)] == [list(r) for r in _s2sphere_geometry(ids)]

@@ -5,6 +5,8 @@ MP-16-sized gallery built at several levels. Here the lat/lng -> leaf id
 conversion (quadratic projection, Hilbert curve through s2sphere's own 4-bit
 lookup table) runs over numpy arrays, and every coarser cell is derived from
 the leaf id with integer arithmetic, so a photo's cell id is computed once.
+Cells' centres and exact areas (:func:`cell_geometry`) are s2sphere's operations
+over arrays too: a semantic bundle's raster is the 98K cells of level 7.
 Ids are uint64 (face 5 uses the top bit); tokens match ``CellId.to_token()``.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from s2sphere.sphere import LOOKUP_POS
+from s2sphere.sphere import LOOKUP_IJ, LOOKUP_POS
 
 from geo.core.geodesy import latlon_to_xyz
 
@@ -117,6 +119,96 @@ def levels_of(ids: np.ndarray) -> np.ndarray:
     low = ids & (~ids + _U64(1))  # isolate lowest set bit
     tz = np.log2(low.astype(np.float64)).round().astype(np.int64)  # exact: powers of two
     return (MAX_LEVEL - tz // 2).astype(np.int8)
+
+
+def level_ids(level: int) -> np.ndarray:
+    """Every cell id of one level, in id (Hilbert) order."""
+    pos = np.arange(4 ** level, dtype=np.uint64)
+    lsb = lsb_for_level(level)
+    return np.concatenate([(_U64(f) << _U64(61)) | (pos * (lsb << _U64(1))) | lsb for f in range(6)])
+
+
+_IJ = np.asarray(LOOKUP_IJ, dtype=np.int64)
+
+
+def _face_ij(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(face, i, j) of every id, i and j at leaf resolution: s2sphere's ``to_face_ij_orientation`` for arrays
+    (the leaf its bits name, inside the cell; ``i & -size`` is the cell's first row)."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    face = (ids >> _U64(2 * MAX_LEVEL + 1)).astype(np.int64)
+    pos = (ids & _U64((1 << (2 * MAX_LEVEL + 1)) - 1)).astype(np.int64)
+    i, j, bits = np.zeros_like(pos), np.zeros_like(pos), face & 1
+    for k in range(7, -1, -1):
+        width = 2 if k == 7 else 4  # 30 bits of i and j: 2 then 7 lookups of 4
+        bits = _IJ[bits + (((pos >> (8 * k + 1)) & ((1 << (2 * width)) - 1)) << 2)]
+        i += (bits >> 6) << (4 * k)
+        j += ((bits >> 2) & 15) << (4 * k)
+        bits &= 3
+    return face, i, j
+
+
+def _st_to_uv(s: np.ndarray) -> np.ndarray:
+    """s2sphere's quadratic projection, the same operations in the same order."""
+    return np.where(s >= 0.5, (1.0 / 3.0) * (4 * s * s - 1), (1.0 / 3.0) * (1 - 4 * (1 - s) * (1 - s)))
+
+
+def _unit_points(face: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """[n, 3] unit vectors of face coordinates: ``face_uv_to_xyz`` then ``Point.normalize``."""
+    one = np.ones_like(u)
+    x = np.choose(face, [one, -u, -u, -one, v, v])
+    y = np.choose(face, [u, one, -v, -v, -one, u])
+    z = np.choose(face, [v, v, one, -u, -u, -one])
+    n = np.sqrt(x * x + y * y + z * z)
+    n = np.where(n != 0, 1.0 / np.where(n != 0, n, 1.0), n)
+    return np.stack([x * n, y * n, z * n], axis=-1)
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``Point.angle``: atan2 of the cross product's norm and the dot product."""
+    cx = a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1]
+    cy = a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2]
+    cz = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
+    return np.arctan2(np.sqrt(cx * cx + cy * cy + cz * cz), a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1] + a[:, 2] * b[:, 2])
+
+
+def _triangle_areas(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """s2sphere's ``area(a, b, c)`` by l'Huilier's formula, and [n] True where s2sphere would use Girard's
+    instead (a long, thin triangle: no cell of level 2 or finer is one)."""
+    sa, sb, sc = _angle(b, c), _angle(c, a), _angle(a, b)
+    s = 0.5 * (sa + sb + sc)
+    s2 = s * s
+    girard = (s >= 3e-4) & (s - np.maximum(sa, np.maximum(sb, sc)) < 1e-2 * s * s2 * s2)
+    t = np.tan(0.5 * s) * np.tan(0.5 * (s - sa)) * np.tan(0.5 * (s - sb)) * np.tan(0.5 * (s - sc))
+    return 4 * np.arctan(np.sqrt(np.maximum(0.0, t))), girard
+
+
+def cell_geometry(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(centre latitudes, centre longitudes (degrees), exact areas (steradians)) of cells of any levels:
+    s2sphere's ``Cell.get_center`` and ``Cell.exact_area``, the same floating-point operations in the same
+    order, for whole arrays (equal to s2sphere's, tests). s2sphere took 14 s for the 98K cells of level 7."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    face, i, j = _face_ij(ids)
+    size = np.left_shift(1, MAX_LEVEL - levels_of(ids).astype(np.int64))  # leaf rows and columns per cell
+    lo_i, lo_j = i & -size, j & -size
+    centre = _unit_points(face, _st_to_uv((0.5 / _MAX_SIZE) * (2 * lo_i + size)),
+                          _st_to_uv((0.5 / _MAX_SIZE) * (2 * lo_j + size)))
+    lat = np.degrees(np.arctan2(centre[:, 2], np.sqrt(centre[:, 0] * centre[:, 0] + centre[:, 1] * centre[:, 1])))
+    lon = np.degrees(np.arctan2(centre[:, 1], centre[:, 0]))
+    u = [_st_to_uv((1.0 / _MAX_SIZE) * lo_i), _st_to_uv((1.0 / _MAX_SIZE) * (lo_i + size))]
+    v = [_st_to_uv((1.0 / _MAX_SIZE) * lo_j), _st_to_uv((1.0 / _MAX_SIZE) * (lo_j + size))]
+    corner = [_unit_points(face, u[(k >> 1) ^ (k & 1)], v[k >> 1]) for k in range(4)]  # Cell.get_vertex(k)
+    first, g1 = _triangle_areas(corner[0], corner[1], corner[2])
+    second, g2 = _triangle_areas(corner[0], corner[2], corner[3])
+    area = first + second
+    for r in np.flatnonzero(g1 | g2):  # never for level 2 or finer: s2sphere's own Girard branch
+        area[r] = _s2sphere_area(int(ids[r]))
+    return lat, lon, area
+
+
+def _s2sphere_area(cell_id: int) -> float:
+    import s2sphere  # the rare cell whose triangles take Girard's formula
+
+    return s2sphere.Cell(s2sphere.CellId(cell_id)).exact_area()
 
 
 def to_tokens(ids: np.ndarray) -> list[str]:
