@@ -13,8 +13,6 @@ EXTRAS=${1:-}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-# --no-compile: pip byte-compiles every module of every package it installs (torch with its CUDA libraries, Ray,
-# transformers), half of a 3-minute set-up here; Python compiles the modules it imports on their first import.
 TORCH_INDEX=${GEO_TORCH_INDEX:-}
 if [ -n "$TORCH_INDEX" ] && [ "$TORCH_INDEX" != none ]; then
     # the versions pyproject pins; "==2.14.1" also matches the CPU wheel "2.14.1+cpu"
@@ -24,6 +22,6 @@ text = open("pyproject.toml").read()
 print(" ".join(re.findall(r'"((?:torch|torchvision)==[^"]+)"', text)))
 PY
 )
-    python -m pip install -q --no-compile $pins --extra-index-url "$TORCH_INDEX"
+    python -m pip install -q $pins --extra-index-url "$TORCH_INDEX"
 fi
-python -m pip install -q --no-compile -e ".${EXTRAS:+[$EXTRAS]}"
+python -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}"
