@@ -77,3 +77,15 @@ def test_cells_of_mixed_levels_get_their_own_geometry():
     levels = np.random.default_rng(7).integers(0, 31, len(leaf))
     ids = np.array([s2.parent_ids(leaf[k:k + 1], int(v))[0] for k, v in enumerate(levels)])
     assert [a.tolist() for a in s2.cell_geometry(ids)] == [list(r) for r in _s2sphere_geometry(ids)]
+
+
+def test_cell_rings_match_s2sphere_corners_rounded_as_python_rounds():
+    lat, lon = _points(300, seed=11)
+    leaf = s2.leaf_ids(lat, lon)
+    ids = np.r_[s2.parent_ids(leaf, 7), s2.parent_ids(leaf, 0), s2.parent_ids(leaf, 23)]
+    rings = s2.cell_rings(ids)
+    for c, ring in zip(ids, rings.tolist()):
+        cell = s2sphere.Cell(s2sphere.CellId(int(c)))
+        corners = [s2sphere.LatLng.from_point(cell.get_vertex(k)) for k in (0, 1, 2, 3, 0)]
+        assert ring == [[round(p.lng().degrees, 6), round(p.lat().degrees, 6)] for p in corners]
+    assert s2.cell_ring(s2.to_tokens(ids[:1])[0]) == tuple(tuple(p) for p in rings[0].tolist())

@@ -182,27 +182,50 @@ def _triangle_areas(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.nda
     return 4 * np.arctan(np.sqrt(np.maximum(0.0, t))), girard
 
 
+def _corners(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(face, first leaf row i and column j, leaf rows per cell, the four corners [n, 3] in ``Cell.get_vertex``
+    order) of every cell."""
+    face, i, j = _face_ij(ids)
+    size = np.left_shift(1, MAX_LEVEL - levels_of(ids).astype(np.int64))  # leaf rows and columns per cell
+    lo_i, lo_j = i & -size, j & -size
+    u = [_st_to_uv((1.0 / _MAX_SIZE) * lo_i), _st_to_uv((1.0 / _MAX_SIZE) * (lo_i + size))]
+    v = [_st_to_uv((1.0 / _MAX_SIZE) * lo_j), _st_to_uv((1.0 / _MAX_SIZE) * (lo_j + size))]
+    return face, lo_i, lo_j, size, [_unit_points(face, u[(k >> 1) ^ (k & 1)], v[k >> 1]) for k in range(4)]
+
+
+def _degrees(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(latitudes, longitudes) in degrees of unit vectors [n, 3], as ``LatLng.from_point`` computes them."""
+    lat = np.degrees(np.arctan2(p[:, 2], np.sqrt(p[:, 0] * p[:, 0] + p[:, 1] * p[:, 1])))
+    return lat, np.degrees(np.arctan2(p[:, 1], p[:, 0]))
+
+
 def cell_geometry(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(centre latitudes, centre longitudes (degrees), exact areas (steradians)) of cells of any levels:
     s2sphere's ``Cell.get_center`` and ``Cell.exact_area``, the same floating-point operations in the same
     order, for whole arrays (equal to s2sphere's, tests). s2sphere took 14 s for the 98K cells of level 7."""
     ids = np.asarray(ids, dtype=np.uint64)
-    face, i, j = _face_ij(ids)
-    size = np.left_shift(1, MAX_LEVEL - levels_of(ids).astype(np.int64))  # leaf rows and columns per cell
-    lo_i, lo_j = i & -size, j & -size
-    centre = _unit_points(face, _st_to_uv((0.5 / _MAX_SIZE) * (2 * lo_i + size)),
-                          _st_to_uv((0.5 / _MAX_SIZE) * (2 * lo_j + size)))
-    lat = np.degrees(np.arctan2(centre[:, 2], np.sqrt(centre[:, 0] * centre[:, 0] + centre[:, 1] * centre[:, 1])))
-    lon = np.degrees(np.arctan2(centre[:, 1], centre[:, 0]))
-    u = [_st_to_uv((1.0 / _MAX_SIZE) * lo_i), _st_to_uv((1.0 / _MAX_SIZE) * (lo_i + size))]
-    v = [_st_to_uv((1.0 / _MAX_SIZE) * lo_j), _st_to_uv((1.0 / _MAX_SIZE) * (lo_j + size))]
-    corner = [_unit_points(face, u[(k >> 1) ^ (k & 1)], v[k >> 1]) for k in range(4)]  # Cell.get_vertex(k)
+    face, lo_i, lo_j, size, corner = _corners(ids)
+    lat, lon = _degrees(_unit_points(face, _st_to_uv((0.5 / _MAX_SIZE) * (2 * lo_i + size)),
+                                     _st_to_uv((0.5 / _MAX_SIZE) * (2 * lo_j + size))))
     first, g1 = _triangle_areas(corner[0], corner[1], corner[2])
     second, g2 = _triangle_areas(corner[0], corner[2], corner[3])
     area = first + second
     for r in np.flatnonzero(g1 | g2):  # never for level 2 or finer: s2sphere's own Girard branch
         area[r] = _s2sphere_area(int(ids[r]))
     return lat, lon, area
+
+
+def cell_rings(ids: np.ndarray) -> np.ndarray:
+    """[n, 5, 2] closed GeoJSON rings of (lon, lat) degrees, counter-clockwise (RFC 7946), rounded to 6
+    decimals as Python rounds: :func:`cell_ring` for whole arrays (a semantic cell is drawn from thousands)."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    out = np.empty((len(ids), 5, 2))
+    for k, p in enumerate(_corners(ids)[4]):
+        lat, lon = _degrees(p)
+        out[:, k, 0] = [round(x, 6) for x in lon.tolist()]
+        out[:, k, 1] = [round(x, 6) for x in lat.tolist()]
+    out[:, 4] = out[:, 0]
+    return out
 
 
 def _s2sphere_area(cell_id: int) -> float:
@@ -233,13 +256,6 @@ def cell_ring(token: str) -> tuple[tuple[float, float], ...]:
 
     S2 edges are great-circle arcs, so the four corners describe the cell exactly
     for a spherical renderer (d3-geo); planar GIS tools draw straight edges. Memoised (and so immutable):
-    s2sphere takes 0.1 ms a cell, and answers list the popular cells, and regions draw them, again and again.
+    answers list the popular cells, and regions draw them, again and again.
     """
-    import s2sphere  # one cell at a time, for the cells answers list and regions draw
-
-    cell = s2sphere.Cell(s2sphere.CellId.from_token(token))
-    ring = []
-    for k in range(4):
-        ll = s2sphere.LatLng.from_point(cell.get_vertex(k))
-        ring.append((round(ll.lng().degrees, 6), round(ll.lat().degrees, 6)))
-    return (*ring, ring[0])
+    return tuple(tuple(p) for p in cell_rings(from_tokens([token]))[0].tolist())

@@ -191,14 +191,19 @@ class RegionCells:
         return shape
 
     def _drawn(self, k: int, row: int):
+        """One cell's shape: an S2 cell's ring, or the union of a semantic cell's raster cells (thousands for a
+        country-sized cell: their rings and polygons are made as arrays, 25 s one at a time for the world)."""
+        import shapely
         from shapely.geometry import Polygon
-        from shapely.ops import unary_union
 
         if not self.semantic:
             return Polygon(_unwrapped(s2.cell_ring(self.tokens[k][row])))
         fine = [row] if k == len(self.tables) - 1 else np.flatnonzero(self.parents[k] == row)
-        return unary_union([Polygon(_unwrapped(s2.cell_ring(t))) for f in fine
-                            for t in s2.to_tokens(self._raster[0][f])])
+        rings = s2.cell_rings(np.concatenate([self._raster[0][f] for f in fine]))
+        lon = rings[..., 0]
+        crossing = (lon.max(axis=1) - lon.min(axis=1) > 180)[:, None] & (lon < 0)  # as _unwrapped moves them
+        lon[crossing] += 360
+        return shapely.union_all(shapely.polygons(rings))
 
     def geometry(self, region: Region) -> dict[str, Any]:
         """A GeoJSON MultiPolygon of a region's cells, adjacent cells merged (shapely 2). The union is most of
