@@ -256,6 +256,14 @@ def cell_ring(token: str) -> tuple[tuple[float, float], ...]:
 
     S2 edges are great-circle arcs, so the four corners describe the cell exactly
     for a spherical renderer (d3-geo); planar GIS tools draw straight edges. Memoised (and so immutable):
-    answers list the popular cells, and regions draw them, again and again.
+    s2sphere takes 0.1 ms a cell, and answers list the popular cells, and regions draw them, again and again.
+    One cell through s2sphere, not :func:`cell_rings` (equal, tests): numpy's call overheads make one ring 1 ms.
     """
-    return tuple(tuple(p) for p in cell_rings(from_tokens([token]))[0].tolist())
+    import s2sphere  # one cell at a time, for the cells answers list and regions draw
+
+    cell = s2sphere.Cell(s2sphere.CellId.from_token(token))
+    ring = []
+    for k in range(4):
+        ll = s2sphere.LatLng.from_point(cell.get_vertex(k))
+        ring.append((round(ll.lng().degrees, 6), round(ll.lat().degrees, 6)))
+    return (*ring, ring[0])
