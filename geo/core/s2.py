@@ -158,8 +158,7 @@ def _unit_points(face: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     x = np.choose(face, [one, -u, -u, -one, v, v])
     y = np.choose(face, [u, one, -v, -v, -one, u])
     z = np.choose(face, [v, v, one, -u, -u, -one])
-    n = np.sqrt(x * x + y * y + z * z)
-    n = np.where(n != 0, 1.0 / np.where(n != 0, n, 1.0), n)
+    n = 1.0 / np.sqrt(x * x + y * y + z * z)  # never 0: one coordinate is +-1
     return np.stack([x * n, y * n, z * n], axis=-1)
 
 

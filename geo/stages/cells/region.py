@@ -154,9 +154,9 @@ class RegionCells:
         self.tokens = [t["token"].astype(str).astype(object) for t in self.tables]
         self.parents = [positions(t["token"], fine[f"parent_{n}"]) for t, n in zip(self.tables[:-1], names[:-1])]
         self.children = [np.bincount(p, minlength=len(k)) for p, k in zip(self.parents, self.tokens[:-1])]
-        fine_area = self._raster[1] if self.semantic else _s2_areas(self.tokens[-1])
+        fine_area = self._raster[1] if self.semantic else _areas_km2(s2.from_tokens(self.tokens[-1]))
         self.areas = [np.bincount(p, weights=fine_area, minlength=len(self.tokens[k])) if self.semantic
-                      else _s2_areas(self.tokens[k])
+                      else _areas_km2(s2.from_tokens(self.tokens[k]))
                       for k, p in enumerate(self.parents)] + [fine_area]
 
     @property
@@ -178,8 +178,10 @@ class RegionCells:
         fine = self.tables[-1]
         seeds = s2.parent_ids(s2.leaf_ids(fine["seed_lat"].astype(float), fine["seed_lon"].astype(float)),
                               SEED_LEVEL)
-        for r in np.flatnonzero(area == 0):
-            members[r], area[r] = seeds[r:r + 1], s2.cell_geometry(seeds[r:r + 1])[2][0] * EARTH_RADIUS_KM ** 2
+        empty = np.flatnonzero(area == 0)
+        area[empty] = _areas_km2(seeds[empty])
+        for r in empty.tolist():
+            members[r] = seeds[r:r + 1]
         return members, area
 
     def _polygon(self, k: int, row: int):
@@ -197,13 +199,10 @@ class RegionCells:
         from shapely.geometry import Polygon
 
         if not self.semantic:
-            return Polygon(_unwrapped(s2.cell_ring(self.tokens[k][row])))
+            return Polygon(_unwrapped(np.array([s2.cell_ring(self.tokens[k][row])]))[0])
         fine = [row] if k == len(self.tables) - 1 else np.flatnonzero(self.parents[k] == row)
         rings = s2.cell_rings(np.concatenate([self._raster[0][f] for f in fine]))
-        lon = rings[..., 0]
-        crossing = (lon.max(axis=1) - lon.min(axis=1) > 180)[:, None] & (lon < 0)  # as _unwrapped moves them
-        lon[crossing] += 360
-        return shapely.union_all(shapely.polygons(rings))
+        return shapely.union_all(shapely.polygons(_unwrapped(rings)))
 
     def geometry(self, region: Region) -> dict[str, Any]:
         """A GeoJSON MultiPolygon of a region's cells, adjacent cells merged (shapely 2). The union is most of
@@ -331,9 +330,9 @@ class RegionCells:
         return np.array([bool(set(o) & set(c)) for o, c in zip(own, cells)], dtype=bool)
 
 
-def _s2_areas(tokens) -> np.ndarray:
+def _areas_km2(ids: np.ndarray) -> np.ndarray:
     """The cells' exact spherical areas (km²)."""
-    return s2.cell_geometry(s2.from_tokens(tokens))[2] * EARTH_RADIUS_KM ** 2
+    return s2.cell_geometry(ids)[2] * EARTH_RADIUS_KM ** 2
 
 
 @functools.cache
@@ -348,12 +347,12 @@ def _raster_cells(level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     return out
 
 
-def _unwrapped(ring: list[list[float]]) -> list[list[float]]:
-    """A ring that crosses the antimeridian with its western longitudes moved past 180, so it stays one shape."""
-    lons = [p[0] for p in ring]
-    if max(lons) - min(lons) <= 180:
-        return ring
-    return [[lo + 360 if lo < 0 else lo, la] for lo, la in ring]
+def _unwrapped(rings: np.ndarray) -> np.ndarray:
+    """Rings [n, points, (lon, lat)] with those that cross the antimeridian given their western longitudes moved
+    past 180, so each stays one shape (in place)."""
+    lon = rings[..., 0]
+    lon[((lon.max(axis=1) - lon.min(axis=1)) > 180)[:, None] & (lon < 0)] += 360
+    return rings
 
 
 def _geojson_multipolygon(shape) -> dict[str, Any]:
