@@ -183,3 +183,20 @@ def test_the_ridge_from_fold_moments_is_the_ridge_on_the_rows_themselves(monkeyp
     w, b = (R._total(moments) - moments[0]).ridge(2.0)
     assert np.allclose(w, want, atol=1e-10)
     assert np.allclose(b, y[fit].mean(0) - x.mean(0) @ want, atol=1e-10)
+
+
+def test_a_ridge_on_fewer_photos_than_dimensions_is_the_ridge_from_their_moments():
+    """Why: a small gallery's ridges are solved in the photos' space (an [m, m] system, not [dim, dim]); by the
+    push-through identity the weights must be the ones the moments give."""
+    from geo.stages.cells import regression as R
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(40, 64)).astype(np.float32)
+    y = rng.normal(size=(40, 3))
+    fold = np.arange(40) % 3
+    moments = R._moments(emb, y, fold, 3)
+    rest, rows = R._total(moments) - moments[1], np.flatnonzero(fold != 1)
+    for alpha in (1e-3, 2.0, 300.0):
+        w, b = R._ridge(emb, y, rows, rest, alpha)
+        want_w, want_b = rest.ridge(alpha)
+        assert np.allclose(w, want_w, atol=1e-8) and np.allclose(b, want_b, atol=1e-8)

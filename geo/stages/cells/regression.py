@@ -133,7 +133,25 @@ def _predict(emb: np.ndarray, rows: np.ndarray, w: np.ndarray, b: np.ndarray) ->
                           or [np.zeros((0, 3))])
 
 
-def _out_of_fold(emb: np.ndarray, moments: list[_Moments], fold: np.ndarray, alpha_per_photo: float) -> np.ndarray:
+def _ridge(emb: np.ndarray, y: np.ndarray, rows: np.ndarray, moments: _Moments,
+           alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(weight [dim, 3], bias [3]) of the centred ridge on ``rows`` (whose sums are ``moments``).
+
+    Fewer photos than dimensions (a small gallery of 1280-d features): solved in the photos' space,
+    w = Xc' (Xc Xc' + alpha I)^-1 Yc, the same weights by the push-through identity. The [dim, dim] system
+    cost 0.1 s a solve at 1280-d, 1.7 s of a 51-photo build's 16 solves; an [m, m] one costs microseconds.
+    """
+    if len(rows) >= emb.shape[1]:
+        return moments.ridge(alpha)
+    x, yr = emb[rows].astype(np.float64), y[rows]
+    mx, my = x.mean(axis=0), yr.mean(axis=0)
+    xc = x - mx
+    w = xc.T @ np.linalg.solve(xc @ xc.T + alpha * np.eye(len(rows)), yr - my)
+    return w, my - mx @ w
+
+
+def _out_of_fold(emb: np.ndarray, y: np.ndarray, moments: list[_Moments], fold: np.ndarray,
+                 alpha_per_photo: float) -> np.ndarray:
     """Raw (unnormalised) predictions for every photo from ridges fitted without its fold."""
     total = _total(moments)
     raw = np.zeros((len(emb), 3))
@@ -142,7 +160,7 @@ def _out_of_fold(emb: np.ndarray, moments: list[_Moments], fold: np.ndarray, alp
         if m.n == 0 or rest.n == 0:
             continue
         held = np.flatnonzero(fold == f)
-        raw[held] = _predict(emb, held, *rest.ridge(alpha_per_photo * rest.n))
+        raw[held] = _predict(emb, held, *_ridge(emb, y, np.flatnonzero(fold != f), rest, alpha_per_photo * rest.n))
     return raw
 
 
@@ -162,13 +180,13 @@ def fit_regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np
     if n_groups < FOLDS or n < 2 * FOLDS:  # too few photographers to score out of fold: no claims, no say
         info.update({"alpha": ALPHAS[0] * n, "shrink": {"weight": 1.0, "prior": [float(v) for v in
                                                                                population_prior(lat, lon)]}})
-        w, b = _moments(emb, y, np.zeros(n, np.int64), 1)[0].ridge(info["alpha"])
+        w, b = _ridge(emb, y, np.arange(n), _moments(emb, y, np.zeros(n, np.int64), 1)[0], info["alpha"])
         return Regression(w, b, info)
     fold = group_folds(n, groups, FOLDS, seed)
     moments = _moments(emb, y, fold, FOLDS)
     tried = []
     for a in ALPHAS:
-        raw = _out_of_fold(emb, moments, fold, a)
+        raw = _out_of_fold(emb, y, moments, fold, a)
         tried.append((float(np.median(haversine_km(*xyz_to_latlon(raw), lat, lon))), a, raw))
     _, a, raw = min(tried, key=lambda t: t[0])
     # each photo's prior is its training folds' (the answer a bundle without that photo would give)
@@ -195,5 +213,5 @@ def fit_regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np
         "held_out_acc": {str(t): round(float(np.mean(err <= t)), 4) for t in THRESHOLDS_KM},
     })
     info["p_within"] = {t: info["held_out_acc"][t] for t in CALIBRATED_KM}
-    w, b = _total(moments).ridge(info["alpha"])
+    w, b = _ridge(emb, y, np.arange(n), _total(moments), info["alpha"])
     return Regression(w, b, info)
