@@ -6,12 +6,15 @@ and a reader opens the bundle and answers stored embeddings in a loop the whole 
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from conftest import manifest_of
+
+from geo.store.lock import LOCK_FILE
 
 DURATION_S = 30.0
 
@@ -39,6 +42,19 @@ def _builder(manifest, out) -> list[str]:
             "--force", "cells", "--force", "gallery", "--force", "fusion"]
 
 
+def _holds_the_lock(proc: subprocess.Popen, bundle: Path) -> bool:
+    """Wait until ``proc`` holds the bundle's write lock (True) or has ended (False). Why: a fixed 4-s wait
+    (its imports done by then) failed in a full run: A was still importing, B took the lock and A was refused."""
+    while proc.poll() is None:
+        try:
+            if json.loads((bundle / LOCK_FILE).read_text()).get("pid") == proc.pid:
+                return True
+        except (OSError, ValueError):
+            pass  # no lock yet, or one being written
+        time.sleep(0.05)
+    return False
+
+
 def test_two_builders_and_a_reader_for_30_seconds(cli_bundle, bundle):
     manifest, _ = cli_bundle
     created = manifest_of(bundle)["created"]
@@ -47,8 +63,7 @@ def test_two_builders_and_a_reader_for_30_seconds(cli_bundle, bundle):
     deadline, passes, refusals = time.monotonic() + DURATION_S, 0, []
     while time.monotonic() < deadline:
         a = subprocess.Popen(_builder(manifest, bundle), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(4.0)  # A is loading its model or fitting by now, and holds the lock
-        if a.poll() is None:
+        if _holds_the_lock(a, bundle):
             b = subprocess.run(_builder(manifest, bundle), capture_output=True, text=True, timeout=120)
             refusals.append((b.returncode, b.stderr))
         out, err = a.communicate(timeout=600)
