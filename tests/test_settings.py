@@ -24,7 +24,7 @@ def settings_of(root) -> dict:
 
 
 # Small, non-default values for the stages the options do not name: they come from --config.
-TUNED = {"cells": {"tau_min": 3, "tau_max": [40, 12]}, "gallery": {"epochs": 1, "max_points": 60},
+TUNED = {"cells": {"tau_min": 3, "tau_max": [40, 12], "max_epochs": 12}, "gallery": {"epochs": 1, "max_points": 60},
          "embed": {"shard_rows": 40}, "train_photos": 140}
 
 
@@ -46,8 +46,8 @@ def test_refit_keeps_every_setting_and_answers_as_a_fresh_build(tmp_path):
 
     s = settings_of(grown)
     assert s == built == settings_of(fresh)
-    assert (s["cells"]["head"], s["cells"]["partitioner"], s["cells"]["tau_min"], s["cells"]["tau_max"]) == \
-        ("mlp", "bottomup", 3, [40, 12])
+    assert (s["cells"]["head"], s["cells"]["partitioner"], s["cells"]["tau_min"], s["cells"]["tau_max"],
+            s["cells"]["max_epochs"]) == ("mlp", "bottomup", 3, [40, 12], 12)
     assert (s["skip"], s["group_column"], s["train_photos"]) == (["fusion"], "AUTHOR", 140)
     assert (s["gallery"]["epochs"], s["gallery"]["max_points"], s["embed"]["shard_rows"]) == (1, 60, 40)
     a, b = open_index(grown), open_index(fresh)
@@ -90,7 +90,8 @@ def test_a_bundle_without_recorded_settings_loads_and_refits_with_defaults(tmp_p
     out = tmp_path / "old"
     config = tmp_path / "c.toml"
     config.write_text("[gallery]\nepochs = 1\n")
-    assert invoke("build-index", "--embeddings", first, "--backbone", "toy24", "--out", out, "--head", "mlp",
+    # recorded, the skip would hold on a refit; with the record gone, the refit takes the defaults: fusion too
+    assert invoke("build-index", "--embeddings", first, "--backbone", "toy24", "--out", out, "--skip", "fusion",
                   "--config", config, "-q").exit_code == 0
     bundle = open_bundle(out)
     del bundle.manifest["build"]["settings"]  # as geo wrote bundles before it recorded them
