@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from synthetic import config_file
+from synthetic import config_file, synthetic_gallery, write_embeddings
 from typer.testing import CliRunner
 
 from geo.cli import app
@@ -41,10 +41,15 @@ def test_build_shows_fusion_heads_and_gallery_progress_and_quiet_hides_it(tmp_pa
     for shown in ("fusion folds: 100%", "fold 3/3", "cell heads (early stopping ends sooner)",
                   "gallery rounds (early stopping ends sooner)", "step/s", "gallery epoch 1:"):
         assert shown in r.output, shown
-    q = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--quiet"])
-    assert q.exit_code == 0 and "fusion folds" not in q.output and "gallery epoch" not in q.output
-    plain = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c")])
-    assert "fusion folds: 100%" in plain.output and "gallery epoch 1:" not in plain.output  # no flood by default
+    # the other two settings on a build that trains a GPS gallery alone (seconds, not a whole build again)
+    emb = write_embeddings(synthetic_gallery(120), tmp_path / "e.parquet")
+    small = ["build-index", "--embeddings", str(emb), "--backbone", "toy24", "--skip", "cells", "--skip", "fusion",
+             "--config", str(config)]
+    q = CliRunner().invoke(app, [*small, "--out", str(tmp_path / "b"), "--quiet"])
+    assert q.exit_code == 0 and "gallery rounds" not in q.output and "gallery epoch" not in q.output, q.output
+    plain = CliRunner().invoke(app, [*small, "--out", str(tmp_path / "c")])
+    assert plain.exit_code == 0, plain.output
+    assert "gallery rounds (early stopping ends sooner)" in plain.output and "gallery epoch 1:" not in plain.output
 
 
 def test_off_a_terminal_a_bar_prints_whole_lines_not_redrawn_frames(capsys, monkeypatch):
