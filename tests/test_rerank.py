@@ -272,12 +272,18 @@ def world_with_blank_photos(n: int, seed: int, blank: float = 0.35) -> tuple[Evi
     return ev, truth, groups, is_blank
 
 
-def test_photos_without_evidence_are_answered_by_the_constant_guess(tmp_path):
+@pytest.fixture(scope="module")
+def blank() -> tuple[Evidence, np.ndarray, np.ndarray, FusionModel]:
+    """A world where some photos carry no evidence, and fusion fitted on it (two tests read the one fit)."""
+    ev, truth, groups, _ = world_with_blank_photos(900, seed=0)
+    return ev, truth, groups, _fitted(ev, truth, groups)
+
+
+def test_photos_without_evidence_are_answered_by_the_constant_guess(blank, tmp_path):
     """Where even the ranker's best candidate scores low (no usable evidence), the threshold chosen out of fold
     hands the photo to the prior's constant guess at 750 km; photos with evidence keep the ranker's answer. The
     file keeps the threshold, and one from before it never backs off."""
-    ev, truth, groups, _ = world_with_blank_photos(900, seed=0)
-    model = _fitted(ev, truth, groups)
+    model = blank[3]
     r = model.reranker
     assert r is not None and r.backoff_below is not None and model.params.rerank["backoff_share"] > 0.2
     new, new_truth, _, blank = world_with_blank_photos(400, seed=1)
@@ -302,13 +308,13 @@ def test_without_a_weightless_anchor_there_is_no_constant_guess_to_back_off_to(i
     assert R.backoff_pick(with_anchor) == with_anchor.blocks()[-1].stop - 2
 
 
-def test_the_build_log_states_the_share_of_the_answers_it_keeps():
+def test_the_build_log_states_the_share_of_the_answers_it_keeps(blank):
     """The build's line 'share of thresholds met A% -> B%' gives B for the answers kept, back-offs included."""
     import re
 
-    ev, truth, groups, _ = world_with_blank_photos(900, seed=0)
+    ev, truth, groups, model = blank
     lines: list[str] = []
-    reranker, report, km = R.fit_reranker(ev, _fitted(ev, truth, groups).params, truth, groups, log=lines.append)
+    reranker, report, km = R.fit_reranker(ev, model.params, truth, groups, log=lines.append)
     assert reranker is not None and report["backoff_share"] > 0
     shown = float(re.search(r"-> ([\d.]+)%", lines[0]).group(1))
     assert shown == pytest.approx(100 * thresholds_met(km).mean(), abs=0.05)
