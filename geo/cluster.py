@@ -135,7 +135,7 @@ def ray_map(fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
 
     def call(f: Callable[[Any], Any], x: Any) -> Any:
         """Defined here, so Ray ships it by value: a worker imports what ``fn`` needs (FAISS for fill_shard),
-        not geo.cluster, whose backbones import torch (4.5 s and ~0.3 GB per fresh worker)."""
+        not geo.cluster, whose backbones import torch (4.5 s, and peak RSS 537 MB against 77 MB)."""
         return f(x)
 
     # named for what it runs (fill_shard, list_sizes), not "call", in Ray's task lists, logs and dashboard
