@@ -6,7 +6,6 @@ and a reader opens the bundle and answers stored embeddings in a loop the whole 
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from conftest import manifest_of
 
-from geo.store.lock import LOCK_FILE
+from geo.store.lock import LOCK_FILE, _holder
 
 DURATION_S = 30.0
 
@@ -46,11 +45,8 @@ def _holds_the_lock(proc: subprocess.Popen, bundle: Path) -> bool:
     """Wait until ``proc`` holds the bundle's write lock (True) or has ended (False). Why: a fixed 4-s wait
     (its imports done by then) failed in a full run: A was still importing, B took the lock and A was refused."""
     while proc.poll() is None:
-        try:
-            if json.loads((bundle / LOCK_FILE).read_text()).get("pid") == proc.pid:
-                return True
-        except (OSError, ValueError):
-            pass  # no lock yet, or one being written
+        if (_holder(bundle / LOCK_FILE) or {}).get("pid") == proc.pid:  # None: no lock yet, or one being written
+            return True
         time.sleep(0.05)
     return False
 

@@ -150,17 +150,20 @@ def _ridge(emb: np.ndarray, y: np.ndarray, rows: np.ndarray, moments: _Moments,
     return w, my - mx @ w
 
 
-def _out_of_fold(emb: np.ndarray, y: np.ndarray, moments: list[_Moments], fold: np.ndarray,
+def _splits(moments: list[_Moments], fold: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, _Moments]]:
+    """(its rows, the other folds' rows, their moments) of each fold with photos on both sides: made once for
+    every ridge strength tried (each other-folds sum is [dim, dim])."""
+    total = _total(moments)
+    return [(np.flatnonzero(fold == f), np.flatnonzero(fold != f), total - m) for f, m in enumerate(moments)
+            if m.n > 0 and total.n - m.n > 0]
+
+
+def _out_of_fold(emb: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray, _Moments]],
                  alpha_per_photo: float) -> np.ndarray:
     """Raw (unnormalised) predictions for every photo from ridges fitted without its fold."""
-    total = _total(moments)
     raw = np.zeros((len(emb), 3))
-    for f, m in enumerate(moments):
-        rest = total - m
-        if m.n == 0 or rest.n == 0:
-            continue
-        held = np.flatnonzero(fold == f)
-        raw[held] = _predict(emb, held, *_ridge(emb, y, np.flatnonzero(fold != f), rest, alpha_per_photo * rest.n))
+    for held, rows, rest in splits:
+        raw[held] = _predict(emb, held, *_ridge(emb, y, rows, rest, alpha_per_photo * rest.n))
     return raw
 
 
@@ -184,9 +187,10 @@ def fit_regression(emb: np.ndarray, lat: np.ndarray, lon: np.ndarray, groups: np
         return Regression(w, b, info)
     fold = group_folds(n, groups, FOLDS, seed)
     moments = _moments(emb, y, fold, FOLDS)
+    splits = _splits(moments, fold)
     tried = []
     for a in ALPHAS:
-        raw = _out_of_fold(emb, y, moments, fold, a)
+        raw = _out_of_fold(emb, y, splits, a)
         tried.append((float(np.median(haversine_km(*xyz_to_latlon(raw), lat, lon))), a, raw))
     _, a, raw = min(tried, key=lambda t: t[0])
     # each photo's prior is its training folds' (the answer a bundle without that photo would give)
