@@ -74,3 +74,42 @@ def test_load_module_names_file_and_reason(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="bad.safetensors"):
         load_module(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_projection_encode_is_the_eval_forward(residual):
+    """encode runs the MLP in numpy (a query's hot path): the same features as torch's eval-mode forward, for
+    one row (one BLAS thread) and for many in several batches, dropout off and a zero row kept at zero."""
+    torch.manual_seed(0)
+    proj = ImageProjection(in_dim=32, out_dim=32 if residual else 16, hidden=48, dropout=0.3, residual=residual)
+    if residual:  # a trained residual layer, not the identity it starts as
+        torch.nn.init.normal_(proj.mlp[-1].weight, std=0.1)
+    proj.train()  # encode must not depend on the module's mode
+    x = np.random.default_rng(1).standard_normal((200, 32)).astype(np.float32)
+    x[7] = 0.0
+    with torch.no_grad():
+        ref = proj.eval()(torch.from_numpy(x))
+    proj.train()
+    for rows, batch in ((slice(0, 1), 65536), (slice(None), 64)):
+        got = proj.encode(x[rows], batch=batch, normalize=True)
+        want = torch.nn.functional.normalize(ref[rows], dim=1).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        np.testing.assert_allclose(proj.encode(x[rows], batch=batch), ref[rows].numpy(), rtol=1e-5, atol=1e-6)
+    assert np.isfinite(proj.encode(np.zeros((1, 32), np.float32), normalize=True)).all()
+    assert proj.encode(np.zeros((0, 32), np.float32)).shape == (0, proj.out_dim)
+
+
+def test_a_few_rows_run_on_one_blas_thread_and_many_on_all():
+    from threadpoolctl import threadpool_info
+
+    from geo.core.runtime import FEW_ROWS, blas_threads
+
+    def threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before = threads()
+    with blas_threads(1):
+        assert threads() == {1}
+    assert threads() == before  # restored
+    with blas_threads(FEW_ROWS + 1):
+        assert threads() == before

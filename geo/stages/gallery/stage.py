@@ -346,9 +346,9 @@ class GpsGallery:
         if emb.shape[1] != self.projection.in_dim:
             raise ValueError(f"gallery expects {self.projection.in_dim}-d backbone embeddings, got {emb.shape[1]}-d")
         k = max(1, min(int(k), self.index.ntotal))
-        q = self.projection.encode(emb, normalize=True)
-        q = np.hstack([q, np.ones((len(q), 1), np.float32)])
-        sims, ids = self.index.search(np.ascontiguousarray(q), k, params=self._params[0] if self._params else None)
+        q = np.ones((len(emb), self.projection.out_dim + 1), np.float32)  # the last column reads the prior
+        q[:, :-1] = self.projection.encode(emb, normalize=True)
+        sims, ids = self.index.search(q, k, params=self._params[0] if self._params else None)
         found = ids >= 0  # fewer than k where a selector (``within``) keeps fewer points: padding, no score
         return (np.where(found[..., None], self.points[ids], np.nan),
                 np.where(found, self.logit_scale * np.where(found, sims, 0.0), -np.inf).astype(np.float32))
