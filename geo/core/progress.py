@@ -77,6 +77,26 @@ class _Inner:
         pass
 
 
+class _Off:
+    """A bar that shows nothing: what loops call on a bar, doing nothing. A disabled tqdm still costs 40 us to
+    make (0.2 ms of a warm one-photo query, whose caches the forward pass has just emptied)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "_Off":
+        return self
+
+    def __exit__(self, *_) -> None:
+        pass
+
+
 LINE_EVERY_S = 10.0
 _LINE_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
 
@@ -89,13 +109,13 @@ def verbose() -> bool:
 def bar(total: int, desc: str, unit: str = "it", initial: int = 0, show: bool = True) -> tqdm:
     """A bar on stderr (off when bars are off, or ``show`` is False): count, rate and ETA;
     ``set_postfix_str`` for the metric. Lines rather than a redrawn bar when stderr is not a terminal."""
-    disable = not (show and _STATE["bars"])
-    if _STATE["inside"] is not None and not disable:
+    if not (show and _STATE["bars"]):
+        return _Off()  # type: ignore[return-value]
+    if _STATE["inside"] is not None:
         return _Inner(*_STATE["inside"], desc, total, initial)  # type: ignore[return-value]
     if not sys.stderr.isatty():
-        return LineBar(total=total, initial=initial, desc=desc, unit=unit, disable=disable)
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, file=sys.stderr, smoothing=0.1,
-                dynamic_ncols=True)
+        return LineBar(total=total, initial=initial, desc=desc, unit=unit)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, smoothing=0.1, dynamic_ncols=True)
 
 
 class _Sink:

@@ -48,7 +48,7 @@ class CellHeads(nn.Module):
         return [head(h) for head in self.heads], scene_logits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def head_logits(model: CellHeads, emb: np.ndarray, scene: np.ndarray | None = None,
                 batch: int = 8192) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Logits per partition (float32 [n, cells]) and scene probabilities, in batches.
@@ -56,24 +56,29 @@ def head_logits(model: CellHeads, emb: np.ndarray, scene: np.ndarray | None = No
     ``scene``: int [n], -1 where unknown (the scene head's prediction is used there).
     """
     dev = next(model.parameters()).device
+    parts = [_batch_logits(model, emb[b:b + batch], None if scene is None else scene[b:b + batch], dev)
+             for b in range(0, len(emb), batch)]
+    if len(parts) == 1:  # a query's one batch: no copies
+        return parts[0]
+    if not parts:
+        parts = [_batch_logits(model, emb[:0], None, dev)]
+    logits, scenes = zip(*parts)
+    return [np.concatenate(z) for z in zip(*logits)], (np.concatenate(scenes) if scenes[0] is not None else None)
+
+
+def _batch_logits(model: CellHeads, emb: np.ndarray, scene: np.ndarray | None,
+                  dev: torch.device) -> tuple[list[np.ndarray], np.ndarray | None]:
+    x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).to(dev)
     n_scenes = model.spec["n_scenes"]
-    outs: list[list[np.ndarray]] = [[] for _ in model.heads]
-    scenes = []
-    for b in range(0, len(emb), batch):
-        x = torch.from_numpy(np.ascontiguousarray(emb[b:b + batch], dtype=np.float32)).to(dev)
-        scene_in = None
-        if n_scenes:
-            pred = model.scene_head(x).softmax(-1)
-            if scene is not None:
-                sb = torch.from_numpy(np.asarray(scene[b:b + batch], dtype=np.int64)).to(dev)
-                known = sb >= 0
-                pred[known] = nn.functional.one_hot(sb[known], n_scenes).float()
-            scene_in = pred
-            scenes.append(pred.cpu().numpy())
-        logits, _ = model(x, scene_in)
-        for p, z in enumerate(logits):
-            outs[p].append(z.float().cpu().numpy())
-    return [np.concatenate(o) for o in outs], (np.concatenate(scenes) if scenes else None)
+    scene_in = None
+    if n_scenes:
+        scene_in = model.scene_head(x).softmax(-1)
+        if scene is not None:
+            sb = torch.from_numpy(np.asarray(scene, dtype=np.int64)).to(dev)
+            known = sb >= 0
+            scene_in[known] = nn.functional.one_hot(sb[known], n_scenes).float()
+    logits, _ = model(x, scene_in)
+    return [z.float().cpu().numpy() for z in logits], (scene_in.cpu().numpy() if n_scenes else None)
 
 
 def save_heads(model: CellHeads, weights: Path, config_path: Path, extra: dict) -> None:

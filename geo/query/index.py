@@ -208,9 +208,9 @@ class GeoIndex:
         """The signals fusion mixes, from the stages this bundle has."""
         return sources_for(self.knn, self.cells, self.gallery, self.knn.lat, self.knn.lon)
 
-    @property
+    @cached_property
     def modes(self) -> list[str]:
-        """Modes this bundle can answer in (stages that were built)."""
+        """Modes this bundle can answer in (stages that were built; read once, as the stages are)."""
         have = {"knn", *(m for m, s in (("cells", "cells"), ("gallery", "gallery"), ("fused", "fusion"))
                          if self.bundle.has_stage(s))}
         if self.bundle.has_stage("cells") and "regression" in self.bundle.stage("cells"):
@@ -284,19 +284,20 @@ class GeoIndex:
         regions = self.cells.regions(probs, coverage) if probs is not None else [{} for _ in decisions]
         out = []
         for i, d in enumerate(decisions):
-            r = rows[i][rows[i] >= 0]
+            found = rows[i] >= 0
+            r, s = rows[i][found], sims[i][found]
             out.append(Answer(
                 image=names[i] if names is not None else None, id=ids[i] if ids is not None else None,
                 lat=d.lat, lon=d.lon, mode=mode,
                 confidence=round(d.confidence, 4), confidence_radius_km=d.radius_km, p_within=d.p_within,
                 alternatives=d.alternatives,
-                neighbors=self._neighbours(sims[i][rows[i] >= 0], r, d.lat, d.lon),
+                neighbors=self._neighbours(s, r, d.lat, d.lon),
                 top_cells=self.cells.top_cells(probs[i], TOP_CELLS_SHOWN) if probs is not None else [],
                 gallery=[] if gallery is None else [
                     {"lat": float(la), "lon": float(lo), "score": round(float(sc), 4)}
                     for sc, (la, lo) in zip(gallery[1][i, :GALLERY_SHOWN], gallery[0][i, :GALLERY_SHOWN])],
                 evidence={"basis": d.basis, "signals": d.shares,
-                          "top_similarity": round(float(sims[i][rows[i] >= 0][0]), 6) if (rows[i] >= 0).any() else None,
+                          "top_similarity": round(float(s[0]), 6) if len(s) else None,
                           **({"trip": d.trip} if d.trip else {})},
                 place=places[i], country=countries[i], city=city_label(places[i]),
                 cities=cities[i], within=None if self.constraint is None else self.constraint.label(),
@@ -519,24 +520,38 @@ class GeoIndex:
         exist or cannot be decoded is one photo: its Answer carries the error, as in ``locate``."""
         if not isinstance(image, (str, Path)):
             raise TypeError(f"locate_one takes one path, not {type(image).__name__}; use locate for several")
+        self._check_modes([mode], k, coverage, within, None)
         paths = expand_images(str(image))
         if len(paths) > 1:
             raise ValueError(f"{image}: {len(paths)} photos; locate_one answers exactly one (use locate)")
         if _matches_nothing(paths[0]):
             raise ValueError(f"{image}: no photo there; locate_one answers exactly one")
-        return self.locate_modes(paths, [mode], k, crops, min_confidence, within, coverage)[0][0]
+        return self._answer_paths(paths, [mode], k, crops, min_confidence, within, coverage, None)[0][0]
 
     def locate_modes(self, images: Sequence[str], modes: Sequence[str | None], k: int = 50, crops: int = 1,
                      min_confidence: float | None = None, within: Constraint | None = None,
                      coverage: float = DEFAULT_COVERAGE, trip: Travel | None = None) -> list[list[Answer]]:
         """One list of answers per mode for the same images, each image decoded and embedded once
         (``geo bench --mode all`` compares every mode at the cost of one embedding pass)."""
-        for m in modes:  # an unknown mode, k or coverage fails before the photos are embedded
+        self._check_modes(modes, k, coverage, within, trip)
+        return self._answer_paths(expand_images([str(i) for i in images]), modes, k, crops, min_confidence, within,
+                                  coverage, trip)
+
+    def _check_modes(self, modes: Sequence[str | None], k: int, coverage: float, within: Constraint | None,
+                     trip: Travel | None) -> None:
+        """An unknown mode, k or coverage fails before the photos are embedded; so does a constraint the mode
+        cannot honour, or one with no photo inside."""
+        for m in modes:
             self._check(m or self.default_mode, k, coverage)
             _check_trip_mode(m or self.default_mode, trip is not None)
-            if within is not None:  # so is a constraint the mode cannot honour, or one with no photo inside
+            if within is not None:
                 self.check_within(m or self.default_mode, within)
-        paths = expand_images([str(i) for i in images])
+
+    def _answer_paths(self, paths: list[str], modes: Sequence[str | None], k: int, crops: int,
+                      min_confidence: float | None, within: Constraint | None, coverage: float,
+                      trip: Travel | None) -> list[list[Answer]]:
+        """:meth:`locate_modes` of checked settings and expanded image files (``locate_one`` expands its path
+        to check it: its file is not looked up twice)."""
         emb, errors = self.embed(paths, crops=crops)
         good = [i for i in range(len(paths)) if i not in errors]
         trips = None if trip is None else trips_from_photos([paths[i] for i in good], trip)

@@ -108,8 +108,9 @@ def _softmax_rows(z: np.ndarray, t: float) -> np.ndarray:
     if z.shape[1] == 0:
         return np.zeros_like(z, dtype=np.float64)
     z = z.astype(np.float64) / t
-    m = np.max(np.where(np.isfinite(z), z, -np.inf), axis=1, keepdims=True)
-    e = np.where(np.isfinite(z), np.exp(z - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    finite = np.isfinite(z)
+    m = np.max(z, axis=1, keepdims=True, where=finite, initial=-np.inf)
+    e = np.where(finite, np.exp(z - np.where(np.isfinite(m), m, 0.0)), 0.0)
     s = e.sum(axis=1, keepdims=True)
     return np.divide(e, s, out=np.zeros_like(e), where=s > 0)
 
@@ -139,10 +140,7 @@ def present(spec: SignalSpec, score: np.ndarray) -> np.ndarray:
 
 def near_duplicate(ev: Evidence, p: FusionParams) -> np.ndarray:
     """[n] True where the best neighbour is at least ``duplicate_similarity`` similar."""
-    if DUPLICATE_SIGNAL not in ev.signals:
-        return np.zeros(len(ev), bool)
-    s = ev.signals[DUPLICATE_SIGNAL].score
-    return np.max(np.where(np.isfinite(s), s, -np.inf), axis=1, initial=-np.inf) >= p.duplicate_similarity
+    return ev.top_similarity >= p.duplicate_similarity
 
 
 def signal_weights(ev: Evidence, p: FusionParams) -> np.ndarray:
@@ -154,8 +152,7 @@ def signal_weights(ev: Evidence, p: FusionParams) -> np.ndarray:
     have = np.stack([present(s, ev.signals[s.name].score) for s in ev.specs], axis=1)
     w = np.where(have, np.array([p.weight(n) for n in ev.names], np.float64), 0.0)
     if DUPLICATE_SIGNAL in ev.names:
-        dup = np.eye(len(ev.names))[ev.names.index(DUPLICATE_SIGNAL)]
-        w[near_duplicate(ev, p)] = dup
+        w[near_duplicate(ev, p)] = np.array([n == DUPLICATE_SIGNAL for n in ev.names], np.float64)
     fallback = w.sum(axis=1) == 0
     w[fallback] = have[fallback].astype(np.float64)
     return w / w.sum(axis=1, keepdims=True).clip(min=1e-12)

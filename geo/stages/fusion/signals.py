@@ -16,6 +16,7 @@ memory on other photographers' photos.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -84,10 +85,20 @@ class Evidence:
     def names(self) -> list[str]:
         return [s.name for s in self.specs]
 
-    @property
+    @cached_property
     def points(self) -> np.ndarray:
-        """Support points [n, m, 2]: every signal's locations side by side; they are also the candidates."""
+        """Support points [n, m, 2]: every signal's locations side by side; they are also the candidates
+        (made once: the closeness, the answer and its alternatives all read them)."""
         return np.concatenate([self.signals[n].latlon for n in self.names], axis=1)
+
+    @cached_property
+    def top_similarity(self) -> np.ndarray:
+        """[n] the best neighbour's similarity (-inf without one, or without the kNN signal): every
+        near-duplicate test of a decision reads it."""
+        if DUPLICATE_SIGNAL not in self.signals:
+            return np.full(len(self), -np.inf)
+        s = self.signals[DUPLICATE_SIGNAL].score
+        return np.max(s, axis=1, where=np.isfinite(s), initial=-np.inf)
 
     def blocks(self) -> list[slice]:
         """Where each signal's points sit in :attr:`points`."""
