@@ -104,3 +104,20 @@ def test_alternatives_carry_their_own_mass_and_ties_are_ordered_by_it(index):
     keys = [(a["score"], a["mass"]["25"], a["mass"]["200"]) for a in alts]
     assert keys == sorted(keys, key=lambda k: (-k[0], -k[1], -k[2]))  # ties ordered by the finer masses
     assert len(set(keys)) > len({k[0] for k in keys})  # some share a score and their own mass tells them apart
+
+
+def test_a_few_photos_are_answered_on_one_blas_thread_and_a_bulk_batch_on_all(index, monkeypatch):
+    """The answer's products (here the cell heads') are memory-bound for a few photos: one BLAS thread, so no
+    second pool fights torch's; a bulk batch keeps every thread."""
+    import geo.models.heads as heads
+    import geo.stages.cells.predictor as predictor
+    from geo.core.runtime import FEW_ROWS
+    from tests.test_gallery_encoder import blas_thread_counts
+
+    seen, real = [], heads.head_logits
+    monkeypatch.setattr(predictor, "head_logits", lambda *a: seen.append(blas_thread_counts()) or real(*a))
+    emb, _ = index.embed([str(QUERY)])
+    before = blas_thread_counts()
+    index.locate_embeddings(emb)
+    index.locate_embeddings(np.repeat(emb, FEW_ROWS + 1, axis=0))
+    assert seen == [{1}, before] and blas_thread_counts() == before

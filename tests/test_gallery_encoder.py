@@ -99,17 +99,22 @@ def test_projection_encode_is_the_eval_forward(residual):
     assert proj.encode(np.zeros((0, 32), np.float32)).shape == (0, proj.out_dim)
 
 
-def test_a_few_rows_run_on_one_blas_thread_and_many_on_all():
+def blas_thread_counts() -> set[int]:
     from threadpoolctl import threadpool_info
 
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+
+def test_a_few_rows_run_on_one_blas_thread_and_overlapping_blocks_restore_it_last():
     from geo.core.runtime import FEW_ROWS, blas_threads
 
-    def threads() -> set[int]:
-        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
-
-    before = threads()
-    with blas_threads(1):
-        assert threads() == {1}
-    assert threads() == before  # restored
+    before = blas_thread_counts()
+    outer = blas_threads(1)
+    outer.__enter__()
+    with blas_threads(2):  # another thread's block, overlapping the first
+        assert blas_thread_counts() == {1}
+    assert blas_thread_counts() == {1}  # the first block still holds it
+    outer.__exit__(None, None, None)
+    assert blas_thread_counts() == before
     with blas_threads(FEW_ROWS + 1):
-        assert threads() == before
+        assert blas_thread_counts() == before

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from geo.core.runtime import resolve_device
+from geo.models.numpy_eval import numpy_forward, softmax_rows
 from geo.store.atomic import atomic_save_safetensors, atomic_write_json
 from geo.store.bundle import BundleError
 from geo.store.schema import read_checked
@@ -48,37 +49,51 @@ class CellHeads(nn.Module):
         return [head(h) for head in self.heads], scene_logits
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def head_logits(model: CellHeads, emb: np.ndarray, scene: np.ndarray | None = None,
                 batch: int = 8192) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """Logits per partition (float32 [n, cells]) and scene probabilities, in batches.
+    """Logits per partition (float32 [n, cells]) and scene probabilities, in batches: the eval-mode forward.
+    One row on the CPU, a warm query's, runs in numpy (:mod:`geo.models.numpy_eval`); batches run through the
+    module, whose per-row results do not depend on the batch's size (numpy's do, and the region map's
+    scores must not depend on its memory-bounding blocks).
 
     ``scene``: int [n], -1 where unknown (the scene head's prediction is used there).
     """
     dev = next(model.parameters()).device
-    parts = [_batch_logits(model, emb[b:b + batch], None if scene is None else scene[b:b + batch], dev)
-             for b in range(0, len(emb), batch)]
-    if len(parts) == 1:  # a query's one batch: no copies
-        return parts[0]
-    if not parts:
-        parts = [_batch_logits(model, emb[:0], None, dev)]
-    logits, scenes = zip(*parts)
-    return [np.concatenate(z) for z in zip(*logits)], (np.concatenate(scenes) if scenes[0] is not None else None)
+    if len(emb) == 1 and dev.type == "cpu":
+        return _numpy_logits(model, np.asarray(emb, dtype=np.float32),
+                             None if scene is None else np.asarray(scene, dtype=np.int64))
+    n_scenes = model.spec["n_scenes"]
+    outs: list[list[np.ndarray]] = [[] for _ in model.heads]
+    scenes = []
+    for b in range(0, len(emb), batch):
+        x = torch.from_numpy(np.ascontiguousarray(emb[b:b + batch], dtype=np.float32)).to(dev)
+        scene_in = None
+        if n_scenes:
+            pred = model.scene_head(x).softmax(-1)
+            if scene is not None:
+                sb = torch.from_numpy(np.asarray(scene[b:b + batch], dtype=np.int64)).to(dev)
+                known = sb >= 0
+                pred[known] = nn.functional.one_hot(sb[known], n_scenes).float()
+            scene_in = pred
+            scenes.append(pred.cpu().numpy())
+        logits, _ = model(x, scene_in)
+        for p, z in enumerate(logits):
+            outs[p].append(z.float().cpu().numpy())
+    return [np.concatenate(o) for o in outs], (np.concatenate(scenes) if scenes else None)
 
 
-def _batch_logits(model: CellHeads, emb: np.ndarray, scene: np.ndarray | None,
-                  dev: torch.device) -> tuple[list[np.ndarray], np.ndarray | None]:
-    x = torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).to(dev)
+def _numpy_logits(model: CellHeads, x: np.ndarray, scene: np.ndarray | None) -> tuple[list[np.ndarray], np.ndarray | None]:
     n_scenes = model.spec["n_scenes"]
     scene_in = None
     if n_scenes:
-        scene_in = model.scene_head(x).softmax(-1)
+        scene_in = softmax_rows(numpy_forward(model.scene_head, x))
         if scene is not None:
-            sb = torch.from_numpy(np.asarray(scene, dtype=np.int64)).to(dev)
-            known = sb >= 0
-            scene_in[known] = nn.functional.one_hot(sb[known], n_scenes).float()
-    logits, _ = model(x, scene_in)
-    return [z.float().cpu().numpy() for z in logits], (scene_in.cpu().numpy() if n_scenes else None)
+            known = scene >= 0
+            scene_in[known] = np.eye(n_scenes, dtype=np.float32)[scene[known]]
+        x = np.concatenate([x, scene_in], axis=1)
+    h = numpy_forward(model.trunk, x)
+    return [numpy_forward(head, h) for head in model.heads], scene_in
 
 
 def save_heads(model: CellHeads, weights: Path, config_path: Path, extra: dict) -> None:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from geo.core.runtime import blas_threads
+from geo.models.numpy_eval import numpy_forward
 from geo.store.atomic import atomic_save_safetensors
 
 GEOCLIP_SIGMAS: tuple[float, ...] = (2.0**0, 2.0**4, 2.0**8)
@@ -208,36 +208,20 @@ class ImageProjection(nn.Module):
     def encode(self, emb: np.ndarray, batch: int = 65536, normalize: bool = False) -> np.ndarray:
         """float32 [N, out_dim] projected features of float32 [N, in_dim] embeddings (the eval-mode forward).
 
-        In numpy, not torch: every gallery query projects its embedding, and a row's product with the 5 MB
-        first layer is memory-bound; OpenBLAS on one thread streams it in about half of torch's time on this
-        AMD CPU (0.6 against 1.2 ms with the caches the forward pass left), the same features within 1e-6.
-        One thread because a second BLAS pool, woken while torch's threads still spin after the forward,
-        slowed both (a 6.8 ms projection, a 2.5x slower next forward); many rows keep every thread."""
+        One row, a warm query's, runs in numpy (:mod:`geo.models.numpy_eval`); batches run through the module,
+        whose per-row results do not depend on the batch's size (numpy's do)."""
         emb = np.asarray(emb, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.in_dim:
             raise ValueError(f"ImageProjection expects embeddings [N, {self.in_dim}], got {emb.shape}")
-        with blas_threads(len(emb)):
-            out = [self._encode_rows(emb[i:i + batch], normalize) for i in range(0, len(emb), batch)]
-        if len(out) == 1:
-            return out[0]
-        return np.concatenate(out) if out else np.zeros((0, self.out_dim), np.float32)
-
-    def _encode_rows(self, x: np.ndarray, normalize: bool) -> np.ndarray:
-        y = x
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                y = y @ _array(layer.weight).T
-                y += _array(layer.bias)
-            elif isinstance(layer, nn.ReLU):
-                y = np.maximum(y, 0.0, out=y)
-            elif not isinstance(layer, nn.Dropout):  # the identity in eval mode
-                raise TypeError(f"ImageProjection.encode has no numpy form of {type(layer).__name__}")
+        if len(emb) != 1:
+            with torch.no_grad():
+                return _batched_features(self, emb, batch, normalize)
+        y = numpy_forward(self.mlp, emb)
         if self.residual:
-            y = x + y
+            y = emb + y
         if normalize:  # as torch's F.normalize: a zero row stays zero
             y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
         return y
-
 
 def save_module(path: str | Path, module: LocationEncoder | ImageProjection) -> None:
     """safetensors with the constructor config in the metadata, so the file alone rebuilds the module."""
@@ -260,12 +244,6 @@ def load_module(path: str | Path) -> LocationEncoder | ImageProjection:
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit the stored config ({e})") from None
     return module.eval()
-
-
-def _array(p: torch.Tensor) -> np.ndarray:
-    """A parameter's float32 values as a numpy array (no copy, and no torch call but one, on the CPU)."""
-    t = p.detach()
-    return (t if t.is_cpu and t.dtype == torch.float32 else t.cpu().float()).numpy()
 
 
 def _batched_features(module: nn.Module, x: np.ndarray, batch: int, normalize: bool) -> np.ndarray:

@@ -28,6 +28,7 @@ from geo.core.files import on_disk
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
 from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
 from geo.core.progress import bar
+from geo.core.runtime import blas_threads
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, expand_images
 from geo.data.constraint import Constraint
@@ -272,7 +273,12 @@ class GeoIndex:
             return self.through(within).locate_embeddings(emb, mode, k, min_confidence, names, ids,
                                                           coverage=coverage, trips=trips)
         self._check_constrainable(mode)
-        batch = Batch(emb, k)
+        with blas_threads(len(emb)):  # a few photos' products are memory-bound: see blas_threads
+            return self._answers(Batch(emb, k), mode, min_confidence, names, ids, coverage, trips)
+
+    def _answers(self, batch: Batch, mode: str, min_confidence: float | None, names: Sequence[str | None] | None,
+                 ids: Sequence[str] | None, coverage: float, trips: Trips | None) -> list[Answer]:
+        """:meth:`locate_embeddings` of checked settings, outside any constraint but this view's own."""
         sims, rows = knn_search(self.knn, batch)
         decisions = self._decide(mode, batch, sims, rows, trips)
         probs = cell_probs(self.cells, batch) if self.cells is not None else None
