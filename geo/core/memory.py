@@ -21,11 +21,12 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+
+from geo.core.shared import SharedSetting
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 MMAP_THRESHOLD = 1 << 20
@@ -59,7 +60,12 @@ def release_unused() -> None:
         libc.malloc_trim(0)
 
 
-_frozen = {"depth": 0, "lock": threading.Lock()}
+def _freeze() -> None:
+    gc.collect()
+    gc.freeze()
+
+
+_frozen = SharedSetting(_freeze, lambda _: gc.unfreeze())
 
 
 @contextmanager
@@ -69,18 +75,8 @@ def own_garbage_only() -> Iterator[None]:
 
     Correct whatever the block does: an object frozen here and dropped inside is collected after the block,
     not lost. Nested and concurrent blocks in one process share one freeze, lifted when the last ends."""
-    with _frozen["lock"]:
-        if _frozen["depth"] == 0:
-            gc.collect()
-            gc.freeze()
-        _frozen["depth"] += 1
-    try:
+    with _frozen.held():
         yield
-    finally:
-        with _frozen["lock"]:
-            _frozen["depth"] -= 1
-            if _frozen["depth"] == 0:
-                gc.unfreeze()
 
 
 def compact_rows(emb: np.ndarray) -> np.ndarray:

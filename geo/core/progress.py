@@ -48,35 +48,6 @@ def inside(outer: tqdm, label: Callable[[], str]) -> Iterator[None]:
         _STATE["inside"] = before
 
 
-class _Inner:
-    """A bar drawn as part of an outer bar's label (see :func:`inside`); what loops call on a bar."""
-
-    def __init__(self, outer: tqdm, label: Callable[[], str], desc: str, total: int, initial: int):
-        self.outer, self.label, self.desc, self.total, self.n, self.post = outer, label, desc, total, initial, ""
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self._show()
-
-    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
-        self.post = s
-        self._show()
-
-    def _show(self) -> None:
-        name = self.desc.split(" (")[0]  # "gallery rounds (early stopping ends sooner)" -> "gallery rounds"
-        text = f"{self.label()}, {name} {self.n}/{self.total}" + (f" ({self.post})" if self.post else "")
-        self.outer.set_postfix_str(text)  # a LineBar prints it with its next due line
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "_Inner":
-        return self
-
-    def __exit__(self, *_) -> None:
-        pass
-
-
 class _Off:
     """A bar that shows nothing: what loops call on a bar, doing nothing. A disabled tqdm still costs 40 us to
     make (0.2 ms of a warm one-photo query, whose caches the forward pass has just emptied)."""
@@ -95,6 +66,26 @@ class _Off:
 
     def __exit__(self, *_) -> None:
         pass
+
+
+class _Inner(_Off):
+    """A bar drawn as part of an outer bar's label (see :func:`inside`); what loops call on a bar."""
+
+    def __init__(self, outer: tqdm, label: Callable[[], str], desc: str, total: int, initial: int):
+        self.outer, self.label, self.desc, self.total, self.n, self.post = outer, label, desc, total, initial, ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._show()
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.post = s
+        self._show()
+
+    def _show(self) -> None:
+        name = self.desc.split(" (")[0]  # "gallery rounds (early stopping ends sooner)" -> "gallery rounds"
+        text = f"{self.label()}, {name} {self.n}/{self.total}" + (f" ({self.post})" if self.post else "")
+        self.outer.set_postfix_str(text)  # a LineBar prints it with its next due line
 
 
 LINE_EVERY_S = 10.0

@@ -7,7 +7,6 @@ slow there and no gain).
 """
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -16,6 +15,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+from geo.core.shared import SharedSetting
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION_NAMES = {v: k for k, v in PRECISIONS.items()}
@@ -62,7 +63,7 @@ def blas_threads(rows: int) -> Iterator[None]:
     """Within the block, numpy's BLAS on one thread when it multiplies a few rows (:data:`FEW_ROWS`): what a
     query's answer does (the gallery projection, the cell heads). Those products are memory-bound, and a second
     thread only wakes a BLAS pool that then fights torch's threads, still spinning after the forward pass: the
-    projection took 6.8 ms instead of 0.7, and the next forward 2.5x its time. Many rows keep every thread.
+    gallery search took 6.8 ms instead of 0.7, and the next forward 2.5x its time. Many rows keep every thread.
 
     The setting is the process's: overlapping blocks (a server's model threads) share one, restored when the
     last ends. Each library is set directly (4 us); threadpoolctl's ``limit`` reads every library's state
@@ -70,23 +71,23 @@ def blas_threads(rows: int) -> Iterator[None]:
     if rows > FEW_ROWS:
         yield
         return
-    with _ONE_THREAD["lock"]:
-        if not _ONE_THREAD["holders"]:
-            _ONE_THREAD["before"] = [(lib, lib.num_threads) for lib in _blas()]
-            for lib, _ in _ONE_THREAD["before"]:
-                lib.set_num_threads(1)
-        _ONE_THREAD["holders"] += 1
-    try:
+    with _ONE_THREAD.held():
         yield
-    finally:
-        with _ONE_THREAD["lock"]:
-            _ONE_THREAD["holders"] -= 1
-            if not _ONE_THREAD["holders"]:
-                for lib, n in _ONE_THREAD["before"]:
-                    lib.set_num_threads(n)
 
 
-_ONE_THREAD: dict[str, Any] = {"lock": threading.Lock(), "holders": 0, "before": []}
+def _one_thread() -> list[tuple[Any, int]]:
+    before = [(lib, lib.num_threads) for lib in _blas()]
+    for lib, _ in before:
+        lib.set_num_threads(1)
+    return before
+
+
+def _restore(before: list[tuple[Any, int]]) -> None:
+    for lib, n in before:
+        lib.set_num_threads(n)
+
+
+_ONE_THREAD = SharedSetting(_one_thread, _restore)
 
 
 @cache
