@@ -106,12 +106,12 @@ def test_alternatives_carry_their_own_mass_and_ties_are_ordered_by_it(index):
     assert len(set(keys)) > len({k[0] for k in keys})  # some share a score and their own mass tells them apart
 
 
-def test_a_few_photos_are_answered_on_one_blas_thread_and_a_bulk_batch_on_all(index, monkeypatch):
-    """The answer's products (here the cell heads') are memory-bound for a few photos: one BLAS thread, so no
-    second pool fights torch's; a bulk batch keeps every thread."""
+def test_one_photo_is_answered_on_one_blas_thread_and_a_batch_on_all(index, monkeypatch):
+    """One photo's products (here the cell heads') run in numpy and are memory-bound: one BLAS thread, so no
+    second pool fights torch's; a batch, through torch, keeps every thread."""
     import geo.models.heads as heads
     import geo.stages.cells.predictor as predictor
-    from geo.core.runtime import FEW_ROWS
+    from geo.core.runtime import NUMPY_ROWS
     from tests.test_gallery_encoder import blas_thread_counts
 
     seen, real = [], heads.head_logits
@@ -119,5 +119,5 @@ def test_a_few_photos_are_answered_on_one_blas_thread_and_a_bulk_batch_on_all(in
     emb, _ = index.embed([str(QUERY)])
     before = blas_thread_counts()
     index.locate_embeddings(emb)
-    index.locate_embeddings(np.repeat(emb, FEW_ROWS + 1, axis=0))
+    index.locate_embeddings(np.repeat(emb, NUMPY_ROWS + 1, axis=0))
     assert seen == [{1}, before] and blas_thread_counts() == before

@@ -105,16 +105,16 @@ def blas_thread_counts() -> set[int]:
     return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
 
 
-def test_a_few_rows_run_on_one_blas_thread_and_overlapping_blocks_restore_it_last():
-    from geo.core.runtime import FEW_ROWS, blas_threads
+def test_one_row_runs_on_one_blas_thread_and_overlapping_blocks_restore_it_last():
+    from geo.core.runtime import NUMPY_ROWS, blas_threads
 
     before = blas_thread_counts()
-    outer = blas_threads(1)
+    outer = blas_threads(NUMPY_ROWS)
     outer.__enter__()
-    with blas_threads(2):  # another thread's block, overlapping the first
+    with blas_threads(NUMPY_ROWS):  # another thread's block, overlapping the first
         assert blas_thread_counts() == {1}
     assert blas_thread_counts() == {1}  # the first block still holds it
     outer.__exit__(None, None, None)
     assert blas_thread_counts() == before
-    with blas_threads(FEW_ROWS + 1):
+    with blas_threads(NUMPY_ROWS + 1):
         assert blas_thread_counts() == before

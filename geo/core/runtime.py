@@ -54,21 +54,23 @@ def matmul_flops(size: int = 768, repeat: int = 10) -> float:
     return 2 * size ** 3 / max(best, 1e-9)
 
 
-# Up to this many rows a matrix product is memory-bound: one BLAS thread streams the weights as fast as two
-FEW_ROWS = 64
+# A warm query's one row: its small layers run as numpy products (geo.models.numpy_eval), where torch's per-call
+# cost and its MKL path were most of their time. More rows go through torch, whose per-row results do not depend
+# on the batch's size (numpy's do), so a build does not depend on the blocks that bound its memory.
+NUMPY_ROWS = 1
 
 
 @contextmanager
 def blas_threads(rows: int) -> Iterator[None]:
-    """Within the block, numpy's BLAS on one thread when it multiplies a few rows (:data:`FEW_ROWS`): what a
-    query's answer does (the gallery projection, the cell heads). Those products are memory-bound, and a second
-    thread only wakes a BLAS pool that then fights torch's threads, still spinning after the forward pass: the
-    gallery search took 6.8 ms instead of 0.7, and the next forward 2.5x its time. Many rows keep every thread.
+    """Within the block, numpy's BLAS on one thread when the answer is for :data:`NUMPY_ROWS` rows, whose
+    products (the gallery projection, the cell heads) run in numpy. They are memory-bound, and a second thread
+    only wakes a BLAS pool that then fights torch's threads, still spinning after the forward pass: the gallery
+    search took 6.8 ms instead of 0.7, and the next forward 2.5x its time. Other rows keep every thread.
 
     The setting is the process's: overlapping blocks (a server's model threads) share one, restored when the
     last ends. Each library is set directly (4 us); threadpoolctl's ``limit`` reads every library's state
     first, 0.15 ms of a warm query."""
-    if rows > FEW_ROWS:
+    if rows != NUMPY_ROWS:
         yield
         return
     with _ONE_THREAD.held():

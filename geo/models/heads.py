@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from geo.core.runtime import resolve_device
+from geo.core.runtime import NUMPY_ROWS, resolve_device
 from geo.models.numpy_eval import numpy_forward, softmax_rows
 from geo.store.atomic import atomic_save_safetensors, atomic_write_json
 from geo.store.bundle import BundleError
@@ -53,14 +53,13 @@ class CellHeads(nn.Module):
 def head_logits(model: CellHeads, emb: np.ndarray, scene: np.ndarray | None = None,
                 batch: int = 8192) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Logits per partition (float32 [n, cells]) and scene probabilities, in batches: the eval-mode forward.
-    One row on the CPU, a warm query's, runs in numpy (:mod:`geo.models.numpy_eval`); batches run through the
-    module, whose per-row results do not depend on the batch's size (numpy's do, and the region map's
-    scores must not depend on its memory-bounding blocks).
+    A warm query's one row (:data:`~geo.core.runtime.NUMPY_ROWS`) on the CPU runs in numpy
+    (:mod:`geo.models.numpy_eval`); batches run through the module.
 
     ``scene``: int [n], -1 where unknown (the scene head's prediction is used there).
     """
     dev = next(model.parameters()).device
-    if len(emb) == 1 and dev.type == "cpu":
+    if len(emb) == NUMPY_ROWS and dev.type == "cpu":
         return _numpy_logits(model, np.asarray(emb, dtype=np.float32),
                              None if scene is None else np.asarray(scene, dtype=np.int64))
     n_scenes = model.spec["n_scenes"]

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from geo.core.runtime import NUMPY_ROWS
 from geo.models.numpy_eval import numpy_forward
 from geo.store.atomic import atomic_save_safetensors
 
@@ -208,12 +209,12 @@ class ImageProjection(nn.Module):
     def encode(self, emb: np.ndarray, batch: int = 65536, normalize: bool = False) -> np.ndarray:
         """float32 [N, out_dim] projected features of float32 [N, in_dim] embeddings (the eval-mode forward).
 
-        One row, a warm query's, runs in numpy (:mod:`geo.models.numpy_eval`); batches run through the module,
-        whose per-row results do not depend on the batch's size (numpy's do)."""
+        A warm query's one row (:data:`~geo.core.runtime.NUMPY_ROWS`) runs in numpy (:mod:`geo.models.numpy_eval`);
+        batches run through the module."""
         emb = np.asarray(emb, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[1] != self.in_dim:
             raise ValueError(f"ImageProjection expects embeddings [N, {self.in_dim}], got {emb.shape}")
-        if len(emb) != 1:
+        if len(emb) != NUMPY_ROWS:
             with torch.no_grad():
                 return _batched_features(self, emb, batch, normalize)
         y = numpy_forward(self.mlp, emb)
@@ -222,6 +223,7 @@ class ImageProjection(nn.Module):
         if normalize:  # as torch's F.normalize: a zero row stays zero
             y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
         return y
+
 
 def save_module(path: str | Path, module: LocationEncoder | ImageProjection) -> None:
     """safetensors with the constructor config in the metadata, so the file alone rebuilds the module."""

@@ -8,9 +8,9 @@ torch's MKL path on this AMD CPU. The values agree with the module's forward wit
 each module). An activation numpy lacks (GELU's erf) is torch's own function on the numpy array's memory, so it is
 the one the module trained with.
 
-Only for one row: a row's result from numpy's matrix products depends on the size of the batch it came in (here
-torch's do not, from two rows up), and a build's answers must not depend on how it blocks its photos to bound
-memory. Batches, training and modules on a GPU keep torch.
+Only for :data:`geo.core.runtime.NUMPY_ROWS` rows (one): a row's result from numpy's matrix products depends on the
+size of the batch it came in (here torch's do not, from two rows up), and a build's answers must not depend on how
+it blocks its photos to bound memory. Batches, training and modules on a GPU keep torch.
 """
 from __future__ import annotations
 

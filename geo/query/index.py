@@ -273,7 +273,7 @@ class GeoIndex:
             return self.through(within).locate_embeddings(emb, mode, k, min_confidence, names, ids,
                                                           coverage=coverage, trips=trips)
         self._check_constrainable(mode)
-        with blas_threads(len(emb)):  # a few photos' products are memory-bound: see blas_threads
+        with blas_threads(len(emb)):  # one photo's products run in numpy, memory-bound: see blas_threads
             return self._answers(Batch(emb, k), mode, min_confidence, names, ids, coverage, trips)
 
     def _answers(self, batch: Batch, mode: str, min_confidence: float | None, names: Sequence[str | None] | None,
