@@ -9,14 +9,17 @@ from geo.eval.metrics import label_accuracy
 from geo.store.predictions import answers_to_frame
 
 
-@pytest.mark.parametrize("lat,lon,name", [
+KNOWN = [
     (48.8566, 2.3522, "France"), (35.6895, 139.6917, "Japan"), (-15.7939, -47.8828, "Brazil"),
     (-35.2809, 149.1300, "Australia"), (-1.2921, 36.8219, "Kenya"), (38.9072, -77.0369, "United States of America"),
     (-29.6, 28.2, "Lesotho"),  # an enclave: inside South Africa's outer ring and inside its hole
     (66.0, 175.0, "Russia"), (65.0, -175.0, "Russia"),  # Chukotka, on both sides of the antimeridian
     (-16.8, -179.95, "Fiji"), (-17.8, 178.0, "Fiji"),
     (-80.0, 0.0, "Antarctica"),  # a ring round the pole
-])
+]
+
+
+@pytest.mark.parametrize("lat,lon,name", KNOWN)
 def test_known_places(lat, lon, name):
     assert countries_of([lat], [lon])[0]["name"] == name
 
@@ -48,9 +51,13 @@ def test_the_coast_reaches_25_km_out_and_no_further():
 
 
 def test_many_points_at_once_answer_as_one_at_a_time():
+    # a few points are tested one by one, many through the tree: the enclave, both sides of the antimeridian,
+    # the pole's ring, points on the antimeridian and on a shared border's box edge must agree
     rng = np.random.default_rng(0)
-    lat = np.concatenate([[c[0] for c in COASTAL], np.degrees(np.arcsin(rng.uniform(-1, 1, 300))), [np.nan]])
-    lon = np.concatenate([[c[1] for c in COASTAL], rng.uniform(-180, 180, 300), [2.35]])
+    edges = [(66.0, -180.0), (-16.5, 180.0), (47.0, 7.0), (0.0, 0.0)]
+    lat = np.concatenate([[c[0] for c in COASTAL + KNOWN + edges], np.degrees(np.arcsin(rng.uniform(-1, 1, 300))),
+                          [np.nan]])
+    lon = np.concatenate([[c[1] for c in COASTAL + KNOWN + edges], rng.uniform(-180, 180, 300), [2.35]])
     together = country_index(lat, lon)
     assert together[-1] == -1 and (together >= 0).sum() > 80  # a missing coordinate has none; a third is land
     assert together.tolist() == [int(country_index([a], [b])[0]) for a, b in zip(lat, lon)]
