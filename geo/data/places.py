@@ -10,6 +10,7 @@ latitude, and its first call took 1.1 s here.
 from __future__ import annotations
 
 import importlib.util
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,18 +62,20 @@ def _by_latitude() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _nearest_row(q: np.ndarray, xyz: np.ndarray) -> int:
-    """The table row of the place nearest to the unit vector ``q`` (ties to the first in the table)."""
+    """The table row of the place nearest to the unit vector ``q`` (ties to the first in the table). The band's
+    bounds and its stopping test are Python floats: they have the margin's slack, and after a forward pass has
+    emptied the caches each numpy call on a scalar cost tens of microseconds."""
     order, z, xyz32 = _by_latitude()
-    lat, band, q32 = float(np.arcsin(np.clip(q[2], -1.0, 1.0))), _BAND, q.astype(np.float32)
+    lat, band, q32 = math.asin(max(-1.0, min(1.0, float(q[2])))), _BAND, q.astype(np.float32)
     while True:
-        lo = int(np.searchsorted(z, np.sin(max(lat - band, -np.pi / 2)), "left"))
-        hi = int(np.searchsorted(z, np.sin(min(lat + band, np.pi / 2)), "right"))
+        lo = int(np.searchsorted(z, math.sin(max(lat - band, -math.pi / 2)), "left"))
+        hi = int(np.searchsorted(z, math.sin(min(lat + band, math.pi / 2)), "right"))
         whole = lo == 0 and hi == len(z)
         if hi > lo:
             dots = xyz32[lo:hi] @ q32
             rows = np.sort(order[lo + np.flatnonzero(dots >= dots.max() - _MARGIN)])  # in table order
-            best = int(rows[np.linalg.norm(xyz[rows] - q, axis=1).argmin()])
-            if whole or 2 * np.arcsin(min(np.linalg.norm(xyz[best] - q) / 2, 1.0)) + _EDGE < band:
+            best = int(rows[0]) if len(rows) == 1 else int(rows[np.linalg.norm(xyz[rows] - q, axis=1).argmin()])
+            if whole or 2 * math.asin(min(math.dist(xyz[best].tolist(), q.tolist()) / 2, 1.0)) + _EDGE < band:
                 return best
         band *= 4
 
