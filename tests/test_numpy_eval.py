@@ -30,3 +30,30 @@ def test_one_row_in_numpy_gives_the_module_logits(head, n_scenes):
 def test_a_layer_without_a_numpy_form_is_named():
     with pytest.raises(TypeError, match="Tanh"):
         numpy_forward(nn.Sequential(nn.Linear(2, 2), nn.Tanh()), np.ones((1, 2), np.float32))
+
+
+def test_a_layer_changed_after_its_first_numpy_call_answers_with_its_new_weights():
+    """The numpy views of a layer's parameters are kept between calls: an optimiser's in-place step, a new
+    parameter and a layer moved to another dtype must still give the module's own answer."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    x = np.random.default_rng(1).standard_normal((1, 6)).astype(np.float32)
+
+    def agrees() -> None:
+        with torch.no_grad():
+            want = layer(torch.from_numpy(x).to(layer.weight.dtype)).float().numpy()
+        np.testing.assert_allclose(numpy_forward(layer, x), want, rtol=1e-3, atol=1e-3)
+
+    agrees()
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # in place, as an optimiser steps
+    agrees()
+    layer.bias = nn.Parameter(torch.full((3,), 5.0))  # a new parameter object
+    agrees()
+    layer.weight.data = torch.randn(3, 6)  # the same parameter on new memory
+    agrees()
+    layer.double()  # another dtype: converted on every call, never kept
+    agrees()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    agrees()

@@ -49,7 +49,6 @@ class CellHeads(nn.Module):
         return [head(h) for head in self.heads], scene_logits
 
 
-@torch.no_grad()
 def head_logits(model: CellHeads, emb: np.ndarray, scene: np.ndarray | None = None,
                 batch: int = 8192) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Logits per partition (float32 [n, cells]) and scene probabilities, in batches: the eval-mode forward.
@@ -58,10 +57,16 @@ def head_logits(model: CellHeads, emb: np.ndarray, scene: np.ndarray | None = No
 
     ``scene``: int [n], -1 where unknown (the scene head's prediction is used there).
     """
-    dev = next(model.parameters()).device
-    if len(emb) == NUMPY_ROWS and dev.type == "cpu":
+    if len(emb) == NUMPY_ROWS and model.heads[0].weight.is_cpu:  # not next(model.parameters()): 18 µs a query
         return _numpy_logits(model, np.asarray(emb, dtype=np.float32),
                              None if scene is None else np.asarray(scene, dtype=np.int64))
+    return _torch_logits(model, emb, scene, batch)
+
+
+@torch.no_grad()
+def _torch_logits(model: CellHeads, emb: np.ndarray, scene: np.ndarray | None,
+                  batch: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+    dev = model.heads[0].weight.device
     n_scenes = model.spec["n_scenes"]
     outs: list[list[np.ndarray]] = [[] for _ in model.heads]
     scenes = []
