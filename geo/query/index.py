@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -246,7 +247,8 @@ class GeoIndex:
         bb = self.backbone
         crops = [t.reshape(-1, *t.shape[-3:]) for t in tensors]
         flat = bb.embed(torch.cat(crops).to(bb.device))
-        return np.split(flat, np.cumsum([len(c) for c in crops])[:-1])
+        ends = [0, *accumulate(len(c) for c in crops)]
+        return [flat[a:b] for a, b in zip(ends[:-1], ends[1:])]  # np.split's views; it cost a query 0.1 ms
 
     # ------------------------------------------------------------ answering
     def evidence(self, emb: np.ndarray, k: int = 50) -> Evidence:

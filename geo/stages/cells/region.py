@@ -240,7 +240,7 @@ class RegionCells:
     def ordered(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(fine rows in order of mass per km², mass taken before each of them) per posterior row."""
         order = np.argsort(-(probs / self.fine_area), axis=1, kind="stable")
-        p = np.take_along_axis(probs, order, axis=1)
+        p = probs[np.arange(len(probs))[:, None], order]  # take_along_axis's values, without its index building
         return order, np.cumsum(p, axis=1) - p
 
     def _taken_at(self, before: np.ndarray) -> list[np.ndarray]:
@@ -384,4 +384,5 @@ def _per_parent(mask: np.ndarray, parent: np.ndarray, size: int) -> np.ndarray:
 def _rows_of(mask: np.ndarray) -> list[np.ndarray]:
     """The column indices set in each row of a 2-D mask."""
     r, c = np.nonzero(mask)
-    return np.split(c, np.searchsorted(r, np.arange(1, len(mask))))
+    ends = [0, *np.searchsorted(r, np.arange(1, len(mask))).tolist(), len(c)]
+    return [c[a:b] for a, b in zip(ends[:-1], ends[1:])]  # np.split's slices, without its per-piece calls

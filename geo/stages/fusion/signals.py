@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -102,8 +103,8 @@ class Evidence:
 
     def blocks(self) -> list[slice]:
         """Where each signal's points sit in :attr:`points`."""
-        edges = np.cumsum([0] + [self.signals[n].width for n in self.names])
-        return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        edges = [0, *accumulate(self.signals[n].width for n in self.names)]
+        return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
     def take(self, rows: np.ndarray) -> "Evidence":
         return Evidence(self.specs, {n: SignalEvidence(e.latlon[rows], e.score[rows]) for n, e in self.signals.items()})
@@ -217,7 +218,7 @@ class CellsSignal:
     def evidence(self, batch: Batch) -> SignalEvidence:
         probs = cell_probs(self.cells, batch)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :CELLS_WIDTH]
-        p = np.take_along_axis(probs, order, axis=1).astype(np.float64)
+        p = probs[np.arange(len(probs))[:, None], order].astype(np.float64)
         t = self.cells.columns[-1]
         lat, lon = t["lat"].astype(np.float64)[order], t["lon"].astype(np.float64)[order]
         zero = p <= 0  # an underflowed cell is no candidate
