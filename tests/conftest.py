@@ -25,7 +25,7 @@ SLOW_TESTS = {
     "test_a_stray_shard_is_never_read_and_geo_info_names_it", "test_each_module_imports_first_and_alone",
     "test_the_whole_package_imports_in_any_order", "test_reproduces_geoestimation_footer_exactly",
     "test_scene_conditioned_heads_use_the_scene", "test_stage_writes_registers_and_predicts", "test_build_and_search",
-    "test_a_cold_query_imports_neither_timm_nor_torchvision", "test_a_cold_query_imports_no_pandas",
+    "test_a_cold_query_imports_neither_timm_nor_pandas",
 }
 
 

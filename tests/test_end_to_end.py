@@ -73,20 +73,16 @@ def _cold_query_modules(photo: str, index_dir, modules: tuple[str, ...]) -> list
     return json.loads(r.stdout.splitlines()[-1])
 
 
-def test_a_cold_query_imports_neither_timm_nor_torchvision(index_dir, gallery_csv):
+def test_a_cold_query_imports_neither_timm_nor_pandas(index_dir, gallery_csv):
     """Issue 15 item 7: the default backbone and the decoder are plain torch + Pillow; importing timm
     (which imports torchvision and torch._dynamo) cost 2.3 s of every cold `geo query`. Issue 25: nor httpx,
-    which only `geo query --server` needs (0.1 s)."""
+    which only `geo query --server` needs (0.1 s); nor pandas (item 2: the query side reads its tables as
+    numpy columns, geo.core.tables; pandas cost 0.25 s to import, and pyarrow imports it behind `to_numpy` and
+    `pq.read_table` through pyarrow.dataset); nor pyarrow.compute, which only --embeddings input needs. One cold
+    query checks them all: each costs the suite a process that imports torch."""
     photo = pd.read_csv(gallery_csv)["path"].iloc[0]
-    assert _cold_query_modules(photo, index_dir, ("timm", "torchvision", "sklearn", "scipy", "httpx")) == []
-
-
-def test_a_cold_query_imports_no_pandas(index_dir, gallery_csv):
-    """Issue 25 item 2: the query side reads its tables as numpy columns (geo.core.tables); pandas cost a cold
-    `geo query` 0.25 s to import, and pyarrow imports it behind `to_numpy` and `pq.read_table` (pyarrow.dataset).
-    Nor pyarrow.compute, which only --embeddings input needs."""
-    photo = pd.read_csv(gallery_csv)["path"].iloc[0]
-    assert _cold_query_modules(photo, index_dir, ("pandas", "pyarrow.dataset", "pyarrow.compute")) == []
+    assert _cold_query_modules(photo, index_dir, ("timm", "torchvision", "sklearn", "scipy", "httpx", "pandas",
+                                                  "pyarrow.dataset", "pyarrow.compute")) == []
 
 
 def test_query_json_lines_for_many_images_and_a_missing_one(index_dir, gallery_csv):
