@@ -50,7 +50,7 @@ def inside(outer: tqdm, label: Callable[[], str]) -> Iterator[None]:
 
 class _Off:
     """A bar that shows nothing: what loops call on a bar, doing nothing. A disabled tqdm still costs 40 us to
-    make (0.2 ms of a warm one-photo query, whose caches the forward pass has just emptied)."""
+    make (0.2 ms of a warm one-photo query, measured right after its forward pass)."""
 
     def update(self, n: int = 1) -> None:
         pass

@@ -63,8 +63,8 @@ def _by_latitude() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _nearest_row(q: np.ndarray, xyz: np.ndarray) -> int:
     """The table row of the place nearest to the unit vector ``q`` (ties to the first in the table). The band's
-    bounds and its stopping test are Python floats: they have the margin's slack, and after a forward pass has
-    emptied the caches each numpy call on a scalar cost tens of microseconds."""
+    bounds and its stopping test are Python floats: they have the margin's slack, and numpy's calls on one scalar
+    cost more than the band's search."""
     order, z, xyz32 = _by_latitude()
     lat, band, q32 = math.asin(max(-1.0, min(1.0, float(q[2])))), _BAND, q.astype(np.float32)
     while True:

@@ -1,10 +1,9 @@
 """The eval-mode forward of small layer stacks in numpy, for modules on the CPU: what a warm query runs after the
 backbone (the gallery's image projection, the cell heads, the city head).
 
-Such a query runs a handful of small layers on one row, once the forward pass has emptied the caches. There torch's
-per-call cost dominates: the cell heads' three linear layers took 0.51 ms through the module and 0.07 ms as numpy
-products; the projection's 7 MB of weights stream in ~0.7 ms on one OpenBLAS thread against ~1.2 ms through
-torch's MKL path on this AMD CPU. The values agree with the module's forward within float32 rounding (tests check
+Such a query runs a handful of small layers on one row. There torch's per-call cost dominates: the cell heads'
+three linear layers took 0.51 ms through the module and 0.07 ms as numpy products; the projection's 7 MB of
+weights stream in ~0.7 ms on one OpenBLAS thread against ~1.2 ms through torch's MKL path on this AMD CPU. The values agree with the module's forward within float32 rounding (tests check
 each module). An activation numpy lacks (GELU's erf) is torch's own function on the numpy array's memory, so it is
 the one the module trained with.
 
@@ -57,16 +56,21 @@ def _linear_arrays(layer: nn.Linear) -> tuple[np.ndarray, np.ndarray | None]:
     kept = _VIEWS.get(layer)
     if kept is not None and kept[0][0] is w and kept[0][1] is b and kept[0][2:] == key[2:]:
         return kept[1], kept[2]
-    out = array(w).T, None if b is None else array(b)
-    if all(t.is_cpu and t.dtype == torch.float32 for t in (w, b) if t is not None):
+    out = _array(w).T, None if b is None else _array(b)
+    if all(_shares_memory(t) for t in (w, b) if t is not None):
         _VIEWS[layer] = (key, *out)
     return out
 
 
-def array(p: torch.Tensor) -> np.ndarray:
-    """A parameter's float32 values as a numpy array (on the CPU: no copy, and one torch call)."""
+def _shares_memory(p: torch.Tensor) -> bool:
+    """Whether :func:`_array` of ``p`` is a view of its memory (float32 on the CPU) rather than a copy."""
+    return p.is_cpu and p.dtype == torch.float32
+
+
+def _array(p: torch.Tensor) -> np.ndarray:
+    """A parameter's float32 values as a numpy array (a view where :func:`_shares_memory`, else a copy)."""
     t = p.detach()
-    return (t if t.is_cpu and t.dtype == torch.float32 else t.cpu().float()).numpy()
+    return (t if _shares_memory(t) else t.cpu().float()).numpy()
 
 
 def softmax_rows(z: np.ndarray) -> np.ndarray:
