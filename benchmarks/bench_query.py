@@ -11,8 +11,9 @@ interleaved photo by photo so machine load affects them alike.
 decide, cells, the region, country, places, neighbours and the rest (building the answer), each by the
 functions that do it (a part's own time: one called inside another is taken out of the outer one, so
 nothing is counted twice), against a bare forward pass of the same photo's pixels timed
-right after each query, the same network as a user of timm runs it (a copy in the default NCHW layout: geo keeps
-its convolutions channels-last, 13-27 % faster here), and the answer alone (``locate_embeddings`` on that
+right after each query (geo's forward: channels-last, its BatchNorms folded into the convolutions), the same
+network as a user of timm runs it (a copy of the network itself in the default NCHW layout: channels-last was
+13-27 % faster here, the folding another 21-38 %), and the answer alone (``locate_embeddings`` on that
 forward's embedding). Goal:
 warm ``locate_one`` <= 1.25x the bare forward, the answer's assembly (everything but decode and forward)
 <= 3 ms. The median wall time, the median CPU time (``process_time``,
@@ -128,7 +129,7 @@ def by_mode(index: GeoIndex, files: list[str]) -> None:
 
 def by_part(index: GeoIndex, files: list[str], mode: str | None) -> None:
     bb = index.backbone
-    # the model as a user of timm runs it: the same weights, the default (NCHW) layout, no geo around it
+    # the model as a user of timm runs it: the same weights, its BatchNorms, the default (NCHW) layout
     plain = copy.deepcopy(bb.model).to(memory_format=torch.contiguous_format).eval()
     decoded = ImageDataset(files, bb.preprocess)
     pixels = [t.reshape(-1, *t.shape[-3:]) for _, t, _ in (decoded[i] for i in range(len(files)))]

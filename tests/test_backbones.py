@@ -57,6 +57,50 @@ def test_efficientnet_lite0_computes_what_timm_computes(lite0):
             assert torch.allclose(lite0.model(x), ref(x), atol=1e-5, rtol=0)
 
 
+def test_efficientnet_lite0_embeds_through_a_copy_with_its_batchnorms_folded(lite0):
+    """embed runs the folded copy: no BatchNorm left in it, the same features as the network itself to float
+    rounding (odd sizes too: the "SAME" padding's convolutions take a bias like the others), and the network
+    keeps its BatchNorms for `geo finetune` to train."""
+    from geo.models.efficientnet_lite import folded
+
+    copy = folded(lite0.model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in copy.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in lite0.model.modules()) == 49
+    assert lite0.model.conv_stem.bias is None and copy.conv_stem.bias is not None  # the network is left as it was
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        for shape in [(1, 3, 224, 224), (3, 3, 225, 223)]:
+            x = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+            want = lite0.model(x)
+            assert torch.allclose(copy(x), want, atol=1e-5 * want.abs().max().item(), rtol=0)
+            assert np.allclose(lite0.embed(x), torch.nn.functional.normalize(want, dim=1).numpy(), atol=1e-5)
+    assert lite0._runner() is lite0._runner()  # made once, not per call
+
+
+def test_embed_follows_the_weights_when_they_change_after_first_use():
+    """A copy made before the weights changed in place (a training step, load_state_dict) or moved would answer
+    with the old ones: embed makes it again."""
+    bb = load_backbone("efficientnet_lite0", device="cpu")
+    x = torch.randn(2, 3, 96, 96)
+
+    def network() -> np.ndarray:
+        with torch.inference_mode():
+            y = bb.model(x.to(bb.dtype).contiguous(memory_format=torch.channels_last))
+            return torch.nn.functional.normalize(y, dim=1).float().numpy()
+
+    before = bb.embed(x)
+    with torch.no_grad():
+        bb.model.blocks[2][0].conv_dw.weight.mul_(3.0)  # in place, as an optimiser's step
+        bb.model.bn2.running_mean.add_(0.5)
+    assert np.allclose(bb.embed(x), network(), atol=1e-5) and not np.allclose(bb.embed(x), before, atol=1e-3)
+    state = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    state["conv_stem.weight"] = -state["conv_stem.weight"]
+    bb.model.load_state_dict(state)
+    assert np.allclose(bb.embed(x), network(), atol=1e-5)
+    bb.to(torch.device("cpu"), torch.float64)  # moved: new memory for every tensor
+    assert np.allclose(bb.embed(x), network(), atol=1e-5)
+
+
 def test_efficientnet_lite0_refuses_wrong_weights(tmp_path):
     from safetensors.torch import save_file
 

@@ -72,7 +72,7 @@ def _load_finetuned(spec: str, weights: str | None, cache_dir: str | None) -> Ba
     except RuntimeError as e:
         raise BackboneError(f"{path}: does not fit {card['base']!r} ({str(e).splitlines()[0]})") from None
     return Backbone(f"finetuned:{root.resolve().name}", base.dim, base.preprocess, base.model,
-                    file_weights(path, source=f"geo finetune of {card['base']}"))
+                    file_weights(path, source=f"geo finetune of {card['base']}"), inference=base.inference)
 
 
 register_backbone("finetuned", _load_finetuned, "MODEL_DIR from `geo finetune` (also accepted as the bare "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from geo.models.efficientnet_lite import EfficientNetLite0
+from geo.models.efficientnet_lite import EfficientNetLite0, folded
 from geo.data.images import Preprocess
 from geo.models.registry import Backbone, BackboneError, register_backbone
 from geo.models.weights import file_weights, map_in_order, read_state_dict
@@ -49,7 +49,8 @@ def _load_efficientnet_lite0(spec: str, weights: str | None, cache_dir: str | No
                            for k, v in mapped.items()}, strict=True, assign=True)
     pre = Preprocess(size=224, resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     # the width is the architecture's (1280): probing it with a forward pass cost every cold query one more
-    return Backbone("efficientnet_lite0", model.num_features, pre, model, file_weights(weights, source))
+    return Backbone("efficientnet_lite0", model.num_features, pre, model, file_weights(weights, source),
+                    inference=folded)
 
 
 

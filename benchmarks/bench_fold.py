@@ -1,0 +1,49 @@
+"""EfficientNet-Lite0's forward with its BatchNorms against the folded copy that ``Backbone.embed`` runs.
+
+    python benchmarks/bench_fold.py [--reps 100]
+
+Both are geo's network, channels-last, on the same random input, interleaved call by call in one process at
+batches of 1, 8 and 32, so machine load touches them alike. Prints ms a photo (median and least) and the
+folded / BatchNorm ratio per batch, the largest difference of their features, and the fold's own cost (paid
+once, on a process's first photo).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import geo.models.backbones.lite0  # noqa: F401  (registers efficientnet_lite0)
+from geo.models.efficientnet_lite import folded
+from geo.models.registry import load_backbone
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=100, help="calls of each at batch 1 (fewer at 8 and 32)")
+    args = ap.parse_args()
+    network = load_backbone("efficientnet_lite0", device="cpu").model.eval()
+    t = time.perf_counter()
+    copy = folded(network)
+    print(f"fold: {1e3 * (time.perf_counter() - t):.1f} ms; load average {os.getloadavg()[0]:.2f}")
+    for batch, reps in ((1, args.reps), (8, max(2, args.reps // 5)), (32, max(2, args.reps // 12))):
+        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+        times: dict[str, list[float]] = {"batchnorm": [], "folded": []}
+        with torch.inference_mode():
+            diff = (network(x) - copy(x)).abs().max().item()
+            for _ in range(reps):
+                for name, net in (("batchnorm", network), ("folded", copy)):
+                    t = time.perf_counter()
+                    net(x)
+                    times[name].append((time.perf_counter() - t) / batch * 1e3)
+        a, b = (statistics.median(times[k]) for k in ("batchnorm", "folded"))
+        print(f"batch {batch}: with BatchNorm {a:.2f} ms a photo (least {min(times['batchnorm']):.2f}), folded {b:.2f} "
+              f"(least {min(times['folded']):.2f}): {b / a:.3f}; features differ by at most {diff:.1e}")
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
