@@ -16,9 +16,8 @@ import time
 
 import torch
 
-import geo.models.backbones.lite0  # noqa: F401  (registers efficientnet_lite0)
+from geo.models.backbones import load_backbone
 from geo.models.efficientnet_lite import folded
-from geo.models.registry import load_backbone
 
 
 def main() -> None:
