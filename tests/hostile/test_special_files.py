@@ -88,3 +88,20 @@ def test_a_file_read_stops_at_the_cap(tmp_path):
     assert read_capped(p, 5000) == b"x" * 5000
     with pytest.raises(FileRefused, match="over the 4,999-byte limit"):
         read_capped(p, 4999)
+
+
+def test_a_file_longer_than_its_size_said_is_read_whole_or_refused_at_the_cap(tmp_path, monkeypatch):
+    """The read asks for one byte past the size fstat gave: a file that grew meanwhile (here: fstat says 10
+    bytes of 5,000) is read on to the end, or refused past the cap, never cut at the size it had."""
+    p = tmp_path / "grows.bin"
+    p.write_bytes(b"y" * 5000)
+    fstat = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*fstat(fd)[:6], 10, *fstat(fd)[7:10])))
+    assert read_capped(p, 6000) == b"y" * 5000
+    with pytest.raises(FileRefused, match="grew past the 4,999-byte limit"):
+        read_capped(p, 4999)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_a_proc_file_whose_size_says_zero_is_read_whole():
+    assert b"Pid:" in read_capped("/proc/self/status")
