@@ -176,7 +176,8 @@ def _angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     cx = a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1]
     cy = a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2]
     cz = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
-    return _libm(math.atan2, np.sqrt(cx * cx + cy * cy + cz * cz), a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1] + a[:, 2] * b[:, 2])
+    dot = a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1] + a[:, 2] * b[:, 2]
+    return _libm(math.atan2, np.sqrt(cx * cx + cy * cy + cz * cz), dot)
 
 
 def _triangle_areas(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import operator
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class Backbone:
     # Makes the eval-only copy of ``model`` that :meth:`embed` runs (EfficientNet-Lite0: its BatchNorms folded into
     # the convolutions, ~1.5x as fast); None runs ``model`` itself.
     inference: Callable[[torch.nn.Module], torch.nn.Module] | None = None
-    _copy: tuple | None = field(default=None, init=False, repr=False)  # what _runner made, and from what
+    _copy: "_Copy | None" = field(default=None, init=False, repr=False)  # what _runner made, and from what
 
     def __post_init__(self) -> None:
         # Channels-last: convolutions read [n, h, w, c] faster here; EfficientNet-Lite0 forwards one photo in
@@ -88,13 +88,24 @@ class Backbone:
         if self.inference is None:
             return self.model
         kept = self._copy
-        if kept is not None and kept[0] is self.model and kept[3] == _tensor_state(kept[1], kept[2]):
-            return kept[4]
+        if kept is not None and kept.source is self.model and kept.state == _tensor_state(kept.tensors, kept.counted):
+            return kept.module
         tensors = [*self.model.parameters(), *self.model.buffers()]
         counted = [t for t in tensors if not t.is_inference()]  # an inference tensor keeps no count of changes
         made = self.inference(self.model)
-        self._copy = (self.model, tensors, counted, _tensor_state(tensors, counted), made)  # one assignment:
-        return made  # model threads that share the backbone see the old copy or the new one, never half of one
+        # one assignment: model threads that share the backbone see the old copy or the new one, never half of one
+        self._copy = _Copy(self.model, tensors, counted, _tensor_state(tensors, counted), made)
+        return made
+
+
+class _Copy(NamedTuple):
+    """What :meth:`Backbone._runner` made (``module``) and the state of the ``source`` tensors it was made from."""
+
+    source: torch.nn.Module
+    tensors: list[torch.Tensor]
+    counted: list[torch.Tensor]
+    state: tuple
+    module: torch.nn.Module
 
 
 _VERSION = operator.attrgetter("_version")
