@@ -12,9 +12,9 @@ decide, cells, the region, country, places, neighbours and the rest (building th
 functions that do it (a part's own time: one called inside another is taken out of the outer one, so
 nothing is counted twice), against a bare forward pass of the same photo's pixels timed
 right after each query (geo's forward: channels-last, its BatchNorms folded into the convolutions), the same
-network as a user of timm runs it (a copy of the network itself in the default NCHW layout: channels-last was
-13-27 % faster here, the folding another 21-38 %), and the answer alone (``locate_embeddings`` on that
-forward's embedding). Goal:
+network as a user of timm runs it (:func:`plain_network`: timm's own for the default backbone, in the default
+NCHW layout: channels-last was 13-27 % faster here, the folding another 21-38 %), and the answer alone
+(``locate_embeddings`` on that forward's embedding). Goal:
 warm ``locate_one`` <= 1.25x the bare forward, the answer's assembly (everything but decode and forward)
 <= 3 ms. The median wall time, the median CPU time (``process_time``,
 which leaves out time spent descheduled, but counts torch's worker threads spinning after the forward) and
@@ -36,6 +36,7 @@ import torch
 import geo
 import geo.query.index as query_index
 from geo.data.images import ImageDataset
+from geo.models.efficientnet_lite import EfficientNetLite0
 from geo.query.index import GeoIndex
 from geo.stages.cells.cities import CityHead
 from geo.stages.cells.predictor import CellPredictor
@@ -127,10 +128,22 @@ def by_mode(index: GeoIndex, files: list[str]) -> None:
         print(f"  {m:8s} {med:8.2f} ms   x{med / knn:.3f} of knn")
 
 
+def plain_network(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as a user of timm runs it: the same weights, its BatchNorms, the default (NCHW) layout. For the
+    default backbone, timm's own ``tf_efficientnet_lite0``, whose "SAME" padding copies the input of each
+    stride-2 convolution (geo's depthwise ones do not)."""
+    if isinstance(model, EfficientNetLite0):
+        import timm
+
+        net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        net.load_state_dict(model.state_dict())
+        return net.to(next(model.parameters()).dtype).eval()
+    return copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+
+
 def by_part(index: GeoIndex, files: list[str], mode: str | None) -> None:
     bb = index.backbone
-    # the model as a user of timm runs it: the same weights, its BatchNorms, the default (NCHW) layout
-    plain = copy.deepcopy(bb.model).to(memory_format=torch.contiguous_format).eval()
+    plain = plain_network(bb.model)
     decoded = ImageDataset(files, bb.preprocess)
     pixels = [t.reshape(-1, *t.shape[-3:]) for _, t, _ in (decoded[i] for i in range(len(files)))]
     rows: list[dict[str, tuple[float, float]]] = []

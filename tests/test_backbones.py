@@ -57,6 +57,33 @@ def test_efficientnet_lite0_computes_what_timm_computes(lite0):
             assert torch.allclose(lite0.model(x), ref(x), atol=1e-5, rtol=0)
 
 
+def test_depthwise_same_padding_without_a_copy_equals_padding_first_and_trains_alike():
+    """A depthwise stride-2 convolution takes TF's "SAME" padding as a zero-led kernel instead of a padded copy of
+    its input: the same outputs and the same weight gradient (`geo finetune` trains it) as padding first, for
+    even and odd sides alike, each side on its own."""
+    import torch.nn.functional as F
+
+    from geo.models.efficientnet_lite import _conv
+
+    torch.manual_seed(3)
+    for k in (3, 5):
+        conv = _conv(8, 8, k, stride=2, groups=8)
+        for h, w in [(16, 16), (15, 15), (16, 15), (9, 14)]:
+            x = torch.randn(2, 8, h, w)
+            pads = []
+            for size in (h, w):
+                total = max((-(-size // 2) - 1) * 2 + k - size, 0)
+                pads.append((total // 2, total - total // 2))
+            ref_w = conv.weight.detach().clone().requires_grad_(True)
+            want = F.conv2d(F.pad(x, [*pads[1], *pads[0]]), ref_w, None, 2, 0, 1, 8)
+            got = conv(x)
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6, rtol=0), (k, h, w)
+            conv.zero_grad()
+            got.square().sum().backward()
+            want.square().sum().backward()
+            assert torch.allclose(conv.weight.grad, ref_w.grad, atol=1e-5, rtol=1e-5), (k, h, w)
+
+
 def test_efficientnet_lite0_embeds_through_a_copy_with_its_batchnorms_folded(lite0):
     """embed runs the folded copy: no BatchNorm left in it, the same features as the network itself to float
     rounding (odd sizes too: the "SAME" padding's convolutions take a bias like the others), and the network

@@ -1,0 +1,64 @@
+"""EfficientNet-Lite0's stride-2 depthwise convolutions: "SAME" padding as a copy of the input (timm's way)
+against the kernel with a leading row and column of zeros that geo's ``_SameConv`` uses instead.
+
+    python benchmarks/bench_same_pad.py [--reps 100]
+
+Two folded copies of geo's network (what ``Backbone.embed`` runs), channels-last, the same random input,
+interleaved call by call in one process at batches of 1, 8 and 32: one as geo runs it, one whose depthwise
+stride-2 convolutions pad their input first. Prints ms a photo (median and least), the ratio, and the largest
+difference of their features (the extra products are exact zeros, so it is 0 wherever oneDNN sums in the same
+order).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from geo.models.backbones import load_backbone
+from geo.models.efficientnet_lite import _SameConv, folded
+
+
+class _PadFirst(_SameConv):
+    """The same convolution with its input padded first, as timm's ``Conv2dSame`` does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return torch.nn.Conv2d.forward(self, F.pad(x, [pads[2], pads[3], pads[0], pads[1]]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=100, help="calls of each at batch 1 (fewer at 8 and 32)")
+    args = ap.parse_args()
+    network = load_backbone("efficientnet_lite0", device="cpu").model.eval()
+    geo_net, padded = folded(network), folded(network)
+    for m in padded.modules():
+        if isinstance(m, _SameConv):
+            m.__class__ = _PadFirst
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    for batch, reps in ((1, args.reps), (8, max(2, args.reps // 5)), (32, max(2, args.reps // 12))):
+        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+        times: dict[str, list[float]] = {"pad first": [], "zero-led kernel": []}
+        with torch.inference_mode():
+            diff = (padded(x) - geo_net(x)).abs().max().item()
+            for _ in range(reps):
+                for name, net in (("pad first", padded), ("zero-led kernel", geo_net)):
+                    t = time.perf_counter()
+                    net(x)
+                    times[name].append((time.perf_counter() - t) / batch * 1e3)
+        a, b = (statistics.median(times[k]) for k in times)
+        print(f"batch {batch}: pad first {a:.2f} ms a photo (least {min(times['pad first']):.2f}), zero-led kernel "
+              f"{b:.2f} (least {min(times['zero-led kernel']):.2f}): {b / a:.3f}; features differ by at most {diff:.1e}")
+    print(f"load average {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
