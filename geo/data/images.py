@@ -398,11 +398,12 @@ def expand_images(args: list[str] | str) -> list[str]:
         args = [str(args)]
     out: list[str] = []
     for a in args:
-        p = Path(on_disk(a))
-        if p.is_dir():  # a folder with no image stays, so its answer says so instead of vanishing
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        path = on_disk(a)
+        if os.path.isdir(path):  # a folder with no image stays, so its answer says so instead of vanishing
+            found = sorted(str(f) for f in Path(path).rglob("*")
+                           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
             out.extend(found or [a])
-        elif not p.exists() and glob.has_magic(a):
+        elif glob.has_magic(a) and not os.path.exists(path):  # the name first: a plain path costs one stat, not two
             matches = sorted(glob.glob(a, recursive=True))
             out.extend(matches if matches else [a])
         else:

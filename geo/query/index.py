@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -124,8 +125,8 @@ def open_index(path: str | Path, device: str = "auto", verify: bool = True, sett
 def _matches_nothing(arg: str) -> bool:
     """Whether an argument that :func:`expand_images` kept as given names no photo: a folder without images
     or a glob that matched nothing (a missing plain path is still one photo, answered with its error)."""
-    p = Path(on_disk(arg))
-    return p.is_dir() or (not p.exists() and glob.has_magic(arg))
+    path = on_disk(arg)
+    return os.path.isdir(path) or (glob.has_magic(arg) and not os.path.exists(path))
 
 
 def _updated(path: str | Path) -> str | None:
