@@ -11,7 +11,9 @@ interleaved photo by photo so machine load affects them alike.
 decide, cells, the region, country, places, neighbours and the rest (building the answer), each by the
 functions that do it (a part's own time: one called inside another is taken out of the outer one, so
 nothing is counted twice), against a bare forward pass of the same photo's pixels timed
-right after each query (geo's forward: channels-last, its BatchNorms folded into the convolutions), the same
+right before or right after each query, by turns (geo's forward: channels-last, its BatchNorms folded into the
+convolutions; the one of the two that runs second finds the network's weights in cache, so the order alternates
+from photo to photo, and neither always has that advantage), the same
 network as a user of timm runs it (:func:`plain_network`: timm's own for the default backbone, in the default
 NCHW layout: channels-last was 13-27 % faster here, the folding another 21-38 %), and the answer alone
 (``locate_embeddings`` on that forward's embedding). Goal:
@@ -28,6 +30,7 @@ import functools
 import os
 import statistics
 import time
+from typing import Any, Callable
 from collections import defaultdict
 from pathlib import Path
 
@@ -128,6 +131,13 @@ def by_mode(index: GeoIndex, files: list[str]) -> None:
         print(f"  {m:8s} {med:8.2f} ms   x{med / knn:.3f} of knn")
 
 
+def _timed(fn: Callable[[], Any]) -> tuple[Any, tuple[float, float]]:
+    """``fn()`` and its (wall, CPU) seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, (time.perf_counter() - wall, time.process_time() - cpu)
+
+
 def plain_network(model: torch.nn.Module) -> torch.nn.Module:
     """The model as a user of timm runs it: the same weights, its BatchNorms, the default (NCHW) layout. For the
     default backbone, timm's own ``tf_efficientnet_lite0``, whose "SAME" padding copies the input of each
@@ -148,24 +158,21 @@ def by_part(index: GeoIndex, files: list[str], mode: str | None) -> None:
     pixels = [t.reshape(-1, *t.shape[-3:]) for _, t, _ in (decoded[i] for i in range(len(files)))]
     rows: list[dict[str, tuple[float, float]]] = []
     with PartClock() as clock:
-        for f, x in [(files[0], pixels[0])] + list(zip(files, pixels)):  # the first query warms up
-            clock.reset()
-            wall, cpu = time.perf_counter(), time.process_time()
-            index.locate_one(f, mode=mode)
-            total = (time.perf_counter() - wall, time.process_time() - cpu)
-            wall, cpu = time.perf_counter(), time.process_time()
-            emb = bb.embed(x)  # the bare forward pass on the same pixels, right after
-            bare = (time.perf_counter() - wall, time.process_time() - cpu)
-            wall, cpu = time.perf_counter(), time.process_time()
+        for n, (f, x) in enumerate([(files[0], pixels[0])] + list(zip(files, pixels))):  # the first warms up
+            got: dict[str, tuple[float, float]] = {}
+            for name in ("query", "bare forward") if n % 2 else ("bare forward", "query"):  # see the docstring
+                if name == "query":
+                    clock.reset()
+                    _, got[name] = _timed(lambda: index.locate_one(f, mode=mode))
+                    row = clock.row(got[name])
+                else:
+                    emb, got[name] = _timed(lambda: bb.embed(x))
             with torch.inference_mode():
-                plain(x.to(bb.dtype))
-            nchw = (time.perf_counter() - wall, time.process_time() - cpu)
-            row = clock.row(total)  # before the answer below adds to the parts
-            wall, cpu = time.perf_counter(), time.process_time()
-            index.locate_embeddings(emb, mode=mode)  # the answer alone, from the embedding, once more
-            row["answer from embedding"] = (time.perf_counter() - wall, time.process_time() - cpu)
-            row["assembly"] = tuple(t - row["decode"][k] - row["forward"][k] for k, t in enumerate(total))
-            rows.append(row | {"query": total, "bare forward": bare, "plain NCHW forward": nchw})
+                _, got["plain NCHW forward"] = _timed(lambda: plain(x.to(bb.dtype)))
+            # the answer alone, from the embedding, once more
+            _, row["answer from embedding"] = _timed(lambda: index.locate_embeddings(emb, mode=mode))
+            row["assembly"] = tuple(t - row["decode"][k] - row["forward"][k] for k, t in enumerate(got["query"]))
+            rows.append(row | got)
     rows = rows[1:]
     med = {name: [statistics.median(r[name][k] * 1e3 for r in rows) for k in (0, 1)] for name in rows[0]}
     least = {name: min(r[name][0] * 1e3 for r in rows) for name in rows[0]}
