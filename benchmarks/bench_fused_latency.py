@@ -13,7 +13,8 @@ ms, the median's ratio to the first bundle's, and the load average before and af
 ``--parts`` (issue 25): one bundle's answer split by part (the kNN and gallery searches, decide, cells, the
 region, country, places, neighbours, the rest), each part's own time as ``bench_query.py --parts`` clocks
 it. On a bundle of real size this is where a query's time beyond its forward pass goes; a 60-photo bundle
-hides the searches' scans and the region's union of a hundred cells.
+hides the searches' scans and the region's union of a hundred cells. ``--after-forward`` runs a forward pass
+before each answer (untimed), as a real query does.
 """
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ import argparse
 import os
 import statistics
 import time
+from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from bench_query import PARTS, PartClock
 
+from geo.models.backbones import load_backbone
 from geo.query.index import open_index
 
 
@@ -42,14 +46,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--mode", default="fused")
     ap.add_argument("--parts", action="store_true", help="the first bundle's answer by part")
+    ap.add_argument("--after-forward", action="store_true",
+                    help="before each answer, EfficientNet-Lite0's forward on a random image (untimed), as in a real "
+                         "query: the answer then meets the caches and spinning threads that a forward leaves")
     a = ap.parse_args()
+    before = _forward() if a.after_forward else (lambda: None)
     bundles = dict(s.split("=", 1) for s in a.index)
     indexes = {name: open_index(path) for name, path in bundles.items()}
     emb = _query_embeddings(a.embeddings, a.n)
     for ix in indexes.values():  # warm: first-query caches (country shapes, places, the heads' tables)
         ix.locate_embeddings(emb[:2], mode=a.mode)
     if a.parts:
-        by_part(next(iter(indexes.values())), emb, a.mode)
+        by_part(next(iter(indexes.values())), emb, a.mode, before)
         return
     wall = {name: [] for name in indexes}
     cpu = {name: [] for name in indexes}
@@ -57,6 +65,7 @@ def main() -> None:
     names = list(indexes)
     for i, e in enumerate(emb):
         for name in names[i % len(names):] + names[:i % len(names)]:
+            before()
             t, c = time.perf_counter(), time.process_time()
             indexes[name].locate_embeddings(e[None], mode=a.mode)
             wall[name].append(1e3 * (time.perf_counter() - t))
@@ -70,11 +79,19 @@ def main() -> None:
               f"{statistics.median(cpu[name]):.2f} | {statistics.median(w) / base:.3f} |")
 
 
-def by_part(index, emb: np.ndarray, mode: str) -> None:
-    """Median wall and CPU ms of each part of ``locate_embeddings``, one query at a time."""
+def _forward() -> Callable[[], object]:
+    """A call that runs the default backbone's forward pass on one random image."""
+    bb = load_backbone("efficientnet_lite0", device="cpu")
+    x = torch.randn(1, 3, 224, 224)
+    return lambda: bb.embed(x)
+
+
+def by_part(index, emb: np.ndarray, mode: str, before: Callable[[], object]) -> None:
+    """Median wall and CPU ms of each part of ``locate_embeddings``, one query at a time (``before`` each)."""
     rows = []
     with PartClock() as clock:
         for e in emb:
+            before()
             clock.reset()
             t, c = time.perf_counter(), time.process_time()
             index.locate_embeddings(e[None], mode=mode)

@@ -106,18 +106,28 @@ def test_alternatives_carry_their_own_mass_and_ties_are_ordered_by_it(index):
     assert len(set(keys)) > len({k[0] for k in keys})  # some share a score and their own mass tells them apart
 
 
-def test_one_photo_is_answered_on_one_blas_thread_and_a_batch_on_all(index, monkeypatch):
+def test_one_photo_is_answered_on_one_thread_and_a_batch_on_all(index, monkeypatch):
     """One photo's products (here the cell heads') run in numpy and are memory-bound: one BLAS thread, so no
-    second pool fights torch's; a batch, through torch, keeps every thread."""
+    second pool fights torch's; its kNN search runs with an OpenMP team of one. A batch keeps every thread."""
+    import faiss
+
     import geo.models.heads as heads
     import geo.stages.cells.predictor as predictor
     from geo.core.runtime import NUMPY_ROWS
+    from geo.stages.knn import KnnIndex
     from tests.test_gallery_encoder import blas_thread_counts
 
-    seen, real = [], heads.head_logits
+    seen, teams, real, search = [], [], heads.head_logits, KnnIndex.search
     monkeypatch.setattr(predictor, "head_logits", lambda *a: seen.append(blas_thread_counts()) or real(*a))
+    monkeypatch.setattr(KnnIndex, "search", lambda *a: teams.append(faiss.omp_get_max_threads()) or search(*a))
     emb, _ = index.embed([str(QUERY)])
-    before = blas_thread_counts()
-    index.locate_embeddings(emb)
-    index.locate_embeddings(np.repeat(emb, NUMPY_ROWS + 1, axis=0))
+    before, team = blas_thread_counts(), faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)  # a team larger than one on any machine, so the test can fail
+    try:
+        index.locate_embeddings(emb)
+        index.locate_embeddings(np.repeat(emb, NUMPY_ROWS + 1, axis=0))
+        assert faiss.omp_get_max_threads() == 3
+    finally:
+        faiss.omp_set_num_threads(team)
     assert seen == [{1}, before] and blas_thread_counts() == before
+    assert teams == [1, 3]

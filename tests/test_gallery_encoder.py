@@ -106,15 +106,42 @@ def blas_thread_counts() -> set[int]:
 
 
 def test_one_row_runs_on_one_blas_thread_and_overlapping_blocks_restore_it_last():
-    from geo.core.runtime import NUMPY_ROWS, blas_threads
+    from geo.core.runtime import NUMPY_ROWS, one_row_threads
 
     before = blas_thread_counts()
-    outer = blas_threads(NUMPY_ROWS)
+    outer = one_row_threads(NUMPY_ROWS)
     outer.__enter__()
-    with blas_threads(NUMPY_ROWS):  # another thread's block, overlapping the first
+    with one_row_threads(NUMPY_ROWS):  # another thread's block, overlapping the first
         assert blas_thread_counts() == {1}
     assert blas_thread_counts() == {1}  # the first block still holds it
     outer.__exit__(None, None, None)
     assert blas_thread_counts() == before
-    with blas_threads(NUMPY_ROWS + 1):
+    with one_row_threads(NUMPY_ROWS + 1):
         assert blas_thread_counts() == before
+
+
+
+def test_one_row_runs_faiss_on_one_openmp_thread_of_its_own():
+    """FAISS's OpenMP team is one thread within a one-row block, for the calling thread only (a server's other
+    model threads keep theirs), and comes back after it; more rows keep the team."""
+    import threading
+
+    import faiss
+
+    from geo.core.runtime import NUMPY_ROWS, one_row_threads
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)  # a team larger than one on any machine, so the test can fail
+    try:
+        with one_row_threads(NUMPY_ROWS + 1):
+            assert faiss.omp_get_max_threads() == 3
+        seen = []
+        with one_row_threads(NUMPY_ROWS):
+            assert faiss.omp_get_max_threads() == 1
+            other = threading.Thread(target=lambda: seen.append(faiss.omp_get_max_threads()))
+            other.start()
+            other.join()
+        assert seen and seen[0] != 1
+        assert faiss.omp_get_max_threads() == 3
+    finally:
+        faiss.omp_set_num_threads(before)

@@ -7,10 +7,10 @@ slow there and no gain).
 """
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from contextlib import contextmanager
-from functools import cache
 from typing import Any, Iterator
 
 import numpy as np
@@ -61,20 +61,41 @@ NUMPY_ROWS = 1
 
 
 @contextmanager
-def blas_threads(rows: int) -> Iterator[None]:
-    """Within the block, numpy's BLAS on one thread when the answer is for :data:`NUMPY_ROWS` rows, whose
-    products (the gallery projection, the cell heads) run in numpy. They are memory-bound, and a second thread
-    only wakes a BLAS pool that then fights torch's threads, still spinning after the forward pass: the gallery
-    search took 6.8 ms instead of 0.7, and the next forward 2.5x its time. Other rows keep every thread.
+def one_row_threads(rows: int) -> Iterator[None]:
+    """Within the block, one thread for an answer of :data:`NUMPY_ROWS` rows: numpy's BLAS, where its products
+    (the gallery projection, the cell heads) run, and this thread's OpenMP team, which FAISS's searches use.
+    Other rows keep every thread.
 
-    The setting is the process's: overlapping blocks (a server's model threads) share one, restored when the
+    - BLAS: the products are memory-bound, and a second thread only wakes a BLAS pool that then fights torch's
+      threads, still spinning after the forward pass: the gallery search took 6.8 ms instead of 0.7, and the
+      next forward 2.5x its time.
+    - OpenMP: FAISS scans one query on one thread whatever it is allowed (its loops run over queries), yet with
+      two allowed, one search of a 10,500 x 512 flat index took 1.7-1.8 ms against 0.7-0.95 on one, and kept the
+      other core busy: the whole answer on a bundle of that size took 10.1-10.8 ms against 8.4-8.6
+      (benchmarks/RESULTS.md).
+
+    BLAS's setting is the process's: overlapping blocks (a server's model threads) share one, restored when the
     last ends. Each library is set directly (4 us); threadpoolctl's ``limit`` reads every library's state
-    first, 0.15 ms of a warm query."""
+    first, 0.15 ms of a warm query. OpenMP's is the calling thread's own."""
     if rows != NUMPY_ROWS:
         yield
         return
-    with _ONE_THREAD.held():
+    with _ONE_THREAD.held(), _one_openmp_thread():
         yield
+
+
+@contextmanager
+def _one_openmp_thread() -> Iterator[None]:
+    """This thread's OpenMP team at one thread, through FAISS: the runtime its parallel loops use, of the two
+    that torch's and FAISS's wheels each bring."""
+    import faiss  # loaded already: the answer searches with it
+
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(n)
 
 
 def _one_thread() -> list[tuple[Any, int]]:
@@ -92,8 +113,16 @@ def _restore(before: list[tuple[Any, int]]) -> None:
 _ONE_THREAD = SharedSetting(_one_thread, _restore)
 
 
-@cache
 def _blas() -> list[Any]:
-    """threadpoolctl's controllers of the loaded BLAS libraries, found once: finding them costs milliseconds."""
-    from threadpoolctl import ThreadpoolController  # scikit-learn's dependency; loaded on a query's first product
-    return ThreadpoolController().select(user_api="blas").lib_controllers
+    """threadpoolctl's controllers of the loaded BLAS libraries. Finding them costs milliseconds, so they are
+    found again only when modules were imported since (an import is how another BLAS gets loaded: scikit-learn's
+    SciPy, say, after a first answer had found only numpy's and FAISS's)."""
+    global _BLAS
+    if _BLAS is None or _BLAS[0] != len(sys.modules):
+        from threadpoolctl import ThreadpoolController  # scikit-learn's dependency; loaded on a query's first product
+        found = ThreadpoolController().select(user_api="blas").lib_controllers
+        _BLAS = len(sys.modules), found
+    return _BLAS[1]
+
+
+_BLAS: tuple[int, list[Any]] | None = None  # (modules imported when found, controllers)

@@ -30,7 +30,7 @@ from geo.core.files import on_disk
 from geo.core.geodesy import THRESHOLDS_KM, haversine_km
 from geo.core.knn_vote import KnnParams, kde_vote, neighbour_weights
 from geo.core.progress import bar
-from geo.core.runtime import blas_threads
+from geo.core.runtime import one_row_threads
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, expand_images
 from geo.data.constraint import Constraint
@@ -276,7 +276,7 @@ class GeoIndex:
             return self.through(within).locate_embeddings(emb, mode, k, min_confidence, names, ids,
                                                           coverage=coverage, trips=trips)
         self._check_constrainable(mode)
-        with blas_threads(len(emb)):  # one photo's products run in numpy, memory-bound: see blas_threads
+        with one_row_threads(len(emb)):  # one photo's products and searches are memory-bound: see there
             return self._answers(Batch(emb, k), mode, min_confidence, names, ids, coverage, trips)
 
     def _answers(self, batch: Batch, mode: str, min_confidence: float | None, names: Sequence[str | None] | None,
