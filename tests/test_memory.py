@@ -22,12 +22,53 @@ class FakeLibc:
         return 1
 
 
-def test_a_build_pins_the_mmap_threshold_and_trims_after_a_stage(monkeypatch):
+BUILD = [("mallopt", -3, 1 << 20), ("mallopt", -1, 128 << 10)]
+FEATURE_MAPS = [("mallopt", -3, 512 << 20), ("mallopt", -1, 512 << 20)]
+
+
+def fake_libc(monkeypatch) -> FakeLibc:
     libc = FakeLibc()
     monkeypatch.setattr(memory, "_libc", lambda: libc)
+    monkeypatch.setattr(memory, "_policy", None)  # a fresh process; restored after the test
+    for name in memory.MALLOC_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    return libc
+
+
+def test_a_build_pins_the_mmap_threshold_and_trims_after_a_stage(monkeypatch):
+    libc = fake_libc(monkeypatch)
     memory.map_large_blocks()
     memory.release_unused()
-    assert libc.calls == [("mallopt", -3, 1 << 20), ("malloc_trim", 0)]
+    assert libc.calls == [*BUILD, ("malloc_trim", 0)]
+
+
+def test_a_process_that_only_answers_keeps_feature_maps_from_its_first_forward_pass(monkeypatch):
+    libc = fake_libc(monkeypatch)
+    memory.keep_feature_maps()
+    memory.keep_feature_maps()  # once
+    with memory.feature_maps_kept():  # outside a build: nothing to switch back to
+        pass
+    assert libc.calls == FEATURE_MAPS
+
+
+def test_a_build_keeps_feature_maps_in_its_embedding_stage_alone(monkeypatch):
+    libc = fake_libc(monkeypatch)
+    memory.map_large_blocks()
+    memory.keep_feature_maps()  # a forward pass inside the build: the build's policy stands
+    assert libc.calls == BUILD
+    with memory.feature_maps_kept():
+        assert libc.calls == BUILD + FEATURE_MAPS
+    assert libc.calls == BUILD + FEATURE_MAPS + BUILD + [("malloc_trim", 0)]
+
+
+def test_malloc_tuned_through_the_environment_is_left_alone(monkeypatch):
+    libc = fake_libc(monkeypatch)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    memory.keep_feature_maps()
+    memory._policy = "build"
+    with memory.feature_maps_kept():
+        pass
+    assert libc.calls == []
 
 
 def test_without_glibc_nothing_is_asked_and_nothing_fails(monkeypatch):

@@ -15,11 +15,17 @@ pass walks what they made: a 51-photo build in one process took 8.3 s instead of
 
 A large build also holds its training sample in float16 (:func:`compact_rows`): the cell heads and the GPS
 gallery read it a batch at a time, cast to float32, so half the bytes are held through every trained stage.
+
+A forward pass wants the opposite: its feature maps are freed and allocated again, batch after batch, at the same
+sizes, and each one mapped fresh is faulted in page by page (25,460 page faults a forward pass of 8 photos). So
+a process that runs one keeps blocks up to :data:`FEATURE_MAPS_KEPT` in its heaps (:func:`keep_feature_maps`),
+and a build does so only for its embedding stage (:func:`feature_maps_kept`), then maps large blocks again.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +34,16 @@ import numpy as np
 
 from geo.core.shared import SharedSetting
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD = 1 << 20
+TRIM_THRESHOLD = 128 << 10  # glibc's default
+# Blocks up to this size stay in the heaps while forward passes run, and up to this much of them is kept free:
+# EfficientNet-Lite0's feature maps at a batch of 64 photos (the embedding stage's) are up to 308 MB, 38 MB at 8;
+# at 256 MB, a batch of 64 still faulted its widest maps in.
+FEATURE_MAPS_KEPT = 512 << 20
+# Set in the environment, these tune malloc already: a user's choice stands
+MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_policy: str | None = None  # "build" once map_large_blocks ran, "feature maps" once keep_feature_maps did
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -45,9 +59,46 @@ def _libc() -> ctypes.CDLL | None:
 def map_large_blocks() -> None:
     """Blocks of 1 MiB and more are mapped on their own and returned when freed (a fixed threshold: glibc's
     dynamic one stops rising). Called once when a build starts."""
+    global _policy
+    _policy = "build"
+    _thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)
+
+
+def keep_feature_maps() -> None:
+    """Before a forward pass on the CPU: outside a build, keep blocks up to :data:`FEATURE_MAPS_KEPT` in the heaps,
+    from now on (a query's or a server's next pass wants them again). A build's policy stands: it keeps them for
+    its embedding stage alone (:func:`feature_maps_kept`). EfficientNet-Lite0's forward took 0.55-0.65x its time
+    at batches of 8 to 64 (benchmarks/RESULTS.md)."""
+    global _policy
+    if _policy is None and _tunable():
+        _policy = "feature maps"
+        _thresholds(FEATURE_MAPS_KEPT, FEATURE_MAPS_KEPT)
+
+
+@contextmanager
+def feature_maps_kept() -> Iterator[None]:
+    """A build's embedding stage: within the block, its forward passes keep their feature maps in the heaps;
+    after it, large blocks are mapped on their own again and what the heaps hold free is given back."""
+    if _policy != "build" or not _tunable():
+        yield
+        return
+    _thresholds(FEATURE_MAPS_KEPT, FEATURE_MAPS_KEPT)
+    try:
+        yield
+    finally:
+        _thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)
+        release_unused()
+
+
+def _tunable() -> bool:
+    return _libc() is not None and not any(name in os.environ for name in MALLOC_ENVIRONMENT)
+
+
+def _thresholds(mmap: int, trim: int) -> None:
     libc = _libc()
     if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_MMAP_THRESHOLD, mmap)
+        libc.mallopt(M_TRIM_THRESHOLD, trim)
 
 
 def release_unused() -> None:

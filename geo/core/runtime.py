@@ -1,5 +1,6 @@
 """Where and in what precision models run (one rule for the backbone, the heads and the gallery), and how
-fast this machine multiplies matrices (what build-time estimates divide by).
+fast this machine multiplies matrices (what build-time estimates divide by), and how many threads an answer
+gets.
 
 "auto" means CUDA when torch sees a GPU, else the CPU; half precision is a
 GPU matter (fp16/bf16 asked for on a CPU fall back to fp32 with a warning:
@@ -126,3 +127,4 @@ def _blas() -> list[Any]:
 
 
 _BLAS: tuple[int, list[Any]] | None = None  # (modules imported when found, controllers)
+

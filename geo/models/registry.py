@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
+from geo.core.memory import keep_feature_maps
 from geo.core.runtime import PRECISION_NAMES, resolve_device, resolve_precision
 from geo.data.images import Preprocess
 
@@ -77,6 +78,8 @@ class Backbone:
             raise ValueError(f"{self.name}: embed expects [B,3,H,W], got {tuple(batch.shape)}")
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.device.type == "cpu":
+            keep_feature_maps()  # their memory reused, not faulted in again every pass
         x = batch.to(self.device, non_blocking=True).to(self.dtype).contiguous(memory_format=torch.channels_last)
         feats = self._runner()(x).flatten(1).float()
         return torch.nn.functional.normalize(feats, dim=1).cpu().numpy()

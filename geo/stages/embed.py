@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from geo.core.memory import release_unused
+from geo.core.memory import feature_maps_kept, release_unused
 from geo.core.progress import bar as progress_bar
 from geo.data.embedding_table import EmbeddingTable
 from geo.data.images import ImageDataset, collate_skip_errors
@@ -69,14 +69,16 @@ def _embed_rows(rows: pd.DataFrame, backbone: Backbone, cfg: EmbedConfig, bar: t
         prefetch_factor=4 if workers > 0 else None,
     )
     embs, ok, errors = [], [], []
-    for idx, batch, errs in loader:
-        for i, reason in errs:
-            errors.append({"path": str(rows["path"].iloc[i]), "id": str(rows["id"].iloc[i]), "stage": "image", "reason": reason})
-        if batch is not None and len(idx):
-            embs.append(backbone.embed(batch.to(backbone.device, non_blocking=True)))
-            ok.extend(idx)
-        if bar is not None:
-            bar.update(len(idx) + len(errs))
+    with feature_maps_kept():
+        for idx, batch, errs in loader:
+            for i, reason in errs:
+                errors.append({"path": str(rows["path"].iloc[i]), "id": str(rows["id"].iloc[i]), "stage": "image",
+                               "reason": reason})
+            if batch is not None and len(idx):
+                embs.append(backbone.embed(batch.to(backbone.device, non_blocking=True)))
+                ok.extend(idx)
+            if bar is not None:
+                bar.update(len(idx) + len(errs))
     emb = np.concatenate(embs) if embs else np.zeros((0, backbone.dim), np.float32)
     return emb, ok, errors
 
