@@ -27,11 +27,8 @@ class _PadFirst(_SameConv):
     """The same convolution with its input padded first, as timm's ``Conv2dSame`` does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
-            total = max((-(-size // s) - 1) * s + k - size, 0)
-            pads += [total // 2, total - total // 2]
-        return torch.nn.Conv2d.forward(self, F.pad(x, [pads[2], pads[3], pads[0], pads[1]]))
+        top, bottom, left, right = self.same_pads(x)
+        return torch.nn.Conv2d.forward(self, F.pad(x, [left, right, top, bottom]))
 
 
 def main() -> None:

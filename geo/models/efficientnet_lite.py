@@ -38,12 +38,16 @@ class _SameConv(nn.Conv2d):
     0.13 (a quarter of a photo's forward; ``benchmarks/bench_same_pad.py``). A dense convolution (the stem)
     still pads its input: its (k+1)^2 kernel would cost more products than the copy saves."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def same_pads(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right): TF's "SAME" padding of ``x`` for this kernel and stride."""
         pads = []
         for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
-            pads.append((total // 2, total - total // 2))
-        (top, bottom), (left, right) = pads
+            pads += [total // 2, total - total // 2]
+        return pads[0], pads[1], pads[2], pads[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom, left, right = self.same_pads(x)
         if self.groups == 1 or self.groups != self.in_channels:
             return super().forward(F.pad(x, [left, right, top, bottom]))
         weight = self.weight
