@@ -120,6 +120,28 @@ def test_one_row_runs_on_one_blas_thread_and_overlapping_blocks_restore_it_last(
         assert blas_thread_counts() == before
 
 
+def test_one_row_blocks_hold_blas_to_one_thread_from_any_thread():
+    """A server answers on several model threads. threadpoolctl lets one thread own an OpenBLAS's setting and
+    ignores the others'; a one-row block must still hold BLAS to one thread on a thread that does not own it."""
+    import threading
+
+    from threadpoolctl import threadpool_limits
+
+    from geo.core.runtime import NUMPY_ROWS, one_row_threads
+
+    seen = []
+
+    def answer() -> None:
+        with one_row_threads(NUMPY_ROWS):
+            seen.append(blas_thread_counts())
+
+    with threadpool_limits(2, user_api="blas"):  # this thread sets first, so threadpoolctl gives it the setting
+        worker = threading.Thread(target=answer)
+        worker.start()
+        worker.join()
+        assert seen == [{1}]
+        assert blas_thread_counts() == {2}  # and it is restored after the worker's block
+
 
 def test_one_row_runs_faiss_on_one_openmp_thread_of_its_own():
     """FAISS's OpenMP team is one thread within a one-row block, for the calling thread only (a server's other
