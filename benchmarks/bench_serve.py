@@ -20,7 +20,9 @@ The machine's 1-minute load average is recorded beside every number. On a loaded
 and the server do not see the same machine even seconds apart, so the server also reports where its model
 thread's time went (``geo_model_seconds``): decode, forward and answer per photo, and the share of the
 wall clock its decode and forward filled, which is the server's rate over its own bare forward in the same
-process and moment (1.0: nothing but the forward pass limits it).
+process and moment (1.0: nothing but the forward pass limits it). The CPU a request costs is given for the
+whole server, its event loop, and its busiest threads one by one, so a worker that spins beside the model
+threads shows.
 
 Every request must answer 200 with coordinates; the script fails otherwise. The client is one asyncio
 process on the same cores, so it competes with the server (its share of the machine's CPU is
@@ -204,12 +206,14 @@ def serve(bundle: Path, max_batch: int, model_threads: int, blobs, levels, reque
         wait_healthy(url, proc)
         rows = []
         for c in levels:
-            before, cpu = _batch_totals(url), _cpu_s(proc.pid)
+            before, cpu, threads = _batch_totals(url), _cpu_s(proc.pid), _threads_cpu_s(proc.pid)
             row = asyncio.run(load(url, blobs, c, requests, seconds))
             images, batches, decode, forward, answer = (a - b for a, b in zip(_batch_totals(url), before))
             loop_s, all_s = (1000 * (a - b) / max(row["requests"], 1) for a, b in zip(_cpu_s(proc.pid), cpu))
+            per_thread = sorted((s - threads.get(t, 0.0) for t, s in _threads_cpu_s(proc.pid).items()), reverse=True)
             row.update(max_batch=max_batch, model_threads=model_threads, mean_batch=round(images / max(batches, 1), 1), load=_load(),
                        server_cpu_ms=round(all_s, 1), event_loop_cpu_ms=round(loop_s, 1),
+                       busiest_threads_cpu_ms=[round(1000 * s / max(row["requests"], 1), 1) for s in per_thread[:4]],
                        model_ms={k: round(1000 * v / max(images, 1), 2) for k, v in
                                  (("decode", decode), ("forward", forward), ("answer", answer))},
                        # the model thread's own decode + forward rate, in this run and process, over the server's:
@@ -225,13 +229,25 @@ def serve(bundle: Path, max_batch: int, model_threads: int, blobs, levels, reque
 def _cpu_s(pid: int) -> tuple[float, float]:
     """CPU seconds (user + system) of a process's main thread, its event loop in `geo serve`, and of all its
     threads (the model thread, torch's and FAISS's workers) so far, from /proc (Linux)."""
-    tick = os.sysconf("SC_CLK_TCK")
+    return _used(Path(f"/proc/{pid}/task/{pid}/stat")), _used(Path(f"/proc/{pid}/stat"))
 
-    def used(stat: Path) -> float:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
 
-    return used(Path(f"/proc/{pid}/task/{pid}/stat")), used(Path(f"/proc/{pid}/stat"))
+def _threads_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of each of a process's threads so far, by thread id. The busiest show where a request's CPU
+    goes: the model threads, the event loop, and any library's worker that spins beside them (numpy's OpenBLAS
+    worker took 3-8 ms a request before 86754cb)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[tid] = _used(Path(f"/proc/{pid}/task/{tid}/stat"))
+        except OSError:  # a thread that ended between the listing and the read
+            pass
+    return out
+
+
+def _used(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _load() -> float:
@@ -376,15 +392,16 @@ def _print(result: dict) -> None:
         print(f"| {r['what']} | {r['batch']} | {r['per_s']:.1f} | {r['cpu_ms']} | {r['load']:.2f} |")
     print("\n| max_batch | model threads | concurrency | requests | errors | mean batch | p50 ms | p99 ms | req/s | "
           "vs best bare forward (side by side) | model threads' ms a photo: decode / forward / answer | their decode + "
-          "forward time over the wall | server CPU ms/req (event loop) | client CPU | load |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "forward time over the wall | server CPU ms/req (event loop) | busiest threads' CPU ms/req | client CPU | "
+          "load |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["server"]:
         m = r["model_ms"]
         print(f"| {r['max_batch']} | {r['model_threads'] or 'one a core'} | {r['concurrency']} | {r['requests']} | "
               f"{r['errors']} | {r['mean_batch']} | {r['p50_ms']} | {r['p99_ms']} | {r['req_per_s']} | "
               f"{r['req_per_s'] / forward:.2f}x ({r['req_per_s'] / side:.2f}x) | "
               f"{m['decode']} / {m['forward']} / {m['answer']} | {r['own_forward_share']:.2f} | "
-              f"{r['server_cpu_ms']} ({r['event_loop_cpu_ms']}) | {100 * r['client_cpu_share']:.0f}% | "
+              f"{r['server_cpu_ms']} ({r['event_loop_cpu_ms']}) | {' / '.join(map(str, r['busiest_threads_cpu_ms']))} | "
+              f"{100 * r['client_cpu_share']:.0f}% | "
               f"{r['load']:.2f} |")
     cpu = min(r["cpu_ms"] for r in result["bare"] if r["what"].startswith("forward"))
     for r in (r for r in result["server"] if r["max_batch"] > 1 and r["concurrency"] == 8):
