@@ -235,7 +235,7 @@ def _cpu_s(pid: int) -> tuple[float, float]:
 def _threads_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds of each of a process's threads so far, by thread id. The busiest show where a request's CPU
     goes: the model threads, the event loop, and any library's worker that spins beside them (numpy's OpenBLAS
-    worker took 3-8 ms a request before 86754cb)."""
+    worker took 1.5-8 ms a request before 86754cb)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:

@@ -115,7 +115,7 @@ def _set_threads(lib: Any, n: int) -> None:
     """``lib.set_num_threads(n)``, from whichever thread calls. threadpoolctl (3.8) lets one Python thread own
     the setting of an OpenBLAS with its own thread pool and silently ignores every other thread's: a server's
     second model thread then answered its one-row queries on both BLAS threads, and OpenBLAS's worker spun on
-    the first model thread's core (3-8 ms of CPU a request, benchmarks/RESULTS.md). Here every change is made
+    the first model thread's core (1.5-8 ms of CPU a request, benchmarks/RESULTS.md). Here every change is made
     under :data:`_ONE_THREAD`'s lock, so the claim is handed to the calling thread first."""
     hand_over = getattr(type(lib), "clear_controlling_thread", None)
     if hand_over is not None:
