@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
-
-import torch
 
 from geo.models.backbones import load_backbone
 from geo.models.efficientnet_lite import folded
+from interleaved import compare
 
 
 def main() -> None:
@@ -28,19 +26,7 @@ def main() -> None:
     t = time.perf_counter()
     copy = folded(network)
     print(f"fold: {1e3 * (time.perf_counter() - t):.1f} ms; load average {os.getloadavg()[0]:.2f}")
-    for batch, reps in ((1, args.reps), (8, max(2, args.reps // 5)), (32, max(2, args.reps // 12))):
-        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-        times: dict[str, list[float]] = {"batchnorm": [], "folded": []}
-        with torch.inference_mode():
-            diff = (network(x) - copy(x)).abs().max().item()
-            for _ in range(reps):
-                for name, net in (("batchnorm", network), ("folded", copy)):
-                    t = time.perf_counter()
-                    net(x)
-                    times[name].append((time.perf_counter() - t) / batch * 1e3)
-        a, b = (statistics.median(times[k]) for k in ("batchnorm", "folded"))
-        print(f"batch {batch}: with BatchNorm {a:.2f} ms a photo (least {min(times['batchnorm']):.2f}), folded {b:.2f} "
-              f"(least {min(times['folded']):.2f}): {b / a:.3f}; features differ by at most {diff:.1e}")
+    compare(("with BatchNorm", network), ("folded", copy), args.reps)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

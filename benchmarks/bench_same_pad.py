@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from geo.models.backbones import load_backbone
 from geo.models.efficientnet_lite import _SameConv, folded
+from interleaved import compare
 
 
 class _PadFirst(_SameConv):
@@ -41,19 +40,7 @@ def main() -> None:
         if isinstance(m, _SameConv):
             m.__class__ = _PadFirst
     print(f"load average {os.getloadavg()[0]:.2f}")
-    for batch, reps in ((1, args.reps), (8, max(2, args.reps // 5)), (32, max(2, args.reps // 12))):
-        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-        times: dict[str, list[float]] = {"pad first": [], "zero-led kernel": []}
-        with torch.inference_mode():
-            diff = (padded(x) - geo_net(x)).abs().max().item()
-            for _ in range(reps):
-                for name, net in (("pad first", padded), ("zero-led kernel", geo_net)):
-                    t = time.perf_counter()
-                    net(x)
-                    times[name].append((time.perf_counter() - t) / batch * 1e3)
-        a, b = (statistics.median(times[k]) for k in times)
-        print(f"batch {batch}: pad first {a:.2f} ms a photo (least {min(times['pad first']):.2f}), zero-led kernel "
-              f"{b:.2f} (least {min(times['zero-led kernel']):.2f}): {b / a:.3f}; features differ by at most {diff:.1e}")
+    compare(("pad first", padded), ("zero-led kernel", geo_net), args.reps)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

@@ -139,4 +139,3 @@ def _blas() -> list[Any]:
 
 
 _BLAS: tuple[int, list[Any]] | None = None  # (modules imported when found, controllers)
-
